@@ -1,0 +1,66 @@
+"""The ``devicectl`` Typer application and its command groups.
+
+Each ``devicectl.cli.<area>`` module adds its commands to these objects; ``devicectl.cli`` imports
+them all. Exit codes (DESIGN.md section 7): 0 success, 1 refused, 2 usage error, 3 cannot reach the
+daemon or device.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Annotated
+
+import typer
+
+from devicectl import __version__
+
+__all__ = [
+    "ExitCode",
+    "app",
+    "config_app",
+    "fault_app",
+    "log_app",
+    "params_app",
+    "session_app",
+]
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    REFUSED = 1
+    USAGE = 2
+    UNREACHABLE = 3
+
+
+app = typer.Typer(
+    name="devicectl",
+    help="Device-side service of a clinical mesotherapy laser, and its tools.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+session_app = typer.Typer(help="Treatment sessions: start, zone, end, list, show, export.")
+params_app = typer.Typer(help="Laser parameters.")
+fault_app = typer.Typer(help="Latched safety breaches.")
+log_app = typer.Typer(help="The tamper-evident session log.")
+config_app = typer.Typer(help="Configuration.")
+app.add_typer(session_app, name="session")
+app.add_typer(params_app, name="params")
+app.add_typer(fault_app, name="fault")
+app.add_typer(log_app, name="log")
+app.add_typer(config_app, name="config")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"devicectl {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Device-side service of a clinical mesotherapy laser, and its tools."""

@@ -1,0 +1,57 @@
+"""The application's errors. All derive from :class:`DevicectlError`, rooted in ``protocols``.
+
+A :class:`SafetyRefusal` is never retried; a :class:`LinkError` is (by reconnecting). Facts travel
+as attributes so that the CLI, the control socket and telemetry can report them without parsing.
+"""
+
+from __future__ import annotations
+
+from protocols.errors import DevicectlError
+
+__all__ = [
+    "ConfigError",
+    "DeviceRefused",
+    "DevicectlError",
+    "LinkError",
+    "LinkLost",
+    "LogUnavailable",
+    "SafetyRefusal",
+]
+
+
+class ConfigError(DevicectlError):
+    """A configuration or policy value is not allowed."""
+
+    def __init__(self, key: str, value: object, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"config {key}={value!r} is not allowed: {allowed}")
+
+
+class SafetyRefusal(DevicectlError):
+    """A safety limit forbids the request. Never retried."""
+
+    def __init__(self, rule: str, value: float, bound: float, unit: str = "", detail: str = "") -> None:
+        self.rule, self.value, self.bound, self.unit, self.detail = rule, value, bound, unit, detail
+        sep = " " if unit else ""
+        text = f"refused by {rule}: {value:g}{sep}{unit} exceeds the limit {bound:g}{sep}{unit}"
+        super().__init__(f"{text} ({detail})" if detail else text)
+
+
+class DeviceRefused(DevicectlError):
+    """The device answered a command with NAK."""
+
+    def __init__(self, command: str, reason: str) -> None:
+        self.command, self.reason = command, reason
+        super().__init__(f"the device refused {command}: {reason}")
+
+
+class LinkError(DevicectlError):
+    """The byte link to the device failed (port vanished, peer closed). Retried by reconnecting."""
+
+
+class LinkLost(LinkError):
+    """The device stopped answering (no reply after every retry, or no STATUS for 3 periods)."""
+
+
+class LogUnavailable(DevicectlError):
+    """The session log cannot be written: no log, no laser."""

@@ -1,0 +1,148 @@
+"""Sans-I/O codecs for both ends of the ICD v1 link, shaped like h11.
+
+Bytes go in with ``receive_data()``; decoded frames come out of ``next_event()`` (or the
+:data:`NEED_DATA` sentinel when no whole frame is waiting); ``send(seq, message)`` returns the bytes
+to write. No asyncio, no sockets, no clocks.
+
+The host end (:class:`HostCodec`) accepts replies and events and drops, and counts, anything else:
+a reply or event of the wrong length, a TYPE it does not know. The device end (:class:`DeviceCodec`)
+accepts commands; a command whose payload has the wrong length, or a TYPE that is no command, comes
+out as a :class:`BadCommand` so that the device can answer NAK BAD_LENGTH or NAK UNKNOWN_TYPE.
+
+    >>> host = HostCodec()
+    >>> host.send(1, Hello()).hex(" ")
+    '06 01 01 01 bc d8 00'
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+from typing import Final, Generic, Literal, TypeVar
+
+from protocols.framing import FrameCounters, FrameReader, encode_frame
+from protocols.messages import (
+    COMMAND_TYPES,
+    EVENT_TYPES,
+    REPLY_TYPES,
+    Command,
+    Message,
+    NakReason,
+    expected_length,
+)
+
+__all__ = [
+    "NEED_DATA",
+    "BadCommand",
+    "DeviceCodec",
+    "Frame",
+    "HostCodec",
+    "NeedData",
+]
+
+
+class NeedData(Enum):
+    NEED_DATA = "NEED_DATA"
+
+
+NEED_DATA: Final = NeedData.NEED_DATA
+NeedDataType = Literal[NeedData.NEED_DATA]
+
+M = TypeVar("M", bound=Message)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame(Generic[M]):
+    """One decoded frame: its SEQ and its message."""
+
+    seq: int
+    message: M
+
+
+@dataclass(frozen=True, slots=True)
+class BadCommand:
+    """A host frame the device must refuse: answer NAK ``reason`` for ``type`` with ``seq``."""
+
+    seq: int
+    type: int
+    reason: NakReason
+
+
+class _Codec:
+    __slots__ = ("_events", "_reader")
+
+    def __init__(self) -> None:
+        self._reader = FrameReader()
+        self._events: deque[object] = deque()
+
+    @property
+    def counters(self) -> FrameCounters:
+        return self._reader.counters
+
+    def send(self, seq: int, message: Message) -> bytes:
+        """The wire bytes of ``message`` with ``seq``."""
+        return encode_frame(seq, message.TYPE, message.payload())
+
+
+class HostCodec(_Codec):
+    """The host's end: encodes commands, decodes replies and events."""
+
+    __slots__ = ()
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        events = self._events
+        counters = self._reader.counters
+        for body in self._reader.feed(data):
+            type_ = body[1]
+            payload = body[2:]
+            cls = EVENT_TYPES.get(type_) or REPLY_TYPES.get(type_)
+            if cls is None:
+                counters.unknown_type += 1
+                continue
+            if not expected_length(type_, payload):
+                counters.bad_length += 1
+                continue
+            events.append(Frame(body[0], cls.from_payload(payload)))
+
+    def next_event(self) -> Frame[Message] | NeedDataType:
+        if self._events:
+            return self._events.popleft()  # type: ignore[return-value]
+        return NEED_DATA
+
+    def events(self) -> list[Frame[Message]]:
+        """Every frame waiting, oldest first."""
+        out: list[Frame[Message]] = list(self._events)  # type: ignore[arg-type]
+        self._events.clear()
+        return out
+
+
+class DeviceCodec(_Codec):
+    """The device's end: decodes commands (or refusals to send), encodes replies and events."""
+
+    __slots__ = ()
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        events = self._events
+        for body in self._reader.feed(data):
+            seq, type_ = body[0], body[1]
+            payload = body[2:]
+            cls = COMMAND_TYPES.get(type_)
+            if cls is None:
+                self._reader.counters.unknown_type += 1
+                events.append(BadCommand(seq, type_, NakReason.UNKNOWN_TYPE))
+            elif not expected_length(type_, payload):
+                self._reader.counters.bad_length += 1
+                events.append(BadCommand(seq, type_, NakReason.BAD_LENGTH))
+            else:
+                events.append(Frame(seq, cls.from_payload(payload)))
+
+    def next_event(self) -> Frame[Command] | BadCommand | NeedDataType:
+        if self._events:
+            return self._events.popleft()  # type: ignore[return-value]
+        return NEED_DATA
+
+    def events(self) -> list[Frame[Command] | BadCommand]:
+        out: list[Frame[Command] | BadCommand] = list(self._events)  # type: ignore[arg-type]
+        self._events.clear()
+        return out
