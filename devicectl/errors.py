@@ -30,7 +30,9 @@ class ConfigError(DevicectlError):
 class SafetyRefusal(DevicectlError):
     """A safety limit forbids the request. Never retried."""
 
-    def __init__(self, rule: str, value: float, bound: float, unit: str = "", detail: str = "") -> None:
+    def __init__(
+        self, rule: str, value: float, bound: float, unit: str = "", detail: str = ""
+    ) -> None:
         self.rule, self.value, self.bound, self.unit, self.detail = rule, value, bound, unit, detail
         sep = " " if unit else ""
         text = f"refused by {rule}: {value:g}{sep}{unit} exceeds the limit {bound:g}{sep}{unit}"

@@ -64,7 +64,8 @@ def encode_frame(seq: int, type_: int, payload: bytes = b"") -> bytes:
         raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
     head = bytes((seq, type_)) + payload
     crc = crc_hqx(head, 0xFFFF)
-    return _cobs_encode(head + bytes((crc & 0xFF, crc >> 8))) + DELIMITER
+    stuffed: bytes = _cobs_encode(head + bytes((crc & 0xFF, crc >> 8)))
+    return stuffed + DELIMITER
 
 
 class FrameCounters:

@@ -1,12 +1,10 @@
 """The ``devicectl`` console script."""
 
+from devicectl.cli import commands  # noqa: F401  (registers every command on the app)
 from devicectl.cli.app import app
 
 
 def main() -> None:
-    # Importing the command modules registers their commands on ``app``.
-    from devicectl.cli import commands  # noqa: F401
-
     app()
 
 

@@ -1,0 +1,330 @@
+"""The daemon's local control API: a Unix socket speaking JSON lines (DESIGN.md section 7).
+
+One request per line, one reply per line::
+
+    -> {"command": "arm"}
+    <- {"ok": true, "result": {...}}
+    <- {"ok": false, "kind": "refused", "error": "one line naming the cause", "rule": ..., ...}
+
+``kind`` tells the CLI which exit code to use: ``refused`` (1: a limit or a state said no),
+``usage`` (2: the request itself was malformed) or ``unreachable`` (3: the device cannot be
+reached). Requests are validated with pydantic at this edge; a malformed one gets an error reply
+and never disturbs the daemon. The socket file is created with mode 0660, so only its owner and
+group may drive the laser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Annotated, Any, Literal
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from devicectl.errors import DevicectlError, LinkError
+
+__all__ = [
+    "MAX_REQUEST_BYTES",
+    "ControlError",
+    "ControlRequest",
+    "ControlServer",
+    "DaemonUnreachable",
+    "call_daemon",
+]
+
+MAX_REQUEST_BYTES = 64 * 1024
+SOCKET_MODE = 0o660
+
+
+class ControlError(DevicectlError):
+    """A request the daemon answered with an error; ``kind`` maps to the CLI's exit code."""
+
+    def __init__(self, kind: str, message: str, **facts: Any) -> None:
+        self.kind, self.facts = kind, facts
+        super().__init__(message)
+
+
+class DaemonUnreachable(DevicectlError):
+    """No daemon answers at the control socket."""
+
+    def __init__(self, path: Path, cause: str) -> None:
+        self.path = path
+        super().__init__(f"cannot reach the daemon at {path}: {cause}")
+
+
+# ---------------------------------------------------------------- requests
+
+SkinType = Literal["I", "II", "III", "IV", "V", "VI"]
+Zone = Literal["forehead", "periorbital", "perioral", "cheeks", "neck", "decollete", "hands"]
+Concern = Literal["fine_lines", "laxity", "acne_scars", "pigmentation", "dehydration", "sun_damage"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StatusRequest(_Request):
+    command: Literal["status"]
+
+
+class Checklist(_Request):
+    consultation_done: bool
+    area_cleaned: bool
+    numbing_applied: bool
+    recent_sun_exposure: bool
+    photosensitising_medication: bool
+    active_skin_infection: bool
+    pregnancy: bool
+    allergy_to_active_ingredient: bool
+
+
+class SessionStartRequest(_Request):
+    command: Literal["session_start"]
+    operator: Annotated[str, Field(min_length=1, max_length=64)]
+    patient_ref: Annotated[str, Field(min_length=1, max_length=64)]
+    skin_type: SkinType
+    concerns: Annotated[list[Concern], Field(min_length=1)]
+    course_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    course_session: Annotated[int, Field(ge=1, le=6)] = 1
+    course_planned: Annotated[int, Field(ge=4, le=6)] = 4
+    active_ingredient: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    preset: Concern | None = None
+    checklist: Checklist | None = None
+    contraindication_override: Annotated[str, Field(min_length=3, max_length=500)] | None = None
+
+
+class SessionChecklistRequest(_Request):
+    command: Literal["session_checklist"]
+    checklist: Checklist
+    contraindication_override: Annotated[str, Field(min_length=3, max_length=500)] | None = None
+
+
+class SessionZoneRequest(_Request):
+    command: Literal["session_zone"]
+    zone: Zone
+
+
+class SessionEndRequest(_Request):
+    command: Literal["session_end"]
+    post_care: Annotated[list[Annotated[str, Field(min_length=1, max_length=100)]], Field()] = []
+
+
+class ParamsSetRequest(_Request):
+    command: Literal["params_set"]
+    energy_uj: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
+    width_us: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
+    rate_hz: Annotated[float, Field(gt=0, le=100_000)] | None = None
+    spot_um: Annotated[int, Field(ge=1, le=65_535)] | None = None
+    preset: Concern | None = None
+
+
+class ArmRequest(_Request):
+    command: Literal["arm"]
+
+
+class DisarmRequest(_Request):
+    command: Literal["disarm"]
+
+
+class StopRequest(_Request):
+    command: Literal["stop"]
+
+
+class FaultAckRequest(_Request):
+    command: Literal["fault_ack"]
+    operator: Annotated[str, Field(min_length=1, max_length=64)]
+    reason: Annotated[str, Field(min_length=3, max_length=500)]
+
+
+ControlRequest = Annotated[
+    StatusRequest
+    | SessionStartRequest
+    | SessionChecklistRequest
+    | SessionZoneRequest
+    | SessionEndRequest
+    | ParamsSetRequest
+    | ArmRequest
+    | DisarmRequest
+    | StopRequest
+    | FaultAckRequest,
+    Field(discriminator="command"),
+]
+_REQUEST = TypeAdapter[Any](ControlRequest)
+
+Handler = Callable[[Any], Awaitable[dict[str, Any]]]
+
+
+def _describe(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "request"
+    return f"invalid request: {where}: {first['msg']}"
+
+
+def parse_request(line: bytes) -> Any:
+    """The validated request in ``line``; raises ControlError(kind='usage') naming the problem."""
+    try:
+        data = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ControlError("usage", f"request is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ControlError("usage", "request must be a JSON object")
+    if "command" not in data:
+        raise ControlError("usage", "request has no 'command'")
+    try:
+        return _REQUEST.validate_python(data)
+    except ValidationError as exc:
+        raise ControlError("usage", _describe(exc)) from exc
+
+
+# ---------------------------------------------------------------- server
+
+
+class ControlServer:
+    """Serves the control socket; each request is handed to ``handler`` and answered."""
+
+    def __init__(self, path: Path, handler: Handler, *, log: Any = None) -> None:
+        self.path = path
+        self._handler = handler
+        self._log = log or structlog.get_logger("devicectl.control")
+        self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> ControlServer:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() or self.path.is_symlink():
+            if not stat.S_ISSOCK(self.path.lstat().st_mode):
+                raise DevicectlError(f"control socket path {self.path} exists and is not a socket")
+            if _socket_alive(self.path):
+                raise DevicectlError(f"another daemon is already listening on {self.path}")
+            self.path.unlink()
+        old_umask = os.umask(0o117)  # create the socket 0660 atomically, never world-writable
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._serve_client, path=str(self.path), limit=MAX_REQUEST_BYTES
+            )
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, SOCKET_MODE)
+        self._log.info("control_listening", path=str(self.path), mode=oct(SOCKET_MODE))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._clients):
+                task.cancel()
+            await asyncio.gather(*self._clients, return_exceptions=True)
+            await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _serve_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._clients.add(task)
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except ValueError:  # a line longer than the limit
+                    writer.write(_reply_error("usage", "request too long"))
+                    await writer.drain()
+                    return
+                if not line:
+                    return
+                if not line.strip():
+                    continue
+                writer.write(await self._answer(line))
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            self._clients.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _answer(self, line: bytes) -> bytes:
+        try:
+            request = parse_request(line)
+            result = await self._handler(request)
+        except ControlError as exc:
+            return _reply_error(exc.kind, str(exc), **exc.facts)
+        except DevicectlError as exc:
+            return _reply_error(_kind_of(exc), str(exc), **_facts_of(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug must never take the control socket down
+            self._log.exception("control_request_failed", error=str(exc))
+            return _reply_error("internal", f"internal error: {type(exc).__name__}: {exc}")
+        return (json.dumps({"ok": True, "result": result}, default=str) + "\n").encode()
+
+
+def _kind_of(exc: DevicectlError) -> str:
+    return "unreachable" if isinstance(exc, LinkError) else "refused"
+
+
+def _facts_of(exc: DevicectlError) -> dict[str, Any]:
+    names = ("rule", "value", "bound", "unit", "key", "allowed", "command", "reason")
+    return {n: getattr(exc, n) for n in names if hasattr(exc, n)}
+
+
+def _reply_error(kind: str, message: str, **facts: Any) -> bytes:
+    body = {"ok": False, "kind": kind, "error": message, **facts}
+    return (json.dumps(body, default=str) + "\n").encode()
+
+
+def _socket_alive(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
+# ---------------------------------------------------------------- client
+
+
+def call_daemon(path: Path, request: dict[str, Any], *, timeout: float = 10.0) -> dict[str, Any]:
+    """Send one request and return ``result``; raise ControlError or DaemonUnreachable."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except FileNotFoundError:
+            raise DaemonUnreachable(
+                path, "no control socket there (is `devicectl run` running?)"
+            ) from None
+        except OSError as exc:
+            raise DaemonUnreachable(path, exc.strerror or str(exc)) from exc
+        try:
+            sock.sendall((json.dumps(request) + "\n").encode())
+            with sock.makefile("rb") as stream:
+                line = stream.readline(MAX_REQUEST_BYTES * 16)
+        except TimeoutError as exc:
+            raise DaemonUnreachable(path, f"no answer within {timeout:g} s") from exc
+        except OSError as exc:
+            raise DaemonUnreachable(path, exc.strerror or str(exc)) from exc
+    if not line:
+        raise DaemonUnreachable(path, "the daemon closed the connection without answering")
+    reply = json.loads(line)
+    if reply.get("ok"):
+        result: dict[str, Any] = reply.get("result") or {}
+        return result
+    facts = {k: v for k, v in reply.items() if k not in {"ok", "kind", "error"}}
+    raise ControlError(reply.get("kind", "refused"), reply.get("error", "refused"), **facts)
