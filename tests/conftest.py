@@ -78,3 +78,4 @@ def no_leaks() -> Iterator[None]:
         leaks.append(f"{len(new_sockets)} open socket(s)")
     if leaks:
         pytest.fail("test left behind: " + ", ".join(leaks))
+pytest_plugins = ["tests.brokers"]
