@@ -1,1 +1,2 @@
 """Imports every command module so that each registers its commands on the app."""
+from devicectl.cli import sim  # noqa: F401
