@@ -1,0 +1,686 @@
+"""The telemetry publisher: DESIGN.md section 6 over aiomqtt, behind a durable outbox.
+
+    daemon ──publish_*()──▶ Outbox (SQLite, seq assigned) ──"telemetry-link"──▶ broker
+           ──offer_pulse()─▶ hand-off list ──"telemetry-pulses" (100 ms)──▶ Outbox
+           ──publish_metrics()─▶ live queue (QoS 0, dropped while offline) ──▶ broker
+    broker ──{base}/cmd/#──▶ "telemetry-commands" ──▶ on_stop() | on_refused_command() + alert
+
+None of the ``publish_*``/``offer_pulse`` methods awaits or touches the network, so the broker
+going away never slows or fails the caller. One connection at a time; QoS 1 publishes are
+pipelined (``in_flight`` at once, in outbox order, so per-topic order holds); anything not yet
+acknowledged when the connection drops is sent again, from the outbox, after reconnecting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import ssl
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import IntEnum, IntFlag
+from typing import Any, Self
+
+import aiomqtt
+import structlog
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from devicectl import __version__
+from devicectl.telemetry.commands import CommandAction, classify_command
+from devicectl.telemetry.config import TelemetryConfig
+from devicectl.telemetry.outbox import Outbox, OutboxRow, OverflowReport
+from protocols.messages import INTERLOCK_NAMES, FaultCode
+from protocols.mqtt import (
+    AVAILABILITY_OFFLINE,
+    AVAILABILITY_ONLINE,
+    CONTENT_TYPE,
+    METRICS_EXPIRY_S,
+    STREAMS,
+    AlertPayload,
+    MetricsPayload,
+    ParamsModel,
+    PulseBatchPayload,
+    SessionEventKind,
+    SessionEventPayload,
+    SessionPayload,
+    SessionSummary,
+    Severity,
+    StatePayload,
+    Stream,
+    encode_payload,
+    mark_historical,
+    schema_id,
+)
+
+__all__ = ["Telemetry", "TelemetryStats"]
+
+# MQTT 5 "Unsupported Protocol Version" (0x84) and 3.1.1 "unacceptable protocol version" (1).
+_PROTOCOL_REFUSED = frozenset({0x84, 1})
+_MAX_PULSES_PER_BATCH = 1000
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryStats:
+    """A snapshot of the publisher's counters (``Telemetry.stats``)."""
+
+    connected: bool
+    protocol: str  # "5" or "3.1.1": the version of the current or last connection
+    connects: int
+    connect_failures: int
+    last_error: str | None
+    published: int  # QoS 1 publishes acknowledged by the broker
+    live_published: int  # QoS 0 metrics sent
+    live_dropped: int  # metrics discarded while offline
+    outbox_depth: int
+    outbox_bytes: int
+    outbox_dropped: int  # messages dropped to honour the outbox bound
+    pulses_offered: int
+    pulses_dropped: int  # the hand-off was full
+    pulse_batches: int
+    commands_stop: int
+    commands_refused: int
+    boot: int
+
+
+PulseTuple = tuple[int, int, int, str | None, str | None]
+
+
+class Telemetry:
+    """MQTT telemetry for one device; an async context manager owning its tasks.
+
+    ``on_stop()`` is called (synchronously, on the event loop) for ``cmd/stop``;
+    ``on_refused_command(command, payload)`` for every other ``cmd/*``, which is also refused
+    with an ``alerts`` message. On exit: pending pulses are batched, the outbox is flushed for at
+    most ``flush_timeout_s``, ``offline`` is published (retained) and the connection closed.
+    """
+
+    def __init__(
+        self,
+        config: TelemetryConfig,
+        *,
+        on_stop: Callable[[], None] | None = None,
+        on_refused_command: Callable[[str, bytes], None] | None = None,
+        log: Any = None,
+        clock: Callable[[], datetime] = _utc_now,
+        daemon_version: str = __version__,
+    ) -> None:
+        self._config = config
+        self._topics = config.topics
+        self._address = config.address()
+        self._tls = config.tls_context()
+        self._on_stop = on_stop
+        self._on_refused_command = on_refused_command
+        self._log = log if log is not None else structlog.get_logger("devicectl.telemetry")
+        self._clock = clock
+        self._daemon_version = daemon_version
+        self._outbox: Outbox | None = None
+        self._boot = 0
+        self._pulse_buf: list[PulseTuple] = []
+        self._pulse_cap = config.handoff_capacity
+        self._pulses_offered_flushed = 0
+        self._pulses_dropped = 0
+        self._pulses_dropped_unreported = 0
+        self._live: deque[tuple[str, bytes]] = deque(maxlen=16)
+        self._wakeup = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._close_deadline = float("inf")
+        self._historical_upto = 0
+        self._connected = False
+        self._v5 = True
+        self._tasks: asyncio.TaskGroup | None = None
+        self._link_task: asyncio.Task[None] | None = None
+        self._session_summary: SessionSummary | None = None
+        self._session_sent_at = 0.0
+        self._overflow_alerted = False
+        self._counts = dict.fromkeys(
+            (
+                "connects", "connect_failures", "published", "live_published", "live_dropped",
+                "outbox_dropped", "pulse_batches", "commands_stop", "commands_refused",
+            ),
+            0,
+        )  # fmt: skip
+        self._last_error: str | None = None
+        self._properties = {
+            spec.stream: self._make_properties(spec.stream) for spec in STREAMS.values()
+        }
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self._outbox = Outbox(self._config.outbox_path, max_bytes=self._config.outbox_max_bytes)
+        self._boot = self._outbox.start_boot()
+        self._log.info(
+            "telemetry_starting",
+            broker=f"{self._address.host}:{self._address.port}",
+            tls=self._address.tls,
+            base=self._topics.base,
+            boot=self._boot,
+            outbox_depth=self._outbox.depth,
+        )
+        self._tasks = asyncio.TaskGroup()
+        await self._tasks.__aenter__()
+        self._link_task = self._tasks.create_task(self._link(), name="telemetry-link")
+        self._tasks.create_task(self._batch_pulses(), name="telemetry-pulses")
+        self._tasks.create_task(self._repeat_session(), name="telemetry-session-repeat")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._tasks is not None
+        assert self._outbox is not None
+        loop = asyncio.get_running_loop()
+        self._flush_pulses()
+        self._close_deadline = loop.time() + self._config.flush_timeout_s
+        self._closing.set()
+        self._wakeup.set()
+        link = self._link_task
+        if link is not None and not link.done():
+            if self._connected:
+                # the link drains the outbox until the deadline, then publishes offline
+                done, _ = await asyncio.wait({link}, timeout=self._config.flush_timeout_s + 2.0)
+                if not done:
+                    link.cancel()
+            else:
+                link.cancel()
+        for task in list(asyncio.all_tasks()):
+            if task.get_name().startswith("telemetry-") and task is not link:
+                task.cancel()
+        try:
+            await self._tasks.__aexit__(None, None, None)
+        finally:
+            self._outbox.close()
+            self._log.info("telemetry_stopped", outbox_depth=self._outbox.depth)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def boot(self) -> int:
+        return self._boot
+
+    @property
+    def stats(self) -> TelemetryStats:
+        outbox = self._outbox
+        c = self._counts
+        return TelemetryStats(
+            connected=self._connected,
+            protocol="5" if self._v5 else "3.1.1",
+            connects=c["connects"],
+            connect_failures=c["connect_failures"],
+            last_error=self._last_error,
+            published=c["published"],
+            live_published=c["live_published"],
+            live_dropped=c["live_dropped"],
+            outbox_depth=outbox.depth if outbox else 0,
+            outbox_bytes=outbox.size_bytes if outbox else 0,
+            outbox_dropped=c["outbox_dropped"],
+            pulses_offered=self._pulses_offered_flushed + len(self._pulse_buf),
+            pulses_dropped=self._pulses_dropped,
+            pulse_batches=c["pulse_batches"],
+            commands_stop=c["commands_stop"],
+            commands_refused=c["commands_refused"],
+            boot=self._boot,
+        )
+
+    # -- what the daemon calls (none of these awaits or touches the network) -----------------
+
+    def offer_pulse(
+        self, pulse_no: int, t_us: int, energy_uj: int, zone: str | None, session: str | None
+    ) -> None:
+        """Hand one pulse over for the next batch. Per-pulse path: an append, nothing else."""
+        buf = self._pulse_buf
+        if len(buf) < self._pulse_cap:
+            buf.append((pulse_no, t_us, energy_uj, zone, session))
+        else:
+            self._pulses_dropped += 1
+
+    def publish_state(
+        self,
+        *,
+        state: str | IntEnum,
+        interlocks: int | Iterable[str] = (),
+        faults: int | Iterable[str] = (),
+        params: ParamsModel | Mapping[str, int] | None = None,
+        armed: bool = False,
+        session: str | None = None,
+    ) -> None:
+        """Queue a ``state`` message (retained). ``interlocks``/``faults`` take STATUS bitmasks
+        or names; ``state`` a :class:`protocols.messages.DeviceState` or its name."""
+        fields: dict[str, Any] = {
+            "state": state.name if isinstance(state, IntEnum) else str(state),
+            "interlocks": _interlock_names(interlocks),
+            "faults": _fault_names(faults),
+            "params": params,
+            "armed": armed,
+            "session": session,
+            "daemon_version": self._daemon_version,
+        }
+        StatePayload.model_validate({**self._envelope(1), **fields})  # fail here, not in the task
+        self._enqueue(Stream.STATE, lambda seq: encode_payload(
+            StatePayload.model_validate({**self._envelope(seq), **fields})
+        ))  # fmt: skip
+
+    def publish_session(self, summary: SessionSummary | Mapping[str, Any] | None) -> None:
+        """Queue the current session summary (retained), or the empty message when ``None``.
+
+        Call it on every change; while a session is open the last summary is also repeated every
+        second (the contract's heartbeat) without the daemon's help.
+        """
+        if summary is None:
+            self._session_summary = None
+            self._enqueue(Stream.SESSION, lambda _seq: b"", numbered=False)
+            return
+        self._session_summary = (
+            summary
+            if isinstance(summary, SessionSummary)
+            else SessionSummary.model_validate(summary)
+        )
+        self._send_session_summary(self._session_summary)
+
+    def publish_session_event(self, session_id: str, kind: SessionEventKind, **fields: Any) -> None:
+        """Queue a ``sessions/{id}/events`` message; ``summary=`` (for ``ended``) is a
+        :class:`SessionSummary` or its mapping, any other keyword goes into ``details``."""
+        summary = fields.pop("summary", None)
+        body = {"session": session_id, "event": kind, "details": fields, "summary": summary}
+        SessionEventPayload.model_validate({**self._envelope(1), **body})
+        topic = self._topics.topic(Stream.SESSION_EVENTS, session_id)
+        self._enqueue(Stream.SESSION_EVENTS, lambda seq: encode_payload(
+            SessionEventPayload.model_validate({**self._envelope(seq), **body})
+        ), topic=topic)  # fmt: skip
+
+    def publish_alert(
+        self,
+        severity: Severity,
+        code: str,
+        message: str,
+        value: float | None = None,
+        limit: float | None = None,
+        session: str | None = None,
+    ) -> None:
+        """Queue an ``alerts`` message (never dropped from the outbox)."""
+        body = {
+            "severity": severity, "code": code, "message": message,
+            "value": value, "limit": limit, "session": session,
+        }  # fmt: skip
+        AlertPayload.model_validate({**self._envelope(1), **body})
+        self._enqueue(Stream.ALERTS, lambda seq: encode_payload(
+            AlertPayload.model_validate({**self._envelope(seq), **body})
+        ))  # fmt: skip
+
+    def publish_metrics(
+        self,
+        *,
+        rate_hz: float | None = None,
+        avg_power_w: float | None = None,
+        skin_temp_c: float | None = None,
+        head_temp_c: float | None = None,
+        counters: Mapping[str, int] | None = None,
+    ) -> None:
+        """Send a ``metrics`` message if connected (QoS 0, expiry 10 s); dropped when offline."""
+        if not self._connected or self._outbox is None:
+            self._counts["live_dropped"] += 1
+            return
+        topic = self._topics.topic(Stream.METRICS)
+        payload = MetricsPayload(
+            **self._envelope(self._outbox.next_seq(topic)),
+            rate_hz=rate_hz,
+            avg_power_w=avg_power_w,
+            skin_temp_c=skin_temp_c,
+            head_temp_c=head_temp_c,
+            counters=dict(counters or {}),
+        )
+        if len(self._live) == self._live.maxlen:
+            self._counts["live_dropped"] += 1
+        self._live.append((topic, encode_payload(payload)))
+        self._wakeup.set()
+
+    # -- internals: queueing ------------------------------------------------------------------
+
+    def _envelope(self, seq: int) -> dict[str, Any]:
+        return {"ts": self._clock(), "device": self._topics.device, "seq": seq, "boot": self._boot}
+
+    def _enqueue(
+        self,
+        stream: Stream,
+        build: Callable[[int], bytes],
+        *,
+        topic: str | None = None,
+        numbered: bool = True,
+    ) -> None:
+        if self._outbox is None:
+            raise RuntimeError("Telemetry is not running (use it as an async context manager)")
+        spec = STREAMS[stream]
+        topic = topic if topic is not None else self._topics.topic(stream)
+        _seq, report = self._outbox.enqueue(
+            topic, stream.value, build, qos=spec.qos, retain=spec.retain, numbered=numbered
+        )
+        self._wakeup.set()
+        if report is not None:
+            self._on_overflow(report)
+        elif self._overflow_alerted and self._outbox.size_bytes < self._outbox.max_bytes // 2:
+            self._overflow_alerted = False
+
+    def _on_overflow(self, report: OverflowReport) -> None:
+        assert self._outbox is not None
+        self._counts["outbox_dropped"] += report.dropped_messages
+        if self._overflow_alerted:
+            return
+        self._overflow_alerted = True
+        self._log.warning(
+            "telemetry_outbox_full",
+            max_bytes=self._outbox.max_bytes,
+            dropped_messages=report.dropped_messages,
+            still_over=report.still_over,
+        )
+        self.publish_alert(
+            "warning",
+            "telemetry_outbox_full",
+            "telemetry outbox reached its bound while the broker is unreachable: oldest pulse "
+            "batches are being dropped (alerts and session events are kept)",
+            value=float(self._outbox.size_bytes),
+            limit=float(self._outbox.max_bytes),
+        )
+
+    def _send_session_summary(self, summary: SessionSummary) -> None:
+        self._session_sent_at = asyncio.get_running_loop().time()
+        self._enqueue(Stream.SESSION, lambda seq: encode_payload(
+            SessionPayload(**self._envelope(seq), summary=summary)
+        ))  # fmt: skip
+
+    def _flush_pulses(self) -> None:
+        buf, self._pulse_buf = self._pulse_buf, []
+        dropped = self._pulses_dropped - self._pulses_dropped_unreported
+        if not buf:
+            return
+        self._pulses_offered_flushed += len(buf)
+        start = 0
+        while start < len(buf):
+            first = buf[start]
+            key_zone, key_session = first[3], first[4]
+            end = start + 1
+            limit = min(len(buf), start + _MAX_PULSES_PER_BATCH)
+            while end < limit and buf[end][3] == key_zone and buf[end][4] == key_session:
+                end += 1
+            self._enqueue_batch(buf[start:end], key_zone, key_session, dropped)
+            dropped = 0
+            start = end
+        self._pulses_dropped_unreported = self._pulses_dropped
+
+    def _enqueue_batch(
+        self, run: list[PulseTuple], zone: str | None, session: str | None, dropped: int
+    ) -> None:
+        energies = [p[2] for p in run]
+        body = {
+            "session": session,
+            "zone": zone,
+            "first_pulse_no": run[0][0],
+            "last_pulse_no": run[-1][0],
+            "count": len(run),
+            "energy_uj_sum": sum(energies),
+            "energy_uj_min": min(energies),
+            "energy_uj_max": max(energies),
+            "pulses": [(p[0], p[1], p[2]) for p in run],
+            "dropped": dropped,
+        }
+        self._counts["pulse_batches"] += 1
+        self._enqueue(Stream.PULSES, lambda seq: encode_payload(
+            PulseBatchPayload.model_validate({**self._envelope(seq), **body})
+        ))  # fmt: skip
+
+    # -- internals: tasks ----------------------------------------------------------------------
+
+    async def _batch_pulses(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.batch_interval_s)
+            if self._pulse_buf:
+                self._flush_pulses()
+
+    async def _repeat_session(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(0.25)
+            summary = self._session_summary
+            if summary is not None and loop.time() - self._session_sent_at >= 1.0:
+                self._send_session_summary(summary)
+
+    def _make_client(self) -> aiomqtt.Client:
+        availability = self._topics.topic(Stream.AVAILABILITY)
+        client = aiomqtt.Client(
+            self._address.host,
+            self._address.port,
+            username=self._address.username,
+            password=self._address.password,
+            identifier=self._config.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if self._v5 else aiomqtt.ProtocolVersion.V311,
+            will=aiomqtt.Will(availability, AVAILABILITY_OFFLINE, qos=1, retain=True),
+            clean_session=None if self._v5 else True,
+            clean_start=MQTT_CLEAN_START_FIRST_ONLY,
+            keepalive=self._config.keepalive_s,
+            tls_context=self._tls,
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            max_inflight_messages=self._config.in_flight,
+            timeout=10,
+        )
+        client.pending_calls_threshold = self._config.in_flight + 50
+        return client
+
+    async def _link(self) -> None:
+        """Connect, deliver, reconnect with jittered exponential backoff; never raises."""
+        attempt = 0
+        while not self._closing.is_set():
+            client = self._make_client()
+            fall_back = False
+            try:
+                async with client:
+                    attempt = 0
+                    await self._session(client)
+            except* aiomqtt.MqttError as group:
+                error = group.exceptions[0]
+                if self._protocol_refused(error):
+                    self._log.warning("mqtt_v5_refused_falling_back_to_3_1_1")
+                    self._v5 = False
+                    fall_back = True
+                else:
+                    self._note_failure(error)
+            except* (OSError, ssl.SSLError) as group:
+                self._note_failure(group.exceptions[0])
+            finally:
+                self._connected = False
+            if fall_back:
+                continue
+            if self._closing.is_set():
+                return
+            attempt += 1
+            cap = min(
+                self._config.backoff_max_s, self._config.backoff_initial_s * 2 ** (attempt - 1)
+            )
+            delay = random.uniform(cap / 2, cap)  # noqa: S311 - jitter, not cryptography
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._closing.wait()
+
+    def _protocol_refused(self, error: BaseException) -> bool:
+        if not self._v5 or not isinstance(error, aiomqtt.MqttCodeError):
+            return False
+        rc = error.rc
+        value = rc if isinstance(rc, int) or rc is None else rc.value
+        return isinstance(value, int) and value in _PROTOCOL_REFUSED and not self._connected
+
+    def _note_failure(self, error: BaseException) -> None:
+        was_connected = self._connected
+        self._last_error = str(error) or type(error).__name__
+        if not was_connected:
+            self._counts["connect_failures"] += 1
+        self._log.warning(
+            "mqtt_disconnected" if was_connected else "mqtt_connect_failed",
+            broker=f"{self._address.host}:{self._address.port}",
+            error=self._last_error,
+        )
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        assert self._outbox is not None
+        availability = self._topics.topic(Stream.AVAILABILITY)
+        await client.publish(availability, AVAILABILITY_ONLINE, qos=1, retain=True)
+        await client.subscribe(self._topics.topic(Stream.CMD), qos=1)
+        if self._counts["connects"] > 0:
+            # whatever waited through the outage is delivered late: mark it historical
+            self._historical_upto = self._outbox.last_id()
+        self._counts["connects"] += 1
+        self._connected = True
+        self._last_error = None
+        self._log.info(
+            "mqtt_connected",
+            protocol="5" if self._v5 else "3.1.1",
+            outbox_depth=self._outbox.depth,
+            client_id=self._config.client_id,
+        )
+        async with asyncio.TaskGroup() as group:
+            receiver = group.create_task(self._receive(client), name="telemetry-commands")
+            await self._deliver(client)
+            receiver.cancel()
+        # a clean close (the daemon is stopping): say so, since a clean DISCONNECT sends no Will
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.publish(
+                availability, AVAILABILITY_OFFLINE, qos=1, retain=True, timeout=1.0
+            )
+        self._connected = False
+
+    async def _deliver(self, client: aiomqtt.Client) -> None:
+        """Send the outbox in order with ``in_flight`` publishes pipelined; return once closing
+        and drained (or past the flush deadline); raise on any failed publish."""
+        assert self._outbox is not None
+        outbox = self._outbox
+        loop = asyncio.get_running_loop()
+        window = asyncio.Semaphore(self._config.in_flight)
+        in_flight: set[asyncio.Task[None]] = set()
+        failures: list[BaseException] = []
+        cursor = 0
+        try:
+            while True:
+                if failures:
+                    raise failures[0]
+                if self._closing.is_set() and loop.time() >= self._close_deadline:
+                    return
+                while self._live:
+                    topic, payload = self._live.popleft()
+                    task = asyncio.create_task(client.publish(
+                        topic, payload, qos=0, properties=self._properties[Stream.METRICS]
+                    ))  # fmt: skip
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                    self._counts["live_published"] += 1
+                rows = outbox.fetch(cursor, 256)
+                for row in rows:
+                    await window.acquire()
+                    if failures:
+                        window.release()
+                        raise failures[0]
+                    task = asyncio.create_task(self._publish_row(client, row, window, failures))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                    cursor = row.id
+                if rows:
+                    continue
+                outbox.flush_acks()
+                if self._closing.is_set() and not in_flight:
+                    return
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.05):
+                        await self._wakeup.wait()
+        finally:
+            for task in in_flight:
+                task.cancel()
+            if in_flight:
+                await asyncio.wait(in_flight)
+            outbox.flush_acks()
+
+    async def _publish_row(
+        self,
+        client: aiomqtt.Client,
+        row: OutboxRow,
+        window: asyncio.Semaphore,
+        failures: list[BaseException],
+    ) -> None:
+        assert self._outbox is not None
+        try:
+            payload = row.payload
+            if row.boot != self._boot or row.id <= self._historical_upto:
+                payload = mark_historical(payload)
+            properties = self._properties[Stream(row.stream)] if payload else None
+            await client.publish(row.topic, payload, row.qos, row.retain, properties)
+        except aiomqtt.MqttError as exc:
+            failures.append(exc)
+            self._wakeup.set()
+        else:
+            self._outbox.ack(row.id)
+            self._counts["published"] += 1
+        finally:
+            window.release()
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            self._handle_command(str(message.topic), message.payload, retained=message.retain)
+
+    def _handle_command(self, topic: str, raw: object, *, retained: bool) -> None:
+        payload = raw if isinstance(raw, bytes) else str(raw if raw is not None else "").encode()
+        decision = classify_command(self._topics.base, topic, retained=retained)
+        if decision.action is CommandAction.STOP:
+            self._counts["commands_stop"] += 1
+            self._log.warning("mqtt_command_stop", topic=topic)
+            if self._on_stop is not None:
+                try:
+                    self._on_stop()
+                except Exception as exc:  # noqa: BLE001 - a callback bug must not kill telemetry
+                    self._log.error("mqtt_stop_callback_failed", error=repr(exc))
+            return
+        if decision.action is CommandAction.IGNORE:
+            self._log.info("mqtt_command_ignored", topic=topic, reason=decision.reason)
+            return
+        self._counts["commands_refused"] += 1
+        self._log.warning(
+            "mqtt_command_refused", topic=topic, command=decision.command, bytes=len(payload)
+        )
+        if self._on_refused_command is not None:
+            try:
+                self._on_refused_command(decision.command, payload[:256])
+            except Exception as exc:  # noqa: BLE001 - the audit hook must not kill telemetry
+                self._log.error("mqtt_audit_callback_failed", error=repr(exc))
+        self.publish_alert(
+            "warning",
+            "command_refused",
+            f"MQTT command {decision.command!r} refused: only cmd/stop is accepted",
+        )
+
+    def _make_properties(self, stream: Stream) -> Properties:
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        if STREAMS[stream].model is not None:
+            properties.ContentType = CONTENT_TYPE
+            properties.UserProperty = [("schema", schema_id(stream))]
+        else:
+            properties.ContentType = "text/plain"
+        if stream is Stream.METRICS:
+            properties.MessageExpiryInterval = METRICS_EXPIRY_S
+        return properties
+
+
+def _interlock_names(interlocks: int | Iterable[str]) -> list[str]:
+    if isinstance(interlocks, int):
+        return [name for name, bit in INTERLOCK_NAMES.items() if interlocks & int(bit)]
+    return [str(name) for name in interlocks]
+
+
+def _fault_names(faults: int | Iterable[str]) -> list[str]:
+    if isinstance(faults, IntFlag | int):
+        return [code.name for code in FaultCode if int(faults) & code.bit]
+    return [str(name) for name in faults]

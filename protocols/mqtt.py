@@ -1,0 +1,338 @@
+"""The MQTT telemetry contract (DESIGN.md section 6): topics, their flags, and payload models.
+
+Sans-I/O: no network, no clock (``ts`` is passed in). ``devicectl.telemetry`` publishes these;
+dashboards read them; ``devicectl schema`` exports :func:`json_schemas`.
+
+    {prefix}/{site}/{device}/availability          retained QoS 1  "online" | "offline" (plain text)
+                            /state                 retained QoS 1  StatePayload
+                            /session               retained QoS 1  SessionPayload | empty message
+                            /sessions/{id}/events           QoS 1  SessionEventPayload
+                            /pulses                         QoS 1  PulseBatchPayload
+                            /metrics                        QoS 0  MetricsPayload (expiry 10 s)
+                            /alerts                         QoS 1  AlertPayload
+                            /cmd/stop              (in)     QoS 1  anything: stop emission
+
+Every JSON payload carries the :class:`Envelope`: ``v`` (1), ``ts`` (RFC 3339 UTC), ``device``,
+``seq`` (per topic, survives restarts), ``boot`` (daemon start counter) and, only on messages
+replayed from the outbox, ``"historical": true``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue
+
+__all__ = [
+    "AVAILABILITY_OFFLINE",
+    "AVAILABILITY_ONLINE",
+    "CONTENT_TYPE",
+    "DEFAULT_PREFIX",
+    "METRICS_EXPIRY_S",
+    "SCHEMA_VERSION",
+    "STREAMS",
+    "AlertPayload",
+    "Envelope",
+    "MetricsPayload",
+    "ParamsModel",
+    "PulseBatchPayload",
+    "SessionEventKind",
+    "SessionEventPayload",
+    "SessionPayload",
+    "SessionSummary",
+    "Severity",
+    "StatePayload",
+    "Stream",
+    "StreamSpec",
+    "TopicBase",
+    "dumps_schema",
+    "encode_payload",
+    "json_schemas",
+    "mark_historical",
+    "parse_topic",
+    "schema_id",
+]
+
+SCHEMA_VERSION = 1
+DEFAULT_PREFIX = "lasers"
+CONTENT_TYPE = "application/json"
+METRICS_EXPIRY_S = 10
+AVAILABILITY_ONLINE = b"online"
+AVAILABILITY_OFFLINE = b"offline"
+
+# A topic level may not hold MQTT wildcards or separators.
+_LEVEL = re.compile(r"^[^/#+\x00]+$")
+
+
+class Stream(StrEnum):
+    """The kinds of topic under a device's base; the value is the schema file's stem."""
+
+    AVAILABILITY = "availability"
+    STATE = "state"
+    SESSION = "session"
+    SESSION_EVENTS = "session-events"
+    PULSES = "pulses"
+    METRICS = "metrics"
+    ALERTS = "alerts"
+    CMD = "cmd"
+
+
+Severity = Literal["info", "warning", "critical"]
+SessionEventKind = Literal[
+    "started", "zone", "params", "armed", "disarmed", "fault", "ack", "ended"
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Envelope(_Model):
+    """Fields every JSON payload carries."""
+
+    v: Literal[1] = Field(default=1, description="Schema version.")
+    ts: AwareDatetime = Field(description="When the message was produced, RFC 3339 UTC.")
+    device: str = Field(description="Device id (the last level of the base topic).")
+    seq: Annotated[int, Field(ge=1)] = Field(
+        description="Per-topic counter, +1 per message, kept across daemon restarts."
+    )
+    boot: Annotated[int, Field(ge=1)] = Field(
+        description="Daemon start counter: which run produced this message."
+    )
+    historical: Literal[True] | None = Field(
+        default=None,
+        description="Present (true) only on messages delivered late from the durable outbox.",
+    )
+
+
+class ParamsModel(_Model):
+    energy_uj: int = Field(ge=0)
+    width_us: int = Field(ge=0)
+    rate_mhz: int = Field(ge=0)
+    spot_um: int = Field(ge=0)
+
+
+class StatePayload(Envelope):
+    """``state`` (retained): the device as the daemon sees it."""
+
+    state: str = Field(description="STANDBY, READY, EMITTING, FAULT, or UNKNOWN (no link).")
+    interlocks: list[str] = Field(
+        description="Open interlocks: estop, door, key, contact, cooling."
+    )
+    faults: list[str] = Field(description="Latched device faults, e.g. LEASE_EXPIRED.")
+    params: ParamsModel | None = Field(description="Parameters set on the device, if any.")
+    armed: bool
+    session: str | None = Field(description="Current session id, if one is open.")
+    daemon_version: str
+
+
+class SessionSummary(_Model):
+    """A treatment session's running or closing summary."""
+
+    session: str = Field(description="Session id.")
+    operator: str | None = None
+    patient: str | None = Field(default=None, description="Pseudonymous patient reference.")
+    skin_type: str | None = Field(default=None, description="Fitzpatrick I-VI.")
+    zone: str | None = Field(default=None, description="Zone being treated now.")
+    started: AwareDatetime | None = None
+    ended: AwareDatetime | None = None
+    pulses: int = Field(ge=0, description="Pulses recorded so far.")
+    energy_uj: int = Field(ge=0, description="Total measured energy, µJ.")
+    energy_uj_by_zone: dict[str, int] = Field(default_factory=dict)
+    peak_fluence_j_cm2: float | None = None
+    duration_s: float | None = None
+    faults: int = Field(default=0, ge=0, description="Safety breaches latched in the session.")
+
+
+class SessionPayload(Envelope):
+    """``session`` (retained): the current session; an EMPTY message when there is none."""
+
+    summary: SessionSummary
+
+
+class SessionEventPayload(Envelope):
+    """``sessions/{id}/events``: one lifecycle event; ``ended`` carries the closing summary."""
+
+    session: str
+    event: SessionEventKind
+    details: dict[str, JsonValue] = Field(default_factory=dict)
+    summary: SessionSummary | None = Field(default=None, description="Only on ``ended``.")
+
+
+class PulseBatchPayload(Envelope):
+    """``pulses``: the pulses of at most 100 ms, one session and zone per batch."""
+
+    session: str | None
+    zone: str | None
+    first_pulse_no: int = Field(ge=0)
+    last_pulse_no: int = Field(ge=0)
+    count: int = Field(ge=1)
+    energy_uj_sum: int = Field(ge=0)
+    energy_uj_min: int = Field(ge=0)
+    energy_uj_max: int = Field(ge=0)
+    pulses: list[tuple[int, int, int]] = Field(
+        description="One [pulse_no, t_us (device clock), energy_uj (measured)] per pulse."
+    )
+    dropped: int = Field(
+        default=0, ge=0, description="Pulses not handed over because the hand-off was full."
+    )
+
+
+class MetricsPayload(Envelope):
+    """``metrics`` (QoS 0, live only, 1 Hz)."""
+
+    rate_hz: float | None = None
+    avg_power_w: float | None = None
+    skin_temp_c: float | None = None
+    head_temp_c: float | None = None
+    counters: dict[str, int] = Field(default_factory=dict)
+
+
+class AlertPayload(Envelope):
+    """``alerts``: a safety event or an operational problem worth a human's attention."""
+
+    severity: Severity
+    code: str
+    message: str
+    value: float | None = None
+    limit: float | None = None
+    session: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSpec:
+    stream: Stream
+    pattern: str  # under the base; {id} for the session id
+    retain: bool
+    qos: int
+    model: type[Envelope] | None  # None: not JSON (availability, commands)
+    durable: bool  # goes through the outbox (QoS 1 streams)
+
+
+STREAMS: dict[Stream, StreamSpec] = {
+    s.stream: s
+    for s in (
+        StreamSpec(Stream.AVAILABILITY, "availability", True, 1, None, durable=False),
+        StreamSpec(Stream.STATE, "state", True, 1, StatePayload, durable=True),
+        StreamSpec(Stream.SESSION, "session", True, 1, SessionPayload, durable=True),
+        StreamSpec(
+            Stream.SESSION_EVENTS,
+            "sessions/{id}/events",
+            False,
+            1,
+            SessionEventPayload,
+            durable=True,
+        ),
+        StreamSpec(Stream.PULSES, "pulses", False, 1, PulseBatchPayload, durable=True),
+        StreamSpec(Stream.METRICS, "metrics", False, 0, MetricsPayload, durable=False),
+        StreamSpec(Stream.ALERTS, "alerts", False, 1, AlertPayload, durable=True),
+        StreamSpec(Stream.CMD, "cmd/{command}", False, 1, None, durable=False),
+    )
+}
+
+
+def schema_id(stream: Stream) -> str:
+    """The ``schema`` MQTT 5 user property and the exported schema's ``$id``."""
+    return f"urn:devicectl:mqtt:{stream.value}:v{SCHEMA_VERSION}"
+
+
+@dataclass(frozen=True, slots=True)
+class TopicBase:
+    """``{prefix}/{site}/{device}``; raises ValueError on a level that MQTT cannot carry."""
+
+    prefix: str
+    site: str
+    device: str
+
+    def __post_init__(self) -> None:
+        for name in ("prefix", "site", "device"):
+            value = getattr(self, name)
+            if not _LEVEL.match(value):
+                raise ValueError(f"MQTT topic {name} {value!r} must be non-empty without / # +")
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}/{self.site}/{self.device}"
+
+    def topic(self, stream: Stream, session: str | None = None) -> str:
+        if stream is Stream.SESSION_EVENTS:
+            if session is None or not _LEVEL.match(session):
+                raise ValueError(f"session id {session!r} cannot be an MQTT topic level")
+            return f"{self.base}/sessions/{session}/events"
+        if stream is Stream.CMD:
+            return f"{self.base}/cmd/#"
+        return f"{self.base}/{STREAMS[stream].pattern}"
+
+
+def parse_topic(topic: str) -> tuple[str, str, str, Stream, str | None] | None:
+    """Split a topic into (prefix, site, device, stream, session id or command); None if foreign."""
+    levels = topic.split("/")
+    if len(levels) < 4:
+        return None
+    prefix, site, device, rest = levels[0], levels[1], levels[2], levels[3:]
+    match rest:
+        case ["sessions", session, "events"]:
+            return prefix, site, device, Stream.SESSION_EVENTS, session
+        case ["cmd", command]:
+            return prefix, site, device, Stream.CMD, command
+        case [name] if name in {"availability", "state", "session", "pulses", "metrics", "alerts"}:
+            return prefix, site, device, Stream(name), None
+    return None
+
+
+def encode_payload(payload: Envelope) -> bytes:
+    """The wire form: compact UTF-8 JSON, ``historical`` left out unless true."""
+    exclude = {"historical"} if payload.historical is None else None
+    return payload.model_dump_json(exclude=exclude).encode()
+
+
+def mark_historical(payload: bytes) -> bytes:
+    """Add ``"historical":true`` to an encoded payload (a JSON object) without re-parsing it."""
+    if not payload.endswith(b"}") or b'"historical"' in payload:
+        return payload
+    return payload[:-1] + b',"historical":true}'
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """One JSON Schema per topic kind, keyed by file stem (``state``, ``session-events``, ...)."""
+    schemas: dict[str, dict[str, Any]] = {}
+    for spec in STREAMS.values():
+        if spec.stream is Stream.CMD:
+            continue
+        if spec.model is None:
+            schema: dict[str, Any] = {
+                "title": "Availability",
+                "description": (
+                    "Plain UTF-8 text, NOT JSON: 'online' (retained, on connect) or 'offline' "
+                    "(retained, on clean shutdown and as the Last Will). It carries no v/ts/seq/"
+                    "boot; read `boot` from the next `state` message to place it."
+                ),
+                "type": "string",
+                "enum": ["online", "offline"],
+            }
+        else:
+            schema = spec.model.model_json_schema()
+        schema = {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": schema_id(spec.stream),
+            "x-topic": "{prefix}/{site}/{device}/" + spec.pattern,
+            "x-retain": spec.retain,
+            "x-qos": spec.qos,
+            **schema,
+        }
+        if spec.stream is Stream.SESSION:
+            schema["description"] = (
+                "The current session summary, on change and every second. An EMPTY retained "
+                "message (zero bytes, not JSON) means no session is open."
+            )
+        schemas[spec.stream.value] = schema
+    return schemas
+
+
+def dumps_schema(schema: dict[str, Any]) -> str:
+    """A schema as the text ``devicectl schema`` writes."""
+    return json.dumps(schema, indent=2, sort_keys=False) + "\n"
