@@ -1,0 +1,1 @@
+"""Packaged defaults (the illustrative clinic policy), read with importlib.resources."""

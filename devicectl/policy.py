@@ -1,0 +1,324 @@
+"""The clinic policy: the middle layer of the safety limits (DESIGN.md section 4).
+
+A clinic's policy is a TOML file; when none is configured the packaged default
+(``devicectl/defaults/policy.toml``) is used. Its numbers are ILLUSTRATIVE, NOT CLINICAL GUIDANCE:
+a clinic sets its own with its medical lead. The file gives
+
+- the maximum fluence (J/cm²) per Fitzpatrick skin type I-VI, non-increasing towards darker types
+  (to avoid post-inflammatory hyperpigmentation);
+- the maximum average power (W), the per-session energy (J), and per zone (forehead,
+  periorbital, perioral, cheeks, neck, decollete, hands) an energy limit (J) and optionally a
+  tighter fluence cap;
+- the supervisor's tolerances: measured energy within ±``energy_tolerance_pct`` of the setpoint,
+  pulses no closer than ``min_interval_pct`` of the set period; skin and head temperature limits;
+  the lease length and the "lease nearly out" threshold;
+- treatment presets per concern with default pulse parameters and the active ingredient.
+
+Loading checks every preset against the policy for each skin type it is allowed for, so a policy
+that would offer a preset it forbids is refused at start, with the key, the value and the bound.
+Units follow the wire protocol: ``_uj`` µJ, ``_us`` µs, ``_mhz`` millihertz, ``_um`` µm.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Self
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from devicectl.errors import ConfigError
+from protocols.messages import LEASE_MAX_MS, LEASE_MIN_MS, SetParams
+
+__all__ = [
+    "Concern",
+    "Policy",
+    "Preset",
+    "PulseParams",
+    "SkinType",
+    "Zone",
+    "ZonePolicy",
+    "average_power_w",
+    "fluence_j_cm2",
+    "load_policy",
+    "parse_policy",
+    "spot_area_cm2",
+]
+
+
+class SkinType(IntEnum):
+    """Fitzpatrick skin type; a larger value is a darker skin."""
+
+    I = 1  # noqa: E741 - the clinical name
+    II = 2
+    III = 3
+    IV = 4
+    V = 5
+    VI = 6
+
+    @classmethod
+    def parse(cls, value: object) -> SkinType:
+        """``"IV"``, ``"iv"``, ``4`` or ``"4"`` -> :attr:`IV`; anything else raises ValueError."""
+        if isinstance(value, SkinType):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return cls(value)
+        if isinstance(value, str):
+            text = value.strip().upper()
+            if text.isdigit():
+                return cls(int(text))
+            if text in cls.__members__:
+                return cls[text]
+        raise ValueError(f"a Fitzpatrick skin type I-VI, not {value!r}")
+
+
+class Zone(StrEnum):
+    FOREHEAD = "forehead"
+    PERIORBITAL = "periorbital"
+    PERIORAL = "perioral"
+    CHEEKS = "cheeks"
+    NECK = "neck"
+    DECOLLETE = "decollete"
+    HANDS = "hands"
+
+
+class Concern(StrEnum):
+    FINE_LINES = "fine_lines"
+    LAXITY = "laxity"
+    ACNE_SCARS = "acne_scars"
+    PIGMENTATION = "pigmentation"
+    DEHYDRATION = "dehydration"
+    SUN_DAMAGE = "sun_damage"
+
+
+def spot_area_cm2(spot_um: int) -> float:
+    """A = π(d/2)², in cm² (1 µm = 1e-4 cm)."""
+    radius_cm = spot_um * 1e-4 / 2.0
+    return math.pi * radius_cm * radius_cm
+
+
+def fluence_j_cm2(energy_uj: float, spot_um: int) -> float:
+    """F = E/A, in J/cm²."""
+    return energy_uj * 1e-6 / spot_area_cm2(spot_um)
+
+
+def average_power_w(energy_uj: float, rate_mhz: float) -> float:
+    """P = E·f, in W."""
+    return energy_uj * 1e-6 * rate_mhz * 1e-3
+
+
+@dataclass(frozen=True, slots=True)
+class PulseParams:
+    """The parameters of SET_PARAMS, in wire units."""
+
+    energy_uj: int
+    width_us: int
+    rate_mhz: int
+    spot_um: int
+
+    @property
+    def period_us(self) -> float:
+        return 1e9 / self.rate_mhz
+
+    @property
+    def fluence_j_cm2(self) -> float:
+        return fluence_j_cm2(self.energy_uj, self.spot_um)
+
+    @property
+    def average_power_w(self) -> float:
+        return average_power_w(self.energy_uj, self.rate_mhz)
+
+    def as_command(self) -> SetParams:
+        return SetParams(self.energy_uj, self.width_us, self.rate_mhz, self.spot_um)
+
+    @classmethod
+    def from_command(cls, command: SetParams) -> PulseParams:
+        return cls(command.energy_uj, command.width_us, command.rate_mhz, command.spot_um)
+
+
+SkinTypeKey = Annotated[SkinType, BeforeValidator(SkinType.parse)]
+_STRICT = ConfigDict(frozen=True, extra="forbid")
+
+
+class ZonePolicy(BaseModel):
+    model_config = _STRICT
+    energy_j: float = Field(gt=0, description="cumulative energy limit for this zone in a session")
+    max_fluence_j_cm2: float | None = Field(
+        default=None, gt=0, description="a fluence cap tighter than the skin type's, if any"
+    )
+
+
+class Preset(BaseModel):
+    """Default parameters for one concern."""
+
+    model_config = _STRICT
+    energy_uj: int = Field(gt=0)
+    width_us: int = Field(gt=0)
+    rate_hz: float = Field(gt=0)
+    spot_um: int = Field(gt=0)
+    active_ingredient: str = Field(min_length=1)
+    skin_types: tuple[SkinTypeKey, ...] = tuple(SkinType)
+
+    @property
+    def params(self) -> PulseParams:
+        return PulseParams(self.energy_uj, self.width_us, round(self.rate_hz * 1000), self.spot_um)
+
+
+class Policy(BaseModel):
+    """A clinic policy, validated. Build with :func:`load_policy` or :func:`parse_policy`."""
+
+    model_config = _STRICT
+    max_fluence_j_cm2: dict[SkinTypeKey, float]
+    max_average_power_w: float = Field(gt=0)
+    session_energy_j: float = Field(gt=0)
+    energy_tolerance_pct: int = Field(ge=1, le=50)
+    min_interval_pct: int = Field(ge=50, le=100)
+    skin_temp_max_c: float = Field(ge=30, le=45)
+    head_temp_max_c: float = Field(ge=25, le=60)
+    lease_ms: int = Field(ge=LEASE_MIN_MS, le=LEASE_MAX_MS)
+    lease_nearly_out_ms: int = Field(ge=1)
+    zones: dict[Zone, ZonePolicy]
+    presets: dict[Concern, Preset]
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Self:
+        _check_coherent(self)
+        return self
+
+    def zone(self, zone: Zone) -> ZonePolicy:
+        return self.zones[zone]
+
+    def max_fluence(self, skin_type: SkinType, zone: Zone) -> tuple[float, str]:
+        """The fluence cap for a session layer, and which rule set it (the tighter wins)."""
+        cap, rule = self.max_fluence_j_cm2[skin_type], f"max_fluence_skin_type_{skin_type.name}"
+        zone_cap = self.zones[zone].max_fluence_j_cm2
+        if zone_cap is not None and zone_cap < cap:
+            cap, rule = zone_cap, f"max_fluence_zone_{zone.value}"
+        return cap, rule
+
+
+class _PolicyRefused(ValueError):
+    """Raised inside validation, converted to ConfigError with its key at the boundary."""
+
+    def __init__(self, key: str, value: object, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(allowed)
+
+
+def _check_coherent(policy: Policy) -> None:
+    missing = [t.name for t in SkinType if t not in policy.max_fluence_j_cm2]
+    if missing:
+        raise _PolicyRefused(
+            "max_fluence_j_cm2", sorted(k.name for k in policy.max_fluence_j_cm2),
+            f"a fluence for every skin type I-VI (missing {', '.join(missing)})",
+        )  # fmt: skip
+    previous: tuple[SkinType, float] | None = None
+    for skin in SkinType:
+        cap = policy.max_fluence_j_cm2[skin]
+        if not cap > 0:
+            raise _PolicyRefused(f"max_fluence_j_cm2.{skin.name}", cap, "a positive fluence")
+        if previous is not None and cap > previous[1]:
+            raise _PolicyRefused(
+                f"max_fluence_j_cm2.{skin.name}", cap,
+                f"at most {previous[1]:g} J/cm² (type {previous[0].name}): darker types get lower "
+                "fluence",
+            )  # fmt: skip
+        previous = (skin, cap)
+    missing_zones = [z.value for z in Zone if z not in policy.zones]
+    if missing_zones:
+        raise _PolicyRefused(
+            "zones",
+            sorted(policy.zones),
+            f"a table for every zone (missing {', '.join(missing_zones)})",
+        )
+    if policy.lease_nearly_out_ms >= policy.lease_ms:
+        raise _PolicyRefused(
+            "lease_nearly_out_ms", policy.lease_nearly_out_ms,
+            f"less than lease_ms ({policy.lease_ms} ms)",
+        )  # fmt: skip
+    for concern, preset in policy.presets.items():
+        _check_preset(policy, concern, preset)
+
+
+def _check_preset(policy: Policy, concern: Concern, preset: Preset) -> None:
+    key = f"presets.{concern.value}"
+    params = preset.params
+    if params.rate_mhz < 1:
+        raise _PolicyRefused(f"{key}.rate_hz", preset.rate_hz, "at least 0.001 Hz")
+    if params.width_us >= params.period_us:
+        raise _PolicyRefused(
+            f"{key}.width_us", preset.width_us,
+            f"shorter than the period {params.period_us:g} µs at {preset.rate_hz:g} Hz",
+        )  # fmt: skip
+    power = params.average_power_w
+    if power > policy.max_average_power_w:
+        raise _PolicyRefused(
+            f"{key}.rate_hz", preset.rate_hz,
+            f"a rate whose average power ({power:.3g} W) is within max_average_power_w "
+            f"{policy.max_average_power_w:g} W",
+        )  # fmt: skip
+    fluence = params.fluence_j_cm2
+    for skin in preset.skin_types:
+        cap = policy.max_fluence_j_cm2[skin]
+        if fluence > cap:
+            most_uj = math.floor(cap * spot_area_cm2(preset.spot_um) * 1e6)
+            raise _PolicyRefused(
+                f"{key}.energy_uj", preset.energy_uj,
+                f"at most {most_uj} µJ at {preset.spot_um} µm for skin type {skin.name} "
+                f"(fluence {fluence:.3g} J/cm² above max_fluence_j_cm2.{skin.name} = {cap:g}), "
+                "or leave that type out of skin_types",
+            )  # fmt: skip
+
+
+def _error_from_validation(exc: ValidationError, source: str) -> ConfigError:
+    """The first problem as a one-line ConfigError naming the key, the value and what is allowed."""
+    first = exc.errors()[0]
+    context = first.get("ctx") or {}
+    cause = context.get("error")
+    if isinstance(cause, _PolicyRefused):
+        return ConfigError(f"policy.{cause.key}", cause.value, f"{cause.allowed} (in {source})")
+    key = ".".join(str(part) for part in first["loc"]) or "<file>"
+    value: Any = first.get("input")
+    if first["type"] == "missing":
+        value = None
+    return ConfigError(f"policy.{key}", value, f"{first['msg']} (in {source})")
+
+
+def parse_policy(data: dict[str, Any], source: str = "<policy>") -> Policy:
+    """Validate a policy already read from TOML; raise ConfigError on the first bad key."""
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        raise _error_from_validation(exc, source) from None
+
+
+def load_policy(path: Path | None = None) -> Policy:
+    """Read and validate the policy at ``path``, or the packaged default when ``None``."""
+    if path is None:
+        resource = resources.files("devicectl") / "defaults" / "policy.toml"
+        source = "the packaged default policy"
+        text = resource.read_text(encoding="utf-8")
+    else:
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                "policy", str(path), f"a readable TOML file ({exc.strerror})"
+            ) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("policy", source, f"valid TOML ({exc})") from None
+    return parse_policy(data, source)
