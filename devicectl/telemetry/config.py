@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from devicectl.errors import ConfigError
 from protocols.mqtt import DEFAULT_PREFIX, TopicBase
 
-__all__ = ["BrokerAddress", "TelemetryConfig", "parse_broker_url"]
+__all__ = ["BrokerAddress", "TelemetryConfig", "parse_broker_url", "tls_context_for"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,27 +106,42 @@ class TelemetryConfig(BaseModel):
 
     def tls_context(self, environ: Mapping[str, str] | None = None) -> ssl.SSLContext | None:
         """The client TLS context for ``mqtts://``; None for ``mqtt://``. Raises ConfigError."""
-        env = os.environ if environ is None else environ
-        if not parse_broker_url(self.url).tls:
-            return None
+        return tls_context_for(self.url, self.ca_file, self.cert_file, self.key_file, environ)
 
-        def pick(value: Path | None, var: str) -> Path | None:
-            if value is not None:
-                return value
-            return Path(env[var]) if env.get(var) else None
 
-        ca = pick(self.ca_file, "DEVICECTL_MQTT_CA")
-        cert = pick(self.cert_file, "DEVICECTL_MQTT_CERT")
-        key = pick(self.key_file, "DEVICECTL_MQTT_KEY")
+def tls_context_for(
+    url: str,
+    ca_file: Path | None = None,
+    cert_file: Path | None = None,
+    key_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ssl.SSLContext | None:
+    """A verifying client TLS context for an ``mqtts://`` URL (None for ``mqtt://``).
+
+    Files not given come from ``DEVICECTL_MQTT_CA``/``_CERT``/``_KEY``; with no CA the system's
+    trust store is used. Unreadable files raise :class:`ConfigError` naming the file.
+    """
+    env = os.environ if environ is None else environ
+    if not parse_broker_url(url).tls:
+        return None
+
+    def pick(value: Path | None, var: str) -> Path | None:
+        if value is not None:
+            return value
+        return Path(env[var]) if env.get(var) else None
+
+    ca = pick(ca_file, "DEVICECTL_MQTT_CA")
+    cert = pick(cert_file, "DEVICECTL_MQTT_CERT")
+    key = pick(key_file, "DEVICECTL_MQTT_KEY")
+    try:
+        context = ssl.create_default_context(cafile=str(ca) if ca else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("mqtt.ca_file", str(ca), f"a readable PEM CA file ({exc})") from exc
+    if cert is not None:
         try:
-            context = ssl.create_default_context(cafile=str(ca) if ca else None)
+            context.load_cert_chain(str(cert), str(key) if key else None)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError("mqtt.ca_file", str(ca), f"a readable PEM CA file ({exc})") from exc
-        if cert is not None:
-            try:
-                context.load_cert_chain(str(cert), str(key) if key else None)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(
-                    "mqtt.cert_file", str(cert), f"a readable PEM certificate and key ({exc})"
-                ) from exc
-        return context
+            raise ConfigError(
+                "mqtt.cert_file", str(cert), f"a readable PEM certificate and key ({exc})"
+            ) from exc
+    return context
