@@ -7,6 +7,8 @@ own ``LinkError``: retried by reconnecting.
 
 from __future__ import annotations
 
+import os
+
 from protocols.errors import DevicectlError
 
 __all__ = ["TransportError"]
@@ -24,5 +26,11 @@ class TransportError(DevicectlError):
 
     @classmethod
     def from_exception(cls, port: str, what: str, exc: BaseException) -> TransportError:
-        """Name ``exc`` in words: its message, or its class when it has none."""
-        return cls(port, what, str(exc) or type(exc).__name__)
+        """Name ``exc`` in words: its message (or class), and the errno's meaning if it lacks it."""
+        cause = str(exc) or type(exc).__name__
+        errno = getattr(exc, "errno", None)
+        if isinstance(errno, int) and errno > 0:
+            meaning = os.strerror(errno)
+            if meaning not in cause:
+                cause = f"{cause}: {meaning}"
+        return cls(port, what, cause)
