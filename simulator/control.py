@@ -199,6 +199,11 @@ FAULT_NAMES: Final[dict[str, _Argument | None]] = {
     "hang": None,
 }
 
+_BARE_COMMANDS: Final[dict[str, SimCommand]] = {
+    "clear-faults": ClearFaults(),
+    "reboot": Reboot(),
+    "status": Status(),
+}
 _VERBS: Final = ("footswitch", "interlock", "fault", "clear-faults", "reboot", "status")
 
 
@@ -258,9 +263,10 @@ def parse_command(command: str | Sequence[str]) -> SimCommand:
             return InjectFault(fault, None)
         _expect_arity(words, 3, f"fault {fault} {arg.name}")
         return InjectFault(fault, _number(words, words[2], arg))
-    if verb in ("clear-faults", "reboot", "status"):
+    bare = _BARE_COMMANDS.get(verb)
+    if bare is not None:
         _expect_arity(words, 1, verb)
-        return {"clear-faults": ClearFaults, "reboot": Reboot, "status": Status}[verb]()
+        return bare
     raise CommandError(words, f"unknown command {verb!r} (expected one of: {', '.join(_VERBS)})")
 
 
