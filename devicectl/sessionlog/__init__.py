@@ -1,0 +1,57 @@
+"""The tamper-evident treatment session log (DESIGN.md section 5).
+
+- :mod:`.model` — what a session is (:class:`SessionInfo`, checklist, course, zones) and its
+  :class:`Summary`;
+- :mod:`.store` — the SQLite file: default path, schema, migrations;
+- :mod:`.chain` — the SHA-256 chain over a canonical encoding of every record;
+- :mod:`.writer` — :class:`SessionLog`, what the daemon calls (non-blocking; a writer thread
+  group-commits);
+- :mod:`.verify` — :func:`verify_log` (``devicectl log verify``);
+- :mod:`.reader` — reading sessions back; :mod:`.export` and :mod:`.report` — JSON, CSV, HTML.
+"""
+
+from devicectl.sessionlog.model import (
+    DEFAULT_PATIENT_REF_PATTERN,
+    Checklist,
+    Concern,
+    Contraindications,
+    Course,
+    CourseWarning,
+    InvalidSessionInfo,
+    PostCare,
+    SessionInfo,
+    SessionOpened,
+    SessionRefused,
+    SkinType,
+    Summary,
+    Zone,
+    parse_session_info,
+)
+from devicectl.sessionlog.store import default_data_dir, default_db_path
+from devicectl.sessionlog.verify import ChainBreak, VerifyReport, verify_log
+from devicectl.sessionlog.writer import Recovery, SessionLog
+
+__all__ = [
+    "DEFAULT_PATIENT_REF_PATTERN",
+    "ChainBreak",
+    "Checklist",
+    "Concern",
+    "Contraindications",
+    "Course",
+    "CourseWarning",
+    "InvalidSessionInfo",
+    "PostCare",
+    "Recovery",
+    "SessionInfo",
+    "SessionLog",
+    "SessionOpened",
+    "SessionRefused",
+    "SkinType",
+    "Summary",
+    "VerifyReport",
+    "Zone",
+    "default_data_dir",
+    "default_db_path",
+    "parse_session_info",
+    "verify_log",
+]

@@ -1,0 +1,271 @@
+"""What a treatment session is (DESIGN.md section 5): who, for whom, which skin, which course.
+
+:class:`SessionInfo` is validated with pydantic at the edge (the control socket, the CLI); the
+per-pulse path never touches these models. Two errors come out of here, both one line a clinician
+can act on: :class:`InvalidSessionInfo` (a field is malformed, e.g. a patient reference that looks
+like a name) and :class:`SessionRefused` (the checklist is incomplete or a contraindication is
+present: no treatment).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from devicectl.errors import DevicectlError
+
+__all__ = [
+    "DEFAULT_PATIENT_REF_PATTERN",
+    "FAULT_EVENT_KINDS",
+    "MIN_DAYS_BETWEEN_SESSIONS",
+    "Checklist",
+    "Concern",
+    "Contraindications",
+    "Course",
+    "CourseWarning",
+    "InvalidSessionInfo",
+    "PostCare",
+    "SessionInfo",
+    "SessionOpened",
+    "SessionRefused",
+    "SkinType",
+    "Summary",
+    "Zone",
+    "check_patient_ref",
+    "checklist_problems",
+    "parse_session_info",
+    "spot_area_cm2",
+]
+
+DEFAULT_PATIENT_REF_PATTERN = r"^[A-Z0-9-]{4,32}$"
+MIN_DAYS_BETWEEN_SESSIONS = 7
+# Event kinds that count as faults in a session's closing summary (each pulse gap counts too).
+FAULT_EVENT_KINDS = frozenset({"breach", "device_fault", "link_lost"})
+
+
+class SkinType(IntEnum):
+    """Fitzpatrick skin type; darker types get lower fluence limits (post-inflammatory pigment)."""
+
+    I = 1  # noqa: E741 - the clinical name of the type
+    II = 2
+    III = 3
+    IV = 4
+    V = 5
+    VI = 6
+
+
+def _skin_type(value: object) -> object:
+    # Accept the roman numerals clinicians write as well as 1..6.
+    if isinstance(value, str) and value.strip().upper() in SkinType.__members__:
+        return SkinType[value.strip().upper()]
+    return value
+
+
+class Concern(StrEnum):
+    FINE_LINES = "fine_lines"
+    LAXITY = "laxity"
+    ACNE_SCARS = "acne_scars"
+    PIGMENTATION = "pigmentation"
+    DEHYDRATION = "dehydration"
+    SUN_DAMAGE = "sun_damage"
+
+
+class Zone(StrEnum):
+    FOREHEAD = "forehead"
+    PERIORBITAL = "periorbital"
+    PERIORAL = "perioral"
+    CHEEKS = "cheeks"
+    NECK = "neck"
+    DECOLLETE = "decollete"
+    HANDS = "hands"
+
+
+class PostCare(StrEnum):
+    SOOTHING_SERUM = "soothing_serum"
+    SUNSCREEN = "sunscreen"
+    COLD_COMPRESS = "cold_compress"
+    AFTERCARE_INSTRUCTIONS = "aftercare_instructions"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Contraindications(_Model):
+    """Each question must be answered (``None`` = not asked); any ``True`` forbids treatment."""
+
+    recent_sun_exposure_or_tan: bool | None = None
+    photosensitising_medication: bool | None = None
+    active_skin_infection_or_inflammation: bool | None = None
+    pregnancy: bool | None = None
+    allergy_to_active_ingredient: bool | None = None
+
+
+class Checklist(_Model):
+    consultation_done: bool = False
+    area_cleaned: bool = False
+    numbing_applied: bool | None = None
+    contraindications: Contraindications = Contraindications()
+
+
+class Course(_Model):
+    """Session ``session_number`` of a course of ``planned_sessions`` (4-6) for one patient."""
+
+    course_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+    session_number: Annotated[int, Field(ge=1, le=99)]
+    planned_sessions: Annotated[int, Field(ge=4, le=6)]
+
+
+class SessionInfo(_Model):
+    device_serial: Annotated[str, Field(min_length=1, max_length=64)]
+    operator: Annotated[str, Field(min_length=1, max_length=64)]
+    patient_ref: Annotated[str, Field(min_length=1, max_length=64)]
+    skin_type: Annotated[SkinType, BeforeValidator(_skin_type)]
+    concerns: tuple[Concern, ...] = ()
+    course: Course
+    checklist: Checklist
+    active_ingredient: Annotated[str, Field(min_length=1, max_length=120)]
+
+
+class InvalidSessionInfo(DevicectlError):
+    """A session field is malformed. ``field`` names it, ``allowed`` says what is accepted."""
+
+    def __init__(self, field: str, value: object, allowed: str) -> None:
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(f"session {field}={value!r} is not accepted: {allowed}")
+
+
+class SessionRefused(DevicectlError):
+    """The session may not start: ``rule`` is the checklist item or contraindication at fault."""
+
+    def __init__(self, rule: str, detail: str) -> None:
+        self.rule, self.detail = rule, detail
+        super().__init__(f"session refused by {rule}: {detail}")
+
+
+def parse_session_info(
+    data: Mapping[str, Any], *, patient_ref_pattern: str = DEFAULT_PATIENT_REF_PATTERN
+) -> SessionInfo:
+    """Validate ``data`` into a :class:`SessionInfo`; raise :class:`InvalidSessionInfo` on the
+    first bad field. The patient reference must match ``patient_ref_pattern`` so that a name
+    typed by mistake is refused (the log must stay pseudonymous)."""
+    try:
+        info = SessionInfo.model_validate(dict(data))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "info"
+        raise InvalidSessionInfo(where, first.get("input"), first["msg"]) from None
+    check_patient_ref(info.patient_ref, patient_ref_pattern)
+    return info
+
+
+def check_patient_ref(patient_ref: str, pattern: str) -> None:
+    if re.fullmatch(pattern, patient_ref) is None:
+        raise InvalidSessionInfo(
+            "patient_ref",
+            patient_ref,
+            f"a pseudonymous reference matching {pattern} (never a name)",
+        )
+
+
+def checklist_problems(checklist: Checklist) -> list[tuple[str, str]]:
+    """Every reason the pre-treatment checklist forbids starting, as ``(rule, detail)``."""
+    problems: list[tuple[str, str]] = []
+    if not checklist.consultation_done:
+        problems.append(("checklist.consultation_done", "the consultation is not recorded as done"))
+    if not checklist.area_cleaned:
+        problems.append(("checklist.area_cleaned", "the treatment area is not recorded as cleaned"))
+    if checklist.numbing_applied is None:
+        problems.append(("checklist.numbing_applied", "say whether numbing cream was applied"))
+    answers = checklist.contraindications.model_dump()
+    for name, answer in answers.items():
+        label = name.replace("_", " ")
+        if answer is None:
+            problems.append((f"contraindication.{name}", f"not answered: {label}"))
+        elif answer:
+            problems.append((f"contraindication.{name}", f"present: {label}"))
+    return problems
+
+
+def spot_area_cm2(spot_um: int) -> float:
+    """Area of a round spot of diameter ``spot_um`` µm, in cm² (A = π(d/2)²)."""
+    radius_cm = spot_um * 1e-4 / 2
+    return math.pi * radius_cm * radius_cm
+
+
+@dataclass(frozen=True, slots=True)
+class CourseWarning:
+    """Something about the course the operator should see before treating; never blocking."""
+
+    code: str  # "interval_short" | "course_complete" | "session_number"
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOpened:
+    """What :meth:`SessionLog.start_session` returns: the id and the course warnings."""
+
+    session_id: int
+    warnings: tuple[CourseWarning, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """The closing summary of a session. Energies in µJ; unlogged pulses (crash, gap) are charged
+    at the device's maximum energy and included in ``energy_per_zone_uj``."""
+
+    session_id: int
+    outcome: str  # "completed" | "interrupted"
+    started_ns: int
+    ended_ns: int
+    pulses: int
+    unlogged_pulses: int
+    unlogged_energy_uj: int
+    energy_per_zone_uj: dict[str, int] = field(default_factory=dict)
+    peak_fluence_j_cm2: float = 0.0
+    faults: int = 0
+
+    @property
+    def total_energy_uj(self) -> int:
+        return sum(self.energy_per_zone_uj.values())
+
+    @property
+    def duration_s(self) -> float:
+        return max(0, self.ended_ns - self.started_ns) / 1e9
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "outcome": self.outcome,
+            "started_ns": self.started_ns,
+            "ended_ns": self.ended_ns,
+            "duration_s": self.duration_s,
+            "pulses": self.pulses,
+            "unlogged_pulses": self.unlogged_pulses,
+            "unlogged_energy_uj": self.unlogged_energy_uj,
+            "energy_per_zone_uj": dict(sorted(self.energy_per_zone_uj.items())),
+            "total_energy_uj": self.total_energy_uj,
+            "peak_fluence_j_cm2": self.peak_fluence_j_cm2,
+            "faults": self.faults,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Summary:
+        return cls(
+            session_id=int(data["session_id"]),
+            outcome=str(data["outcome"]),
+            started_ns=int(data["started_ns"]),
+            ended_ns=int(data["ended_ns"]),
+            pulses=int(data["pulses"]),
+            unlogged_pulses=int(data["unlogged_pulses"]),
+            unlogged_energy_uj=int(data["unlogged_energy_uj"]),
+            energy_per_zone_uj={str(k): int(v) for k, v in data["energy_per_zone_uj"].items()},
+            peak_fluence_j_cm2=float(data["peak_fluence_j_cm2"]),
+            faults=int(data["faults"]),
+        )

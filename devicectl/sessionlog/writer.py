@@ -1,0 +1,795 @@
+"""The session log as the daemon uses it: cheap calls in, group commits on a writer thread.
+
+    daemon's event loop                      writer thread (own SQLite connection)
+    ───────────────────                      ─────────────────────────────────────
+    record_pulse(...)  ─ tuple ─▶ SimpleQueue ─▶ drain everything queued ─▶ seq, SHA-256 chain
+    record_event(...)  ─ JSON  ─▶            ─▶ executemany + chain_head ─▶ COMMIT (one per drain)
+    healthy / check()  ◀── failure flag ──────── any error: LogUnavailable, on_unavailable(exc)
+
+No call made on the daemon's thread touches the disk or hashes anything, except :meth:`open`,
+:meth:`flush` and :meth:`close` (start-up and shut-down; use :meth:`flush_async` / :meth:`aclose`
+from a running loop). The writer commits whatever has queued up while the previous commit ran, so
+the delay from a pulse's arrival to its commit is one commit's time (well under 50 ms).
+
+No log, no laser: the daemon learns that the log cannot be written from
+- ``on_unavailable(exc)``, called once, *on the writer thread* (hand it to the loop with
+  ``loop.call_soon_threadsafe``), and
+- :attr:`healthy` / :attr:`failure` (attribute reads, safe to poll from the loop; a commit stuck
+  for more than ``stall_timeout_s`` also counts), or :meth:`check`, which raises the
+  :class:`~devicectl.errors.LogUnavailable` with its one-line cause.
+A failure latches for the life of the object: reopen the log, then :meth:`recover_interrupted`
+reconciles with the device's pulse counter, so pulses fired meanwhile are charged, not lost.
+:meth:`start_session` refuses (raises) while the log is unhealthy; the per-pulse calls never raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import queue
+import sqlite3
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from hashlib import sha256
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import structlog
+
+from devicectl.errors import LogUnavailable
+from devicectl.sessionlog import reader, store
+from devicectl.sessionlog.chain import record_hash
+from devicectl.sessionlog.model import (
+    DEFAULT_PATIENT_REF_PATTERN,
+    FAULT_EVENT_KINDS,
+    MIN_DAYS_BETWEEN_SESSIONS,
+    CourseWarning,
+    InvalidSessionInfo,
+    PostCare,
+    SessionInfo,
+    SessionOpened,
+    SessionRefused,
+    Summary,
+    Zone,
+    check_patient_ref,
+    checklist_problems,
+    parse_session_info,
+    spot_area_cm2,
+)
+
+__all__ = ["Recovery", "SessionLog"]
+
+_PULSE = struct.Struct("<cqqqqqq")
+_NS_PER_DAY = 86_400 * 10**9
+_EVENT_KIND_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.")
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What :meth:`SessionLog.recover_interrupted` found and recorded."""
+
+    interrupted_session: int | None
+    last_pulse_no: int | None  # the last pulse_no the log accounted for before reconciling
+    device_pulse_count: int
+    unlogged_pulses: int  # charged at max energy
+    charged_energy_uj: int
+    summary: Summary | None  # of the interrupted session
+    counter_mismatch: bool  # the device reports fewer pulses than the log holds (board replaced?)
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    session_id: int | None
+    kind: str
+    at_ns: int
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Marker:
+    """Queued behind the records it waits for; ``done`` runs on the writer thread."""
+
+    done: Callable[[], None]
+    stop: bool = False
+
+
+@dataclass(slots=True)
+class _LiveSession:
+    session_id: int
+    started_ns: int
+    pulses: int = 0
+    zone_energy: dict[str, int] = dataclasses.field(default_factory=dict)
+    peak_fluence: float = 0.0
+    fluence_per_uj: float = 0.0  # J/cm² per µJ at the current spot
+    unlogged: int = 0
+    unlogged_energy: int = 0
+    faults: int = 0
+
+
+def _canonical_json(body: Mapping[str, Any]) -> str:
+    try:
+        return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidSessionInfo("detail", body, f"JSON-serialisable values only ({exc})") from None
+
+
+class SessionLog:
+    """The tamper-evident session log, open for writing. Build it with :meth:`open`.
+
+    All ``record_*`` calls come from one thread (the daemon's event loop). Host times are
+    nanoseconds since the epoch (``time.time_ns()``); ``clock`` supplies them when not given.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        conn: sqlite3.Connection,
+        state: reader.LogState,
+        stale_summary: Summary | None,
+        stale_zone: str,
+        *,
+        log: Any,
+        patient_ref_pattern: str,
+        clock: Callable[[], int],
+        on_unavailable: Callable[[LogUnavailable], None] | None,
+        on_commit: Callable[[int, int | None], None] | None,
+        status_interval_ns: int,
+        idle_status_interval_ns: int,
+        stall_timeout_s: float,
+    ) -> None:
+        self.path = path
+        self._conn = conn
+        self._log = log
+        self._pattern = patient_ref_pattern
+        self._clock = clock
+        self._on_unavailable = on_unavailable
+        self._on_commit = on_commit
+        self._status_interval_ns = status_interval_ns
+        self._idle_status_interval_ns = idle_status_interval_ns
+        self._stall_timeout_s = stall_timeout_s
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._put = self._queue.put
+        # Caller-side state (the daemon's thread only).
+        self._courses = state.courses
+        self._next_session_id = state.next_session_id
+        self._last_pulse_no = state.last_pulse_no
+        self._live: _LiveSession | None = None
+        self._stale_session = state.open_session
+        self._stale_summary = stale_summary
+        self._stale_zone = stale_zone
+        self._last_status_ns: int | None = None
+        self._closed = False
+        # Writer-side state (the writer thread only, read elsewhere as plain attributes).
+        self._seq = state.head_seq
+        self._prev = state.head_hash
+        self._failure: LogUnavailable | None = None
+        self._busy_since: float | None = None
+        self.committed_pulse_no = state.last_pulse_no
+        self.dropped = 0  # items discarded after a failure
+        self._thread = threading.Thread(
+            target=self._run, name="devicectl-sessionlog-writer", daemon=True
+        )
+
+    # ── lifecycle ────────────────────────────────────────────────────────────────────────────
+
+    @classmethod
+    def open(
+        cls,
+        path: Path | str,
+        *,
+        log: Any = None,
+        patient_ref_pattern: str = DEFAULT_PATIENT_REF_PATTERN,
+        synchronous: str = "FULL",
+        clock: Callable[[], int] = time.time_ns,
+        on_unavailable: Callable[[LogUnavailable], None] | None = None,
+        on_commit: Callable[[int, int | None], None] | None = None,
+        status_interval_s: float = 1.0,
+        idle_status_interval_s: float = 60.0,
+        stall_timeout_s: float = 2.0,
+    ) -> SessionLog:
+        """Open (create, migrate) the log at ``path`` and start the writer thread.
+
+        Raises :class:`LogUnavailable` naming the cause when the file cannot be opened or written.
+        ``on_commit(pulses, last_pulse_no)`` runs on the writer thread after each commit.
+        ``synchronous`` is SQLite's: FULL (default) makes every commit durable at power loss.
+        """
+        path = Path(path)
+        log = log if log is not None else structlog.get_logger("devicectl.sessionlog")
+        conn = store.connect(path, synchronous=synchronous)
+        try:
+            state = reader.log_state(conn)
+            stale_summary, stale_zone = None, "unknown"
+            if state.open_session is not None:
+                stale_summary = reader.summarize(conn, state.open_session, outcome="interrupted")
+                row = conn.execute(
+                    "SELECT zone FROM pulses WHERE session_id = ? ORDER BY seq DESC LIMIT 1",
+                    (state.open_session,),
+                ).fetchone()
+                stale_zone = row[0] if row else "unknown"
+            # Fail now, not at the first pulse, when the file is read-only or the disk is full.
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("UPDATE chain_head SET seq = seq WHERE id = 1")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise LogUnavailable(f"session log {path} cannot be written: {exc}") from exc
+        self = cls(
+            path,
+            conn,
+            state,
+            stale_summary,
+            stale_zone,
+            log=log,
+            patient_ref_pattern=patient_ref_pattern,
+            clock=clock,
+            on_unavailable=on_unavailable,
+            on_commit=on_commit,
+            status_interval_ns=int(status_interval_s * 1e9),
+            idle_status_interval_ns=int(idle_status_interval_s * 1e9),
+            stall_timeout_s=stall_timeout_s,
+        )
+        self._thread.start()
+        log.info(
+            "session_log_opened",
+            path=str(path),
+            records=state.head_seq,
+            last_pulse_no=state.last_pulse_no,
+            open_session=state.open_session,
+        )
+        return self
+
+    def close(self) -> None:
+        """Commit everything queued, stop the writer and close the file. Idempotent; never
+        raises (a failure was reported already through :attr:`failure`)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._put(_Marker(done=lambda: None, stop=True))
+        self._thread.join()
+        self._log.info("session_log_closed", path=str(self.path), records=self._seq)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Block until everything recorded so far is committed; raise :class:`LogUnavailable`
+        if it cannot be. For shut-down and tests; from a running loop use :meth:`flush_async`."""
+        done = threading.Event()
+        self._enqueue_marker(_Marker(done=done.set))
+        if not done.wait(timeout):
+            raise LogUnavailable(f"session log {self.path}: nothing committed for {timeout:g} s")
+        self.check()
+
+    async def flush_async(self) -> None:
+        """:meth:`flush` without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+
+        def resolve() -> None:
+            if not future.done():
+                future.set_result(None)
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(resolve)
+
+        self._enqueue_marker(_Marker(done=wake))
+        await future
+        self.check()
+
+    def _enqueue_marker(self, marker: _Marker) -> None:
+        if self._closed or not self._thread.is_alive():
+            self.check()
+            raise LogUnavailable(f"session log {self.path} is closed")
+        self._put(marker)
+
+    # ── health: how the daemon learns that it must not arm ───────────────────────────────────
+
+    @property
+    def failure(self) -> LogUnavailable | None:
+        """Why the log cannot be written, or ``None``. Cheap; poll it from the loop."""
+        if self._failure is not None:
+            return self._failure
+        busy = self._busy_since
+        if busy is not None and time.monotonic() - busy > self._stall_timeout_s:
+            return LogUnavailable(
+                f"session log {self.path}: a commit has been stuck for more than "
+                f"{self._stall_timeout_s:g} s (disk stalled?)"
+            )
+        if self._closed or not self._thread.is_alive():
+            return LogUnavailable(f"session log {self.path} is closed")
+        return None
+
+    @property
+    def healthy(self) -> bool:
+        return self.failure is None
+
+    def check(self) -> None:
+        """Raise :class:`LogUnavailable` (one-line cause) unless the log can be written."""
+        failure = self.failure
+        if failure is not None:
+            raise failure
+
+    # ── sessions ─────────────────────────────────────────────────────────────────────────────
+
+    def open_session(self) -> int | None:
+        """The session being recorded, or one left open by a crash (until recovered)."""
+        if self._live is not None:
+            return self._live.session_id
+        return self._stale_session
+
+    def last_pulse_no(self) -> int | None:
+        """The last pulse_no accounted for (recorded, or charged as a gap); ``None`` if never."""
+        return self._last_pulse_no
+
+    def start_session(
+        self,
+        info: SessionInfo | Mapping[str, Any],
+        *,
+        device_pulse_count: int | None = None,
+        host_time_ns: int | None = None,
+    ) -> SessionOpened:
+        """Validate ``info``, enforce the checklist, apply the course rules and open a session.
+
+        Raises :class:`InvalidSessionInfo` (a malformed field, a patient reference that is not
+        pseudonymous), :class:`SessionRefused` (checklist incomplete, contraindication present,
+        a session already open, a course of another patient) or :class:`LogUnavailable`.
+        ``device_pulse_count`` (the board's counter now) lets a crash in the very first session
+        be reconciled. Course warnings (interval under 7 days, course complete) are returned and
+        recorded, never blocking.
+        """
+        self.check()
+        if isinstance(info, SessionInfo):
+            check_patient_ref(info.patient_ref, self._pattern)
+        else:
+            info = parse_session_info(info, patient_ref_pattern=self._pattern)
+        open_id = self.open_session()
+        if open_id is not None:
+            hint = "end it first" if self._live is not None else "recover_interrupted() first"
+            raise SessionRefused("session.open", f"session {open_id} is still open; {hint}")
+        problems = checklist_problems(info.checklist)
+        if problems:
+            raise SessionRefused(problems[0][0], "; ".join(detail for _, detail in problems))
+        now = self._clock() if host_time_ns is None else host_time_ns
+        warnings = self._course_warnings(info, now)
+        session_id = self._next_session_id
+        body = {
+            "info": info.model_dump(mode="json"),
+            "warnings": [{"code": w.code, "message": w.message} for w in warnings],
+            "device_pulse_count": device_pulse_count,
+        }
+        self._record(session_id, "session_started", body, now)
+        self._next_session_id += 1
+        self._courses.setdefault(info.course.course_id, []).append(
+            reader.CourseEntry(session_id, info.course.session_number, info.patient_ref, now)
+        )
+        self._live = _LiveSession(session_id, now)
+        if device_pulse_count is not None:
+            self._last_pulse_no = device_pulse_count
+        self._log.info(
+            "session_started",
+            session_id=session_id,
+            course=info.course.course_id,
+            warnings=[w.code for w in warnings],
+        )
+        return SessionOpened(session_id, tuple(warnings))
+
+    def _course_warnings(self, info: SessionInfo, now_ns: int) -> list[CourseWarning]:
+        course = info.course
+        history = self._courses.get(course.course_id, [])
+        if history and history[0].patient_ref != info.patient_ref:
+            raise SessionRefused(
+                "course.patient_ref",
+                f"course {course.course_id} belongs to patient {history[0].patient_ref}, "
+                f"not {info.patient_ref}",
+            )
+        warnings: list[CourseWarning] = []
+        if history:
+            last = history[-1]
+            days = (now_ns - last.started_ns) / _NS_PER_DAY
+            if days < MIN_DAYS_BETWEEN_SESSIONS:
+                warnings.append(
+                    CourseWarning(
+                        "interval_short",
+                        f"only {days:.1f} days since session {last.session_number} of course "
+                        f"{course.course_id} (at least {MIN_DAYS_BETWEEN_SESSIONS} advised)",
+                    )
+                )
+        if (
+            len(history) >= course.planned_sessions
+            or course.session_number > course.planned_sessions
+        ):
+            warnings.append(
+                CourseWarning(
+                    "course_complete",
+                    f"course {course.course_id} is complete: {len(history)} of "
+                    f"{course.planned_sessions} planned sessions already given",
+                )
+            )
+        if course.session_number != len(history) + 1:
+            warnings.append(
+                CourseWarning(
+                    "session_number",
+                    f"recorded as session {course.session_number} but the log holds "
+                    f"{len(history)} earlier session(s) of course {course.course_id}",
+                )
+            )
+        return warnings
+
+    def end_session(
+        self,
+        session_id: int,
+        *,
+        actor: str,
+        post_care: Iterable[PostCare | str] = (),
+        note: str | None = None,
+        host_time_ns: int | None = None,
+    ) -> Summary:
+        """Close the session with its post-care and return the closing summary (computed from
+        live totals: no disk read). Raises :class:`SessionRefused` if it is not the open one."""
+        live = self._live
+        if live is None or live.session_id != session_id:
+            raise SessionRefused("session.open", f"session {session_id} is not the open session")
+        try:
+            care = sorted({PostCare(item).value for item in post_care})
+        except ValueError as exc:
+            allowed = ", ".join(p.value for p in PostCare)
+            raise InvalidSessionInfo("post_care", list(post_care), f"one of {allowed}") from exc
+        now = self._clock() if host_time_ns is None else host_time_ns
+        summary = Summary(
+            session_id=session_id,
+            outcome="completed",
+            started_ns=live.started_ns,
+            ended_ns=now,
+            pulses=live.pulses,
+            unlogged_pulses=live.unlogged,
+            unlogged_energy_uj=live.unlogged_energy,
+            energy_per_zone_uj=dict(live.zone_energy),
+            peak_fluence_j_cm2=live.peak_fluence,
+            faults=live.faults,
+        )
+        body = {"summary": summary.to_dict(), "post_care": care, "actor": actor, "note": note}
+        self._record(session_id, "session_ended", body, now)
+        self._live = None
+        self._log.info("session_ended", session_id=session_id, pulses=live.pulses)
+        return summary
+
+    # ── records ──────────────────────────────────────────────────────────────────────────────
+
+    def record_zone(
+        self,
+        session_id: int,
+        zone: Zone | str,
+        *,
+        actor: str,
+        energy_limit_uj: int | None = None,
+        host_time_ns: int | None = None,
+    ) -> None:
+        """The operator moved to ``zone``; ``energy_limit_uj`` is its cumulative energy limit."""
+        try:
+            zone = Zone(zone)
+        except ValueError:
+            allowed = ", ".join(z.value for z in Zone)
+            raise InvalidSessionInfo("zone", zone, f"one of {allowed}") from None
+        body = {"zone": zone.value, "energy_limit_uj": energy_limit_uj, "actor": actor}
+        self._record(session_id, "zone", body, host_time_ns)
+
+    def record_params(
+        self,
+        session_id: int,
+        *,
+        energy_uj: int,
+        width_us: int,
+        rate_mhz: int,
+        spot_um: int,
+        actor: str,
+        host_time_ns: int | None = None,
+    ) -> None:
+        """Parameters sent to the device (ICD units). Later pulses' fluence uses this spot."""
+        body = {
+            "energy_uj": energy_uj,
+            "width_us": width_us,
+            "rate_mhz": rate_mhz,
+            "spot_um": spot_um,
+            "actor": actor,
+        }
+        self._record(session_id, "params", body, host_time_ns)
+        live = self._live
+        if live is not None and live.session_id == session_id and spot_um > 0:
+            live.fluence_per_uj = 1e-6 / spot_area_cm2(spot_um)
+
+    def record_pulse(
+        self,
+        session_id: int,
+        pulse_no: int,
+        t_us: int,
+        host_time_ns: int,
+        energy_uj: int,
+        zone: str,
+    ) -> None:
+        """One PULSE event. Constant time, no I/O, no hashing, never raises: a queue append and
+        the live totals. Committed within one group commit."""
+        self._put((session_id, pulse_no, t_us, host_time_ns, energy_uj, zone))
+        self._last_pulse_no = pulse_no
+        live = self._live
+        if live is not None and live.session_id == session_id:
+            live.pulses += 1
+            energy = live.zone_energy
+            energy[zone] = energy.get(zone, 0) + energy_uj
+            fluence = energy_uj * live.fluence_per_uj
+            if fluence > live.peak_fluence:  # noqa: PLR1730 - cheaper than max() per pulse
+                live.peak_fluence = fluence
+
+    def record_pulse_gap(
+        self,
+        session_id: int | None,
+        first_pulse_no: int,
+        last_pulse_no: int,
+        *,
+        charged_energy_uj: int,
+        zone: str,
+        cause: str,
+        host_time_ns: int | None = None,
+    ) -> None:
+        """Pulses ``first..last`` were fired but not seen (a gap in pulse_no, a crash): each is
+        charged at ``charged_energy_uj`` (the device's maximum) to ``zone``; counts as a fault."""
+        if last_pulse_no < first_pulse_no:
+            raise ValueError(f"pulse gap {first_pulse_no}..{last_pulse_no} is empty")
+        count = last_pulse_no - first_pulse_no + 1
+        body = {
+            "first": first_pulse_no,
+            "last": last_pulse_no,
+            "count": count,
+            "charged_energy_uj": charged_energy_uj,
+            "zone": zone,
+            "cause": cause,
+        }
+        self._record(session_id, "pulse_gap", body, host_time_ns)
+        if self._last_pulse_no is None or last_pulse_no > self._last_pulse_no:
+            self._last_pulse_no = last_pulse_no
+        live = self._live
+        if live is not None and live.session_id == session_id:
+            live.unlogged += count
+            live.unlogged_energy += count * charged_energy_uj
+            live.zone_energy[zone] = live.zone_energy.get(zone, 0) + count * charged_energy_uj
+            live.faults += 1
+
+    def record_status(
+        self,
+        session_id: int | None,
+        *,
+        state: int,
+        interlocks: int,
+        head_temp_cdeg: int,
+        skin_temp_cdeg: int,
+        pulse_count: int,
+        host_time_ns: int | None = None,
+    ) -> bool:
+        """A device STATUS sample. Call it on every STATUS: one per ``status_interval_s`` is kept
+        during a session (one per ``idle_status_interval_s`` outside). Returns whether it was."""
+        now = self._clock() if host_time_ns is None else host_time_ns
+        interval = (
+            self._status_interval_ns if session_id is not None else self._idle_status_interval_ns
+        )
+        if self._last_status_ns is not None and now - self._last_status_ns < interval:
+            return False
+        self._last_status_ns = now
+        body = {
+            "state": state,
+            "interlocks": interlocks,
+            "head_temp_cdeg": head_temp_cdeg,
+            "skin_temp_cdeg": skin_temp_cdeg,
+            "pulse_count": pulse_count,
+        }
+        self._record(session_id, "status", body, now)
+        return True
+
+    def record_event(
+        self,
+        session_id: int | None,
+        kind: str,
+        actor: str,
+        detail: Mapping[str, Any],
+        reason: str | None = None,
+        *,
+        host_time_ns: int | None = None,
+    ) -> None:
+        """A safety event or an operator action: ``kind`` is a short lower-case name (``breach``,
+        ``device_fault``, ``link_lost`` count as faults; ``ack``, ``override``, ``armed``,
+        ``disarmed``, ``stop``, ``note`` ...), ``actor`` who (operator id, ``supervisor``,
+        ``device``), ``detail`` the facts (JSON values), ``reason`` the operator's why."""
+        if not kind or not set(kind) <= _EVENT_KIND_CHARS or len(kind) > 64:
+            raise InvalidSessionInfo("event kind", kind, "lower-case letters, digits, '_' or '.'")
+        body = {"event": kind, "actor": actor, "detail": dict(detail), "reason": reason}
+        self._record(session_id, "event", body, host_time_ns)
+        live = self._live
+        if kind in FAULT_EVENT_KINDS and live is not None and live.session_id == session_id:
+            live.faults += 1
+
+    def recover_interrupted(
+        self, device_pulse_count: int, max_energy_uj: int, *, host_time_ns: int | None = None
+    ) -> Recovery:
+        """Reconcile with the device after a start: a session left open is closed as interrupted,
+        and pulses the device counted beyond the last one accounted for are recorded as unlogged,
+        charged at ``max_energy_uj`` each. Call once after connecting, before any session starts.
+        Non-blocking (the interrupted session's totals were read by :meth:`open`)."""
+        now = self._clock() if host_time_ns is None else host_time_ns
+        last = self._last_pulse_no
+        mismatch = last is not None and device_pulse_count < last
+        unlogged = 0 if last is None or mismatch else device_pulse_count - last
+        stale = self._stale_session
+        charged = unlogged * max_energy_uj
+        if unlogged:
+            assert last is not None
+            zone = self._stale_zone if stale is not None else "unknown"
+            self.record_pulse_gap(
+                stale,
+                last + 1,
+                device_pulse_count,
+                charged_energy_uj=max_energy_uj,
+                zone=zone,
+                cause="unlogged after an interruption (reconciled with the device's counter)",
+                host_time_ns=now,
+            )
+        summary = None
+        if stale is not None and self._stale_summary is not None:
+            base = self._stale_summary
+            energy = dict(base.energy_per_zone_uj)
+            if unlogged:
+                energy[self._stale_zone] = energy.get(self._stale_zone, 0) + charged
+            summary = dataclasses.replace(
+                base,
+                unlogged_pulses=base.unlogged_pulses + unlogged,
+                unlogged_energy_uj=base.unlogged_energy_uj + charged,
+                energy_per_zone_uj=energy,
+                faults=base.faults + (1 if unlogged else 0),
+            )
+            cause = "the daemon stopped without closing the session"
+            self._record(
+                stale, "session_interrupted", {"summary": summary.to_dict(), "cause": cause}, now
+            )
+        if stale is not None or unlogged or mismatch:
+            body: dict[str, Any] = {
+                "device_pulse_count": device_pulse_count,
+                "last_pulse_no": last,
+                "unlogged": unlogged,
+                "charged_energy_uj": charged,
+                "counter_mismatch": mismatch,
+            }
+            self._record(stale, "recovery", body, now)
+        self._last_pulse_no = device_pulse_count
+        self._stale_session = self._stale_summary = None
+        if stale is not None or unlogged or mismatch:
+            self._log.warning(
+                "session_log_reconciled",
+                interrupted_session=stale,
+                unlogged=unlogged,
+                counter_mismatch=mismatch,
+            )
+        return Recovery(stale, last, device_pulse_count, unlogged, charged, summary, mismatch)
+
+    def _record(
+        self, session_id: int | None, kind: str, body: Mapping[str, Any], at_ns: int | None
+    ) -> None:
+        at = self._clock() if at_ns is None else at_ns
+        self._put(_Record(session_id, kind, at, _canonical_json(body)))
+
+    # ── the writer thread ────────────────────────────────────────────────────────────────────
+
+    def _run(self) -> None:
+        get, get_nowait = self._queue.get, self._queue.get_nowait
+        stopping = False
+        try:
+            while not stopping:
+                batch = [get()]
+                try:
+                    while len(batch) < 100_000:
+                        batch.append(get_nowait())
+                except queue.Empty:
+                    pass
+                if self._failure is None:
+                    try:
+                        self._commit(batch)
+                    except Exception as exc:  # noqa: BLE001 - any failure means no log
+                        self._fail(exc)
+                if self._failure is not None:
+                    self.dropped += sum(1 for item in batch if type(item) is not _Marker)
+                for item in batch:
+                    if type(item) is _Marker:
+                        stopping = stopping or item.stop
+                        item.done()
+        finally:
+            self._conn.close()
+
+    def _commit(self, batch: list[object]) -> None:
+        seq, prev = self._seq, self._prev
+        pack, digest = _PULSE.pack, sha256
+        pulses: list[tuple[int, int, int, int, int, int, str, bytes]] = []
+        records: list[tuple[int, int | None, str, int, str, bytes]] = []
+        last_pulse_no: int | None = None
+        for item in batch:
+            if type(item) is tuple:
+                session_id, pulse_no, t_us, host_ns, energy_uj, zone = item
+                seq += 1
+                prev = digest(
+                    prev
+                    + pack(b"P", seq, session_id, pulse_no, t_us, host_ns, energy_uj)
+                    + zone.encode()
+                ).digest()
+                pulses.append((seq, session_id, pulse_no, t_us, host_ns, energy_uj, zone, prev))
+                last_pulse_no = pulse_no
+            elif type(item) is _Record:
+                seq += 1
+                prev = record_hash(prev, seq, item.session_id, item.at_ns, item.kind, item.body)
+                records.append((seq, item.session_id, item.kind, item.at_ns, item.body, prev))
+        if not (pulses or records):
+            return
+        conn = self._conn
+        self._busy_since = time.monotonic()
+        try:
+            conn.execute("BEGIN")
+            try:
+                if pulses:
+                    conn.executemany(
+                        "INSERT INTO pulses (seq, session_id, pulse_no, t_us, host_ns, energy_uj, "
+                        "zone, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        pulses,
+                    )
+                if records:
+                    conn.executemany(
+                        "INSERT INTO records (seq, session_id, kind, at_ns, body, hash) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        records,
+                    )
+                conn.execute("UPDATE chain_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        finally:
+            self._busy_since = None
+        self._seq, self._prev = seq, prev
+        if last_pulse_no is not None:
+            self.committed_pulse_no = last_pulse_no
+        if self._on_commit is not None:
+            self._on_commit(len(pulses), last_pulse_no)
+        self._log.debug("session_log_committed", pulses=len(pulses), records=len(records), seq=seq)
+
+    def _fail(self, exc: Exception) -> None:
+        cause = str(exc) or type(exc).__name__
+        failure = LogUnavailable(f"session log {self.path} cannot be written: {cause}")
+        failure.__cause__ = exc
+        self._failure = failure
+        self._log.error("session_log_unavailable", path=str(self.path), cause=cause)
+        if self._on_unavailable is not None:
+            try:
+                self._on_unavailable(failure)
+            except Exception:  # noqa: BLE001 - the flag is set; a broken callback must not hide it
+                self._log.exception("session_log_callback_failed")
