@@ -170,8 +170,8 @@ class Preset(BaseModel):
     active_ingredient: str = Field(min_length=1)
     skin_types: tuple[SkinTypeKey, ...] = tuple(SkinType)
 
-    @property
     def params(self) -> PulseParams:
+        """These defaults in wire units (rate in mHz)."""
         return PulseParams(self.energy_uj, self.width_us, round(self.rate_hz * 1000), self.spot_um)
 
 
@@ -253,7 +253,7 @@ def _check_coherent(policy: Policy) -> None:
 
 def _check_preset(policy: Policy, concern: Concern, preset: Preset) -> None:
     key = f"presets.{concern.value}"
-    params = preset.params
+    params = preset.params()
     if params.rate_mhz < 1:
         raise _PolicyRefused(f"{key}.rate_hz", preset.rate_hz, "at least 0.001 Hz")
     if params.width_us >= params.period_us:

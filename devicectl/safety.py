@@ -142,6 +142,18 @@ class Breach:
     def alert_code(self) -> str:
         return self.code.alert_code
 
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready facts for the session log and the telemetry alert."""
+        return {
+            "code": self.alert_code,
+            "severity": self.severity.value,
+            "value": self.value,
+            "limit": self.limit,
+            "unit": self.unit,
+            "pulse_no": self.pulse_no,
+            "message": self.message,
+        }
+
     @property
     def message(self) -> str:
         """One line for a clinician: what, the value, the limit."""

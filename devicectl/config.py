@@ -1,0 +1,348 @@
+"""The daemon's settings: a TOML file, ``DEVICECTL_*`` environment variables, and CLI flags.
+
+Precedence, highest first: CLI flags (the ``overrides`` of :func:`load_settings`), environment
+variables (``DEVICECTL_PORT``, nested with ``__``: ``DEVICECTL_MQTT__URL``), the TOML file, the
+defaults below. Pydantic validates at this edge; a bad value is refused at start with one
+:class:`~devicectl.errors.ConfigError` naming the key, the value and what is allowed.
+
+Default paths (chosen so that one machine can run a system daemon and a developer's at once):
+
+==========  ==========================================  ==========================================
+            root under systemd (``INVOCATION_ID`` set)   otherwise
+==========  ==========================================  ==========================================
+data_dir    ``/var/lib/devicectl``                       ``$XDG_DATA_HOME/devicectl``
+                                                         (``~/.local/share/devicectl``)
+control     ``/run/devicectl/control.sock``              ``$XDG_RUNTIME_DIR/devicectl.sock``, or
+                                                         ``DATA_DIR/control.sock`` without it
+==========  ==========================================  ==========================================
+
+The CLI's client commands compute the same default, so ``devicectl status`` finds a daemon started
+in the same environment without ``--control``. See ``examples/devicectl.toml``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal, Self
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from devicectl.errors import ConfigError
+from devicectl.policy import Policy, load_policy
+
+__all__ = [
+    "LogLevel",
+    "MqttSettings",
+    "Settings",
+    "default_control_socket",
+    "default_data_dir",
+    "load_settings",
+]
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+# What a key allows, in words, for the constraint errors whose pydantic message would not say.
+_ALLOWED: dict[str, str] = {
+    "port": "sim, a serial device path such as /dev/ttyUSB0, or a pyserial URL such as "
+    "socket://HOST:PORT",
+    "baudrate": "an integer from 9600 to 921600",
+    "status_period_ms": "an integer from 10 to 10000 (ms)",
+    "log_level": "one of debug, info, warning, error, critical",
+    "log_json": "true, false, or absent for automatic (JSON unless on a terminal)",
+    "sim_max_rate_hz": "a number from 1 to 100000 (Hz)",
+    "mqtt.outbox_max_bytes": "an integer from 65536 to 2**40 (bytes)",
+    "mqtt.url": "mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (also ws://, wss://)",
+}
+_PYSERIAL_SCHEMES = frozenset({"socket", "rfc2217", "loop", "spy", "hwgrep", "alt", "cp2110"})
+_MQTT_SCHEMES = frozenset({"mqtt", "mqtts", "ws", "wss"})
+_TOPIC_FORBIDDEN = re.compile(r"[/+#\x00]")
+_HIDDEN = "***"  # what a secret shows as in `config show` and in errors
+
+
+class _Refused(ValueError):
+    """Raised inside validation; becomes ConfigError(key, value, allowed) at the boundary."""
+
+    def __init__(self, key: str, value: object, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(allowed)
+
+
+def default_data_dir(environ: Mapping[str, str], euid: int) -> Path:
+    """``/var/lib/devicectl`` for root under systemd, else ``$XDG_DATA_HOME/devicectl``."""
+    if euid == 0 and environ.get("INVOCATION_ID"):
+        return Path("/var/lib/devicectl")
+    xdg = environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path(environ.get("HOME", "~")).expanduser() / ".local" / "share"
+    return base / "devicectl"
+
+
+def default_control_socket(environ: Mapping[str, str], euid: int, data_dir: Path) -> Path:
+    """The control socket: ``/run/devicectl/control.sock`` for root under systemd, else
+    ``$XDG_RUNTIME_DIR/devicectl.sock``, else ``DATA_DIR/control.sock``."""
+    if euid == 0 and environ.get("INVOCATION_ID"):
+        return Path("/run/devicectl/control.sock")
+    runtime = environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "devicectl.sock"
+    return data_dir / "control.sock"
+
+
+def _existing_file(value: Path | None, key: str) -> Path | None:
+    if value is None:
+        return None
+    path = value.expanduser()
+    if not path.is_file():
+        raise _Refused(key, str(value), "an existing, readable file")
+    return path
+
+
+class MqttSettings(BaseModel):
+    """The ``[mqtt]`` table. No ``url``: telemetry waits in the outbox; the laser still works."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = None
+    prefix: str = "lasers"
+    site: str = "default"
+    device: str | None = Field(default=None, description="default: from the device serial")
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    outbox_max_bytes: int = Field(default=64 * 1024 * 1024, ge=65536, le=2**40)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in _MQTT_SCHEMES or not parts.hostname:
+            raise _Refused("mqtt.url", value, _ALLOWED["mqtt.url"])
+        try:
+            _ = parts.port
+        except ValueError:
+            raise _Refused("mqtt.url", value, "a port from 1 to 65535") from None
+        return value
+
+    @field_validator("prefix", "site", "device")
+    @classmethod
+    def _topic_level(cls, value: str | None, info: Any) -> str | None:
+        if value is not None and (not value or _TOPIC_FORBIDDEN.search(value)):
+            raise _Refused(
+                f"mqtt.{info.field_name}", value, "a non-empty MQTT topic level without / + #"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _files(self) -> Self:
+        self.ca_file = _existing_file(self.ca_file, "mqtt.ca_file")
+        self.cert_file = _existing_file(self.cert_file, "mqtt.cert_file")
+        self.key_file = _existing_file(self.key_file, "mqtt.key_file")
+        if (self.cert_file is None) != (self.key_file is None):
+            given = "cert_file" if self.cert_file is not None else "key_file"
+            both = "cert_file and key_file together (a client certificate and its key)"
+            raise _Refused(f"mqtt.{given}", str(self.cert_file or self.key_file), both)
+        if self.password is not None and not self.username:
+            raise _Refused("mqtt.username", self.username, "a user name when a password is set")
+        return self
+
+    def device_id(self, serial: int) -> str:
+        """The topic level for this device: configured, or ``laser-<serial>`` from IDENT."""
+        return self.device if self.device is not None else f"laser-{serial}"
+
+
+_FILE_VALUES: ContextVar[dict[str, Any] | None] = ContextVar("devicectl_config_file", default=None)
+
+
+class Settings(BaseSettings):
+    """devicectl's configuration. Build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DEVICECTL_",
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        extra="forbid",
+    )
+
+    port: str = "sim"
+    baudrate: int = Field(default=115200, ge=9600, le=921600)
+    control: Path
+    data_dir: Path
+    policy: Path | None = Field(default=None, description="default: the packaged policy")
+    status_period_ms: int = Field(default=100, ge=10, le=10000)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    log_level: LogLevel = "info"
+    log_json: bool | None = None
+    patient_ref_pattern: str = r"^[A-Z0-9-]{4,32}$"
+    sim_max_rate_hz: float = Field(default=500.0, ge=1, le=100000)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        file_source = InitSettingsSource(settings_cls, init_kwargs=_FILE_VALUES.get() or {})
+        return (init_settings, env_settings, file_source)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_paths(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        environ, euid = os.environ, os.geteuid()
+        if not data.get("data_dir"):
+            data["data_dir"] = default_data_dir(environ, euid)
+        if not data.get("control"):
+            data_dir = Path(str(data["data_dir"])).expanduser()
+            data["control"] = default_control_socket(environ, euid, data_dir)
+        return data
+
+    @field_validator("control", "data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("policy")
+    @classmethod
+    def _policy_file(cls, value: Path | None) -> Path | None:
+        return _existing_file(value, "policy")
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, value: str) -> str:
+        if value == "sim" or (value.startswith("/") and len(value) > 1):
+            return value
+        if "://" in value:
+            parts = urlsplit(value)
+            if parts.scheme in _PYSERIAL_SCHEMES:
+                if parts.scheme in {"socket", "rfc2217"}:
+                    try:
+                        port = parts.port
+                    except ValueError:
+                        port = None
+                    if not parts.hostname or port is None:
+                        raise _Refused("port", value, "socket://HOST:PORT with a port 1-65535")
+                return value
+        raise _Refused("port", value, _ALLOWED["port"])
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("patient_ref_pattern")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise _Refused(
+                "patient_ref_pattern", value, f"a valid regular expression ({exc})"
+            ) from None
+        if re.fullmatch(value, "") is not None:
+            raise _Refused(
+                "patient_ref_pattern", value, "a pattern that refuses an empty reference"
+            )
+        return value
+
+    def patient_ref_regex(self) -> re.Pattern[str]:
+        """The compiled pattern; use ``fullmatch``."""
+        return re.compile(self.patient_ref_pattern)
+
+    def load_policy(self) -> Policy:
+        """The clinic policy this configuration names (the packaged default when none)."""
+        return load_policy(self.policy)
+
+    def redacted_dict(self) -> dict[str, Any]:
+        """Every setting as JSON-ready values, secrets as ``***``: ``devicectl config show``."""
+        data = self.model_dump(mode="json")
+        if self.mqtt.password is not None:
+            data["mqtt"]["password"] = _HIDDEN
+        return data
+
+
+def _redact(key: str, value: object) -> object:
+    return _HIDDEN if key.rsplit(".", 1)[-1] in {"password", "key_password"} and value else value
+
+
+def _config_error(exc: ValidationError) -> ConfigError:
+    first = exc.errors()[0]
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, _Refused):
+        return ConfigError(cause.key, _redact(cause.key, cause.value), cause.allowed)
+    key = ".".join(str(part) for part in first["loc"]) or "<config>"
+    value: object = None if first["type"] == "missing" else first.get("input")
+    if first["type"] == "extra_forbidden":
+        allowed = "not a known setting (see examples/devicectl.toml)"
+    else:
+        allowed = _ALLOWED.get(key, first["msg"])
+    if isinstance(value, Path):
+        value = str(value)
+    return ConfigError(key, _redact(key, value), allowed)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.expanduser().read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("config", str(path), f"a readable TOML file ({exc.strerror})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", str(path), f"valid TOML ({exc})") from None
+
+
+def _nest(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"mqtt__url": u}`` -> ``{"mqtt": {"url": u}}``; a None value means "not given"."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        *parents, leaf = key.split("__")
+        target = nested
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    return nested
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from ``config_file`` (optional), the environment, and CLI ``overrides``.
+
+    Overrides are CLI flags by setting name, nested with ``__`` (``mqtt__url="mqtt://h"``); a
+    ``None`` override means the flag was not given. Raises ConfigError on the first bad value.
+    """
+    file_values = _read_file(config_file) if config_file is not None else {}
+    token = _FILE_VALUES.set(file_values)
+    try:
+        return Settings(**_nest(overrides))
+    except ValidationError as exc:
+        raise _config_error(exc) from None
+    finally:
+        _FILE_VALUES.reset(token)
