@@ -1,0 +1,44 @@
+"""The clinic dashboard: every device's telemetry, live in a browser.
+
+A Starlette app served by uvicorn subscribes to ``{prefix}/#`` on the broker (DESIGN.md section 6),
+aggregates the messages into a per-device view (:class:`Fleet`, sans-I/O) and pushes changes to
+every open page with Server-Sent Events: a snapshot on connect, then deltas. Read-only, except a
+separate "Stop emission" button that publishes ``cmd/stop``, shown only when the dashboard has
+credentials allowed to send it.
+
+    async with DashboardServer(Dashboard(DashboardConfig(mqtt_url=...)), ("0.0.0.0", 8080)):
+        ...
+"""
+
+from devicectl.dashboard.app import Dashboard, DashboardConfig, create_app
+from devicectl.dashboard.fleet import Fleet, Update
+from devicectl.dashboard.hub import UpdateHub
+from devicectl.dashboard.limits import DisplayLimits, load_display_limits
+from devicectl.dashboard.mqtt import (
+    Backoff,
+    BrokerEndpoint,
+    StopFailed,
+    TelemetrySubscriber,
+    parse_broker_url,
+    publish_stop,
+)
+from devicectl.dashboard.server import DashboardServer, parse_listen
+
+__all__ = [
+    "Backoff",
+    "BrokerEndpoint",
+    "Dashboard",
+    "DashboardConfig",
+    "DashboardServer",
+    "DisplayLimits",
+    "Fleet",
+    "StopFailed",
+    "TelemetrySubscriber",
+    "Update",
+    "UpdateHub",
+    "create_app",
+    "load_display_limits",
+    "parse_broker_url",
+    "parse_listen",
+    "publish_stop",
+]

@@ -1,0 +1,121 @@
+"""Serving the dashboard with uvicorn inside the caller's event loop.
+
+:class:`DashboardServer` is an async context manager owning a TaskGroup with one named task, the
+uvicorn server. It binds the listening socket itself, so that a port in use is a one-line
+:class:`~devicectl.errors.ConfigError` rather than uvicorn's ``sys.exit``, and so that port 0 works
+(tests; :attr:`DashboardServer.url` names the port the system chose). Signals are left to the
+caller: the CLI stops on SIGINT/SIGTERM by leaving the context, which ends every browser's event
+stream first, so shutdown never waits on an open page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Generator
+from types import TracebackType
+
+import uvicorn
+
+from devicectl.dashboard.app import Dashboard, create_app
+from devicectl.errors import ConfigError
+
+__all__ = ["DashboardServer", "parse_listen"]
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8080`` for IPv6) → (host, port); raises ConfigError."""
+    allowed = "HOST:PORT, e.g. 0.0.0.0:8080"
+    host, sep, port_text = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError("--listen", value, allowed)
+    return host, int(port_text)
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the embedding program decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class DashboardServer:
+    """``async with DashboardServer(dashboard, ("127.0.0.1", 0)) as server: server.url``."""
+
+    def __init__(self, dashboard: Dashboard, listen: tuple[str, int]) -> None:
+        self.dashboard = dashboard
+        self.listen = listen
+        self.app = create_app(dashboard)
+        self._server: _EmbeddedServer | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        self._serving: asyncio.Task[None] | None = None
+        self._address: tuple[str, int] | None = None
+
+    @property
+    def url(self) -> str:
+        if self._address is None:
+            raise RuntimeError("the dashboard server is not running")
+        host, port = self._address
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    def _bind(self) -> socket.socket:
+        host, port = self.listen
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            sock = socket.create_server((host, port), family=family, backlog=128)
+        except OSError as exc:
+            raise ConfigError(
+                "--listen", f"{host}:{port}", f"a free local address ({exc})"
+            ) from exc
+        sock.setblocking(False)
+        return sock
+
+    async def __aenter__(self) -> DashboardServer:
+        sock = self._bind()
+        self._address = sock.getsockname()[:2]
+        config = uvicorn.Config(
+            self.app,
+            lifespan="on",
+            log_config=None,
+            log_level=logging.WARNING,
+            access_log=False,
+            timeout_graceful_shutdown=2,
+            server_header=False,
+        )
+        server = self._server = _EmbeddedServer(config)
+        self._tasks = asyncio.TaskGroup()
+        await self._tasks.__aenter__()
+        self._serving = self._tasks.create_task(
+            server.serve(sockets=[sock]), name="dashboard-http-server"
+        )
+        try:
+            while not server.started:
+                if self._serving.done():
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            if not server.started:
+                server.should_exit = True
+                sock.close()
+        if not server.started:
+            await self._tasks.__aexit__(None, None, None)
+            raise ConfigError("--listen", f"{self.listen[0]}:{self.listen[1]}", "a working server")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._server is None or self._tasks is None:
+            return
+        # Open pages hold event streams; end them so that uvicorn's graceful shutdown is quick.
+        self.dashboard.hub.close()
+        self._server.should_exit = True
+        await self._tasks.__aexit__(exc_type, exc, tb)
+        self._address = None
