@@ -18,10 +18,11 @@ arrived, so every PULSE fired before it precedes its reply; STOP and DISARM end 
 before their ACK is written, so no PULSE follows that ACK -- except with the ``stuck-shutter``
 injection, described below.
 
-Pulse timing: the first pulse fires at the press, then one per period, each stamped with its
-scheduled time, so a caller that advances late gets a burst with exact ``t_us``. A pulse more than
-50 ms overdue is not made up: the schedule shifts to the moment of the call (a real board would have
-been late), so pulses are never closer than the period.
+Pulse timing: the first pulse fires at the press (or one period after the previous pulse, after a
+quick re-press), then one per period, each stamped with its scheduled time, so a caller that
+advances late gets a burst with exact ``t_us``. A pulse more than 50 ms overdue is not made up: the
+schedule shifts to the moment of the call (a real board would have been late), so pulses are never
+closer than the period.
 
 Fault injection (the names of DESIGN.md section 7), all inside the board so that servers only move
 bytes:
@@ -209,6 +210,7 @@ class Board:
         self._now = now_us
         self._pulse_count = pulse_count
         self._thermal = ThermalState(thermal, t_us=now_us)
+        self._last_pulse_us = -(1 << 40)  # when the last pulse fired: pulses keep their spacing
         self.link = LinkCounters()
         # Physical inputs: survive reboots.
         self._interlocks = 0
@@ -271,14 +273,24 @@ class Board:
             due, action = self._next_action()
             if due > now_us:
                 break
-            if action is self._fire_pulse and now_us - due > BACKLOG_LIMIT_US:
+            if action == _ACT_PULSE and now_us - due > BACKLOG_LIMIT_US:
                 self._next_pulse = now_us  # late: shift the schedule, do not make up
                 continue
-            if action is self._send_periodic_status and now_us - due > BACKLOG_LIMIT_US:
+            if action == _ACT_STATUS and now_us - due > BACKLOG_LIMIT_US:
                 self._next_status = now_us
                 continue
             self._clock_to(due)
-            action()
+            if action == _ACT_PULSE:
+                self._fire_pulse()
+            elif action == _ACT_LEASE:
+                self._raise_fault(FaultCode.LEASE_EXPIRED, 0)
+            elif action == _ACT_HEAD:
+                self._check_head()
+            elif action == _ACT_STATUS:
+                self._next_status += self._status_period_ms * 1000
+                self._send_status_event()
+            else:  # _ACT_REPLY
+                self._release_delayed(due)
         self._clock_to(now_us)
         self._release_delayed(now_us)
 
@@ -483,29 +495,31 @@ class Board:
             self._now, overheat=self._overheat, contact=not self._interlocks & _CONTACT
         )
 
-    def _next_action(self) -> tuple[int, Callable[[], None]]:
-        """The earliest scheduled piece of work and its time (``_NEVER`` if none)."""
-        due, action = _NEVER, _idle
-        if self._pulsing and self._next_pulse < due:
-            due, action = self._next_pulse, self._fire_pulse
-        if self._state in _ARMED and self._lease_deadline < due:
-            due, action = self._lease_deadline, self._expire_lease
+    def _next_action(self) -> tuple[int, int]:
+        """The earliest scheduled piece of work (an ``_ACT_*`` code) and its time (``_NEVER`` if
+        none). At equal times the lease and the head cut-off come before a pulse: a pulse never
+        fires at the instant its lease ran out."""
+        due, action = _NEVER, _ACT_NONE
+        if self._pulsing:
+            due, action = self._next_pulse, _ACT_PULSE
+        if self._state in _ARMED and self._lease_deadline <= due:
+            due, action = self._lease_deadline, _ACT_LEASE
         if not self._faults & _OVERTEMP_BIT and (
             self._overheat or self._thermal.head_c >= HEAD_CUTOFF_C
         ):
             crossing = self._thermal.head_reaches_us(HEAD_CUTOFF_C, overheat=self._overheat)
-            if crossing is not None and crossing < due:
-                due, action = crossing, self._check_head
+            if crossing is not None and crossing <= due:
+                due, action = crossing, _ACT_HEAD
         if self._status_period_ms and self._next_status < due:
-            due, action = self._next_status, self._send_periodic_status
+            due, action = self._next_status, _ACT_STATUS
         if self._delayed and self._delayed[0][0] < due:
-            due, action = self._delayed[0][0], self._release_due
+            due, action = self._delayed[0][0], _ACT_REPLY
         return due, action
 
     # ------------------------------------------------------------------ scheduled work
 
     def _fire_pulse(self) -> None:
-        t = self._next_pulse
+        t = self._last_pulse_us = self._next_pulse
         self._next_pulse = t + self._train_period_us
         setpoint = self._train_energy_uj
         eps = self._rng.gauss(0.0, ENERGY_SIGMA)
@@ -524,19 +538,9 @@ class Board:
         if self._thermal.head_c >= HEAD_CUTOFF_C and not self._faults & _OVERTEMP_BIT:
             self._raise_fault(FaultCode.OVERTEMP_HEAD, self._head_cdeg())
 
-    def _expire_lease(self) -> None:
-        self._raise_fault(FaultCode.LEASE_EXPIRED, 0)
-
     def _check_head(self) -> None:
         if self._thermal.head_c >= HEAD_CUTOFF_C - 1e-9 and not self._faults & _OVERTEMP_BIT:
             self._raise_fault(FaultCode.OVERTEMP_HEAD, max(self._head_cdeg(), 4500))
-
-    def _send_periodic_status(self) -> None:
-        self._next_status += self._status_period_ms * 1000
-        self._send_status_event()
-
-    def _release_due(self) -> None:
-        self._release_delayed(self._now)
 
     # ------------------------------------------------------------------ state changes
 
@@ -565,8 +569,10 @@ class Board:
         self._train_period_us = period_us(params.rate_mhz)
         self._train_energy_uj = params.energy_uj
         self._train_spot_um = params.spot_um
-        self._next_pulse = self._now
-        self._fire_pulse()  # the first pulse fires at the press
+        # The first pulse fires at the press, unless the last one was less than a period ago.
+        self._next_pulse = max(self._now, self._last_pulse_us + self._train_period_us)
+        if self._next_pulse == self._now:
+            self._fire_pulse()
 
     def _stop_pulse_train(self, *, commanded: bool) -> None:
         """End emission; with a stuck shutter a STOP/DISARM leaves it running away."""
@@ -768,15 +774,13 @@ class Board:
 
 
 _NEVER: Final = 1 << 62
+# Scheduled work, in the order ties are broken (see Board._next_action).
+_ACT_NONE, _ACT_PULSE, _ACT_LEASE, _ACT_HEAD, _ACT_STATUS, _ACT_REPLY = range(6)
 _ARMED: Final = frozenset({DeviceState.READY, DeviceState.EMITTING})
 _CONTACT: Final = int(INTERLOCK_NAMES["contact"])
 _OVERTEMP_BIT: Final = FaultCode.OVERTEMP_HEAD.bit
 _SHUTTER_BIT: Final = FaultCode.SHUTTER_STUCK.bit
 _ENERGY_BIT: Final = FaultCode.ENERGY_MONITOR.bit
-
-
-def _idle() -> None:
-    """Placeholder action when nothing is scheduled (its time is ``_NEVER``)."""
 
 
 def _nak(msg: Command, reason: NakReason) -> Nak:
