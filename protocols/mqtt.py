@@ -94,7 +94,7 @@ class _Model(BaseModel):
 class Envelope(_Model):
     """Fields every JSON payload carries."""
 
-    v: Literal[1] = Field(default=1, description="Schema version.")
+    v: Literal[1] = Field(description="Schema version.")
     ts: AwareDatetime = Field(description="When the message was produced, RFC 3339 UTC.")
     device: str = Field(description="Device id (the last level of the base topic).")
     seq: Annotated[int, Field(ge=1)] = Field(

@@ -68,6 +68,7 @@ class TelemetryConfig(BaseModel):
     password: SecretStr | None = None
     outbox_max_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)
     keepalive_s: int = Field(default=15, ge=2, le=600)
+    connect_timeout_s: float = Field(default=5.0, gt=0, le=60, description="Wait for CONNACK.")
     flush_timeout_s: float = Field(default=1.0, ge=0, le=10)
     in_flight: int = Field(default=100, ge=1, le=1000, description="QoS 1 publishes pipelined.")
     backoff_initial_s: float = Field(default=0.25, gt=0)

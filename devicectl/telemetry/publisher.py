@@ -41,6 +41,7 @@ from protocols.mqtt import (
     AVAILABILITY_ONLINE,
     CONTENT_TYPE,
     METRICS_EXPIRY_S,
+    SCHEMA_VERSION,
     STREAMS,
     AlertPayload,
     MetricsPayload,
@@ -347,7 +348,13 @@ class Telemetry:
     # -- internals: queueing ------------------------------------------------------------------
 
     def _envelope(self, seq: int) -> dict[str, Any]:
-        return {"ts": self._clock(), "device": self._topics.device, "seq": seq, "boot": self._boot}
+        return {
+            "v": SCHEMA_VERSION,
+            "ts": self._clock(),
+            "device": self._topics.device,
+            "seq": seq,
+            "boot": self._boot,
+        }
 
     def _enqueue(
         self,
@@ -469,7 +476,7 @@ class Telemetry:
             tls_context=self._tls,
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             max_inflight_messages=self._config.in_flight,
-            timeout=10,
+            timeout=self._config.connect_timeout_s,  # for CONNACK; publishes get 10 s
         )
         client.pending_calls_threshold = self._config.in_flight + 50
         return client
@@ -482,6 +489,7 @@ class Telemetry:
             fall_back = False
             try:
                 async with client:
+                    client.timeout = 10
                     attempt = 0
                     await self._session(client)
             except* aiomqtt.MqttError as group:
@@ -510,11 +518,16 @@ class Telemetry:
                     await self._closing.wait()
 
     def _protocol_refused(self, error: BaseException) -> bool:
-        if not self._v5 or not isinstance(error, aiomqtt.MqttCodeError):
+        """Whether a failed MQTT 5 attempt means "try 3.1.1": refused with "unsupported protocol
+        version", or no CONNACK at all (a 3.1.1-only broker may not parse a v5 CONNECT; amqtt
+        hangs on one). A refused TCP connection or a TLS failure is not a reason."""
+        if not self._v5 or self._connected:
             return False
+        if not isinstance(error, aiomqtt.MqttCodeError):
+            return type(error) is aiomqtt.MqttError and str(error) == "Operation timed out"
         rc = error.rc
         value = rc if isinstance(rc, int) or rc is None else rc.value
-        return isinstance(value, int) and value in _PROTOCOL_REFUSED and not self._connected
+        return isinstance(value, int) and value in _PROTOCOL_REFUSED
 
     def _note_failure(self, error: BaseException) -> None:
         was_connected = self._connected
@@ -573,9 +586,10 @@ class Telemetry:
                     return
                 while self._live:
                     topic, payload = self._live.popleft()
-                    task = asyncio.create_task(client.publish(
-                        topic, payload, qos=0, properties=self._properties[Stream.METRICS]
-                    ))  # fmt: skip
+                    properties = self._properties[Stream.METRICS] if self._v5 else None
+                    task = asyncio.create_task(
+                        client.publish(topic, payload, qos=0, properties=properties)
+                    )
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
                     self._counts["live_published"] += 1
@@ -617,7 +631,8 @@ class Telemetry:
             payload = row.payload
             if row.boot != self._boot or row.id <= self._historical_upto:
                 payload = mark_historical(payload)
-            properties = self._properties[Stream(row.stream)] if payload else None
+            v5 = self._v5 and bool(payload)
+            properties = self._properties[Stream(row.stream)] if v5 else None
             await client.publish(row.topic, payload, row.qos, row.retain, properties)
         except aiomqtt.MqttError as exc:
             failures.append(exc)
