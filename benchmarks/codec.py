@@ -1,9 +1,8 @@
 """ICD v1 codec throughput: PULSE frames decoded and encoded per second, on one core.
 
 Run from the repository root: ``.venv/bin/python -m benchmarks.codec [--frames N] [--repeat R]``.
-Prints a table; the best
-of R runs is reported (these machines are noisy, compare rows of one run). Target: decode
-≥ 250,000 frames/s. Rows:
+Prints a table; the best of R runs is reported (these machines are noisy: compare rows of one run).
+Target: decode ≥ 250,000 frames/s. Rows:
 
 - FrameReader: COBS + CRC only; HostCodec: plus typed messages; DeviceLink receive path: plus
   event dispatch, SEQ-gap counting and the daemon's handler (a no-op here);
