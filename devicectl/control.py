@@ -97,12 +97,6 @@ class SessionStartRequest(_Request):
     course_planned: Annotated[int, Field(ge=4, le=6)] = 4
     active_ingredient: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     preset: Concern | None = None
-    checklist: Checklist | None = None
-    contraindication_override: Annotated[str, Field(min_length=3, max_length=500)] | None = None
-
-
-class SessionChecklistRequest(_Request):
-    command: Literal["session_checklist"]
     checklist: Checklist
     contraindication_override: Annotated[str, Field(min_length=3, max_length=500)] | None = None
 
@@ -147,7 +141,6 @@ class FaultAckRequest(_Request):
 ControlRequest = Annotated[
     StatusRequest
     | SessionStartRequest
-    | SessionChecklistRequest
     | SessionZoneRequest
     | SessionEndRequest
     | ParamsSetRequest

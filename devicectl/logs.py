@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -18,7 +19,7 @@ __all__ = ["configure_logging", "redact"]
 _SECRET_KEYS = frozenset({"password", "passwd", "secret", "token", "key_password"})
 
 
-def redact(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Replace the value of any secret-looking key, so no secret reaches a log line."""
     for key in event:
         if key.lower() in _SECRET_KEYS:
