@@ -20,7 +20,7 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 from devicectl.sessionlog import reader
-from devicectl.sessionlog.export import session_document
+from devicectl.sessionlog.export import iso_time, session_document
 
 __all__ = ["ENERGY_TOLERANCE_PCT", "SKIN_TEMP_LIMIT_C", "render_report", "write_report"]
 
@@ -197,7 +197,7 @@ def render_report(conn: sqlite3.Connection, session_id: int) -> str:
 
     session_rows = [
         ("Session", str(session_id)),
-        ("Started", doc["started"]),
+        ("Started", _when(doc["started_ns"])),
         ("Device serial", info["device_serial"]),
         ("Operator", info["operator"]),
         ("Patient reference", info["patient_ref"]),
@@ -231,23 +231,23 @@ def render_report(conn: sqlite3.Connection, session_id: int) -> str:
     else:
         summary_rows = [("Outcome", "open (not ended)"), ("Pulses logged", f"{len(pulses):,}")]
     param_rows = "".join(
-        f"<tr><td>{esc(p['at'])}</td><td class=num>{p['energy_uj'] / 1000:g}</td>"
+        f"<tr><td>{_when(p['at_ns'])}</td><td class=num>{p['energy_uj'] / 1000:g}</td>"
         f"<td class=num>{p['width_us']}</td><td class=num>{p['rate_mhz'] / 1000:g}</td>"
         f"<td class=num>{p['spot_um']}</td><td>{esc(str(p['actor']))}</td></tr>"
         for p in doc["params"]
     )
     zone_rows = "".join(
-        f"<tr><td>{esc(z['at'])}</td><td>{esc(z['zone'])}</td><td class=num>"
+        f"<tr><td>{_when(z['at_ns'])}</td><td>{esc(z['zone'])}</td><td class=num>"
         f"{'—' if not z['energy_limit_uj'] else format(z['energy_limit_uj'] / 1e6, 'g')}</td>"
         f"<td>{esc(str(z['actor']))}</td></tr>"
         for z in doc["zones"]
     )
     event_rows = "".join(
-        f"<tr><td>{esc(e['at'])}</td><td>{esc(e['event'])}</td><td>{esc(str(e['actor']))}</td>"
+        f"<tr><td>{_when(e['at_ns'])}</td><td>{esc(e['event'])}</td><td>{esc(str(e['actor']))}</td>"
         f"<td>{esc(e['reason'] or '')}</td><td class=mono>{esc(_detail(e['detail']))}</td></tr>"
         for e in doc["events"]
     ) + "".join(
-        f"<tr><td>{esc(g['at'])}</td><td class=bad>pulse gap</td><td>log</td>"
+        f"<tr><td>{_when(g['at_ns'])}</td><td class=bad>pulse gap</td><td>log</td>"
         f"<td>{esc(g['cause'])}</td><td class=mono>pulses {g['first']}–{g['last']} ({g['count']}) "
         f"charged {g['charged_energy_uj'] / 1000:g} mJ each to {esc(g['zone'])}</td></tr>"
         for g in doc["pulse_gaps"]
@@ -292,6 +292,10 @@ device's STATUS samples; dashed: skin limit {SKIN_TEMP_LIMIT_C:g} °C.</figcapti
 <div class=sign><div>Clinician (name, signature)</div><div>Date</div></div>
 </body></html>
 """
+
+
+def _when(ns: int) -> str:
+    return iso_time(ns)[:19].replace("T", " ")
 
 
 def _detail(detail: dict[str, Any]) -> str:

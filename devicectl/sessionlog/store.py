@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Mapping
 from pathlib import Path
 
 from devicectl.errors import LogUnavailable
@@ -65,13 +66,16 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def default_data_dir() -> Path:
-    """``/var/lib/devicectl`` for root (the system service), else ``$XDG_DATA_HOME/devicectl``
-    (``~/.local/share/devicectl`` when unset)."""
-    if os.geteuid() == 0:
+def default_data_dir(environ: Mapping[str, str] | None = None, euid: int | None = None) -> Path:
+    """``/var/lib/devicectl`` for root under systemd (``INVOCATION_ID`` set), else
+    ``$XDG_DATA_HOME/devicectl`` (``~/.local/share/devicectl`` when unset): the same rule as the
+    daemon's settings (``devicectl.config``), so the CLI finds the daemon's log."""
+    environ = os.environ if environ is None else environ
+    euid = os.geteuid() if euid is None else euid
+    if euid == 0 and environ.get("INVOCATION_ID"):
         return Path("/var/lib/devicectl")
-    xdg = os.environ.get("XDG_DATA_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    xdg = environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path(environ.get("HOME", "~")).expanduser() / ".local" / "share"
     return base / "devicectl"
 
 

@@ -1,0 +1,262 @@
+"""``devicectl log verify`` and ``devicectl session list|show|export``: reading the session log.
+
+These read the SQLite file directly (read-only; safe while the daemon writes), so they work with
+no daemon running. The file is ``--db FILE``, else ``DATA_DIR/sessions.db`` with ``--data-dir``
+defaulting as the daemon's (``/var/lib/devicectl`` for root under systemd, else
+``$XDG_DATA_HOME/devicectl``). Exit codes: 0 done, 1 the log is not intact (verify) or cannot be
+read, 2 usage (bad option, no such file or session).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import date, datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from devicectl.cli.app import ExitCode, log_app, session_app
+from devicectl.errors import LogUnavailable
+from devicectl.sessionlog import export, reader, report, store
+from devicectl.sessionlog.verify import verify_log
+
+__all__ = ["session_export", "session_list", "session_show", "verify"]
+
+DbOption = Annotated[
+    Path | None,
+    typer.Option("--db", metavar="FILE", help="The session log [default: DATA_DIR/sessions.db]."),
+]
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        metavar="DIR",
+        help="The daemon's data directory [default: /var/lib/devicectl for the system service, "
+        "else $XDG_DATA_HOME/devicectl].",
+    ),
+]
+
+
+class ExportFormat(StrEnum):
+    JSON = "json"
+    CSV = "csv"
+    HTML = "html"
+
+
+def _fail(command: str, message: str, code: ExitCode) -> typer.Exit:
+    typer.echo(f"devicectl {command}: {message}", err=True)
+    return typer.Exit(int(code))
+
+
+def _db_path(db: Path | None, data_dir: Path | None) -> Path:
+    return db if db is not None else store.default_db_path(data_dir)
+
+
+@contextmanager
+def _reading(command: str, db: Path | None, data_dir: Path | None) -> Iterator[sqlite3.Connection]:
+    path = _db_path(db, data_dir)
+    if not path.is_file():
+        raise _fail(
+            command, f"no session log at {path} (give --db FILE or --data-dir DIR)", ExitCode.USAGE
+        )
+    try:
+        conn = store.connect(path, readonly=True)
+    except LogUnavailable as exc:
+        raise _fail(command, str(exc), ExitCode.REFUSED) from None
+    try:
+        yield conn
+    except sqlite3.Error as exc:
+        raise _fail(
+            command, f"session log {path} cannot be read: {exc}", ExitCode.REFUSED
+        ) from None
+    except export.SessionNotFound as exc:
+        raise _fail(command, f"{exc} at {path}", ExitCode.USAGE) from None
+    finally:
+        conn.close()
+
+
+@log_app.command("verify")
+def verify(db: DbOption = None, data_dir: DataDirOption = None) -> None:
+    """Walk the hash chain: exit 0 with the count when intact, 1 naming the first altered,
+    inserted or deleted record."""
+    path = _db_path(db, data_dir)
+    if not path.is_file():
+        raise _fail("log verify", f"no session log at {path}", ExitCode.USAGE)
+    try:
+        result = verify_log(path)
+    except LogUnavailable as exc:
+        raise _fail("log verify", str(exc), ExitCode.REFUSED) from None
+    if result.first_break is not None:
+        raise _fail(
+            "log verify",
+            f"session log {path} is NOT intact: {result.first_break.message} "
+            f"({result.records} records verified before it)",
+            ExitCode.REFUSED,
+        )
+    typer.echo(
+        f"session log {path} intact: {result.records} records "
+        f"({result.pulses} pulses, {result.records - result.pulses} other)"
+    )
+
+
+def _parse_when(value: str | None, *, end_of_day: bool) -> int | None:
+    """A date (local, whole day) or an ISO date-time (local unless it names an offset), to ns."""
+    if value is None:
+        return None
+    try:
+        if len(value) == 10:
+            day = date.fromisoformat(value)
+            moment = datetime(day.year, day.month, day.day)
+            if end_of_day:
+                moment += timedelta(days=1)
+        else:
+            moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is not a date (YYYY-MM-DD) or date-time (YYYY-MM-DDTHH:MM)"
+        ) from None
+    return int(moment.astimezone().timestamp() * 1e9)
+
+
+def _local(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9).astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+@session_app.command("list")
+def session_list(
+    since: Annotated[
+        str | None, typer.Option("--since", metavar="DATE", help="Started on or after (local).")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option("--until", metavar="DATE", help="Started up to this day (local).")
+    ] = None,
+    operator: Annotated[str | None, typer.Option("--operator", help="Operator id.")] = None,
+    patient: Annotated[str | None, typer.Option("--patient", help="Patient reference.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="Device serial.")] = None,
+    db: DbOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """List recorded sessions, oldest first."""
+    since_ns = _parse_when(since, end_of_day=False)
+    until_ns = _parse_when(until, end_of_day=True)
+    with _reading("session list", db, data_dir) as conn:
+        found = reader.list_sessions(
+            conn,
+            since_ns=since_ns,
+            until_ns=until_ns,
+            operator=operator,
+            patient_ref=patient,
+            device_serial=device,
+        )
+    table = Table("id", "started", "device", "operator", "patient", "outcome", "pulses")
+    for s in found:
+        table.add_row(
+            str(s.session_id),
+            _local(s.started_ns),
+            s.device_serial,
+            s.operator,
+            s.patient_ref,
+            s.outcome,
+            "—" if s.pulses is None else f"{s.pulses:,}",
+        )
+    console = Console()
+    console.print(table)
+    console.print(f"{len(found)} session(s)")
+
+
+@session_app.command("show")
+def session_show(
+    session_id: Annotated[int, typer.Argument(metavar="ID", help="Session id.")],
+    db: DbOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """A readable summary of one session."""
+    with _reading("session show", db, data_dir) as conn:
+        doc = export.session_document(conn, session_id, with_pulses=False)
+    info, summary, course = doc["info"], doc["summary"], doc["info"]["course"]
+    console = Console()
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("session", f"{session_id} ({doc['outcome']})")
+    head.add_row("started", _local(doc["started_ns"]))
+    head.add_row("device", info["device_serial"])
+    head.add_row("operator", info["operator"])
+    head.add_row("patient", info["patient_ref"])
+    head.add_row("skin type", ["I", "II", "III", "IV", "V", "VI"][info["skin_type"] - 1])
+    head.add_row("concerns", ", ".join(info["concerns"]) or "—")
+    head.add_row(
+        "course",
+        f"{course['course_id']}: session {course['session_number']} of "
+        f"{course['planned_sessions']}",
+    )
+    head.add_row("active ingredient", info["active_ingredient"])
+    head.add_row("post-care", ", ".join(doc["post_care"]) or "—")
+    console.print(head)
+    for warning in doc["course_warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {warning['message']}")
+    if summary is not None:
+        totals = Table(
+            "pulses",
+            "unlogged",
+            "energy (J)",
+            "peak fluence (J/cm²)",
+            "duration",
+            "faults",
+            title="summary",
+        )
+        totals.add_row(
+            f"{summary['pulses']:,}",
+            f"{summary['unlogged_pulses']:,}",
+            f"{summary['total_energy_uj'] / 1e6:.3f}",
+            f"{summary['peak_fluence_j_cm2']:.3f}",
+            f"{summary['duration_s'] / 60:.1f} min",
+            str(summary["faults"]),
+        )
+        console.print(totals)
+        zones = Table("zone", "energy (J)", title="energy per zone")
+        for zone, energy in sorted(summary["energy_per_zone_uj"].items()):
+            zones.add_row(zone, f"{energy / 1e6:.3f}")
+        console.print(zones)
+    if doc["events"] or doc["pulse_gaps"]:
+        events = Table("time", "event", "by", "reason", title="safety events and operator actions")
+        for e in doc["events"]:
+            events.add_row(_local(e["at_ns"]), e["event"], str(e["actor"]), e["reason"] or "")
+        for g in doc["pulse_gaps"]:
+            events.add_row(
+                _local(g["at_ns"]), "pulse_gap", "log", f"{g['count']} unlogged: {g['cause']}"
+            )
+        console.print(events)
+
+
+@session_app.command("export")
+def session_export(
+    session_id: Annotated[int, typer.Argument(metavar="ID", help="Session id.")],
+    out: Annotated[Path, typer.Option("--out", metavar="FILE", help="Where to write.")],
+    fmt: Annotated[
+        ExportFormat,
+        typer.Option("--format", help="json (full record), csv (pulses) or html (report)."),
+    ] = ExportFormat.JSON,
+    db: DbOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Export one session as JSON, CSV or a self-contained HTML report."""
+    with _reading("session export", db, data_dir) as conn:
+        try:
+            if fmt is ExportFormat.JSON:
+                export.write_json(conn, session_id, out)
+            elif fmt is ExportFormat.CSV:
+                export.write_csv(conn, session_id, out)
+            else:
+                report.write_report(conn, session_id, out)
+        except OSError as exc:
+            raise _fail(
+                "session export", f"cannot write {out}: {exc.strerror}", ExitCode.USAGE
+            ) from None
+    typer.echo(f"session {session_id} exported as {fmt.value} to {out}")
