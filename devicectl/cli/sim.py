@@ -165,7 +165,7 @@ def sim_control(
     command: Annotated[
         list[str],
         typer.Argument(
-            metavar="COMMAND...",
+            metavar="COMMAND",
             help="footswitch down|up; interlock estop|door|key|contact|cooling open|close; "
             "fault energy-drift FACTOR|stuck-shutter|overheat|line-noise BER|drop-frames P|"
             "slow-replies MS|hang; clear-faults; reboot; status.",
@@ -173,7 +173,11 @@ def sim_control(
     ],
     socket: Annotated[
         Path | None,
-        typer.Option("--socket", metavar="SOCK", help="The simulator's control socket."),
+        typer.Option(
+            "--socket",
+            metavar="SOCK",
+            help="The simulator's control socket [default: the same as `devicectl sim`'s].",
+        ),
     ] = None,
 ) -> None:
     """Drive a running simulator; returns once the simulator has applied the command."""
