@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import serial
 
 from protocols import GetStatus, Hello, HostCodec, Ident, InputEvent, StatusReply
 from protocols.codec import NEED_DATA, Frame
@@ -152,6 +153,15 @@ def test_sim_over_a_pty_end_to_end(short_dir: Path) -> None:
             assert pressed.footswitch == 1
         finally:
             os.close(fd)
+
+        # pyserial, as the daemon opens it, and again after closing: the port stays servable.
+        for seq in (20, 21):
+            with serial.Serial(sim.address, 115200, timeout=0.1) as port:
+                host = HostCodec()
+                port.write(host.send(seq, Hello()))
+                read_until(
+                    lambda _n: port.read(port.in_waiting or 1), port.fileno(), host, Ident, seq
+                )
 
         status = sim_control(sim.control, "status")
         assert status.returncode == 0, status.stderr
