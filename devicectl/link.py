@@ -86,6 +86,8 @@ __all__ = [
 ]
 
 EventHandler = Callable[[int, Message], None]
+# (command TYPE, its reply): called synchronously, in wire order, before the caller resumes.
+ReplyHandler = Callable[[int, Message], None]
 LinkLostHandler = Callable[[str], None]
 ConnectedHandler = Callable[[Ident, StatusReply], Awaitable[None]]
 
@@ -170,6 +172,7 @@ class DeviceLink:
         *,
         port: str,
         on_event: EventHandler | None = None,
+        on_reply: ReplyHandler | None = None,
         on_link_lost: LinkLostHandler | None = None,
         on_connected: ConnectedHandler | None = None,
         status_period_ms: int = DEFAULT_STATUS_PERIOD_MS,
@@ -185,6 +188,7 @@ class DeviceLink:
         self._connect = connect
         self.port = port
         self._on_event: EventHandler = on_event or (lambda _seq, _msg: None)
+        self._on_reply_hook: ReplyHandler | None = on_reply
         self._on_link_lost = on_link_lost
         self._on_connected = on_connected
         self.status_period_ms = status_period_ms
@@ -209,6 +213,7 @@ class DeviceLink:
         self._turn = asyncio.Lock()  # one caller at a time waits for _idle
         self._stop_wanted = False  # STOP requested and not yet ACKed
         self._stop_done: asyncio.Future[None] | None = None
+        self._stops = 0  # stop_now() calls so far: commands queued before one are abandoned
         self._next_event_seq = -1  # -1: unknown (new connection)
         self._last_status = 0.0
         self._wake = asyncio.Event()  # the connection task has something to do
@@ -263,7 +268,11 @@ class DeviceLink:
             await self._tg.__aexit__(exc_type, exc, tb)
         finally:
             await self._drop_transport()
-            self._fail_pending(LinkError(f"the link to {self.port} was closed"))
+            closed = LinkError(f"the link to {self.port} was closed")
+            self._fail_pending(closed)
+            if self._stop_done is not None and not self._stop_done.done():
+                self._stop_done.set_exception(closed)
+                self._stop_done.exception()
 
     # ------------------------------------------------------------------ commands
 
@@ -287,6 +296,7 @@ class DeviceLink:
         if pending is not None and pending.type == MessageType.STOP:
             return  # a STOP is already going out, and being retransmitted
         self._stop_wanted = True
+        self._stops += 1
         if self._stop_done is None or self._stop_done.done():
             self._stop_done = asyncio.get_running_loop().create_future()
         if pending is not None:
@@ -343,10 +353,15 @@ class DeviceLink:
     # ------------------------------------------------------------------ command engine
 
     async def _exchange(self, command: Command, *, handshake: bool = False) -> Reply:
+        stops = self._stops
         async with self._turn:
             while self._pending is not None:  # a STOP jumped in
                 self._idle.clear()
                 await self._idle.wait()
+            if self._stops != stops and not handshake:
+                # Queued before a STOP that has gone out since: sending it now could undo the STOP.
+                self.superseded += 1
+                raise SupersededByStop(_name(command.TYPE))
             transport = self._transport
             if (
                 transport is None
@@ -393,12 +408,8 @@ class DeviceLink:
             return
         self.timeouts += 1
         reason = f"no reply to {pending.name} after {pending.sends} sends"
-        self._finish(pending)
-        if pending.type == MessageType.STOP:
-            # Keep _stop_wanted: the STOP goes out again on the next connection.
-            pending.future.cancel()
-        else:
-            pending.future.set_exception(LinkLost(f"{reason} (device on {self.port})"))
+        # A STOP keeps _stop_wanted: it goes out again right after IDENT on the next connection.
+        self._abandon(pending, LinkLost(f"{reason} (device on {self.port})"))
         self._lose(reason)
 
     def _finish(self, pending: _Pending) -> None:
@@ -408,37 +419,50 @@ class DeviceLink:
         self._idle.set()
 
     def _abandon(self, pending: _Pending, error: Exception | None) -> None:
+        """Forget ``pending`` for good (its timer too); its caller, if any, gets ``error``.
+
+        Never cancel a future a task may await for a reply: the CancelledError would end that
+        task (the connection task awaits the handshake's STOP)."""
         self._finish(pending)
         if not pending.future.done():
             if error is None:
-                pending.future.cancel()
+                pending.future.cancel()  # only for a caller that was itself cancelled
             else:
                 pending.future.set_exception(error)
-                pending.future.exception()  # retrieved: the caller may be gone
+                pending.future.exception()  # retrieved: stop_now's STOP has no caller
 
     def _fail_pending(self, error: Exception) -> None:
-        pending = self._pending
-        if pending is None:
-            return
-        if pending.type == MessageType.STOP:
-            self._finish(pending)
-            pending.future.cancel()
-        else:
-            self._abandon(pending, error)
+        if self._pending is not None:
+            self._abandon(self._pending, error)
 
     def _on_reply(self, seq: int, reply: Message) -> None:
         pending = self._pending
-        if pending is None or seq != pending.seq:
+        kind = type(reply)
+        if (
+            pending is None
+            or seq != pending.seq
+            or ((kind is Ack or kind is Nak) and reply.command != pending.type)  # type: ignore[attr-defined]
+        ):
             self.stale_replies += 1
             return
-        kind = type(reply)
         if kind is Nak:
             self.naks += 1
+        elif kind is StatusReply:
+            self._last_status = self._clock()
         self._finish(pending)
         if pending.type == MessageType.STOP:
             self._stop_wanted = False
             if self._stop_done is not None and not self._stop_done.done():
                 self._stop_done.set_result(None)
+        if self._on_reply_hook is not None:
+            # Before any later frame of this chunk is handled: the daemon's "armed" flips exactly
+            # at ARM's ACK and at the ACK of STOP or DISARM (section 4, rule 1).
+            try:
+                self._on_reply_hook(pending.type, reply)
+            except Exception:  # noqa: BLE001 - a handler bug must not leave the laser unsupervised
+                self.handler_errors += 1
+                self._log.exception("reply_handler_failed", port=self.port, seq=seq)
+                self.stop_now()
         if not pending.future.done():
             pending.future.set_result(reply)  # type: ignore[arg-type]
 
@@ -508,11 +532,12 @@ class DeviceLink:
                 transport = await self._connect(
                     on_data=self._on_data, on_lost=self._on_transport_lost
                 )
-            except TransportError as exc:
+            except (TransportError, OSError) as exc:
                 failures += 1
                 self.connect_failures += 1
+                cause = exc.cause if isinstance(exc, TransportError) else str(exc)
                 self._log.warning(
-                    "device_connect_failed", port=self.port, cause=exc.cause, attempt=failures
+                    "device_connect_failed", port=self.port, cause=cause, attempt=failures
                 )
                 await self._sleep(self._backoff(failures))
                 continue
@@ -526,6 +551,7 @@ class DeviceLink:
     async def _serve(self, transport: Transport) -> str | None:
         """Run one connection until it ends. Returns None if it had been up, else the failure."""
         self._transport = transport
+        self._next_event_seq = -1
         self._lost_reason = None
         self._boot_reason = None
         self._wake.clear()
@@ -557,8 +583,8 @@ class DeviceLink:
                 if self._on_connected is not None and self.ident and self.status:
                     try:
                         await self._on_connected(self.ident, self.status)
-                    except DevicectlError as exc:
-                        self._log.warning("on_connected_failed", port=self.port, cause=str(exc))
+                    except Exception as exc:  # noqa: BLE001 - the daemon's hook must not end the link
+                        self._log.exception("on_connected_failed", port=self.port, cause=str(exc))
                 await self._wake.wait()
                 self._wake.clear()
                 if self._lost_reason is not None:
@@ -573,7 +599,10 @@ class DeviceLink:
         self.reconnects += 1
         self._log.warning("device_link_lost", port=self.port, cause=reason)
         if self._on_link_lost is not None:
-            self._on_link_lost(reason)
+            try:
+                self._on_link_lost(reason)
+            except Exception:  # noqa: BLE001 - the daemon's hook must not end the link
+                self._log.exception("on_link_lost_failed", port=self.port)
 
     async def _handshake(self, transport: Transport) -> None:
         self._boot_reason = None
@@ -601,7 +630,6 @@ class DeviceLink:
         if not isinstance(status, StatusReply):
             raise LinkLost(f"device on {self.port} answered GET_STATUS with {status!r}")
         self.status = status
-        self._next_event_seq = -1
         self._last_status = self._clock()
 
     async def _handshake_step(self, command: Command) -> Reply:
