@@ -212,12 +212,13 @@ class PtyLink:
         except BlockingIOError:
             return
         except OSError as exc:
+            # EIO: no slave open at all (cannot happen while we hold ours, but a kernel may say so
+            # transiently). Anything else is as unexpected; neither may kill the simulator.
             if exc.errno != errno.EIO:
-                raise
+                self._log.warning("sim_pty_read_failed", error=str(exc))
             data = b""
         if not data:
-            # No slave open at all (cannot happen while we hold ours, but a kernel may say so
-            # transiently): stop polling a descriptor that is always readable, and look again soon.
+            # Stop polling a descriptor that stays readable, and look again soon.
             self._pause_reading()
             return
         self.counters.bytes_in += len(data)
@@ -244,15 +245,19 @@ class PtyLink:
         except BlockingIOError:
             written = 0
         except OSError as exc:
-            if exc.errno != errno.EIO:
-                raise
-            self.counters.bytes_dropped += len(data)
+            self._write_failed(exc, len(data))
             return
         self.counters.bytes_out += written
         if written < len(data):
             self._queue(memoryview(data)[written:])
             assert self._loop is not None
             self._loop.add_writer(self._master, self._on_writable)
+
+    def _write_failed(self, exc: OSError, size: int) -> None:
+        # Like a UART with nobody on the line: the bytes are lost, the board goes on.
+        self.counters.bytes_dropped += size
+        if exc.errno != errno.EIO:
+            self._log.warning("sim_pty_write_failed", error=str(exc), bytes=size)
 
     def _queue(self, data: bytes | memoryview) -> None:
         if len(self._pending) + len(data) > MAX_PENDING_BYTES:
@@ -266,10 +271,8 @@ class PtyLink:
         except BlockingIOError:
             return
         except OSError as exc:
-            if exc.errno != errno.EIO:
-                raise
+            self._write_failed(exc, len(self._pending))
             written = 0
-            self.counters.bytes_dropped += len(self._pending)
             self._pending.clear()
         self.counters.bytes_out += written
         del self._pending[:written]

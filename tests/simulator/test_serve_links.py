@@ -91,6 +91,22 @@ async def test_pty_is_raw_answers_hello_and_survives_the_host_reconnecting(
         assert runner.board.link.naks == 0
 
 
+async def test_pty_waits_out_eio_while_no_slave_is_open(runner: BoardRunner) -> None:
+    async with PtyLink(runner) as link:
+        # As if the simulator had not kept its slave descriptor: with no slave open, the master
+        # reads EIO. The link must neither spin nor die, and serve the next host that opens it.
+        os.close(link._slave)
+        link._slave = -1
+        await asyncio.sleep(0.2)
+        fd = _open_host_end(link.path)
+        try:
+            host = HostCodec()
+            os.write(fd, host.send(9, Hello()))
+            await _read_pty_until(fd, host, Ident, seq=9)
+        finally:
+            os.close(fd)
+
+
 async def test_pty_buffers_what_the_host_does_not_read_and_drops_past_the_cap(
     runner: BoardRunner,
 ) -> None:
