@@ -440,3 +440,69 @@ async def test_status_events_do_not_count_as_lost_across_reconnection() -> None:
         device.send_event(StatusEvent(1, 0, 0, 0, 0, 0, 0), seq=40)
         await until(lambda: link.stats["events"] == 2)
         assert link.stats["lost_events"] == 0
+
+
+async def test_a_command_queued_behind_the_one_in_flight_is_abandoned_by_stop() -> None:
+    device = FakeDevice()
+    wire = Wire()
+    async with running(device, wire=wire, reply_timeout=0.05) as (link, _):
+        device.silent_types.add(ClearFault.TYPE)
+        in_flight = asyncio.create_task(link.request(ClearFault()))
+        await until(lambda: bool(device.commands(ClearFault.TYPE)))
+        queued = asyncio.create_task(link.request(Arm(250)))  # waits its turn
+        await asyncio.sleep(0)
+        link.stop_now()
+        with pytest.raises(SupersededByStop, match="CLEAR_FAULT"):
+            await in_flight
+        with pytest.raises(SupersededByStop, match="ARM"):
+            await queued
+        await link.stop()
+        # A command issued after the STOP goes out normally.
+        assert await link.request(GetStatus()) == StatusReply(device.state, 0, 0, 0, 2500, 3100, 0)
+        assert link.stats["superseded"] == 2
+    assert device.commands(Arm.TYPE) == []
+    assert Arm.TYPE not in wire.types()
+
+
+async def test_stop_unanswered_during_the_handshake_reconnects_and_is_sent_again() -> None:
+    device = FakeDevice()
+    async with running(device) as (link, memory):
+        memory.available = False
+        assert memory.device is not None
+        memory.device.close()
+        await until(lambda: not link.connected.is_set())
+        stopping = asyncio.create_task(link.stop())
+        device.drop_replies[Stop.TYPE] = 4  # every send of the first post-IDENT STOP is lost
+        memory.available = True
+        await stopping
+        await until(link.connected.is_set)
+        assert memory.connections == 3
+        assert link.stats["timeouts"] == 1
+    stops = device.commands(Stop.TYPE)
+    assert len(stops) == 5  # 4 unanswered sends, then the STOP of the next connection
+    assert len(device.commands(Hello.TYPE)) == 3
+
+
+async def test_reply_hook_sees_each_reply_before_later_frames() -> None:
+    device = FakeDevice()
+    order: list[str] = []
+
+    def on_reply(command: int, reply: Message) -> None:
+        order.append(f"reply {MessageType(command).name} {type(reply).__name__}")
+
+    def on_event(_seq: int, message: Message) -> None:
+        order.append(f"event {type(message).__name__}")
+
+    async with running(device, on_event=on_event, on_reply=on_reply) as (link, _):
+        original = device._reply
+
+        def reply_then_pulse(seq: int, type_: int, reply: Message) -> None:
+            original(seq, type_, reply)
+            if type_ == Arm.TYPE:
+                device.send_event(Pulse(1, 0, 1000))
+
+        device._reply = reply_then_pulse  # type: ignore[method-assign]
+        order.clear()
+        await link.request(Arm(250))
+        await until(lambda: len(order) == 2)
+    assert order == ["reply ARM Ack", "event Pulse"]
