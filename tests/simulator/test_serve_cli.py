@@ -259,3 +259,33 @@ def test_sim_usage_errors_exit_2_naming_the_cause(
     assert result.stdout == ""
     assert named in result.stderr
     assert not (short_dir / "sim.sock").exists()
+
+
+def test_sim_control_reports_a_refusal_by_the_simulator_as_2(short_dir: Path) -> None:
+    # A peer on the control socket that refuses whatever it is asked, as a simulator whose board
+    # says no would: the words are valid, so only the simulator's answer can fail the command.
+    path = short_dir / "refusing.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+        listener.settimeout(30)
+        process = subprocess.Popen(
+            [*DEVICECTL, "sim-control", "--socket", str(path), "fault", "hang"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            peer, _ = listener.accept()
+            with peer, peer.makefile("rwb") as stream:
+                assert json.loads(stream.readline()) == {"command": ["fault", "hang"]}
+                stream.write(b'{"ok": false, "kind": "refused", "error": "the board is busy"}\n')
+                stream.flush()
+            out, err = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=10)
+    assert process.returncode == 2
+    assert out == ""
+    assert err == "devicectl sim-control: the board is busy\n"
