@@ -18,6 +18,7 @@ import contextlib
 import random
 import socket
 import ssl
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -504,6 +505,7 @@ class Telemetry:
                 self._note_failure(group.exceptions[0])
             finally:
                 self._connected = False
+                _release_failed_client(client)
             if fall_back:
                 continue
             if self._closing.is_set():
@@ -530,6 +532,7 @@ class Telemetry:
         return isinstance(value, int) and value in _PROTOCOL_REFUSED
 
     def _note_failure(self, error: BaseException) -> None:
+        _drop_frames(error)
         was_connected = self._connected
         self._last_error = str(error) or type(error).__name__
         if not was_connected:
@@ -687,6 +690,30 @@ class Telemetry:
         if stream is Stream.METRICS:
             properties.MessageExpiryInterval = METRICS_EXPIRY_S
         return properties
+
+
+def _release_failed_client(client: aiomqtt.Client) -> None:
+    """Close what aiomqtt 2.5 leaves open after a failed attempt, now rather than at the next GC.
+
+    When no CONNACK arrives, paho's socket stays open (aiomqtt only releases its lock); paho's
+    ``_sock_close`` also unregisters it from the event loop. A no-op after a normal disconnect.
+    """
+    paho_client = getattr(client, "_client", None)
+    close = getattr(paho_client, "_sock_close", None)
+    if paho_client is not None and paho_client.socket() is not None and callable(close):
+        close()
+
+
+def _drop_frames(error: BaseException) -> None:
+    """Clear the locals of a failed connect's traceback: a TLS handshake failure leaves the
+    half-open SSL socket referenced only from there, closed at once when released."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if current.__traceback__ is not None:
+            traceback.clear_frames(current.__traceback__)
+        current = current.__cause__ or current.__context__
 
 
 def _interlock_names(interlocks: int | Iterable[str]) -> list[str]:

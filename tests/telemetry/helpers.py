@@ -64,10 +64,10 @@ class Recorder:
         self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *_a: self._subscribed.set()
-        self.client.reconnect_delay_set(0.05, 0.2)
+        self.client.reconnect_delay_set(0.05, 0.2)  # type: ignore[arg-type]  # floats work
         properties = None
         if persistent:
-            properties = Properties(PacketTypes.CONNECT)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = 3600
         self.client.connect(
             "127.0.0.1", port, clean_start=not persistent, properties=properties, keepalive=5
@@ -103,7 +103,7 @@ class Recorder:
         self.client.disconnect()
         self.client.loop_stop()
         # paho keeps loop_start()'s wake-up socketpair until the client is garbage collected
-        self.client._reset_sockets()  # noqa: SLF001
+        self.client._reset_sockets()
 
 
 @contextmanager
@@ -115,7 +115,7 @@ def recorder(port: int, **kwargs: Any) -> Iterator[Recorder]:
         rec.close()
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+async def until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:  # noqa: ASYNC109
     """Poll ``predicate`` until true; fail naming ``what`` after ``timeout`` (a safety net,
     not a timing assertion)."""
     loop = asyncio.get_running_loop()

@@ -11,7 +11,7 @@ import pytest
 
 from devicectl.telemetry import Telemetry
 from protocols.messages import DeviceState, FaultCode, Interlock
-from protocols.mqtt import json_schemas, schema_id, Stream
+from protocols.mqtt import Stream, json_schemas, schema_id
 from tests.brokers import Broker
 from tests.telemetry.helpers import Received, config, recorder, until
 
@@ -97,7 +97,9 @@ async def test_every_topic_matches_the_contract(mosquitto: Broker, tmp_path: Pat
         assert message.content_type == "application/json"
         assert message.user_properties == {"schema": schema_id(Stream(stream))}
         body = message.json()
-        assert body["v"] == 1 and body["device"] == "SN42" and body["boot"] == 1
+        assert body["v"] == 1
+        assert body["device"] == "SN42"
+        assert body["boot"] == 1
         assert body["ts"].endswith("Z")
         assert "historical" not in body
         seqs.setdefault(message.topic, []).append(body["seq"])
@@ -106,13 +108,17 @@ async def test_every_topic_matches_the_contract(mosquitto: Broker, tmp_path: Pat
     assert rec.on("metrics")[0].expiry == 10
 
     state = rec.on("state")[0].json()
-    assert state["state"] == "READY" and state["armed"] is True
-    assert state["interlocks"] == ["contact"] and state["faults"] == ["LEASE_EXPIRED"]
-    assert state["params"]["rate_mhz"] == 20000 and state["session"] == "S-001"
+    assert state["state"] == "READY"
+    assert state["armed"] is True
+    assert state["interlocks"] == ["contact"]
+    assert state["faults"] == ["LEASE_EXPIRED"]
+    assert state["params"]["rate_mhz"] == 20000
+    assert state["session"] == "S-001"
     batch = rec.on("pulses")[0].json()
     assert (batch["first_pulse_no"], batch["last_pulse_no"], batch["count"]) == (1, 3, 3)
     assert batch["pulses"] == [[1, 50_000, 1000], [2, 100_000, 1000], [3, 150_000, 1000]]
-    assert batch["energy_uj_sum"] == 3000 and batch["zone"] == "cheeks"
+    assert batch["energy_uj_sum"] == 3000
+    assert batch["zone"] == "cheeks"
     events = [m.json()["event"] for m in rec.on("events")]
     assert events == ["started", "zone", "ended"]
     assert rec.on("events")[-1].json()["summary"]["pulses"] == 3

@@ -111,7 +111,8 @@ async def test_restart_continues_seq_and_replays_leftovers(
         alerts = [m.json() for m in rec.on("alerts")]
     assert [a["seq"] for a in alerts] == [1, 2, 3, 4, 5, 6]
     assert all(a["historical"] is True and a["boot"] == 1 for a in alerts[:5])
-    assert "historical" not in alerts[5] and alerts[5]["boot"] == 2
+    assert "historical" not in alerts[5]
+    assert alerts[5]["boot"] == 2
 
 
 _KILLED_PUBLISHER = """
@@ -122,7 +123,9 @@ from devicectl.telemetry import Telemetry, TelemetryConfig
 
 async def main() -> None:
     configure_logging(json=True)
-    config = TelemetryConfig(url=sys.argv[1], site="clinic1", device="SN42", data_dir=Path(sys.argv[2]))
+    config = TelemetryConfig(
+        url=sys.argv[1], site="clinic1", device="SN42", data_dir=Path(sys.argv[2])
+    )
     async with Telemetry(config) as tm:
         while not tm.connected:
             await asyncio.sleep(0.02)
@@ -139,7 +142,7 @@ asyncio.run(main())
 async def test_killed_publisher_leaves_retained_offline_will(
     mosquitto: Broker, tmp_path: Path
 ) -> None:
-    process = subprocess.Popen(
+    process = subprocess.Popen(  # noqa: ASYNC220 - killed below, never awaited
         [sys.executable, "-c", _KILLED_PUBLISHER, mosquitto.url, str(tmp_path / "data")],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

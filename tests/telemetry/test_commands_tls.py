@@ -1,0 +1,153 @@
+"""MQTT commands (only cmd/stop), TLS, and the MQTT 3.1.1 fallback, against real brokers."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from devicectl.telemetry import CommandAction, Telemetry, classify_command
+from tests.brokers import Broker, free_port, make_pki
+from tests.telemetry.helpers import config, recorder, until
+
+pytestmark = pytest.mark.system
+
+BASE = "lasers/clinic1/SN42"
+
+
+def _send(port: int, topic: str, payload: bytes, *, retain: bool = False) -> None:
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    client.connect("127.0.0.1", port)
+    try:
+        info = client.publish(topic, payload, qos=1, retain=retain)
+        while not info.is_published():
+            client.loop(0.05)
+    finally:
+        client.disconnect()
+
+
+def test_only_stop_is_obeyed() -> None:
+    assert classify_command(BASE, f"{BASE}/cmd/stop", retained=False).action is CommandAction.STOP
+    refused = classify_command(BASE, f"{BASE}/cmd/arm", retained=False)
+    assert (refused.action, refused.command) == (CommandAction.REFUSE, "arm")
+    assert classify_command(BASE, f"{BASE}/cmd/stop", retained=True).action is CommandAction.IGNORE
+    assert classify_command(BASE, "lasers/x/y/cmd/stop", retained=False).action is (
+        CommandAction.IGNORE
+    )
+
+
+async def test_stop_calls_back_and_other_commands_are_refused(
+    mosquitto: Broker, tmp_path: Path
+) -> None:
+    stops: list[str] = []
+    refused: list[tuple[str, bytes]] = []
+    with recorder(mosquitto.port, topic=f"{BASE}/alerts") as rec:
+        async with Telemetry(
+            config(mosquitto.url, tmp_path),
+            on_stop=lambda: stops.append("stop"),
+            on_refused_command=lambda command, payload: refused.append((command, payload)),
+        ) as tm:
+            await until(lambda: tm.connected)
+            _send(mosquitto.port, f"{BASE}/cmd/stop", b"")
+            await until(lambda: stops == ["stop"], what="the stop callback")
+            _send(mosquitto.port, f"{BASE}/cmd/arm", b'{"lease_ms": 5000}')
+            await until(lambda: len(refused) == 1, what="the refusal audit callback")
+            # random payloads, odd topics: nothing crashes, nothing else is obeyed
+            for junk in (b"\xff\xfe\x00garbage", b"{" * 5000, "é".encode() * 100):
+                _send(mosquitto.port, f"{BASE}/cmd/stop", junk)
+                _send(mosquitto.port, f"{BASE}/cmd/set/params", junk)
+            await until(lambda: len(stops) == 4 and len(refused) == 4, what="all commands")
+            await until(lambda: len(rec.on("alerts")) == 4, what="refusal alerts")
+            assert tm.connected
+            assert tm.stats.commands_refused == 4
+            assert tm.stats.commands_stop == 4
+    assert refused[0] == ("arm", b'{"lease_ms": 5000}')
+    assert [c for c, _p in refused[1:]] == ["set/params"] * 3
+    alert = rec.on("alerts")[0].json()
+    assert alert["code"] == "command_refused"
+    assert "arm" in alert["message"]
+
+
+async def test_a_retained_stop_is_not_obeyed(mosquitto: Broker, tmp_path: Path) -> None:
+    stops: list[int] = []
+    _send(mosquitto.port, f"{BASE}/cmd/stop", b"", retain=True)
+    try:
+        async with Telemetry(
+            config(mosquitto.url, tmp_path), on_stop=lambda: stops.append(1)
+        ) as tm:
+            await until(lambda: tm.connected)
+            tm.publish_alert("info", "probe", "sync point")
+            await until(lambda: tm.stats.published >= 1)
+            assert stops == []
+    finally:
+        _send(mosquitto.port, f"{BASE}/cmd/stop", b"", retain=True)  # clear (empty retained)
+
+
+async def test_tls_with_the_right_ca_connects(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    with (
+        Broker(tmp_path / "broker", tls=pki, require_client_cert=True) as broker,
+        recorder(broker.port) as rec,
+    ):
+        tls_config = config(
+            broker.tls_url,
+            tmp_path / "data",
+            ca_file=pki.ca,
+            cert_file=pki.client_cert,
+            key_file=pki.client_key,
+        )
+        async with Telemetry(tls_config) as tm:
+            await until(lambda: tm.connected, what="TLS connection")
+            tm.publish_alert("info", "tls", "over TLS")
+            await until(lambda: bool(rec.on("alerts")))
+    assert rec.on("alerts")[0].json()["code"] == "tls"
+
+
+async def test_tls_with_a_wrong_ca_is_refused_clearly(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    other = make_pki(tmp_path / "other", name="someone-else")
+    with Broker(tmp_path / "broker", tls=pki) as broker:
+        async with Telemetry(config(broker.tls_url, tmp_path / "data", ca_file=other.ca)) as tm:
+            tm.publish_alert("info", "kept", "waits in the outbox")
+            await until(lambda: tm.stats.connect_failures >= 1, what="a refused connection")
+            assert not tm.connected
+            assert "certificate verify failed" in (tm.stats.last_error or "")
+            assert tm.stats.outbox_depth == 1
+
+
+def test_unreadable_ca_is_a_config_error(tmp_path: Path) -> None:
+    from devicectl.errors import ConfigError
+
+    bad = config("mqtts://127.0.0.1:8883", tmp_path, ca_file=tmp_path / "missing.pem")
+    with pytest.raises(ConfigError, match=r"mqtt\.ca_file"):
+        Telemetry(bad)
+    assert isinstance(ssl.create_default_context(), ssl.SSLContext)
+
+
+async def test_falls_back_to_3_1_1_when_the_broker_lacks_mqtt_5(tmp_path: Path) -> None:
+    """mosquitto cannot be told to refuse MQTT 5, so this uses amqtt, a real 3.1.1-only broker
+    (a dependency already): it never answers a v5 CONNECT, the publisher retries with 3.1.1."""
+    from amqtt.broker import Broker as AmqttBroker
+
+    port = free_port()
+    broker = AmqttBroker(
+        {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
+        }
+    )
+    await broker.start()
+    try:
+        url = f"mqtt://127.0.0.1:{port}"
+        async with Telemetry(config(url, tmp_path, connect_timeout_s=0.5)) as tm:
+            await until(lambda: tm.connected, what="a 3.1.1 connection")
+            assert tm.stats.protocol == "3.1.1"
+            tm.publish_alert("info", "v311", "no properties under 3.1.1")
+            await until(lambda: tm.stats.outbox_depth == 0 and tm.stats.published >= 1)
+    finally:
+        await broker.shutdown()
