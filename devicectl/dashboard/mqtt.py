@@ -131,6 +131,8 @@ class TelemetrySubscriber:
         self.backoff = backoff or Backoff()
         self.clock = clock
         self.log: FilteringBoundLogger = log or structlog.get_logger("devicectl.dashboard")
+        # Set while subscribed: the broker's retained messages are on their way.
+        self.subscribed = asyncio.Event()
 
     async def run(self) -> None:
         attempt = 0
@@ -146,6 +148,7 @@ class TelemetrySubscriber:
                 ) as client:
                     self.hub.publish(self.fleet.broker_link(True, self.clock()))
                     await client.subscribe(topic, qos=1)
+                    self.subscribed.set()
                     self.log.info("broker_connected", broker=self.endpoint.display(), topic=topic)
                     attempt = 0
                     async for message in client.messages:
@@ -155,6 +158,7 @@ class TelemetrySubscriber:
                         )
                         self.hub.publish(self.fleet.apply(str(message.topic), data, self.clock()))
             except aiomqtt.MqttError as exc:
+                self.subscribed.clear()
                 delay = self.backoff.delay(attempt)
                 attempt += 1
                 self.hub.publish(self.fleet.broker_link(False, self.clock(), str(exc)))

@@ -117,5 +117,6 @@ class DashboardServer:
         # Open pages hold event streams; end them so that uvicorn's graceful shutdown is quick.
         self.dashboard.hub.close()
         self._server.should_exit = True
-        await self._tasks.__aexit__(exc_type, exc, tb)
+        # Shut down in order even when the body failed: its exception propagates by itself.
+        await self._tasks.__aexit__(None, None, None)
         self._address = None

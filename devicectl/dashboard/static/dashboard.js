@@ -329,8 +329,8 @@ function renderTemperatures(d) {
 }
 
 function skinChart(points, limit, windowMs) {
-  const W = 300, H = 90, left = 26, right = 4, top = 6, bottom = 14;
-  const chart = svg("svg", { class: "chart", viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none",
+  const W = 600, H = 120, left = 34, right = 6, top = 8, bottom = 16;
+  const chart = svg("svg", { class: "chart", viewBox: `0 0 ${W} ${H}`,
     role: "img", "aria-label": "skin temperature, last two minutes", "data-testid": "skin-chart" });
   const values = points.map((p) => p[1]);
   const lo = Math.floor(Math.min(30, ...values) - 0.5);
@@ -342,9 +342,9 @@ function skinChart(points, limit, windowMs) {
     svg("line", { class: "axis", x1: left, y1: H - bottom, x2: W - right, y2: H - bottom }),
     svg("line", { class: "limit", x1: left, y1: y(limit), x2: W - right, y2: y(limit) }),
     svg("text", { class: "limit-text", x: left + 2, y: y(limit) - 2 }, `limit ${limit.toFixed(1)} °C`),
-    svg("text", { x: 0, y: y(hi) + 8 }, `${hi}°`),
+    svg("text", { x: 0, y: y(hi) + 10 }, `${hi}°`),
     svg("text", { x: 0, y: y(lo) }, `${lo}°`),
-    svg("text", { x: W - right - 52, y: H - 2 }, `last ${Math.round(windowMs / 1000)} s`),
+    svg("text", { x: W - right - 70, y: H - 2 }, `last ${Math.round(windowMs / 1000)} s`),
   );
   if (points.length) {
     chart.append(svg("polyline", { class: "trace",

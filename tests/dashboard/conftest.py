@@ -1,0 +1,103 @@
+"""Helpers for the dashboard's system tests: a device-like paho publisher and a dashboard server."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import queue
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+
+from devicectl.dashboard import (
+    Backoff,
+    Dashboard,
+    DashboardConfig,
+    DashboardServer,
+    DisplayLimits,
+)
+from tests.brokers import Broker
+
+BASE_TS = datetime(2026, 11, 25, 10, 0, 0, tzinfo=UTC)
+
+
+class FakeDevice:
+    """Publishes to the broker as a devicectl daemon would (DESIGN.md section 6), with paho."""
+
+    def __init__(self, broker: Broker, site: str = "clinic-a", device: str = "laser-01") -> None:
+        self.base = f"lasers/{site}/{device}"
+        self.device = device
+        self.seqs: dict[str, int] = {}
+        self.commands: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id=f"devicectl-{device}", protocol=paho.MQTTv5
+        )
+        self.client.will_set(f"{self.base}/availability", b"offline", qos=1, retain=True)
+        self.client.on_message = lambda _c, _u, message: self.commands.put(
+            (message.topic, message.payload)
+        )
+        self.client.connect(broker.host, broker.port)
+        self.client.subscribe(f"{self.base}/cmd/#", qos=1)
+        self.client.loop_start()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+        # paho closes the socket pair that wakes its loop thread only when the client is
+        # collected; collect it now so that the suite's leak check sees it closed.
+        del self.client
+        gc.collect()
+
+    async def raw(self, kind: str, payload: bytes, *, retain: bool = False) -> None:
+        info = self.client.publish(f"{self.base}/{kind}", payload, qos=1, retain=retain)
+        await asyncio.to_thread(info.wait_for_publish, 5.0)
+
+    async def send(
+        self, kind: str, *, retain: bool = False, at_s: float = 0.0, **fields: Any
+    ) -> None:
+        """A JSON payload with the envelope; ``seq`` counts per topic."""
+        self.seqs[kind] = self.seqs.get(kind, 0) + 1
+        ts = (BASE_TS + timedelta(seconds=at_s)).isoformat().replace("+00:00", "Z")
+        envelope = {"v": 1, "ts": ts, "device": self.device, "seq": self.seqs[kind], "boot": 1}
+        await self.raw(kind, json.dumps(envelope | fields).encode(), retain=retain)
+
+
+@pytest.fixture
+def fake_device(mosquitto: Broker) -> Iterator[FakeDevice]:
+    device = FakeDevice(mosquitto)
+    try:
+        yield device
+    finally:
+        device.close()
+
+
+async def wait_until_subscribed(dashboard: Dashboard, timeout_s: float = 10.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        await dashboard.subscriber.subscribed.wait()
+
+
+def dashboard_config(broker: Broker, **overrides: Any) -> DashboardConfig:
+    fields: dict[str, Any] = {
+        "mqtt_url": broker.url,
+        "backoff": Backoff(0.05, 0.5),
+        "limits": DisplayLimits({"forehead": 60.0, "cheeks": 80.0}, 300.0, 41.0),
+    }
+    return DashboardConfig(**(fields | overrides))
+
+
+@asynccontextmanager
+async def running_dashboard(config: DashboardConfig) -> AsyncIterator[DashboardServer]:
+    """A dashboard served on a free port of 127.0.0.1, subscribed before it is handed out.
+
+    A context manager rather than a fixture: the server's TaskGroup must be entered and left by
+    the test's own task.
+    """
+    dashboard = Dashboard(config)
+    async with DashboardServer(dashboard, ("127.0.0.1", 0)) as server:
+        await wait_until_subscribed(dashboard)
+        yield server
