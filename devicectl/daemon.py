@@ -16,8 +16,8 @@ a breach (log records, alerts) as a task. Nothing in that path awaits, logs or v
 of STOP or DISARM, both observed synchronously in wire order (the link's ``on_reply`` hook), so
 that section 3's frame order makes the rule exact.
 
-Shut-down (SIGTERM/SIGINT): STOP, then DISARM, end the open session as interrupted, flush the log and
-the outbox, publish ``offline``, exit 0 — within 2 s.
+Shut-down (SIGTERM/SIGINT): STOP, then DISARM, record it (a session left open is marked interrupted
+at the next start), flush the log and the outbox, publish ``offline``, exit 0 — within 2 s.
 """
 
 from __future__ import annotations
@@ -719,7 +719,7 @@ class Daemon:
         return await self._apply_params(PulseParams(**values), treatment)
 
     def _limits(self, params: PulseParams) -> Limits:
-        """Every limit of section 4 checkable before emission; SafetyRefusal naming the one broken."""
+        """Every limit checkable before emission (section 4); SafetyRefusal names the one broken."""
         treatment = self._treatment()
         ident = self.ident
         if ident is None:
@@ -804,10 +804,10 @@ class Daemon:
         assert breach is not None
         self._event("fault_ack", operator, {"breach": breach.alert_code}, reason=reason)
         link = self.link
-        if link is not None and link.connected.is_set():
-            if self.status is not None and self.status.state == DeviceState.FAULT:
-                with contextlib.suppress(DevicectlError):
-                    await link.request(ClearFault())
+        device_faulted = self.status is not None and self.status.state == DeviceState.FAULT
+        if link is not None and link.connected.is_set() and device_faulted:
+            with contextlib.suppress(DevicectlError):
+                await link.request(ClearFault())
         if self.telemetry is not None and self.treatment is not None:
             self.telemetry.publish_session_event(
                 str(self.treatment.id),
@@ -984,7 +984,7 @@ class Daemon:
 def _session_info(request: SessionStartRequest, ident: Ident, ingredient: str) -> dict[str, Any]:
     """The session log's record of a session start (the checklist was given in full)."""
     answers = request.checklist
-    return {
+    info: dict[str, Any] = {
         "device_serial": f"{ident.serial:08X}",
         "operator": request.operator,
         "patient_ref": request.patient_ref,
@@ -1007,9 +1007,11 @@ def _session_info(request: SessionStartRequest, ident: Ident, ingredient: str) -
                 "allergy_to_active_ingredient": answers.allergy_to_active_ingredient,
             },
         },
-        "contraindication_override": request.contraindication_override,
         "active_ingredient": ingredient,
     }
+    if request.contraindication_override is not None:
+        info["contraindication_override"] = request.contraindication_override
+    return info
 
 
 def _params(params: PulseParams) -> dict[str, Any]:

@@ -1,5 +1,8 @@
 """Imports every command module so that each registers its commands on the app."""
 
-from devicectl.cli import records  # noqa: F401
-from devicectl.cli import sim  # noqa: F401
-from devicectl.cli import telemetry  # noqa: F401
+from devicectl.cli import (
+    control,  # noqa: F401
+    records,  # noqa: F401
+    sim,  # noqa: F401
+    telemetry,  # noqa: F401
+)
