@@ -78,7 +78,7 @@ def fill_session(
     spot_um: int = 300,
     start_ns: int = T0,
 ) -> int:
-    """Zone, params, ``pulses`` pulses 50 ms apart with STATUS samples; returns the next pulse_no."""
+    """Zone, params, ``pulses`` pulses 50 ms apart, STATUS samples; returns the next pulse_no."""
     slog.record_zone(session_id, zone, actor="op-anna", energy_limit_uj=pulses * energy_uj * 2)
     slog.record_params(
         session_id,

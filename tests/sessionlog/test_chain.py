@@ -218,9 +218,10 @@ def test_an_inserted_row_taking_a_place_is_named(template: Path, tmp_path: Path)
         "INSERT INTO records SELECT 7, session_id, kind, at_ns, body, hash FROM records "
         "WHERE seq = (SELECT min(seq) FROM records)",
     )
-    assert _count(path, "pulses") and sqlite3.connect(path).execute(
-        "SELECT count(*) FROM pulses WHERE seq = 7"
-    ).fetchone() == (1,)
+    conn = sqlite3.connect(path)
+    pulse_at_7 = conn.execute("SELECT count(*) FROM pulses WHERE seq = 7").fetchone()
+    conn.close()
+    assert pulse_at_7 == (1,)  # the inserted record shares its seq with a genuine pulse
     brk = verify_log(path).first_break
     assert brk is not None
     assert (brk.seq, brk.table, brk.problem) == (7, "records", "inserted")
