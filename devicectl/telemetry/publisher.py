@@ -141,6 +141,7 @@ class Telemetry:
         self._v5 = True
         self._tasks: asyncio.TaskGroup | None = None
         self._link_task: asyncio.Task[None] | None = None
+        self._helpers: tuple[asyncio.Task[None], ...] = ()
         self._session_summary: SessionSummary | None = None
         self._session_sent_at = 0.0
         self._overflow_alerted = False
@@ -172,14 +173,18 @@ class Telemetry:
         self._tasks = asyncio.TaskGroup()
         await self._tasks.__aenter__()
         self._link_task = self._tasks.create_task(self._link(), name="telemetry-link")
-        self._tasks.create_task(self._batch_pulses(), name="telemetry-pulses")
-        self._tasks.create_task(self._repeat_session(), name="telemetry-session-repeat")
+        self._helpers = (
+            self._tasks.create_task(self._batch_pulses(), name="telemetry-pulses"),
+            self._tasks.create_task(self._repeat_session(), name="telemetry-session-repeat"),
+        )
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._tasks is not None
         assert self._outbox is not None
         loop = asyncio.get_running_loop()
+        for task in self._helpers:
+            task.cancel()
         self._flush_pulses()
         self._close_deadline = loop.time() + self._config.flush_timeout_s
         self._closing.set()
@@ -193,9 +198,6 @@ class Telemetry:
                     link.cancel()
             else:
                 link.cancel()
-        for task in list(asyncio.all_tasks()):
-            if task.get_name().startswith("telemetry-") and task is not link:
-                task.cancel()
         try:
             await self._tasks.__aexit__(None, None, None)
         finally:
@@ -502,6 +504,9 @@ class Telemetry:
                 else:
                     self._note_failure(error)
             except* (OSError, ssl.SSLError) as group:
+                self._note_failure(group.exceptions[0])
+            except* Exception as group:  # noqa: BLE001 - a telemetry bug must not stop the device
+                self._log.error("telemetry_link_crashed", error=repr(group.exceptions[0]))
                 self._note_failure(group.exceptions[0])
             finally:
                 self._connected = False

@@ -1,0 +1,241 @@
+"""Broker-free behaviour: the outbox, the contract's helpers, config, batching, the watch view."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from rich.console import Console
+
+from devicectl.errors import ConfigError
+from devicectl.telemetry import Outbox, Telemetry, parse_broker_url
+from devicectl.telemetry.watch import FleetView
+from protocols.mqtt import (
+    AlertPayload,
+    Stream,
+    TopicBase,
+    encode_payload,
+    mark_historical,
+    parse_topic,
+)
+from tests.telemetry.helpers import config
+
+NOW = datetime(2026, 11, 25, 10, 0, 0, 123000, tzinfo=UTC)
+
+
+def _alert(seq: int) -> bytes:
+    return encode_payload(
+        AlertPayload(
+            v=1, ts=NOW, device="SN42", seq=seq, boot=1, severity="info", code="c", message="m"
+        )
+    )
+
+
+# -- outbox -------------------------------------------------------------------------------------
+
+
+def test_outbox_keeps_seq_boot_and_messages_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite"
+    outbox = Outbox(path)
+    assert outbox.start_boot() == 1
+    assert [outbox.enqueue("t/a", "alerts", _alert)[0] for _ in range(3)] == [1, 2, 3]
+    assert outbox.enqueue("t/b", "alerts", _alert)[0] == 1
+    assert outbox.next_seq("t/metrics") == 1
+    rows = outbox.fetch(0, 10)
+    outbox.ack(rows[0].id)
+    outbox.close()
+
+    again = Outbox(path)
+    assert again.start_boot() == 2
+    assert again.depth == 3
+    assert [json.loads(r.payload)["seq"] for r in again.fetch(0, 10)] == [2, 3, 1]
+    assert again.enqueue("t/a", "alerts", _alert)[0] == 4
+    assert again.next_seq("t/metrics") == 2
+    assert again.fetch(0, 10)[-1].boot == 2
+    again.close()
+
+
+def test_outbox_bound_drops_oldest_pulses_then_superseded_state_never_alerts(
+    tmp_path: Path,
+) -> None:
+    outbox = Outbox(tmp_path / "o.sqlite", max_bytes=4096)
+    outbox.start_boot()
+    blob = b"x" * 500
+    outbox.enqueue("b/alerts", "alerts", lambda _s: blob)
+    outbox.enqueue("b/sessions/s/events", "session-events", lambda _s: blob)
+    outbox.enqueue("b/state", "state", lambda _s: blob)
+    for _ in range(4):
+        outbox.enqueue("b/pulses", "pulses", lambda _s: blob)
+    outbox.enqueue("b/state", "state", lambda _s: blob)
+    seq, report = outbox.enqueue("b/pulses", "pulses", lambda _s: blob)
+    assert report is not None
+    assert report.dropped_messages == 1
+    assert not report.still_over
+    streams = [r.stream for r in outbox.fetch(0, 100)]
+    assert streams == ["alerts", "session-events", "state"] + ["pulses"] * 3 + ["state", "pulses"]
+    assert seq == 5  # seq numbering is unaffected: the subscriber sees the gap
+
+    for _ in range(6):
+        _seq, report = outbox.enqueue("b/alerts", "alerts", lambda _s: blob)
+    assert report is not None
+    assert report.still_over  # only alerts/events/latest state left: kept, over the bound
+    streams = [r.stream for r in outbox.fetch(0, 100)]
+    assert "pulses" not in streams
+    assert streams.count("alerts") == 7
+    assert streams.count("session-events") == 1
+    assert streams.count("state") == 1  # the superseded one went
+    outbox.close()
+
+
+def test_outbox_rejects_a_silly_bound(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="outbox_max_bytes"):
+        Outbox(tmp_path / "o.sqlite", max_bytes=10)
+
+
+async def test_outbox_full_raises_one_alert_and_keeps_publishing(tmp_path: Path) -> None:
+    cfg = config("mqtt://127.0.0.1:1", tmp_path, outbox_max_bytes=8192)
+    async with Telemetry(cfg) as tm:
+        for n in range(2000):
+            tm.offer_pulse(n + 1, n, 1000, "hands", "S")
+            if n % 100 == 99:
+                tm._flush_pulses()  # what the 100 ms batcher does
+        stats = tm.stats
+    assert stats.outbox_dropped > 0
+    outbox = Outbox(cfg.outbox_path)
+    alerts = [json.loads(r.payload) for r in outbox.fetch(0, 1000) if r.stream == "alerts"]
+    outbox.close()
+    assert [a["code"] for a in alerts] == ["telemetry_outbox_full"]
+
+
+# -- pulse batching -----------------------------------------------------------------------------
+
+
+async def test_pulses_batch_by_session_and_zone_and_count_handoff_drops(tmp_path: Path) -> None:
+    cfg = config("mqtt://127.0.0.1:1", tmp_path, handoff_capacity=100)
+    async with Telemetry(cfg) as tm:
+        for n in range(1, 4):
+            tm.offer_pulse(n, n * 10, 1000 + n, "cheeks", "S1")
+        for n in range(4, 6):
+            tm.offer_pulse(n, n * 10, 2000, "neck", "S1")
+        tm._flush_pulses()
+        for n in range(6, 200):  # 94 over capacity
+            tm.offer_pulse(n, n * 10, 1500, "neck", "S1")
+        tm._flush_pulses()
+        stats = tm.stats
+    assert stats.pulses_dropped == 94
+    assert stats.pulses_offered == 105
+    outbox = Outbox(cfg.outbox_path)
+    batches = [json.loads(r.payload) for r in outbox.fetch(0, 100) if r.stream == "pulses"]
+    outbox.close()
+    assert [(b["zone"], b["first_pulse_no"], b["last_pulse_no"], b["count"]) for b in batches] == [
+        ("cheeks", 1, 3, 3),
+        ("neck", 4, 5, 2),
+        ("neck", 6, 105, 100),
+    ]
+    assert (batches[0]["energy_uj_min"], batches[0]["energy_uj_max"]) == (1001, 1003)
+    assert batches[0]["energy_uj_sum"] == 3006
+    assert batches[2]["dropped"] == 94
+    assert [b["seq"] for b in batches] == [1, 2, 3]
+
+
+async def test_publishing_while_unreachable_never_raises_and_metrics_are_live_only(
+    tmp_path: Path,
+) -> None:
+    async with Telemetry(config("mqtt://127.0.0.1:1", tmp_path)) as tm:
+        tm.publish_metrics(rate_hz=1.0)
+        tm.publish_state(state="FAULT", faults=["OVERTEMP_HEAD"])
+        assert tm.stats.live_dropped == 1
+        assert tm.stats.outbox_depth == 1
+        with pytest.raises(ValueError, match="severity"):
+            tm.publish_alert("catastrophic", "x", "y")  # type: ignore[arg-type]
+
+
+# -- contract helpers, config -------------------------------------------------------------------
+
+
+def test_mark_historical_adds_the_flag_once() -> None:
+    payload = _alert(1)
+    marked = mark_historical(payload)
+    assert json.loads(marked)["historical"] is True
+    assert mark_historical(marked) == marked
+    assert mark_historical(b"") == b""
+    assert "historical" not in json.loads(payload)
+
+
+def test_topics() -> None:
+    base = TopicBase("lasers", "clinic1", "SN42")
+    assert base.topic(Stream.STATE) == "lasers/clinic1/SN42/state"
+    assert base.topic(Stream.SESSION_EVENTS, "S-1") == "lasers/clinic1/SN42/sessions/S-1/events"
+    assert base.topic(Stream.CMD) == "lasers/clinic1/SN42/cmd/#"
+    with pytest.raises(ValueError, match="site"):
+        TopicBase("lasers", "a/b", "SN42")
+    with pytest.raises(ValueError, match="session id"):
+        base.topic(Stream.SESSION_EVENTS, "S+1")
+    assert parse_topic("lasers/c/d/sessions/S/events") == (
+        "lasers", "c", "d", Stream.SESSION_EVENTS, "S"
+    )  # fmt: skip
+    assert parse_topic("lasers/c/d/cmd/arm") == ("lasers", "c", "d", Stream.CMD, "arm")
+    assert parse_topic("lasers/c/d/unknown") is None
+    assert parse_topic("lasers/c") is None
+
+
+def test_broker_urls() -> None:
+    plain = parse_broker_url("mqtt://broker.local")
+    assert (plain.host, plain.port, plain.tls) == ("broker.local", 1883, False)
+    secure = parse_broker_url("mqtts://dev%40clinic:s3cret@10.0.0.5")
+    assert (secure.port, secure.tls, secure.username, secure.password) == (
+        8883, True, "dev@clinic", "s3cret"
+    )  # fmt: skip
+    for bad in ("http://x", "mqtt://", "mqtt://h:99999", "mqtt://h/topic"):
+        with pytest.raises(ConfigError, match=r"mqtt\.url"):
+            parse_broker_url(bad)
+
+
+def test_credentials_come_from_the_environment_when_not_configured(tmp_path: Path) -> None:
+    cfg = config("mqtt://h", tmp_path)
+    address = cfg.address({"DEVICECTL_MQTT_USERNAME": "u", "DEVICECTL_MQTT_PASSWORD": "p"})
+    assert (address.username, address.password) == ("u", "p")
+    assert cfg.client_id == "devicectl-SN42"
+
+
+# -- watch view ---------------------------------------------------------------------------------
+
+
+def _feed_session(view: FleetView) -> None:
+    base = "lasers/clinic1/SN42"
+    view.feed(f"{base}/availability", b"online")
+    state = {"v": 1, "boot": 1, "state": "EMITTING", "armed": True, "session": "S-1"}
+    view.feed(f"{base}/state", json.dumps(state).encode())
+    batch = {"v": 1, "session": "S-1", "zone": "neck", "count": 20, "energy_uj_sum": 40000}
+    view.feed(f"{base}/pulses", json.dumps(batch).encode())
+    alert = {"v": 1, "severity": "critical", "code": "over_rate", "message": "too fast"}
+    view.feed(f"{base}/alerts", json.dumps(alert).encode())
+
+
+def test_fleet_view_tracks_a_device() -> None:
+    view = FleetView()
+    _feed_session(view)
+    device = view.devices[("clinic1", "SN42")]
+    assert (device.availability, device.state, device.armed) == ("online", "EMITTING", True)
+    assert (device.session, device.pulses, device.energy_uj_by_zone) == ("S-1", 20, {"neck": 40000})
+    assert device.alerts[0] == "critical: over_rate - too fast"
+    console = Console(record=True, width=160)
+    console.print(view.render())
+    text = console.export_text()
+    assert "clinic1/SN42" in text
+    assert "neck 40.0" in text
+    view.feed("lasers/clinic1/SN42/session", b"")
+    assert device.session is None
+
+
+@given(topic=st.text(max_size=60), payload=st.binary(max_size=200))
+def test_fleet_view_survives_any_message(topic: str, payload: bytes) -> None:
+    view = FleetView()
+    view.feed(topic, payload)
+    for stream in ("state", "session", "pulses", "alerts", "availability", "metrics"):
+        view.feed(f"lasers/s/d/{stream}", payload)
+    view.render()
