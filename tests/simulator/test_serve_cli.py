@@ -24,7 +24,9 @@ from typing import Any
 
 import pytest
 import serial
+from typer.testing import CliRunner
 
+from devicectl.cli import app
 from protocols import GetStatus, Hello, HostCodec, Ident, InputEvent, StatusReply
 from protocols.codec import NEED_DATA, Frame
 from protocols.messages import Message
@@ -92,14 +94,34 @@ def running_sim(workdir: Path, *args: str) -> Iterator[SimProcess]:
         process.stdout.close()
 
 
-def sim_control(control: Path, *words: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def sim_control_process(control: Path, *words: str) -> Ran:
+    """``devicectl sim-control`` as its own process, exactly as an engineer runs it."""
+    done = subprocess.run(
         [*DEVICECTL, "sim-control", "--socket", str(control), *words],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+    return Ran(done.returncode, done.stdout, done.stderr)
+
+
+def cli(*args: str) -> Ran:
+    """A ``devicectl`` command run in this process: the same code, without a second interpreter
+    start-up per call (the simulator it talks to is still a separate process)."""
+    result = CliRunner().invoke(app, list(args))
+    return Ran(result.exit_code, result.stdout, result.stderr)
+
+
+def sim_control(control: Path, *words: str) -> Ran:
+    return cli("sim-control", "--socket", str(control), *words)
 
 
 def _take(codec: HostCodec, want: type[Message], seq: int | None) -> Frame[Message] | None:
@@ -146,7 +168,7 @@ def test_sim_over_a_pty_end_to_end(short_dir: Path) -> None:
             os.write(fd, host.send(0x0A, GetStatus()))
             read_until(lambda n: os.read(fd, n), fd, host, StatusReply, 0x0A)
 
-            done = sim_control(sim.control, "footswitch", "down")
+            done = sim_control_process(sim.control, "footswitch", "down")
             assert (done.returncode, done.stdout.strip()) == (0, "footswitch down"), done.stderr
             pressed = read_until(lambda n: os.read(fd, n), fd, host, InputEvent).message
             assert isinstance(pressed, InputEvent)
@@ -248,13 +270,7 @@ def test_sim_control_exit_codes(short_dir: Path) -> None:
 def test_sim_usage_errors_exit_2_naming_the_cause(
     short_dir: Path, args: list[str], named: str
 ) -> None:
-    result = subprocess.run(
-        [*DEVICECTL, "sim", "--control", str(short_dir / "sim.sock"), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = cli("sim", "--control", str(short_dir / "sim.sock"), *args)
     assert result.returncode == 2
     assert result.stdout == ""
     assert named in result.stderr
