@@ -57,6 +57,7 @@ from devicectl.link import DeviceLink
 from devicectl.policy import Concern, Policy, PulseParams, SkinType, Zone, load_policy
 from devicectl.safety import Breach, Limits, SafetySupervisor, check_params
 from devicectl.sessionlog import SessionLog
+from devicectl.sessionlog.model import check_patient_ref
 from devicectl.systemd import SystemdNotifier
 from drivers import MemoryLink, open_serial
 from protocols import (
@@ -158,6 +159,7 @@ class Daemon:
         self._params_on_device = False
         self._gap_open_since: float | None = None
         self.sim_control: Path | None = None
+        self.sim_runner: Any = None  # the in-process simulator's BoardRunner (port "sim")
         self._pulses_since_metrics = 0
         self._energy_since_metrics = 0
 
@@ -279,6 +281,7 @@ class Daemon:
 
         board = Board(max_rate_mhz=round(self.settings.sim_max_rate_hz * 1000))
         runner = await stack.enter_async_context(BoardRunner(board, log=self._log))
+        self.sim_runner = runner
 
         def accept(device: Any) -> None:
             device.attach(on_data=runner.feed, on_lost=lambda _exc: runner.attach(None))
@@ -631,6 +634,8 @@ class Daemon:
         ident = self.ident
         if ident is None:
             raise LinkError(f"the device on {self.settings.port} has not identified itself yet")
+        # First, so that a name typed by mistake is refused as such (it also seeds the course id).
+        check_patient_ref(request.patient_ref, self.settings.patient_ref_pattern)
         preset = self.policy.presets[Concern(request.preset)] if request.preset else None
         ingredient = request.active_ingredient or (preset.active_ingredient if preset else None)
         if ingredient is None:

@@ -1,0 +1,192 @@
+"""A daemon on the in-process simulator, driven through its real control socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devicectl.config import load_settings
+from devicectl.daemon import Daemon
+from simulator.control import apply_command, parse_command
+
+# The packaged policy with a lease long enough that a loaded CI machine never trips the
+# lease-nearly-out rule by accident, and a small forehead budget for the zone-energy test.
+TEST_POLICY = """
+max_average_power_w = 3.0
+session_energy_j = 300.0
+energy_tolerance_pct = 20
+min_interval_pct = 90
+skin_temp_max_c = 41.0
+head_temp_max_c = 43.0
+lease_ms = 1500
+lease_nearly_out_ms = 100
+
+[max_fluence_j_cm2]
+I = 40.0
+II = 35.0
+III = 30.0
+IV = 22.0
+V = 16.0
+VI = 12.0
+
+[zones]
+forehead = { energy_j = 60.0 }
+periorbital = { energy_j = 15.0, max_fluence_j_cm2 = 10.0 }
+perioral = { energy_j = 30.0, max_fluence_j_cm2 = 15.0 }
+cheeks = { energy_j = 80.0 }
+neck = { energy_j = 0.25, max_fluence_j_cm2 = 20.0 }
+decollete = { energy_j = 100.0, max_fluence_j_cm2 = 20.0 }
+hands = { energy_j = 50.0 }
+
+[presets.fine_lines]
+energy_uj = 6000
+width_us = 1000
+rate_hz = 10.0
+spot_um = 300
+active_ingredient = "hyaluronic acid"
+
+[presets.laxity]
+energy_uj = 15000
+width_us = 2000
+rate_hz = 8.0
+spot_um = 1000
+active_ingredient = "peptide complex"
+
+[presets.acne_scars]
+energy_uj = 2400
+width_us = 500
+rate_hz = 20.0
+spot_um = 120
+active_ingredient = "niacinamide"
+skin_types = ["I", "II", "III", "IV"]
+
+[presets.pigmentation]
+energy_uj = 5000
+width_us = 1000
+rate_hz = 10.0
+spot_um = 300
+active_ingredient = "tranexamic acid"
+
+[presets.dehydration]
+energy_uj = 4000
+width_us = 800
+rate_hz = 15.0
+spot_um = 300
+active_ingredient = "hyaluronic acid"
+
+[presets.sun_damage]
+energy_uj = 7000
+width_us = 1000
+rate_hz = 10.0
+spot_um = 300
+active_ingredient = "vitamin C"
+"""
+
+CHECKLIST = {
+    "consultation_done": True,
+    "area_cleaned": True,
+    "numbing_applied": False,
+    "recent_sun_exposure": False,
+    "photosensitising_medication": False,
+    "active_skin_infection": False,
+    "pregnancy": False,
+    "allergy_to_active_ingredient": False,
+}
+
+SESSION = {
+    "command": "session_start",
+    "operator": "OP-7",
+    "patient_ref": "PT-0042",
+    "skin_type": "III",
+    "concerns": ["fine_lines"],
+    "preset": "fine_lines",
+    "checklist": CHECKLIST,
+}
+
+
+@pytest.fixture
+def policy_file(tmp_path: Path) -> Path:
+    path = tmp_path / "policy.toml"
+    path.write_text(TEST_POLICY)
+    return path
+
+
+class Driver:
+    """Talks to a running daemon over its control socket, and to its in-process board."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.path = Path(daemon.settings.control)
+
+    async def raw(self, line: bytes) -> dict[str, Any]:
+        reader, writer = await asyncio.open_unix_connection(str(self.path))
+        try:
+            writer.write(line)
+            await writer.drain()
+            reply = await asyncio.wait_for(reader.readline(), 10)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        result: dict[str, Any] = json.loads(reply)
+        return result
+
+    async def call(self, command: str, **fields: Any) -> dict[str, Any]:
+        return await self.raw((json.dumps({"command": command, **fields}) + "\n").encode())
+
+    async def ok(self, command: str, **fields: Any) -> dict[str, Any]:
+        reply = await self.call(command, **fields)
+        assert reply["ok"], reply
+        result: dict[str, Any] = reply["result"]
+        return result
+
+    def sim(self, words: str) -> Any:
+        return apply_command(self.daemon.sim_runner, parse_command(words))
+
+    @property
+    def board(self) -> Any:
+        return self.daemon.sim_runner.board
+
+    async def until(self, predicate: Callable[[], object], timeout: float = 10.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not predicate():
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out waiting for {predicate}")
+            await asyncio.sleep(0.01)
+
+    async def emitting_session(
+        self,
+        zone: str = "forehead",
+        rate_hz: float = 50.0,
+        energy_uj: int = 2000,
+        spot_um: int = 300,
+    ) -> None:
+        """Session open, zone chosen, params set, armed, footswitch pressed, pulses flowing."""
+        await self.ok(**SESSION)
+        await self.ok("session_zone", zone=zone)
+        await self.ok(
+            "params_set", energy_uj=energy_uj, width_us=500, rate_hz=rate_hz, spot_um=spot_um
+        )
+        await self.ok("arm")
+        self.sim("footswitch down")
+        await self.until(lambda: self.daemon.treatment and self.daemon.treatment.pulses >= 5)
+
+
+@pytest.fixture
+async def driver(tmp_path: Path, policy_file: Path) -> AsyncIterator[Driver]:
+    settings = load_settings(
+        None,
+        port="sim",
+        data_dir=tmp_path / "data",
+        control=tmp_path / "ctl.sock",
+        policy=policy_file,
+        sim_max_rate_hz=5000,
+    )
+    async with Daemon(settings) as daemon:
+        drv = Driver(daemon)
+        await drv.until(lambda: daemon.link is not None and daemon.link.connected.is_set())
+        yield drv
