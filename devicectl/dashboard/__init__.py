@@ -14,19 +14,11 @@ from devicectl.dashboard.app import Dashboard, DashboardConfig, create_app
 from devicectl.dashboard.fleet import Fleet, Update
 from devicectl.dashboard.hub import UpdateHub
 from devicectl.dashboard.limits import DisplayLimits, load_display_limits
-from devicectl.dashboard.mqtt import (
-    Backoff,
-    BrokerEndpoint,
-    StopFailed,
-    TelemetrySubscriber,
-    parse_broker_url,
-    publish_stop,
-)
+from devicectl.dashboard.mqtt import Backoff, StopFailed, TelemetrySubscriber, publish_stop
 from devicectl.dashboard.server import DashboardServer, parse_listen
 
 __all__ = [
     "Backoff",
-    "BrokerEndpoint",
     "Dashboard",
     "DashboardConfig",
     "DashboardServer",
@@ -38,7 +30,6 @@ __all__ = [
     "UpdateHub",
     "create_app",
     "load_display_limits",
-    "parse_broker_url",
     "parse_listen",
     "publish_stop",
 ]

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -36,13 +38,13 @@ from devicectl.dashboard.hub import Resync, UpdateHub
 from devicectl.dashboard.limits import DisplayLimits
 from devicectl.dashboard.mqtt import (
     Backoff,
-    BrokerEndpoint,
     StopFailed,
     TelemetrySubscriber,
-    parse_broker_url,
+    display_url,
     publish_stop,
 )
 from devicectl.errors import ConfigError
+from devicectl.telemetry.config import BrokerAddress, parse_broker_url, tls_context_for
 
 __all__ = ["Dashboard", "DashboardConfig", "create_app"]
 
@@ -60,9 +62,14 @@ _MAX_UPDATES_PER_EVENT = 500
 
 @dataclass(frozen=True, slots=True)
 class DashboardConfig:
-    """What the dashboard needs. ``stop_username``/``stop_password`` enable the Stop button."""
+    """What the dashboard needs. ``stop_username``/``stop_password`` enable the Stop button.
+
+    ``mqtt_url`` may carry the subscriber's credentials (``mqtt://user:pass@host``); ``ca_file``
+    (else ``DEVICECTL_MQTT_CA``) verifies an ``mqtts://`` broker.
+    """
 
     mqtt_url: str = "mqtt://127.0.0.1:1883"
+    ca_file: Path | None = None
     prefix: str = "lasers"
     stop_username: str | None = None
     stop_password: str | None = field(default=None, repr=False)
@@ -85,9 +92,9 @@ class DashboardConfig:
     def stop_enabled(self) -> bool:
         return self.stop_username is not None and self.stop_password is not None
 
-    @property
-    def endpoint(self) -> BrokerEndpoint:
-        return parse_broker_url(self.mqtt_url)
+    def broker(self) -> tuple[BrokerAddress, ssl.SSLContext | None]:
+        """The broker's address and TLS context; raises ConfigError naming the bad value."""
+        return parse_broker_url(self.mqtt_url), tls_context_for(self.mqtt_url, self.ca_file)
 
 
 class Dashboard:
@@ -101,19 +108,26 @@ class Dashboard:
         log: FilteringBoundLogger | None = None,
     ) -> None:
         self.config = config
-        self.endpoint = config.endpoint  # raises ConfigError on a bad URL, before serving
+        # Raises ConfigError on a bad URL or CA file, before anything is served.
+        self.address, self.tls = config.broker()
         self.log: FilteringBoundLogger = log or structlog.get_logger("devicectl.dashboard")
         self.fleet = Fleet(config.prefix, limits=config.limits)
         self.hub = UpdateHub(self.snapshot)
         self.subscriber = TelemetrySubscriber(
-            self.endpoint, self.fleet, self.hub, backoff=config.backoff, clock=clock, log=self.log
+            self.address,
+            self.tls,
+            self.fleet,
+            self.hub,
+            backoff=config.backoff,
+            clock=clock,
+            log=self.log,
         )
 
     def snapshot(self) -> dict[str, Any]:
         return {
             **self.fleet.snapshot(),
             "title": self.config.title,
-            "broker_url": self.endpoint.display(),
+            "broker_url": display_url(self.address),
             "stop_enabled": self.config.stop_enabled,
         }
 
@@ -213,7 +227,8 @@ def create_app(dashboard: Dashboard) -> Starlette:
         log.warning("stop_requested", device=f"{site}/{device}", client=client)
         try:
             await publish_stop(
-                dashboard.endpoint,
+                dashboard.address,
+                dashboard.tls,
                 topic,
                 username=config.stop_username or "",
                 password=config.stop_password or "",

@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 import structlog
@@ -28,51 +27,17 @@ from structlog.typing import FilteringBoundLogger
 
 from devicectl.dashboard.fleet import Fleet
 from devicectl.dashboard.hub import UpdateHub
-from devicectl.errors import ConfigError, LinkError
+from devicectl.errors import LinkError
+from devicectl.telemetry.config import BrokerAddress
 
-__all__ = [
-    "Backoff",
-    "BrokerEndpoint",
-    "StopFailed",
-    "TelemetrySubscriber",
-    "parse_broker_url",
-    "publish_stop",
-]
+__all__ = ["Backoff", "StopFailed", "TelemetrySubscriber", "display_url", "publish_stop"]
 
 _NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
 
-@dataclass(frozen=True, slots=True)
-class BrokerEndpoint:
-    host: str
-    port: int
-    tls: bool
-    username: str | None = None
-    password: str | None = None
-
-    def display(self) -> str:
-        """The URL without its credentials, for the page and the logs."""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-
-def parse_broker_url(url: str) -> BrokerEndpoint:
-    """``mqtt://[user[:password]@]host[:port]`` or ``mqtts://…`` (TLS, 8883 by default)."""
-    allowed = "mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError("--mqtt", url, allowed) from exc
-    if parts.scheme not in {"mqtt", "mqtts"} or not parts.hostname or parts.path not in {"", "/"}:
-        raise ConfigError("--mqtt", url, allowed)
-    tls = parts.scheme == "mqtts"
-    return BrokerEndpoint(
-        host=parts.hostname,
-        port=port if port is not None else (8883 if tls else 1883),
-        tls=tls,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-    )
+def display_url(address: BrokerAddress) -> str:
+    """The broker's URL without credentials, for the page and the logs."""
+    return f"{'mqtts' if address.tls else 'mqtt'}://{address.host}:{address.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,21 +56,22 @@ class Backoff:
 
 
 def _client(
-    endpoint: BrokerEndpoint,
+    address: BrokerAddress,
+    tls: ssl.SSLContext | None,
     *,
     username: str | None,
     password: str | None,
-    identifier: str | None,
     timeout_s: float,
 ) -> aiomqtt.Client:
+    # MQTT 3.1.1: every broker speaks it (the demo's embedded amqtt speaks nothing newer), and
+    # the dashboard needs nothing from MQTT 5.
     return aiomqtt.Client(
-        endpoint.host,
-        endpoint.port,
+        address.host,
+        address.port,
         username=username,
         password=password,
-        identifier=identifier,
-        protocol=aiomqtt.ProtocolVersion.V5,
-        tls_context=ssl.create_default_context() if endpoint.tls else None,
+        protocol=aiomqtt.ProtocolVersion.V311,
+        tls_context=tls,
         timeout=timeout_s,
         keepalive=15,
         socket_options=_NODELAY,
@@ -117,7 +83,8 @@ class TelemetrySubscriber:
 
     def __init__(
         self,
-        endpoint: BrokerEndpoint,
+        address: BrokerAddress,
+        tls: ssl.SSLContext | None,
         fleet: Fleet,
         hub: UpdateHub,
         *,
@@ -125,7 +92,7 @@ class TelemetrySubscriber:
         clock: Callable[[], float] = time.time,
         log: FilteringBoundLogger | None = None,
     ) -> None:
-        self.endpoint = endpoint
+        self.address, self.tls = address, tls
         self.fleet = fleet
         self.hub = hub
         self.backoff = backoff or Backoff()
@@ -140,16 +107,16 @@ class TelemetrySubscriber:
         while True:
             try:
                 async with _client(
-                    self.endpoint,
-                    username=self.endpoint.username,
-                    password=self.endpoint.password,
-                    identifier=None,
+                    self.address,
+                    self.tls,
+                    username=self.address.username,
+                    password=self.address.password,
                     timeout_s=10.0,
                 ) as client:
                     self.hub.publish(self.fleet.broker_link(True, self.clock()))
                     await client.subscribe(topic, qos=1)
                     self.subscribed.set()
-                    self.log.info("broker_connected", broker=self.endpoint.display(), topic=topic)
+                    self.log.info("broker_connected", broker=display_url(self.address), topic=topic)
                     attempt = 0
                     async for message in client.messages:
                         payload = message.payload
@@ -164,7 +131,7 @@ class TelemetrySubscriber:
                 self.hub.publish(self.fleet.broker_link(False, self.clock(), str(exc)))
                 self.log.warning(
                     "broker_unreachable",
-                    broker=self.endpoint.display(),
+                    broker=display_url(self.address),
                     error=str(exc),
                     retry_in_s=round(delay, 2),
                 )
@@ -180,7 +147,8 @@ class StopFailed(LinkError):
 
 
 async def publish_stop(
-    endpoint: BrokerEndpoint,
+    address: BrokerAddress,
+    tls: ssl.SSLContext | None,
     topic: str,
     *,
     username: str,
@@ -203,11 +171,7 @@ async def publish_stop(
     )
     try:
         async with _client(
-            endpoint,
-            username=username,
-            password=password,
-            identifier=None,
-            timeout_s=timeout_s,
+            address, tls, username=username, password=password, timeout_s=timeout_s
         ) as client:
             await client.publish(topic, payload, qos=1, timeout=timeout_s)
     except aiomqtt.MqttError as exc:

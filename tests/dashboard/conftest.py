@@ -34,7 +34,7 @@ class FakeDevice:
         self.device = device
         self.seqs: dict[str, int] = {}
         self.commands: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self.client = paho.Client(
+        self.client: paho.Client | None = paho.Client(
             paho.CallbackAPIVersion.VERSION2, client_id=f"devicectl-{device}", protocol=paho.MQTTv5
         )
         self.client.will_set(f"{self.base}/availability", b"offline", qos=1, retain=True)
@@ -46,14 +46,17 @@ class FakeDevice:
         self.client.loop_start()
 
     def close(self) -> None:
+        if self.client is None:
+            return
         self.client.disconnect()
         self.client.loop_stop()
         # paho closes the socket pair that wakes its loop thread only when the client is
         # collected; collect it now so that the suite's leak check sees it closed.
-        del self.client
+        self.client = None
         gc.collect()
 
     async def raw(self, kind: str, payload: bytes, *, retain: bool = False) -> None:
+        assert self.client is not None, "this device has been closed"
         info = self.client.publish(f"{self.base}/{kind}", payload, qos=1, retain=retain)
         await asyncio.to_thread(info.wait_for_publish, 5.0)
 

@@ -1,0 +1,117 @@
+"""``devicectl dashboard``: serve the clinic dashboard (every device's telemetry, live).
+
+Prints one stdout line, the page's URL, once it is listening; runs until SIGTERM or SIGINT (exit
+0). A broker that is down is not fatal: the page says so and the dashboard keeps retrying.
+Exit codes: 0 stopped by a signal, 2 usage or configuration error (one line naming the cause).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from devicectl.cli.app import ExitCode, app
+
+__all__ = ["dashboard"]
+
+
+@app.command("dashboard")
+def dashboard(
+    mqtt: Annotated[
+        str,
+        typer.Option(
+            "--mqtt",
+            metavar="URL",
+            envvar="DEVICECTL_DASHBOARD_MQTT",
+            help="Broker to watch: mqtt://[USER:PASS@]HOST[:PORT] or mqtts://...",
+        ),
+    ] = "mqtt://127.0.0.1:1883",
+    listen: Annotated[
+        str,
+        typer.Option(
+            "--listen",
+            metavar="HOST:PORT",
+            envvar="DEVICECTL_DASHBOARD_LISTEN",
+            help="Where to serve the page; 0.0.0.0:8080 to reach it from the clinic's tablets.",
+        ),
+    ] = "127.0.0.1:8080",
+    prefix: Annotated[str, typer.Option("--prefix", help="Topic prefix.")] = "lasers",
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            "--policy",
+            metavar="FILE",
+            help="Clinic policy TOML the zone bars are drawn against (default: the packaged one).",
+        ),
+    ] = None,
+    ca: Annotated[
+        Path | None,
+        typer.Option("--ca", metavar="FILE", help="CA file for mqtts:// (else DEVICECTL_MQTT_CA)."),
+    ] = None,
+    stop_username: Annotated[
+        str | None,
+        typer.Option(
+            "--stop-username",
+            metavar="U",
+            envvar="DEVICECTL_DASHBOARD_STOP_USERNAME",
+            help="Broker user allowed to publish cmd/stop; with --stop-password, shows the "
+            "Stop emission button.",
+        ),
+    ] = None,
+    stop_password: Annotated[
+        str | None,
+        typer.Option(
+            "--stop-password",
+            metavar="P",
+            envvar="DEVICECTL_DASHBOARD_STOP_PASSWORD",
+            help="Its password (prefer the environment variable: arguments are visible in ps).",
+        ),
+    ] = None,
+    title: Annotated[str, typer.Option("--title", help="The page's title.")] = "Clinic lasers",
+) -> None:
+    """Serve the clinic dashboard: every device live, alerts impossible to miss."""
+    from devicectl.dashboard import (
+        Dashboard,
+        DashboardConfig,
+        DashboardServer,
+        load_display_limits,
+        parse_listen,
+    )
+    from devicectl.errors import ConfigError
+    from devicectl.logs import configure_logging
+
+    configure_logging()
+    try:
+        address = parse_listen(listen)
+        config = DashboardConfig(
+            mqtt_url=mqtt,
+            ca_file=ca,
+            prefix=prefix,
+            stop_username=stop_username,
+            stop_password=stop_password,
+            limits=load_display_limits(policy),
+            title=title,
+        )
+        server = DashboardServer(Dashboard(config), address)
+    except ConfigError as exc:
+        typer.echo(f"devicectl dashboard: {exc}", err=True)
+        raise typer.Exit(int(ExitCode.USAGE)) from exc
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        async with server:
+            typer.echo(server.url)
+            await stop.wait()
+
+    try:
+        asyncio.run(serve())
+    except ConfigError as exc:
+        typer.echo(f"devicectl dashboard: {exc}", err=True)
+        raise typer.Exit(int(ExitCode.USAGE)) from exc

@@ -1,0 +1,307 @@
+"""The dashboard's HTTP side against a real mosquitto: the event stream, the stop command and its
+guards, a broker outage, and the ``devicectl dashboard`` process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from typer.testing import CliRunner
+
+from devicectl.cli import (
+    app,
+    commands,  # noqa: F401 - registers every command, as the script does
+)
+from devicectl.dashboard import Dashboard, DashboardConfig, DashboardServer
+from devicectl.errors import ConfigError
+from tests.brokers import Broker
+from tests.conftest import require_tool
+from tests.dashboard.conftest import (
+    FakeDevice,
+    dashboard_config,
+    running_dashboard,
+    wait_until_subscribed,
+)
+
+pytestmark = pytest.mark.system
+
+
+async def http(
+    base: str, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request on its own connection (the suite has no HTTP client library)."""
+    parts = urlsplit(base)
+    assert parts.hostname is not None
+    assert parts.port is not None
+    data = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    head = {"host": "dashboard", "connection": "close", "content-length": str(len(data))}
+    head |= headers or {}
+    if body is not None and not isinstance(body, bytes):
+        head.setdefault("content-type", "application/json")
+    request = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items())
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    try:
+        writer.write(request.encode() + b"\r\n" + data)
+        raw = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    header_block, _, content = raw.partition(b"\r\n\r\n")
+    status_line, *lines = header_block.decode().split("\r\n")
+    fields = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), fields, content
+
+
+async def read_sse_event(reader: asyncio.StreamReader) -> tuple[str, Any]:
+    """The next ``event:``/``data:`` pair, skipping comments and ``retry:``."""
+    event = ""
+    while True:
+        line = (await reader.readline()).decode().rstrip("\r\n")
+        if line.startswith("event: "):
+            event = line[len("event: ") :]
+        elif line.startswith("data: ") and event:
+            return event, json.loads(line[len("data: ") :])
+
+
+async def test_page_assets_health_and_read_only_stop(
+    mosquitto: Broker, fake_device: FakeDevice
+) -> None:
+    async with running_dashboard(dashboard_config(mosquitto)) as server:
+        status, headers, page = await http(server.url, "GET", "/")
+        assert status == 200
+        assert b"/static/dashboard.js" in page
+        assert "default-src 'self'" in headers["content-security-policy"]  # no CDN can load
+        for asset in ("dashboard.js", "dashboard.css"):
+            status, _, content = await http(server.url, "GET", f"/static/{asset}")
+            assert (status, len(content) > 1000) == (200, True)
+
+        await fake_device.raw("availability", b"online", retain=True)
+        status, _, content = await http(server.url, "GET", "/healthz")
+        assert status == 200
+        assert json.loads(content)["broker_connected"] is True
+
+        # Without stop credentials the dashboard is read-only.
+        status, _, content = await http(
+            server.url, "POST", "/api/devices/clinic-a/laser-01/stop", {"confirm": True}
+        )
+        assert status == 403
+        assert "no stop credentials" in json.loads(content)["error"]
+        assert fake_device.commands.empty()
+
+
+async def test_event_stream_sends_a_snapshot_then_deltas(
+    mosquitto: Broker, fake_device: FakeDevice
+) -> None:
+    await fake_device.raw("availability", b"online", retain=True)
+    async with running_dashboard(dashboard_config(mosquitto)) as server:
+        parts = urlsplit(server.url)
+        assert parts.hostname is not None
+        assert parts.port is not None
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        try:
+            writer.write(b"GET /events HTTP/1.1\r\nhost: dashboard\r\n\r\n")
+            status_line = await reader.readline()
+            assert b" 200 " in status_line
+            async with asyncio.timeout(10):
+                event, snapshot = await read_sse_event(reader)
+                assert event == "snapshot"
+                assert snapshot["stop_enabled"] is False
+                assert snapshot["broker"]["connected"] is True
+                if not snapshot["devices"]:  # the retained message may still be on its way
+                    event, _ = await read_sse_event(reader)
+                await fake_device.send("alerts", severity="critical", code="X", message="breach")
+                while True:
+                    event, data = await read_sse_event(reader)
+                    assert event == "delta"
+                    alerts = [op["alert"] for op in data if op["op"] == "alert"]
+                    if alerts:
+                        break
+            assert alerts[0]["code"] == "X"
+            assert alerts[0]["key"] == "clinic-a/laser-01"
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+
+async def test_stop_is_confirmed_guarded_and_delivered(
+    mosquitto: Broker, fake_device: FakeDevice
+) -> None:
+    config = dashboard_config(mosquitto, stop_username="staff", stop_password="s3cret")
+    async with running_dashboard(config) as server:
+        path = "/api/devices/clinic-a/laser-01/stop"
+        status, _, _ = await http(server.url, "POST", path, {"confirm": True})
+        assert status == 404  # the device has not been seen yet
+        await fake_device.raw("availability", b"online", retain=True)
+        for _ in range(250):
+            if server.dashboard.fleet.knows("clinic-a", "laser-01"):
+                break
+            await asyncio.sleep(0.02)
+
+        status, _, _ = await http(
+            server.url,
+            "POST",
+            path,
+            b"confirm=true",
+            {"content-type": "application/x-www-form-urlencoded"},
+        )
+        assert status == 415  # a cross-site form post cannot stop anything
+        status, _, _ = await http(server.url, "POST", path, {"confirm": False})
+        assert status == 400
+        assert fake_device.commands.empty()
+
+        status, _, content = await http(server.url, "POST", path, {"confirm": True})
+        assert (status, json.loads(content)["topic"]) == (200, "lasers/clinic-a/laser-01/cmd/stop")
+        topic, payload = await asyncio.to_thread(fake_device.commands.get, True, 5.0)
+        assert topic == "lasers/clinic-a/laser-01/cmd/stop"
+        assert json.loads(payload)["requested_by"].startswith("dashboard:staff@")
+
+
+@pytest.fixture
+def password_broker(tmp_path: Path) -> Iterator[Broker]:
+    """A mosquitto where user ``staff`` has the password ``right``."""
+    passwords = tmp_path / "passwords"
+    passwords.write_text("")
+    subprocess.run(
+        [require_tool("mosquitto_passwd"), "-b", str(passwords), "staff", "right"],
+        check=True,
+        timeout=30,
+    )
+    passwords.chmod(0o644)
+    with Broker(tmp_path / "mosquitto", extra_config=(f"password_file {passwords}",)) as broker:
+        yield broker
+
+
+async def test_stop_with_credentials_the_broker_refuses_is_reported(
+    password_broker: Broker,
+) -> None:
+    broker = password_broker
+    device = FakeDevice(broker)
+    try:
+        config = dashboard_config(broker, stop_username="staff", stop_password="wrong")
+        async with running_dashboard(config) as server:
+            await device.raw("availability", b"online", retain=True)
+            for _ in range(250):
+                if server.dashboard.fleet.knows("clinic-a", "laser-01"):
+                    break
+                await asyncio.sleep(0.02)
+            status, _, content = await http(
+                server.url, "POST", "/api/devices/clinic-a/laser-01/stop", {"confirm": True}
+            )
+            assert status == 502
+            assert "was not sent" in json.loads(content)["error"]
+    finally:
+        device.close()
+
+
+async def test_a_broker_outage_is_shown_and_survived(
+    mosquitto: Broker, fake_device: FakeDevice
+) -> None:
+    await fake_device.send(
+        "state",
+        retain=True,
+        state="STANDBY",
+        interlocks=[],
+        faults=[],
+        params=None,
+        armed=False,
+        session=None,
+        daemon_version="0.1.0",
+    )
+    async with running_dashboard(dashboard_config(mosquitto)) as server:
+        fleet = server.dashboard.fleet
+        for _ in range(250):
+            if fleet.knows("clinic-a", "laser-01"):
+                break
+            await asyncio.sleep(0.02)
+        fake_device.close()  # the device's client goes with the broker; reconnecting is its job
+        await asyncio.to_thread(mosquitto.stop)
+        for _ in range(500):
+            if not fleet.snapshot()["broker"]["connected"]:
+                break
+            await asyncio.sleep(0.02)
+        assert fleet.snapshot()["broker"]["connected"] is False
+        assert fleet.snapshot()["broker"]["detail"]
+
+        await asyncio.to_thread(mosquitto.start)
+        await wait_until_subscribed(server.dashboard, timeout_s=15)
+        for _ in range(250):
+            view = fleet.device_view("clinic-a", "laser-01")
+            if view is not None and view["state"] is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert fleet.snapshot()["broker"]["connected"] is True
+        view = fleet.device_view("clinic-a", "laser-01")
+        assert view is not None
+        assert view["state"]["state"] == "STANDBY"  # replayed by the broker, as retained
+
+
+async def test_a_port_in_use_is_a_config_error(mosquitto: Broker) -> None:
+    async with running_dashboard(dashboard_config(mosquitto)) as server:
+        parts = urlsplit(server.url)
+        assert parts.port is not None
+        second = DashboardServer(Dashboard(dashboard_config(mosquitto)), ("127.0.0.1", parts.port))
+        with pytest.raises(ConfigError, match="--listen"):
+            await second.__aenter__()
+
+
+def test_bad_arguments_exit_2_with_one_line() -> None:
+    runner = CliRunner()
+    for args, cause in (
+        (["dashboard", "--mqtt", "http://broker"], "mqtt://HOST"),
+        (["dashboard", "--listen", "8080"], "HOST:PORT"),
+        (["dashboard", "--stop-username", "staff"], "--stop-password"),
+        (["dashboard", "--policy", "/nonexistent/policy.toml"], "readable policy file"),
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert cause in result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def test_bad_stop_config_is_refused() -> None:
+    with pytest.raises(ConfigError):
+        DashboardConfig(stop_password="x")
+
+
+def test_the_dashboard_process_serves_and_exits_0_on_sigterm(mosquitto: Broker) -> None:
+    env = dict(os.environ, DEVICECTL_DASHBOARD_STOP_PASSWORD="s3cret")
+    process = subprocess.Popen(
+        [
+            Path(sys.executable).parent / "devicectl",
+            "dashboard",
+            "--mqtt",
+            mosquitto.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--stop-username",
+            "staff",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().decode().strip()
+        assert url.startswith("http://127.0.0.1:")
+        status, _, content = asyncio.run(http(url, "GET", "/api/snapshot"))
+        assert status == 200
+        assert json.loads(content)["stop_enabled"] is True
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
