@@ -25,7 +25,9 @@ of anything queued, and re-sends it (same SEQ) until ACKed. A command in flight 
 *abandoned*, never re-sent: the device only remembers the last command it answered, so an ARM
 re-sent after the STOP would be executed afresh and re-arm the laser. Its caller gets
 :class:`SupersededByStop` — it cannot know whether the device executed it before the STOP, and the
-STOP has undone it either way. STOP also ends heartbeats (the lease then runs out on the device).
+STOP has undone it either way. Commands that were *waiting* to be sent when STOP was called are
+abandoned the same way (sent after the STOP, a queued ARM would undo it); commands issued after
+``stop_now()`` returns go out normally, after the STOP's ACK. STOP also ends heartbeats.
 If the link is lost before the ACK, the STOP is sent again right after IDENT on the next connection,
 before anything else. Heartbeats also end when the link is lost or the device reboots: arming again
 is the daemon's explicit decision.
