@@ -96,7 +96,10 @@ def connect(path: Path, *, readonly: bool = False, synchronous: str = "FULL") ->
             path.parent.mkdir(parents=True, exist_ok=True)
             # The writer thread takes over the connection opened here; one thread at a time.
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    except (OSError, sqlite3.Error) as exc:
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise LogUnavailable(f"session log {path} cannot be opened: {exc.strerror}{where}") from exc
+    except sqlite3.Error as exc:
         raise LogUnavailable(f"session log {path} cannot be opened: {exc}") from exc
     try:
         conn.execute("PRAGMA busy_timeout = 5000")

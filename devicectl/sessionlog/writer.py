@@ -28,6 +28,7 @@ import asyncio
 import dataclasses
 import json
 import queue
+import shutil
 import sqlite3
 import struct
 import threading
@@ -784,6 +785,14 @@ class SessionLog:
 
     def _fail(self, exc: Exception) -> None:
         cause = str(exc) or type(exc).__name__
+        code = getattr(exc, "sqlite_errorname", None)
+        if code:
+            cause += f" ({code})"
+        try:
+            if shutil.disk_usage(self.path.parent).free < 1 << 20:
+                cause += "; the disk is full"
+        except OSError:
+            pass
         failure = LogUnavailable(f"session log {self.path} cannot be written: {cause}")
         failure.__cause__ = exc
         self._failure = failure

@@ -8,7 +8,7 @@ from typing import Any
 
 from devicectl.sessionlog import SessionLog
 
-T0 = 1_795_600_000_000_000_000  # 2026-11-24, ns since the epoch
+T0 = 1_795_600_000_000_000_000  # 2026-11-25 09:46:40 UTC, ns since the epoch
 DAY_NS = 86_400 * 10**9
 
 _INFO: dict[str, Any] = {

@@ -1,0 +1,224 @@
+"""Exports: JSON and CSV parse back to what was logged; the HTML report renders in Chromium with
+its three plots; the CLI (log verify, session list/show/export) with its exit codes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from devicectl.cli import records  # noqa: F401 - registers the commands
+from devicectl.cli.app import app
+from devicectl.sessionlog.export import PULSE_CSV_COLUMNS
+from tests.conftest import require_tool
+from tests.sessionlog.helpers import T0, Clock, fill_session, open_log, session_info
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Session 1 (complete: two zones, a breach and its ack, a gap), session 2 (another operator,
+    a day later, open)."""
+    path = tmp_path_factory.mktemp("export") / "sessions.db"
+    clock = Clock()
+    with open_log(path, clock) as slog:
+        sid = slog.start_session(session_info(), device_pulse_count=0).session_id
+        nxt = fill_session(slog, sid, first_pulse_no=1, pulses=40, zone="forehead", energy_uj=1500)
+        nxt = fill_session(
+            slog, sid, first_pulse_no=nxt, pulses=30, zone="cheeks", start_ns=T0 + 3 * 10**9
+        )
+        slog.record_event(
+            sid, "breach", "supervisor", {"rule": "energy_tolerance", "value": 2600}, None
+        )
+        slog.record_event(sid, "ack", "op-anna", {}, "handpiece <checked> & cleaned")
+        slog.record_pulse_gap(
+            sid, nxt, nxt + 1, charged_energy_uj=60_000, zone="cheeks", cause="gap in pulse_no"
+        )
+        clock.advance(seconds=300)
+        slog.end_session(sid, actor="op-anna", post_care=["sunscreen", "soothing_serum"])
+        clock.advance(days=1)
+        other = session_info(operator="op-ben", patient_ref="PT-0099", course_course_id="C-0099-A")
+        fill_session(slog, slog.start_session(other).session_id, first_pulse_no=nxt + 2, pulses=5)
+    return path
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def test_json_export_is_the_full_record(db: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s1.json"
+    code, text = _cli(
+        "session", "export", "1", "--format", "json", "--out", str(out), "--db", str(db)
+    )
+    assert code == 0, text
+    doc = json.loads(out.read_text())
+    assert doc["format"] == "devicectl-session/1"
+    assert doc["outcome"] == "completed"
+    assert doc["info"]["patient_ref"] == "PT-0042"
+    assert doc["info"]["checklist"]["contraindications"]["pregnancy"] is False
+    assert [z["zone"] for z in doc["zones"]] == ["forehead", "cheeks"]
+    assert [p["energy_uj"] for p in doc["params"]] == [1500, 2000]
+    assert [e["event"] for e in doc["events"]] == ["breach", "ack"]
+    assert doc["events"][1]["reason"] == "handpiece <checked> & cleaned"
+    assert doc["pulse_gaps"][0]["count"] == 2
+    assert doc["post_care"] == ["soothing_serum", "sunscreen"]
+    assert len(doc["status"]) >= 3
+    assert len(doc["pulses"]) == doc["summary"]["pulses"] == 70
+    assert doc["pulses"][0] == {
+        "pulse_no": 1,
+        "t_us": 0,
+        "host_time_ns": T0,
+        "energy_uj": 1500,
+        "zone": "forehead",
+    }
+    assert doc["summary"]["unlogged_pulses"] == 2
+
+
+def test_csv_export_holds_every_pulse(db: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s1.csv"
+    code, text = _cli(
+        "session", "export", "1", "--format", "csv", "--out", str(out), "--db", str(db)
+    )
+    assert code == 0, text
+    with out.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0]) == PULSE_CSV_COLUMNS
+    assert [int(r["pulse_no"]) for r in rows] == list(range(1, 71))
+    assert {r["zone"] for r in rows} == {"forehead", "cheeks"}
+    assert sum(int(r["energy_uj"]) for r in rows[:40]) == sum(1500 + i % 7 for i in range(40))
+    assert rows[0]["host_time"].startswith("2026-11-25T09:46:40")
+    assert rows[0]["host_time"].endswith("+00:00")
+
+
+def test_the_html_report_is_self_contained_with_three_plots(db: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s1.html"
+    code, text = _cli(
+        "session", "export", "1", "--format", "html", "--out", str(out), "--db", str(db)
+    )
+    assert code == 0, text
+    page = out.read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    for figure in ("plot-energy", "plot-temperature", "plot-zones"):
+        assert f"<figure id={figure}><svg" in page
+    assert "@media print" in page
+    assert "handpiece &lt;checked&gt; &amp; cleaned" in page  # escaped, not injected
+    for external in ("<script", "src=", "<link"):
+        assert external not in page
+
+
+@pytest.mark.system
+def test_the_html_report_renders_in_chromium(db: Path, tmp_path: Path) -> None:
+    chromium = require_tool("chromium")
+    out = tmp_path / "report.html"
+    assert (
+        _cli("session", "export", "1", "--format", "html", "--out", str(out), "--db", str(db))[0]
+        == 0
+    )
+    dom = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--dump-dom",
+            out.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "<title>Treatment session 1 — PT-0042</title>" in dom
+    for figure in ("plot-energy", "plot-temperature", "plot-zones"):
+        start = dom.index(f'id="{figure}"')
+        assert "<svg" in dom[start : start + 400]
+    assert dom.count("<svg") >= 3
+    assert "<path" in dom  # the plots' lines and bars were parsed as SVG
+
+
+def test_log_verify_reports_intact_and_then_the_tampered_record(db: Path, tmp_path: Path) -> None:
+    code, text = _cli("log", "verify", "--db", str(db))
+    assert code == 0
+    assert f"session log {db} intact: " in text
+    copy = tmp_path / "sessions.db"
+    copy.write_bytes(db.read_bytes())
+    conn = sqlite3.connect(copy)
+    (seq,) = conn.execute("SELECT seq FROM pulses WHERE pulse_no = 12").fetchone()
+    with conn:
+        conn.execute("UPDATE pulses SET energy_uj = energy_uj - 500 WHERE pulse_no = 12")
+    conn.close()
+    code, text = _cli("log", "verify", "--db", str(copy))
+    assert code == 1
+    assert f"record {seq} (pulse_no 12 of session 1) was altered" in text
+    assert "NOT intact" in text
+
+
+def test_log_verify_finds_the_file_through_the_data_dir(db: Path) -> None:
+    code, text = _cli("log", "verify", "--data-dir", str(db.parent))
+    assert code == 0, text
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], {"1", "2"}),
+        (["--operator", "op-ben"], {"2"}),
+        (["--patient", "PT-0042"], {"1"}),
+        (["--device", "SIM-0001"], {"1", "2"}),
+        (["--device", "SIM-9999"], set()),
+        (["--since", "2026-11-26"], {"2"}),
+        (["--until", "2026-11-25"], {"1"}),
+    ],
+)
+def test_session_list_filters(db: Path, args: list[str], expected: set[str]) -> None:
+    # Dates are local days; the sessions (09:46 UTC on the 25th and 26th) fall on those dates
+    # in every time zone from UTC-9 to UTC+14.
+    code, text = _cli("session", "list", "--db", str(db), *args)
+    assert code == 0, text
+    ids = {line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│")}
+    assert ids == expected
+    assert f"{len(expected)} session(s)" in text
+
+
+def test_session_show_is_a_readable_summary(db: Path) -> None:
+    code, text = _cli("session", "show", "1", "--db", str(db))
+    assert code == 0, text
+    for words in (
+        "PT-0042",
+        "completed",
+        "hyaluronic acid",
+        "C-0042-A: session 1 of 4",
+        "breach",
+        "forehead",
+    ):
+        assert words in text
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (["session", "show", "9"], 2, "no session 9 in the log"),
+        (["session", "export", "9", "--out", "x.json"], 2, "no session 9 in the log"),
+        (["session", "list", "--since", "yesterday"], 2, "not a date"),
+    ],
+)
+def test_bad_requests_are_usage_errors(db: Path, args: list[str], code: int, words: str) -> None:
+    got, text = _cli(*args, "--db", str(db))
+    assert got == code
+    assert words in text
+
+
+def test_a_missing_log_is_named(tmp_path: Path) -> None:
+    code, text = _cli("log", "verify", "--db", str(tmp_path / "none.db"))
+    assert code == 2
+    assert f"no session log at {tmp_path / 'none.db'}" in text
