@@ -488,6 +488,9 @@ class Board:
         self._train_spot_um = SPOTS_UM[0]
         self._send_event(Boot(reason))
         self._set_state(DeviceState.STANDBY)
+        if self._thermal.head_c >= HEAD_CUTOFF_C:
+            # A reboot does not cool the head: the cut-off trips again at once.
+            self._raise_fault(FaultCode.OVERTEMP_HEAD, self._head_cdeg())
 
     def _clock_to(self, t_us: int) -> None:
         self._now = max(self._now, t_us)
