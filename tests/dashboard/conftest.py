@@ -13,6 +13,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from devicectl.dashboard import (
     Backoff,
@@ -35,11 +36,11 @@ class FakeDevice:
         self.seqs: dict[str, int] = {}
         self.commands: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.client: paho.Client | None = paho.Client(
-            paho.CallbackAPIVersion.VERSION2, client_id=f"devicectl-{device}", protocol=paho.MQTTv5
+            CallbackAPIVersion.VERSION2, client_id=f"devicectl-{device}", protocol=paho.MQTTv5
         )
         self.client.will_set(f"{self.base}/availability", b"offline", qos=1, retain=True)
         self.client.on_message = lambda _c, _u, message: self.commands.put(
-            (message.topic, message.payload)
+            (message.topic, bytes(message.payload))
         )
         self.client.connect(broker.host, broker.port)
         self.client.subscribe(f"{self.base}/cmd/#", qos=1)

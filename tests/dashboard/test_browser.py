@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, ViewportSize, async_playwright, expect
 
 from tests.brokers import Broker
 from tests.conftest import require_tool
@@ -27,7 +27,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
     "--disable-sync",
 ]
-TABLET = {"width": 800, "height": 1280}
+TABLET: ViewportSize = {"width": 800, "height": 1280}
 CARD = "device-clinic-a-laser-01"
 METRIC_POINTS = 60
 

@@ -49,21 +49,18 @@ def session(seq: int, **summary: Any) -> bytes:
 
 def pulses(seq: int, first: int, count: int, energy_uj: int = 6000, **fields: Any) -> bytes:
     batch = [[first + i, 1000 * i, energy_uj] for i in range(count)]
-    return env(
-        seq,
-        **{
-            "session": "S1",
-            "zone": "forehead",
-            "first_pulse_no": first,
-            "last_pulse_no": first + count - 1,
-            "count": count,
-            "energy_uj_sum": energy_uj * count,
-            "energy_uj_min": energy_uj,
-            "energy_uj_max": energy_uj,
-            "pulses": batch,
-        }
-        | fields,
-    )
+    body: dict[str, Any] = {
+        "session": "S1",
+        "zone": "forehead",
+        "first_pulse_no": first,
+        "last_pulse_no": first + count - 1,
+        "count": count,
+        "energy_uj_sum": energy_uj * count,
+        "energy_uj_min": energy_uj,
+        "energy_uj_max": energy_uj,
+        "pulses": batch,
+    }
+    return env(seq, **(body | fields))
 
 
 def fleet_view(fleet: Fleet, key: str = "clinic-a/laser-01") -> dict[str, Any]:
