@@ -7,3 +7,4 @@ from devicectl.cli import (
     sim,  # noqa: F401
     telemetry,  # noqa: F401
 )
+from devicectl.cli import demo  # noqa: F401

@@ -1,0 +1,369 @@
+"""The demo's stack and its one scripted session, end to end, in this process and event loop.
+
+:class:`DemoStack` is an async context manager that owns, in start order, an embedded MQTT broker
+(unless a broker URL is given), the daemon with the in-process simulator (``port="sim"``) and the
+dashboard on a free loopback port; leaving it shuts them down in reverse (the daemon makes the laser
+safe and flushes its log first), whether the session finished, failed or was interrupted.
+:meth:`DemoStack.play` runs the :class:`~devicectl.demo.script.TreatmentScript`, then exports the
+HTML report, verifies the log and checks the session against it (:func:`check_session`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TextIO
+
+import structlog
+from structlog.typing import FilteringBoundLogger
+
+from devicectl.demo.broker import EmbeddedBroker
+from devicectl.demo.outcome import SessionCheck, check_session
+from devicectl.demo.script import (
+    DEFAULT_DURATION_S,
+    DEFAULT_SPEED_HZ,
+    DEMO_CONCERN,
+    DemoError,
+    DemoProgress,
+    ScriptRecord,
+    TreatmentScript,
+    demo_params,
+    plan_phases,
+)
+from devicectl.errors import DevicectlError
+from devicectl.logs import redact
+
+__all__ = [
+    "DemoOptions",
+    "DemoResult",
+    "DemoStack",
+    "InProcessControls",
+    "configure_demo_logging",
+    "default_demo_dir",
+]
+
+_LIBRARY_LOGGERS = ("amqtt", "transitions", "uvicorn", "uvicorn.error", "passlib", "websockets")
+# sun_path holds 108 bytes: sockets go to a short temporary directory when the data dir is deep.
+_MAX_SOCKET_PATH = 100
+
+
+@dataclass(frozen=True, slots=True)
+class DemoOptions:
+    mqtt_url: str | None = None
+    duration_s: float = DEFAULT_DURATION_S
+    speed_hz: float = DEFAULT_SPEED_HZ
+    data_dir: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DemoResult:
+    """How the demo ended. ``ok`` only when the session played as scripted."""
+
+    reason: str | None
+    data_dir: Path
+    log_path: Path
+    report_path: Path | None = None
+    session_id: int | None = None
+    summary: dict[str, Any] | None = None
+    check: SessionCheck | None = None
+    verified_records: int | None = None
+    verified_pulses: int | None = None
+    verify_message: str | None = None
+    breach: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "reason": self.reason,
+            "data_dir": str(self.data_dir),
+            "session_log": str(self.log_path),
+            "report": str(self.report_path) if self.report_path else None,
+            "session_id": self.session_id,
+            "summary": self.summary,
+            "log_pulses": self.check.pulses if self.check else None,
+            "pulses_after_breach": self.check.pulses_after_breach if self.check else None,
+            "energy_per_zone_uj": self.check.energy_per_zone_uj if self.check else None,
+            "breach": self.breach,
+            "verify": {
+                "intact": self.verify_message is None and self.verified_records is not None,
+                "records": self.verified_records,
+                "pulses": self.verified_pulses,
+                "problem": self.verify_message,
+            },
+            **self.extra,
+        }
+
+
+def default_demo_dir(base: Path | None = None, now: datetime | None = None) -> Path:
+    """A fresh directory ``./devicectl-demo/<timestamp>`` (suffixed if that one exists)."""
+    root = (base or Path.cwd()) / "devicectl-demo"
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    candidate, n = root / stamp, 1
+    while candidate.exists():
+        n += 1
+        candidate = root / f"{stamp}-{n}"
+    return candidate
+
+
+@contextlib.contextmanager
+def configure_demo_logging(path: Path) -> Iterator[FilteringBoundLogger]:
+    """Every log line of this process (structlog and the libraries' stdlib loggers) goes to
+    ``path`` as JSON, so that the terminal keeps the live view; restored on exit."""
+    stream: TextIO = path.open("a", encoding="utf-8")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    saved = []
+    for name in _LIBRARY_LOGGERS:
+        lib = logging.getLogger(name)
+        saved.append((lib, lib.handlers[:], lib.propagate, lib.level))
+        lib.handlers[:] = [handler]
+        lib.propagate = False
+        lib.setLevel(logging.INFO)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    try:
+        yield structlog.get_logger("devicectl.demo")
+    finally:
+        structlog.reset_defaults()
+        for lib, handlers, propagate, level in saved:
+            lib.handlers[:] = handlers
+            lib.propagate = propagate
+            lib.setLevel(level)
+        stream.close()
+
+
+class InProcessControls:
+    """The script's way to the daemon (its control API, requests validated as on the socket) and
+    to the simulator (its control socket)."""
+
+    def __init__(self, daemon: Any) -> None:
+        self._daemon = daemon
+
+    async def request(self, request: dict[str, Any]) -> dict[str, Any]:
+        from devicectl.control import parse_request
+
+        try:
+            result = await self._daemon.handle(parse_request(json.dumps(request).encode()))
+        except DevicectlError:
+            raise
+        except Exception as exc:
+            # What the control socket would answer ("internal"), in one line.
+            cause = str(exc).splitlines()[0] if str(exc) else ""
+            raise DemoError(
+                f"the daemon failed on {request['command']}: {type(exc).__name__}: {cause}"
+            ) from exc
+        # As the control socket would deliver it: plain JSON values.
+        decoded: dict[str, Any] = json.loads(json.dumps(result, default=str))
+        return decoded
+
+    async def sim(self, words: str) -> Any:
+        from simulator.control import send_command
+
+        if self._daemon.sim_control is None:
+            raise DemoError("the daemon runs no in-process simulator")
+        return await send_command(self._daemon.sim_control, words)
+
+
+class DemoStack:
+    """``async with DemoStack(options, log=log) as stack: result = await stack.play(...)``."""
+
+    def __init__(self, options: DemoOptions, *, log: FilteringBoundLogger | None = None) -> None:
+        self.options = options
+        self.phases = plan_phases(options.duration_s)  # refuse a bad --duration before starting
+        self.data_dir = (options.data_dir or default_demo_dir()).resolve()
+        self.log_path = self.data_dir / "sessions.db"
+        self._log: FilteringBoundLogger = log or structlog.get_logger("devicectl.demo")
+        self._stack = contextlib.AsyncExitStack()
+        self.mqtt_url: str | None = options.mqtt_url
+        self.dashboard_url: str | None = None
+        self.control: Path | None = None
+        self.daemon: Any = None
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stack.aclose()
+
+    async def _start(self) -> None:
+        from devicectl.config import load_settings
+        from devicectl.daemon import Daemon
+        from devicectl.dashboard import Dashboard, DashboardConfig, DashboardServer
+
+        stack = self._stack
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.mqtt_url is None:
+            broker = await stack.enter_async_context(EmbeddedBroker())
+            self.mqtt_url = broker.url
+        sockets = self.data_dir
+        if len(str(sockets / "control-sim.sock")) > _MAX_SOCKET_PATH:
+            sockets = Path(tempfile.mkdtemp(prefix="devicectl-demo-"))
+            stack.callback(_remove_dir, sockets)
+        self.control = sockets / "control.sock"
+        settings = load_settings(
+            None,
+            port="sim",
+            data_dir=self.data_dir,
+            control=self.control,
+            mqtt__url=self.mqtt_url,
+            sim_max_rate_hz=max(500.0, self.options.speed_hz),
+        )
+        # The dashboard first, so that it is the last thing to stop: it sees the daemon's offline.
+        dashboard = Dashboard(
+            DashboardConfig(mqtt_url=self.mqtt_url, title="devicectl demo"), log=self._log
+        )
+        server = await stack.enter_async_context(DashboardServer(dashboard, ("127.0.0.1", 0)))
+        self.dashboard_url = server.url
+        self.daemon = await stack.enter_async_context(Daemon(settings, log=self._log))
+        self._log.info(
+            "demo_started",
+            data_dir=str(self.data_dir),
+            mqtt=self.mqtt_url,
+            dashboard=self.dashboard_url,
+            control=str(self.control),
+        )
+
+    async def play(
+        self, on_progress: Callable[[DemoProgress], None] = lambda _p: None
+    ) -> DemoResult:
+        """Play the scripted session; a DemoResult whatever happens, except cancellation."""
+        daemon = self.daemon
+        preset = daemon.policy.presets[DEMO_CONCERN]
+        params = demo_params(self.options.speed_hz, preset, daemon.policy.max_average_power_w)
+        script = TreatmentScript(
+            InProcessControls(daemon),
+            self.phases,
+            params,
+            DemoProgress(phase_count=len(self.phases)),
+            on_progress=on_progress,
+        )
+        try:
+            record = await script.play()
+        except DevicectlError as exc:
+            self._log.error("demo_script_failed", phase=script.progress.phase, error=str(exc))
+            return await self._conclude(
+                script.record, f"{script.progress.phase} phase failed: {exc}"
+            )
+        return await self._conclude(record, None)
+
+    async def _conclude(self, record: ScriptRecord, failure: str | None) -> DemoResult:
+        from devicectl.sessionlog import store
+        from devicectl.sessionlog.export import SessionNotFound, session_document
+        from devicectl.sessionlog.verify import verify_log
+
+        daemon = self.daemon
+        with contextlib.suppress(DevicectlError, TimeoutError):
+            async with asyncio.timeout(2.0):
+                await daemon.sessionlog.flush_async()
+        base = DemoResult(failure, self.data_dir, self.log_path, breach=record.breach)
+        if record.session_id is None:
+            return base
+        session_id = record.session_id
+        try:
+            verified = await asyncio.to_thread(verify_log, self.log_path)
+        except DevicectlError as exc:
+            return _replace(base, reason=failure or str(exc), session_id=session_id)
+        brk = verified.first_break
+        report_path = self.data_dir / f"session-{session_id}.html"
+        try:
+            doc, written = await asyncio.to_thread(
+                _read_and_export, store, session_document, self.log_path, session_id, report_path
+            )
+        except (DevicectlError, SessionNotFound, OSError) as exc:
+            return _replace(base, reason=failure or f"cannot read or export session: {exc}")
+        check = check_session(
+            doc, record, verified, tolerance_pct=daemon.policy.energy_tolerance_pct
+        )
+        reason = failure or (check.problems[0] if check.problems else None)
+        result = DemoResult(
+            reason,
+            self.data_dir,
+            self.log_path,
+            report_path=report_path if written else None,
+            session_id=session_id,
+            summary=doc.get("summary"),
+            check=check,
+            verified_records=verified.records,
+            verified_pulses=verified.pulses,
+            verify_message=brk.message if brk else None,
+            breach=record.breach,
+            extra={"dashboard": self.dashboard_url, "mqtt": self.mqtt_url},
+        )
+        _write_atomically(
+            self.data_dir / "demo-result.json", json.dumps(result.as_dict(), indent=1) + "\n"
+        )
+        self._log.info("demo_finished", ok=result.ok, reason=result.reason, session=session_id)
+        return result
+
+
+def _replace(base: DemoResult, **changes: Any) -> DemoResult:
+    from dataclasses import replace
+
+    return replace(base, **changes)
+
+
+def _read_and_export(
+    store: Any, session_document: Any, db: Path, session_id: int, report_path: Path
+) -> tuple[dict[str, Any], bool]:
+    """The session's full record, and the HTML report written beside the log (atomically, so
+    an interrupted export never leaves half a report)."""
+    from devicectl.sessionlog.report import render_report
+
+    conn = store.connect(db, readonly=True)
+    try:
+        doc: dict[str, Any] = session_document(conn, session_id, with_pulses=True)
+        if doc.get("summary") is None:
+            return doc, False
+        _write_atomically(report_path, render_report(conn, session_id))
+        return doc, True
+    finally:
+        conn.close()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+
+
+def _remove_dir(path: Path) -> None:
+    for child in path.iterdir():
+        with contextlib.suppress(OSError):
+            child.unlink()
+    with contextlib.suppress(OSError):
+        path.rmdir()

@@ -1,0 +1,355 @@
+"""The demo's scripted treatment: what is said to the daemon and the simulator, and when.
+
+The script plays one session the way a clinician would, through the daemon's control API (the same
+requests ``devicectl session start``, ``params set``, ``arm`` ... send) and the simulator's control
+words (the footswitch, the injected fault)::
+
+    consult    session start: DEMO-OP, PT-DEMO-0001, skin type III, fine lines, full checklist
+    forehead   zone forehead, params, arm, footswitch down ............ pulses
+    cheeks     footswitch up, zone cheeks, arm, footswitch down ........ pulses
+    breach     fault energy-drift 1.3 → the supervisor STOPs at the first drifted pulse
+    review     footswitch up, clear the injected fault; the breach stays latched
+    resume     fault ack with a reason, arm, footswitch down ........... pulses
+    close      footswitch up, disarm, session end with post-care
+
+Phase lengths scale with the demo's duration (:func:`plan_phases`); the pulse rate is the demo's
+speed, with energy and pulse width lowered where the policy's average power or the period need it
+(:func:`demo_params`). Time is injected (``clock``, ``sleep``), so the script runs against a fake
+controller in tests without waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from devicectl.errors import DevicectlError
+from devicectl.policy import Preset, PulseParams
+
+__all__ = [
+    "ACK_REASON",
+    "DEFAULT_DURATION_S",
+    "DEFAULT_SPEED_HZ",
+    "DEMO_CONCERN",
+    "DEMO_OPERATOR",
+    "DEMO_PATIENT",
+    "DEMO_SKIN_TYPE",
+    "DRIFT_FACTOR",
+    "MAX_SPEED_HZ",
+    "MIN_DURATION_S",
+    "MIN_SPEED_HZ",
+    "POST_CARE",
+    "DemoControls",
+    "DemoError",
+    "DemoProgress",
+    "Phase",
+    "ScriptRecord",
+    "TreatmentScript",
+    "demo_params",
+    "plan_phases",
+]
+
+DEMO_OPERATOR = "DEMO-OP"
+DEMO_PATIENT = "PT-DEMO-0001"
+DEMO_SKIN_TYPE = "III"
+DEMO_CONCERN = "fine_lines"
+DRIFT_FACTOR = 1.3  # +30 %: outside the supervisor's ±20 %, inside the board's own ±50 % monitor
+POST_CARE = ("soothing_serum", "sunscreen", "aftercare_instructions")
+ACK_REASON = "demo: injected energy drift removed, energy monitor checked, treatment may resume"
+
+DEFAULT_DURATION_S = 20.0
+MIN_DURATION_S = 4.0
+MAX_DURATION_S = 3600.0
+DEFAULT_SPEED_HZ = 25.0
+MIN_SPEED_HZ = 1.0
+MAX_SPEED_HZ = 2000.0
+# Average power well inside the policy's limit, so that the only breach is the injected one.
+_POWER_MARGIN = 0.8
+# The supervisor needs a pulse to see the drift: wait at least this long for the breach.
+_BREACH_WAIT_MIN_S = 5.0
+_POLL_S = 0.1
+
+# Each phase's share of the duration; they sum to 1.
+_PHASES: tuple[tuple[str, str, float], ...] = (
+    ("consult", "consultation and checklist: session start", 0.05),
+    ("forehead", "forehead: armed, footswitch down", 0.28),
+    ("cheeks", "cheeks: armed, footswitch down", 0.17),
+    ("breach", "injected fault: energy drift ×1.3", 0.05),
+    ("review", "breach latched: footswitch up, fault removed", 0.12),
+    ("resume", "fault acknowledged, re-armed: cheeks", 0.23),
+    ("close", "disarm, post-care, session end", 0.10),
+)
+
+
+class DemoError(DevicectlError):
+    """The demo could not play as scripted; the message is the one-line reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Phase:
+    name: str
+    title: str
+    seconds: float
+
+
+def plan_phases(duration_s: float) -> tuple[Phase, ...]:
+    """The script's phases for a demo lasting about ``duration_s`` seconds."""
+    if not MIN_DURATION_S <= duration_s <= MAX_DURATION_S:
+        raise DemoError(
+            f"--duration {duration_s:g} s is not allowed: from {MIN_DURATION_S:g} "
+            f"to {MAX_DURATION_S:g} s"
+        )
+    return tuple(Phase(name, title, share * duration_s) for name, title, share in _PHASES)
+
+
+def demo_params(speed_hz: float, preset: Preset, max_average_power_w: float) -> PulseParams:
+    """The preset's parameters at ``speed_hz``: energy lowered to stay within 80 % of the
+    policy's average power, pulse width to at most half the period."""
+    if not MIN_SPEED_HZ <= speed_hz <= MAX_SPEED_HZ:
+        raise DemoError(
+            f"--speed {speed_hz:g} Hz is not allowed: from {MIN_SPEED_HZ:g} to {MAX_SPEED_HZ:g} Hz"
+        )
+    energy_uj = min(
+        preset.energy_uj, math.floor(_POWER_MARGIN * max_average_power_w / speed_hz * 1e6)
+    )
+    width_us = min(preset.width_us, math.floor(0.5e6 / speed_hz))
+    return PulseParams(energy_uj, width_us, round(speed_hz * 1000), preset.spot_um)
+
+
+class DemoControls(Protocol):
+    """How the script reaches the daemon (control requests) and the simulator (command words)."""
+
+    async def request(self, request: dict[str, Any]) -> dict[str, Any]: ...
+
+    async def sim(self, words: str) -> Any: ...
+
+
+@dataclass(slots=True)
+class DemoProgress:
+    """What the live view shows; the script updates it as it plays."""
+
+    phase: str = "starting"
+    phase_title: str = "starting broker, daemon and dashboard"
+    phase_index: int = 0
+    phase_count: int = len(_PHASES)
+    state: str = "unknown"
+    armed: bool = False
+    footswitch: bool = False
+    pulses: int = 0
+    device_pulse_count: int | None = None
+    energy_by_zone_uj: dict[str, int] = field(default_factory=dict)
+    breach: dict[str, Any] | None = None
+    alerts: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    def absorb(self, status: dict[str, Any]) -> None:
+        """Take the daemon's ``status`` reply."""
+        self.state = str(status.get("state", "unknown"))
+        self.armed = bool(status.get("armed"))
+        self.footswitch = bool(status.get("footswitch"))
+        self.pulses = int(status.get("session_pulses") or 0)
+        self.device_pulse_count = status.get("pulse_count")
+        zones = status.get("energy_by_zone_uj") or {}
+        if zones:
+            self.energy_by_zone_uj = {str(k): int(v) for k, v in zones.items()}
+        breach = status.get("breach_latched")
+        if breach and breach != self.breach:
+            self.alerts.append(str(breach.get("message") or breach.get("code")))
+        self.breach = breach or None
+
+
+@dataclass(slots=True)
+class ScriptRecord:
+    """What the script saw, to be checked against the log once the session is closed."""
+
+    params: PulseParams
+    session_id: int | None = None
+    device_count_before: int | None = None
+    device_count_after: int | None = None
+    daemon_pulses: int | None = None
+    breach: dict[str, Any] | None = None
+    end_summary: dict[str, Any] | None = None
+    completed: bool = False
+
+
+class TreatmentScript:
+    """Plays the scripted session; :meth:`play` returns what it saw or raises DemoError."""
+
+    def __init__(
+        self,
+        controls: DemoControls,
+        phases: tuple[Phase, ...],
+        params: PulseParams,
+        progress: DemoProgress,
+        *,
+        on_progress: Callable[[DemoProgress], None] = lambda _p: None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._controls = controls
+        self._phases = {phase.name: phase for phase in phases}
+        self._order = [phase.name for phase in phases]
+        self._params = params
+        self.progress = progress
+        self._on_progress = on_progress
+        self._sleep = sleep
+        self._clock = clock
+        self._started = clock()
+        self.record = ScriptRecord(params)
+
+    async def play(self) -> ScriptRecord:
+        self._started = self._clock()
+        try:
+            await self._play()
+        finally:
+            if not self.record.completed:
+                await self._make_safe()
+        return self.record
+
+    async def _play(self) -> None:
+        request, sim, record = self._controls.request, self._controls.sim, self.record
+        params = self._params
+
+        self._enter("consult")
+        await self._wait_for_device()
+        record.device_count_before = int((await sim("status"))["pulse_count"])
+        opened = await request(
+            {
+                "command": "session_start",
+                "operator": DEMO_OPERATOR,
+                "patient_ref": DEMO_PATIENT,
+                "skin_type": DEMO_SKIN_TYPE,
+                "concerns": [DEMO_CONCERN],
+                "preset": DEMO_CONCERN,
+                "checklist": {
+                    "consultation_done": True,
+                    "area_cleaned": True,
+                    "numbing_applied": True,
+                    "recent_sun_exposure": False,
+                    "photosensitising_medication": False,
+                    "active_skin_infection": False,
+                    "pregnancy": False,
+                    "allergy_to_active_ingredient": False,
+                },
+            }
+        )
+        record.session_id = int(opened["session"])
+        await self._hold("consult")
+
+        self._enter("forehead")
+        await request({"command": "session_zone", "zone": "forehead"})
+        await request(
+            {
+                "command": "params_set",
+                "energy_uj": params.energy_uj,
+                "width_us": params.width_us,
+                "rate_hz": params.rate_mhz / 1000,
+                "spot_um": params.spot_um,
+            }
+        )
+        await self._fire("forehead")
+
+        self._enter("cheeks")
+        await request({"command": "session_zone", "zone": "cheeks"})
+        await self._fire("cheeks", release=False)
+
+        self._enter("breach")
+        await sim(f"fault energy-drift {DRIFT_FACTOR:g}")
+        record.breach = await self._wait_for_breach()
+        await sim("footswitch up")
+
+        self._enter("review")
+        await sim("clear-faults")
+        await self._hold("review")
+
+        self._enter("resume")
+        await request({"command": "fault_ack", "operator": DEMO_OPERATOR, "reason": ACK_REASON})
+        await self._fire("resume", release=False)
+
+        self._enter("close")
+        await sim("footswitch up")
+        await request({"command": "disarm"})
+        status = await self._refresh()
+        record.daemon_pulses = int(status.get("session_pulses") or 0)
+        record.end_summary = await request({"command": "session_end", "post_care": [*POST_CARE]})
+        record.device_count_after = int((await sim("status"))["pulse_count"])
+        await self._refresh()
+        await self._hold("close")
+        record.completed = True
+
+    # ---------------------------------------------------------------- steps
+
+    def _enter(self, name: str) -> None:
+        phase = self._phases[name]
+        self.progress.phase = phase.name
+        self.progress.phase_title = phase.title
+        self.progress.phase_index = self._order.index(name) + 1
+        self._on_progress(self.progress)
+
+    async def _fire(self, name: str, *, release: bool = True) -> None:
+        """Arm and hold the footswitch down for the phase (a fresh press, as the board wants)."""
+        await self._controls.request({"command": "arm"})
+        await self._controls.sim("footswitch down")
+        await self._hold(name)
+        if release:
+            await self._controls.sim("footswitch up")
+            await self._controls.request({"command": "disarm"})
+
+    async def _hold(self, name: str) -> None:
+        await self._wait(self._phases[name].seconds)
+
+    async def _wait(self, seconds: float) -> None:
+        deadline = self._clock() + seconds
+        while True:
+            await self._refresh()
+            left = deadline - self._clock()
+            if left <= 0:
+                return
+            await self._sleep(min(_POLL_S, left))
+
+    async def _refresh(self) -> dict[str, Any]:
+        status = await self._controls.request({"command": "status"})
+        self.progress.absorb(status)
+        self.progress.elapsed_s = self._clock() - self._started
+        self._on_progress(self.progress)
+        return status
+
+    async def _wait_for_device(self) -> None:
+        deadline = self._clock() + _BREACH_WAIT_MIN_S
+        while not (await self._refresh()).get("device_serial"):
+            if self._clock() > deadline:
+                raise DemoError(
+                    f"the simulated device did not identify itself within {_BREACH_WAIT_MIN_S:g} s"
+                )
+            await self._sleep(_POLL_S)
+
+    async def _wait_for_breach(self) -> dict[str, Any]:
+        limit_s = max(_BREACH_WAIT_MIN_S, self._phases["breach"].seconds)
+        deadline = self._clock() + limit_s
+        while True:
+            status = await self._refresh()
+            breach = status.get("breach_latched")
+            if breach:
+                return dict(breach)
+            if self._clock() > deadline:
+                raise DemoError(
+                    f"the injected energy drift did not trip the supervisor within {limit_s:g} s"
+                )
+            await self._sleep(min(_POLL_S, self._phases["breach"].seconds or _POLL_S))
+
+    async def _make_safe(self) -> None:
+        """The script stopped half-way (an error, Ctrl-C): release the footswitch and disarm.
+        The daemon makes the laser safe on shut-down anyway; this keeps it safe while it runs."""
+        for step in (
+            lambda: self._controls.sim("footswitch up"),
+            lambda: self._controls.request({"command": "stop"}),
+        ):
+            try:
+                async with asyncio.timeout(1.0):
+                    await step()
+            except (DevicectlError, OSError, TimeoutError):
+                continue
