@@ -113,10 +113,14 @@ class _LiveSession:
 
 
 def _canonical_json(body: Mapping[str, Any]) -> str:
+    """Sorted keys, no spaces, UTF-8 as is: the exact text stored and hashed. Refused here, on the
+    caller's thread, rather than failing the writer: values JSON cannot hold, lone surrogates."""
     try:
-        return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        text.encode()
     except (TypeError, ValueError) as exc:
         raise InvalidSessionInfo("detail", body, f"JSON-serialisable values only ({exc})") from None
+    return text
 
 
 class SessionLog:
@@ -780,7 +784,10 @@ class SessionLog:
         if last_pulse_no is not None:
             self.committed_pulse_no = last_pulse_no
         if self._on_commit is not None:
-            self._on_commit(len(pulses), last_pulse_no)
+            try:
+                self._on_commit(len(pulses), last_pulse_no)
+            except Exception:  # noqa: BLE001 - committed is committed; a broken hook is not a failure
+                self._log.exception("session_log_commit_hook_failed")
         self._log.debug("session_log_committed", pulses=len(pulses), records=len(records), seq=seq)
 
     def _fail(self, exc: Exception) -> None:

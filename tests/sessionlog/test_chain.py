@@ -54,7 +54,8 @@ def _changed(value: object, data: st.DataObject) -> object:
         return data.draw(st.integers(-5, 5), label="new session id")
     if isinstance(value, int):
         return value + data.draw(st.integers(-3, 3).filter(bool), label="delta")
-    raw = bytearray(value.encode() if isinstance(value, str) else value)  # type: ignore[attr-defined]
+    assert isinstance(value, str | bytes), value
+    raw = bytearray(value.encode() if isinstance(value, str) else value)
     i = data.draw(st.integers(0, len(raw) - 1), label="byte")
     raw[i] ^= data.draw(st.integers(1, 0x7F), label="xor")
     return raw.decode() if isinstance(value, str) else bytes(raw)

@@ -221,6 +221,8 @@ def test_unknown_zone_post_care_and_event_kind_are_refused(tmp_path: Path) -> No
             slog.record_event(sid, "Bad Kind!", "op-anna", {})
         with pytest.raises(InvalidSessionInfo, match="JSON"):
             slog.record_event(sid, "note", "op-anna", {"when": object()})
+        with pytest.raises(InvalidSessionInfo, match="JSON"):
+            slog.record_event(sid, "note", "op-anna", {}, "half a character \ud800")
         with pytest.raises(InvalidSessionInfo, match="post_care"):
             slog.end_session(sid, actor="op-anna", post_care=["massage"])
         assert slog.open_session() == sid
