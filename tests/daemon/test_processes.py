@@ -1,0 +1,203 @@
+"""The daemon as a process on a real pty, against the simulator as a process, driven by the CLI.
+
+These are the field's failure modes: the host killed mid-emission (the board's lease must stop the
+laser by itself), the host restarted (the log reconciles with the board's pulse counter), and an
+orderly SIGTERM (STOP, DISARM, exit 0 within 2 s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devicectl.control import call_daemon
+from tests.daemon.conftest import CHECKLIST, TEST_POLICY
+
+DEVICECTL = [sys.executable, "-c", "from devicectl.cli import main; main()"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*DEVICECTL, *args], check=False, capture_output=True, text=True, timeout=60
+    )
+
+
+def _wait(predicate: Any, timeout: float = 20.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.05)
+
+
+class Rig:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.sim_control = tmp / "sim.sock"
+        self.control = tmp / "ctl.sock"
+        self.data = tmp / "data"
+        policy = tmp / "policy.toml"
+        policy.write_text(TEST_POLICY)
+        self.config = tmp / "devicectl.toml"
+        self.config.write_text(f'policy = "{policy}"\nstatus_period_ms = 100\n')
+        self.sim: subprocess.Popen[str] | None = None
+        self.daemon: subprocess.Popen[str] | None = None
+        self.port = ""
+
+    def start_sim(self) -> None:
+        self.sim = subprocess.Popen(
+            [*DEVICECTL, "sim", "--pty", "--control", str(self.sim_control)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self.sim.stdout is not None
+        self.port = self.sim.stdout.readline().strip()
+        assert self.port.startswith("/dev/pts/"), self.port
+
+    def start_daemon(self) -> None:
+        args = ["run", "--config", str(self.config), "--port", self.port]
+        args += ["--data-dir", str(self.data), "--control", str(self.control)]
+        with (self.tmp / "daemon.log").open("a") as log:
+            self.daemon = subprocess.Popen(
+                [*DEVICECTL, *args], stdout=subprocess.DEVNULL, stderr=log, text=True
+            )
+        _wait(lambda: self._connected(), what="daemon connected to the simulator")
+
+    def _connected(self) -> bool:
+        try:
+            return bool(self.call("status")["connected"])
+        except Exception:
+            return False
+
+    def call(self, command: str, **fields: Any) -> dict[str, Any]:
+        return call_daemon(self.control, {"command": command, **fields})
+
+    def sim_status(self) -> dict[str, Any]:
+        out = _cli("sim-control", "--socket", str(self.sim_control), "status")
+        assert out.returncode == 0, out.stderr
+        result: dict[str, Any] = json.loads(out.stdout)
+        return result
+
+    def sim_command(self, *words: str) -> None:
+        out = _cli("sim-control", "--socket", str(self.sim_control), *words)
+        assert out.returncode == 0, out.stderr
+
+    def emit(self) -> None:
+        self.call(
+            "session_start",
+            operator="OP-7",
+            patient_ref="PT-0042",
+            skin_type="III",
+            concerns=["fine_lines"],
+            preset="fine_lines",
+            checklist=CHECKLIST,
+        )
+        self.call("session_zone", zone="forehead")
+        self.call("params_set", rate_hz=50)
+        self.call("arm")
+        self.sim_command("footswitch", "down")
+        _wait(lambda: self.call("status")["session_pulses"] >= 20, what="pulses flowing")
+
+    def stop(self) -> None:
+        for proc in (self.daemon, self.sim):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    rig = Rig(tmp_path)
+    try:
+        rig.start_sim()
+        yield rig
+    finally:
+        rig.stop()
+
+
+def test_kill_9_mid_emission_the_board_stops_and_the_restart_reconciles(rig: Rig) -> None:
+    rig.start_daemon()
+    rig.emit()
+    assert rig.daemon is not None
+    rig.daemon.send_signal(signal.SIGKILL)
+    rig.daemon.wait()
+    # The lease (1.5 s in the test policy) runs out on the board with no host to renew it.
+    time.sleep(1.5 + 0.5)
+    status = rig.sim_status()
+    assert status["state"] == "FAULT", status
+    assert "LEASE_EXPIRED" in [f.upper() for f in status["faults"]], status
+    count = status["pulse_count"]
+    time.sleep(0.3)
+    assert rig.sim_status()["pulse_count"] == count
+
+    rig.start_daemon()  # the restart reconciles the interrupted session with the board's counter
+    rig.stop()
+    exported = rig.tmp / "session-1.json"
+    out = _cli(
+        "session", "export", "1", "--format", "json", "--out", str(exported),
+        "--data-dir", str(rig.data),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(exported.read_text())["summary"]
+    assert summary["outcome"] == "interrupted"
+    assert summary["pulses"] + summary["unlogged_pulses"] == count
+    verify = _cli("log", "verify", "--db", str(rig.data / "sessions.db"))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_sigterm_mid_emission_disarms_and_exits_0_within_2_s(rig: Rig) -> None:
+    rig.start_daemon()
+    rig.emit()
+    assert rig.daemon is not None
+    started = time.monotonic()
+    rig.daemon.send_signal(signal.SIGTERM)
+    assert rig.daemon.wait(5) == 0
+    assert time.monotonic() - started < 2.0
+    assert not rig.control.exists()
+    status = rig.sim_status()
+    assert status["state"] == "STANDBY", status
+    count = status["pulse_count"]
+    time.sleep(0.3)
+    assert rig.sim_status()["pulse_count"] == count
+
+
+def test_cli_exit_codes(rig: Rig) -> None:
+    missing = _cli("status", "--control", str(rig.tmp / "nobody.sock"))
+    assert missing.returncode == 3
+    assert "cannot reach the daemon" in missing.stderr
+    rig.start_daemon()
+    c = ["--control", str(rig.control)]
+    assert _cli("status", *c).returncode == 0
+    refused = _cli("arm", *c)
+    assert refused.returncode == 1
+    assert "no session is open" in refused.stderr
+    usage = _cli("session", "zone", "elbow", *c)
+    assert usage.returncode == 2
+    started = _cli(
+        "session", "start", *c, "--operator", "OP-7", "--patient", "PT-0042",
+        "--skin-type", "III", "--concern", "fine_lines", "--preset", "fine_lines",
+        "--consultation-done", "--area-cleaned", "--no-numbing", "--no-contraindications",
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    assert _cli("session", "zone", "cheeks", *c).returncode == 0
+    too_much = _cli(
+        "params", "set", *c, "--energy-uj", "30000", "--width-us", "500", "--rate-hz", "5",
+        "--spot-um", "300",
+    )  # fmt: skip
+    assert too_much.returncode == 1
+    assert "max_fluence_skin_type_III" in too_much.stderr
+    assert os.path.exists(rig.control)
