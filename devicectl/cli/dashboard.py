@@ -84,7 +84,6 @@ def dashboard(
     from devicectl.errors import ConfigError
     from devicectl.logs import configure_logging
 
-    configure_logging()
     try:
         address = parse_listen(listen)
         config = DashboardConfig(
@@ -100,6 +99,7 @@ def dashboard(
     except ConfigError as exc:
         typer.echo(f"devicectl dashboard: {exc}", err=True)
         raise typer.Exit(int(ExitCode.USAGE)) from exc
+    configure_logging()
 
     async def serve() -> None:
         stop = asyncio.Event()
