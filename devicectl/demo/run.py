@@ -41,6 +41,7 @@ from devicectl.demo.script import (
 )
 from devicectl.errors import DevicectlError
 from devicectl.logs import redact
+from devicectl.policy import Concern
 
 __all__ = [
     "DemoOptions",
@@ -263,7 +264,7 @@ class DemoStack:
     ) -> DemoResult:
         """Play the scripted session; a DemoResult whatever happens, except cancellation."""
         daemon = self.daemon
-        preset = daemon.policy.presets[DEMO_CONCERN]
+        preset = daemon.policy.presets[Concern(DEMO_CONCERN)]
         params = demo_params(self.options.speed_hz, preset, daemon.policy.max_average_power_w)
         script = TreatmentScript(
             InProcessControls(daemon),

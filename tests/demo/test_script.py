@@ -9,7 +9,7 @@ import pytest
 
 from devicectl.demo import DemoError, DemoProgress, TreatmentScript, demo_params, plan_phases
 from devicectl.demo.script import ACK_REASON, DEMO_PATIENT, POST_CARE
-from devicectl.policy import load_policy
+from devicectl.policy import Concern, load_policy
 
 
 class FakeClock:
@@ -109,7 +109,7 @@ class FakeClinic:
 
 def _script(clinic: FakeClinic, clock: FakeClock, duration: float = 10.0) -> TreatmentScript:
     policy = load_policy(None)
-    params = demo_params(10.0, policy.presets["fine_lines"], policy.max_average_power_w)
+    params = demo_params(10.0, policy.presets[Concern.FINE_LINES], policy.max_average_power_w)
     return TreatmentScript(
         clinic, plan_phases(duration), params, DemoProgress(), sleep=clock.sleep, clock=clock
     )
@@ -179,7 +179,7 @@ def test_phases_scale_with_the_duration_and_bad_durations_are_named() -> None:
 @pytest.mark.parametrize("speed", [1.0, 10.0, 25.0, 500.0, 2000.0])
 def test_params_at_any_speed_stay_inside_power_and_period(speed: float) -> None:
     policy = load_policy(None)
-    preset = policy.presets["fine_lines"]
+    preset = policy.presets[Concern.FINE_LINES]
     params = demo_params(speed, preset, policy.max_average_power_w)
     assert params.rate_mhz == round(speed * 1000)
     assert params.average_power_w <= 0.8 * policy.max_average_power_w + 1e-9
@@ -191,4 +191,4 @@ def test_params_at_any_speed_stay_inside_power_and_period(speed: float) -> None:
 def test_speed_outside_the_range_is_named() -> None:
     policy = load_policy(None)
     with pytest.raises(DemoError, match="--speed 5000 Hz"):
-        demo_params(5000.0, policy.presets["fine_lines"], policy.max_average_power_w)
+        demo_params(5000.0, policy.presets[Concern.FINE_LINES], policy.max_average_power_w)
