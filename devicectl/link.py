@@ -99,8 +99,9 @@ DEFAULT_STATUS_PERIOD_MS: Final = 100
 _EVENT_MIN_TYPE: Final = 0xA0
 
 
-class SupersededByStop(LinkError):
-    """A command was abandoned because STOP was sent while it was in flight; it is never re-sent."""
+class SupersededByStop(DevicectlError):
+    """A command was abandoned because STOP was sent while it was in flight or queued; it is never
+    re-sent. Not a LinkError: the link is fine, and the command must not be retried on its own."""
 
     def __init__(self, command: str) -> None:
         self.command = command
@@ -686,6 +687,8 @@ class DeviceLink:
                 await self.request(Heartbeat(lease_ms))
             except DeviceRefused as exc:
                 self._log.warning("heartbeat_refused", port=self.port, reason=exc.reason)
+                break
+            except SupersededByStop:
                 break
             except LinkError as exc:
                 self._log.warning("heartbeat_failed", port=self.port, cause=str(exc))
