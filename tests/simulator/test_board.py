@@ -654,3 +654,102 @@ def test_next_deadline_is_the_next_pulse_status_or_lease(bench: Bench) -> None:
     assert bench.board.next_deadline_us() == bench.now  # bytes waiting
     bench.receive()
     assert bench.board.next_deadline_us() == bench.now + period_us(PARAMS.rate_mhz)
+
+
+# ---------------------------------------------------------------- byte-level feeding
+
+
+def _session_bytes() -> bytes:
+    host = Bench().host
+    cmds: list[Command] = [Hello(), PARAMS, Arm(1000), GetStatus(), Heartbeat(500), Stop()]
+    return b"\x00" + b"".join(host.send(i + 1, cmd) for i, cmd in enumerate(cmds))
+
+
+@pytest.mark.parametrize("chunking", ["whole", "halves", "bytes"])
+def test_commands_split_anywhere_get_the_same_replies(chunking: str) -> None:
+    wire = _session_bytes()
+    if chunking == "whole":
+        chunks = [wire]
+    elif chunking == "halves":
+        chunks = [wire[: len(wire) // 2], wire[len(wire) // 2 :]]
+    else:
+        chunks = [wire[i : i + 1] for i in range(len(wire))]
+    board = Board(rng=random.Random(4), now_us=0)
+    out = board.data_to_send(0)
+    for chunk in chunks:
+        board.receive_data(chunk, 0)
+        out += board.data_to_send(0)
+    reference = Board(rng=random.Random(4), now_us=0)
+    expected = reference.data_to_send(0)
+    reference.receive_data(wire, 0)
+    expected += reference.data_to_send(0)
+    assert out == expected
+    b = Bench()
+    b.host.receive_data(out)
+    replies = [f.message for f in b.host.events() if f.message.TYPE < 0xA0]
+    assert [type(r).__name__ for r in replies] == ["Ident", "Ack", "Ack", "StatusReply", "Ack",
+                                                   "Ack"]  # fmt: skip
+
+
+def test_garbage_on_the_line_is_counted_and_does_not_disturb_the_next_command(bench: Bench) -> None:
+    bench.send_raw(b"\x01\x02\x03\x00" + bytes(range(1, 100)) + b"\x00")
+    assert bench.command(GetStatus()).TYPE == StatusReply.TYPE
+    counters = bench.board.status(bench.now)["link"]
+    assert isinstance(counters, dict)
+    assert counters["codec"]["dropped"] >= 2
+
+
+# ---------------------------------------------------------------- more injected-fault details
+
+
+def test_a_slow_reply_keeps_its_place_among_events(bench: Bench) -> None:
+    bench.ack(SetReporting(10))
+    bench.board.inject("slow-replies", 25, bench.now)
+    bench.send(GetStatus())
+    frames = bench.run(40_000, step=40_000)
+    kinds = [type(f.message).__name__ for f in frames]
+    # Periodic STATUS at +10, +20 ms, the reply at +25 ms, then STATUS at +30, +40 ms.
+    assert kinds == ["StatusEvent", "StatusEvent", "StatusReply", "StatusEvent", "StatusEvent"]
+
+
+def test_reboot_ends_a_hang_with_power_on(bench: Bench) -> None:
+    bench.board.inject("hang", None, bench.now)
+    bench.board.reboot(bench.now)
+    frames = bench.receive()
+    assert frames[0].message == Boot(BootReason.POWER_ON)
+    assert not bench.board.hung
+    assert isinstance(bench.command(Hello()), Ident)
+
+
+def test_clear_faults_keeps_a_latched_fault_latched(bench: Bench) -> None:
+    bench.emit()
+    bench.board.inject("energy-drift", 2.0, bench.now)
+    bench.run(60_000)
+    assert bench.state() is S.FAULT
+    bench.board.clear_faults(bench.now)
+    assert bench.state() is S.FAULT
+    assert bench.board.status(bench.now)["faults"] == ["ENERGY_MONITOR"]
+    assert bench.board.status(bench.now)["injected"] == {}
+    bench.ack(ClearFault())
+    assert bench.state() is S.STANDBY
+
+
+def test_injected_faults_survive_a_reboot_except_hang(bench: Bench) -> None:
+    bench.board.inject("energy-drift", 1.2, bench.now)
+    bench.board.inject("slow-replies", 5, bench.now)
+    bench.board.reboot(bench.now)
+    assert bench.board.status(bench.now)["injected"] == {"energy-drift": 1.2, "slow-replies": 5.0}
+
+
+def test_a_hot_board_trips_the_cut_off_again_right_after_reboot(bench: Bench) -> None:
+    bench.board.inject("overheat", None, bench.now)
+    bench.run(5_000_000, step=50_000)
+    bench.board.reboot(bench.now)
+    frames = bench.receive()
+    assert frames[0].message == Boot(BootReason.POWER_ON)
+    faults = messages_of(frames, FaultEvent)
+    assert len(faults) == 1
+    assert isinstance(faults[0], FaultEvent)
+    assert faults[0].code == FaultCode.OVERTEMP_HEAD
+    assert faults[0].detail >= 4500
+    assert bench.state() is S.FAULT
