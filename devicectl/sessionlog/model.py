@@ -221,7 +221,7 @@ class Summary:
     at the device's maximum energy and included in ``energy_per_zone_uj``."""
 
     session_id: int
-    outcome: str  # "completed" | "interrupted"
+    outcome: str  # "completed" | "interrupted" | "open" (a running summary)
     started_ns: int
     ended_ns: int
     pulses: int

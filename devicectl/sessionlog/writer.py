@@ -467,11 +467,28 @@ class SessionLog:
             allowed = ", ".join(p.value for p in PostCare)
             raise InvalidSessionInfo("post_care", list(post_care), f"one of {allowed}") from exc
         now = self._clock() if host_time_ns is None else host_time_ns
-        summary = Summary(
-            session_id=session_id,
-            outcome="completed",
+        summary = self._summary(live, "completed", now)
+        body = {"summary": summary.to_dict(), "post_care": care, "actor": actor, "note": note}
+        self._record(session_id, "session_ended", body, now)
+        self._live = None
+        self._log.info("session_ended", session_id=session_id, pulses=live.pulses)
+        return summary
+
+    def current_summary(self, *, host_time_ns: int | None = None) -> Summary | None:
+        """The open session's running summary (outcome ``"open"``), e.g. for the retained
+        ``session`` telemetry topic every second; ``None`` without a session. No disk access."""
+        live = self._live
+        if live is None:
+            return None
+        return self._summary(live, "open", self._clock() if host_time_ns is None else host_time_ns)
+
+    @staticmethod
+    def _summary(live: _LiveSession, outcome: str, now_ns: int) -> Summary:
+        return Summary(
+            session_id=live.session_id,
+            outcome=outcome,
             started_ns=live.started_ns,
-            ended_ns=now,
+            ended_ns=now_ns,
             pulses=live.pulses,
             unlogged_pulses=live.unlogged,
             unlogged_energy_uj=live.unlogged_energy,
@@ -479,11 +496,6 @@ class SessionLog:
             peak_fluence_j_cm2=live.peak_fluence,
             faults=live.faults,
         )
-        body = {"summary": summary.to_dict(), "post_care": care, "actor": actor, "note": note}
-        self._record(session_id, "session_ended", body, now)
-        self._live = None
-        self._log.info("session_ended", session_id=session_id, pulses=live.pulses)
-        return summary
 
     # ── records ──────────────────────────────────────────────────────────────────────────────
 

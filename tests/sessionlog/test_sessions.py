@@ -179,6 +179,7 @@ def test_one_session_at_a_time(tmp_path: Path) -> None:
             slog.end_session(opened.session_id + 1, actor="op-anna")
         slog.end_session(opened.session_id, actor="op-anna")
         assert slog.open_session() is None
+        assert slog.current_summary() is None
 
 
 def test_the_closing_summary_counts_pulses_energy_fluence_and_faults(tmp_path: Path) -> None:
@@ -196,6 +197,7 @@ def test_the_closing_summary_counts_pulses_energy_fluence_and_faults(tmp_path: P
             sid, nxt, nxt + 1, charged_energy_uj=60_000, zone="cheeks", cause="gap"
         )
         clock.advance(seconds=90)
+        running = slog.current_summary()
         summary = slog.end_session(sid, actor="op-anna", post_care=["sunscreen", "soothing_serum"])
         assert slog.last_pulse_no() == nxt + 1
     forehead = sum(1000 + i % 7 for i in range(10))
@@ -210,6 +212,12 @@ def test_the_closing_summary_counts_pulses_energy_fluence_and_faults(tmp_path: P
     # Peak fluence: 1006 µJ on a 300 µm spot beats 3006 µJ on a 1000 µm spot.
     assert summary.peak_fluence_j_cm2 == pytest.approx(1006e-6 / (3.141592653589793 * 0.015**2))
     assert summary.started_ns == T0
+    assert running is not None
+    assert running.outcome == "open"
+    assert (running.pulses, running.energy_per_zone_uj) == (
+        summary.pulses,
+        summary.energy_per_zone_uj,
+    )
 
 
 def test_unknown_zone_post_care_and_event_kind_are_refused(tmp_path: Path) -> None:
