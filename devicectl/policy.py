@@ -72,14 +72,17 @@ class SkinType(IntEnum):
         """``"IV"``, ``"iv"``, ``4`` or ``"4"`` -> :attr:`IV`; anything else raises ValueError."""
         if isinstance(value, SkinType):
             return value
+        number: int | None = None
         if isinstance(value, int) and not isinstance(value, bool):
-            return cls(value)
-        if isinstance(value, str):
+            number = value
+        elif isinstance(value, str):
             text = value.strip().upper()
-            if text.isdigit():
-                return cls(int(text))
             if text in cls.__members__:
                 return cls[text]
+            if text.isdigit():
+                number = int(text)
+        if number is not None and 1 <= number <= 6:
+            return cls(number)
         raise ValueError(f"a Fitzpatrick skin type I-VI, not {value!r}")
 
 
