@@ -529,7 +529,8 @@ class Board:
         eps = max(-ENERGY_CLIP, min(ENERGY_CLIP, eps))
         measured = min(U32_MAX, max(0, round(setpoint * (1.0 + eps) * self._drift)))
         self._pulse_count = count = (self._pulse_count + 1) & U32_MAX
-        self._send_event(Pulse(count, t & TIME_MASK, measured))
+        # Packed directly (not through a Pulse instance): this is the per-pulse path.
+        self._send_event_payload(_PULSE_TYPE, _PULSE_PACK(count, t & TIME_MASK, measured))
         contact = not self._interlocks & _CONTACT
         self._thermal.pulse(measured, self._train_spot_um, contact=contact)
         if self._runaway and not self._faults & _SHUTTER_BIT:
@@ -716,9 +717,12 @@ class Board:
             change()
 
     def _send_event(self, event: Boot | Pulse | StatusEvent | FaultEvent | InputEvent) -> None:
+        self._send_event_payload(event.TYPE, event.payload())
+
+    def _send_event_payload(self, type_: int, payload: bytes) -> None:
         seq = self._event_seq
         self._event_seq = (seq + 1) & 0xFF
-        frame = encode_frame(seq, event.TYPE, event.payload())
+        frame = encode_frame(seq, type_, payload)
         if self._drop_p > 0.0 and self._rng.random() < self._drop_p:
             self.link.dropped_out += 1
             return
@@ -777,6 +781,8 @@ class Board:
 
 
 _NEVER: Final = 1 << 62
+_PULSE_TYPE: Final = int(Pulse.TYPE)
+_PULSE_PACK: Final = Pulse.STRUCT.pack
 # Scheduled work, in the order ties are broken (see Board._next_action).
 _ACT_NONE, _ACT_PULSE, _ACT_LEASE, _ACT_HEAD, _ACT_STATUS, _ACT_REPLY = range(6)
 _ARMED: Final = frozenset({DeviceState.READY, DeviceState.EMITTING})
