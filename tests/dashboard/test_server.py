@@ -127,9 +127,16 @@ async def test_event_stream_sends_a_snapshot_then_deltas(
                         break
             assert alerts[0]["code"] == "X"
             assert alerts[0]["key"] == "clinic-a/laser-01"
+            assert server.dashboard.hub.browsers == 1
         finally:
             writer.close()
             await writer.wait_closed()
+        # A closed tab is noticed and its queue dropped.
+        for _ in range(250):
+            if server.dashboard.hub.browsers == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert server.dashboard.hub.browsers == 0
 
 
 async def test_stop_is_confirmed_guarded_and_delivered(

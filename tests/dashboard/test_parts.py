@@ -1,0 +1,207 @@
+"""The dashboard's small parts: topic and payload reading, browser fan-out, backoff, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from devicectl.dashboard import Backoff, DisplayLimits, Update, UpdateHub, load_display_limits
+from devicectl.dashboard.contract import (
+    MalformedPayload,
+    TopicRef,
+    parse_topic,
+    read_alert,
+    read_availability,
+    read_json_object,
+    read_metrics,
+    read_pulse_batch,
+    read_session,
+    read_status,
+)
+from devicectl.dashboard.hub import Resync
+from devicectl.dashboard.server import parse_listen
+from devicectl.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("topic", "expected"),
+    [
+        ("lasers/a/d1/state", TopicRef("a", "d1", "state")),
+        ("lasers/a/d1/availability", TopicRef("a", "d1", "availability")),
+        ("lasers/a/d1/sessions/S9/events", TopicRef("a", "d1", "events", "S9")),
+        ("lasers/a/d1/cmd/stop", TopicRef("a", "d1", "cmd")),
+        ("lasers/a/d1/sessions//events", None),
+        ("lasers/a/d1/state/extra", None),
+        ("lasers/a/d1", None),
+        ("lasersX/a/d1/state", None),
+    ],
+)
+def test_topics(topic: str, expected: TopicRef | None) -> None:
+    assert parse_topic("lasers", topic) == expected
+
+
+def test_a_multi_level_prefix() -> None:
+    assert parse_topic("acme/lasers", "acme/lasers/a/d1/pulses") == TopicRef("a", "d1", "pulses")
+
+
+def test_availability_words() -> None:
+    assert read_availability(b"online") == "online"
+    assert read_availability(b'"offline"\n') == "offline"
+    with pytest.raises(MalformedPayload, match="neither online nor offline"):
+        read_availability(b"1")
+
+
+def test_json_objects_only() -> None:
+    assert read_json_object(b'{"a": 1}') == {"a": 1}
+    for payload, cause in ((b"\xff", "not JSON"), (b"[]", "not an object"), (b"", "not JSON")):
+        with pytest.raises(MalformedPayload, match=cause):
+            read_json_object(payload)
+
+
+def test_other_spellings_and_units_of_the_same_fields() -> None:
+    status = read_status(
+        {"device_state": "emitting", "interlocks": {"door": "open", "key": False}, "faults": [3]}
+    )
+    assert (status.state, status.interlocks_open, status.faults) == (
+        "EMITTING",
+        ("door",),
+        ("OVERTEMP_HEAD",),
+    )
+    flat = read_session(
+        {
+            "id": "S2",
+            "operator_id": "op",
+            "current_zone": {"name": "neck"},
+            "pulse_count": 3,
+            "zones": [{"zone": "neck", "energy_j": 1.5, "limit_j": 60}],
+        }
+    )
+    assert (flat.session_id, flat.operator, flat.zone, flat.pulses) == ("S2", "op", "neck", 3)
+    assert (flat.zones[0].energy_j, flat.zones[0].limit_j) == (1.5, 60.0)
+    batch = read_pulse_batch({"first": 5, "last": 7, "energy_sum_mj": 18.0})
+    assert batch.count == 3
+    assert batch.energy_sum_j == pytest.approx(0.018)
+    from_list = read_pulse_batch({"pulses": [[1, 0, 6000], [2, 100, 6000]]})
+    assert from_list.count == 2
+    assert from_list.energy_sum_j == pytest.approx(0.012)
+    metrics = read_metrics({"skin_temp_cdeg": 3421, "temperatures": {"head_c": 30.5}})
+    assert metrics.skin_temp_c == pytest.approx(34.21)
+    assert metrics.head_temp_c == 30.5
+    assert read_metrics({"skin_temp_c": 0.0}).skin_temp_c == 0.0
+
+
+def test_wrong_types_read_as_unknown_not_as_numbers() -> None:
+    status = read_status({"state": True, "armed": "yes", "interlocks": "door", "faults": None})
+    assert (status.state, status.armed, status.interlocks_open, status.faults) == (
+        None,
+        None,
+        None,
+        (),
+    )
+    metrics = read_metrics({"skin_temp_c": "hot", "rate_hz": float("nan"), "counters": [1]})
+    assert (metrics.skin_temp_c, metrics.rate_hz, metrics.counters) == (None, None, {})
+    alert = read_alert({})
+    assert (alert.severity, alert.rank, alert.code) == ("warning", 1, None)
+
+
+def update(n: int) -> Update:
+    return Update({"op": "device", "key": "a/d", "fields": {"n": n}})
+
+
+async def test_a_browser_receives_updates_in_order() -> None:
+    hub = UpdateHub(dict, queue_size=10)
+    async with hub.subscribe() as browser:
+        assert hub.browsers == 1
+        hub.publish([update(1), update(2)])
+        assert [await browser.next(), await browser.next()] == [update(1), update(2)]
+    assert hub.browsers == 0
+
+
+async def test_a_browser_that_falls_behind_is_resynced_not_buffered() -> None:
+    hub = UpdateHub(dict, queue_size=3)
+    async with hub.subscribe() as slow, hub.subscribe() as fast:
+        for n in range(5):
+            hub.publish([update(n)])
+            assert await fast.next() == update(n)
+        items = []
+        while not slow.queue.empty():
+            items.append(slow.queue.get_nowait())
+        # Its backlog was dropped for one Resync (a fresh snapshot covers update 4 too).
+        assert len(items) == 1
+        assert isinstance(items[0], Resync)
+        hub.publish([update(5)])
+        assert await slow.next() == update(5)
+
+
+async def test_closing_the_hub_ends_every_stream() -> None:
+    hub = UpdateHub(dict, queue_size=2)
+    async with hub.subscribe() as browser:
+        hub.publish([update(1), update(2), update(3)])  # full: resync pending
+        hub.close()
+        seen = [await browser.next() for _ in range(browser.queue.qsize())]
+        assert seen[-1] is None
+    async with hub.subscribe() as late:
+        assert await asyncio.wait_for(late.next(), 1) is None
+
+
+def test_backoff_grows_with_jitter_up_to_its_cap() -> None:
+    backoff = Backoff(base_s=0.25, cap_s=30.0)
+    assert backoff.delay(0, rng=lambda: 0.0) == 0.125
+    assert backoff.delay(0, rng=lambda: 1.0) == 0.25
+    assert backoff.delay(3, rng=lambda: 1.0) == 2.0
+    assert backoff.delay(100, rng=lambda: 1.0) == 30.0
+    assert backoff.delay(100, rng=lambda: 0.0) == 15.0
+
+
+def test_limits_from_a_policy_file(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        "session_energy_j = 250.0\nskin_temp_max_c = 40.5\n"
+        "[zones]\nforehead = { energy_j = 55.0 }\nneck = { energy_j = 40, max_fluence_j_cm2 = 2 }\n"
+    )
+    assert load_display_limits(policy) == DisplayLimits(
+        {"forehead": 55.0, "neck": 40.0}, 250.0, 40.5
+    )
+    packaged = load_display_limits()
+    assert packaged.skin_temp_max_c > 0
+
+
+@pytest.mark.parametrize(
+    ("text", "cause"),
+    [
+        ("zones = [", "valid TOML"),
+        ("[zones]\nneck = { energy_j = -1 }\n", "zones.neck.energy_j"),
+        ("zones = 3\n", "a table of zones"),
+        ("skin_temp_max_c = 'hot'\n", "skin_temp_max_c"),
+    ],
+)
+def test_a_bad_policy_file_is_named(tmp_path: Path, text: str, cause: str) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(text)
+    with pytest.raises(ConfigError, match=cause):
+        load_display_limits(policy)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0.0.0.0:8080", ("0.0.0.0", 8080)),
+        ("[::1]:0", ("::1", 0)),
+        ("localhost:1", ("localhost", 1)),
+    ],
+)
+def test_listen_addresses(text: str, expected: tuple[str, int]) -> None:
+    assert parse_listen(text) == expected
+
+
+@pytest.mark.parametrize("text", ["8080", ":8080", "host:", "host:99999", "host:http"])
+def test_bad_listen_addresses(text: str) -> None:
+    with pytest.raises(ConfigError, match="--listen"):
+        parse_listen(text)
+
+
+def test_updates_are_json() -> None:
+    assert json.loads(json.dumps(update(1).data)) == update(1).data
