@@ -97,6 +97,11 @@ REPLY_TIMEOUT_S: Final = 0.050
 MAX_SENDS: Final = 4
 DEFAULT_STATUS_PERIOD_MS: Final = 100
 _EVENT_MIN_TYPE: Final = 0xA0
+# Commands answered by a typed reply rather than ACK (NAK is possible for any command).
+_TYPED_REPLIES: Final[dict[int, type[Message]]] = {
+    MessageType.HELLO: Ident,
+    MessageType.GET_STATUS: StatusReply,
+}
 
 
 class SupersededByStop(DevicectlError):
@@ -441,11 +446,16 @@ class DeviceLink:
     def _on_reply(self, seq: int, reply: Message) -> None:
         pending = self._pending
         kind = type(reply)
-        if (
-            pending is None
-            or seq != pending.seq
-            or ((kind is Ack or kind is Nak) and reply.command != pending.type)  # type: ignore[attr-defined]
-        ):
+        if pending is None or seq != pending.seq:
+            self.stale_replies += 1
+            return
+        if kind is Ack or kind is Nak:
+            fits = reply.command == pending.type and (  # type: ignore[attr-defined]
+                kind is Nak or pending.type not in _TYPED_REPLIES
+            )
+        else:
+            fits = _TYPED_REPLIES.get(pending.type) is kind
+        if not fits:  # the right SEQ but not an answer to this command: a stale wrap-around
             self.stale_replies += 1
             return
         if kind is Nak:

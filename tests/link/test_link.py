@@ -507,3 +507,18 @@ async def test_reply_hook_sees_each_reply_before_later_frames() -> None:
         await link.request(Arm(250))
         await until(lambda: len(order) == 2)
     assert order == ["reply ARM Ack", "event Pulse"]
+
+
+async def test_a_reply_of_the_wrong_kind_for_the_command_in_flight_is_ignored() -> None:
+    device = FakeDevice()
+    async with running(device, reply_timeout=0.05) as (link, _):
+        device.silent_types.add(Arm.TYPE)
+        arm = asyncio.create_task(link.request(Arm(250)))
+        await until(lambda: bool(device.commands(Arm.TYPE)))
+        seq = device.commands(Arm.TYPE)[0].seq
+        assert device.transport is not None
+        device.transport.write(device.codec.send(seq, Ack(Stop.TYPE)))  # ACK of another command
+        device.transport.write(device.codec.send(seq, StatusReply(1, 0, 0, 0, 0, 0, 0)))
+        device.transport.write(device.codec.send(seq, Ack(Arm.TYPE)))  # the real answer
+        assert await arm == Ack(Arm.TYPE)
+        assert link.stats["stale_replies"] == 2
