@@ -30,12 +30,10 @@ import json
 import queue
 import shutil
 import sqlite3
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from hashlib import sha256
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -44,7 +42,7 @@ import structlog
 
 from devicectl.errors import LogUnavailable
 from devicectl.sessionlog import reader, store
-from devicectl.sessionlog.chain import record_hash
+from devicectl.sessionlog.chain import pulse_hash, record_hash
 from devicectl.sessionlog.model import (
     DEFAULT_PATIENT_REF_PATTERN,
     FAULT_EVENT_KINDS,
@@ -65,7 +63,6 @@ from devicectl.sessionlog.model import (
 
 __all__ = ["Recovery", "SessionLog"]
 
-_PULSE = struct.Struct("<cqqqqqq")
 _NS_PER_DAY = 86_400 * 10**9
 _EVENT_KIND_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.")
 
@@ -746,7 +743,6 @@ class SessionLog:
 
     def _commit(self, batch: list[object]) -> None:
         seq, prev = self._seq, self._prev
-        pack, digest = _PULSE.pack, sha256
         pulses: list[tuple[int, int, int, int, int, int, str, bytes]] = []
         records: list[tuple[int, int | None, str, int, str, bytes]] = []
         last_pulse_no: int | None = None
@@ -754,11 +750,7 @@ class SessionLog:
             if type(item) is tuple:
                 session_id, pulse_no, t_us, host_ns, energy_uj, zone = item
                 seq += 1
-                prev = digest(
-                    prev
-                    + pack(b"P", seq, session_id, pulse_no, t_us, host_ns, energy_uj)
-                    + zone.encode()
-                ).digest()
+                prev = pulse_hash(prev, seq, session_id, pulse_no, t_us, host_ns, energy_uj, zone)
                 pulses.append((seq, session_id, pulse_no, t_us, host_ns, energy_uj, zone, prev))
                 last_pulse_no = pulse_no
             elif type(item) is _Record:
