@@ -17,6 +17,7 @@ from protocols import (
     Message,
     Pulse,
     SetParams,
+    SetReporting,
     Stop,
 )
 from simulator import Board, BoardRunner
@@ -104,3 +105,24 @@ async def test_a_failing_writer_is_detached_not_fatal() -> None:
         runner.feed(HostCodec().send(2, Hello()))
     assert runner.bytes_written == 0
     assert runner.bytes_lost > 0
+
+
+async def test_wake_re_plans_a_runner_with_nothing_scheduled() -> None:
+    board = Board(rng=random.Random(1))
+    host = Host()
+    async with BoardRunner(board) as runner:
+        runner.attach(host.write)
+        runner.feed(host.codec.send(1, SetReporting(0)))
+        runner.feed(host.codec.send(2, SetParams(1000, 200, 100_000, 300)))
+        runner.feed(host.codec.send(3, Arm(5000)))
+        await asyncio.sleep(0.01)
+        assert board.next_deadline_us() is not None  # only the lease
+        board.footswitch(True, runner.now_us())
+        runner.wake()
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if len(host.pulses()) >= 5:
+                break
+        board.footswitch(False, runner.now_us())
+        runner.wake()
+    assert [p.pulse_no for p in host.pulses()][:5] == [1, 2, 3, 4, 5]
