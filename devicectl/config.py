@@ -188,8 +188,14 @@ class Settings(BaseSettings):
 
     port: str = "sim"
     baudrate: int = Field(default=115200, ge=9600, le=921600)
-    control: Path
-    data_dir: Path
+    data_dir: Path = Field(default_factory=lambda: default_data_dir(os.environ, os.geteuid()))
+    control: Path = Field(  # after data_dir: its default may live there
+        default_factory=lambda data: default_control_socket(
+            os.environ,
+            os.geteuid(),
+            data.get("data_dir") or default_data_dir(os.environ, os.geteuid()),
+        )
+    )
     policy: Path | None = Field(default=None, description="default: the packaged policy")
     status_period_ms: int = Field(default=100, ge=10, le=10000)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
@@ -209,19 +215,6 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         file_source = InitSettingsSource(settings_cls, init_kwargs=_FILE_VALUES.get() or {})
         return (init_settings, env_settings, file_source)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_paths(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        environ, euid = os.environ, os.geteuid()
-        if not data.get("data_dir"):
-            data["data_dir"] = default_data_dir(environ, euid)
-        if not data.get("control"):
-            data_dir = Path(str(data["data_dir"])).expanduser()
-            data["control"] = default_control_socket(environ, euid, data_dir)
-        return data
 
     @field_validator("control", "data_dir")
     @classmethod

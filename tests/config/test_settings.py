@@ -109,7 +109,7 @@ def test_environment_overrides_the_file_and_flags_override_both(
 def test_a_bad_value_is_one_line_naming_key_value_and_allowed(
     overrides: dict[str, object], key: str, value: object, allowed: str
 ) -> None:
-    error = refused(**overrides)
+    error = refused(None, **overrides)
     assert (error.key, error.value) == (key, value)
     assert allowed in error.allowed
     assert repr(value) in str(error)
