@@ -7,12 +7,17 @@ Target: decode ≥ 250,000 frames/s. Rows:
 - FrameReader: COBS + CRC only; HostCodec: plus typed messages; DeviceLink receive path: plus
   event dispatch, SEQ-gap counting and the daemon's handler (a no-op here);
 - each fed the whole stream as one buffer, and in 1 KiB chunks (a serial read returns ≤ 1,024 B);
-- encode: HostCodec.send / DeviceCodec.send of a PULSE, and encode_frame of its prebuilt payload.
+- encode: HostCodec.send / DeviceCodec.send of a PULSE, and encode_frame of its prebuilt payload;
+- breach to STOP: one PULSE chunk into the link's receive callback, whose handler calls
+  ``stop_now()``, until STOP's bytes reach the transport's ``write`` (host CPU only: add the port's
+  own latency, e.g. an FTDI adapter's 16 ms latency timer).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import statistics
 import time
 from collections.abc import Callable
 
@@ -40,6 +45,46 @@ def best_rate(run: Callable[[], int], repeat: int) -> float:
         elapsed = time.perf_counter() - start
         best = max(best, frames / elapsed)
     return best
+
+
+class _RecordingTransport:
+    """A transport that only notes when it was written to."""
+
+    url = "bench"
+    is_open = True
+
+    def __init__(self) -> None:
+        self.written_ns = 0
+
+    def write(self, _data: bytes) -> None:
+        self.written_ns = time.perf_counter_ns()
+
+    def close(self) -> None:
+        self.is_open = False
+
+    async def wait_closed(self) -> None:
+        return None
+
+
+async def breach_to_stop_us(count: int) -> list[float]:
+    """Per PULSE: µs from handing its bytes to the link to STOP being written."""
+    frames = [DeviceCodec().send(i & 0xFF, Pulse(i + 1, i * 2000, 99_999)) for i in range(count)]
+    transport = _RecordingTransport()
+
+    def on_event(_seq: int, _message: Message) -> None:
+        link.stop_now()  # the supervisor's reaction to a breach
+
+    link = DeviceLink(MemoryLink().connect, port="bench", on_event=on_event)
+    link._transport = transport  # attached by hand: no handshake in a micro-benchmark
+    out: list[float] = []
+    for frame in frames:
+        start = time.perf_counter_ns()
+        link._on_data(frame)
+        out.append((transport.written_ns - start) / 1000)
+        pending = link._pending
+        assert pending is not None
+        link._abandon(pending, None)  # as if ACKed: the next breach writes a fresh STOP
+    return out
 
 
 def main() -> None:
@@ -109,10 +154,15 @@ def main() -> None:
     rows.append(("encode DeviceCodec.send(Pulse)", "-", best_rate(encode_codec, repeat)))
     rows.append(("encode encode_frame(payload)", "-", best_rate(encode_raw, repeat)))
 
+    latencies = sorted(asyncio.run(breach_to_stop_us(min(n, 20_000))))
+
     print(f"ICD v1 codec, {n:,} PULSE frames ({len(stream):,} bytes), best of {repeat}")
     print(f"{'what':<34} {'fed':<13} {'frames/s':>12} {'µs/frame':>9}")
     for name, feed_name, rate in rows:
         print(f"{name:<34} {feed_name:<13} {rate:>12,.0f} {1e6 / rate:>9.2f}")
+    p50 = statistics.median(latencies)
+    p99 = latencies[int(len(latencies) * 0.99)]
+    print(f"breach to STOP written (host CPU): p50 {p50:.1f} µs, p99 {p99:.1f} µs")
 
 
 if __name__ == "__main__":
