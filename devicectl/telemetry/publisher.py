@@ -36,7 +36,7 @@ from paho.mqtt.properties import Properties
 from devicectl import __version__
 from devicectl.telemetry.commands import CommandAction, classify_command
 from devicectl.telemetry.config import TelemetryConfig
-from devicectl.telemetry.outbox import Outbox, OverflowReport
+from devicectl.telemetry.outbox import Outbox, OutboxRow, OverflowReport
 from protocols.messages import INTERLOCK_NAMES, FaultCode
 from protocols.mqtt import (
     AVAILABILITY_OFFLINE,
@@ -595,6 +595,9 @@ class Telemetry:
         live: set[asyncio.Task[None]] = set()
         hook = _PubackHook(paho_client, lambda mid, code: self._on_puback(awaiting, mid, code))
         cursor = 0
+        queued: deque[OutboxRow] = deque()
+        window = self._config.in_flight
+        by_stream = {stream.value: props for stream, props in self._properties.items()}
         try:
             while True:
                 if self._closing.is_set() and loop.time() >= self._close_deadline:
@@ -608,14 +611,17 @@ class Telemetry:
                     live.add(task)
                     task.add_done_callback(live.discard)
                     self._counts["live_published"] += 1
-                free = self._config.in_flight - len(awaiting)
-                rows = outbox.fetch(cursor, free) if free > 0 else []
-                for row in rows:
+                if not queued:
+                    queued.extend(outbox.fetch(cursor, 256))
+                    if queued:
+                        cursor = queued[-1].id
+                sent = 0
+                while queued and len(awaiting) < window:
+                    row = queued.popleft()
                     payload = row.payload
                     if row.boot != self._boot or row.id <= self._historical_upto:
                         payload = mark_historical(payload)
-                    v5 = self._v5 and bool(payload)
-                    properties = self._properties[Stream(row.stream)] if v5 else None
+                    properties = by_stream[row.stream] if self._v5 and payload else None
                     info = paho_client.publish(row.topic, payload, row.qos, row.retain, properties)
                     if info.rc != MQTT_ERR_SUCCESS:
                         raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
@@ -624,11 +630,11 @@ class Telemetry:
                         self._counts["published"] += 1
                     else:
                         awaiting[info.mid] = row.id
-                    cursor = row.id
-                if rows and len(rows) == free:
-                    await asyncio.sleep(0)  # let the socket and the PUBACKs move
+                    sent += 1
+                if sent and queued:
+                    await asyncio.sleep(0)  # window full: let the socket and the PUBACKs move
                     continue
-                if not rows:
+                if not queued and not sent:
                     outbox.flush_acks()
                     if self._closing.is_set() and not awaiting:
                         return
