@@ -4,21 +4,22 @@
 per-pulse path never touches these models. Two errors come out of here, both one line a clinician
 can act on: :class:`InvalidSessionInfo` (a field is malformed, e.g. a patient reference that looks
 like a name) and :class:`SessionRefused` (the checklist is incomplete or a contraindication is
-present: no treatment).
+present: no treatment). Skin types, zones and concerns are the policy's own enums
+(:mod:`devicectl.policy`), re-exported here, so limits and records name them alike.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import IntEnum, StrEnum
+from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from devicectl.errors import DevicectlError
+from devicectl.policy import Concern, SkinType, Zone, spot_area_cm2
 
 __all__ = [
     "DEFAULT_PATIENT_REF_PATTERN",
@@ -47,43 +48,6 @@ DEFAULT_PATIENT_REF_PATTERN = r"^[A-Z0-9-]{4,32}$"
 MIN_DAYS_BETWEEN_SESSIONS = 7
 # Event kinds that count as faults in a session's closing summary (each pulse gap counts too).
 FAULT_EVENT_KINDS = frozenset({"breach", "device_fault", "link_lost"})
-
-
-class SkinType(IntEnum):
-    """Fitzpatrick skin type; darker types get lower fluence limits (post-inflammatory pigment)."""
-
-    I = 1  # noqa: E741 - the clinical name of the type
-    II = 2
-    III = 3
-    IV = 4
-    V = 5
-    VI = 6
-
-
-def _skin_type(value: object) -> object:
-    # Accept the roman numerals clinicians write as well as 1..6.
-    if isinstance(value, str) and value.strip().upper() in SkinType.__members__:
-        return SkinType[value.strip().upper()]
-    return value
-
-
-class Concern(StrEnum):
-    FINE_LINES = "fine_lines"
-    LAXITY = "laxity"
-    ACNE_SCARS = "acne_scars"
-    PIGMENTATION = "pigmentation"
-    DEHYDRATION = "dehydration"
-    SUN_DAMAGE = "sun_damage"
-
-
-class Zone(StrEnum):
-    FOREHEAD = "forehead"
-    PERIORBITAL = "periorbital"
-    PERIORAL = "perioral"
-    CHEEKS = "cheeks"
-    NECK = "neck"
-    DECOLLETE = "decollete"
-    HANDS = "hands"
 
 
 class PostCare(StrEnum):
@@ -126,7 +90,7 @@ class SessionInfo(_Model):
     device_serial: Annotated[str, Field(min_length=1, max_length=64)]
     operator: Annotated[str, Field(min_length=1, max_length=64)]
     patient_ref: Annotated[str, Field(min_length=1, max_length=64)]
-    skin_type: Annotated[SkinType, BeforeValidator(_skin_type)]
+    skin_type: Annotated[SkinType, BeforeValidator(SkinType.parse)]
     concerns: tuple[Concern, ...] = ()
     course: Course
     checklist: Checklist
@@ -191,12 +155,6 @@ def checklist_problems(checklist: Checklist) -> list[tuple[str, str]]:
         elif answer:
             problems.append((f"contraindication.{name}", f"present: {label}"))
     return problems
-
-
-def spot_area_cm2(spot_um: int) -> float:
-    """Area of a round spot of diameter ``spot_um`` µm, in cm² (A = π(d/2)²)."""
-    radius_cm = spot_um * 1e-4 / 2
-    return math.pi * radius_cm * radius_cm
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,9 +91,6 @@ class SessionRecord:
     summary: Summary | None
     outcome: str
 
-    def of_kind(self, kind: str) -> list[dict[str, Any]]:
-        return [r for r in self.records if r["kind"] == kind]
-
 
 def log_state(conn: sqlite3.Connection) -> LogState:
     head_seq, head_hash = conn.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()

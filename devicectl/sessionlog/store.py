@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Mapping
 from pathlib import Path
 
+from devicectl import config
 from devicectl.errors import LogUnavailable
 
 __all__ = [
@@ -66,17 +66,10 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def default_data_dir(environ: Mapping[str, str] | None = None, euid: int | None = None) -> Path:
-    """``/var/lib/devicectl`` for root under systemd (``INVOCATION_ID`` set), else
-    ``$XDG_DATA_HOME/devicectl`` (``~/.local/share/devicectl`` when unset): the same rule as the
-    daemon's settings (``devicectl.config``), so the CLI finds the daemon's log."""
-    environ = os.environ if environ is None else environ
-    euid = os.geteuid() if euid is None else euid
-    if euid == 0 and environ.get("INVOCATION_ID"):
-        return Path("/var/lib/devicectl")
-    xdg = environ.get("XDG_DATA_HOME")
-    base = Path(xdg) if xdg else Path(environ.get("HOME", "~")).expanduser() / ".local" / "share"
-    return base / "devicectl"
+def default_data_dir() -> Path:
+    """The daemon's default data directory (``/var/lib/devicectl`` for root under systemd, else
+    ``$XDG_DATA_HOME/devicectl``): the settings' own rule, so the CLI finds the daemon's log."""
+    return config.default_data_dir(os.environ, os.geteuid())
 
 
 def default_db_path(data_dir: Path | None = None) -> Path:
