@@ -32,6 +32,10 @@ If the link is lost before the ACK, the STOP is sent again right after IDENT on 
 before anything else. Heartbeats also end when the link is lost or the device reboots: arming again
 is the daemon's explicit decision.
 
+Replies are handed to ``on_reply(command TYPE, reply)``, synchronously and in wire order too,
+before the caller of :meth:`DeviceLink.request` resumes, so that the daemon's notion of "armed"
+flips exactly at the ACK of ARM, STOP or DISARM relative to the PULSE events around it.
+
 Events (PULSE, STATUS, FAULT, INPUT, BOOT) are handed synchronously, in wire order, to
 ``on_event(seq, message)`` from inside the transport's receive callback, so a handler can call
 :meth:`DeviceLink.stop_now` and have STOP written before the next chunk is read. Nothing is logged
@@ -79,10 +83,16 @@ from protocols import (
 from protocols.errors import RemoteProtocolError
 
 __all__ = [
+    "DEFAULT_STATUS_PERIOD_MS",
+    "MAX_SENDS",
+    "REPLY_TIMEOUT_S",
+    "ConnectedHandler",
     "DeviceLink",
     "DeviceRebooted",
     "EventHandler",
+    "LinkLostHandler",
     "ProtocolMismatch",
+    "ReplyHandler",
     "SupersededByStop",
     "backoff_delay",
 ]
