@@ -30,15 +30,15 @@ __all__ = ["session_export", "session_list", "session_show", "verify"]
 
 DbOption = Annotated[
     Path | None,
-    typer.Option("--db", metavar="FILE", help="The session log [default: DATA_DIR/sessions.db]."),
+    typer.Option("--db", metavar="FILE", help="The session log (default: DATA_DIR/sessions.db)."),
 ]
 DataDirOption = Annotated[
     Path | None,
     typer.Option(
         "--data-dir",
         metavar="DIR",
-        help="The daemon's data directory [default: /var/lib/devicectl for the system service, "
-        "else $XDG_DATA_HOME/devicectl].",
+        help="The daemon's data directory (default: /var/lib/devicectl for the system service, "
+        "else $XDG_DATA_HOME/devicectl).",
     ),
 ]
 
