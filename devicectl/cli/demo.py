@@ -75,6 +75,7 @@ class _LiveProgress:
         self._live: Live | None = None
         self._last_phase = ""
         self._last_draw = 0.0
+        self._latest: DemoProgress | None = None
 
     def __enter__(self) -> _LiveProgress:
         if self._console.is_terminal:
@@ -89,6 +90,10 @@ class _LiveProgress:
 
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:
+            if self._latest is not None:  # the last state, not the last one drawn
+                self._live.update(
+                    progress_panel(self._latest, dashboard_url=self._dashboard_url), refresh=True
+                )
             self._live.__exit__(None, None, None)
 
     def update(self, progress: DemoProgress) -> None:
@@ -100,6 +105,7 @@ class _LiveProgress:
                     highlight=False,
                 )
             return
+        self._latest = progress
         now = time.monotonic()
         if progress.phase != self._last_phase or now - self._last_draw >= _REFRESH_S:
             self._last_phase, self._last_draw = progress.phase, now

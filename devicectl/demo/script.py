@@ -151,10 +151,10 @@ class DemoProgress:
         self.state = str(status.get("state", "unknown"))
         self.armed = bool(status.get("armed"))
         self.footswitch = bool(status.get("footswitch"))
-        self.pulses = int(status.get("session_pulses") or 0)
         self.device_pulse_count = status.get("pulse_count")
-        zones = status.get("energy_by_zone_uj") or {}
-        if zones:
+        if status.get("session") is not None:  # once it is closed, show its last totals
+            self.pulses = int(status.get("session_pulses") or 0)
+            zones = status.get("energy_by_zone_uj") or {}
             self.energy_by_zone_uj = {str(k): int(v) for k, v in zones.items()}
         breach = status.get("breach_latched")
         if breach and breach != self.breach:

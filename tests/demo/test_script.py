@@ -37,6 +37,7 @@ class FakeClinic:
         self.drift = False
         self.breach: dict[str, Any] | None = None
         self.pulses = 0
+        self.session_open = False
         self.device_count = 40
         self.last_tick = clock.now
 
@@ -65,7 +66,8 @@ class FakeClinic:
                     "state": "ready" if self.armed else "standby",
                     "armed": self.armed,
                     "footswitch": self.pressed,
-                    "session_pulses": self.pulses,
+                    "session": 7 if self.session_open else None,
+                    "session_pulses": self.pulses if self.session_open else 0,
                     "pulse_count": self.device_count,
                     "energy_by_zone_uj": {},
                     "breach_latched": self.breach,
@@ -73,6 +75,7 @@ class FakeClinic:
             case "session_start":
                 assert request["patient_ref"] == DEMO_PATIENT
                 assert all(isinstance(v, bool) for v in request["checklist"].values())
+                self.session_open = True
                 return {"session": 7}
             case "arm":
                 if self.breach is not None:
@@ -88,6 +91,7 @@ class FakeClinic:
                 return {}
             case "session_end":
                 assert request["post_care"] == list(POST_CARE)
+                self.session_open = False
                 return {"pulses": self.pulses}
         return {}
 
@@ -118,7 +122,8 @@ def _script(clinic: FakeClinic, clock: FakeClock, duration: float = 10.0) -> Tre
 async def test_script_plays_every_step_in_order_and_counts_agree() -> None:
     clock = FakeClock()
     clinic = FakeClinic(clock)
-    record = await _script(clinic, clock).play()
+    script = _script(clinic, clock)
+    record = await script.play()
 
     assert record.completed
     assert record.session_id == 7
@@ -152,6 +157,9 @@ async def test_script_plays_every_step_in_order_and_counts_agree() -> None:
     assert record.device_count_before is not None
     assert record.device_count_after - record.device_count_before == clinic.pulses
     assert record.end_summary == {"pulses": clinic.pulses}
+    assert script.progress.pulses == clinic.pulses  # the closed session's totals stay shown
+    assert script.progress.phase == "close"
+    assert not script.progress.armed
     assert 9.0 <= clock.now - 1000.0 <= 11.0  # the phases add up to the duration asked for
 
 
