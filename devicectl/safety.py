@@ -34,7 +34,6 @@ reason; arming while latched is refused (rule ``breach_latched``). See docs/safe
 from __future__ import annotations
 
 import math
-from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
@@ -378,8 +377,8 @@ class SafetySupervisor:
             hz = session.device_max_rate_mhz / 1000
             window_capacity = math.ceil(hz * 100 / session.min_interval_pct) + 2
         self._win_cap = max(16, window_capacity)
-        self._win_t = array("q", bytes(8 * self._win_cap))
-        self._win_e = array("q", bytes(8 * self._win_cap))
+        self._win_t = [0] * self._win_cap
+        self._win_e = [0] * self._win_cap
         self._win_head = 0
         self._win_len = 0
         self._win_sum = 0
@@ -435,7 +434,9 @@ class SafetySupervisor:
         self._last_t_us = t_us
         interval = (t_us - last_t) & _U32 if last_t >= 0 else _NO_INTERVAL
 
-        # Sliding 1 s window by the device clock: a ring of preallocated arrays.
+        # Sliding 1 s window by the device clock: a ring of two preallocated lists (lists rather
+        # than array('q'): reading an array boxes a new int each time; a list hands back the
+        # object it holds, so the ring allocates nothing).
         win_t = self._win_t
         win_e = self._win_e
         cap = self._win_cap
@@ -666,14 +667,18 @@ class SafetySupervisor:
             raise SafetyRefusal(
                 "not_configured", 0, 1, "", "choose a zone and set parameters before arming"
             )
-        if self._zone_uj >= self._zone_max_uj:
+        zone_limit_j = (
+            self._zone_max_uj / 1e6 if self._limits is None else self._limits.zone_energy_j
+        )
+        if self._zone_uj >= zone_limit_j * 1e6:
             raise SafetyRefusal(
-                "zone_energy", self._zone_uj / 1e6, self._zone_max_uj / 1e6, "J",
+                "zone_energy", self._zone_uj / 1e6, zone_limit_j, "J",
                 f"zone {self._zone.value} has received its energy for this session",
             )  # fmt: skip
-        if self._session_uj >= self._session_max_uj:
+        session_limit_j = self._session.session_energy_j
+        if self._session_uj >= session_limit_j * 1e6:
             raise SafetyRefusal(
-                "session_energy", self._session_uj / 1e6, self._session_max_uj / 1e6, "J",
+                "session_energy", self._session_uj / 1e6, session_limit_j, "J",
                 "the session has delivered its energy",
             )  # fmt: skip
 

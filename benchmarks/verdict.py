@@ -1,0 +1,178 @@
+"""Cost of one safety verdict: SafetySupervisor.on_pulse / on_status, every rule active.
+
+Run: ``.venv/bin/python benchmarks/verdict.py [--calls N]``. Prints a table: median and p99 of the
+per-call time (ns), measured over batches of 1,000 calls (a per-call timer would cost more than
+the call), and the net memory blocks left allocated after 100,000 calls (sys.getallocatedblocks
+and tracemalloc). Target (issue 3): median <= 2 µs; MEASURED.md: ~0.32 µs for a plain function.
+
+The stream is a clean 500 Hz train (the simulator's top rate): armed, energies within tolerance,
+exactly one period apart, the 1 s window holding ~500 pulses, the zone and session limits active,
+one missing pulse_no every 1,000 pulses (charged, under the limits), t_us wrapping mid-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+import tracemalloc
+
+from devicectl.policy import PulseParams, SkinType, Zone
+from devicectl.safety import Limits, SafetySupervisor, SessionLimits
+
+BATCH = 1_000
+U32 = 2**32
+PARAMS = PulseParams(energy_uj=1_000, width_us=100, rate_mhz=500_000, spot_um=300)  # 0.5 W
+PERIOD_US = 2_000
+
+
+def supervisor() -> SafetySupervisor:
+    session = SessionLimits(
+        device_max_energy_uj=60_000,
+        device_max_rate_mhz=500_000,
+        max_average_power_w=3.0,
+        session_energy_j=1e9,
+        energy_tolerance_pct=20,
+        min_interval_pct=90,
+        skin_temp_max_c=41.0,
+        head_temp_max_c=43.0,
+        lease_nearly_out_ms=80,
+    )
+    limits = Limits(
+        session=session,
+        skin_type=SkinType.III,
+        zone=Zone.CHEEKS,
+        params=PARAMS,
+        zone_energy_j=1e9,
+        max_fluence_j_cm2=30.0,
+        fluence_rule="max_fluence_skin_type_III",
+        max_energy_uj=21_000,
+        max_rate_mhz=500_000,
+        min_width_us=100,
+        max_width_us=20_000,
+        spots_um=(120, 300, 1000, 3000),
+    )
+    sup = SafetySupervisor(session)
+    sup.set_zone(Zone.CHEEKS, limits)
+    sup.arm()
+    return sup
+
+
+def stream(count: int, start_no: int = 1) -> list[tuple[int, int, int]]:
+    """Pulses prepared up front, so that the timed loop builds nothing."""
+    t0 = U32 - count * PERIOD_US // 2  # wrap half-way
+    events = []
+    pulse_no = start_no
+    for i in range(count):
+        pulse_no += 2 if i % 1_000 == 999 else 1
+        events.append((pulse_no, (t0 + i * PERIOD_US) % U32, 950 + (i * 37) % 100))
+    return events
+
+
+def time_batches(sup: SafetySupervisor, events: list[tuple[int, int, int]]) -> list[float]:
+    on_pulse = sup.on_pulse
+    per_call: list[float] = []
+    clock = time.perf_counter_ns
+    for start in range(0, len(events) - BATCH + 1, BATCH):
+        batch = events[start : start + BATCH]
+        begin = clock()
+        for pulse_no, t_us, energy in batch:
+            if on_pulse(pulse_no, t_us, energy):
+                raise SystemExit(f"unexpected breach: {sup.last_breach}")
+        per_call.append((clock() - begin) / BATCH)
+    return per_call
+
+
+def time_loop_only(events: list[tuple[int, int, int]]) -> list[float]:
+    def nothing(pulse_no: int, t_us: int, energy: int) -> int:
+        return 0
+
+    per_call: list[float] = []
+    clock = time.perf_counter_ns
+    for start in range(0, len(events) - BATCH + 1, BATCH):
+        batch = events[start : start + BATCH]
+        begin = clock()
+        for pulse_no, t_us, energy in batch:
+            if nothing(pulse_no, t_us, energy):
+                raise SystemExit("unreachable")
+        per_call.append((clock() - begin) / BATCH)
+    return per_call
+
+
+def time_status(sup: SafetySupervisor, calls: int) -> list[float]:
+    on_status = sup.on_status
+    per_call: list[float] = []
+    clock = time.perf_counter_ns
+    for _ in range(calls // BATCH):
+        begin = clock()
+        for _ in range(BATCH):
+            on_status(3, 0, 3000, 3300, 200)
+        per_call.append((clock() - begin) / BATCH)
+    return per_call
+
+
+def allocations(calls: int) -> tuple[int, int]:
+    sup = supervisor()
+    events = stream(calls + 10_000)
+    on_pulse = sup.on_pulse
+    for pulse_no, t_us, energy in events[:10_000]:  # warm up: window full, free lists primed
+        on_pulse(pulse_no, t_us, energy)
+    rest = events[10_000:]
+    gc.collect()
+    gc.disable()
+    try:
+        before = sys.getallocatedblocks()
+        for pulse_no, t_us, energy in rest:
+            on_pulse(pulse_no, t_us, energy)
+        blocks = sys.getallocatedblocks() - before
+        tracemalloc.start()
+        snapshot_before = tracemalloc.take_snapshot()
+        for pulse_no, t_us, energy in stream(calls, start_no=events[-1][0] + 1):
+            on_pulse(pulse_no, t_us, energy)
+        snapshot_after = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+    finally:
+        gc.enable()
+    grown = [
+        s
+        for s in snapshot_after.compare_to(snapshot_before, "filename")
+        if s.traceback[0].filename.endswith("safety.py")
+    ]
+    return blocks, sum(s.size_diff for s in grown)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=200_000)
+    calls = parser.parse_args().calls
+
+    sup = supervisor()
+    events = stream(calls)
+    time_batches(supervisor(), stream(20_000))  # warm-up
+    pulse = time_batches(sup, events)
+    loop = time_loop_only(events)
+    status = time_status(sup, calls)
+    blocks, traced = allocations(100_000)
+
+    def row(name: str, samples: list[float]) -> str:
+        q = statistics.quantiles(samples, n=100)
+        return f"| {name:<38} | {statistics.median(samples):>8.0f} | {q[98]:>8.0f} |"
+
+    print(f"Python {sys.version.split()[0]}, {calls} calls, batches of {BATCH}")
+    print()
+    print(f"| {'call':<38} | {'median ns':>8} | {'p99 ns':>8} |")
+    print(f"|{'-' * 40}|{'-' * 10}:|{'-' * 10}:|")
+    print(row("on_pulse, every rule active", pulse))
+    print(row("  loop + call of an empty function", loop))
+    print(row("on_status, armed, every rule active", status))
+    print()
+    print("| allocations over 100,000 on_pulse calls | net |")
+    print("|---|---:|")
+    print(f"| sys.getallocatedblocks() delta (blocks) | {blocks} |")
+    print(f"| tracemalloc, bytes still held by safety.py | {traced} |")
+
+
+if __name__ == "__main__":
+    main()
