@@ -566,9 +566,13 @@ class Daemon:
             return
         detail = _breach_dict(breach)
         session = self.treatment.id if self.treatment else None
+        self._event("safety_breach", "devicectl", detail)
+        if breach.repeat:
+            # The same rule again since the latch (pulses already in flight when STOP was written):
+            # recorded above, but one incident raises one alert.
+            return
         if self.treatment is not None:
             self.treatment.faults += 1
-        self._event("safety_breach", "devicectl", detail)
         self._alert(
             breach.severity.value,
             breach.alert_code,

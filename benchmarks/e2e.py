@@ -1,0 +1,272 @@
+"""End-to-end figures for the daemon (issue 3): throughput over a real pty and breach-to-STOP latency.
+
+The simulator board runs in this process behind a real pseudo-terminal; the daemon runs as its own
+process (`devicectl run --port /dev/pts/N`), exactly as on a device. Measured:
+
+* sustained rate: the board fires at the rate asked for (default 5,000 pulses/s) for a few seconds;
+  the daemon must account for every pulse (session pulses == the board's pulse count delta, no lost
+  events, no dropped frames);
+* breach-to-STOP latency: an energy drift is injected; the time from the board writing the first
+  out-of-tolerance PULSE frame to the pty, to the STOP frame arriving back at the board. Repeated
+  (acknowledge, re-arm, drift again) to give p50/p99/max;
+* the daemon's CPU share during the sustained phase and its peak memory (VmHWM).
+
+Run: ``.venv/bin/python benchmarks/e2e.py [--rate 5000] [--seconds 5] [--breaches 40]``.
+Timings on a shared 2-core machine are noisy: compare ratios within one run. A real USB-serial
+adapter adds its own latency (FTDI's latency timer: 16 ms by default) on top of these figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from devicectl.control import call_daemon
+from protocols import FrameReader, MessageType, Pulse
+from simulator import Board, BoardRunner
+from simulator.serve import PtyLink
+
+POLICY = """
+max_average_power_w = 3.0
+session_energy_j = 100000.0
+energy_tolerance_pct = 20
+min_interval_pct = 90
+skin_temp_max_c = 41.0
+head_temp_max_c = 43.0
+lease_ms = 1000
+lease_nearly_out_ms = 100
+
+[max_fluence_j_cm2]
+I = 40.0
+II = 35.0
+III = 30.0
+IV = 22.0
+V = 16.0
+VI = 12.0
+
+[zones]
+forehead = { energy_j = 100000.0 }
+periorbital = { energy_j = 15.0, max_fluence_j_cm2 = 10.0 }
+perioral = { energy_j = 30.0, max_fluence_j_cm2 = 15.0 }
+cheeks = { energy_j = 80.0 }
+neck = { energy_j = 60.0, max_fluence_j_cm2 = 20.0 }
+decollete = { energy_j = 100.0, max_fluence_j_cm2 = 20.0 }
+hands = { energy_j = 50.0 }
+
+[presets.fine_lines]
+energy_uj = 500
+width_us = 100
+rate_hz = 10.0
+spot_um = 300
+active_ingredient = "hyaluronic acid"
+"""
+
+CHECKLIST = {
+    "consultation_done": True,
+    "area_cleaned": True,
+    "numbing_applied": False,
+    "recent_sun_exposure": False,
+    "photosensitising_medication": False,
+    "active_skin_infection": False,
+    "pregnancy": False,
+    "allergy_to_active_ingredient": False,
+}
+
+
+class Probe:
+    """Wraps the board's byte I/O: timestamps the first out-of-tolerance PULSE written and the
+    STOP received, while a measurement is armed."""
+
+    def __init__(self, board: Board, setpoint_uj: int) -> None:
+        self.board = board
+        self.limit = setpoint_uj * 1.2
+        self.watching = False
+        self.breach_written_ns = 0
+        self.stop_received_ns = 0
+        self._out = FrameReader()
+        self._in = FrameReader()
+        send, receive = board.data_to_send, board.receive_data
+
+        def data_to_send(now_us: int) -> bytes:
+            data = send(now_us)
+            if self.watching and data and not self.breach_written_ns:
+                for body in self._out.feed(data):
+                    if body[1] == MessageType.PULSE:
+                        pulse = Pulse.from_payload(body[2:])
+                        if pulse.energy_uj > self.limit:  # type: ignore[attr-defined]
+                            self.breach_written_ns = time.perf_counter_ns()
+                            break
+            return data
+
+        def receive_data(data: bytes, now_us: int) -> None:
+            if self.watching and self.breach_written_ns and not self.stop_received_ns:
+                for body in self._in.feed(data):
+                    if body[1] == MessageType.STOP:
+                        self.stop_received_ns = time.perf_counter_ns()
+            receive(data, now_us)
+
+        board.data_to_send = data_to_send  # type: ignore[method-assign]
+        board.receive_data = receive_data  # type: ignore[method-assign]
+
+    def arm(self) -> None:
+        self.breach_written_ns = self.stop_received_ns = 0
+        self._out, self._in = FrameReader(), FrameReader()
+        self.watching = True
+
+
+def _proc(pid: int) -> tuple[float, int]:
+    """(CPU seconds used, peak RSS in KiB) of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    hwm = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            hwm = int(line.split()[1])
+    return cpu, hwm
+
+
+async def _call(control: Path, command: str, **fields: Any) -> dict[str, Any]:
+    return await asyncio.to_thread(call_daemon, control, {"command": command, **fields})
+
+
+async def _until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark step timed out")
+        await asyncio.sleep(0.002)
+
+
+async def run(rate_hz: int, seconds: float, breaches: int) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="devicectl-e2e-"))
+    (tmp / "policy.toml").write_text(POLICY)
+    (tmp / "devicectl.toml").write_text(f'policy = "{tmp / "policy.toml"}"\n')
+    control = tmp / "ctl.sock"
+    energy = 500
+    board = Board(max_rate_mhz=max(500_000, rate_hz * 1000))
+    probe = Probe(board, energy)
+    results: dict[str, Any] = {"rate_hz": rate_hz}
+    async with BoardRunner(board) as runner, PtyLink(runner) as link:
+        daemon = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "from devicectl.cli import main; main()", "run",
+            "--config", str(tmp / "devicectl.toml"), "--port", link.path,
+            "--data-dir", str(tmp / "data"), "--control", str(control),
+            stdout=asyncio.subprocess.DEVNULL, stderr=(tmp / "daemon.log").open("w"),
+        )  # fmt: skip
+        try:
+            await _until(control.exists, 20)
+            await _until(lambda: board.status(runner.now_us())["state"] != "BOOT", 5)
+            await asyncio.sleep(0.5)
+            await _call(
+                control, "session_start", operator="BENCH", patient_ref="PT-BENCH",
+                skin_type="III", concerns=["fine_lines"], preset="fine_lines",
+                checklist=CHECKLIST,
+            )  # fmt: skip
+            await _call(control, "session_zone", zone="forehead")
+            await _call(
+                control, "params_set", energy_uj=energy, width_us=100, rate_hz=rate_hz,
+                spot_um=3000,  # 2.5 W on a 3 mm spot: the skin stays well under 41 °C
+            )  # fmt: skip
+
+            # Sustained phase.
+            await _call(control, "arm")
+            count0 = int(board.status(runner.now_us())["pulse_count"])  # type: ignore[call-overload]
+            cpu0, _ = _proc(daemon.pid)
+            started = time.monotonic()
+            board.footswitch(True, runner.now_us())
+            runner.wake()
+            await asyncio.sleep(seconds)
+            board.footswitch(False, runner.now_us())
+            runner.wake()
+            elapsed = time.monotonic() - started
+            cpu1, _ = _proc(daemon.pid)
+            await asyncio.sleep(0.5)
+            emitted = int(board.status(runner.now_us())["pulse_count"]) - count0  # type: ignore[call-overload]
+            status = await _call(control, "status")
+            results |= {
+                "emitted": emitted,
+                "emitted_per_s": emitted / elapsed,
+                "logged": status["session_pulses"],
+                "lost_events": status["link"].get("lost_events", 0),
+                "dropped_frames": status["link"].get("dropped", 0),
+                "daemon_cpu_pct": 100 * (cpu1 - cpu0) / elapsed,
+                "breach_latched_during_run": status["breach_latched"],
+            }
+
+            # Breach-to-STOP latency, repeated.
+            latencies: list[float] = []
+            for _ in range(breaches):
+                status = await _call(control, "status")
+                if status["breach_latched"]:
+                    board.clear_faults(runner.now_us())
+                    await _call(control, "fault_ack", operator="BENCH", reason="benchmark")
+                board.footswitch(False, runner.now_us())
+                runner.wake()
+                await _call(control, "arm")
+                board.footswitch(True, runner.now_us())
+                runner.wake()
+                await asyncio.sleep(0.05)
+                probe.arm()
+                board.inject("energy-drift", 1.3, runner.now_us())
+                await _until(lambda: probe.stop_received_ns != 0, 5)
+                probe.watching = False
+                latencies.append((probe.stop_received_ns - probe.breach_written_ns) / 1e3)
+                board.clear_faults(runner.now_us())
+            latencies.sort() if latencies else latencies.append(float("nan"))
+            results |= {
+                "breaches": len(latencies),
+                "stop_p50_us": statistics.median(latencies),
+                "stop_p99_us": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+                "stop_max_us": latencies[-1],
+            }
+            _, hwm = _proc(daemon.pid)
+            results["daemon_peak_rss_mib"] = hwm / 1024
+        finally:
+            daemon.terminate()
+            await daemon.wait()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=int, default=5000, help="pulses per second")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--breaches", type=int, default=40)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    r = asyncio.run(run(args.rate, args.seconds, args.breaches))
+    if args.json:
+        print(json.dumps(r, indent=2, default=str))
+        return
+    rows = [
+        ("pulses/s asked", f"{r['rate_hz']:,}"),
+        ("pulses/s emitted by the board", f"{r['emitted_per_s']:,.0f}"),
+        ("pulses emitted / logged by the daemon", f"{r['emitted']:,} / {r['logged']:,}"),
+        ("lost events / dropped frames", f"{r['lost_events']} / {r['dropped_frames']}"),
+        ("daemon CPU during the run", f"{r['daemon_cpu_pct']:.0f} % of one core"),
+        ("daemon peak RSS", f"{r['daemon_peak_rss_mib']:.0f} MiB"),
+        (f"breach-to-STOP p50 ({r['breaches']} breaches)", f"{r['stop_p50_us']:.0f} µs"),
+        ("breach-to-STOP p99", f"{r['stop_p99_us']:.0f} µs"),
+        ("breach-to-STOP max", f"{r['stop_max_us']:.0f} µs"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print(f"devicectl end to end, daemon over a real pty ({os.cpu_count()} cores)")
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value:>14}")
+    if r["breach_latched_during_run"]:
+        print(
+            f"  note: a breach latched during the sustained run: {r['breach_latched_during_run']}"
+        )
+
+
+if __name__ == "__main__":
+    main()
