@@ -1,4 +1,4 @@
-"""End-to-end figures for the daemon (issue 3): throughput over a real pty and breach-to-STOP latency.
+"""End-to-end figures for the daemon (issue 3): pty throughput and breach-to-STOP latency.
 
 The simulator board runs in this process behind a real pseudo-terminal; the daemon runs as its own
 process (`devicectl run --port /dev/pts/N`), exactly as on a device. Measured:
@@ -138,8 +138,8 @@ async def _call(control: Path, command: str, **fields: Any) -> dict[str, Any]:
     return await asyncio.to_thread(call_daemon, control, {"command": command, **fields})
 
 
-async def _until(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
+async def _until(predicate: Any, within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
     while not predicate():
         if time.monotonic() > deadline:
             raise TimeoutError("benchmark step timed out")
