@@ -133,7 +133,7 @@ def configure_demo_logging(path: Path) -> Iterator[FilteringBoundLogger]:
         saved.append((lib, lib.handlers[:], lib.propagate, lib.level))
         lib.handlers[:] = [handler]
         lib.propagate = False
-        lib.setLevel(logging.INFO)
+        lib.setLevel(logging.WARNING)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
