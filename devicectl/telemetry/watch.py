@@ -151,7 +151,8 @@ async def watch(
     console = console if console is not None else Console()
     connected_once = False
     attempt = 0
-    with Live(view.render(), console=console, refresh_per_second=4) as live:
+    live = Live(view.render(), console=console, refresh_per_second=4)
+    try:
         while True:
             try:
                 async with aiomqtt.Client(
@@ -163,6 +164,8 @@ async def watch(
                     tls_context=tls,
                     socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
                 ) as client:
+                    if not connected_once:
+                        live.start()  # only once the broker answered: errors print cleanly
                     connected_once, attempt = True, 0
                     await client.subscribe(f"{prefix}/#", qos=1)
                     async for message in client.messages:
@@ -177,3 +180,5 @@ async def watch(
             attempt += 1
             cap = min(10.0, 0.25 * 2**attempt)
             await asyncio.sleep(random.uniform(cap / 2, cap))  # noqa: S311 - jitter
+    finally:
+        live.stop()

@@ -115,7 +115,7 @@ def recorder(port: int, **kwargs: Any) -> Iterator[Recorder]:
         rec.close()
 
 
-async def until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:  # noqa: ASYNC109
+async def until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
     """Poll ``predicate`` until true; fail naming ``what`` after ``timeout`` (a safety net,
     not a timing assertion)."""
     loop = asyncio.get_running_loop()

@@ -151,3 +151,20 @@ async def test_falls_back_to_3_1_1_when_the_broker_lacks_mqtt_5(tmp_path: Path) 
             await until(lambda: tm.stats.outbox_depth == 0 and tm.stats.published >= 1)
     finally:
         await broker.shutdown()
+
+
+async def test_a_publish_denied_by_the_broker_acl_is_counted_not_retried(tmp_path: Path) -> None:
+    acl = tmp_path / "acl"
+    acl.write_text(
+        "topic readwrite lasers/+/+/availability\n"
+        "topic readwrite lasers/+/+/cmd/#\n"
+        "topic readwrite lasers/+/+/state\n"
+    )
+    with Broker(tmp_path / "broker", extra_config=(f"acl_file {acl}",)) as broker:
+        async with Telemetry(config(broker.url, tmp_path / "data")) as tm:
+            await until(lambda: tm.connected)
+            tm.publish_alert("info", "denied", "alerts are not in the ACL")
+            tm.publish_state(state="STANDBY")
+            await until(lambda: tm.stats.outbox_depth == 0, what="both settled")
+            assert tm.stats.rejected == 1
+            assert tm.stats.published == 1
