@@ -580,8 +580,8 @@ class Daemon:
             value=breach.value,
             limit=breach.limit,
         )
-        if self.telemetry is not None and session is not None:
-            self.telemetry.publish_session_event(str(session), "fault", **detail)
+        if session is not None:
+            self._session_event(str(session), "fault", **detail)
         self._log.error("safety_breach", **detail)
         self._publish_state()
 
@@ -653,15 +653,14 @@ class Daemon:
         self.supervisor = SafetySupervisor.for_device(ident, self.policy)
         self.params = None
         self._pending_params = preset.params() if preset else None
-        if self.telemetry is not None:
-            self.telemetry.publish_session_event(
-                str(opened.session_id),
-                "started",
-                operator=request.operator,
-                patient_ref=request.patient_ref,
-                skin_type=request.skin_type,
-                concerns=list(request.concerns),
-            )
+        self._session_event(
+            str(opened.session_id),
+            "started",
+            operator=request.operator,
+            patient_ref=request.patient_ref,
+            skin_type=request.skin_type,
+            concerns=list(request.concerns),
+        )
         self._publish_state()
         return {
             "session": opened.session_id,
@@ -685,10 +684,7 @@ class Daemon:
             treatment.id, zone, actor=treatment.operator, energy_limit_uj=limit_uj
         )
         treatment.zone = zone
-        if self.telemetry is not None:
-            self.telemetry.publish_session_event(
-                str(treatment.id), "zone", zone=zone.value, energy_limit_uj=limit_uj
-            )
+        self._session_event(str(treatment.id), "zone", zone=zone.value, energy_limit_uj=limit_uj)
         result: dict[str, Any] = {
             "session": treatment.id,
             "zone": zone.value,
@@ -750,8 +746,7 @@ class Daemon:
             spot_um=params.spot_um,
             actor=treatment.operator,
         )
-        if self.telemetry is not None:
-            self.telemetry.publish_session_event(str(treatment.id), "params", **_params(params))
+        self._session_event(str(treatment.id), "params", **_params(params))
         self._publish_state()
         return {"params": _params(params), "fluence_j_cm2": round(params.fluence_j_cm2, 3)}
 
@@ -786,10 +781,7 @@ class Daemon:
             raise ControlError("refused", "arming was undone: a limit changed during ARM")
         link.start_heartbeats(self._lease_ms)
         self._event("armed", treatment.operator, {"lease_ms": self._lease_ms})
-        if self.telemetry is not None:
-            self.telemetry.publish_session_event(
-                str(treatment.id), "armed", lease_ms=self._lease_ms
-            )
+        self._session_event(str(treatment.id), "armed", lease_ms=self._lease_ms)
         self._publish_state()
         return {"armed": True, "lease_ms": self._lease_ms}
 
@@ -799,8 +791,8 @@ class Daemon:
         await link.request(Disarm())
         actor = self.treatment.operator if self.treatment else "operator"
         self._event("disarmed", actor, {})
-        if self.telemetry is not None and self.treatment is not None:
-            self.telemetry.publish_session_event(str(self.treatment.id), "disarmed")
+        if self.treatment is not None:
+            self._session_event(str(self.treatment.id), "disarmed")
         self._publish_state()
         return {"armed": False}
 
@@ -817,8 +809,8 @@ class Daemon:
         if link is not None and link.connected.is_set() and device_faulted:
             with contextlib.suppress(DevicectlError):
                 await link.request(ClearFault())
-        if self.telemetry is not None and self.treatment is not None:
-            self.telemetry.publish_session_event(
+        if self.treatment is not None:
+            self._session_event(
                 str(self.treatment.id),
                 "ack",
                 breach=breach.alert_code,
@@ -839,9 +831,10 @@ class Daemon:
         self.params = None
         self._pending_params = None
         result = summary.to_dict()
-        if self.telemetry is not None:
-            self.telemetry.publish_session_event(str(treatment.id), "ended", summary=result)
-            self.telemetry.publish_session(None)
+        self._session_event(
+            str(treatment.id), "ended", summary=_mqtt_summary(summary, treatment, ended=True)
+        )
+        self._telemetry("publish_session", None)
         self._publish_state()
         return result
 
@@ -922,16 +915,30 @@ class Daemon:
             return
         session = str(self.treatment.id) if self.treatment else None
         level = _ALERT_SEVERITY.get(severity, "critical")
-        self.telemetry.publish_alert(level, code, message, value, limit, session)
+        self._telemetry("publish_alert", level, code, message, value, limit, session)
 
-    def _publish_state(self) -> None:
+    def _telemetry(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Hand a message to telemetry. Its failure is logged and never reaches the caller:
+        the laser, the supervisor and the session log do not depend on the network."""
         telemetry = self.telemetry
         if telemetry is None:
+            return
+        try:
+            getattr(telemetry, method)(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            self._log.error("telemetry_failed", method=method, error=str(exc))
+
+    def _session_event(self, session_id: str, kind: str, **fields: Any) -> None:
+        self._telemetry("publish_session_event", session_id, kind, **fields)
+
+    def _publish_state(self) -> None:
+        if self.telemetry is None:
             return
         status = self.status
         connected = self.link is not None and self.link.connected.is_set()
         params = self.params
-        telemetry.publish_state(
+        self._telemetry(
+            "publish_state",
             state=DeviceState(status.state) if status and connected else "UNKNOWN",
             interlocks=status.interlocks if status else 0,
             faults=status.faults if status else 0,
@@ -961,7 +968,8 @@ class Daemon:
             if self.telemetry is None:
                 continue
             status = self.status
-            self.telemetry.publish_metrics(
+            self._telemetry(
+                "publish_metrics",
                 rate_hz=pulses / elapsed,
                 avg_power_w=energy / 1e6 / elapsed,
                 skin_temp_c=status.skin_temp_cdeg / 100 if status else None,
@@ -969,7 +977,7 @@ class Daemon:
                 counters=self.link.stats if self.link else {},
             )
             if self.treatment is not None:
-                self.telemetry.publish_session(self._session_summary())
+                self._telemetry("publish_session", self._session_summary())
 
     def _session_summary(self) -> dict[str, Any]:
         treatment = self.treatment
@@ -1021,6 +1029,26 @@ def _session_info(request: SessionStartRequest, ident: Ident, ingredient: str) -
     if request.contraindication_override is not None:
         info["contraindication_override"] = request.contraindication_override
     return info
+
+
+def _mqtt_summary(summary: Any, treatment: _Treatment, *, ended: bool) -> dict[str, Any]:
+    """The session log's closing summary in the MQTT contract's shape (``SessionSummary``)."""
+    by_zone = {str(zone): int(uj) for zone, uj in summary.energy_per_zone_uj.items()}
+    return {
+        "session": str(summary.session_id),
+        "operator": treatment.operator,
+        "patient": treatment.patient_ref,
+        "skin_type": treatment.skin_type.name,
+        "zone": treatment.zone.value if treatment.zone else None,
+        "started": datetime.fromtimestamp(summary.started_ns / 1e9, UTC),
+        "ended": datetime.fromtimestamp(summary.ended_ns / 1e9, UTC) if ended else None,
+        "pulses": summary.pulses,
+        "energy_uj": sum(by_zone.values()),
+        "energy_uj_by_zone": by_zone,
+        "peak_fluence_j_cm2": summary.peak_fluence_j_cm2,
+        "duration_s": summary.duration_s,
+        "faults": summary.faults,
+    }
 
 
 def _params(params: PulseParams) -> dict[str, Any]:

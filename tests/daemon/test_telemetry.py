@@ -1,0 +1,162 @@
+"""The MQTT contract as a dashboard sees it: the daemon runs a scripted session with a breach while
+a plain paho client subscribed to ``lasers/#`` records everything (a real mosquitto, never mocked).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import jsonschema
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from devicectl.config import load_settings
+from devicectl.daemon import Daemon
+from protocols.mqtt import STREAMS, Stream, json_schemas, parse_topic
+from tests.brokers import Broker
+from tests.daemon.conftest import Driver
+from tests.telemetry.helpers import Recorder, recorder, until
+
+SCHEMA_BY_STREAM = {
+    Stream.STATE: "state",
+    Stream.SESSION: "session",
+    Stream.SESSION_EVENTS: "session-events",
+    Stream.PULSES: "pulses",
+    Stream.METRICS: "metrics",
+    Stream.ALERTS: "alerts",
+}
+
+
+@pytest.fixture
+async def mqtt_driver(
+    tmp_path: Path, policy_file: Path, mosquitto: Broker
+) -> AsyncIterator[Driver]:
+    settings = load_settings(
+        None,
+        port="sim",
+        data_dir=tmp_path / "data",
+        control=tmp_path / "ctl.sock",
+        policy=policy_file,
+        mqtt__url=mosquitto.url,
+        mqtt__site="clinic1",
+    )
+    async with Daemon(settings) as daemon:
+        drv = Driver(daemon)
+        await drv.until(lambda: daemon.telemetry is not None and daemon.telemetry.connected)
+        yield drv
+
+
+def _publish(port: int, topic: str, payload: bytes) -> None:
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="operator-console")
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    client.publish(topic, payload, qos=1).wait_for_publish(5)
+    client.disconnect()
+    client.loop_stop()
+    client._reset_sockets()
+
+
+def _check_contract(messages: list, schemas: dict) -> set[Stream]:  # type: ignore[type-arg]
+    seen: set[Stream] = set()
+    seqs: dict[str, list[int]] = defaultdict(list)
+    for m in messages:
+        parsed = parse_topic(m.topic)
+        assert parsed is not None, m.topic
+        prefix, site, _device, stream, _extra = parsed
+        assert (prefix, site) == ("lasers", "clinic1")
+        if stream is Stream.CMD:
+            continue
+        seen.add(stream)
+        spec = STREAMS[stream]
+        assert m.qos == spec.qos, (m.topic, m.qos)
+        if stream is Stream.AVAILABILITY:
+            assert m.payload in (b"online", b"offline")
+            assert m.retain
+            continue
+        if stream is Stream.SESSION and m.payload == b"":
+            assert m.retain  # "no session": an empty retained message
+            continue
+        assert m.content_type == "application/json", m.topic
+        assert "schema" in m.user_properties, m.topic
+        body = m.json()
+        jsonschema.validate(body, schemas[SCHEMA_BY_STREAM[stream]])
+        assert body["v"] == 1
+        assert body["boot"] >= 1
+        seqs[m.topic].append(body["seq"])
+    for topic, values in seqs.items():
+        assert values == list(range(values[0], values[0] + len(values))), (topic, values)
+    return seen
+
+
+async def test_a_session_with_a_breach_unfolds_on_mqtt(
+    mqtt_driver: Driver, mosquitto: Broker
+) -> None:
+    schemas = json_schemas()
+    with recorder(mosquitto.port, client_id="dashboard") as rec:
+        await mqtt_driver.emitting_session()
+        mqtt_driver.sim("fault energy-drift 1.3")
+        await mqtt_driver.until(lambda: mqtt_driver.daemon.supervisor.latched is not None)
+        mqtt_driver.sim("clear-faults")
+        await mqtt_driver.ok("fault_ack", operator="OP-7", reason="recalibrated")
+        await mqtt_driver.ok("session_end", post_care=["sunscreen"])
+        await until(lambda: rec.on("alerts") and _ended(rec), what="alert and ended event")
+        await until(lambda: any(m.payload == b"" for m in rec.on("session")), what="empty session")
+        messages = rec.snapshot()
+
+    seen = _check_contract(messages, schemas)
+    expected = {Stream.AVAILABILITY, Stream.STATE, Stream.SESSION, Stream.SESSION_EVENTS}
+    assert expected | {Stream.PULSES, Stream.ALERTS} <= seen
+    alert = next(m.json() for m in messages if m.topic.endswith("/alerts"))
+    assert alert["code"] == "energy_out_of_tolerance"
+    assert alert["severity"] == "critical"
+    assert alert["value"] > alert["limit"]
+    kinds = [m.json()["event"] for m in messages if m.topic.endswith("/events")]
+    for kind in ("started", "zone", "params", "armed", "fault", "ack", "ended"):
+        assert kind in kinds, kinds
+    logged = mqtt_driver.daemon.sessionlog.committed_pulse_no  # type: ignore[union-attr]
+    published = max(m.json()["last_pulse_no"] for m in messages if m.topic.endswith("/pulses"))
+    assert published <= (logged or 0)
+
+
+def _ended(rec: Recorder) -> bool:
+    return any(json.loads(m.payload).get("event") == "ended" for m in rec.on("events"))
+
+
+async def test_cmd_stop_stops_and_other_commands_are_refused(
+    mqtt_driver: Driver, mosquitto: Broker
+) -> None:
+    base = f"lasers/clinic1/{mqtt_driver.daemon.ident.serial:08X}"  # type: ignore[union-attr]
+    with recorder(mosquitto.port, client_id="dashboard") as rec:
+        await mqtt_driver.emitting_session()
+        _publish(mosquitto.port, f"{base}/cmd/arm", b"{}")
+        await until(lambda: rec.on("alerts"), what="refusal alert")
+        assert mqtt_driver.daemon.armed  # a refused command changes nothing
+        _publish(mosquitto.port, f"{base}/cmd/stop", b"")
+        await mqtt_driver.until(lambda: not mqtt_driver.daemon.armed)
+        status = await mqtt_driver.ok("status")
+        assert status["state"] == "standby"
+    refusal = rec.on("alerts")[0].json()
+    assert "arm" in refusal["message"]
+
+
+async def test_availability_goes_offline_on_a_clean_stop(
+    tmp_path: Path, policy_file: Path, mosquitto: Broker
+) -> None:
+    settings = load_settings(
+        None,
+        port="sim",
+        data_dir=tmp_path / "data",
+        control=tmp_path / "ctl.sock",
+        policy=policy_file,
+        mqtt__url=mosquitto.url,
+    )
+    with recorder(mosquitto.port, client_id="dashboard") as rec:
+        async with Daemon(settings) as daemon:
+            await Driver(daemon).until(lambda: daemon.telemetry and daemon.telemetry.connected)
+            await until(lambda: rec.on("availability"), what="online")
+        await until(lambda: rec.on("availability")[-1].payload == b"offline", what="offline")
+    assert [m.payload for m in rec.on("availability")] == [b"online", b"offline"]
