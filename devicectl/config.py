@@ -68,7 +68,7 @@ _ALLOWED: dict[str, str] = {
     "baudrate": "an integer from 9600 to 921600",
     "status_period_ms": "an integer from 10 to 10000 (ms)",
     "log_level": "one of debug, info, warning, error, critical",
-    "log_json": "true, false, or absent for automatic (JSON unless on a terminal)",
+    "log_json": "true, false, or auto (JSON unless stderr is a terminal)",
     "sim_max_rate_hz": "a number from 1 to 100000 (Hz)",
     "mqtt.outbox_max_bytes": "an integer from 65536 to 2**40 (bytes)",
     "mqtt.url": "mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (also ws://, wss://)",
@@ -243,6 +243,13 @@ class Settings(BaseSettings):
                         raise _Refused("port", value, "socket://HOST:PORT with a port 1-65535")
                 return value
         raise _Refused("port", value, _ALLOWED["port"])
+
+    @field_validator("log_json", mode="before")
+    @classmethod
+    def _auto(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in {"auto", ""}:
+            return None
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

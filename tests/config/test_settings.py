@@ -104,6 +104,7 @@ def test_environment_overrides_the_file_and_flags_override_both(
         ({"patient_ref_pattern": ".*"}, "patient_ref_pattern", ".*", "empty reference"),
         ({"sim_max_rate_hz": 0}, "sim_max_rate_hz", 0, "1 to 100000"),
         ({"colour": "red"}, "colour", "red", "not a known setting"),
+        ({"log_json": "sometimes"}, "log_json", "sometimes", "auto"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_key_value_and_allowed(
@@ -196,3 +197,11 @@ def test_paths_expand_the_home_directory(monkeypatch: pytest.MonkeyPatch, tmp_pa
 def test_settings_is_a_pydantic_settings_class() -> None:
     # the integrator may build it directly from the environment alone
     assert Settings().port == "sim"
+
+
+def test_log_json_is_true_false_or_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEVICECTL_LOG_JSON", "auto")
+    assert load_settings(None).log_json is None
+    monkeypatch.setenv("DEVICECTL_LOG_JSON", "true")
+    assert load_settings(None).log_json is True
+    assert load_settings(None, log_json=False).log_json is False
