@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from devicectl.errors import SafetyRefusal
 from devicectl.policy import (
@@ -151,3 +153,44 @@ def test_every_packaged_preset_passes_for_each_skin_type_it_lists(policy: Policy
     for preset in policy.presets.values():
         for skin in preset.skin_types:
             check_params(IDENT, policy, skin, Zone.CHEEKS, preset.params())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    energy=st.integers(0, 70_000),
+    width=st.integers(50, 25_000),
+    rate=st.integers(0, 600_000),
+    spot=st.sampled_from([100, 120, 300, 1000, 3000]),
+    skin=st.sampled_from(list(SkinType)),
+    zone=st.sampled_from(list(Zone)),
+)
+def test_check_params_passes_exactly_what_every_layer_allows(
+    energy: int, width: int, rate: int, spot: int, skin: SkinType, zone: Zone
+) -> None:
+    policy = load_policy()
+    params = PulseParams(energy, width, rate, spot)
+    zone_cap = policy.zones[zone].max_fluence_j_cm2
+    cap = min(policy.max_fluence_j_cm2[skin], zone_cap if zone_cap is not None else math.inf)
+    allowed = (
+        1 <= energy <= IDENT.max_energy_uj
+        and IDENT.min_width_us <= width <= IDENT.max_width_us
+        and 1 <= rate <= IDENT.max_rate_mhz
+        and spot in IDENT.spots_um
+        and width * rate < 10**9  # width < period
+        and energy * 1e-6 / (math.pi * (spot * 1e-4 / 2) ** 2) <= cap
+        and energy * 1e-6 * rate * 1e-3 <= policy.max_average_power_w
+    )
+    event("allowed" if allowed else "refused")
+    if not allowed:
+        with pytest.raises(SafetyRefusal) as refused:
+            check_params(IDENT, policy, skin, zone, params)
+        refusal = refused.value
+        assert (
+            refusal.value > refusal.bound
+            or refusal.rule.startswith(("device_min", "device_spot"))
+            or refusal.rule == "width_period"
+        ), refusal
+        return
+    limits = check_params(IDENT, policy, skin, zone, params)
+    assert limits.fluence_j_cm2 <= limits.max_fluence_j_cm2 == cap
+    assert energy <= limits.max_energy_uj and rate <= limits.max_rate_mhz
