@@ -56,7 +56,10 @@ class TelemetryConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    url: str = Field(default="mqtt://127.0.0.1:1883", description="Broker URL.")
+    url: str | None = Field(
+        default=None,
+        description="Broker URL; None or empty: no broker, QoS 1 messages wait in the outbox.",
+    )
     prefix: str = DEFAULT_PREFIX
     site: str = "default"
     device: str = Field(description="Device id: the controller's serial number.")
@@ -100,9 +103,13 @@ class TelemetryConfig(BaseModel):
     def outbox_path(self) -> Path:
         return self.data_dir / "telemetry-outbox.sqlite"
 
+    @property
+    def has_broker(self) -> bool:
+        return bool(self.url)
+
     def address(self, environ: Mapping[str, str] | None = None) -> BrokerAddress:
         env = os.environ if environ is None else environ
-        parsed = parse_broker_url(self.url)
+        parsed = parse_broker_url(self.url or "")
         username = self.username or parsed.username or env.get("DEVICECTL_MQTT_USERNAME")
         password = (
             (self.password.get_secret_value() if self.password is not None else None)
@@ -113,6 +120,8 @@ class TelemetryConfig(BaseModel):
 
     def tls_context(self, environ: Mapping[str, str] | None = None) -> ssl.SSLContext | None:
         """The client TLS context for ``mqtts://``; None for ``mqtt://``. Raises ConfigError."""
+        if not self.url:
+            return None
         return tls_context_for(self.url, self.ca_file, self.cert_file, self.key_file, environ)
 
 

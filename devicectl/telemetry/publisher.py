@@ -120,7 +120,7 @@ class Telemetry:
     ) -> None:
         self._config = config
         self._topics = config.topics
-        self._address = config.address()
+        self._address = config.address() if config.has_broker else None
         self._tls = config.tls_context()
         self._on_stop = on_stop
         self._on_refused_command = on_refused_command
@@ -166,15 +166,16 @@ class Telemetry:
         self._boot = self._outbox.start_boot()
         self._log.info(
             "telemetry_starting",
-            broker=f"{self._address.host}:{self._address.port}",
-            tls=self._address.tls,
+            broker=self._broker_name,
+            tls=self._tls is not None,
             base=self._topics.base,
             boot=self._boot,
             outbox_depth=self._outbox.depth,
         )
         self._tasks = asyncio.TaskGroup()
         await self._tasks.__aenter__()
-        self._link_task = self._tasks.create_task(self._link(), name="telemetry-link")
+        if self._address is not None:
+            self._link_task = self._tasks.create_task(self._link(), name="telemetry-link")
         self._helpers = (
             self._tasks.create_task(self._batch_pulses(), name="telemetry-pulses"),
             self._tasks.create_task(self._repeat_session(), name="telemetry-session-repeat"),
@@ -466,7 +467,13 @@ class Telemetry:
             if summary is not None and loop.time() - self._session_sent_at >= 1.0:
                 self._send_session_summary(summary)
 
+    @property
+    def _broker_name(self) -> str:
+        address = self._address
+        return f"{address.host}:{address.port}" if address else "none (outbox only)"
+
     def _make_client(self) -> aiomqtt.Client:
+        assert self._address is not None
         availability = self._topics.topic(Stream.AVAILABILITY)
         client = aiomqtt.Client(
             self._address.host,
@@ -547,7 +554,7 @@ class Telemetry:
             self._counts["connect_failures"] += 1
         self._log.warning(
             "mqtt_disconnected" if was_connected else "mqtt_connect_failed",
-            broker=f"{self._address.host}:{self._address.port}",
+            broker=self._broker_name,
             error=self._last_error,
         )
 

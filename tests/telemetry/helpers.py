@@ -126,7 +126,7 @@ async def until(predicate: Callable[[], object], timeout: float = 10.0, what: st
         await asyncio.sleep(0.02)
 
 
-def config(url: str, data_dir: Path, **overrides: Any) -> TelemetryConfig:
+def config(url: str | None, data_dir: Path, **overrides: Any) -> TelemetryConfig:
     """A test config: fast reconnects and a short CONNACK wait."""
     values: dict[str, Any] = {
         "url": url,

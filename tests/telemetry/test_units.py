@@ -239,3 +239,14 @@ def test_fleet_view_survives_any_message(topic: str, payload: bytes) -> None:
     for stream in ("state", "session", "pulses", "alerts", "availability", "metrics"):
         view.feed(f"lasers/s/d/{stream}", payload)
     view.render()
+
+
+async def test_without_a_broker_everything_waits_in_the_outbox(tmp_path: Path) -> None:
+    for url in (None, ""):
+        cfg = config(url, tmp_path / str(url))
+        async with Telemetry(cfg) as tm:
+            tm.publish_alert("warning", "no_broker", "kept for later")
+            tm.offer_pulse(1, 0, 1000, "neck", "S")
+            assert not tm.connected
+        assert tm.stats.outbox_depth == 2
+        assert tm.stats.connect_failures == 0
