@@ -265,7 +265,7 @@ class DemoStack:
         """Play the scripted session; a DemoResult whatever happens, except cancellation."""
         daemon = self.daemon
         preset = daemon.policy.presets[Concern(DEMO_CONCERN)]
-        params = demo_params(self.options.speed_hz, preset, daemon.policy.max_average_power_w)
+        params = demo_params(self.options.speed_hz, preset, daemon.policy)
         script = TreatmentScript(
             InProcessControls(daemon),
             self.phases,

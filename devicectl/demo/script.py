@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from devicectl.errors import DevicectlError
-from devicectl.policy import Preset, PulseParams
+from devicectl.policy import Policy, Preset, PulseParams
 
 __all__ = [
     "ACK_REASON",
@@ -69,6 +69,7 @@ MIN_SPEED_HZ = 1.0
 MAX_SPEED_HZ = 2000.0
 # Average power well inside the policy's limit, so that the only breach is the injected one.
 _POWER_MARGIN = 0.8
+_SKIN_MARGIN_C = 3.0
 # The supervisor needs a pulse to see the drift: wait at least this long for the breach.
 _BREACH_WAIT_MIN_S = 5.0
 _POLL_S = 0.1
@@ -106,18 +107,38 @@ def plan_phases(duration_s: float) -> tuple[Phase, ...]:
     return tuple(Phase(name, title, share * duration_s) for name, title, share in _PHASES)
 
 
-def demo_params(speed_hz: float, preset: Preset, max_average_power_w: float) -> PulseParams:
-    """The preset's parameters at ``speed_hz``: energy lowered to stay within 80 % of the
-    policy's average power, pulse width to at most half the period."""
+def demo_params(speed_hz: float, preset: Preset, policy: Policy) -> PulseParams:
+    """The preset's parameters at ``speed_hz``, kept clear of every limit but the injected one:
+    average power at most the preset's own or 80 % of the policy's, pulse width at most half the
+    period, and the smallest spot (not below the preset's) on which the simulated skin settles at
+    least 3 °C under the policy's skin limit."""
+    from simulator import SPOTS_UM, ThermalModel
+    from simulator.physics import skin_steady_state_c
+
     if not MIN_SPEED_HZ <= speed_hz <= MAX_SPEED_HZ:
         raise DemoError(
             f"--speed {speed_hz:g} Hz is not allowed: from {MIN_SPEED_HZ:g} to {MAX_SPEED_HZ:g} Hz"
         )
-    energy_uj = min(
-        preset.energy_uj, math.floor(_POWER_MARGIN * max_average_power_w / speed_hz * 1e6)
+    power_w = min(_POWER_MARGIN * policy.max_average_power_w, preset.energy_uj * 1e-6 * speed_hz)
+    energy_uj = min(preset.energy_uj, math.floor(power_w / speed_hz * 1e6))
+    power_w = energy_uj * 1e-6 * speed_hz
+    ceiling_c = policy.skin_temp_max_c - _SKIN_MARGIN_C
+    model = ThermalModel()
+    spot_um = next(
+        (
+            spot
+            for spot in SPOTS_UM
+            if spot >= preset.spot_um and skin_steady_state_c(model, power_w, spot) <= ceiling_c
+        ),
+        None,
     )
+    if spot_um is None:
+        raise DemoError(
+            f"--speed {speed_hz:g} Hz would heat the simulated skin above {ceiling_c:g} °C "
+            "with every spot"
+        )
     width_us = min(preset.width_us, math.floor(0.5e6 / speed_hz))
-    return PulseParams(energy_uj, width_us, round(speed_hz * 1000), preset.spot_um)
+    return PulseParams(energy_uj, width_us, round(speed_hz * 1000), spot_um)
 
 
 class DemoControls(Protocol):

@@ -120,7 +120,7 @@ def _faults_uncounted(doc: dict[str, Any], _record: ScriptRecord) -> None:
         (_drop_pulse, "counts 29 pulses, the log holds 28"),
         (_device_counted_more, "the device's pulse counter counts 30 pulses"),
         (_two_breaches, "expected one breach"),
-        (_late_stop, "drifted pulse(s) were fired after the breach"),
+        (_late_stop, "fired 1 more drifted pulse(s) after the breach at pulse 21 before STOP"),
         (_missed_first_drift, "the breach stopped at pulse 21, the first drifted pulse is 20"),
         (_nothing_after, "no pulse was fired after the breach"),
         (_no_ack, "expected one acknowledgement"),

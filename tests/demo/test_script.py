@@ -9,7 +9,11 @@ import pytest
 
 from devicectl.demo import DemoError, DemoProgress, TreatmentScript, demo_params, plan_phases
 from devicectl.demo.script import ACK_REASON, DEMO_PATIENT, POST_CARE
-from devicectl.policy import Concern, load_policy
+from devicectl.policy import Concern, SkinType, Zone, load_policy
+from devicectl.safety import check_params
+from protocols import Ident
+from simulator import SPOTS_UM, Board, ThermalModel
+from simulator.physics import skin_steady_state_c
 
 
 class FakeClock:
@@ -113,7 +117,7 @@ class FakeClinic:
 
 def _script(clinic: FakeClinic, clock: FakeClock, duration: float = 10.0) -> TreatmentScript:
     policy = load_policy(None)
-    params = demo_params(10.0, policy.presets[Concern.FINE_LINES], policy.max_average_power_w)
+    params = demo_params(10.0, policy.presets[Concern.FINE_LINES], policy)
     return TreatmentScript(
         clinic, plan_phases(duration), params, DemoProgress(), sleep=clock.sleep, clock=clock
     )
@@ -184,19 +188,29 @@ def test_phases_scale_with_the_duration_and_bad_durations_are_named() -> None:
         plan_phases(1.0)
 
 
-@pytest.mark.parametrize("speed", [1.0, 10.0, 25.0, 500.0, 2000.0])
-def test_params_at_any_speed_stay_inside_power_and_period(speed: float) -> None:
+def _sim_ident() -> Ident:
+    return Board(max_rate_mhz=2_000_000).ident
+
+
+@pytest.mark.parametrize("speed", [1.0, 10.0, 25.0, 100.0, 500.0, 2000.0])
+def test_params_at_any_speed_stay_clear_of_every_limit(speed: float) -> None:
     policy = load_policy(None)
     preset = policy.presets[Concern.FINE_LINES]
-    params = demo_params(speed, preset, policy.max_average_power_w)
+    params = demo_params(speed, preset, policy)
     assert params.rate_mhz == round(speed * 1000)
     assert params.average_power_w <= 0.8 * policy.max_average_power_w + 1e-9
     assert params.width_us < params.period_us
-    assert params.energy_uj <= preset.energy_uj
-    assert params.spot_um == preset.spot_um
+    assert 500 <= params.energy_uj <= preset.energy_uj  # the simulated board's range
+    assert params.spot_um in SPOTS_UM
+    assert params.spot_um >= preset.spot_um
+    skin = skin_steady_state_c(ThermalModel(), params.average_power_w, params.spot_um)
+    assert skin <= policy.skin_temp_max_c - 3.0
+    # The supervisor's own pre-emission check agrees, for the demo's skin type and zones.
+    for zone in (Zone.FOREHEAD, Zone.CHEEKS):
+        check_params(_sim_ident(), policy, SkinType.III, zone, params)
 
 
 def test_speed_outside_the_range_is_named() -> None:
     policy = load_policy(None)
     with pytest.raises(DemoError, match="--speed 5000 Hz"):
-        demo_params(5000.0, policy.presets[Concern.FINE_LINES], policy.max_average_power_w)
+        demo_params(5000.0, policy.presets[Concern.FINE_LINES], policy)
