@@ -128,6 +128,7 @@ class Telemetry:
         self._clock = clock
         self._daemon_version = daemon_version
         self._outbox: Outbox | None = None
+        self._running = False
         self._boot = 0
         self._pulse_buf: list[PulseTuple] = []
         self._pulse_cap = config.handoff_capacity
@@ -164,6 +165,7 @@ class Telemetry:
     async def __aenter__(self) -> Self:
         self._outbox = Outbox(self._config.outbox_path, max_bytes=self._config.outbox_max_bytes)
         self._boot = self._outbox.start_boot()
+        self._running = True
         self._log.info(
             "telemetry_starting",
             broker=self._broker_name,
@@ -188,7 +190,10 @@ class Telemetry:
         loop = asyncio.get_running_loop()
         for task in self._helpers:
             task.cancel()
-        self._flush_pulses()
+        try:
+            self._flush_pulses()
+        except Exception as exc:  # noqa: BLE001 - still flush and say offline
+            self._log.error("telemetry_pulse_batch_failed", error=repr(exc))
         self._close_deadline = loop.time() + self._config.flush_timeout_s
         self._closing.set()
         self._wakeup.set()
@@ -204,6 +209,7 @@ class Telemetry:
         try:
             await self._tasks.__aexit__(None, None, None)
         finally:
+            self._running = False
             self._outbox.close()
             self._log.info("telemetry_stopped", outbox_depth=self._outbox.depth)
 
@@ -335,7 +341,7 @@ class Telemetry:
         counters: Mapping[str, int] | None = None,
     ) -> None:
         """Send a ``metrics`` message if connected (QoS 0, expiry 10 s); dropped when offline."""
-        if not self._connected or self._outbox is None:
+        if not self._connected or self._outbox is None or not self._running:
             self._counts["live_dropped"] += 1
             return
         topic = self._topics.topic(Stream.METRICS)
@@ -371,7 +377,7 @@ class Telemetry:
         topic: str | None = None,
         numbered: bool = True,
     ) -> None:
-        if self._outbox is None:
+        if self._outbox is None or not self._running:
             raise RuntimeError("Telemetry is not running (use it as an async context manager)")
         spec = STREAMS[stream]
         topic = topic if topic is not None else self._topics.topic(stream)
@@ -435,8 +441,8 @@ class Telemetry:
     ) -> None:
         energies = [p[2] for p in run]
         body = {
-            "session": session,
-            "zone": zone,
+            "session": _label(session),
+            "zone": _label(zone),
             "first_pulse_no": run[0][0],
             "last_pulse_no": run[-1][0],
             "count": len(run),
@@ -457,7 +463,10 @@ class Telemetry:
         while True:
             await asyncio.sleep(self._config.batch_interval_s)
             if self._pulse_buf:
-                self._flush_pulses()
+                try:
+                    self._flush_pulses()
+                except Exception as exc:  # noqa: BLE001 - keep batching; the log has the pulses
+                    self._log.error("telemetry_pulse_batch_failed", error=repr(exc))
 
     async def _repeat_session(self) -> None:
         loop = asyncio.get_running_loop()
@@ -465,7 +474,10 @@ class Telemetry:
             await asyncio.sleep(0.25)
             summary = self._session_summary
             if summary is not None and loop.time() - self._session_sent_at >= 1.0:
-                self._send_session_summary(summary)
+                try:
+                    self._send_session_summary(summary)
+                except Exception as exc:  # noqa: BLE001 - a repeat is not worth a crash
+                    self._log.error("telemetry_session_repeat_failed", error=repr(exc))
 
     @property
     def _broker_name(self) -> str:
@@ -785,6 +797,13 @@ def _drop_frames(error: BaseException) -> None:
         if current.__traceback__ is not None:
             traceback.clear_frames(current.__traceback__)
         current = current.__cause__ or current.__context__
+
+
+def _label(value: object) -> str | None:
+    """A zone or session id as text: enums by value (``Zone.NECK`` -> ``neck``), ids by str."""
+    if value is None or isinstance(value, str):
+        return value
+    return str(getattr(value, "value", value))
 
 
 def _interlock_names(interlocks: int | Iterable[str]) -> list[str]:
