@@ -9,8 +9,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from devicectl.errors import (
     ConfigError,
-    DeviceRefused,
     DevicectlError,
+    DeviceRefused,
     LinkError,
     LinkLost,
     LogUnavailable,

@@ -98,7 +98,7 @@ class SessionStartRequest(_Request):
     active_ingredient: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     preset: Concern | None = None
     checklist: Checklist
-    contraindication_override: Annotated[str, Field(min_length=3, max_length=500)] | None = None
+    contraindication_override: Annotated[str, Field(min_length=10, max_length=500)] | None = None
 
 
 class SessionZoneRequest(_Request):

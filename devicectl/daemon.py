@@ -385,10 +385,16 @@ class Daemon:
         self._pulses_since_metrics += 1
         self._energy_since_metrics += pulse.energy_uj
         if treatment is None:
-            # A pulse with no session open: charged to no one, but never unrecorded.
+            # A pulse with no session open (uncommanded: the supervisor has stopped the laser):
+            # charged to no session at its measured energy, and accounted for like any pulse.
             if self.sessionlog is not None:
-                self.sessionlog.record_event(
-                    None, "pulse_without_session", "device", {"pulse_no": pulse.pulse_no}
+                self.sessionlog.record_pulse_gap(
+                    None,
+                    pulse.pulse_no,
+                    pulse.pulse_no,
+                    charged_energy_uj=pulse.energy_uj,
+                    zone="none",
+                    cause="pulse without a session",
                 )
             return
         zone = treatment.zone or "none"
@@ -457,7 +463,8 @@ class Daemon:
             fault.code, fault.detail
         ):
             self.link.stop_now()  # type: ignore[union-attr]
-            self._breach()
+            self._breach()  # recorded as the breach: one incident, one fault
+            return
         self._event(
             "device_fault", "device", {"code": _code_name(fault.code), "detail": fault.detail}
         )
@@ -486,13 +493,12 @@ class Daemon:
         was_armed = self.armed or self._arming
         self.armed = False
         self._arming = False
-        if self.supervisor is not None and self.supervisor.on_link_lost():
-            self._breach()
         self._gap_open_since = time.time()
-        self._event("link_lost", "devicectl", {"reason": reason, "while_armed": was_armed})
-        self._alert(
-            "critical" if was_armed else "warning", "link_lost", f"device link lost: {reason}"
-        )
+        if self.supervisor is not None and self.supervisor.on_link_lost():
+            self._breach()  # recorded and alerted as the breach: one incident, one fault
+        else:
+            self._event("link_lost", "devicectl", {"reason": reason, "while_armed": was_armed})
+            self._alert("warning", "link_lost", f"device link lost: {reason}")
         self._log.error("device_link_lost", reason=reason, armed=was_armed)
 
     async def _on_connected(self, ident: Ident, status: StatusReport) -> None:
@@ -566,7 +572,8 @@ class Daemon:
             return
         detail = _breach_dict(breach)
         session = self.treatment.id if self.treatment else None
-        self._event("safety_breach", "devicectl", detail)
+        # "breach" is what the session log counts as a fault; repeats are recorded apart.
+        self._event("breach_repeat" if breach.repeat else "breach", "devicectl", detail)
         if breach.repeat:
             # The same rule again since the latch (pulses already in flight when STOP was written):
             # recorded above, but one incident raises one alert.

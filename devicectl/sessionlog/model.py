@@ -95,6 +95,8 @@ class SessionInfo(_Model):
     course: Course
     checklist: Checklist
     active_ingredient: Annotated[str, Field(min_length=1, max_length=120)]
+    # Why the clinician treats despite a contraindication answered yes; recorded, never implied.
+    contraindication_override: Annotated[str, Field(min_length=10, max_length=500)] | None = None
 
 
 class InvalidSessionInfo(DevicectlError):

@@ -376,8 +376,20 @@ class SessionLog:
             hint = "end it first" if self._live is not None else "recover_interrupted() first"
             raise SessionRefused("session.open", f"session {open_id} is still open; {hint}")
         problems = checklist_problems(info.checklist)
-        if problems:
-            raise SessionRefused(problems[0][0], "; ".join(detail for _, detail in problems))
+        answers = info.checklist.contraindications.model_dump()
+        # A contraindication answered yes may be overridden with a reason; nothing else may.
+        present = [
+            rule
+            for rule, _ in problems
+            if rule.startswith("contraindication.") and answers[rule.partition(".")[2]] is True
+        ]
+        overridden = set(present) if info.contraindication_override is not None else set()
+        blocking = [(rule, detail) for rule, detail in problems if rule not in overridden]
+        if blocking:
+            hint = (
+                "; override with a reason if treating anyway" if present and not overridden else ""
+            )
+            raise SessionRefused(blocking[0][0], "; ".join(detail for _, detail in blocking) + hint)
         now = self._clock() if host_time_ns is None else host_time_ns
         warnings = self._course_warnings(info, now)
         session_id = self._next_session_id
@@ -392,6 +404,15 @@ class SessionLog:
             reader.CourseEntry(session_id, info.course.session_number, info.patient_ref, now)
         )
         self._live = _LiveSession(session_id, now)
+        if overridden:
+            self.record_event(
+                session_id,
+                "override",
+                info.operator,
+                {"contraindications": sorted(r.partition(".")[2] for r in overridden)},
+                info.contraindication_override,
+                host_time_ns=now,
+            )
         if device_pulse_count is not None:
             self._last_pulse_no = device_pulse_count
         self._log.info(

@@ -7,6 +7,7 @@ import stat
 
 import pytest
 
+from devicectl.sessionlog import reader, store
 from tests.daemon.conftest import CHECKLIST, SESSION, Driver
 
 
@@ -125,3 +126,35 @@ async def test_stop_is_always_accepted(driver: Driver) -> None:
     status = await driver.ok("status")
     assert status["state"] == "standby"
     assert driver.board.status(driver.daemon.sim_runner.now_us())["pulse_count"] == count
+
+
+async def test_contraindication_override_needs_a_reason_and_is_recorded(driver: Driver) -> None:
+    checklist = dict(CHECKLIST, recent_sun_exposure=True)
+    reply = await driver.call(**dict(SESSION, checklist=checklist))
+    assert reply["ok"] is False
+    assert "override" in reply["error"]
+    reply = await driver.call(
+        **dict(SESSION, checklist=checklist, contraindication_override="short")
+    )
+    assert reply["kind"] == "usage"  # a reason too short to mean anything
+    reason = "tan is two months old; test patch on 2026-11-01 showed no reaction"
+    started = await driver.ok(
+        **dict(SESSION, checklist=checklist, contraindication_override=reason)
+    )
+    await driver.ok("session_zone", zone="forehead")
+    assert (await driver.ok("arm"))["armed"] is True
+    log = driver.daemon.sessionlog
+    assert log is not None
+    await log.flush_async()
+    conn = store.connect(log.path, readonly=True)
+    try:
+        record = reader.load_session(conn, started["session"])
+    finally:
+        conn.close()
+    assert record is not None
+    overrides = [
+        r["body"] for r in record.records if r["body"].get("event") == "override"
+    ]
+    assert len(overrides) == 1
+    assert overrides[0]["reason"] == reason
+    assert overrides[0]["detail"]["contraindications"] == ["recent_sun_exposure_or_tan"]
