@@ -35,7 +35,7 @@ from structlog.typing import FilteringBoundLogger
 
 from devicectl.dashboard.fleet import Fleet
 from devicectl.dashboard.hub import Resync, UpdateHub
-from devicectl.dashboard.limits import DisplayLimits
+from devicectl.dashboard.limits import DisplayLimits, load_display_limits
 from devicectl.dashboard.mqtt import (
     Backoff,
     StopFailed,
@@ -73,7 +73,8 @@ class DashboardConfig:
     prefix: str = "lasers"
     stop_username: str | None = None
     stop_password: str | None = field(default=None, repr=False)
-    limits: DisplayLimits = field(default_factory=DisplayLimits)
+    # The bars' limits; by default the packaged policy's (pass the clinic's: load_display_limits).
+    limits: DisplayLimits = field(default_factory=load_display_limits)
     title: str = "Clinic lasers"
     keepalive_s: float = 15.0
     backoff: Backoff = field(default_factory=Backoff)
