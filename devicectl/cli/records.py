@@ -23,7 +23,7 @@ from rich.table import Table
 
 from devicectl.cli.app import ExitCode, log_app, session_app
 from devicectl.errors import LogUnavailable
-from devicectl.sessionlog import export, reader, report, store
+from devicectl.sessionlog import export, reader, store
 from devicectl.sessionlog.verify import verify_log
 
 __all__ = ["session_export", "session_list", "session_show", "verify"]
@@ -254,6 +254,8 @@ def session_export(
             elif fmt is ExportFormat.CSV:
                 export.write_csv(conn, session_id, out)
             else:
+                from devicectl.sessionlog import report  # matplotlib: load only when needed
+
                 report.write_report(conn, session_id, out)
         except OSError as exc:
             raise _fail(
