@@ -183,6 +183,21 @@ async def test_the_page_follows_a_device_live(mosquitto: Broker, fake_device: Fa
             topic, _payload = await asyncio.to_thread(fake_device.commands.get, True, 5.0)
             assert topic == "lasers/clinic-a/laser-01/cmd/stop"
             assert fake_device.commands.empty()  # the cancelled one was never sent
+            # The daemon obeys: its next state says so, and the page follows.
+            await fake_device.send(
+                "state",
+                retain=True,
+                state="STANDBY",
+                interlocks=["contact"],
+                faults=[],
+                params=None,
+                armed=False,
+                session="S-0001",
+                daemon_version="0.1.0",
+            )
+            await expect(card.get_by_test_id("state")).to_have_text("STANDBY")
+            await expect(card.get_by_test_id("armed")).to_have_count(0)
+            await expect(card.get_by_test_id("interlocks")).to_contain_text("contact OPEN")
 
             # The banner can be acknowledged on this screen; a new alert brings it back.
             await page.get_by_test_id("alert-ack").click()
@@ -195,6 +210,9 @@ async def test_the_page_follows_a_device_live(mosquitto: Broker, fake_device: Fa
             await expect(card.get_by_test_id("availability")).to_have_text("OFFLINE")
             await expect(card.get_by_test_id("stale-note")).to_contain_text("Offline since")
             await expect(card).to_have_attribute("data-availability", "offline")
+            await expect(card.get_by_test_id("stop-button")).to_be_disabled()
+            await expect(card.locator("header")).not_to_contain_text("null")
+            await expect(card.locator("header")).not_to_contain_text("undefined")
 
             # A page opened now starts from the snapshot: the retained offline, the alerts.
             late = await open_page(browser, server.url)

@@ -206,7 +206,7 @@ function renderDevice(card, d) {
   card.root.classList.toggle("alerting", Boolean(recentAlert));
 
   const availClass = d.availability === "online" ? "good" : d.availability === "offline" ? "bad" : "unknown";
-  card.head.replaceChildren(
+  card.head.replaceChildren(...[
     el("h2", {}, d.device),
     el("span", { class: "site" }, d.site),
     el("span", { class: `pill ${availClass}`, "data-testid": "availability" }, d.availability.toUpperCase()),
@@ -214,7 +214,7 @@ function renderDevice(card, d) {
       ? el("span", { class: `pill state-${state.state}`, "data-testid": "state" }, state.state)
       : null,
     state && state.armed ? el("span", { class: "pill armed", "data-testid": "armed" }, "ARMED") : null,
-  );
+  ].filter(Boolean));
 
   const parts = [];
   if (offline) {
@@ -266,7 +266,9 @@ function renderDevice(card, d) {
   }
   card.body.replaceChildren(...parts.filter(Boolean));
   if (card.stopButton) {
-    card.stopButton.disabled = !view.stopEnabled || card.stopPending === true;
+    // cmd/stop is not retained: a device that is not online would never receive it.
+    card.stopButton.disabled = !view.stopEnabled || card.stopPending === true || offline;
+    card.stopButton.title = offline ? "The device is not online: stop it at the device." : "";
   }
 }
 
@@ -418,7 +420,8 @@ async function sendStop(key, card) {
     card.stopResult.textContent = `Stop NOT sent: ${error}`;
   } finally {
     card.stopPending = false;
-    card.stopButton.disabled = !view.stopEnabled;
+    const device = view.devices.get(key);
+    card.stopButton.disabled = !view.stopEnabled || !device || device.availability !== "online";
   }
 }
 
