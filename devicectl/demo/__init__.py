@@ -19,6 +19,7 @@ from devicectl.demo.run import (
     InProcessControls,
     configure_demo_logging,
     default_demo_dir,
+    write_demo_policy,
 )
 from devicectl.demo.script import (
     DemoControls,
@@ -50,4 +51,5 @@ __all__ = [
     "default_demo_dir",
     "demo_params",
     "plan_phases",
+    "write_demo_policy",
 ]

@@ -17,7 +17,7 @@ from devicectl.sessionlog.verify import VerifyReport
 __all__ = ["EXPECTED_BREACH", "SessionCheck", "check_session"]
 
 EXPECTED_BREACH = "energy_out_of_tolerance"
-_BREACH_EVENT = "safety_breach"
+_BREACH_EVENT = "breach"  # the daemon records a repeat of a latched rule as "breach_repeat"
 _ACK_EVENT = "fault_ack"
 
 

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -50,9 +51,11 @@ __all__ = [
     "InProcessControls",
     "configure_demo_logging",
     "default_demo_dir",
+    "write_demo_policy",
 ]
 
 _LIBRARY_LOGGERS = ("amqtt", "transitions", "uvicorn", "uvicorn.error", "passlib", "websockets")
+DEMO_LEASE_MS = 1000
 # sun_path holds 108 bytes: sockets go to a short temporary directory when the data dir is deep.
 _MAX_SOCKET_PATH = 100
 
@@ -158,6 +161,32 @@ def configure_demo_logging(path: Path) -> Iterator[FilteringBoundLogger]:
         stream.close()
 
 
+def write_demo_policy(directory: Path) -> Path:
+    """The packaged policy with a 1 s lease, as ``directory/demo-policy.toml``.
+
+    The demo runs the broker, the dashboard and the daemon in one process and one event loop, on
+    a machine that may be busy (CI): a stall of ~90 ms would let a 250 ms lease run down to the
+    "nearly out" threshold and latch a breach the script did not inject. Every other limit is the
+    packaged one."""
+    from importlib import resources
+
+    from devicectl.policy import load_policy
+
+    text = (resources.files("devicectl") / "defaults" / "policy.toml").read_text(encoding="utf-8")
+    text, count = re.subn(
+        r"^lease_ms\s*=\s*\d+[^\n]*$",
+        f"lease_ms = {DEMO_LEASE_MS}  # devicectl demo: one event loop for everything",
+        text,
+        count=1,
+        flags=re.MULTILINE,
+    )
+    path = directory / "demo-policy.toml"
+    _write_atomically(path, "# devicectl demo: the packaged policy, lease lengthened.\n" + text)
+    if count != 1 or load_policy(path).lease_ms != DEMO_LEASE_MS:
+        raise DemoError(f"cannot derive the demo policy from the packaged one ({path})")
+    return path
+
+
 class InProcessControls:
     """The script's way to the daemon (its control API, requests validated as on the socket) and
     to the simulator (its control socket)."""
@@ -243,6 +272,7 @@ class DemoStack:
             control=self.control,
             mqtt__url=self.mqtt_url,
             sim_max_rate_hz=max(500.0, self.options.speed_hz),
+            policy=write_demo_policy(self.data_dir),
         )
         # The dashboard first, so that it is the last thing to stop: it sees the daemon's offline.
         dashboard = Dashboard(

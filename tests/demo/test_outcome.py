@@ -44,7 +44,7 @@ def _good() -> tuple[dict[str, Any], ScriptRecord, VerifyReport]:
         "events": [
             {"event": "armed", "detail": {}, "reason": None},
             {
-                "event": "safety_breach",
+                "event": "breach",
                 "detail": {"code": "energy_out_of_tolerance", "pulse_no": BREACH_AT},
                 "reason": None,
             },
@@ -86,7 +86,7 @@ def _device_counted_more(_doc: dict[str, Any], record: ScriptRecord) -> None:
 
 def _two_breaches(doc: dict[str, Any], _record: ScriptRecord) -> None:
     doc["events"].append(
-        {"event": "safety_breach", "detail": {"code": "over_rate", "pulse_no": 25}, "reason": None}
+        {"event": "breach", "detail": {"code": "over_rate", "pulse_no": 25}, "reason": None}
     )
 
 

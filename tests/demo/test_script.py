@@ -3,11 +3,20 @@ breach wait, and the laser left safe when the script stops half-way. Time is a f
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from devicectl.demo import DemoError, DemoProgress, TreatmentScript, demo_params, plan_phases
+from devicectl.demo import (
+    DemoError,
+    DemoProgress,
+    TreatmentScript,
+    demo_params,
+    plan_phases,
+    write_demo_policy,
+)
+from devicectl.demo.run import DEMO_LEASE_MS
 from devicectl.demo.script import ACK_REASON, DEMO_PATIENT, POST_CARE
 from devicectl.policy import Concern, SkinType, Zone, load_policy
 from devicectl.safety import check_params
@@ -214,3 +223,10 @@ def test_speed_outside_the_range_is_named() -> None:
     policy = load_policy(None)
     with pytest.raises(DemoError, match="--speed 5000 Hz"):
         demo_params(5000.0, policy.presets[Concern.FINE_LINES], policy)
+
+
+def test_the_demo_policy_changes_only_the_lease(tmp_path: Path) -> None:
+    packaged = load_policy(None)
+    demo = load_policy(write_demo_policy(tmp_path))
+    assert demo.lease_ms == DEMO_LEASE_MS > packaged.lease_ms
+    assert demo.model_copy(update={"lease_ms": packaged.lease_ms}) == packaged
