@@ -25,8 +25,9 @@ Rules on a PULSE, in this order (the first that fails is the verdict)::
 
 Every pulse updates all state whatever the verdict (a pulse emitted is a dose delivered), so the
 verdict of the next pulse does not depend on whether this one breached. Rules on a STATUS: skin
-temperature above its limit, head temperature above its limit, and while armed: an interlock open,
-the device in FAULT (a FAULT event may have been lost), the lease nearly out. Link loss, BOOT and
+temperature above its limit, head temperature above its limit, and while armed: the device in FAULT
+(a FAULT event may have been lost), and while the device reports READY or EMITTING too: an
+interlock open, the lease nearly out. Link loss, BOOT and
 FAULT events while armed are breaches too. A breach latches until an operator acknowledges it with a
 reason; arming while latched is refused (rule ``breach_latched``). See docs/safety-model.md.
 """
@@ -66,6 +67,7 @@ __all__ = [
 _U32 = 0xFFFF_FFFF
 WINDOW_US = 1_000_000  # the sliding average-power window, by the device clock
 _NO_LIMIT = 1 << 62  # an integer bound no sum of u32 energies reaches
+_DEVICE_ARMED = frozenset({int(DeviceState.READY), int(DeviceState.EMITTING)})
 _NO_INTERVAL = 1 << 40  # "no previous pulse": longer than any period (at most 1e9 µs)
 
 
@@ -495,14 +497,20 @@ class SafetySupervisor:
         if head_cdeg > self._head_max_cdeg:
             return self._status_breach(BreachCode.HEAD_OVERTEMP, head_cdeg, state, interlocks)
         if self._armed:
-            if interlocks:
-                return self._status_breach(BreachCode.INTERLOCK_OPEN, interlocks, state, interlocks)
+            # Interlocks and the lease matter while the device itself is armed. Between our
+            # STOP/DISARM and its ACK the device may already report STANDBY with no lease (a STATUS
+            # may overtake a slow reply): not a breach; no pulse can come from STANDBY.
             if state == DeviceState.FAULT:
                 return self._status_breach(BreachCode.DEVICE_FAULT, state, state, interlocks)
-            if lease_left_ms < self._lease_min_ms:
-                return self._status_breach(
-                    BreachCode.LEASE_NEARLY_OUT, lease_left_ms, state, interlocks
-                )
+            if state in _DEVICE_ARMED:
+                if interlocks:
+                    return self._status_breach(
+                        BreachCode.INTERLOCK_OPEN, interlocks, state, interlocks
+                    )
+                if lease_left_ms < self._lease_min_ms:
+                    return self._status_breach(
+                        BreachCode.LEASE_NEARLY_OUT, lease_left_ms, state, interlocks
+                    )
         return 0
 
     def on_link_lost(self) -> int:

@@ -310,6 +310,14 @@ def test_interlocks_fault_state_and_lease_count_only_while_armed() -> None:
     assert sup.on_status(DeviceState.FAULT, 0, 2500, 3000, 0) == BreachCode.DEVICE_FAULT
 
 
+def test_a_status_overtaking_the_ack_of_disarm_is_not_a_breach() -> None:
+    # DISARM sent, the device already reports STANDBY with no lease, its ACK still on the way
+    sup = armed()
+    assert sup.on_status(DeviceState.STANDBY, 0, 2500, 3000, 0) == 0
+    assert sup.on_status(DeviceState.STANDBY, int(Interlock.DOOR), 2500, 3000, 0) == 0
+    assert sup.armed  # until the ACK: a pulse now would still be judged as commanded
+
+
 # ---------------------------------------------------------------- link, boot, fault
 
 

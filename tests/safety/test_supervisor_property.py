@@ -84,11 +84,12 @@ class Reference:
             return self.verdict(BreachCode.SKIN_OVERTEMP)
         if head > self.s.head_temp_max_c * 100:
             return self.verdict(BreachCode.HEAD_OVERTEMP)
-        if self.armed and interlocks != 0:
-            return self.verdict(BreachCode.INTERLOCK_OPEN)
+        device_armed = state in (2, 3)  # READY, EMITTING
         if self.armed and state == 4:
             return self.verdict(BreachCode.DEVICE_FAULT)
-        if self.armed and lease < self.s.lease_nearly_out_ms:
+        if self.armed and device_armed and interlocks != 0:
+            return self.verdict(BreachCode.INTERLOCK_OPEN)
+        if self.armed and device_armed and lease < self.s.lease_nearly_out_ms:
             return self.verdict(BreachCode.LEASE_NEARLY_OUT)
         return 0
 
