@@ -8,11 +8,14 @@ from devicectl.telemetry.commands import CommandAction, CommandDecision, classif
 from devicectl.telemetry.config import BrokerAddress, TelemetryConfig, parse_broker_url
 from devicectl.telemetry.outbox import Outbox, OutboxRow, OverflowReport
 from devicectl.telemetry.publisher import Telemetry, TelemetryStats
+from devicectl.telemetry.watch import DeviceView, FleetView, watch
 
 __all__ = [
     "BrokerAddress",
     "CommandAction",
     "CommandDecision",
+    "DeviceView",
+    "FleetView",
     "Outbox",
     "OutboxRow",
     "OverflowReport",
@@ -21,4 +24,5 @@ __all__ = [
     "TelemetryStats",
     "classify_command",
     "parse_broker_url",
+    "watch",
 ]

@@ -510,9 +510,10 @@ class Telemetry:
         """Connect, deliver, reconnect with jittered exponential backoff; never raises."""
         attempt = 0
         while not self._closing.is_set():
-            client = self._make_client()
+            client: aiomqtt.Client | None = None
             fall_back = False
             try:
+                client = self._make_client()
                 async with client:
                     client.timeout = 10
                     attempt = 0
@@ -532,7 +533,8 @@ class Telemetry:
                 self._note_failure(group.exceptions[0])
             finally:
                 self._connected = False
-                _release_failed_client(client)
+                if client is not None:
+                    _release_failed_client(client)
             if fall_back:
                 continue
             if self._closing.is_set():
