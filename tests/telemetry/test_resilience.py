@@ -10,9 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from devicectl.telemetry import Telemetry
+from protocols.mqtt import json_schemas
 from tests.brokers import Broker
 from tests.telemetry.helpers import Received, config, recorder, until
 
@@ -82,6 +84,11 @@ async def test_outage_loses_nothing_and_keeps_order(tmp_path: Path) -> None:
 
     for topic, seqs in _seqs_in_order(messages).items():
         assert seqs == list(range(1, len(seqs) + 1)), f"{topic}: gap or reorder"
+    schemas = json_schemas()
+    for message in messages:
+        if message.payload and not message.topic.endswith("/availability"):
+            stream = message.topic.rsplit("/", 1)[1]
+            jsonschema.validate(message.json(), schemas[stream])  # historical ones too
     pulses = [m.json() for m in messages if m.topic.endswith("/pulses")]
     delivered = {n for batch in pulses for n, _t, _e in batch["pulses"]}
     assert delivered == set(range(1, pulse_no + 1))

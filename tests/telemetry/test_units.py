@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -250,3 +251,39 @@ async def test_without_a_broker_everything_waits_in_the_outbox(tmp_path: Path) -
             assert not tm.connected
         assert tm.stats.outbox_depth == 2
         assert tm.stats.connect_failures == 0
+
+
+def _fixed(payload: bytes) -> Callable[[int], bytes]:
+    return lambda _seq: payload
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["pulses", "state", "alerts", "session-events"]), st.integers(100, 900)
+        ),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_outbox_bound_never_drops_alerts_or_events_and_keeps_order(
+    entries: list[tuple[str, int]],
+) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        outbox = Outbox(Path(tmp) / "o.sqlite", max_bytes=4096)
+        outbox.start_boot()
+        for stream, size in entries:
+            outbox.enqueue(f"b/{stream}", stream, _fixed(b"x" * size))
+        rows = outbox.fetch(0, 1000)
+        outbox.close()
+    kept = [r.stream for r in rows]
+    for stream in ("alerts", "session-events"):
+        assert kept.count(stream) == sum(1 for s, _n in entries if s == stream)
+    assert [r.id for r in rows] == sorted(r.id for r in rows)
+    latest_state = [i for i, (s, _n) in enumerate(entries) if s == "state"]
+    if latest_state:
+        assert "state" in kept  # the newest state is never superseded by nothing
+    over = sum(len(r.payload) for r in rows) > 4096
+    assert not over or set(kept) <= {"alerts", "session-events", "state"}
