@@ -46,6 +46,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ __all__ = [
     "Row",
     "Timing",
     "format_table",
+    "log_accounts",
     "run_row",
 ]
 
@@ -165,6 +167,32 @@ def _jsonline(path: Path, request: dict[str, Any], timeout: float = 5.0) -> dict
             line = stream.readline()
     reply: dict[str, Any] = json.loads(line)
     return reply
+
+
+def log_accounts(db: Path) -> tuple[list[int], list[int], int]:
+    """From a session log: (pulse_no of every logged pulse, pulse_no of every pulse counted as
+    unlogged — ``pulse_gap`` ranges and pulses seen with no session —, uncommanded emissions)."""
+    conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        logged = [n for (n,) in conn.execute("SELECT pulse_no FROM pulses")]
+        charged: list[int] = []
+        uncommanded = 0
+        for kind, body_text in conn.execute(
+            "SELECT kind, body FROM records WHERE kind IN ('pulse_gap', 'event')"
+        ):
+            body = json.loads(body_text)
+            if kind == "pulse_gap":
+                charged.extend(range(int(body["first"]), int(body["last"]) + 1))
+            elif body.get("event") == "pulse_without_session":
+                charged.append(int(body["detail"]["pulse_no"]))
+            elif body.get("event") == "uncommanded_emission" or (
+                body.get("event") in {"breach", "breach_repeat", "safety_breach"}
+                and body.get("detail", {}).get("code") == "uncommanded_emission"
+            ):
+                uncommanded += 1
+    finally:
+        conn.close()
+    return logged, charged, uncommanded
 
 
 class TcpRelay:
@@ -546,28 +574,7 @@ class Campaign:
         end = int(self.sim_status()["pulse_count"])
         fired = set(range(self.start_count + 1, end + 1))
         row.board_pulses = len(fired)
-        conn = sqlite3.connect(
-            f"{(self.data / 'sessions.db').resolve().as_uri()}?mode=ro", uri=True
-        )
-        try:
-            logged = [n for (n,) in conn.execute("SELECT pulse_no FROM pulses")]
-            charged: list[int] = []
-            uncommanded = 0
-            for kind, body_text in conn.execute(
-                "SELECT kind, body FROM records WHERE kind IN ('pulse_gap', 'event')"
-            ):
-                body = json.loads(body_text)
-                if kind == "pulse_gap":
-                    charged.extend(range(int(body["first"]), int(body["last"]) + 1))
-                elif body.get("event") == "pulse_without_session":
-                    charged.append(int(body["detail"]["pulse_no"]))
-                elif body.get("event") == "uncommanded_emission" or (
-                    body.get("event") == "safety_breach"
-                    and body.get("detail", {}).get("code") == "uncommanded_emission"
-                ):
-                    uncommanded += 1
-        finally:
-            conn.close()
+        logged, charged, uncommanded = log_accounts(self.data / "sessions.db")
         row.logged, row.unlogged = len(logged), len(charged)
         accounted = logged + charged
         row.double_counted = len(accounted) - len(set(accounted))
@@ -711,6 +718,7 @@ ROWS: dict[str, Spec] = {
     "drop frames 1 %": Spec(_sim_fault("fault drop-frames 0.01")),
     "drop frames 5 %": Spec(_sim_fault("fault drop-frames 0.05")),
     "slow replies 45 ms": Spec(_sim_fault("fault slow-replies 45")),
+    "slow replies 49 ms": Spec(_sim_fault("fault slow-replies 49")),
     "device hang": Spec(_sim_fault("fault hang", must_stop=True)),
     "device reboot": Spec(_reboot),
     "port vanishes": Spec(_port_vanishes, tcp=True),
@@ -774,6 +782,7 @@ def main() -> int:
     parser.add_argument("--rows", help="comma-separated row names (default: all)")
     parser.add_argument("--keep", type=Path, help="keep every row's files under this directory")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=1, help="rows run at a time (CI: 2)")
     args = parser.parse_args()
     timing = Timing.short() if args.short else Timing.full()
     names = [n.strip() for n in args.rows.split(",")] if args.rows else list(ROWS)
@@ -783,11 +792,14 @@ def main() -> int:
     random.seed(args.seed)
     rows: list[Row] = []
     print(HEADER, flush=True)
-    with _workdir(args.keep) as base:
-        for i, name in enumerate(names):
-            row = run_row(name, base / f"row{i:02d}", timing, seed=args.seed + i)
-            rows.append(row)
-            print(row.line(), flush=True)
+    with _workdir(args.keep) as base, ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        futures = [
+            pool.submit(run_row, name, base / f"row{i:02d}", timing, seed=args.seed + i)
+            for i, name in enumerate(names)
+        ]
+        for future in futures:
+            rows.append(future.result())
+            print(rows[-1].line(), flush=True)
     print()
     print(format_table(rows))
     return 0 if all(row.ok for row in rows) else 1
