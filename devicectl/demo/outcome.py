@@ -14,11 +14,15 @@ from typing import Any
 from devicectl.demo.script import ACK_REASON, ScriptRecord
 from devicectl.sessionlog.verify import VerifyReport
 
-__all__ = ["EXPECTED_BREACH", "SessionCheck", "check_session"]
+__all__ = ["EXPECTED_BREACH", "STOP_WITHIN_US", "SessionCheck", "check_session"]
 
 EXPECTED_BREACH = "energy_out_of_tolerance"
 _BREACH_EVENT = "breach"  # the daemon records a repeat of a latched rule as "breach_repeat"
+_REPEAT_EVENT = "breach_repeat"
 _ACK_EVENT = "fault_ack"
+# Pulses already on their way when STOP was written are expected (the link is not instantaneous);
+# the board must have stopped within this much device time of the breaching pulse.
+STOP_WITHIN_US = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +34,8 @@ class SessionCheck:
     pulses_after_breach: int
     energy_per_zone_uj: dict[str, int]
     breach_pulse_no: int | None
+    in_flight: int = 0  # drifted pulses the board fired before the STOP reached it
+    stop_within_us: int | None = None  # device time from the breaching pulse to the last of them
 
     @property
     def ok(self) -> bool:
@@ -92,24 +98,37 @@ def check_session(
 
     events: list[dict[str, Any]] = doc.get("events", [])
     breaches = [e for e in events if e.get("event") == _BREACH_EVENT]
+    repeated = {
+        e.get("detail", {}).get("pulse_no") for e in events if e.get("event") == _REPEAT_EVENT
+    }
     breach_pulse_no: int | None = None
+    in_flight: list[dict[str, Any]] = []
+    stop_within_us: int | None = None
     codes = [b.get("detail", {}).get("code") for b in breaches]
-    drifted = [p["pulse_no"] for p in pulses if _outside(p["energy_uj"], setpoint, tolerance_pct)]
-    if not breaches or set(codes) != {EXPECTED_BREACH}:
+    drifted = [p for p in pulses if _outside(p["energy_uj"], setpoint, tolerance_pct)]
+    if codes != [EXPECTED_BREACH]:
         problems.append(f"expected one breach, {EXPECTED_BREACH}; the log has {codes or 'none'}")
     if breaches:
         breach_pulse_no = breaches[0].get("detail", {}).get("pulse_no")
-        if not drifted or drifted[0] != breach_pulse_no:
-            first = drifted[0] if drifted else None
+        if not drifted or drifted[0]["pulse_no"] != breach_pulse_no:
+            first = drifted[0]["pulse_no"] if drifted else None
             problems.append(
                 f"the breach stopped at pulse {breach_pulse_no}, the first drifted pulse is {first}"
             )
-        elif len(drifted) > 1:
-            # Pulses the board fired before the STOP reached it: each is recorded as a breach.
-            problems.append(
-                f"the laser fired {len(drifted) - 1} more drifted pulse(s) after the breach at "
-                f"pulse {breach_pulse_no} before STOP took effect (pulses {drifted[1:]})"
-            )
+        else:
+            in_flight = drifted[1:]
+            unrecorded = [p["pulse_no"] for p in in_flight if p["pulse_no"] not in repeated]
+            if unrecorded:
+                problems.append(f"drifted pulse(s) {unrecorded} have no breach record")
+            if in_flight:
+                stop_within_us = (in_flight[-1]["t_us"] - drifted[0]["t_us"]) % 2**32
+                if stop_within_us > STOP_WITHIN_US:
+                    problems.append(
+                        f"the laser kept firing drifted pulses {stop_within_us / 1000:.1f} ms "
+                        f"after the breach at pulse {breach_pulse_no} (pulses "
+                        f"{[p['pulse_no'] for p in in_flight]}); STOP must take effect within "
+                        f"{STOP_WITHIN_US / 1000:g} ms"
+                    )
     if summary and summary.get("faults") != len(breaches):
         problems.append(
             f"the log's summary counts {summary.get('faults')} fault(s), "
@@ -123,4 +142,12 @@ def check_session(
     acks = [e for e in events if e.get("event") == _ACK_EVENT]
     if [a.get("reason") for a in acks] != [ACK_REASON]:
         problems.append(f"expected one acknowledgement with its reason, the log has {len(acks)}")
-    return SessionCheck(tuple(problems), logged, after, energy, breach_pulse_no)
+    return SessionCheck(
+        tuple(problems),
+        logged,
+        after,
+        energy,
+        breach_pulse_no,
+        in_flight=len(in_flight),
+        stop_within_us=stop_within_us,
+    )

@@ -100,6 +100,8 @@ class DemoResult:
             "summary": self.summary,
             "log_pulses": self.check.pulses if self.check else None,
             "pulses_after_breach": self.check.pulses_after_breach if self.check else None,
+            "pulses_in_flight_at_stop": self.check.in_flight if self.check else None,
+            "stop_within_us": self.check.stop_within_us if self.check else None,
             "energy_per_zone_uj": self.check.energy_per_zone_uj if self.check else None,
             "breach": self.breach,
             "verify": {

@@ -73,12 +73,20 @@ def closing_lines(result: DemoResult, *, dashboard_url: str | None) -> list[str]
             f"peak fluence {summary.get('peak_fluence_j_cm2', 0):.2f} J/cm²"
         )
     if result.breach:
-        lines.append(
-            f"breach: {result.breach.get('code')} at pulse {result.breach.get('pulse_no')} "
-            f"(acknowledged, treatment resumed)"
-            if result.ok
-            else f"breach: {result.breach.get('message', result.breach.get('code'))}"
-        )
+        if result.ok:
+            line = (
+                f"breach: {result.breach.get('code')} at pulse {result.breach.get('pulse_no')} "
+                f"(acknowledged, treatment resumed)"
+            )
+            check = result.check
+            if check is not None and check.in_flight and check.stop_within_us is not None:
+                line += (
+                    f"; {check.in_flight} pulse(s) already in flight when STOP was written, "
+                    f"the last {check.stop_within_us / 1000:.1f} ms after it, each recorded"
+                )
+        else:
+            line = f"breach: {result.breach.get('message', result.breach.get('code'))}"
+        lines.append(line)
     lines.append(f"session log: {result.log_path}")
     if result.report_path is not None:
         lines.append(f"report: {result.report_path}")

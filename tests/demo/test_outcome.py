@@ -28,6 +28,8 @@ def _good() -> tuple[dict[str, Any], ScriptRecord, VerifyReport]:
     ]
     pulses.append({"pulse_no": BREACH_AT, "energy_uj": round(SETPOINT * 1.3), "zone": "cheeks"})
     pulses += [{"pulse_no": n, "energy_uj": SETPOINT, "zone": "cheeks"} for n in range(22, 30)]
+    for p in pulses:
+        p["t_us"] = p["pulse_no"] * 40_000  # 25 Hz
     energy: dict[str, int] = {}
     for p in pulses:
         energy[p["zone"]] = energy.get(p["zone"], 0) + p["energy_uj"]
@@ -75,6 +77,15 @@ def test_the_session_as_scripted_passes() -> None:
     assert set(check.energy_per_zone_uj) == {"forehead", "cheeks"}
 
 
+def test_pulses_in_flight_when_stop_was_written_are_accepted_when_recorded() -> None:
+    doc, record, verified = _good()
+    _in_flight(doc, 21)  # one period (40 ms) after the breaching pulse
+    check = check_session(doc, record, verified, tolerance_pct=20)
+    assert check.ok, check.problems
+    assert check.in_flight == 1
+    assert check.stop_within_us == 40_000
+
+
 def _drop_pulse(doc: dict[str, Any], _record: ScriptRecord) -> None:
     del doc["pulses"][3]
 
@@ -90,8 +101,29 @@ def _two_breaches(doc: dict[str, Any], _record: ScriptRecord) -> None:
     )
 
 
+def _unrecorded_in_flight(doc: dict[str, Any], _record: ScriptRecord) -> None:
+    doc["pulses"][21]["energy_uj"] = round(SETPOINT * 1.3)  # drifted, after the breach
+
+
+def _in_flight(doc: dict[str, Any], pulse_index: int) -> None:
+    pulse = doc["pulses"][pulse_index]
+    drifted = round(SETPOINT * 1.3)
+    doc["summary"]["energy_per_zone_uj"][pulse["zone"]] += drifted - pulse["energy_uj"]
+    doc["summary"]["faults"] = 1  # a repeat is not another fault
+    pulse["energy_uj"] = drifted
+    doc["events"].insert(
+        2,
+        {
+            "event": "breach_repeat",
+            "detail": {"code": "energy_out_of_tolerance", "pulse_no": pulse["pulse_no"]},
+            "reason": None,
+        },
+    )
+
+
 def _late_stop(doc: dict[str, Any], _record: ScriptRecord) -> None:
-    doc["pulses"][21]["energy_uj"] = round(SETPOINT * 1.3)  # a drifted pulse after the breach
+    _in_flight(doc, 21)
+    _in_flight(doc, 22)  # 80 ms after the breaching pulse
 
 
 def _missed_first_drift(doc: dict[str, Any], _record: ScriptRecord) -> None:
@@ -120,7 +152,8 @@ def _faults_uncounted(doc: dict[str, Any], _record: ScriptRecord) -> None:
         (_drop_pulse, "counts 29 pulses, the log holds 28"),
         (_device_counted_more, "the device's pulse counter counts 30 pulses"),
         (_two_breaches, "expected one breach"),
-        (_late_stop, "fired 1 more drifted pulse(s) after the breach at pulse 21 before STOP"),
+        (_unrecorded_in_flight, "drifted pulse(s) [22] have no breach record"),
+        (_late_stop, "kept firing drifted pulses 80.0 ms after the breach at pulse 21"),
         (_missed_first_drift, "the breach stopped at pulse 21, the first drifted pulse is 20"),
         (_nothing_after, "no pulse was fired after the breach"),
         (_no_ack, "expected one acknowledgement"),
