@@ -6,6 +6,8 @@ as attributes so that the CLI, the control socket and telemetry can report them 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from protocols.errors import DevicectlError
 
 __all__ = [
@@ -28,14 +30,38 @@ class ConfigError(DevicectlError):
 
 
 class SafetyRefusal(DevicectlError):
-    """A safety limit forbids the request. Never retried."""
+    """A safety limit forbids the request. Never retried.
+
+    ``relation`` says how ``value`` stands to ``bound``: ``above`` (the default: a maximum was
+    exceeded), ``below`` (a minimum), ``reached`` (a budget is spent), ``not_offered`` (not one of
+    the allowed values) or ``state`` (no numbers to compare: ``detail`` says it all).
+    """
+
+    _WORDS: ClassVar[dict[str, str]] = {
+        "above": "exceeds the limit",
+        "below": "is below the minimum",
+        "reached": "has reached the limit",
+        "not_offered": "is not offered; the largest is",
+    }
 
     def __init__(
-        self, rule: str, value: float, bound: float, unit: str = "", detail: str = ""
+        self,
+        rule: str,
+        value: float,
+        bound: float,
+        unit: str = "",
+        detail: str = "",
+        *,
+        relation: str = "above",
     ) -> None:
         self.rule, self.value, self.bound, self.unit, self.detail = rule, value, bound, unit, detail
+        self.relation = relation
+        if relation == "state":
+            super().__init__(f"refused by {rule}: {detail}")
+            return
         sep = " " if unit else ""
-        text = f"refused by {rule}: {value:g}{sep}{unit} exceeds the limit {bound:g}{sep}{unit}"
+        words = self._WORDS[relation]
+        text = f"refused by {rule}: {value:g}{sep}{unit} {words} {bound:g}{sep}{unit}"
         super().__init__(f"{text} ({detail})" if detail else text)
 
 

@@ -278,25 +278,25 @@ def check_params(
     limits = compile_limits(ident, policy, skin_type, zone, params)
     p = params
     if p.energy_uj < 1:
-        raise SafetyRefusal("device_min_energy", p.energy_uj, 1, "µJ", "must be at least 1 µJ")
+        raise SafetyRefusal("device_min_energy", p.energy_uj, 1, "µJ", relation="below")
     if p.energy_uj > ident.max_energy_uj:
         raise SafetyRefusal("device_max_energy", p.energy_uj, ident.max_energy_uj, "µJ")
     if p.width_us < ident.min_width_us:
         raise SafetyRefusal(
             "device_min_width", p.width_us, ident.min_width_us, "µs",
-            f"the device needs at least {ident.min_width_us} µs",
+            f"the device needs at least {ident.min_width_us} µs", relation="below",
         )  # fmt: skip
     if p.width_us > ident.max_width_us:
         raise SafetyRefusal("device_max_width", p.width_us, ident.max_width_us, "µs")
     if p.rate_mhz < 1:
-        raise SafetyRefusal("device_min_rate", p.rate_mhz / 1000, 0.001, "Hz", "must be positive")
+        raise SafetyRefusal("device_min_rate", p.rate_mhz / 1000, 0.001, "Hz", relation="below")
     if p.rate_mhz > ident.max_rate_mhz:
         raise SafetyRefusal("device_max_rate", p.rate_mhz / 1000, ident.max_rate_mhz / 1000, "Hz")
     if p.spot_um not in ident.spots_um:
         offered = ", ".join(str(s) for s in ident.spots_um)
         raise SafetyRefusal(
             "device_spot", p.spot_um, max(ident.spots_um, default=0), "µm",
-            f"the handpiece offers spots of {offered} µm only",
+            f"the handpiece offers spots of {offered} µm only", relation="not_offered",
         )  # fmt: skip
     if p.width_us >= p.period_us:
         raise SafetyRefusal(
@@ -669,11 +669,12 @@ class SafetySupervisor:
             raise SafetyRefusal(
                 "breach_latched", 1, 0, "",
                 f"{latched.message} — acknowledge it with a reason first "
-                "(devicectl fault ack --reason TEXT)",
+                "(devicectl fault ack --reason TEXT)", relation="state",
             )  # fmt: skip
         if not self._configured or self._zone is None:
             raise SafetyRefusal(
-                "not_configured", 0, 1, "", "choose a zone and set parameters before arming"
+                "not_configured", 0, 1, "", "choose a zone and set parameters before arming",
+                relation="state",
             )
         zone_limit_j = (
             self._zone_max_uj / 1e6 if self._limits is None else self._limits.zone_energy_j
@@ -682,12 +683,13 @@ class SafetySupervisor:
             raise SafetyRefusal(
                 "zone_energy", self._zone_uj / 1e6, zone_limit_j, "J",
                 f"zone {self._zone.value} has received its energy for this session",
+                relation="reached",
             )  # fmt: skip
         session_limit_j = self._session.session_energy_j
         if self._session_uj >= session_limit_j * 1e6:
             raise SafetyRefusal(
                 "session_energy", self._session_uj / 1e6, session_limit_j, "J",
-                "the session has delivered its energy",
+                "the session has delivered its energy", relation="reached",
             )  # fmt: skip
 
     def arm(self) -> None:
