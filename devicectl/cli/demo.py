@@ -227,5 +227,8 @@ def demo(
     # Long paths stay on one line when the output is a file or a pipe (scripts grep them).
     console = Console(soft_wrap=True)
     with configure_demo_logging(directory / "demo.log") as log:
-        code = asyncio.run(_run(options, keep_running, console, log))
+        try:
+            code = asyncio.run(_run(options, keep_running, console, log))
+        except KeyboardInterrupt:  # before or after the demo's own handlers were in place
+            raise _fail("interrupted; everything was shut down", ExitCode.REFUSED) from None
     raise typer.Exit(code)
