@@ -83,7 +83,8 @@ def snapshot(status: dict[str, Any]) -> dict[str, Any]:
 
 
 async def test_random_requests_get_an_error_and_change_nothing(driver: Driver) -> None:
-    await driver.ok(**SESSION)
+    started = await driver.raw((json.dumps(SESSION) + "\n").encode())
+    assert started["ok"], started
     await driver.ok("session_zone", zone="forehead")
     rng = random.Random(SEED)
     accepted = 0
@@ -115,7 +116,8 @@ async def test_an_oversized_request_is_refused_and_the_daemon_still_answers(
 
 
 async def test_a_checklist_with_a_wrong_type_is_named(driver: Driver) -> None:
-    reply = await driver.call(**(SESSION | {"checklist": CHECKLIST | {"pregnancy": "maybe"}}))
+    request = SESSION | {"checklist": CHECKLIST | {"pregnancy": "maybe"}}
+    reply = await driver.raw((json.dumps(request) + "\n").encode())
     assert reply["ok"] is False
     assert reply["kind"] == "usage"
     assert "checklist.pregnancy" in reply["error"]

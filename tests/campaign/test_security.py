@@ -1,0 +1,145 @@
+"""Security: who may drive the laser, and what never reaches a log.
+
+- The control socket is created 0660: only its owner and group may connect; a peer without
+  permission is refused by the kernel before a byte reaches the daemon (tested by connecting as
+  another uid, which needs root: CI runs as root; elsewhere the test skips with the reason).
+- No secret ever appears in a log line: the daemon is run as a process with an MQTT password in
+  the broker URL and another in the environment, through a broker outage (connection errors are
+  logged) and a session, and its whole log is searched for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from benchmarks.faults import Campaign
+from devicectl.config import load_settings
+from devicectl.daemon import Daemon
+from tests.conftest import IN_CI, require_tool
+from tests.daemon.conftest import TEST_POLICY
+
+NOBODY = 65534
+URL_SECRET = "url-Secret-7f3a9c"
+ENV_SECRET = "env-Secret-b81d2e"
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory any user may traverse, so a refusal can only come from the socket's mode."""
+    path = Path(tempfile.mkdtemp(prefix="devicectl-sec-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        for child in sorted(path.rglob("*"), reverse=True):
+            child.unlink() if not child.is_dir() else child.rmdir()
+        path.rmdir()
+
+
+def _probe(sock: Path, *, uid: int, gid: int) -> str:
+    """Connect to ``sock`` from a forked child running as ``uid``:``gid`` (no other groups)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop privileges, try, report through the pipe, never return
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as peer:
+                try:
+                    peer.connect(str(sock))
+                except PermissionError:
+                    answer = b"refused"
+                else:
+                    peer.sendall(b'{"command": "status"}\n')
+                    answer = b"connected " + peer.makefile("rb").readline()[:40]
+            os.write(write_end, answer)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        reply = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, reply
+    return reply
+
+
+async def test_the_control_socket_is_0660_and_refuses_peers_without_permission(
+    open_dir: Path,
+) -> None:
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("CI must run as root to test a peer under another uid")
+        pytest.skip("needs root to connect as another uid (CI runs as root)")
+    policy = open_dir / "policy.toml"
+    policy.write_text(TEST_POLICY)
+    settings = load_settings(
+        None,
+        port="sim",
+        data_dir=open_dir / "data",
+        control=open_dir / "ctl.sock",
+        policy=policy,
+    )
+    async with Daemon(settings) as daemon:
+        sock = Path(daemon.settings.control)
+        info = os.stat(sock)
+        assert stat.S_ISSOCK(info.st_mode)
+        assert stat.S_IMODE(info.st_mode) == 0o660, oct(info.st_mode)
+        assert info.st_uid == os.geteuid()
+        # Another uid in no group of the socket: refused by the kernel.
+        result = await _run(sock, uid=NOBODY, gid=NOBODY)
+        assert result == "refused", result
+        # The same uid given the socket's group may drive the laser: the mode is what decides.
+        os.chown(sock, -1, NOBODY)
+        result = await _run(sock, uid=NOBODY, gid=NOBODY)
+        assert result.startswith("connected"), result
+        assert '"ok": true' in result
+
+
+async def _run(sock: Path, *, uid: int, gid: int) -> str:
+    return await asyncio.to_thread(_probe, sock, uid=uid, gid=gid)
+
+
+def test_no_secret_appears_in_any_log_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    require_tool("mosquitto")
+    rig = Campaign(tmp_path)
+    url = rig.broker.url.replace("mqtt://", f"mqtt://campaign:{URL_SECRET}@")
+    rig.config.write_text(
+        rig.config.read_text().replace(f'url = "{rig.broker.url}"', f'url = "{url}"')
+    )
+    try:
+        rig.start_sim()
+        # The broker is down at first: the daemon logs its failed connections.
+        rig.start_daemon()
+        rig.open_session()
+        rig.emit(0.3)
+        rig.broker.start()
+        rig.start_recorder()
+        rig.wind_down([])
+        assert rig.stop_daemon(signal.SIGTERM) == 0
+        # The password from the environment instead, with a user name from the config.
+        rig.config.write_text(
+            rig.config.read_text().replace(url, rig.broker.url) + 'username = "campaign"\n'
+        )
+        monkeypatch.setenv("DEVICECTL_MQTT__PASSWORD", ENV_SECRET)
+        rig.broker.stop()
+        rig.start_daemon()
+        rig.broker.start()
+        assert rig.stop_daemon(signal.SIGTERM) == 0
+    finally:
+        rig.close()
+    log = rig.daemon_log.read_text()
+    assert "mqtt_connected" in log or "connected" in log, log[-2000:]
+    leaks = [line for line in log.splitlines() if URL_SECRET in line or ENV_SECRET in line]
+    assert not leaks, "\n".join(leaks[:5])
