@@ -181,6 +181,7 @@ class Telemetry:
         self._helpers = (
             self._tasks.create_task(self._batch_pulses(), name="telemetry-pulses"),
             self._tasks.create_task(self._repeat_session(), name="telemetry-session-repeat"),
+            self._tasks.create_task(self._checkpoint(), name="telemetry-checkpoint"),
         )
         return self
 
@@ -478,6 +479,17 @@ class Telemetry:
                     self._send_session_summary(summary)
                 except Exception as exc:  # noqa: BLE001 - a repeat is not worth a crash
                     self._log.error("telemetry_session_repeat_failed", error=repr(exc))
+
+    async def _checkpoint(self) -> None:
+        """Fold the outbox's WAL into its database off the event loop (it fsyncs)."""
+        assert self._outbox is not None
+        outbox = self._outbox
+        while True:
+            await asyncio.sleep(5.0)
+            try:
+                await asyncio.to_thread(outbox.checkpoint)
+            except Exception as exc:  # noqa: BLE001 - retried in 5 s; the WAL just grows
+                self._log.warning("telemetry_outbox_checkpoint_failed", error=repr(exc))
 
     @property
     def _broker_name(self) -> str:

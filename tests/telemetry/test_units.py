@@ -287,3 +287,29 @@ def test_outbox_bound_never_drops_alerts_or_events_and_keeps_order(
         assert "state" in kept  # the newest state is never superseded by nothing
     over = sum(len(r.payload) for r in rows) > 4096
     assert not over or set(kept) <= {"alerts", "session-events", "state"}
+
+
+def test_checkpoint_folds_the_wal_into_the_database_file(tmp_path: Path) -> None:
+    import shutil
+    import sqlite3
+
+    outbox = Outbox(tmp_path / "o.sqlite")
+    outbox.start_boot()
+    for _ in range(50):
+        outbox.enqueue("b/alerts", "alerts", _alert)
+    shutil.copy(tmp_path / "o.sqlite", tmp_path / "before.sqlite")  # the main file alone
+    outbox.checkpoint()
+    shutil.copy(tmp_path / "o.sqlite", tmp_path / "after.sqlite")
+    outbox.close()
+
+    def rows(name: str) -> int:
+        db = sqlite3.connect(tmp_path / name)
+        try:
+            return int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0  # not even the table reached the main file yet
+        finally:
+            db.close()
+
+    assert rows("before.sqlite") == 0  # everything was still only in the WAL
+    assert rows("after.sqlite") == 50
