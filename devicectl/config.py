@@ -22,6 +22,7 @@ in the same environment without ``--control``. See ``examples/devicectl.toml``.
 
 from __future__ import annotations
 
+import grp
 import os
 import re
 import tomllib
@@ -70,6 +71,7 @@ _ALLOWED: dict[str, str] = {
     "log_level": "one of debug, info, warning, error, critical",
     "log_json": "true, false, or auto (JSON unless stderr is a terminal)",
     "sim_max_rate_hz": "a number from 1 to 100000 (Hz)",
+    "control_group": "the name of an existing group",
     "mqtt.outbox_max_bytes": "an integer from 65536 to 2**40 (bytes)",
     "mqtt.url": "mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (also ws://, wss://)",
 }
@@ -196,6 +198,11 @@ class Settings(BaseSettings):
             data.get("data_dir") or default_data_dir(os.environ, os.geteuid()),
         )
     )
+    control_group: str | None = Field(
+        default=None,
+        description="only members of this group (and root, and the daemon's user) may use the "
+        "control socket; checked per connection with SO_PEERCRED",
+    )
     policy: Path | None = Field(default=None, description="default: the packaged policy")
     status_period_ms: int = Field(default=100, ge=10, le=10000)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
@@ -243,6 +250,17 @@ class Settings(BaseSettings):
                         raise _Refused("port", value, "socket://HOST:PORT with a port 1-65535")
                 return value
         raise _Refused("port", value, _ALLOWED["port"])
+
+    @field_validator("control_group")
+    @classmethod
+    def _group(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            grp.getgrnam(value)
+        except KeyError:
+            raise _Refused("control_group", value, _ALLOWED["control_group"]) from None
+        return value
 
     @field_validator("log_json", mode="before")
     @classmethod

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import json
 import os
 import socket
 import stat
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
@@ -181,17 +183,28 @@ def parse_request(line: bytes) -> Any:
 
 
 class ControlServer:
-    """Serves the control socket; each request is handed to ``handler`` and answered."""
+    """Serves the control socket; each request is handed to ``handler`` and answered.
 
-    def __init__(self, path: Path, handler: Handler, *, log: Any = None) -> None:
+    Who may drive the laser: the socket is created 0660 and owned by the daemon's user, which is
+    checked after creation, in a directory nobody else may replace it in. With ``group`` set, the
+    socket belongs to that group and every connection's peer (SO_PEERCRED) must be root, the
+    daemon's own user, or a member of the group; anyone else is refused and the refusal audited.
+    """
+
+    def __init__(
+        self, path: Path, handler: Handler, *, group: str | None = None, log: Any = None
+    ) -> None:
         self.path = path
         self._handler = handler
+        self._gid = grp.getgrnam(group).gr_gid if group is not None else None
+        self.refused_peers = 0
         self._log = log or structlog.get_logger("devicectl.control")
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> ControlServer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _check_directory(self.path.parent)
         if self.path.exists() or self.path.is_symlink():
             if not stat.S_ISSOCK(self.path.lstat().st_mode):
                 raise DevicectlError(f"control socket path {self.path} exists and is not a socket")
@@ -205,8 +218,13 @@ class ControlServer:
             )
         finally:
             os.umask(old_umask)
+        if self._gid is not None:
+            os.chown(self.path, -1, self._gid)
         os.chmod(self.path, SOCKET_MODE)
-        self._log.info("control_listening", path=str(self.path), mode=oct(SOCKET_MODE))
+        _check_socket(self.path, self._gid)
+        self._log.info(
+            "control_listening", path=str(self.path), mode=oct(SOCKET_MODE), gid=self._gid
+        )
         return self
 
     async def __aexit__(
@@ -231,6 +249,11 @@ class ControlServer:
         assert task is not None
         self._clients.add(task)
         try:
+            refusal = self._refuse_peer(writer)
+            if refusal is not None:
+                writer.write(_reply_error("refused", refusal))
+                await writer.drain()
+                return
             while True:
                 try:
                     line = await reader.readline()
@@ -251,6 +274,20 @@ class ControlServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    def _refuse_peer(self, writer: asyncio.StreamWriter) -> str | None:
+        """Why this connection's peer may not use the socket, or None when it may."""
+        if self._gid is None:
+            return None  # the file's mode and owner decide who can connect at all
+        sock = writer.get_extra_info("socket")
+        pid, uid, gid = struct.unpack(
+            "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        )
+        if uid in (0, os.geteuid()) or gid == self._gid or self._gid in _groups_of(pid):
+            return None
+        self.refused_peers += 1
+        self._log.warning("control_peer_refused", pid=pid, uid=uid, gid=gid, group=self._gid)
+        return f"permission denied: uid {uid} is not in the control group (gid {self._gid})"
 
     async def _answer(self, line: bytes) -> bytes:
         try:
@@ -278,6 +315,42 @@ def _facts_of(exc: DevicectlError) -> dict[str, Any]:
 def _reply_error(kind: str, message: str, **facts: Any) -> bytes:
     body = {"ok": False, "kind": kind, "error": message, **facts}
     return (json.dumps(body, default=str) + "\n").encode()
+
+
+def _check_directory(directory: Path) -> None:
+    """Refuse a directory where another user could replace the socket with their own."""
+    info = directory.stat()
+    if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
+        raise DevicectlError(
+            f"control socket directory {directory} is world-writable without the sticky bit: "
+            "anyone could replace the socket; choose another --control path"
+        )
+
+
+def _check_socket(path: Path, gid: int | None) -> None:
+    info = path.lstat()
+    mode = stat.S_IMODE(info.st_mode)
+    if (
+        info.st_uid != os.geteuid()
+        or mode != SOCKET_MODE
+        or (gid is not None and info.st_gid != gid)
+    ):
+        raise DevicectlError(
+            f"control socket {path} has owner {info.st_uid}:{info.st_gid} and mode {mode:o}, "
+            f"not {os.geteuid()}:{gid if gid is not None else info.st_gid} and 660"
+        )
+
+
+def _groups_of(pid: int) -> set[int]:
+    """The supplementary groups of process ``pid`` (SO_PEERCRED gives only the primary one)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return set()
+    for line in status.splitlines():
+        if line.startswith("Groups:"):
+            return {int(g) for g in line.split()[1:]}
+    return set()
 
 
 def _socket_alive(path: Path) -> bool:

@@ -211,7 +211,9 @@ class Daemon:
         stack.push_async_callback(self._make_safe)
 
         await stack.enter_async_context(
-            ControlServer(Path(settings.control), self.handle, log=self._log)
+            ControlServer(
+                Path(settings.control), self.handle, group=settings.control_group, log=self._log
+            )
         )
         tasks = await stack.enter_async_context(asyncio.TaskGroup())
         own = [tasks.create_task(self._periodic(), name="daemon-periodic")]
