@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rich.console import Group, RenderableType
+from rich.console import RenderableType
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -101,7 +101,3 @@ def closing_lines(result: DemoResult, *, dashboard_url: str | None) -> list[str]
     if dashboard_url:
         lines.append(f"dashboard: {dashboard_url}")
     return lines
-
-
-def summary_group(result: DemoResult, *, dashboard_url: str | None) -> RenderableType:
-    return Group(*(Text(line) for line in closing_lines(result, dashboard_url=dashboard_url)))
