@@ -148,6 +148,17 @@ def test_ctrl_c_midway_exits_promptly_and_leaves_nothing_behind(tmp_path: Path) 
     assert _refused(_line(output, "MQTT broker").split()[0])
     assert verify_log(data / "sessions.db").ok
     assert not list(data.glob(".*.partial"))
+    with sqlite3.connect(f"file:{data / 'sessions.db'}?mode=ro", uri=True) as conn:
+        events = [
+            json.loads(body)["event"]
+            for (body,) in conn.execute(
+                "SELECT body FROM records WHERE kind = 'event' ORDER BY seq"
+            )
+        ]
+    # Emission was stopped after the last arming, and the daemon shut down in order.
+    last_armed = len(events) - 1 - events[::-1].index("armed")
+    assert "stop" in events[last_armed:]
+    assert events[-1] == "daemon_stopped"
 
 
 @pytest.mark.parametrize(
