@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from devicectl.control import call_daemon
+from devicectl.control import ControlError, call_daemon
 from tests.daemon.conftest import CHECKLIST, TEST_POLICY
 
 DEVICECTL = [sys.executable, "-c", "from devicectl.cli import main; main()"]
@@ -64,12 +65,22 @@ class Rig:
         self.port = self.sim.stdout.readline().strip()
         assert self.port.startswith("/dev/pts/"), self.port
 
-    def start_daemon(self) -> None:
+    def start_daemon(self, file_size_limit: int | None = None) -> None:
         args = ["run", "--config", str(self.config), "--port", self.port]
         args += ["--data-dir", str(self.data), "--control", str(self.control)]
+
+        def limit_file_size() -> None:  # a full disk, as a process limit: writes fail EFBIG
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            if file_size_limit is not None:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
         with (self.tmp / "daemon.log").open("a") as log:
             self.daemon = subprocess.Popen(
-                [*DEVICECTL, *args], stdout=subprocess.DEVNULL, stderr=log, text=True
+                [*DEVICECTL, *args],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                text=True,
+                preexec_fn=limit_file_size,  # noqa: PLW1509 - no threads in the test process fork
             )
         _wait(lambda: self._connected(), what="daemon connected to the simulator")
 
@@ -201,3 +212,31 @@ def test_cli_exit_codes(rig: Rig) -> None:
     assert too_much.returncode == 1
     assert "max_fluence_skin_type_III" in too_much.stderr
     assert os.path.exists(rig.control)
+
+
+def test_a_full_disk_stops_emission_and_refuses_arming(rig: Rig) -> None:
+    # Enough for the schema and a session start; the pulses then fill it within seconds.
+    rig.start_daemon(file_size_limit=160 * 1024)
+    rig.call(
+        "session_start", operator="OP-7", patient_ref="PT-0042", skin_type="III",
+        concerns=["fine_lines"], preset="fine_lines", checklist=CHECKLIST,
+    )  # fmt: skip
+    rig.call("session_zone", zone="forehead")
+    rig.call("params_set", rate_hz=200)
+    rig.call("arm")
+    rig.sim_command("footswitch", "down")
+    _wait(lambda: not rig.call("status")["log_ok"], timeout=60, what="the log to fill up")
+    status = rig.call("status")
+    assert status["armed"] is False
+    assert status["state"] == "standby"
+    count = rig.sim_status()["pulse_count"]
+    time.sleep(0.3)
+    assert rig.sim_status()["pulse_count"] == count  # emission stopped
+    try:
+        rig.call("arm")
+    except ControlError as exc:
+        refusal = str(exc)
+    else:
+        raise AssertionError("arming was accepted with the log unavailable")
+    assert "session log" in refusal
+    assert "\n" not in refusal
