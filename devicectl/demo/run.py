@@ -16,13 +16,14 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TextIO
+from typing import TYPE_CHECKING, Any, Self, TextIO
 
 import structlog
 from structlog.typing import FilteringBoundLogger
@@ -43,6 +44,9 @@ from devicectl.demo.script import (
 from devicectl.errors import DevicectlError
 from devicectl.logs import redact
 from devicectl.policy import Concern
+
+if TYPE_CHECKING:  # the daemon is imported when the stack starts, not when the CLI loads
+    from devicectl.daemon import Daemon
 
 __all__ = [
     "DemoOptions",
@@ -193,7 +197,7 @@ class InProcessControls:
     """The script's way to the daemon (its control API, requests validated as on the socket) and
     to the simulator (its control socket)."""
 
-    def __init__(self, daemon: Any) -> None:
+    def __init__(self, daemon: Daemon) -> None:
         self._daemon = daemon
 
     async def request(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -234,7 +238,7 @@ class DemoStack:
         self.mqtt_url: str | None = options.mqtt_url
         self.dashboard_url: str | None = None
         self.control: Path | None = None
-        self.daemon: Any = None
+        self.daemon: Daemon | None = None
 
     async def __aenter__(self) -> Self:
         try:
@@ -291,11 +295,16 @@ class DemoStack:
             control=str(self.control),
         )
 
+    def _running(self) -> Daemon:
+        if self.daemon is None:
+            raise DemoError("the demo's daemon is not running")
+        return self.daemon
+
     async def play(
         self, on_progress: Callable[[DemoProgress], None] = lambda _p: None
     ) -> DemoResult:
         """Play the scripted session; a DemoResult whatever happens, except cancellation."""
-        daemon = self.daemon
+        daemon = self._running()
         preset = daemon.policy.presets[Concern(DEMO_CONCERN)]
         params = demo_params(self.options.speed_hz, preset, daemon.policy)
         script = TreatmentScript(
@@ -315,14 +324,13 @@ class DemoStack:
         return await self._conclude(record, None)
 
     async def _conclude(self, record: ScriptRecord, failure: str | None) -> DemoResult:
-        from devicectl.sessionlog import store
-        from devicectl.sessionlog.export import SessionNotFound, session_document
         from devicectl.sessionlog.verify import verify_log
 
-        daemon = self.daemon
-        with contextlib.suppress(DevicectlError, TimeoutError):
-            async with asyncio.timeout(2.0):
-                await daemon.sessionlog.flush_async()
+        daemon = self._running()
+        if daemon.sessionlog is not None:
+            with contextlib.suppress(DevicectlError, TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await daemon.sessionlog.flush_async()
         base = DemoResult(failure, self.data_dir, self.log_path, breach=record.breach)
         if record.session_id is None:
             return base
@@ -330,15 +338,19 @@ class DemoStack:
         try:
             verified = await asyncio.to_thread(verify_log, self.log_path)
         except DevicectlError as exc:
-            return _replace(base, reason=failure or str(exc), session_id=session_id)
+            return replace(base, reason=failure or str(exc), session_id=session_id)
         brk = verified.first_break
         report_path = self.data_dir / f"session-{session_id}.html"
         try:
             doc, written = await asyncio.to_thread(
-                _read_and_export, store, session_document, self.log_path, session_id, report_path
+                _read_and_export, self.log_path, session_id, report_path
             )
-        except (DevicectlError, SessionNotFound, OSError) as exc:
-            return _replace(base, reason=failure or f"cannot read or export session: {exc}")
+        except (DevicectlError, OSError, sqlite3.Error) as exc:
+            return replace(
+                base,
+                reason=failure or f"cannot read or export session {session_id}: {exc}",
+                session_id=session_id,
+            )
         check = check_session(
             doc, record, verified, tolerance_pct=daemon.policy.energy_tolerance_pct
         )
@@ -364,17 +376,11 @@ class DemoStack:
         return result
 
 
-def _replace(base: DemoResult, **changes: Any) -> DemoResult:
-    from dataclasses import replace
-
-    return replace(base, **changes)
-
-
-def _read_and_export(
-    store: Any, session_document: Any, db: Path, session_id: int, report_path: Path
-) -> tuple[dict[str, Any], bool]:
+def _read_and_export(db: Path, session_id: int, report_path: Path) -> tuple[dict[str, Any], bool]:
     """The session's full record, and the HTML report written beside the log (atomically, so
     an interrupted export never leaves half a report)."""
+    from devicectl.sessionlog import store
+    from devicectl.sessionlog.export import session_document
     from devicectl.sessionlog.report import render_report
 
     conn = store.connect(db, readonly=True)
