@@ -649,7 +649,13 @@ class Telemetry:
                     if queued:
                         cursor = queued[-1].id
                 sent = 0
-                while queued and len(awaiting) < window:
+                # refill only once half the window is free: publishes then leave in bursts, one
+                # loop wake-up and one socket write for several, instead of one each
+                if len(awaiting) > window // 2:
+                    room = 0
+                else:
+                    room = window - len(awaiting)
+                while queued and sent < room:
                     row = queued.popleft()
                     payload = row.payload
                     if row.boot != self._boot or row.id <= self._historical_upto:
@@ -692,7 +698,8 @@ class Telemetry:
         else:
             self._counts["published"] += 1
         self._outbox.ack(row_id)
-        self._wakeup.set()
+        if len(awaiting) <= self._config.in_flight // 2:
+            self._wakeup.set()  # the sender refills once half the window is free
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
