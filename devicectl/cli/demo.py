@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.live import Live
+from structlog.typing import FilteringBoundLogger
 
 from devicectl.cli.app import ExitCode, app
 from devicectl.demo.run import (
@@ -114,14 +115,16 @@ class _LiveProgress:
             )
 
 
-async def _run(options: DemoOptions, keep_running: bool, console: Console, log: object) -> int:
+async def _run(
+    options: DemoOptions, keep_running: bool, console: Console, log: FilteringBoundLogger
+) -> int:
     loop = asyncio.get_running_loop()
     interrupt = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, interrupt.set)
     result: DemoResult | None = None
     try:
-        async with DemoStack(options, log=log) as stack:  # type: ignore[arg-type]
+        async with DemoStack(options, log=log) as stack:
             console.print(f"data directory: {stack.data_dir}", highlight=False)
             embedded = " (embedded amqtt broker)" if options.mqtt_url is None else ""
             console.print(f"MQTT broker: {stack.mqtt_url}{embedded}", highlight=False)
@@ -142,8 +145,11 @@ async def _run(options: DemoOptions, keep_running: bool, console: Console, log: 
                         highlight=False,
                     )
                     await interrupt.wait()
-            console.print("shutting down: laser made safe, log flushed", highlight=False)
-    except DevicectlError as exc:
+            console.print("shutting down ...", highlight=False)
+        console.print(
+            "stopped: laser made safe, log flushed, broker and dashboard closed", highlight=False
+        )
+    except (DevicectlError, OSError) as exc:
         typer.echo(f"devicectl demo: {exc}", err=True)
         return int(ExitCode.REFUSED)
     finally:

@@ -142,7 +142,7 @@ def test_ctrl_c_midway_exits_promptly_and_leaves_nothing_behind(tmp_path: Path) 
     assert "interrupted" in err
     assert len(err.strip().splitlines()) == 1, err
     assert took < 10, f"took {took:.1f} s to stop"
-    assert "laser made safe" in rest
+    assert "stopped: laser made safe" in rest
     assert not list(data.glob("*.sock"))
     assert _refused(_line(output, "dashboard"))
     assert _refused(_line(output, "MQTT broker").split()[0])
