@@ -651,10 +651,7 @@ class Telemetry:
                 sent = 0
                 # refill only once half the window is free: publishes then leave in bursts, one
                 # loop wake-up and one socket write for several, instead of one each
-                if len(awaiting) > window // 2:
-                    room = 0
-                else:
-                    room = window - len(awaiting)
+                room = 0 if len(awaiting) > window // 2 else window - len(awaiting)
                 while queued and sent < room:
                     row = queued.popleft()
                     payload = row.payload
