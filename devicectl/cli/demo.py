@@ -216,7 +216,8 @@ def demo(
         typer.Option(
             "--data-dir",
             metavar="DIR",
-            help="Where the log, report and demo.log go [default: ./devicectl-demo/<timestamp>].",
+            help="Where the log, the report and demo.log go (a fresh directory).",
+            show_default="./devicectl-demo/<timestamp>",
         ),
     ] = None,
 ) -> None:
