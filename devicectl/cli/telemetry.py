@@ -7,14 +7,13 @@ import contextlib
 from pathlib import Path
 from typing import Annotated
 
-import aiomqtt
 import typer
 
 from devicectl.cli.app import ExitCode, app
 from devicectl.errors import ConfigError
-from devicectl.telemetry.config import parse_broker_url, tls_context_for
-from devicectl.telemetry.watch import watch as watch_fleet
-from protocols.mqtt import DEFAULT_PREFIX, dumps_schema, json_schemas
+from protocols.mqtt import DEFAULT_PREFIX
+
+# The MQTT client loads when a command runs, not when `devicectl` starts.
 
 __all__ = ["schema", "watch"]
 
@@ -26,7 +25,12 @@ def schema(
         typer.Option("--out", help="Write one <topic>.schema.json per topic into this directory."),
     ] = None,
 ) -> None:
-    """Export the JSON Schema of every MQTT telemetry payload (DESIGN.md section 6)."""
+    """Export the JSON Schema of every MQTT telemetry payload (DESIGN.md section 6).
+
+    Example: devicectl schema --out ./schemas
+    """
+    from protocols.mqtt import dumps_schema, json_schemas
+
     schemas = json_schemas()
     if out is None:
         for name, body in schemas.items():
@@ -53,7 +57,15 @@ def watch(
         Path | None, typer.Option("--ca", help="CA file for mqtts:// (else DEVICECTL_MQTT_CA).")
     ] = None,
 ) -> None:
-    """Live view of every device on the broker: availability, state, session, pulses, alerts."""
+    """Live view of every device on the broker: availability, state, session, pulses, alerts.
+
+    Example: devicectl watch --mqtt mqtt://127.0.0.1:1883
+    """
+    import aiomqtt
+
+    from devicectl.telemetry.config import parse_broker_url, tls_context_for
+    from devicectl.telemetry.watch import watch as watch_fleet
+
     try:
         address = parse_broker_url(mqtt)
         tls = tls_context_for(mqtt, ca)
