@@ -524,6 +524,8 @@ class Campaign:
             return
         with contextlib.suppress(RuntimeError, OSError):
             self.call("stop")
+        if self.status().get("session") is None:
+            return  # a restarted daemon closed it as interrupted (reconciled with the board)
         if self.status().get("breach_latched"):
             with contextlib.suppress(RuntimeError, OSError):
                 self.call("fault_ack", operator=OPERATOR, reason="campaign: injected fault")
