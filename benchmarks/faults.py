@@ -55,6 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from devicectl.sessionlog import verify_log  # noqa: E402
 from tests.brokers import Broker, free_port  # noqa: E402
 from tests.daemon.conftest import CHECKLIST, TEST_POLICY  # noqa: E402
 from tests.telemetry.helpers import Recorder  # noqa: E402
@@ -108,6 +109,7 @@ class Row:
     tele_pending: int = 0
     safe_s: float | None = None
     unsafe: int = 0
+    chain_ok: bool = True  # `devicectl log verify` passes after the row
     notes: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -125,7 +127,13 @@ class Row:
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.pulses_ok and self.telemetry_ok and self.unsafe == 0
+        return (
+            self.error is None
+            and self.pulses_ok
+            and self.telemetry_ok
+            and self.unsafe == 0
+            and self.chain_ok
+        )
 
     def line(self) -> str:
         safe = "-" if self.safe_s is None else f"{self.safe_s:.3f}"
@@ -584,6 +592,10 @@ class Campaign:
         extra = set(accounted) - fired
         if extra:
             row.notes.append(f"{len(extra)} logged pulse_no the board never fired")
+        report = verify_log(self.data / "sessions.db")
+        row.chain_ok = report.ok
+        if not report.ok:
+            row.notes.append(f"log verify: {report.first_break}")
         row.unsafe += uncommanded
         if uncommanded:
             row.notes.append(f"{uncommanded} uncommanded emission(s) in the log")

@@ -81,6 +81,7 @@ class SoakResult:
                 f"  QoS 1 messages  expected {row.tele_expected}, delivered {row.tele_delivered},"
                 f" pending {row.tele_pending}",
                 f"  unsafe pulses   {row.unsafe}",
+                f"  log verify      {'ok' if row.chain_ok else 'BROKEN'}",
                 f"  notes           {'; '.join(row.notes) or '-'}",
                 f"  error           {row.error or '-'}",
                 f"  verdict         {'ok' if self.ok else 'FAIL'}",

@@ -47,6 +47,7 @@ def test_row_loses_nothing_and_fires_nothing_unsafe(campaign: dict[str, Row], na
     assert row.tele_delivered == row.tele_expected, row.line()
     assert row.tele_pending == 0, row.line()
     assert row.unsafe == 0, row.line()
+    assert row.chain_ok, row.line()  # the log still verifies after the fault
 
 
 def test_faults_that_must_stop_the_laser_stopped_it(campaign: dict[str, Row]) -> None:

@@ -29,4 +29,5 @@ def test_soak_60_s_at_2000_pulses_per_s(tmp_path: Path) -> None:
     assert row.unaccounted == 0 and row.double_counted == 0, report
     assert row.tele_expected == row.tele_delivered and row.tele_pending == 0, report
     assert row.unsafe == 0, report
+    assert row.chain_ok, report
     assert result.rss_start_kib > 0 and result.rss_growth_kib <= RSS_GROWTH_LIMIT_KIB, report
