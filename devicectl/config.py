@@ -73,6 +73,7 @@ _ALLOWED: dict[str, str] = {
     "sim_max_rate_hz": "a number from 1 to 100000 (Hz)",
     "control_group": "the name of an existing group",
     "mqtt.outbox_max_bytes": "an integer from 65536 to 2**40 (bytes)",
+    "mqtt.protocol": "auto (MQTT 5, else 3.1.1), 5, or 3.1.1",
     "mqtt.url": "mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (also ws://, wss://)",
 }
 _PYSERIAL_SCHEMES = frozenset({"socket", "rfc2217", "loop", "spy", "hwgrep", "alt", "cp2110"})
@@ -133,6 +134,7 @@ class MqttSettings(BaseModel):
     username: str | None = None
     password: SecretStr | None = None
     outbox_max_bytes: int = Field(default=64 * 1024 * 1024, ge=65536, le=2**40)
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
 
     @field_validator("url")
     @classmethod

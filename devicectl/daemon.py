@@ -319,6 +319,7 @@ class Daemon:
             username=mqtt.username,
             password=mqtt.password,
             outbox_max_bytes=mqtt.outbox_max_bytes,
+            protocol=mqtt.protocol,
             flush_timeout_s=0.6,
         )
         async with Telemetry(

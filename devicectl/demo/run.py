@@ -259,7 +259,12 @@ class DemoStack:
     async def _start(self) -> None:
         from devicectl.config import load_settings
         from devicectl.daemon import Daemon
-        from devicectl.dashboard import Dashboard, DashboardConfig, DashboardServer
+        from devicectl.dashboard import (
+            Dashboard,
+            DashboardConfig,
+            DashboardServer,
+            load_display_limits,
+        )
 
         stack = self._stack
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -271,18 +276,27 @@ class DemoStack:
             sockets = Path(tempfile.mkdtemp(prefix="devicectl-demo-"))
             stack.callback(_remove_dir, sockets)
         self.control = sockets / "control.sock"
+        policy = write_demo_policy(self.data_dir)
         settings = load_settings(
             None,
             port="sim",
             data_dir=self.data_dir,
             control=self.control,
             mqtt__url=self.mqtt_url,
+            # amqtt speaks 3.1.1 only and never answers an MQTT 5 CONNECT: say so up front
+            # rather than wait for the fallback's timeout.
+            mqtt__protocol="3.1.1" if self.options.mqtt_url is None else "auto",
             sim_max_rate_hz=max(500.0, self.options.speed_hz),
-            policy=write_demo_policy(self.data_dir),
+            policy=policy,
         )
         # The dashboard first, so that it is the last thing to stop: it sees the daemon's offline.
         dashboard = Dashboard(
-            DashboardConfig(mqtt_url=self.mqtt_url, title="devicectl demo"), log=self._log
+            DashboardConfig(
+                mqtt_url=self.mqtt_url,
+                title="devicectl demo",
+                limits=load_display_limits(policy),  # bars against the limits the daemon enforces
+            ),
+            log=self._log,
         )
         server = await stack.enter_async_context(DashboardServer(dashboard, ("127.0.0.1", 0)))
         self.dashboard_url = server.url

@@ -12,6 +12,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -70,6 +71,9 @@ class TelemetryConfig(BaseModel):
     username: str | None = None
     password: SecretStr | None = None
     outbox_max_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)
+    protocol: Literal["auto", "5", "3.1.1"] = Field(
+        default="auto", description="auto: MQTT 5, falling back to 3.1.1 if the broker refuses it"
+    )
     keepalive_s: int = Field(default=15, ge=2, le=600)
     connect_timeout_s: float = Field(default=5.0, gt=0, le=60, description="Wait for CONNACK.")
     flush_timeout_s: float = Field(default=1.0, ge=0, le=10)

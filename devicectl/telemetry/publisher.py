@@ -141,7 +141,7 @@ class Telemetry:
         self._close_deadline = float("inf")
         self._historical_upto = 0
         self._connected = False
-        self._v5 = True
+        self._v5 = config.protocol != "3.1.1"
         self._tasks: asyncio.TaskGroup | None = None
         self._link_task: asyncio.Task[None] | None = None
         self._helpers: tuple[asyncio.Task[None], ...] = ()
@@ -564,7 +564,7 @@ class Telemetry:
         """Whether a failed MQTT 5 attempt means "try 3.1.1": refused with "unsupported protocol
         version", or no CONNACK at all (a 3.1.1-only broker may not parse a v5 CONNECT; amqtt
         hangs on one). A refused TCP connection or a TLS failure is not a reason."""
-        if not self._v5 or self._connected:
+        if not self._v5 or self._connected or self._config.protocol != "auto":
             return False
         if not isinstance(error, aiomqtt.MqttCodeError):
             return type(error) is aiomqtt.MqttError and str(error) == "Operation timed out"
