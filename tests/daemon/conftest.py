@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -117,11 +119,14 @@ def policy_file(tmp_path: Path) -> Path:
 
 
 class Driver:
-    """Talks to a running daemon over its control socket, and to its in-process board."""
+    """Talks to a running daemon over its control socket, and to its simulator board: in this
+    process (``sim_socket`` None) or a `devicectl sim` process over a real pty (its control
+    socket)."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, sim_socket: Path | None = None) -> None:
         self.daemon = daemon
         self.path = Path(daemon.settings.control)
+        self.sim_socket = sim_socket
 
     async def raw(self, line: bytes) -> dict[str, Any]:
         reader, writer = await asyncio.open_unix_connection(str(self.path))
@@ -145,10 +150,27 @@ class Driver:
         return result
 
     def sim(self, words: str) -> Any:
-        return apply_command(self.daemon.sim_runner, parse_command(words))
+        """Apply a sim-control command, returning once the board has applied it. (Blocking for
+        the simulator process: a local round trip of about a millisecond.)"""
+        if self.sim_socket is None:
+            return apply_command(self.daemon.sim_runner, parse_command(words))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(self.sim_socket))
+            sock.sendall((json.dumps({"command": words.split()}) + "\n").encode())
+            with sock.makefile("rb") as stream:
+                reply = json.loads(stream.readline())
+        assert reply["ok"], reply
+        return reply["result"]
+
+    def pulse_count(self) -> int:
+        """The board's lifetime pulse counter: what was really emitted."""
+        count: int = self.sim("status")["pulse_count"]
+        return count
 
     @property
     def board(self) -> Any:
+        """The in-process board (in-memory mode only)."""
         return self.daemon.sim_runner.board
 
     async def until(self, predicate: Callable[[], object], timeout: float = 10.0) -> None:
@@ -176,17 +198,44 @@ class Driver:
         await self.until(lambda: self.daemon.treatment and self.daemon.treatment.pulses >= 5)
 
 
-@pytest.fixture
-async def driver(tmp_path: Path, policy_file: Path) -> AsyncIterator[Driver]:
-    settings = load_settings(
+def _settings(tmp_path: Path, policy_file: Path, port: str) -> Any:
+    return load_settings(
         None,
-        port="sim",
+        port=port,
         data_dir=tmp_path / "data",
         control=tmp_path / "ctl.sock",
         policy=policy_file,
         sim_max_rate_hz=5000,
     )
-    async with Daemon(settings) as daemon:
+
+
+@pytest.fixture
+async def driver(tmp_path: Path, policy_file: Path) -> AsyncIterator[Driver]:
+    """The daemon with the simulator board in its own process (in memory): fast."""
+    async with Daemon(_settings(tmp_path, policy_file, "sim")) as daemon:
         drv = Driver(daemon)
         await drv.until(lambda: daemon.link is not None and daemon.link.connected.is_set())
         yield drv
+
+
+@pytest.fixture
+async def pty_driver(tmp_path: Path, policy_file: Path) -> AsyncIterator[Driver]:
+    """The daemon talking to `devicectl sim` (another process) over a real pty, as on a device."""
+    sim_socket = tmp_path / "sim.sock"
+    sim = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from devicectl.cli import main; main()",
+        "sim", "--pty", "--control", str(sim_socket), "--max-rate", "5000",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert sim.stdout is not None
+        port = (await asyncio.wait_for(sim.stdout.readline(), 30)).decode().strip()
+        assert port.startswith("/dev/pts/"), port
+        async with Daemon(_settings(tmp_path, policy_file, port)) as daemon:
+            drv = Driver(daemon, sim_socket)
+            await drv.until(lambda: daemon.link is not None and daemon.link.connected.is_set())
+            yield drv
+    finally:
+        if sim.returncode is None:
+            sim.terminate()
+        await sim.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 
@@ -121,11 +122,12 @@ async def test_stop_is_always_accepted(driver: Driver) -> None:
     assert (await driver.ok("stop"))["stopped"] is True
     await driver.emitting_session()
     assert (await driver.ok("stop"))["stopped"] is True
-    count = driver.board.status(driver.daemon.sim_runner.now_us())["pulse_count"]
     await driver.until(lambda: not driver.daemon.armed)
+    count = driver.pulse_count()
     status = await driver.ok("status")
     assert status["state"] == "standby"
-    assert driver.board.status(driver.daemon.sim_runner.now_us())["pulse_count"] == count
+    await asyncio.sleep(0.2)
+    assert driver.pulse_count() == count
 
 
 async def test_contraindication_override_needs_a_reason_and_is_recorded(driver: Driver) -> None:
@@ -152,9 +154,7 @@ async def test_contraindication_override_needs_a_reason_and_is_recorded(driver: 
     finally:
         conn.close()
     assert record is not None
-    overrides = [
-        r["body"] for r in record.records if r["body"].get("event") == "override"
-    ]
+    overrides = [r["body"] for r in record.records if r["body"].get("event") == "override"]
     assert len(overrides) == 1
     assert overrides[0]["reason"] == reason
     assert overrides[0]["detail"]["contraindications"] == ["recent_sun_exposure_or_tan"]
