@@ -673,7 +673,11 @@ class SafetySupervisor:
             )  # fmt: skip
         if not self._configured or self._zone is None:
             raise SafetyRefusal(
-                "not_configured", 0, 1, "", "choose a zone and set parameters before arming",
+                "not_configured",
+                0,
+                1,
+                "",
+                "choose a zone and set parameters before arming",
                 relation="state",
             )
         zone_limit_j = (

@@ -78,4 +78,6 @@ def no_leaks() -> Iterator[None]:
         leaks.append(f"{len(new_sockets)} open socket(s)")
     if leaks:
         pytest.fail("test left behind: " + ", ".join(leaks))
+
+
 pytest_plugins = ["tests.brokers"]
