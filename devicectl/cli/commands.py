@@ -3,8 +3,8 @@
 from devicectl.cli import (
     control,  # noqa: F401
     dashboard,  # noqa: F401
+    demo,  # noqa: F401
     records,  # noqa: F401
     sim,  # noqa: F401
     telemetry,  # noqa: F401
 )
-from devicectl.cli import demo  # noqa: F401
