@@ -73,7 +73,10 @@ def dashboard(
     ] = None,
     title: Annotated[str, typer.Option("--title", help="The page's title.")] = "Clinic lasers",
 ) -> None:
-    """Serve the clinic dashboard: every device live, alerts impossible to miss."""
+    """Serve the clinic dashboard: every device live, alerts impossible to miss.
+
+    Example: devicectl dashboard --mqtt mqtt://broker.clinic.lan --listen 0.0.0.0:8080
+    """
     from devicectl.dashboard import (
         Dashboard,
         DashboardConfig,

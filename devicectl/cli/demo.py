@@ -221,7 +221,10 @@ def demo(
         ),
     ] = None,
 ) -> None:
-    """Run the whole system on this machine and play one scripted treatment with one breach."""
+    """Run the whole system on this machine and play one scripted treatment with one breach.
+
+    Example: devicectl demo --duration 20 --speed 25
+    """
     _check_options(mqtt, duration, speed, data_dir)
     directory = (data_dir or default_demo_dir()).resolve()
     try:

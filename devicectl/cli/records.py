@@ -84,7 +84,10 @@ def _reading(command: str, db: Path | None, data_dir: Path | None) -> Iterator[s
 @log_app.command("verify")
 def verify(db: DbOption = None, data_dir: DataDirOption = None) -> None:
     """Walk the hash chain: exit 0 with the count when intact, 1 naming the first altered,
-    inserted or deleted record."""
+    inserted or deleted record.
+
+    Example: devicectl log verify --db /var/lib/devicectl/sessions.db
+    """
     path = _db_path(db, data_dir)
     if not path.is_file():
         raise _fail("log verify", f"no session log at {path}", ExitCode.USAGE)
@@ -142,7 +145,10 @@ def session_list(
     db: DbOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """List recorded sessions, oldest first."""
+    """List recorded sessions, oldest first.
+
+    Example: devicectl session list --since 2026-11-01 --patient PT-0042
+    """
     since_ns = _parse_when(since, end_of_day=False)
     until_ns = _parse_when(until, end_of_day=True)
     with _reading("session list", db, data_dir) as conn:
@@ -176,7 +182,10 @@ def session_show(
     db: DbOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """A readable summary of one session."""
+    """A readable summary of one session.
+
+    Example: devicectl session show 12 --data-dir /var/lib/devicectl
+    """
     with _reading("session show", db, data_dir) as conn:
         doc = export.session_document(conn, session_id, with_pulses=False)
     info, summary, course = doc["info"], doc["summary"], doc["info"]["course"]
@@ -246,7 +255,10 @@ def session_export(
     db: DbOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Export one session as JSON, CSV or a self-contained HTML report."""
+    """Export one session as JSON, CSV or a self-contained HTML report.
+
+    Example: devicectl session export 12 --format html --out session-12.html
+    """
     with _reading("session export", db, data_dir) as conn:
         try:
             if fmt is ExportFormat.JSON:

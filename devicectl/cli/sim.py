@@ -67,7 +67,10 @@ def sim(
         typer.Option("--seed", metavar="N", help="Seed the board's randomness (reproducible)."),
     ] = None,
 ) -> None:
-    """Serve the simulated laser controller board; print the port for `devicectl run --port`."""
+    """Serve the simulated laser controller board; print the port for `devicectl run --port`.
+
+    Example: devicectl sim --control /tmp/sim.sock   (then: devicectl run --port /dev/pts/N)
+    """
     from simulator.control import default_control_path
     from simulator.scenario import ScenarioError, load_scenario
     from simulator.serve import parse_tcp_address
@@ -180,7 +183,10 @@ def sim_control(
         ),
     ] = None,
 ) -> None:
-    """Drive a running simulator; returns once the simulator has applied the command."""
+    """Drive a running simulator; returns once the simulator has applied the command.
+
+    Example: devicectl sim-control --socket /tmp/sim.sock fault energy-drift 1.3
+    """
     from simulator.control import (
         CommandError,
         ControlRefused,
