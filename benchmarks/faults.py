@@ -699,6 +699,17 @@ def _daemon_term(rig: Campaign, timing: Timing, row: Row) -> None:
     rig.start_daemon()
 
 
+def _combined_kill(rig: Campaign, timing: Timing, row: Row) -> None:
+    """Noise and lost frames on the link and no broker, then the daemon killed in the middle."""
+    rig.sim_cmd("fault line-noise 1e-4")
+    rig.sim_cmd("fault drop-frames 0.01")
+    rig.broker.stop()
+    time.sleep(timing.fault_s / 2)
+    _daemon_kill(rig, timing, row)
+    rig.sim_cmd("clear-faults")
+    rig.broker.start()
+
+
 def _disk_full(rig: Campaign, timing: Timing, row: Row) -> None:
     assert rig.daemon is not None
     pid = rig.daemon.pid
@@ -744,6 +755,7 @@ ROWS: dict[str, Spec] = {
     "combined": Spec(
         _sim_fault("fault line-noise 1e-4; fault drop-frames 0.01; fault slow-replies 30")
     ),
+    "combined + SIGKILL": Spec(_combined_kill),
 }
 
 

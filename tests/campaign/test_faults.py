@@ -54,7 +54,7 @@ def test_faults_that_must_stop_the_laser_stopped_it(campaign: dict[str, Row]) ->
     """The faults that take the host or the device away end emission: the board's lease (1.5 s in
     the test policy) bounds the time when the host is gone; the rest stop at once."""
     for name in ("device hang", "device reboot", "port vanishes", "daemon SIGKILL",
-                 "daemon SIGTERM", "disk full (log)"):  # fmt: skip
+                 "daemon SIGTERM", "disk full (log)", "combined + SIGKILL"):  # fmt: skip
         row = campaign[name]
         assert row.safe_s is not None, row.line()
         assert row.safe_s < 1.5 + 0.5, row.line()
