@@ -8,6 +8,10 @@ import json
 import random
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from devicectl.control import ControlError, parse_request
 from tests.daemon.conftest import CHECKLIST, SESSION, Driver, driver, policy_file
 
 __all__ = ["driver", "policy_file"]  # fixtures, imported for pytest
@@ -122,3 +126,50 @@ async def test_a_checklist_with_a_wrong_type_is_named(driver: Driver) -> None:
     assert reply["kind"] == "usage"
     assert "checklist.pregnancy" in reply["error"]
     assert (await driver.ok("status"))["session"] is None
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+FIELDS = (
+    "operator", "patient_ref", "skin_type", "concerns", "checklist", "zone", "energy_uj",
+    "width_us", "rate_hz", "spot_um", "preset", "reason", "post_care", "course_session",
+    "contraindication_override",
+)  # fmt: skip
+field_values = st.fixed_dictionaries(
+    {"command": st.sampled_from([t["command"] for t in TEMPLATES] + ["", "nope"])},
+    optional=dict.fromkeys(FIELDS, json_values),
+)
+
+
+def parsed_or_refusal(line: bytes) -> Any:
+    """What parse_request makes of ``line``: the request, or the ControlError it raised."""
+    try:
+        return parse_request(line)
+    except ControlError as exc:
+        return exc
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.binary(max_size=200), json_values.map(lambda v: json.dumps(v).encode())))
+def test_parse_request_refuses_any_bytes_or_json_with_a_usage_error(line: bytes) -> None:
+    result = parsed_or_refusal(line)
+    if isinstance(result, ControlError):
+        assert result.kind == "usage"
+        assert str(result) and "\n" not in str(result)
+
+
+@settings(max_examples=400, deadline=None)
+@given(field_values)
+def test_parse_request_validates_every_field_or_names_the_bad_one(request: dict[str, Any]) -> None:
+    result = parsed_or_refusal(json.dumps(request).encode())
+    if isinstance(result, ControlError):
+        assert result.kind == "usage"
+        assert str(result).startswith(("invalid request", "request")), result
+        assert "\n" not in str(result)
+    else:
+        assert result.command == request["command"]
