@@ -143,3 +143,41 @@ def test_no_secret_appears_in_any_log_line(tmp_path: Path, monkeypatch: pytest.M
     assert "mqtt_connected" in log or "connected" in log, log[-2000:]
     leaks = [line for line in log.splitlines() if URL_SECRET in line or ENV_SECRET in line]
     assert not leaks, "\n".join(leaks[:5])
+
+
+UNIT = Path(__file__).resolve().parents[2] / "examples" / "devicectl.service"
+
+
+def _unit_settings(path: Path) -> dict[str, list[str]]:
+    """``Key=value`` lines of a systemd unit (repeated keys kept in order)."""
+    found: dict[str, list[str]] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";", "[")) or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        found.setdefault(key.strip(), []).append(value.strip())
+    return found
+
+
+def test_the_example_unit_runs_unprivileged_and_hardened() -> None:
+    unit = _unit_settings(UNIT)
+    assert unit["User"] != ["root"] and unit["User"], unit.get("User")
+    assert unit["Group"] != ["root"] and unit["Group"], unit.get("Group")
+    expected = {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "RestrictSUIDSGID": "yes",
+        "CapabilityBoundingSet": "",
+        "AmbientCapabilities": "",
+        "DevicePolicy": "closed",
+        "Type": "notify",
+    }
+    for key, value in expected.items():
+        assert unit.get(key) == [value], (key, unit.get(key))
+    assert "WatchdogSec" in unit
+    # Secrets come from a root-owned file, never from the unit itself.
+    assert not any("PASSWORD" in e.upper() for e in unit.get("Environment", []))
+    assert unit.get("EnvironmentFile"), "no EnvironmentFile for the MQTT credentials"
