@@ -3,6 +3,8 @@
 - The control socket is created 0660: only its owner and group may connect; a peer without
   permission is refused by the kernel before a byte reaches the daemon (tested by connecting as
   another uid, which needs root: CI runs as root; elsewhere the test skips with the reason).
+- MQTT over TLS with a password: the right one connects, a wrong one is refused and not echoed.
+- The example systemd unit runs unprivileged and hardened.
 - No secret ever appears in a log line: the daemon is run as a process with an MQTT password in
   the broker URL and another in the environment, through a broker outage (connection errors are
   logged) and a session, and its whole log is searched for both.
@@ -15,6 +17,7 @@ import os
 import signal
 import socket
 import stat
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +27,7 @@ import pytest
 from benchmarks.faults import Campaign
 from devicectl.config import load_settings
 from devicectl.daemon import Daemon
+from tests.brokers import Broker, Pki
 from tests.conftest import IN_CI, require_tool
 from tests.daemon.conftest import TEST_POLICY
 
@@ -181,3 +185,57 @@ def test_the_example_unit_runs_unprivileged_and_hardened() -> None:
     # Secrets come from a root-owned file, never from the unit itself.
     assert not any("PASSWORD" in e.upper() for e in unit.get("Environment", []))
     assert unit.get("EnvironmentFile"), "no EnvironmentFile for the MQTT credentials"
+
+
+@pytest.fixture
+def tls_password_broker(tmp_path: Path, pki: Pki) -> Iterator[Broker]:
+    """mosquitto with a TLS listener (the test CA) and user ``laser1``, password ``ENV_SECRET``."""
+    passwords = tmp_path / "passwords"
+    passwords.write_text("")
+    subprocess.run(
+        [require_tool("mosquitto_passwd"), "-b", str(passwords), "laser1", ENV_SECRET],
+        check=True,
+        timeout=30,
+    )
+    passwords.chmod(0o644)
+    extra = (f"password_file {passwords}",)
+    with Broker(tmp_path / "mosquitto", tls=pki, extra_config=extra) as broker:
+        yield broker
+
+
+@pytest.mark.parametrize(("password", "connects"), [(ENV_SECRET, True), ("wrong-pass", False)])
+async def test_telemetry_over_tls_with_credentials(
+    tmp_path: Path, pki: Pki, tls_password_broker: Broker, password: str, connects: bool
+) -> None:
+    """The daemon's telemetry reaches a TLS broker that checks passwords with the right one, is
+    refused with a wrong one (the laser still works: only telemetry waits), and the password never
+    appears in the refusal it reports."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text(TEST_POLICY)
+    settings = load_settings(
+        None,
+        port="sim",
+        data_dir=tmp_path / "data",
+        control=tmp_path / "ctl.sock",
+        policy=policy,
+        mqtt__url=tls_password_broker.tls_url,
+        mqtt__ca_file=pki.ca,
+        mqtt__username="laser1",
+        mqtt__password=password,
+        mqtt__device="laser1",
+    )
+    async with Daemon(settings) as daemon:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while True:
+            telemetry = daemon.telemetry
+            stats = telemetry.stats if telemetry is not None else None
+            if stats is not None and (stats.connected or stats.connect_failures):
+                break
+            assert loop.time() < deadline, "telemetry neither connected nor failed"
+            await asyncio.sleep(0.02)
+        assert stats.connected is connects, stats
+        if not connects:
+            assert stats.last_error, stats
+            assert password not in stats.last_error
+        assert daemon.link is not None and daemon.link.connected.is_set()
