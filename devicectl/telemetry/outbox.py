@@ -24,6 +24,7 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from devicectl.errors import ConfigError
 
@@ -47,8 +48,11 @@ _DROPPABLE = ("pulses",)
 _SUPERSEDABLE = ("state", "session")
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxRow:
+class OutboxRow(NamedTuple):
+    """One stored message. A named tuple: built once per message sent, from SQLite's own tuple
+    (half the cost of a frozen dataclass, whose ``__init__`` sets each field through
+    ``object.__setattr__``)."""
+
     id: int
     topic: str
     stream: str
@@ -91,12 +95,11 @@ class Outbox:
         self._counters: dict[str, int] = dict(
             self._db.execute("SELECT name, value FROM counters").fetchall()
         )
-        row = self._db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"
-        ).fetchone()
-        self._count: int = row[0]
-        self._bytes: int = row[1]
+        self._count = self._bytes = 0
+        self._recount()
         self._acked: list[int] = []
+        self._acked_bytes = 0  # the sizes given with the acks in _acked
+        self._acked_unsized = False  # some ack came without its size
         self.boot = 0
 
     # -- counters ---------------------------------------------------------------------------
@@ -167,31 +170,75 @@ class Outbox:
             "WHERE id > ? ORDER BY id LIMIT ?",
             (after, limit),
         ).fetchall()
-        return [OutboxRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6]) for r in rows]
+        return [OutboxRow(r[0], r[1], r[2], r[3], r[4], r[5] != 0, r[6]) for r in rows]
 
-    def ack(self, row_id: int) -> None:
-        """Mark a message delivered; deleted at the next :meth:`flush_acks` (batched)."""
+    def ack(self, row_id: int, size: int | None = None) -> None:
+        """Mark a message delivered; deleted at the next :meth:`flush_acks` (batched).
+
+        ``size``, the stored payload's length (``len(row.payload)``), saves reading it back
+        when the row is deleted; without it the delete returns each row's length.
+        """
         self._acked.append(row_id)
+        if size is None:
+            self._acked_unsized = True
+        else:
+            self._acked_bytes += size
         if len(self._acked) >= 256:
             self.flush_acks()
 
     def flush_acks(self) -> None:
-        """Delete every acknowledged message in one transaction."""
+        """Delete every acknowledged message in one transaction.
+
+        Acknowledged ids are deleted as runs of consecutive ids (``BETWEEN``: each id in a run
+        was acknowledged, so nothing else can be caught), one statement per run; messages are
+        sent and acknowledged in outbox order, so a batch is usually one run.
+        """
         if not self._acked:
             return
         ids, self._acked = self._acked, []
+        acked_bytes, self._acked_bytes = self._acked_bytes, 0
+        unsized, self._acked_unsized = self._acked_unsized, False
+        ids.sort()
+        runs: list[tuple[int, int]] = []
+        first = last = ids[0]
+        for row_id in ids[1:]:
+            if row_id == last + 1:
+                last = row_id
+            elif row_id != last:  # (an id acknowledged twice counts once)
+                runs.append((first, last))
+                first = last = row_id
+        runs.append((first, last))
+        deleted = expected = 0
         with self._db:
             self._db.execute("BEGIN")
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                cur = self._db.execute(
-                    f"DELETE FROM outbox WHERE id IN ({marks}) RETURNING LENGTH(payload)",  # noqa: S608
-                    chunk,
-                )
-                sizes = [r[0] for r in cur.fetchall()]
-                self._count -= len(sizes)
-                self._bytes -= sum(sizes)
+            if unsized:
+                for lo, hi in runs:
+                    cur = self._db.execute(
+                        "DELETE FROM outbox WHERE id BETWEEN ? AND ? RETURNING LENGTH(payload)",
+                        (lo, hi),
+                    )
+                    sizes = [r[0] for r in cur.fetchall()]
+                    self._count -= len(sizes)
+                    self._bytes -= sum(sizes)
+                return
+            for lo, hi in runs:
+                deleted += self._db.execute(
+                    "DELETE FROM outbox WHERE id BETWEEN ? AND ?", (lo, hi)
+                ).rowcount
+                expected += hi - lo + 1
+        if deleted == expected == len(ids):
+            self._count -= deleted
+            self._bytes -= acked_bytes
+        else:
+            # some were gone already (dropped by the bound while in flight) or acked twice:
+            # the sizes passed in no longer add up, so count again
+            self._recount()
+
+    def _recount(self) -> None:
+        row = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"
+        ).fetchone()
+        self._count, self._bytes = row[0], row[1]
 
     def last_id(self) -> int:
         row = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM outbox").fetchone()

@@ -20,7 +20,7 @@ import socket
 import ssl
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum, IntFlag
@@ -512,7 +512,9 @@ class Telemetry:
             keepalive=self._config.keepalive_s,
             tls_context=self._tls,
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-            max_inflight_messages=self._config.in_flight,
+            # no limit inside paho: _deliver keeps ``in_flight`` publishes outstanding itself,
+            # and with a limit paho walks every in-flight message on each PUBACK
+            max_inflight_messages=0,
             timeout=self._config.connect_timeout_s,  # for CONNACK; publishes get 10 s
         )
         client.pending_calls_threshold = self._config.in_flight + 50
@@ -617,60 +619,67 @@ class Telemetry:
         closing and drained (or past the flush deadline); raise if a publish cannot be sent.
 
         Outbox rows go straight to the paho client under aiomqtt, acknowledged through a PUBACK
-        hook (:class:`_PubackHook`): aiomqtt's ``await publish()`` costs two tasks, an event and
+        hook (:class:`_PahoHooks`): aiomqtt's ``await publish()`` costs two tasks, an event and
         a scan of every pending call per message, which held throughput to a fraction of paho's.
+        The window is refilled in bursts once half of it is free, and a burst is written to the
+        socket at once, by this task (see :meth:`_PahoHooks.burst`).
         """
         assert self._outbox is not None
         outbox = self._outbox
         loop = asyncio.get_running_loop()
         paho_client = _paho_of(client)
-        awaiting: dict[int, int] = {}  # MQTT packet id -> outbox row id
+        awaiting: dict[int, OutboxRow] = {}  # MQTT packet id -> the outbox row it carries
         live: set[asyncio.Task[None]] = set()
-        hook = _PubackHook(paho_client, lambda mid, code: self._on_puback(awaiting, mid, code))
+        hooks = _PahoHooks(paho_client, lambda mid, code: self._on_puback(awaiting, mid, code))
         cursor = 0
         queued: deque[OutboxRow] = deque()
         window = self._config.in_flight
         by_stream = {stream.value: props for stream, props in self._properties.items()}
+        v5 = self._v5
+        counts = self._counts
         try:
             while True:
                 if self._closing.is_set() and loop.time() >= self._close_deadline:
                     return
                 while self._live:
                     topic, payload = self._live.popleft()
-                    properties = self._properties[Stream.METRICS] if self._v5 else None
+                    properties = self._properties[Stream.METRICS] if v5 else None
                     task = asyncio.create_task(
                         client.publish(topic, payload, qos=0, properties=properties)
                     )
                     live.add(task)
                     task.add_done_callback(live.discard)
-                    self._counts["live_published"] += 1
+                    counts["live_published"] += 1
                 if not queued:
                     queued.extend(outbox.fetch(cursor, 256))
                     if queued:
                         cursor = queued[-1].id
-                sent = 0
                 # refill only once half the window is free: publishes then leave in bursts, one
                 # loop wake-up and one socket write for several, instead of one each
-                room = 0 if len(awaiting) > window // 2 else window - len(awaiting)
-                while queued and sent < room:
-                    row = queued.popleft()
-                    payload = row.payload
-                    if row.boot != self._boot or row.id <= self._historical_upto:
-                        payload = mark_historical(payload)
-                    properties = by_stream[row.stream] if self._v5 and payload else None
-                    info = paho_client.publish(row.topic, payload, row.qos, row.retain, properties)
-                    if info.rc != MQTT_ERR_SUCCESS:
-                        raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
-                    if row.qos == 0 or info.is_published():
-                        outbox.ack(row.id)
-                        self._counts["published"] += 1
-                    else:
-                        awaiting[info.mid] = row.id
-                    sent += 1
-                if sent and queued:
-                    await asyncio.sleep(0)  # window full: let the socket and the PUBACKs move
-                    continue
-                if not queued and not sent:
+                if queued and len(awaiting) <= window // 2:
+                    boot, historical_upto = self._boot, self._historical_upto
+                    with hooks.burst():
+                        for _ in range(min(window - len(awaiting), len(queued))):
+                            row = queued.popleft()
+                            payload = row.payload
+                            if row.boot != boot or row.id <= historical_upto:
+                                payload = mark_historical(payload)
+                            properties = by_stream[row.stream] if v5 and payload else None
+                            info = paho_client.publish(
+                                row.topic, payload, row.qos, row.retain, properties
+                            )
+                            if info.rc != MQTT_ERR_SUCCESS:
+                                raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+                            if row.qos == 0:
+                                outbox.ack(row.id, len(row.payload))
+                                counts["published"] += 1
+                            else:
+                                # no PUBACK can have been handled yet: paho reads the socket
+                                # only from the event loop, never inside publish()
+                                awaiting[info.mid] = row
+                    if not queued:
+                        continue  # fetch the next rows now, while the window is still open
+                elif not queued:
                     outbox.flush_acks()
                     if self._closing.is_set() and not awaiting:
                         return
@@ -679,24 +688,26 @@ class Telemetry:
                     async with asyncio.timeout(0.05):
                         await self._wakeup.wait()
         finally:
-            hook.remove()
+            hooks.remove()
             for task in live:
                 task.cancel()
             outbox.flush_acks()
 
-    def _on_puback(self, awaiting: dict[int, int], mid: int, reason: int) -> None:
-        row_id = awaiting.pop(mid, None)
-        if row_id is None or self._outbox is None:
-            return  # one of aiomqtt's own publishes (availability)
+    def _on_puback(self, awaiting: dict[int, OutboxRow], mid: int, reason: int) -> bool:
+        """A PUBACK arrived: ack the outbox row it was for. False if not one of ours."""
+        row = awaiting.pop(mid, None)
+        if row is None or self._outbox is None:
+            return False  # one of aiomqtt's own publishes (availability)
         if reason >= 0x80:
             # refused by the broker (e.g. 0x87 not authorised by its ACL): resending cannot help
             self._counts["rejected"] += 1
             self._log.warning("mqtt_publish_rejected", reason_code=reason)
         else:
             self._counts["published"] += 1
-        self._outbox.ack(row_id)
+        self._outbox.ack(row.id, len(row.payload))
         if len(awaiting) <= self._config.in_flight // 2:
             self._wakeup.set()  # the sender refills once half the window is free
+        return True
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
@@ -771,26 +782,73 @@ class _PackedProperties(Properties):
         return frozen if frozen is not None else super().pack()  # type: ignore[no-untyped-call]
 
 
-class _PubackHook:
-    """Chains a PUBACK callback after aiomqtt's own ``on_publish``; ``remove()`` restores it."""
+class _PahoHooks:
+    """Hooks on the paho client for the time of one :meth:`Telemetry._deliver`; ``remove()``
+    restores aiomqtt's own callbacks.
 
-    def __init__(self, client: paho.Client, callback: Callable[[int, int], None]) -> None:
+    PUBACK: our callback sees every PUBACK first; only those it does not claim (aiomqtt's own
+    publishes) go on to aiomqtt's ``on_publish``, which would otherwise raise and swallow a
+    ``KeyError`` for each of ours.
+
+    Writes: during :meth:`burst`, paho's request to watch the socket for writability is held
+    back and the burst is written right after it, from the sending task (paho's public
+    ``loop_write()``). Through aiomqtt each burst cost a ``call_soon_threadsafe`` (a self-pipe
+    write and read), an ``add_writer``/``remove_writer`` pair and two more loop iterations.
+    Whatever the socket does not take at once is handed to aiomqtt's writer as before.
+    """
+
+    def __init__(self, client: paho.Client, on_puback: Callable[[int, int], bool]) -> None:
         self._client = client
-        self._original = client.on_publish
-        original = self._original
+        self._original_publish = client.on_publish
+        self._original_register = client.on_socket_register_write
+        self._deferring = False
+        self._deferred = False
+        original_publish = self._original_publish
 
         def on_publish(
             paho_client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any
         ) -> None:
-            if original is not None:
-                original(paho_client, userdata, mid, reason, properties)  # type: ignore[call-arg]
-            code = reason.value if hasattr(reason, "value") else int(reason)
-            callback(mid, code)
+            code = reason if isinstance(reason, int) else reason.value
+            if not on_puback(mid, code) and original_publish is not None:
+                original_publish(paho_client, userdata, mid, reason, properties)  # type: ignore[call-arg]
 
         client.on_publish = on_publish
+        client.on_socket_register_write = self._register_write
+
+    def _register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if self._deferring:
+            self._deferred = True  # written at the end of the burst
+        elif self._original_register is not None:
+            self._original_register(client, userdata, sock)
+
+    @contextlib.contextmanager
+    def burst(self) -> Iterator[None]:
+        """Publishes made inside are written to the socket when the block ends."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+            if self._deferred:
+                self._deferred = False
+                self._write_now()
+
+    def _write_now(self) -> None:
+        client = self._client
+        try:
+            rc = client.loop_write()
+        finally:
+            # paho considers the socket watched since the burst's first publish; if the kernel
+            # did not take everything (or the write failed), let aiomqtt's writer finish
+            sock = client.socket()
+            if client.want_write() and sock is not None and self._original_register is not None:
+                self._original_register(client, client.user_data_get(), sock)
+        if rc != MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(rc, "Could not send the messages")
 
     def remove(self) -> None:
-        self._client.on_publish = self._original
+        self._client.on_publish = self._original_publish
+        self._client.on_socket_register_write = self._original_register
 
 
 def _release_failed_client(client: aiomqtt.Client) -> None:
