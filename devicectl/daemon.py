@@ -54,6 +54,7 @@ from devicectl.control import (
 )
 from devicectl.errors import DevicectlError, LinkError, LogUnavailable, SafetyRefusal
 from devicectl.link import DeviceLink
+from devicectl.logs import redact_url
 from devicectl.policy import Concern, Policy, PulseParams, SkinType, Zone, load_policy
 from devicectl.safety import Breach, Limits, SafetySupervisor, check_params
 from devicectl.sessionlog import SessionLog
@@ -226,7 +227,7 @@ class Daemon:
             port=port_name,
             control=str(settings.control),
             data_dir=str(self.data_dir),
-            mqtt=settings.mqtt.url,
+            mqtt=redact_url(settings.mqtt.url) if settings.mqtt.url else None,
         )
 
     async def __aexit__(
@@ -387,6 +388,7 @@ class Daemon:
         treatment = self.treatment
         self._pulses_since_metrics += 1
         self._energy_since_metrics += pulse.energy_uj
+        self._charge_lost_events(pulse.pulse_no - 1)
         if treatment is None:
             # A pulse with no session open (uncommanded: the supervisor has stopped the laser):
             # charged to no session at its measured energy, and accounted for like any pulse.
@@ -450,6 +452,9 @@ class Daemon:
         ):
             self.link.stop_now()  # type: ignore[union-attr]
             self._breach()
+        # Every pulse counted in a STATUS had its PULSE event written before it (section 3's
+        # order): any the log has not seen were lost on the wire, the last of a train included.
+        self._charge_lost_events(status.pulse_count)
         if self.sessionlog is not None:
             self.sessionlog.record_status(
                 self.treatment.id if self.treatment else None,
@@ -551,6 +556,17 @@ class Daemon:
             state=DeviceState(status.state).name,
         )
         self._publish_state()
+
+    def _charge_lost_events(self, up_to: int) -> None:
+        """PULSE events lost on the link (line noise, dropped frames): the pulses were fired, so
+        they are recorded as unlogged and charged at the device's maximum energy. Not before the
+        start-up reconciliation, nor while a link gap is open: those account for their own."""
+        log = self.sessionlog
+        if log is None or not self._recovered or self._gap_open_since is not None:
+            return
+        last = log.last_pulse_no()
+        if last is not None and up_to > last:
+            self._charge_gap(last, up_to, "pulse events lost on the link")
 
     def _charge_gap(self, last: int | None, device_count: int, cause: str) -> None:
         if last is None or device_count <= last or self.sessionlog is None or self.ident is None:
@@ -832,6 +848,7 @@ class Daemon:
 
     async def end_session(self, post_care: list[str]) -> dict[str, Any]:
         treatment = self._treatment()
+        self._require_log()  # never report an end the log could not record
         if (self.armed or self._arming) and self.link is not None:
             await self.disarm()
         log = self.sessionlog

@@ -8,22 +8,31 @@ prints, and nothing logs in the per-pulse path.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
 
-__all__ = ["configure_logging", "redact"]
+__all__ = ["configure_logging", "redact", "redact_url"]
 
 _SECRET_KEYS = frozenset({"password", "passwd", "secret", "token", "key_password"})
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+
+
+def redact_url(text: str) -> str:
+    """``mqtts://user:secret@host`` -> ``mqtts://***@host``: credentials never reach a log."""
+    return _URL_USERINFO.sub(r"\g<scheme>***@", text)
 
 
 def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Replace the value of any secret-looking key, so no secret reaches a log line."""
-    for key in event:
+    """Hide secrets: the value of any secret-looking key, and credentials inside any URL."""
+    for key, value in event.items():
         if key.lower() in _SECRET_KEYS:
             event[key] = "***"
+        elif isinstance(value, str) and "@" in value:
+            event[key] = redact_url(value)
     return event
 
 
@@ -41,8 +50,8 @@ def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            redact,
             structlog.processors.format_exc_info,
+            redact,  # after the traceback is rendered: it may quote a URL too
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
