@@ -540,7 +540,10 @@ class Campaign:
         try:
             self.call("session_end", post_care=["soothing_serum"])
         except RuntimeError as exc:
-            notes.append(f"session_end refused: {str(exc).splitlines()[0][:90]}")
+            if "cannot be written" in str(exc):
+                notes.append("session_end refused: the log cannot record it (right)")
+            else:
+                notes.append(f"session_end refused: {str(exc).splitlines()[0][:90]}")
 
     # ---- the books
 
