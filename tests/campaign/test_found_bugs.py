@@ -1,7 +1,7 @@
-"""Minimal reproductions of what the campaign found, on the in-process daemon (fast, no broker).
+"""Regression tests for what the campaign found, on the in-process daemon (fast, no broker).
 
-Each test states the contract it holds the daemon to; a failure here is a bug to fix in the
-daemon, not in the test (see the campaign's report in docs/reliability.md).
+Each first failed as a minimal reproduction of a campaign finding and passes since the daemon's fix
+(docs/reliability.md, "What the campaign found"); a failure here is a bug in the daemon.
 """
 
 from __future__ import annotations
