@@ -84,7 +84,8 @@ def _reading(command: str, db: Path | None, data_dir: Path | None) -> Iterator[s
 @log_app.command("verify")
 def verify(db: DbOption = None, data_dir: DataDirOption = None) -> None:
     """Walk the hash chain: exit 0 with the count when intact, 1 naming the first altered,
-    inserted or deleted record.
+    inserted or deleted record. Prints the chain's head hash: kept outside the device (on paper,
+    on a server), it also reveals a rewrite of the whole chain.
 
     Example: devicectl log verify --db /var/lib/devicectl/sessions.db
     """
@@ -104,7 +105,8 @@ def verify(db: DbOption = None, data_dir: DataDirOption = None) -> None:
         )
     typer.echo(
         f"session log {path} intact: {result.records} records "
-        f"({result.pulses} pulses, {result.records - result.pulses} other)"
+        f"({result.pulses} pulses, {result.records - result.pulses} other); "
+        f"head {result.head_seq} sha256:{result.head_hash}"
     )
 
 

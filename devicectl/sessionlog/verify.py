@@ -43,6 +43,7 @@ class VerifyReport:
     pulses: int
     head_seq: int
     first_break: ChainBreak | None
+    head_hash: str = ""  # hex; write it down outside the device to anchor the chain
 
     @property
     def ok(self) -> bool:
@@ -80,7 +81,9 @@ def _describe(row: _Row) -> str:
     if table == "pulses":
         return f"record {seq} (pulse_no {fields[1]} of session {fields[0]})"
     session = "" if fields[0] is None else f" of session {fields[0]}"
-    return f"record {seq} ({fields[2]}{session})"
+    # The kind is text from the file, possibly forged: escaped, so the verdict stays one line.
+    kind = str(fields[2]).encode("unicode_escape").decode("ascii")
+    return f"record {seq} ({kind}{session})"
 
 
 def verify_log(path: Path) -> VerifyReport:
@@ -101,12 +104,14 @@ def _walk(path: Path, conn: sqlite3.Connection) -> VerifyReport:
     counted = pulses = 0
 
     def report(brk: ChainBreak | None) -> VerifyReport:
-        return VerifyReport(path, counted, pulses, head_seq, brk)
+        return VerifyReport(path, counted, pulses, head_seq, brk, head_hex)
 
+    head_hex = ""
     if head is None:
         head_seq = -1
         return report(ChainBreak(0, "chain_head", "deleted", "the chain head record was deleted"))
     head_seq, head_hash = int(head[0]), bytes(head[1])
+    head_hex = head_hash.hex()
     prev, expected = GENESIS, 1
     rows = _rows(conn)
     row = next(rows, None)
