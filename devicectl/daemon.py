@@ -502,6 +502,10 @@ class Daemon:
         self.armed = False
         self._arming = False
         self._gap_open_since = time.time()
+        if was_armed or (self.supervisor is not None and self.supervisor.armed):
+            # Unanswered, so not yet sent: it goes out right after IDENT on the next connection,
+            # before anything else (the device may still be firing under its lease).
+            self.link.stop_now()  # type: ignore[union-attr]
         if self.supervisor is not None and self.supervisor.on_link_lost():
             self._breach()  # recorded and alerted as the breach: one incident, one fault
         else:
@@ -558,15 +562,19 @@ class Daemon:
         self._publish_state()
 
     def _charge_lost_events(self, up_to: int) -> None:
-        """PULSE events lost on the link (line noise, dropped frames): the pulses were fired, so
-        they are recorded as unlogged and charged at the device's maximum energy. Not before the
-        start-up reconciliation, nor while a link gap is open: those account for their own."""
+        """PULSE events lost on the link (line noise, dropped frames, a link declared lost): the
+        pulses were fired, so they are recorded as unlogged and charged at the device's maximum
+        energy, as soon as a later pulse_no or pulse_count shows them missing — a PULSE that
+        arrives while a lost link is being re-established included. Not before the start-up
+        reconciliation, which accounts for the pulses fired while no daemon ran."""
         log = self.sessionlog
-        if log is None or not self._recovered or self._gap_open_since is not None:
+        if log is None or not self._recovered:
             return
         last = log.last_pulse_no()
         if last is not None and up_to > last:
-            self._charge_gap(last, up_to, "pulse events lost on the link")
+            gap_open = self._gap_open_since is not None
+            cause = "link_gap" if gap_open else "pulse events lost on the link"
+            self._charge_gap(last, up_to, cause)
 
     def _charge_gap(self, last: int | None, device_count: int, cause: str) -> None:
         if last is None or device_count <= last or self.sessionlog is None or self.ident is None:

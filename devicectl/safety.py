@@ -514,11 +514,13 @@ class SafetySupervisor:
         return 0
 
     def on_link_lost(self) -> int:
-        """The device stopped answering. A breach while armed; the host can no longer be armed."""
-        was_armed = self._armed
-        self._armed = False
+        """The device stopped answering: a breach while armed (the daemon sends STOP, first thing
+        after IDENT on the next connection). The host stays armed until that STOP's ACK, as rule 1
+        says: until then the device may go on firing under its lease, and those pulses are
+        commanded, judged by every other rule; calling them uncommanded would report a stuck
+        shutter that did not happen."""
         self._last_t_us = -1
-        if not was_armed:
+        if not self._armed:
             return 0
         return self._breach(
             BreachCode.LINK_LOST, 1, 0, "", "no reply or STATUS from the device while armed"

@@ -321,22 +321,37 @@ def test_a_status_overtaking_the_ack_of_disarm_is_not_a_breach() -> None:
 # ---------------------------------------------------------------- link, boot, fault
 
 
-def test_link_loss_boot_and_fault_breach_only_while_armed_and_leave_the_host_disarmed() -> None:
+def test_link_loss_boot_and_fault_breach_only_while_armed() -> None:
     sup = SafetySupervisor(session())
     assert sup.on_link_lost() == 0
     assert sup.on_boot(0) == 0
     assert sup.on_device_fault(2, 8) == 0
-    for event, code in [
-        (sup.on_link_lost, BreachCode.LINK_LOST),
-        (lambda: sup.on_boot(1), BreachCode.DEVICE_BOOT),
-        (lambda: sup.on_device_fault(2, 8), BreachCode.DEVICE_FAULT),
+    for event, code, still_armed in [
+        (sup.on_link_lost, BreachCode.LINK_LOST, True),
+        (lambda: sup.on_boot(1), BreachCode.DEVICE_BOOT, False),
+        (lambda: sup.on_device_fault(2, 8), BreachCode.DEVICE_FAULT, False),
     ]:
+        sup.disarm()
         sup.acknowledge("op-1", "reconnected and checked")
         sup.set_zone(Zone.CHEEKS, limits(sup.session_limits, Zone.CHEEKS, PARAMS))
         sup.arm()
         assert event() == code
-        assert not sup.armed
+        # A BOOT or FAULT disarmed the device itself; after a lost link it may still be firing
+        # under its lease until the STOP sent on reconnection is acknowledged (rule 1).
+        assert sup.armed is still_armed
     assert sup.last_breach is not None and "INTERLOCK_OPENED" in sup.last_breach.detail
+
+
+def test_pulses_after_a_lost_link_are_commanded_until_the_ack_of_stop() -> None:
+    # 100 ms period at 10 Hz; pulse 1, then the link is lost while pulses 2..5 are fired unseen
+    sup = armed()
+    assert sup.on_pulse(1, 0, 10_000) == 0
+    assert sup.on_link_lost() == BreachCode.LINK_LOST
+    # the link heals before STOP's ACK: pulse 6 was fired under the lease, with a gap before it
+    assert sup.on_pulse(6, 500_000, 10_000) == 0
+    assert sup.missed_pulses == 4
+    sup.disarm()  # the ACK of the STOP sent right after IDENT
+    assert sup.on_pulse(7, 600_000, 10_000) == BreachCode.UNCOMMANDED_EMISSION
 
 
 def test_after_a_boot_the_device_has_no_params_so_arming_is_refused() -> None:

@@ -129,8 +129,8 @@ class Reference:
         return self.verdict(code)
 
     def link_lost(self) -> int:
+        # Still armed: only STOP's ACK (rule 1) disarms; the device may fire under its lease.
         code = BreachCode.LINK_LOST if self.armed else None
-        self.armed = False
         self.previous_t = None
         return self.verdict(code)
 
