@@ -66,6 +66,7 @@ __all__ = ["Telemetry", "TelemetryStats"]
 # MQTT 5 "Unsupported Protocol Version" (0x84) and 3.1.1 "unacceptable protocol version" (1).
 _PROTOCOL_REFUSED = frozenset({0x84, 1})
 _MAX_PULSES_PER_BATCH = 1000
+_TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)  # Linux
 
 
 def _utc_now() -> datetime:
@@ -835,9 +836,21 @@ class _PahoHooks:
 
     def _write_now(self) -> None:
         client = self._client
+        # paho sends each packet with its own send(); corked, the burst leaves in full segments
+        # and wakes the broker once rather than once per message (what Nagle does for a plain
+        # paho client, without Nagle's wait for an ACK: uncorking pushes everything out at once)
+        setsockopt: Any = getattr(client.socket(), "setsockopt", None) if _TCP_CORK else None
+        corked = False
+        if setsockopt is not None:
+            with contextlib.suppress(OSError):
+                setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1)
+                corked = True
         try:
             rc = client.loop_write()
         finally:
+            if corked:
+                with contextlib.suppress(OSError):
+                    setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 0)
             # paho considers the socket watched since the burst's first publish; if the kernel
             # did not take everything (or the write failed), let aiomqtt's writer finish
             sock = client.socket()
