@@ -56,7 +56,7 @@ from devicectl.errors import DevicectlError, LinkError, LogUnavailable, SafetyRe
 from devicectl.link import DeviceLink
 from devicectl.logs import redact_url
 from devicectl.policy import Concern, Policy, PulseParams, SkinType, Zone, load_policy
-from devicectl.safety import Breach, Limits, SafetySupervisor, check_params
+from devicectl.safety import Breach, BreachCode, Limits, SafetySupervisor, check_params
 from devicectl.sessionlog import SessionLog
 from devicectl.sessionlog.model import check_patient_ref
 from devicectl.systemd import SystemdNotifier
@@ -159,6 +159,7 @@ class Daemon:
         self._recovered = False
         self._params_on_device = False
         self._gap_open_since: float | None = None
+        self._restored_latch: Breach | None = None  # from the log, until the first IDENT
         self.sim_control: Path | None = None
         self.sim_runner: Any = None  # the in-process simulator's BoardRunner (port "sim")
         self._pulses_since_metrics = 0
@@ -191,6 +192,7 @@ class Daemon:
             on_unavailable=lambda exc: self._log_failed_threadsafe(loop, exc),
         )
         stack.callback(self.sessionlog.close)
+        self._restore_latch(self.sessionlog.unacknowledged_breach)
 
         if settings.mqtt.url:
             telemetry_tasks = await stack.enter_async_context(asyncio.TaskGroup())
@@ -493,6 +495,8 @@ class Daemon:
         self.armed = False
         self._arming = False
         if self.supervisor is not None and self.supervisor.on_boot(boot.reason):
+            # A booted board is in STANDBY; STOP first all the same, as for every breach.
+            self.link.stop_now()  # type: ignore[union-attr]
             self._breach()
         self._params_on_device = False
         self._event("device_boot", "device", {"reason": boot.reason, "while_armed": was_armed})
@@ -517,7 +521,7 @@ class Daemon:
         self.ident = ident
         self.status = status
         if self.supervisor is None or self.treatment is None:
-            self.supervisor = SafetySupervisor.for_device(ident, self.policy)
+            self.supervisor = self._new_supervisor(ident)
         self._identified.set()
         if not self._recovered and self.sessionlog is not None:
             self._recovered = True
@@ -591,6 +595,30 @@ class Daemon:
 
     # ------------------------------------------------------------------ breaches
 
+    def _new_supervisor(self, ident: Ident) -> SafetySupervisor:
+        """One per session (and per identified device until a session starts). A latched
+        breach outlives the supervisor that latched it: only an operator's acknowledgement
+        clears it, not ending the session, starting another, a reconnection or a restart."""
+        supervisor = SafetySupervisor.for_device(ident, self.policy)
+        previous = self.supervisor
+        supervisor.inherit_latch(previous.latched if previous else self._restored_latch)
+        self._restored_latch = None
+        return supervisor
+
+    def _restore_latch(self, record: dict[str, Any] | None) -> None:
+        """The breach the log says was never acknowledged (the daemon stopped, or was killed,
+        while it was latched): arming stays refused until it is."""
+        if record is None:
+            return
+        try:
+            self._restored_latch = Breach.from_record(record)
+        except ValueError:
+            # A breach the log holds but this version cannot read: latch it as what it was.
+            self._restored_latch = Breach(
+                BreachCode.DEVICE_FAULT, 0.0, 0.0, "", f"a breach the log holds: {record!r}"
+            )
+        self._log.warning("breach_latch_restored", breach=self._restored_latch.message)
+
     def _breach(self) -> None:
         """After STOP was written: record, alert, latch (the supervisor has latched already)."""
         self.armed = False
@@ -656,11 +684,26 @@ class Daemon:
         return log
 
     async def stop_emission(self, actor: str) -> dict[str, Any]:
-        link = self.link
-        if link is not None and link.connected.is_set():
-            link.stop_now()
-            await asyncio.wait_for(link.stop(), 1.0)
+        """STOP now. Not connected, or not acknowledged in 1 s: the STOP stays wanted (re-sent
+        until acknowledged, first thing after IDENT on a reconnection) and the caller is told
+        the truth: it cannot be confirmed (exit 3), never "stopped"."""
         self._event("stop", actor, {})
+        link = self.link
+        assert link is not None
+        link.stop_now()
+        port = self.settings.port
+        if not link.connected.is_set():
+            raise LinkError(
+                f"the device on {port} is not connected: STOP is sent first thing when it "
+                "reconnects; if it is emitting, use the emergency stop"
+            )
+        try:
+            await asyncio.wait_for(link.stop(), 1.0)
+        except (TimeoutError, LinkError) as exc:
+            raise LinkError(
+                f"the device on {port} did not acknowledge STOP within 1 s ({exc or 'timeout'}); "
+                "it is re-sent until acknowledged; if it is emitting, use the emergency stop"
+            ) from exc
         return {"stopped": True, "state": self._state_name()}
 
     def start_session(self, request: SessionStartRequest) -> dict[str, Any]:
@@ -684,7 +727,7 @@ class Daemon:
         )
         skin = SkinType.parse(request.skin_type)
         self.treatment = _Treatment(opened.session_id, request.operator, request.patient_ref, skin)
-        self.supervisor = SafetySupervisor.for_device(ident, self.policy)
+        self.supervisor = self._new_supervisor(ident)
         self.params = None
         self._pending_params = preset.params() if preset else None
         self._session_event(
@@ -874,8 +917,9 @@ class Daemon:
         return result
 
     def _remote_stop(self) -> None:
-        """``cmd/stop`` over MQTT: stopping is always safe, so it needs no authority here."""
-        if self.link is not None and self.link.connected.is_set():
+        """``cmd/stop`` over MQTT: stopping is always safe, so it needs no authority here. Not
+        connected: it goes out first thing after IDENT on the reconnection."""
+        if self.link is not None:
             self.link.stop_now()
         self._event("stop", "mqtt", {})
 

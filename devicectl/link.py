@@ -348,6 +348,11 @@ class DeviceLink:
             self._heartbeat = None
 
     @property
+    def stop_pending(self) -> bool:
+        """A STOP was asked for and the device has not acknowledged it yet."""
+        return self._stop_wanted
+
+    @property
     def heartbeating(self) -> bool:
         return self._heartbeat is not None
 

@@ -155,6 +155,25 @@ class Breach:
             "message": self.message,
         }
 
+    @classmethod
+    def from_record(cls, record: Mapping[str, object]) -> Breach:
+        """The breach a ``breach`` event of the session log recorded (the daemon's ``as_dict``
+        plus ``detail``), to restore its latch after a restart. Raises ValueError if it is not
+        one."""
+        try:
+            code = BreachCode[str(record["code"]).upper()]
+            pulse_no = record.get("pulse_no")
+            return cls(
+                code,
+                float(record["value"]),  # type: ignore[arg-type]
+                float(record["limit"]),  # type: ignore[arg-type]
+                str(record.get("unit", "")),
+                str(record.get("detail", "")),
+                None if pulse_no is None else int(pulse_no),  # type: ignore[call-overload]
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a recorded breach: {record!r}") from exc
+
     @property
     def message(self) -> str:
         """One line for a clinician: what, the value, the limit."""
@@ -708,6 +727,14 @@ class SafetySupervisor:
     def disarm(self) -> None:
         """STOP or DISARM was acknowledged: from here on, any pulse is uncommanded."""
         self._armed = False
+
+    def inherit_latch(self, breach: Breach | None) -> None:
+        """Carry over a latched breach from the supervisor this one replaces (a new session, a
+        reconnection) or from the session log (a restart): a breach stays latched until an
+        operator acknowledges it, whatever happens in between."""
+        if breach is not None and self._latched is None:
+            self._latched = breach
+            self._last_breach = breach
 
     def acknowledge(self, operator: str, reason: str) -> Breach | None:
         """Clear the latched breach (the daemon records who and why); None if none was latched."""

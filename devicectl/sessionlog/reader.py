@@ -56,6 +56,9 @@ class LogState:
     next_session_id: int
     open_session: int | None
     courses: dict[str, list[CourseEntry]] = field(default_factory=dict)
+    # The detail of the last ``breach`` event not followed by a ``fault_ack``: a latch that
+    # survives a restart (only an operator's acknowledgement clears it).
+    unacknowledged_breach: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +134,14 @@ def log_state(conn: sqlite3.Connection) -> LogState:
         state.courses.setdefault(course["course_id"], []).append(entry)
         if int(sid) not in ended:
             state.open_session = int(sid)
+    last_latch_event = conn.execute(
+        "SELECT body FROM records WHERE kind = 'event' "
+        "AND json_extract(body, '$.event') IN ('breach', 'fault_ack') ORDER BY seq DESC LIMIT 1"
+    ).fetchone()
+    if last_latch_event is not None:
+        event = json.loads(last_latch_event[0])
+        if event["event"] == "breach":
+            state.unacknowledged_breach = dict(event["detail"])
     return state
 
 

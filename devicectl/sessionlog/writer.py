@@ -164,6 +164,7 @@ class SessionLog:
         self._stale_session = state.open_session
         self._stale_summary = stale_summary
         self._stale_zone = stale_zone
+        self.unacknowledged_breach = state.unacknowledged_breach  # as the log was opened
         self._last_status_ns: int | None = None
         self._closed = False
         # Writer-side state (the writer thread only, read elsewhere as plain attributes).
