@@ -290,11 +290,32 @@ def encode_payload(payload: Envelope) -> bytes:
     return payload.model_dump_json(exclude=exclude).encode()
 
 
+_HISTORICAL_SUFFIX = b',"historical":true}'
+
+
 def mark_historical(payload: bytes) -> bytes:
-    """Add ``"historical":true`` to an encoded payload (a JSON object) without re-parsing it."""
-    if not payload.endswith(b"}") or b'"historical"' in payload:
+    """Add ``"historical":true`` to an encoded payload (a JSON object), idempotently.
+
+    The common case is not parsed: the flag is appended before the closing brace, and a payload
+    ending with that suffix is already marked. Only a payload that mentions ``"historical"``
+    elsewhere (a detail value, a nested key, a field encoded by :func:`encode_payload`) is
+    parsed, to tell a top-level flag from text that merely contains the word.
+    """
+    if not payload.endswith(b"}") or payload.endswith(_HISTORICAL_SUFFIX):
         return payload
-    return payload[:-1] + b',"historical":true}'
+    if b'"historical"' in payload and _has_top_level_historical(payload):
+        return payload
+    if payload[:-1].rstrip().endswith(b"{"):
+        return payload[:-1] + _HISTORICAL_SUFFIX[1:]  # the empty object
+    return payload[:-1] + _HISTORICAL_SUFFIX
+
+
+def _has_top_level_historical(payload: bytes) -> bool:
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and "historical" in body
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:

@@ -17,6 +17,7 @@ from devicectl.telemetry import Outbox, Telemetry, parse_broker_url
 from devicectl.telemetry.watch import FleetView
 from protocols.mqtt import (
     AlertPayload,
+    SessionEventPayload,
     Stream,
     TopicBase,
     encode_payload,
@@ -165,6 +166,56 @@ def test_mark_historical_adds_the_flag_once() -> None:
     assert mark_historical(marked) == marked
     assert mark_historical(b"") == b""
     assert "historical" not in json.loads(payload)
+
+
+def test_mark_historical_is_not_fooled_by_the_word_elsewhere() -> None:
+    """Only a top-level ``historical`` key, or the flag's own suffix, counts as marked."""
+    in_text = encode_payload(
+        AlertPayload(
+            v=1, ts=NOW, device="SN42", seq=1, boot=1, severity="info", code="historical",
+            message='replay of "historical" data', value=None, limit=None, session=None,
+        )
+    )  # fmt: skip
+    event = encode_payload(
+        SessionEventPayload(
+            v=1, ts=NOW, device="SN42", seq=1, boot=1, session="S", event="zone",
+            details={"historical": False, "mode": "historical"},
+        )
+    )  # fmt: skip
+    for payload in (in_text, event):
+        assert b'"historical"' in payload
+        marked = mark_historical(payload)
+        body = json.loads(marked)
+        assert body["historical"] is True
+        assert mark_historical(marked) == marked
+    assert json.loads(mark_historical(event))["details"] == {
+        "historical": False,
+        "mode": "historical",
+    }
+    # already flagged by the model (not at the end): left alone, no duplicate key
+    flagged = encode_payload(
+        AlertPayload(
+            v=1, ts=NOW, device="SN42", seq=1, boot=1, historical=True, severity="info",
+            code="c", message="m",
+        )
+    )  # fmt: skip
+    assert not flagged.endswith(b',"historical":true}')
+    assert mark_historical(flagged) == flagged
+    assert mark_historical(b"{}") == b'{"historical":true}'
+
+
+@given(text=st.text(max_size=40), key=st.sampled_from(["historical", "x", "historic"]))
+def test_mark_historical_always_adds_exactly_one_top_level_flag(text: str, key: str) -> None:
+    payload = encode_payload(
+        SessionEventPayload(
+            v=1, ts=NOW, device="SN42", seq=1, boot=1, session="S", event="params",
+            details={key: text, "note": text},
+        )
+    )  # fmt: skip
+    marked = mark_historical(payload)
+    assert json.loads(marked) == {**json.loads(payload), "historical": True}
+    assert marked.count(b'"historical":true') == 1 + payload.count(b'"historical":true')
+    assert mark_historical(marked) == marked
 
 
 def test_topics() -> None:
