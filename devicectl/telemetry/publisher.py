@@ -4,6 +4,7 @@
            ──offer_pulse()─▶ hand-off list ──"telemetry-pulses" (100 ms)──▶ Outbox
            ──publish_metrics()─▶ live queue (QoS 0, dropped while offline) ──▶ broker
     broker ──{base}/cmd/#──▶ "telemetry-commands" ──▶ on_stop() | on_refused_command() + alert
+                                                        | on_ignored_command() (retained stop)
 
 None of the ``publish_*``/``offer_pulse`` methods awaits or touches the network, so the broker
 going away never slows or fails the caller. One connection at a time; QoS 1 publishes are
@@ -94,6 +95,7 @@ class TelemetryStats:
     pulse_batches: int
     commands_stop: int
     commands_refused: int
+    commands_ignored: int  # retained cmd/stop found at subscription: stale, not obeyed
     boot: int
 
 
@@ -103,10 +105,13 @@ PulseTuple = tuple[int, int, int, str | None, str | None]
 class Telemetry:
     """MQTT telemetry for one device; an async context manager owning its tasks.
 
-    ``on_stop()`` is called (synchronously, on the event loop) for ``cmd/stop``;
-    ``on_refused_command(command, payload)`` for every other ``cmd/*``, which is also refused
-    with an ``alerts`` message. On exit: pending pulses are batched, the outbox is flushed for at
-    most ``flush_timeout_s``, ``offline`` is published (retained) and the connection closed.
+    ``on_stop()`` is called (synchronously, on the event loop) for a live ``cmd/stop``;
+    ``on_refused_command(command, payload)`` for every other ``cmd/*``, retained or not, which
+    is also refused with an ``alerts`` message; ``on_ignored_command(command, payload)`` for a
+    retained ``cmd/stop``, stale and not obeyed. ``command`` is the topic below ``{base}/cmd/``,
+    ``payload`` at most its first 256 bytes. On exit: pending pulses are batched, the outbox is
+    flushed for at most ``flush_timeout_s``, ``offline`` is published (retained) and the
+    connection closed.
     """
 
     def __init__(
@@ -115,6 +120,7 @@ class Telemetry:
         *,
         on_stop: Callable[[], None] | None = None,
         on_refused_command: Callable[[str, bytes], None] | None = None,
+        on_ignored_command: Callable[[str, bytes], None] | None = None,
         log: Any = None,
         clock: Callable[[], datetime] = _utc_now,
         daemon_version: str = __version__,
@@ -125,6 +131,7 @@ class Telemetry:
         self._tls = config.tls_context()
         self._on_stop = on_stop
         self._on_refused_command = on_refused_command
+        self._on_ignored_command = on_ignored_command
         self._log = log if log is not None else structlog.get_logger("devicectl.telemetry")
         self._clock = clock
         self._daemon_version = daemon_version
@@ -153,6 +160,7 @@ class Telemetry:
             (
                 "connects", "connect_failures", "published", "live_published", "live_dropped",
                 "outbox_dropped", "rejected", "pulse_batches", "commands_stop", "commands_refused",
+                "commands_ignored",
             ),
             0,
         )  # fmt: skip
@@ -245,6 +253,7 @@ class Telemetry:
             pulse_batches=c["pulse_batches"],
             commands_stop=c["commands_stop"],
             commands_refused=c["commands_refused"],
+            commands_ignored=c["commands_ignored"],
             boot=self._boot,
         )
 
@@ -727,11 +736,24 @@ class Telemetry:
                     self._log.error("mqtt_stop_callback_failed", error=repr(exc))
             return
         if decision.action is CommandAction.IGNORE:
-            self._log.info("mqtt_command_ignored", topic=topic, reason=decision.reason)
+            self._log.info(
+                "mqtt_command_ignored", topic=topic, reason=decision.reason, bytes=len(payload)
+            )
+            if decision.ours:
+                self._counts["commands_ignored"] += 1
+                if self._on_ignored_command is not None:
+                    try:
+                        self._on_ignored_command(decision.command, payload[:256])
+                    except Exception as exc:  # noqa: BLE001 - the audit hook must not kill it
+                        self._log.error("mqtt_audit_callback_failed", error=repr(exc))
             return
         self._counts["commands_refused"] += 1
         self._log.warning(
-            "mqtt_command_refused", topic=topic, command=decision.command, bytes=len(payload)
+            "mqtt_command_refused",
+            topic=topic,
+            command=decision.command,
+            bytes=len(payload),
+            retained=retained,
         )
         if self._on_refused_command is not None:
             try:
@@ -741,7 +763,8 @@ class Telemetry:
         self.publish_alert(
             "warning",
             "command_refused",
-            f"MQTT command {decision.command!r} refused: only cmd/stop is accepted",
+            f"MQTT command {decision.command!r} refused: only cmd/stop is accepted"
+            + (" (a retained message on the broker: clear it)" if retained else ""),
         )
 
     def _make_properties(self, stream: Stream) -> Properties:

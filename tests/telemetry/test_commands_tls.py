@@ -33,10 +33,13 @@ def test_only_stop_is_obeyed() -> None:
     assert classify_command(BASE, f"{BASE}/cmd/stop", retained=False).action is CommandAction.STOP
     refused = classify_command(BASE, f"{BASE}/cmd/arm", retained=False)
     assert (refused.action, refused.command) == (CommandAction.REFUSE, "arm")
-    assert classify_command(BASE, f"{BASE}/cmd/stop", retained=True).action is CommandAction.IGNORE
-    assert classify_command(BASE, "lasers/x/y/cmd/stop", retained=False).action is (
-        CommandAction.IGNORE
-    )
+    stale = classify_command(BASE, f"{BASE}/cmd/stop", retained=True)
+    assert (stale.action, stale.command, stale.ours) == (CommandAction.IGNORE, "stop", True)
+    for command in ("arm", "stop/now", "", "set/params"):
+        retained = classify_command(BASE, f"{BASE}/cmd/{command}", retained=True)
+        assert (retained.action, retained.command) == (CommandAction.REFUSE, command)
+    foreign = classify_command(BASE, "lasers/x/y/cmd/stop", retained=False)
+    assert (foreign.action, foreign.ours) == (CommandAction.IGNORE, False)
 
 
 async def test_stop_calls_back_and_other_commands_are_refused(
@@ -71,19 +74,58 @@ async def test_stop_calls_back_and_other_commands_are_refused(
     assert "arm" in alert["message"]
 
 
-async def test_a_retained_stop_is_not_obeyed(mosquitto: Broker, tmp_path: Path) -> None:
+async def test_a_retained_stop_is_not_obeyed_but_audited_as_ignored(
+    mosquitto: Broker, tmp_path: Path
+) -> None:
     stops: list[int] = []
-    _send(mosquitto.port, f"{BASE}/cmd/stop", b"", retain=True)
+    refused: list[tuple[str, bytes]] = []
+    ignored: list[tuple[str, bytes]] = []
+    # not empty: an empty retained publish would only clear the topic, leaving nothing retained
+    _send(mosquitto.port, f"{BASE}/cmd/stop", b"stale", retain=True)
     try:
         async with Telemetry(
-            config(mosquitto.url, tmp_path), on_stop=lambda: stops.append(1)
+            config(mosquitto.url, tmp_path),
+            on_stop=lambda: stops.append(1),
+            on_refused_command=lambda command, payload: refused.append((command, payload)),
+            on_ignored_command=lambda command, payload: ignored.append((command, payload)),
         ) as tm:
             await until(lambda: tm.connected)
+            await until(lambda: ignored == [("stop", b"stale")], what="the ignored-command audit")
             tm.publish_alert("info", "probe", "sync point")
             await until(lambda: tm.stats.published >= 1)
             assert stops == []
+            assert refused == []
+            assert (tm.stats.commands_ignored, tm.stats.commands_stop) == (1, 0)
     finally:
         _send(mosquitto.port, f"{BASE}/cmd/stop", b"", retain=True)  # clear (empty retained)
+
+
+async def test_a_retained_command_other_than_stop_is_refused_audited_and_alerted(
+    mosquitto: Broker, tmp_path: Path
+) -> None:
+    """A retained ``cmd/arm`` found at subscription is not dropped silently: it is refused like
+    a live one (audit callback, alert), and nothing is obeyed."""
+    refused: list[tuple[str, bytes]] = []
+    stops: list[int] = []
+    _send(mosquitto.port, f"{BASE}/cmd/arm", b'{"lease_ms": 5000}', retain=True)
+    try:
+        with recorder(mosquitto.port, topic=f"{BASE}/alerts") as rec:
+            async with Telemetry(
+                config(mosquitto.url, tmp_path),
+                on_stop=lambda: stops.append(1),
+                on_refused_command=lambda command, payload: refused.append((command, payload)),
+            ) as tm:
+                await until(lambda: tm.connected)
+                await until(lambda: len(refused) == 1, what="the refusal audit callback")
+                await until(lambda: len(rec.on("alerts")) == 1, what="the refusal alert")
+                assert tm.stats.commands_refused == 1
+    finally:
+        _send(mosquitto.port, f"{BASE}/cmd/arm", b"", retain=True)  # clear (empty retained)
+    assert refused == [("arm", b'{"lease_ms": 5000}')]
+    assert stops == []
+    alert = rec.on("alerts")[0].json()
+    assert alert["code"] == "command_refused"
+    assert "arm" in alert["message"] and "retained" in alert["message"]
 
 
 async def test_tls_with_the_right_ca_connects(tmp_path: Path) -> None:
