@@ -13,7 +13,20 @@ Encodings, chosen to be cheap enough for 50,000 pulses/s in Python:
                  | zone utf-8                                          (integers little-endian)
     record  b"R" | seq i64 | session i64 (-1 = none) | at_ns i64 | kind utf-8 | 0x00 | body utf-8
 
-Both end with their only variable-length field, so no two different rows encode alike.
+Both end with their only unbounded field. The encoding is one-to-one over the values the writer
+stores, and the verifier (:mod:`devicectl.sessionlog.verify`) refuses any other stored value before
+hashing, so no edit yields a different row with the same encoding:
+
+- a record's session is NULL or a session id, and the writer refuses ids below 1, so -1 stands
+  only for NULL: a stored session_id below 1 is an alteration. (The sentinel is kept rather than
+  versioned so that logs written earlier still verify; a version marker would be stored data too,
+  which an attacker could set back to the old encoding.)
+- integers are SQLite integers (i64), text is UTF-8 text, hashes are blobs: a value stored with
+  another type (possible only once the STRICT tables are rewritten) is an alteration, never
+  coerced.
+- the kind and body the writer stores hold no NUL (kinds are fixed names, bodies canonical JSON,
+  which escapes it), so a record's encoding holds one 0x00: moving bytes between kind and body
+  changes the encoding.
 """
 
 from __future__ import annotations
@@ -21,9 +34,11 @@ from __future__ import annotations
 import struct
 from hashlib import sha256
 
-__all__ = ["GENESIS", "pulse_hash", "record_hash"]
+__all__ = ["GENESIS", "MIN_SESSION_ID", "pulse_hash", "record_hash"]
 
 GENESIS = bytes(32)
+MIN_SESSION_ID = 1  # the first session's id; anything lower is never stored (see above)
+_NO_SESSION = -1
 _PULSE = struct.Struct("<cqqqqqq")
 _RECORD = struct.Struct("<cqqq")
 
@@ -45,5 +60,5 @@ def pulse_hash(
 def record_hash(
     prev: bytes, seq: int, session_id: int | None, at_ns: int, kind: str, body: str
 ) -> bytes:
-    head = _RECORD.pack(b"R", seq, -1 if session_id is None else session_id, at_ns)
+    head = _RECORD.pack(b"R", seq, _NO_SESSION if session_id is None else session_id, at_ns)
     return sha256(prev + head + kind.encode() + b"\x00" + body.encode()).digest()

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from devicectl.sessionlog.chain import MIN_SESSION_ID
 from devicectl.sessionlog.model import FAULT_EVENT_KINDS, Summary, spot_area_cm2
 
 __all__ = [
@@ -116,7 +117,7 @@ def log_state(conn: sqlite3.Connection) -> LogState:
         head_seq=int(head_seq),
         head_hash=bytes(head_hash),
         last_pulse_no=None if latest is None else latest[1],
-        next_session_id=(int(max_session) + 1) if max_session is not None else 1,
+        next_session_id=(int(max_session) + 1) if max_session is not None else MIN_SESSION_ID,
         open_session=None,
     )
     ended = {

@@ -42,7 +42,7 @@ import structlog
 
 from devicectl.errors import LogUnavailable
 from devicectl.sessionlog import reader, store
-from devicectl.sessionlog.chain import pulse_hash, record_hash
+from devicectl.sessionlog.chain import MIN_SESSION_ID, pulse_hash, record_hash
 from devicectl.sessionlog.model import (
     DEFAULT_PATIENT_REF_PATTERN,
     FAULT_EVENT_KINDS,
@@ -733,6 +733,11 @@ class SessionLog:
     def _record(
         self, session_id: int | None, kind: str, body: Mapping[str, Any], at_ns: int | None
     ) -> None:
+        # The chain encodes "no session" as -1 (chain.py): an id below 1 would read as tampering.
+        if session_id is not None and (type(session_id) is not int or session_id < MIN_SESSION_ID):
+            raise InvalidSessionInfo(
+                "session_id", session_id, f"a session id (from {MIN_SESSION_ID}) or None"
+            )
         at = self._clock() if at_ns is None else at_ns
         self._put(_Record(session_id, kind, at, _canonical_json(body)))
 
