@@ -1,4 +1,5 @@
-"""Helpers for the dashboard's system tests: a device-like paho publisher and a dashboard server."""
+"""Helpers for the dashboard's system tests: a device-like paho publisher, the real daemon on its
+in-process simulator publishing to a broker, and a dashboard server."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import queue
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from devicectl.config import Settings, load_settings
+from devicectl.daemon import Daemon
 from devicectl.dashboard import (
     Backoff,
     Dashboard,
@@ -23,6 +27,7 @@ from devicectl.dashboard import (
     DisplayLimits,
 )
 from tests.brokers import Broker
+from tests.daemon.conftest import TEST_POLICY, Driver
 
 BASE_TS = datetime(2026, 11, 25, 10, 0, 0, tzinfo=UTC)
 
@@ -105,3 +110,39 @@ async def running_dashboard(config: DashboardConfig) -> AsyncIterator[DashboardS
     async with DashboardServer(dashboard, ("127.0.0.1", 0)) as server:
         await wait_until_subscribed(dashboard)
         yield server
+
+
+def daemon_settings(broker: Broker, directory: Path, site: str) -> Settings:
+    """The daemon's settings for the in-process simulator (``port = "sim"``), publishing to
+    ``broker``, with the daemon tests' policy, all under ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    policy = directory / "policy.toml"
+    policy.write_text(TEST_POLICY)
+    return load_settings(
+        None,
+        port="sim",
+        data_dir=directory / "data",
+        control=directory / "ctl.sock",
+        policy=policy,
+        sim_max_rate_hz=5000,
+        mqtt__url=broker.url,
+        mqtt__site=site,
+    )
+
+
+@asynccontextmanager
+async def running_daemon(
+    broker: Broker, directory: Path, site: str = "clinic-a"
+) -> AsyncIterator[Driver]:
+    """The real daemon on its in-process simulator, handed out once its link is up, the device
+    identified and its telemetry connected; left with an orderly shut-down.
+
+    A context manager rather than a fixture, like :func:`running_dashboard`: the test decides
+    when the daemon stops (the page must see it go offline).
+    """
+    async with Daemon(daemon_settings(broker, directory, site)) as daemon:
+        driver = Driver(daemon)
+        await driver.until(lambda: daemon.ident is not None and daemon.link is not None)
+        await driver.until(lambda: daemon.link.connected.is_set())  # type: ignore[union-attr]
+        await driver.until(lambda: daemon.telemetry is not None and daemon.telemetry.connected)
+        yield driver
