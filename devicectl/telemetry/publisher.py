@@ -30,6 +30,7 @@ from typing import Any, Self
 import aiomqtt
 import paho.mqtt.client as paho
 import structlog
+from aiomqtt.exceptions import MqttConnectError  # not re-exported by aiomqtt 2.5
 from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY, MQTT_ERR_SUCCESS
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -545,7 +546,7 @@ class Telemetry:
             except* aiomqtt.MqttError as group:
                 error = group.exceptions[0]
                 if self._protocol_refused(error):
-                    self._log.warning("mqtt_v5_refused_falling_back_to_3_1_1")
+                    self._log.warning("mqtt_v5_refused_falling_back_to_3_1_1", error=str(error))
                     self._v5 = False
                     fall_back = True
                 else:
@@ -573,13 +574,16 @@ class Telemetry:
                     await self._closing.wait()
 
     def _protocol_refused(self, error: BaseException) -> bool:
-        """Whether a failed MQTT 5 attempt means "try 3.1.1": refused with "unsupported protocol
-        version", or no CONNACK at all (a 3.1.1-only broker may not parse a v5 CONNECT; amqtt
-        hangs on one). A refused TCP connection or a TLS failure is not a reason."""
+        """Whether a failed MQTT 5 attempt means "try 3.1.1": only a CONNACK that refuses the
+        protocol version (MQTT 5 reason 0x84, 3.1.1 return code 1), and only with
+        ``protocol = "auto"``. Anything else, a CONNACK timeout included, is a connection failure
+        retried with backoff on the same protocol: a broker that accepted MQTT 5 a minute ago and
+        is now slow to answer has not forgotten MQTT 5, and a guess would cost the properties
+        (content type, schema, metrics expiry) for the rest of the run."""
         if not self._v5 or self._connected or self._config.protocol != "auto":
             return False
-        if not isinstance(error, aiomqtt.MqttCodeError):
-            return type(error) is aiomqtt.MqttError and str(error) == "Operation timed out"
+        if not isinstance(error, MqttConnectError):  # a CONNACK's refusal
+            return False
         rc = error.rc
         value = rc if isinstance(rc, int) or rc is None else rc.value
         return isinstance(value, int) and value in _PROTOCOL_REFUSED
@@ -590,10 +594,23 @@ class Telemetry:
         self._last_error = str(error) or type(error).__name__
         if not was_connected:
             self._counts["connect_failures"] += 1
+        extra: dict[str, str] = {}
+        if (
+            not was_connected
+            and self._v5
+            and self._config.protocol == "auto"
+            and self._counts["connects"] == 0
+            and type(error) is aiomqtt.MqttError
+            and str(error) == "Operation timed out"
+        ):
+            # some 3.1.1-only brokers (amqtt) never answer an MQTT 5 CONNECT instead of refusing
+            extra["hint"] = 'no CONNACK: if the broker speaks only 3.1.1, set mqtt.protocol "3.1.1"'
         self._log.warning(
             "mqtt_disconnected" if was_connected else "mqtt_connect_failed",
             broker=self._broker_name,
             error=self._last_error,
+            protocol="5" if self._v5 else "3.1.1",
+            **extra,
         )
 
     async def _session(self, client: aiomqtt.Client) -> None:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiomqtt
 import paho.mqtt.client as paho
 import pytest
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from devicectl.telemetry import CommandAction, Telemetry, classify_command
 from tests.brokers import Broker, free_port, make_pki
@@ -169,12 +175,13 @@ def test_unreadable_ca_is_a_config_error(tmp_path: Path) -> None:
     assert isinstance(ssl.create_default_context(), ssl.SSLContext)
 
 
-async def test_falls_back_to_3_1_1_when_the_broker_lacks_mqtt_5(tmp_path: Path) -> None:
-    """mosquitto cannot be told to refuse MQTT 5, so this uses amqtt, a real 3.1.1-only broker
-    (a dependency already): it never answers a v5 CONNECT, the publisher retries with 3.1.1."""
+@contextlib.asynccontextmanager
+async def _amqtt(port: int) -> AsyncIterator[None]:
+    """amqtt, a real 3.1.1-only broker (a dependency already), on ``port``. It never answers an
+    MQTT 5 CONNECT that carries a Will (it misreads the v5 payload and waits for bytes that never
+    come): the case of a broker that does not refuse MQTT 5 explicitly."""
     from amqtt.broker import Broker as AmqttBroker
 
-    port = free_port()
     broker = AmqttBroker(
         {
             "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
@@ -185,14 +192,80 @@ async def test_falls_back_to_3_1_1_when_the_broker_lacks_mqtt_5(tmp_path: Path) 
     )
     await broker.start()
     try:
-        url = f"mqtt://127.0.0.1:{port}"
-        async with Telemetry(config(url, tmp_path, connect_timeout_s=0.5)) as tm:
+        yield
+    finally:
+        await broker.shutdown()
+
+
+async def test_protocol_3_1_1_connects_to_a_3_1_1_only_broker(tmp_path: Path) -> None:
+    port = free_port()
+    async with _amqtt(port):
+        cfg = config(f"mqtt://127.0.0.1:{port}", tmp_path, protocol="3.1.1")
+        async with Telemetry(cfg) as tm:
             await until(lambda: tm.connected, what="a 3.1.1 connection")
             assert tm.stats.protocol == "3.1.1"
             tm.publish_alert("info", "v311", "no properties under 3.1.1")
             await until(lambda: tm.stats.outbox_depth == 0 and tm.stats.published >= 1)
+
+
+async def test_auto_does_not_guess_3_1_1_from_a_connack_timeout(tmp_path: Path) -> None:
+    """No CONNACK is a connection failure, retried with backoff on MQTT 5; only an explicit
+    refusal of the protocol version makes ``auto`` fall back."""
+    port = free_port()
+    async with _amqtt(port):
+        cfg = config(f"mqtt://127.0.0.1:{port}", tmp_path, connect_timeout_s=0.3)
+        async with Telemetry(cfg) as tm:
+            await until(lambda: tm.stats.connect_failures >= 2, what="two timed-out attempts")
+            assert not tm.connected
+            assert tm.stats.protocol == "5"
+            assert tm.stats.last_error == "Operation timed out"
+
+
+async def test_a_connack_timeout_after_an_mqtt_5_session_keeps_mqtt_5(tmp_path: Path) -> None:
+    """Connected with MQTT 5, the broker goes; whatever then listens on its port never answers
+    (amqtt): the publisher keeps retrying MQTT 5, and when mosquitto is back the messages still
+    carry their MQTT 5 properties."""
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    try:
+        async with Telemetry(config(broker.url, tmp_path / "data", connect_timeout_s=0.3)) as tm:
+            await until(lambda: tm.connected, what="the MQTT 5 connection")
+            assert tm.stats.protocol == "5"
+            broker.stop()
+            await until(lambda: not tm.connected, what="the lost connection")
+            failures = tm.stats.connect_failures
+            async with _amqtt(broker.port):
+                await until(
+                    lambda: tm.stats.connect_failures >= failures + 2,
+                    what="timed-out attempts on the silent broker",
+                )
+                assert not tm.connected
+                assert tm.stats.protocol == "5"
+            broker.start()
+            with recorder(broker.port, topic=f"{BASE}/alerts") as rec:
+                await until(lambda: tm.connected, what="reconnection to mosquitto")
+                assert tm.stats.protocol == "5"
+                tm.publish_alert("info", "back", "on MQTT 5 again")
+                await until(lambda: bool(rec.on("alerts")), what="the alert")
+        assert rec.on("alerts")[0].content_type == "application/json"
     finally:
-        await broker.shutdown()
+        broker.stop()
+
+
+def test_only_an_explicit_protocol_refusal_means_3_1_1(tmp_path: Path) -> None:
+    """The decision itself, for the CONNACKs no broker at hand sends (mosquitto speaks MQTT 5;
+    amqtt, refusing only a Will-less v5 CONNECT, never refuses ours)."""
+    unsupported = ReasonCode(PacketTypes.CONNACK, identifier=0x84)
+    not_authorized = ReasonCode(PacketTypes.CONNACK, identifier=0x87)
+    auto = Telemetry(config("mqtt://127.0.0.1:1", tmp_path))
+    assert auto._protocol_refused(MqttConnectError(unsupported))
+    assert auto._protocol_refused(MqttConnectError(1))  # 3.1.1 "unacceptable protocol version"
+    assert not auto._protocol_refused(MqttConnectError(not_authorized))
+    assert not auto._protocol_refused(MqttConnectError(5))
+    assert not auto._protocol_refused(aiomqtt.MqttError("Operation timed out"))
+    assert not auto._protocol_refused(aiomqtt.MqttCodeError(1, "a publish failed"))
+    forced = Telemetry(config("mqtt://127.0.0.1:1", tmp_path, protocol="5"))
+    assert not forced._protocol_refused(MqttConnectError(unsupported))
 
 
 async def test_a_publish_denied_by_the_broker_acl_is_counted_not_retried(tmp_path: Path) -> None:
