@@ -148,7 +148,8 @@ class Telemetry:
         self._wakeup = asyncio.Event()
         self._closing = asyncio.Event()
         self._close_deadline = float("inf")
-        self._historical_upto = 0
+        self._historical_upto = 0  # outbox rows up to this id are delivered late: historical
+        self._outage = False  # a connection attempt failed, or a connection was lost, this run
         self._connected = False
         self._v5 = config.protocol != "3.1.1"
         self._tasks: asyncio.TaskGroup | None = None
@@ -591,6 +592,7 @@ class Telemetry:
     def _note_failure(self, error: BaseException) -> None:
         _drop_frames(error)
         was_connected = self._connected
+        self._outage = True
         self._last_error = str(error) or type(error).__name__
         if not was_connected:
             self._counts["connect_failures"] += 1
@@ -615,12 +617,14 @@ class Telemetry:
 
     async def _session(self, client: aiomqtt.Client) -> None:
         assert self._outbox is not None
+        if self._outage:
+            # connected after a failed attempt or a lost connection: everything queued until
+            # now waited through an outage and is delivered late. Without one (the first
+            # attempt succeeded, a protocol fallback aside) only earlier boots' rows are late.
+            self._historical_upto = self._outbox.last_id()
         availability = self._topics.topic(Stream.AVAILABILITY)
         await client.publish(availability, AVAILABILITY_ONLINE, qos=1, retain=True)
         await client.subscribe(self._topics.topic(Stream.CMD), qos=1)
-        if self._counts["connects"] > 0:
-            # whatever waited through the outage is delivered late: mark it historical
-            self._historical_upto = self._outbox.last_id()
         self._counts["connects"] += 1
         self._connected = True
         self._last_error = None

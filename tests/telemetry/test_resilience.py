@@ -122,6 +122,31 @@ async def test_restart_continues_seq_and_replays_leftovers(
     assert alerts[5]["boot"] == 2
 
 
+async def test_a_backlog_built_while_the_broker_was_down_at_start_is_historical(
+    tmp_path: Path,
+) -> None:
+    """Same boot, broker down when the daemon starts: what waited through the failed attempts
+    is delivered late, so marked historical, though no connection had succeeded yet; what is
+    published once connected is not."""
+    with Broker(tmp_path / "broker") as broker:
+        with recorder(broker.port, client_id="persistent-dashboard", persistent=True) as rec:
+            broker.stop()  # the subscriber's session survives (broker persistence)
+            async with Telemetry(config(broker.url, tmp_path / "data")) as tm:
+                for n in range(3):
+                    tm.publish_alert("warning", "while_down", f"alert {n}")
+                await until(lambda: tm.stats.connect_failures >= 1, what="a failed attempt")
+                broker.start()
+                await until(lambda: tm.connected, what="the first connection")
+                await until(lambda: tm.stats.outbox_depth == 0, what="the backlog delivered")
+                tm.publish_alert("info", "fresh", "after connecting")
+                await until(lambda: len(rec.on("alerts")) >= 4, timeout=15, what="4 alerts")
+            assert tm.stats.connects == 1
+        alerts = [m.json() for m in rec.on("alerts")]
+    assert [a["seq"] for a in alerts] == [1, 2, 3, 4]
+    assert all(a["boot"] == 1 for a in alerts)
+    assert [a.get("historical") for a in alerts] == [True, True, True, None]
+
+
 _KILLED_PUBLISHER = """
 import asyncio, sys
 from pathlib import Path
