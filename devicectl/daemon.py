@@ -86,6 +86,10 @@ SHUTDOWN_BUDGET_S = 1.8  # SIGTERM to exit 0 within 2 s, all included
 _ALERT_SEVERITY = {"critical": "critical", "high": "critical", "warning": "warning", "info": "info"}
 
 
+_BACKLOGGED = frozenset({"publish_alert", "publish_session_event"})
+_BACKLOG_MAX = 10_000  # bounded; start-up raises a handful
+
+
 def _interlock_names(bits: int) -> list[str]:
     return [i.name.lower() for i in Interlock if bits & i and i.name is not None]
 
@@ -160,6 +164,10 @@ class Daemon:
         self._params_on_device = False
         self._gap_open_since: float | None = None
         self._restored_latch: Breach | None = None  # from the log, until the first IDENT
+        self._log_failure_reported = False
+        # Alerts and session events raised before telemetry could start (it needs the device's
+        # serial for its topics): handed over, in order, the moment it does.
+        self._telemetry_backlog: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self.sim_control: Path | None = None
         self.sim_runner: Any = None  # the in-process simulator's BoardRunner (port "sim")
         self._pulses_since_metrics = 0
@@ -333,6 +341,9 @@ class Daemon:
         ) as telemetry:
             self.telemetry = telemetry
             self._publish_state()
+            backlog, self._telemetry_backlog = self._telemetry_backlog, []
+            for method, args, kwargs in backlog:
+                self._telemetry(method, *args, **kwargs)
             if self.treatment is not None:
                 telemetry.publish_session(self._session_summary())
             else:
@@ -441,9 +452,10 @@ class Daemon:
             self.armed = False
             if supervisor is not None:
                 supervisor.disarm()
+            self._publish_state()
 
     def _on_status(self, status: StatusReport) -> None:
-        self.status = status
+        previous, self.status = self.status, status
         supervisor = self.supervisor
         if supervisor is not None and supervisor.on_status(
             status.state,
@@ -457,6 +469,13 @@ class Daemon:
         # Every pulse counted in a STATUS had its PULSE event written before it (section 3's
         # order): any the log has not seen were lost on the wire, the last of a train included.
         self._charge_lost_events(status.pulse_count)
+        self._check_log()
+        if previous is None or (previous.state, previous.interlocks, previous.faults) != (
+            status.state,
+            status.interlocks,
+            status.faults,
+        ):
+            self._publish_state()  # the retained state follows the device, not only our commands
         if self.sessionlog is not None:
             self.sessionlog.record_status(
                 self.treatment.id if self.treatment else None,
@@ -538,6 +557,15 @@ class Daemon:
                     "session_interrupted",
                     f"session {recovery.interrupted_session} was interrupted; "
                     f"{recovery.unlogged_pulses} unlogged pulse(s) charged at maximum energy",
+                )
+            if recovery.interrupted_session is not None and recovery.summary is not None:
+                # Its subscribers saw it start: they see it end, as interrupted.
+                self._session_event(
+                    str(recovery.interrupted_session),
+                    "ended",
+                    outcome="interrupted",
+                    unlogged_pulses=recovery.unlogged_pulses,
+                    summary=_mqtt_summary(recovery.summary, None, ended=True),
                 )
         elif self._gap_open_since is not None:
             last = self.sessionlog.last_pulse_no() if self.sessionlog else None
@@ -738,6 +766,7 @@ class Daemon:
             skin_type=request.skin_type,
             concerns=list(request.concerns),
         )
+        self._telemetry("publish_session", self._session_summary())
         self._publish_state()
         return {
             "session": opened.session_id,
@@ -776,6 +805,7 @@ class Daemon:
                 self._limits(self.params)
             except SafetyRefusal as exc:
                 result["warning"] = f"the current parameters are not allowed here: {exc}"
+        self._telemetry("publish_session", self._session_summary())
         self._publish_state()
         return result
 
@@ -824,6 +854,7 @@ class Daemon:
             actor=treatment.operator,
         )
         self._session_event(str(treatment.id), "params", **_params(params))
+        self._telemetry("publish_session", self._session_summary())
         self._publish_state()
         return {"params": _params(params), "fluence_j_cm2": round(params.fluence_j_cm2, 3)}
 
@@ -930,8 +961,24 @@ class Daemon:
         """Called from the log's writer thread."""
         loop.call_soon_threadsafe(self._log_failed, exc)
 
+    def _check_log(self) -> None:
+        """No log, no laser, for a commit that hangs as well (a stalled disk raises nothing for
+        a long time): polled at every STATUS, so a stall stops emission within the log's
+        stall timeout and one status period. Reported once per episode."""
+        log = self.sessionlog
+        if log is None:
+            return
+        failure = log.failure
+        if failure is None:
+            self._log_failure_reported = False
+        elif not self._log_failure_reported:
+            self._log_failed(failure)
+
     def _log_failed(self, exc: LogUnavailable) -> None:
         """No log, no laser: stop emission the moment the log cannot be written."""
+        if self._log_failure_reported:
+            return
+        self._log_failure_reported = True
         if self.link is not None and (self.armed or self._arming):
             self.link.stop_now()
         self._alert("critical", "log_unavailable", str(exc))
@@ -990,17 +1037,22 @@ class Daemon:
         value: float | None = None,
         limit: float | None = None,
     ) -> None:
-        if self.telemetry is None:
-            return
         session = str(self.treatment.id) if self.treatment else None
         level = _ALERT_SEVERITY.get(severity, "critical")
         self._telemetry("publish_alert", level, code, message, value, limit, session)
 
     def _telemetry(self, method: str, *args: Any, **kwargs: Any) -> None:
         """Hand a message to telemetry. Its failure is logged and never reaches the caller:
-        the laser, the supervisor and the session log do not depend on the network."""
+        the laser, the supervisor and the session log do not depend on the network. Before
+        telemetry has started, alerts and session events wait for it (state and session
+        summaries are published afresh when it starts)."""
         telemetry = self.telemetry
         if telemetry is None:
+            if method in _BACKLOGGED and self.settings.mqtt.url:
+                if len(self._telemetry_backlog) < _BACKLOG_MAX:
+                    self._telemetry_backlog.append((method, args, kwargs))
+                else:
+                    self._log.error("telemetry_backlog_full", method=method, max=_BACKLOG_MAX)
             return
         try:
             getattr(telemetry, method)(*args, **kwargs)
@@ -1036,7 +1088,7 @@ class Daemon:
         )
 
     async def _periodic(self) -> None:
-        """1 Hz: metrics, the session summary, the state."""
+        """1 Hz: metrics and the session summary (the state is published on every change)."""
         last = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
@@ -1110,15 +1162,17 @@ def _session_info(request: SessionStartRequest, ident: Ident, ingredient: str) -
     return info
 
 
-def _mqtt_summary(summary: Any, treatment: _Treatment, *, ended: bool) -> dict[str, Any]:
-    """The session log's closing summary in the MQTT contract's shape (``SessionSummary``)."""
+def _mqtt_summary(summary: Any, treatment: _Treatment | None, *, ended: bool) -> dict[str, Any]:
+    """The session log's closing summary in the MQTT contract's shape (``SessionSummary``);
+    without the live treatment (a session a restart closed as interrupted) it has no operator,
+    patient, skin type or zone."""
     by_zone = {str(zone): int(uj) for zone, uj in summary.energy_per_zone_uj.items()}
     return {
         "session": str(summary.session_id),
-        "operator": treatment.operator,
-        "patient": treatment.patient_ref,
-        "skin_type": treatment.skin_type.name,
-        "zone": treatment.zone.value if treatment.zone else None,
+        "operator": treatment.operator if treatment else None,
+        "patient": treatment.patient_ref if treatment else None,
+        "skin_type": treatment.skin_type.name if treatment else None,
+        "zone": treatment.zone.value if treatment and treatment.zone else None,
         "started": datetime.fromtimestamp(summary.started_ns / 1e9, UTC),
         "ended": datetime.fromtimestamp(summary.ended_ns / 1e9, UTC) if ended else None,
         "pulses": summary.pulses,

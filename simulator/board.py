@@ -457,6 +457,10 @@ class Board:
             "head_temp_c": round(self._thermal.head_c, 2),
             "skin_temp_c": round(self._thermal.skin_c, 2),
             "pulse_count": self._pulse_count,
+            # The board's own clock, and when (by it) the last pulse fired: what a test needs to
+            # bound emission after the host vanished without reading a wall clock.
+            "clock_us": self._now,
+            "last_pulse_us": self._last_pulse_us if self._pulse_count else None,
             "emitting": self._pulsing,
             "faults": [code.name for code in FaultCode if self._faults & code.bit],
             "injected": injected,

@@ -4,6 +4,8 @@ cannot be confirmed is never reported as done."""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 from pathlib import Path
 
 from devicectl.daemon import Daemon
@@ -76,3 +78,30 @@ async def test_stop_with_the_device_unreachable_says_so(tmp_path: Path, policy_f
         assert reply["kind"] == "unreachable", reply  # the CLI's exit 3
         assert "not connected" in reply["error"] and "no-such-tty" in reply["error"], reply
         assert daemon.link is not None and daemon.link.stop_pending
+
+
+async def test_a_stalled_log_stops_emission_and_refuses_arming(driver: Driver) -> None:
+    """No log, no laser, when a commit hangs rather than fails (a stalled disk, a lock held by
+    another process): here a second SQLite connection holds the write lock."""
+    await driver.emitting_session()
+    db = driver.daemon.data_dir / "sessions.db"
+    blocker = sqlite3.connect(db, timeout=0, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # the writer's next commit waits for the lock
+        # stall_timeout_s (2 s) and a STATUS period, well before the 5 s busy timeout fails it
+        await driver.until(lambda: not driver.daemon.armed, timeout=4)
+        status = await driver.ok("status")
+        assert status["log_ok"] is False, status
+        count = driver.pulse_count()
+        await asyncio.sleep(0.3)
+        assert driver.pulse_count() == count  # emission stopped
+        reply = await driver.call("arm")
+        assert reply["ok"] is False and "stuck" in reply["error"], reply
+        assert "\n" not in reply["error"]
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    # The lock released, the queued records commit; the log is healthy and arming works again.
+    await driver.until(lambda: driver.daemon.sessionlog.healthy, timeout=10)
+    driver.sim("footswitch up")
+    assert (await driver.ok("arm"))["armed"] is True

@@ -146,11 +146,16 @@ def test_kill_9_mid_emission_the_board_stops_and_the_restart_reconciles(rig: Rig
     assert rig.daemon is not None
     rig.daemon.send_signal(signal.SIGKILL)
     rig.daemon.wait()
+    killed_us = rig.sim_status()["clock_us"]  # by the board's clock, just after the kill
     # The lease (1.5 s in the test policy) runs out on the board with no host to renew it.
     time.sleep(1.5 + 0.5)
     status = rig.sim_status()
     assert status["state"] == "FAULT", status
     assert "LEASE_EXPIRED" in [f.upper() for f in status["faults"]], status
+    # Within one lease: no pulse later than the lease plus one period after the last heartbeat,
+    # which came before the kill (both by the board's clock, immune to a loaded machine).
+    period_us = 1e9 / status["params"]["rate_mhz"]
+    assert status["last_pulse_us"] - killed_us <= 1_500_000 + period_us, status
     count = status["pulse_count"]
     time.sleep(0.3)
     assert rig.sim_status()["pulse_count"] == count

@@ -28,11 +28,14 @@ async def _latched(driver: Driver) -> dict[str, Any]:
     return breach
 
 
-async def _no_pulse_after(driver: Driver, breach_pulse_no: int) -> None:
+async def _no_pulse_after(driver: Driver, breach_pulse_no: int, *, acked: bool = True) -> None:
     """Nothing is emitted once STOP was acknowledged. Before that, only pulses already in flight:
     fired by the board before the STOP reached it, which section 3 orders before the ACK. How many
-    that is, is a latency figure (benchmarks/e2e.py), not a behaviour."""
-    await driver.until(lambda: not driver.daemon.armed)
+    that is, is a latency figure (benchmarks/e2e.py), not a behaviour. ``acked=False``: the board
+    cannot answer (it hangs), so it must have stopped by itself."""
+    link = driver.daemon.link
+    assert link is not None
+    await driver.until(lambda: not driver.daemon.armed and not (acked and link.stop_pending))
     after_ack = driver.pulse_count()
     await asyncio.sleep(0.3)
     assert driver.pulse_count() == after_ack
@@ -120,7 +123,7 @@ async def test_device_hang_is_a_link_loss_and_the_board_stops(driver: Driver) ->
     breach = await _latched(driver)
     assert breach["code"] == "link_lost"
     count = driver.pulse_count()
-    await _no_pulse_after(driver, count)
+    await _no_pulse_after(driver, count, acked=False)
     # The board reboots when the hang is cleared; the daemon reconnects and the session survives.
     driver.sim("clear-faults")
     await driver.until(lambda: driver.daemon.link.connected.is_set(), timeout=15)

@@ -5,8 +5,10 @@ a plain paho client subscribed to ``lasers/#`` records everything (a real mosqui
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import jsonschema
@@ -66,13 +68,14 @@ def _check_contract(messages: list, schemas: dict) -> set[Stream]:  # type: igno
     for m in messages:
         parsed = parse_topic(m.topic)
         assert parsed is not None, m.topic
-        prefix, site, _device, stream, _extra = parsed
+        prefix, site, device, stream, _extra = parsed
         assert (prefix, site) == ("lasers", "clinic1")
         if stream is Stream.CMD:
             continue
         seen.add(stream)
         spec = STREAMS[stream]
         assert m.qos == spec.qos, (m.topic, m.qos)
+        assert m.retain == spec.retain, (m.topic, m.retain)  # the subscriber keeps the flag
         if stream is Stream.AVAILABILITY:
             assert m.payload in (b"online", b"offline")
             assert m.retain
@@ -86,6 +89,11 @@ def _check_contract(messages: list, schemas: dict) -> set[Stream]:  # type: igno
         jsonschema.validate(body, schemas[SCHEMA_BY_STREAM[stream]])
         assert body["v"] == 1
         assert body["boot"] >= 1
+        assert body["ts"].endswith("Z"), body["ts"]  # RFC 3339, UTC
+        assert datetime.fromisoformat(body["ts"]).utcoffset() == timedelta(0)
+        assert body["device"] == device, body
+        if stream is Stream.METRICS:
+            assert m.expiry == 10, m  # MQTT 5 message expiry: live only
         seqs[m.topic].append(body["seq"])
     for topic, values in seqs.items():
         assert values == list(range(values[0], values[0] + len(values))), (topic, values)
@@ -102,6 +110,7 @@ async def test_a_session_with_a_breach_unfolds_on_mqtt(
         await mqtt_driver.until(lambda: mqtt_driver.daemon.supervisor.latched is not None)
         mqtt_driver.sim("clear-faults")
         await mqtt_driver.ok("fault_ack", operator="OP-7", reason="recalibrated")
+        await until(lambda: rec.on("metrics"), what="a metrics message")
         await mqtt_driver.ok("session_end", post_care=["sunscreen"])
         await until(lambda: rec.on("alerts") and _ended(rec), what="alert and ended event")
         await until(lambda: any(m.payload == b"" for m in rec.on("session")), what="empty session")
@@ -109,7 +118,7 @@ async def test_a_session_with_a_breach_unfolds_on_mqtt(
 
     seen = _check_contract(messages, schemas)
     expected = {Stream.AVAILABILITY, Stream.STATE, Stream.SESSION, Stream.SESSION_EVENTS}
-    assert expected | {Stream.PULSES, Stream.ALERTS} <= seen
+    assert expected | {Stream.PULSES, Stream.ALERTS, Stream.METRICS} <= seen
     alert = next(m.json() for m in messages if m.topic.endswith("/alerts"))
     assert alert["code"] == "energy_out_of_tolerance"
     assert alert["severity"] == "critical"
@@ -141,6 +150,21 @@ async def test_cmd_stop_stops_and_other_commands_are_refused(
         assert status["state"] == "standby"
     refusal = rec.on("alerts")[0].json()
     assert "arm" in refusal["message"]
+    # ... and audited in the session log, the stop too
+    log = mqtt_driver.daemon.sessionlog
+    assert log is not None
+    await log.flush_async()
+    db = sqlite3.connect(f"{log.path.as_uri()}?mode=ro", uri=True)
+    try:
+        events = [
+            json.loads(body)
+            for (body,) in db.execute("SELECT body FROM records WHERE kind = 'event'")
+        ]
+    finally:
+        db.close()
+    refused = [e for e in events if e["event"] == "remote_command_refused"]
+    assert refused and refused[0]["detail"]["topic"] in {"arm", f"{base}/cmd/arm"}, refused
+    assert any(e["event"] == "stop" and e["actor"] == "mqtt" for e in events), events
 
 
 async def test_availability_goes_offline_on_a_clean_stop(

@@ -221,12 +221,6 @@ async def test_the_page_follows_the_real_daemon(mosquitto: Broker, tmp_path: Pat
             await context.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="daemon bug: a STOP that is not a breach (cmd/stop, `devicectl stop`) does not "
-    "republish the retained state, so the page keeps showing ARMED/EMITTING",
-)
 async def test_the_page_shows_the_daemon_disarmed_after_its_stop(
     mosquitto: Broker, tmp_path: Path
 ) -> None:
