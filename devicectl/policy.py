@@ -14,6 +14,11 @@ a clinic sets its own with its medical lead. The file gives
   the lease length and the "lease nearly out" threshold;
 - treatment presets per concern with default pulse parameters and the active ingredient.
 
+Every number is strict and bounded (see :data:`_BOUNDS` and ``docs/safety-model.md``): finite
+(``inf`` or ``nan`` would switch a limit off), of its own type (``true`` is not 1, ``"5"`` is not 5,
+``2.5`` is not an integer; an integer is a fine real number), and inside a sanity range wide enough
+for any clinic and narrow enough to catch a typo. The ranges are not clinical guidance either.
+
 Loading checks every preset against the policy for each skin type it is allowed for, so a policy
 that would offer a preset it forbids is refused at start, with the key, the value and the bound.
 Units follow the wire protocol: ``_uj`` µJ, ``_us`` µs, ``_mhz`` millihertz, ``_um`` µm.
@@ -30,13 +35,16 @@ from pathlib import Path
 from typing import Annotated, Any, Self
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     ValidationError,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from devicectl.errors import ConfigError
 from protocols.messages import LEASE_MAX_MS, LEASE_MIN_MS, SetParams
@@ -154,11 +162,103 @@ SkinTypeKey = Annotated[SkinType, BeforeValidator(SkinType.parse)]
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 
 
+def _number_text(bound: float) -> str:
+    return f"{int(bound):,}" if float(bound).is_integer() else f"{bound:g}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Bounds:
+    """What one policy number allows: a type, a range and a unit; the validator of that number.
+
+    ``above`` excludes ``low`` itself (a limit of 0 is not a limit). A bool is refused although
+    Python calls it an int, and so is text: a quoted number in a safety file is a typo to report,
+    not an intent to guess.
+    """
+
+    integer: bool
+    low: float
+    high: float
+    unit: str
+    above: bool = False
+
+    @property
+    def allowed(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        high = f"{_number_text(self.high)} {self.unit}"
+        if self.above:
+            return f"{kind} above {_number_text(self.low)} and at most {high}"
+        return f"{kind} from {_number_text(self.low)} to {high}"
+
+    def __call__(self, value: object) -> int | float:
+        wrong_type = isinstance(value, bool) or (self.integer and isinstance(value, float))
+        if wrong_type or not isinstance(value, int | float):
+            raise PydanticCustomError("policy_number", "{allowed}", {"allowed": self.allowed})
+        # ints compare exactly, however large; only a float can be inf or nan
+        finite = not isinstance(value, float) or math.isfinite(value)
+        low_ok = value > self.low if self.above else value >= self.low
+        if not (finite and low_ok and value <= self.high):
+            raise PydanticCustomError("policy_number", "{allowed}", {"allowed": self.allowed})
+        return value if self.integer else float(value)
+
+
+# Sanity ranges: the tightest layer is still the clinic's own numbers and the device's IDENT.
+# Wide enough for any clinic (the soak policy's 100 kJ session fits), narrow enough to refuse a
+# typo or a switched-off limit; the preset ranges also keep SET_PARAMS inside its u32/u16 fields.
+_BOUNDS: dict[str, _Bounds] = {
+    "fluence": _Bounds(integer=False, low=0, high=1_000, unit="J/cm²", above=True),
+    "power": _Bounds(integer=False, low=0, high=100, unit="W", above=True),
+    "energy": _Bounds(integer=False, low=0, high=1_000_000, unit="J", above=True),
+    "tolerance": _Bounds(integer=True, low=1, high=50, unit="%"),
+    "interval": _Bounds(integer=True, low=50, high=100, unit="%"),
+    "skin_temp": _Bounds(integer=False, low=30, high=45, unit="°C"),
+    "head_temp": _Bounds(integer=False, low=25, high=60, unit="°C"),
+    "lease": _Bounds(integer=True, low=LEASE_MIN_MS, high=LEASE_MAX_MS, unit="ms"),
+    "lease_nearly_out": _Bounds(integer=True, low=1, high=LEASE_MAX_MS, unit="ms"),
+    "pulse_energy": _Bounds(integer=True, low=1, high=10_000_000, unit="µJ"),
+    "width": _Bounds(integer=True, low=1, high=1_000_000, unit="µs"),
+    "rate": _Bounds(integer=False, low=0.001, high=10_000, unit="Hz"),
+    "spot": _Bounds(integer=True, low=10, high=50_000, unit="µm"),
+}
+_FluenceJcm2 = Annotated[float, PlainValidator(_BOUNDS["fluence"])]
+_EnergyJ = Annotated[float, PlainValidator(_BOUNDS["energy"])]
+
+
+def _distinct_skin_types(value: object) -> object:
+    """Refuse a fluence table naming a type twice ("VI" and "6"): the file order would pick one."""
+    if not isinstance(value, dict):
+        return value
+    seen: dict[SkinType, object] = {}
+    for key in value:
+        try:
+            skin = SkinType.parse(key)
+        except ValueError:
+            continue  # the key's own validation names it
+        if skin in seen:
+            raise PydanticCustomError(
+                "policy_skin_type_twice",
+                "each skin type once ({skin} given as {first} and {second})",
+                {"skin": skin.name, "first": repr(seen[skin]), "second": repr(key)},
+            )
+        seen[skin] = key
+    return value
+
+
+def _some_skin_types(value: tuple[SkinType, ...]) -> tuple[SkinType, ...]:
+    if not value:
+        raise PydanticCustomError(
+            "policy_no_skin_type", "at least one skin type I-VI (omit the key for all six)"
+        )
+    return value
+
+
+SkinTypes = Annotated[tuple[SkinTypeKey, ...], AfterValidator(_some_skin_types)]
+
+
 class ZonePolicy(BaseModel):
     model_config = _STRICT
-    energy_j: float = Field(gt=0, description="cumulative energy limit for this zone in a session")
-    max_fluence_j_cm2: float | None = Field(
-        default=None, gt=0, description="a fluence cap tighter than the skin type's, if any"
+    energy_j: _EnergyJ = Field(description="cumulative energy limit for this zone in a session")
+    max_fluence_j_cm2: _FluenceJcm2 | None = Field(
+        default=None, description="a fluence cap tighter than the skin type's, if any"
     )
 
 
@@ -166,12 +266,12 @@ class Preset(BaseModel):
     """Default parameters for one concern."""
 
     model_config = _STRICT
-    energy_uj: int = Field(gt=0)
-    width_us: int = Field(gt=0)
-    rate_hz: float = Field(gt=0)
-    spot_um: int = Field(gt=0)
+    energy_uj: Annotated[int, PlainValidator(_BOUNDS["pulse_energy"])]
+    width_us: Annotated[int, PlainValidator(_BOUNDS["width"])]
+    rate_hz: Annotated[float, PlainValidator(_BOUNDS["rate"])]
+    spot_um: Annotated[int, PlainValidator(_BOUNDS["spot"])]
     active_ingredient: str = Field(min_length=1)
-    skin_types: tuple[SkinTypeKey, ...] = tuple(SkinType)
+    skin_types: SkinTypes = tuple(SkinType)
 
     def params(self) -> PulseParams:
         """These defaults in wire units (rate in mHz)."""
@@ -182,15 +282,17 @@ class Policy(BaseModel):
     """A clinic policy, validated. Build with :func:`load_policy` or :func:`parse_policy`."""
 
     model_config = _STRICT
-    max_fluence_j_cm2: dict[SkinTypeKey, float]
-    max_average_power_w: float = Field(gt=0)
-    session_energy_j: float = Field(gt=0)
-    energy_tolerance_pct: int = Field(ge=1, le=50)
-    min_interval_pct: int = Field(ge=50, le=100)
-    skin_temp_max_c: float = Field(ge=30, le=45)
-    head_temp_max_c: float = Field(ge=25, le=60)
-    lease_ms: int = Field(ge=LEASE_MIN_MS, le=LEASE_MAX_MS)
-    lease_nearly_out_ms: int = Field(ge=1)
+    max_fluence_j_cm2: Annotated[
+        dict[SkinTypeKey, _FluenceJcm2], BeforeValidator(_distinct_skin_types)
+    ]
+    max_average_power_w: Annotated[float, PlainValidator(_BOUNDS["power"])]
+    session_energy_j: _EnergyJ
+    energy_tolerance_pct: Annotated[int, PlainValidator(_BOUNDS["tolerance"])]
+    min_interval_pct: Annotated[int, PlainValidator(_BOUNDS["interval"])]
+    skin_temp_max_c: Annotated[float, PlainValidator(_BOUNDS["skin_temp"])]
+    head_temp_max_c: Annotated[float, PlainValidator(_BOUNDS["head_temp"])]
+    lease_ms: Annotated[int, PlainValidator(_BOUNDS["lease"])]
+    lease_nearly_out_ms: Annotated[int, PlainValidator(_BOUNDS["lease_nearly_out"])]
     zones: dict[Zone, ZonePolicy]
     presets: dict[Concern, Preset]
 
@@ -228,9 +330,7 @@ def _check_coherent(policy: Policy) -> None:
         )  # fmt: skip
     previous: tuple[SkinType, float] | None = None
     for skin in SkinType:
-        cap = policy.max_fluence_j_cm2[skin]
-        if not cap > 0:
-            raise _PolicyRefused(f"max_fluence_j_cm2.{skin.name}", cap, "a positive fluence")
+        cap = policy.max_fluence_j_cm2[skin]  # finite and positive: _BOUNDS["fluence"]
         if previous is not None and cap > previous[1]:
             raise _PolicyRefused(
                 f"max_fluence_j_cm2.{skin.name}", cap,
@@ -256,9 +356,7 @@ def _check_coherent(policy: Policy) -> None:
 
 def _check_preset(policy: Policy, concern: Concern, preset: Preset) -> None:
     key = f"presets.{concern.value}"
-    params = preset.params()
-    if params.rate_mhz < 1:
-        raise _PolicyRefused(f"{key}.rate_hz", preset.rate_hz, "at least 0.001 Hz")
+    params = preset.params()  # at least 1 mHz: _BOUNDS["rate"]
     if params.width_us >= params.period_us:
         raise _PolicyRefused(
             f"{key}.width_us", preset.width_us,

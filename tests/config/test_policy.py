@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -146,3 +147,119 @@ def test_skin_types_parse_from_roman_or_arabic(text: object, skin: SkinType) -> 
 def test_anything_else_is_not_a_skin_type(text: object) -> None:
     with pytest.raises(ValueError, match="Fitzpatrick"):
         SkinType.parse(text)
+
+
+def _with(data: dict[str, Any], dotted: str, value: object) -> dict[str, Any]:
+    *parents, leaf = dotted.split(".")
+    target = data
+    for parent in parents:
+        target = target[parent]
+    target[leaf] = value
+    return data
+
+
+def test_an_infinite_preset_rate_is_one_line_naming_the_key_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    # `inf` is valid TOML; the wire rate round(inf * 1000) raised OverflowError
+    text = EXAMPLE.read_text(encoding="utf-8").replace("rate_hz = 8.0", "rate_hz = inf")
+    path = tmp_path / "policy.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_policy(path)
+    error = info.value
+    assert (error.key, error.value) == ("policy.presets.laxity.rate_hz", math.inf)
+    assert "\n" not in str(error) and "policy.toml" in str(error)
+    assert "finite" in error.allowed and "0.001" in error.allowed and "Hz" in error.allowed
+
+
+LIMITS = [
+    "session_energy_j",
+    "zones.forehead.energy_j",
+    "max_average_power_w",
+    "max_fluence_j_cm2.I",
+    "max_fluence_j_cm2.VI",
+    "zones.neck.max_fluence_j_cm2",
+    "skin_temp_max_c",
+    "head_temp_max_c",
+]
+PRESET_INTEGERS = [
+    "presets.laxity.energy_uj",
+    "presets.laxity.width_us",
+    "presets.laxity.spot_um",
+    "lease_ms",
+    "lease_nearly_out_ms",
+    "energy_tolerance_pct",
+    "min_interval_pct",
+]
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan], ids=repr)
+@pytest.mark.parametrize("key", [*LIMITS, "presets.laxity.rate_hz"])
+def test_an_infinite_or_nan_limit_is_refused_rather_than_switched_off(
+    key: str, value: float
+) -> None:
+    error = refused(_with(default_data(), key, value))
+    assert error.key == f"policy.{key}"
+    assert error.value is value or error.value == value
+    assert error.allowed.startswith("a finite number")
+
+
+@pytest.mark.parametrize("value", [True, False, "5", "22.0"], ids=repr)
+@pytest.mark.parametrize("key", [*LIMITS, "presets.laxity.rate_hz", *PRESET_INTEGERS])
+def test_a_boolean_or_a_string_is_not_read_as_a_number(key: str, value: object) -> None:
+    error = refused(_with(default_data(), key, value))
+    assert (error.key, error.value) == (f"policy.{key}", value)
+    assert repr(value) in str(error)
+
+
+@pytest.mark.parametrize("key", PRESET_INTEGERS)
+def test_a_fraction_where_the_wire_wants_an_integer_is_refused(key: str) -> None:
+    error = refused(_with(default_data(), key, 100.5))
+    assert error.key == f"policy.{key}" and error.allowed.startswith("an integer")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "bound"),
+    [
+        ("session_energy_j", 1e30, "1,000,000 J"),
+        ("zones.hands.energy_j", 2**63 - 1, "1,000,000 J"),
+        ("max_average_power_w", 1e9, "100 W"),
+        ("max_fluence_j_cm2.I", 1e6, "1,000 J/cm²"),
+        ("zones.neck.max_fluence_j_cm2", 0, "above 0"),
+        ("presets.laxity.energy_uj", 2**40, "10,000,000 µJ"),
+        ("presets.laxity.spot_um", 2**20, "50,000 µm"),
+        ("presets.laxity.width_us", 0, "from 1"),
+        ("presets.laxity.rate_hz", 1e12, "10,000 Hz"),
+        ("presets.laxity.rate_hz", 0.0001, "from 0.001"),
+        ("lease_nearly_out_ms", -1, "from 1"),
+    ],
+)
+def test_a_number_outside_its_documented_range_names_the_range(
+    key: str, value: object, bound: str
+) -> None:
+    error = refused(_with(default_data(), key, value))
+    assert (error.key, error.value) == (f"policy.{key}", value)
+    assert bound in error.allowed
+
+
+def test_an_integer_is_a_fine_way_to_write_a_real_limit() -> None:
+    data = _with(default_data(), "max_average_power_w", 3)
+    data = _with(data, "presets.laxity.rate_hz", 8)
+    policy = parse_policy(data)
+    assert policy.max_average_power_w == 3.0 and type(policy.max_average_power_w) is float
+    assert type(policy.presets[Concern.LAXITY].rate_hz) is float
+
+
+def test_a_preset_for_no_skin_type_is_refused() -> None:
+    error = refused(_with(default_data(), "presets.laxity.skin_types", []))
+    assert error.key == "policy.presets.laxity.skin_types" and "at least one" in error.allowed
+
+
+def test_a_skin_type_given_twice_in_the_fluence_table_is_refused() -> None:
+    # "6" and "VI" are the same type: which one wins would depend on the order of the file
+    data = default_data()
+    data["max_fluence_j_cm2"]["6"] = 5.0
+    error = refused(data)
+    assert error.key == "policy.max_fluence_j_cm2"
+    assert "VI given as 'VI' and '6'" in error.allowed
