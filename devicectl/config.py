@@ -18,6 +18,14 @@ control     ``/run/devicectl/control.sock``              ``$XDG_RUNTIME_DIR/devi
 
 The CLI's client commands compute the same default, so ``devicectl status`` finds a daemon started
 in the same environment without ``--control``. See ``examples/devicectl.toml``.
+
+Types are strict where a source has types: in the TOML file (and in ``load_settings``' keyword
+overrides, which are Python values) an integer setting takes a TOML integer, a real one an integer
+or a finite float, ``log_json`` a TOML boolean or ``"auto"``; ``true`` is not 1, ``"9600"`` is not
+9600, ``9600.0`` is not an integer, and ``inf``/``nan`` are refused. An environment variable is only
+ever text, so its text is read as the type its key wants first (``DEVICECTL_BAUDRATE=9600``,
+``DEVICECTL_LOG_JSON=false``; integers in decimal digits, booleans as true/false, 1/0, yes/no,
+on/off); text that does not read as that type (``DEVICECTL_BAUDRATE=true``) is refused by key.
 """
 
 from __future__ import annotations
@@ -26,10 +34,10 @@ import grp
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -41,6 +49,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -69,8 +78,8 @@ _ALLOWED: dict[str, str] = {
     "baudrate": "an integer from 9600 to 921600",
     "status_period_ms": "an integer from 10 to 10000 (ms)",
     "log_level": "one of debug, info, warning, error, critical",
-    "log_json": "true, false, or auto (JSON unless stderr is a terminal)",
-    "sim_max_rate_hz": "a number from 1 to 100000 (Hz)",
+    "log_json": "true or false (unquoted in TOML), or auto (JSON unless stderr is a terminal)",
+    "sim_max_rate_hz": "a finite number from 1 to 100000 (Hz)",
     "control_group": "the name of an existing group",
     "mqtt.outbox_max_bytes": "an integer from 65536 to 2**40 (bytes)",
     "mqtt.protocol": "auto (MQTT 5, else 3.1.1), 5, or 3.1.1",
@@ -133,7 +142,7 @@ class MqttSettings(BaseModel):
     key_file: Path | None = None
     username: str | None = None
     password: SecretStr | None = None
-    outbox_max_bytes: int = Field(default=64 * 1024 * 1024, ge=65536, le=2**40)
+    outbox_max_bytes: int = Field(default=64 * 1024 * 1024, ge=65536, le=2**40, strict=True)
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
 
     @field_validator("url")
@@ -177,6 +186,74 @@ class MqttSettings(BaseModel):
         return self.device if self.device is not None else f"laser-{serial}"
 
 
+def _int_from_text(text: str) -> object:
+    return int(text) if re.fullmatch(r"\s*[+-]?[0-9]+\s*", text) else text
+
+
+def _float_from_text(text: str) -> object:
+    try:
+        return float(text)  # "inf" and "nan" too: the field refuses them with the key
+    except ValueError:
+        return text
+
+
+def _bool_from_text(text: str) -> object:
+    word = text.strip().lower()
+    if word in {"true", "1", "yes", "on"}:
+        return True
+    if word in {"false", "0", "no", "off"}:
+        return False
+    return text
+
+
+_FROM_TEXT: dict[object, Callable[[str], object]] = {
+    int: _int_from_text,
+    float: _float_from_text,
+    bool: _bool_from_text,
+}
+
+
+def _typed_from_text(model: type[BaseModel], values: Mapping[str, Any]) -> dict[str, Any]:
+    """Environment text read as the int, float or bool each field wants; other text unchanged
+    (for the strict model to refuse by key, with the text as written)."""
+    typed = dict(values)
+    for name, value in values.items():
+        field = model.model_fields.get(name)
+        if field is None:
+            continue
+        kinds = [
+            k for k in get_args(field.annotation) or (field.annotation,) if k is not type(None)
+        ]
+        if len(kinds) != 1:
+            continue
+        kind = kinds[0]
+        if isinstance(value, str) and kind in _FROM_TEXT:
+            typed[name] = _FROM_TEXT[kind](value)
+        elif isinstance(value, dict) and isinstance(kind, type) and issubclass(kind, BaseModel):
+            typed[name] = _typed_from_text(kind, value)
+    return typed
+
+
+class _EnvironmentText(PydanticBaseSettingsSource):
+    """The ``DEVICECTL_*`` variables, their text read as their fields' types.
+
+    The model is strict so that the TOML file's ``true`` or ``"5"`` for a number is refused; an
+    environment variable has no types, so only here is text a fair way to write a number.
+    """
+
+    def __init__(
+        self, settings_cls: type[BaseSettings], environment: PydanticBaseSettingsSource
+    ) -> None:
+        super().__init__(settings_cls)
+        self._environment = environment
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._environment.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        return _typed_from_text(self.settings_cls, self._environment())
+
+
 _FILE_VALUES: ContextVar[dict[str, Any] | None] = ContextVar("devicectl_config_file", default=None)
 
 
@@ -191,7 +268,7 @@ class Settings(BaseSettings):
     )
 
     port: str = "sim"
-    baudrate: int = Field(default=115200, ge=9600, le=921600)
+    baudrate: int = Field(default=115200, ge=9600, le=921600, strict=True)
     data_dir: Path = Field(default_factory=lambda: default_data_dir(os.environ, os.geteuid()))
     control: Path = Field(  # after data_dir: its default may live there
         default_factory=lambda data: default_control_socket(
@@ -206,12 +283,12 @@ class Settings(BaseSettings):
         "control socket; checked per connection with SO_PEERCRED",
     )
     policy: Path | None = Field(default=None, description="default: the packaged policy")
-    status_period_ms: int = Field(default=100, ge=10, le=10000)
+    status_period_ms: int = Field(default=100, ge=10, le=10000, strict=True)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     log_level: LogLevel = "info"
-    log_json: bool | None = None
+    log_json: bool | None = Field(default=None, strict=True)
     patient_ref_pattern: str = r"^[A-Z0-9-]{4,32}$"
-    sim_max_rate_hz: float = Field(default=500.0, ge=1, le=100000)
+    sim_max_rate_hz: float = Field(default=500.0, ge=1, le=100000, strict=True, allow_inf_nan=False)
 
     @classmethod
     def settings_customise_sources(
@@ -223,7 +300,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         file_source = InitSettingsSource(settings_cls, init_kwargs=_FILE_VALUES.get() or {})
-        return (init_settings, env_settings, file_source)
+        return (init_settings, _EnvironmentText(settings_cls, env_settings), file_source)
 
     @field_validator("control", "data_dir")
     @classmethod

@@ -205,3 +205,87 @@ def test_log_json_is_true_false_or_auto(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("DEVICECTL_LOG_JSON", "true")
     assert load_settings(None).log_json is True
     assert load_settings(None, log_json=False).log_json is False
+
+
+# TOML has types, so the file (and load_settings' keyword overrides, typed Python values) is strict;
+# an environment variable is only ever text, so it is read as the number or boolean its key wants.
+@pytest.mark.parametrize(
+    ("text", "key", "value"),
+    [
+        ("baudrate = true", "baudrate", True),
+        ('baudrate = "9600"', "baudrate", "9600"),
+        ("baudrate = 9600.0", "baudrate", 9600.0),
+        ("status_period_ms = false", "status_period_ms", False),
+        ('status_period_ms = "100"', "status_period_ms", "100"),
+        ("sim_max_rate_hz = true", "sim_max_rate_hz", True),  # was read as 1 Hz
+        ('sim_max_rate_hz = "500"', "sim_max_rate_hz", "500"),
+        ("sim_max_rate_hz = inf", "sim_max_rate_hz", float("inf")),
+        ("log_json = 1", "log_json", 1),
+        ('log_json = "true"', "log_json", "true"),
+        ("[mqtt]\noutbox_max_bytes = true", "mqtt.outbox_max_bytes", True),
+        ('[mqtt]\noutbox_max_bytes = "65536"', "mqtt.outbox_max_bytes", "65536"),
+    ],
+)
+def test_the_file_is_strict_no_boolean_or_text_read_as_a_number(
+    tmp_path: Path, text: str, key: str, value: object
+) -> None:
+    error = refused(write(tmp_path, text + "\n"))
+    assert (error.key, error.value) == (key, value)
+    assert repr(value) in str(error)
+
+
+def test_a_nan_in_the_file_is_refused(tmp_path: Path) -> None:
+    error = refused(write(tmp_path, "sim_max_rate_hz = nan\n"))
+    assert error.key == "sim_max_rate_hz" and "1 to 100000" in error.allowed
+
+
+def test_the_file_may_write_a_real_number_as_an_integer(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, "sim_max_rate_hz = 250\nlog_json = false\n"))
+    assert settings.sim_max_rate_hz == 250.0 and type(settings.sim_max_rate_hz) is float
+    assert settings.log_json is False
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [({"baudrate": True}, "baudrate"), ({"baudrate": "9600"}, "baudrate"),
+     ({"sim_max_rate_hz": True}, "sim_max_rate_hz"),
+     ({"mqtt__outbox_max_bytes": "65536"}, "mqtt.outbox_max_bytes")],
+)  # fmt: skip
+def test_keyword_overrides_are_typed_values_and_strict_too(
+    overrides: dict[str, object], key: str
+) -> None:
+    assert refused(None, **overrides).key == key
+
+
+def test_the_environment_is_text_read_as_the_type_each_key_wants(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DEVICECTL_BAUDRATE", " 9600 ")
+    monkeypatch.setenv("DEVICECTL_STATUS_PERIOD_MS", "50")
+    monkeypatch.setenv("DEVICECTL_SIM_MAX_RATE_HZ", "250.5")
+    monkeypatch.setenv("DEVICECTL_MQTT__OUTBOX_MAX_BYTES", "65536")
+    monkeypatch.setenv("DEVICECTL_MQTT__PROTOCOL", "5")
+    monkeypatch.setenv("DEVICECTL_LOG_JSON", "false")
+    settings = load_settings(None)
+    assert (settings.baudrate, settings.status_period_ms) == (9600, 50)
+    assert settings.sim_max_rate_hz == 250.5 and settings.mqtt.outbox_max_bytes == 65536
+    assert settings.mqtt.protocol == "5" and settings.log_json is False
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "key"),
+    [
+        ("DEVICECTL_SIM_MAX_RATE_HZ", "inf", "sim_max_rate_hz"),
+        ("DEVICECTL_SIM_MAX_RATE_HZ", "nan", "sim_max_rate_hz"),
+        ("DEVICECTL_SIM_MAX_RATE_HZ", "fast", "sim_max_rate_hz"),
+        ("DEVICECTL_STATUS_PERIOD_MS", "100.5", "status_period_ms"),
+        ("DEVICECTL_BAUDRATE", "true", "baudrate"),
+        ("DEVICECTL_MQTT__OUTBOX_MAX_BYTES", "lots", "mqtt.outbox_max_bytes"),
+        ("DEVICECTL_LOG_JSON", "sometimes", "log_json"),
+    ],
+)
+def test_environment_text_that_is_not_its_type_is_refused_by_key(
+    monkeypatch: pytest.MonkeyPatch, name: str, text: str, key: str
+) -> None:
+    monkeypatch.setenv(name, text)
+    assert refused().key == key
