@@ -3,7 +3,8 @@
 Sans-I/O: no network, no clock (``ts`` is passed in). ``devicectl.telemetry`` publishes these;
 dashboards read them; ``devicectl schema`` exports :func:`json_schemas`.
 
-    {prefix}/{site}/{device}/availability          retained QoS 1  "online" | "offline" (plain text)
+    {prefix}/{site}/{device}/availability          retained QoS 1  "online" | "offline" (plain text;
+                                                                   MQTT 5: user property boot)
                             /state                 retained QoS 1  StatePayload
                             /session               retained QoS 1  SessionPayload | empty message
                             /sessions/{id}/events           QoS 1  SessionEventPayload
@@ -329,8 +330,13 @@ def json_schemas() -> dict[str, dict[str, Any]]:
                 "title": "Availability",
                 "description": (
                     "Plain UTF-8 text, NOT JSON: 'online' (retained, on connect) or 'offline' "
-                    "(retained, on clean shutdown and as the Last Will). It carries no v/ts/seq/"
-                    "boot; read `boot` from the next `state` message to place it."
+                    "(retained, on clean shutdown and as the Last Will). The payload carries no "
+                    "v/ts/seq/boot. Under MQTT 5 every availability message, the Last Will "
+                    "included, has the user properties `boot` (the daemon run it belongs to, "
+                    "decimal) and `schema` (this schema's $id), and content type text/plain: "
+                    "an `offline` whose `boot` is older than the latest `state`'s is a late "
+                    "Last Will. Under MQTT 3.1.1 there are no properties: read `boot` from the "
+                    "next `state` message to place it."
                 ),
                 "type": "string",
                 "enum": ["online", "offline"],

@@ -518,7 +518,13 @@ class Telemetry:
             password=self._address.password,
             identifier=self._config.client_id,
             protocol=aiomqtt.ProtocolVersion.V5 if self._v5 else aiomqtt.ProtocolVersion.V311,
-            will=aiomqtt.Will(availability, AVAILABILITY_OFFLINE, qos=1, retain=True),
+            will=aiomqtt.Will(
+                availability,
+                AVAILABILITY_OFFLINE,
+                qos=1,
+                retain=True,
+                properties=self._availability_properties(PacketTypes.WILLMESSAGE),
+            ),
             clean_session=None if self._v5 else True,
             clean_start=MQTT_CLEAN_START_FIRST_ONLY,
             keepalive=self._config.keepalive_s,
@@ -623,7 +629,14 @@ class Telemetry:
             # attempt succeeded, a protocol fallback aside) only earlier boots' rows are late.
             self._historical_upto = self._outbox.last_id()
         availability = self._topics.topic(Stream.AVAILABILITY)
-        await client.publish(availability, AVAILABILITY_ONLINE, qos=1, retain=True)
+        availability_properties = self._availability_properties(PacketTypes.PUBLISH)
+        await client.publish(
+            availability,
+            AVAILABILITY_ONLINE,
+            qos=1,
+            retain=True,
+            properties=availability_properties,
+        )
         await client.subscribe(self._topics.topic(Stream.CMD), qos=1)
         self._counts["connects"] += 1
         self._connected = True
@@ -641,7 +654,12 @@ class Telemetry:
         # a clean close (the daemon is stopping): say so, since a clean DISCONNECT sends no Will
         with contextlib.suppress(aiomqtt.MqttError):
             await client.publish(
-                availability, AVAILABILITY_OFFLINE, qos=1, retain=True, timeout=1.0
+                availability,
+                AVAILABILITY_OFFLINE,
+                qos=1,
+                retain=True,
+                properties=availability_properties,
+                timeout=1.0,
             )
         self._connected = False
 
@@ -787,6 +805,20 @@ class Telemetry:
             f"MQTT command {decision.command!r} refused: only cmd/stop is accepted"
             + (" (a retained message on the broker: clear it)" if retained else ""),
         )
+
+    def _availability_properties(self, packet_type: int) -> Properties | None:
+        """MQTT 5 properties of ``online``/``offline`` (a PUBLISH or the Last Will): the payload
+        stays the contract's plain string, the properties say which run it belongs to, so a late
+        Last Will can be placed. None under 3.1.1 (read ``boot`` from the next ``state``)."""
+        if not self._v5:
+            return None
+        properties = Properties(packet_type)  # type: ignore[no-untyped-call]
+        properties.ContentType = "text/plain"
+        properties.UserProperty = [
+            ("schema", schema_id(Stream.AVAILABILITY)),
+            ("boot", str(self._boot)),
+        ]
+        return properties
 
     def _make_properties(self, stream: Stream) -> Properties:
         properties = _PackedProperties()

@@ -92,7 +92,14 @@ async def test_every_topic_matches_the_contract(mosquitto: Broker, tmp_path: Pat
         stream = _stream_of(message.topic)
         assert (message.qos, message.retain) == expected_flags[stream], message
         _validate(message, schemas)
-        if stream == "availability" or not message.payload:
+        if stream == "availability":
+            # plain text payload; the run it belongs to rides in MQTT 5 user properties
+            assert message.content_type == "text/plain"
+            assert message.user_properties == {
+                "schema": schema_id(Stream.AVAILABILITY), "boot": "1"
+            }  # fmt: skip
+            continue
+        if not message.payload:
             continue
         assert message.content_type == "application/json"
         assert message.user_properties == {"schema": schema_id(Stream(stream))}
@@ -125,6 +132,22 @@ async def test_every_topic_matches_the_contract(mosquitto: Broker, tmp_path: Pat
     assert rec.on("session")[-1].payload == b""
     assert [m.payload for m in rec.on("availability")] == [b"online", b"offline"]
     assert stops == []
+
+
+async def test_under_3_1_1_availability_is_bare_and_boot_is_in_state(
+    mosquitto: Broker, tmp_path: Path
+) -> None:
+    with recorder(mosquitto.port) as rec:
+        async with Telemetry(config(mosquitto.url, tmp_path, protocol="3.1.1")) as tm:
+            await until(lambda: tm.connected)
+            assert tm.stats.protocol == "3.1.1"
+            tm.publish_state(state="STANDBY")
+            await until(lambda: bool(rec.on("state")), what="state")
+        await until(lambda: len(rec.on("availability")) >= 2, what="online and offline")
+    assert [m.payload for m in rec.on("availability")] == [b"online", b"offline"]
+    for message in (*rec.on("availability"), *rec.on("state")):
+        assert (message.content_type, message.user_properties) == (None, {})
+    assert rec.on("state")[0].json()["boot"] == 1
 
 
 async def test_retained_topics_greet_a_late_subscriber(mosquitto: Broker, tmp_path: Path) -> None:

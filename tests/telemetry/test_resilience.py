@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 
 from devicectl.telemetry import Telemetry
-from protocols.mqtt import json_schemas
+from protocols.mqtt import Stream, json_schemas, schema_id
 from tests.brokers import Broker
 from tests.telemetry.helpers import Received, config, recorder, until
 
@@ -198,3 +198,7 @@ async def test_killed_publisher_leaves_retained_offline_will(
             lambda: any(m.payload == b"offline" and m.retain for m in after.on("availability")),
             what="retained Last Will",
         )
+    will = next(m for m in after.on("availability") if m.payload == b"offline")
+    # the Will names its run, so a dashboard can tell a late one from the current run's
+    assert will.user_properties == {"schema": schema_id(Stream.AVAILABILITY), "boot": "1"}
+    assert before.on("availability")[0].user_properties["boot"] == "1"
