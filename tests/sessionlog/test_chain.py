@@ -138,7 +138,7 @@ def _null_swap(conn: sqlite3.Connection, data: st.DataObject) -> str:
     if row[index] is None:
         new: object = data.draw(
             {
-                "INTEGER": st.sampled_from([-1, 0, 1, 2]) | st.integers(),
+                "INTEGER": st.sampled_from([-1, 0, 1, 2]) | st.integers(-(2**63), 2**63 - 1),
                 "TEXT": st.sampled_from(["", "-1", "null", "None"]) | st.text(),
                 "BLOB": st.binary(),
             }.get(declared, st.sampled_from([-1, 0, "", b""])),
