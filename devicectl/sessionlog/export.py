@@ -73,6 +73,7 @@ def session_document(
         "outcome": record.outcome,
         "info": record.info,
         "course_warnings": record.warnings,
+        "limits": record.limits,
         "summary": None if record.summary is None else record.summary.to_dict(),
         "post_care": [],
         "ended_by": None,

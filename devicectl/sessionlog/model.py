@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, FiniteFloat, ValidationError
 
 from devicectl.errors import DevicectlError
-from devicectl.policy import Concern, SkinType, Zone, spot_area_cm2
+from devicectl.policy import Concern, Policy, SkinType, Zone, spot_area_cm2
 
 __all__ = [
     "DEFAULT_PATIENT_REF_PATTERN",
@@ -31,6 +31,7 @@ __all__ = [
     "Course",
     "CourseWarning",
     "InvalidSessionInfo",
+    "LimitsInForce",
     "PostCare",
     "SessionInfo",
     "SessionOpened",
@@ -97,6 +98,26 @@ class SessionInfo(_Model):
     active_ingredient: Annotated[str, Field(min_length=1, max_length=120)]
     # Why the clinician treats despite a contraindication answered yes; recorded, never implied.
     contraindication_override: Annotated[str, Field(min_length=10, max_length=500)] | None = None
+
+
+class LimitsInForce(_Model):
+    """The supervisor's limits a session runs under, recorded when it starts so that its report
+    draws these, not the defaults or whatever the policy says on the day the report is made.
+    (Each zone's energy limit is recorded with the zone, when the operator moves to it.)"""
+
+    energy_tolerance_pct: Annotated[int, Field(gt=0, le=100)]  # measured vs setpoint, per pulse
+    skin_temp_max_c: FiniteFloat
+    head_temp_max_c: FiniteFloat | None = None
+    session_energy_j: Annotated[FiniteFloat, Field(gt=0)] | None = None
+
+    @classmethod
+    def from_policy(cls, policy: Policy) -> LimitsInForce:
+        return cls(
+            energy_tolerance_pct=policy.energy_tolerance_pct,
+            skin_temp_max_c=policy.skin_temp_max_c,
+            head_temp_max_c=policy.head_temp_max_c,
+            session_energy_j=policy.session_energy_j,
+        )
 
 
 class InvalidSessionInfo(DevicectlError):

@@ -3,7 +3,9 @@
 Every function takes an open :mod:`sqlite3` connection (see :func:`store.connect`); none writes.
 Record kinds and their JSON bodies (all written by :class:`~devicectl.sessionlog.SessionLog`):
 
-    session_started      {"info": SessionInfo, "warnings": [{"code", "message"}]}
+    session_started      {"info": SessionInfo, "warnings": [{"code", "message"}],
+                          "device_pulse_count" | null, "limits": LimitsInForce | null}
+                         (older logs lack "limits": the limits in force were not recorded)
     zone                 {"zone", "energy_limit_uj" | null, "actor"}
     params               {"energy_uj", "width_us", "rate_mhz", "spot_um", "actor"}
     status               {"state", "interlocks", "head_temp_cdeg", "skin_temp_cdeg", "pulse_count"}
@@ -94,6 +96,7 @@ class SessionRecord:
     records: list[dict[str, Any]]  # every non-pulse record, in log order: seq, kind, at_ns, body
     summary: Summary | None
     outcome: str
+    limits: dict[str, Any] | None = None  # LimitsInForce as recorded; None if not recorded
 
 
 def log_state(conn: sqlite3.Connection) -> LogState:
@@ -181,6 +184,7 @@ def load_session(conn: sqlite3.Connection, session_id: int) -> SessionRecord | N
         records=records,
         summary=summary,
         outcome="open" if summary is None else summary.outcome,
+        limits=started["body"].get("limits"),
     )
 
 

@@ -4,6 +4,11 @@ Plots are drawn with matplotlib's object API (no pyplot, no global backend) and 
 energy per pulse over time with the ±tolerance band around the setpoint, skin and head temperature
 from the STATUS samples, and energy per zone against its limit. Long sessions are drawn as a
 min/max envelope so the file stays small. Print CSS lays it out on A4.
+
+The limits drawn and tabled are the ones the session ran under: the energy tolerance and the
+temperature and session limits recorded at its start, each zone's energy limit recorded with the
+zone. A log written before the start limits were recorded gets :data:`DEFAULT_LIMITS` instead,
+labelled as defaults wherever they appear.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import html
 import io
 import sqlite3
 from bisect import bisect_left
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +27,14 @@ from matplotlib.figure import Figure
 
 from devicectl.sessionlog import reader
 from devicectl.sessionlog.export import iso_time, session_document
+from devicectl.sessionlog.model import LimitsInForce
 
-__all__ = ["ENERGY_TOLERANCE_PCT", "SKIN_TEMP_LIMIT_C", "render_report", "write_report"]
+__all__ = ["DEFAULT_LIMITS", "render_report", "write_report"]
 
-ENERGY_TOLERANCE_PCT = 20  # the supervisor's per-pulse rule (DESIGN.md section 4)
-SKIN_TEMP_LIMIT_C = 41.0
+# DESIGN.md section 4's defaults, for logs that do not record the limits a session ran under.
+DEFAULT_LIMITS = LimitsInForce(energy_tolerance_pct=20, skin_temp_max_c=41.0)
 _MAX_POINTS = 4000
+_DEFAULT_MARK = " (default)"
 
 _CSS = """
 :root { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; color: #1a1a1a; }
@@ -57,6 +65,29 @@ figcaption { font-size: .85rem; color: #555; }
 """
 
 
+@dataclass(frozen=True, slots=True)
+class _Limits:
+    """The session's limits and whether the log recorded them (else: defaults, said so)."""
+
+    values: LimitsInForce
+    recorded: bool
+    zone_energy_uj: dict[str, int]  # the last limit recorded with each zone
+
+    @property
+    def mark(self) -> str:
+        return "" if self.recorded else _DEFAULT_MARK
+
+
+def _limits(doc: dict[str, Any]) -> _Limits:
+    zones = {z["zone"]: int(z["energy_limit_uj"]) for z in doc["zones"] if z["energy_limit_uj"]}
+    raw = doc.get("limits")
+    if raw is None:
+        return _Limits(DEFAULT_LIMITS, False, zones)
+    # Only the fields this devicectl knows: a newer writer may record more.
+    known = {k: v for k, v in raw.items() if k in LimitsInForce.model_fields}
+    return _Limits(LimitsInForce.model_validate(known), True, zones)
+
+
 def _svg(fig: Figure) -> str:
     buffer = io.StringIO()
     with rc_context({"svg.fonttype": "none", "svg.hashsalt": "devicectl"}):
@@ -79,7 +110,7 @@ def _envelope(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     )
 
 
-def _energy_plot(doc: dict[str, Any], pulses: list[reader.PulseRow]) -> str:
+def _energy_plot(doc: dict[str, Any], pulses: list[reader.PulseRow], limits: _Limits) -> str:
     fig = Figure(figsize=(8, 3))
     ax = fig.add_subplot()
     start = doc["started_ns"]
@@ -91,7 +122,8 @@ def _energy_plot(doc: dict[str, Any], pulses: list[reader.PulseRow]) -> str:
         setpoint = np.array(
             [setpoints[i - 1] if (i := bisect_left(param_seqs, p.seq)) else np.nan for p in pulses]
         )
-        tol = ENERGY_TOLERANCE_PCT / 100
+        pct = limits.values.energy_tolerance_pct
+        tol = pct / 100
         bx, lo_sp, hi_sp = _envelope(x, setpoint)
         ax.fill_between(
             bx,
@@ -100,7 +132,7 @@ def _energy_plot(doc: dict[str, Any], pulses: list[reader.PulseRow]) -> str:
             step="post",
             color="#8fbf8f",
             alpha=0.35,
-            label=f"setpoint ±{ENERGY_TOLERANCE_PCT} %",
+            label=f"setpoint ±{pct} %{limits.mark}",
         )
         mx, lo, hi = _envelope(x, energy)
         if len(mx) == len(x):
@@ -116,7 +148,7 @@ def _energy_plot(doc: dict[str, Any], pulses: list[reader.PulseRow]) -> str:
     return _svg(fig)
 
 
-def _temperature_plot(doc: dict[str, Any]) -> str:
+def _temperature_plot(doc: dict[str, Any], limits: _Limits) -> str:
     fig = Figure(figsize=(8, 2.6))
     ax = fig.add_subplot()
     samples = doc["status"]
@@ -124,9 +156,19 @@ def _temperature_plot(doc: dict[str, Any]) -> str:
         x = [(s["at_ns"] - doc["started_ns"]) / 1e9 for s in samples]
         ax.plot(x, [s["skin_temp_cdeg"] / 100 for s in samples], color="#c0392b", label="skin")
         ax.plot(x, [s["head_temp_cdeg"] / 100 for s in samples], color="#7f8c8d", label="head")
+        skin = limits.values.skin_temp_max_c
         ax.axhline(
-            SKIN_TEMP_LIMIT_C, color="#c0392b", linestyle="--", linewidth=1, label="skin limit"
+            skin,
+            color="#c0392b",
+            linestyle="--",
+            linewidth=1,
+            label=f"skin limit {skin:g} °C{limits.mark}",
         )
+        head = limits.values.head_temp_max_c
+        if head is not None:
+            ax.axhline(
+                head, color="#7f8c8d", linestyle=":", linewidth=1, label=f"head limit {head:g} °C"
+            )
         ax.legend(loc="upper left", fontsize=8)
     else:
         ax.text(
@@ -147,8 +189,7 @@ def _zone_energy(doc: dict[str, Any], pulses: list[reader.PulseRow]) -> dict[str
     return energy
 
 
-def _zone_plot(doc: dict[str, Any], energy: dict[str, int]) -> str:
-    limits = {z["zone"]: z["energy_limit_uj"] for z in doc["zones"] if z["energy_limit_uj"]}
+def _zone_plot(energy: dict[str, int], limits: dict[str, int]) -> str:
     zones = sorted(set(energy) | set(limits))
     fig = Figure(figsize=(8, 2.6))
     ax = fig.add_subplot()
@@ -193,6 +234,7 @@ def render_report(conn: sqlite3.Connection, session_id: int) -> str:
     course = info["course"]
     checklist = info["checklist"]
     zone_energy = _zone_energy(doc, pulses)
+    limits = _limits(doc)
     esc = html.escape
 
     session_rows = [
@@ -219,17 +261,26 @@ def render_report(conn: sqlite3.Connection, session_id: int) -> str:
         for name, answer in checklist["contraindications"].items()
     ]
     if summary is not None:
+        session_limit = limits.values.session_energy_j
         summary_rows = [
             ("Outcome", summary["outcome"]),
             ("Pulses logged", f"{summary['pulses']:,}"),
             ("Unlogged pulses (charged at max energy)", f"{summary['unlogged_pulses']:,}"),
-            ("Total energy", f"{summary['total_energy_uj'] / 1e6:.3f} J"),
+            (
+                "Total energy",
+                f"{summary['total_energy_uj'] / 1e6:.3f} J"
+                + ("" if session_limit is None else f" of {session_limit:g} J session limit"),
+            ),
             ("Peak fluence", f"{summary['peak_fluence_j_cm2']:.3f} J/cm²"),
             ("Duration", f"{summary['duration_s'] / 60:.1f} min"),
             ("Faults and safety events", str(summary["faults"])),
-        ] + [(f"Energy, {zone}", f"{e / 1e6:.3f} J") for zone, e in sorted(zone_energy.items())]
+        ] + [
+            (f"Energy, {zone}", _of_limit(e, limits.zone_energy_uj.get(zone)))
+            for zone, e in sorted(zone_energy.items())
+        ]
     else:
         summary_rows = [("Outcome", "open (not ended)"), ("Pulses logged", f"{len(pulses):,}")]
+    summary_rows += _limit_rows(limits)
     param_rows = "".join(
         f"<tr><td>{_when(p['at_ns'])}</td><td class=num>{p['energy_uj'] / 1000:g}</td>"
         f"<td class=num>{p['width_us']}</td><td class=num>{p['rate_mhz'] / 1000:g}</td>"
@@ -260,6 +311,7 @@ def render_report(conn: sqlite3.Connection, session_id: int) -> str:
         (session_id, session_id),
     ).fetchone()[0]
     title = f"Treatment session {session_id} — {info['patient_ref']}"
+    energy_caption, temperature_caption = _captions(limits)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -277,14 +329,15 @@ def render_report(conn: sqlite3.Connection, session_id: int) -> str:
 <h2>Parameters</h2><table><tr><th>Time</th><th>Energy (mJ)</th><th>Width (µs)</th>
 <th>Rate (Hz)</th><th>Spot (µm)</th><th>By</th></tr>{param_rows}</table>
 <h2>Energy per pulse</h2>
-<figure id=plot-energy>{_energy_plot(doc, pulses)}<figcaption>Measured energy of every logged
-pulse with the ±{ENERGY_TOLERANCE_PCT} % band around the setpoint.</figcaption></figure>
+<figure id=plot-energy>{_energy_plot(doc, pulses, limits)}<figcaption>{esc(energy_caption)}
+</figcaption></figure>
 <h2>Temperature</h2>
-<figure id=plot-temperature>{_temperature_plot(doc)}<figcaption>Skin and head temperature from the
-device's STATUS samples; dashed: skin limit {SKIN_TEMP_LIMIT_C:g} °C.</figcaption></figure>
+<figure id=plot-temperature>{_temperature_plot(doc, limits)}<figcaption>{esc(temperature_caption)}
+</figcaption></figure>
 <h2>Energy per zone</h2>
-<figure id=plot-zones>{_zone_plot(doc, zone_energy)}<figcaption>Energy delivered per zone
-(unlogged pulses charged at maximum energy) against the zone's limit.</figcaption></figure>
+<figure id=plot-zones>{_zone_plot(zone_energy, limits.zone_energy_uj)}<figcaption>Energy delivered
+per zone (unlogged pulses charged at maximum energy) against the zone's limit as recorded when the
+zone was chosen.</figcaption></figure>
 <h2>Safety events and operator actions</h2>
 <table><tr><th>Time</th><th>Event</th><th>By</th><th>Reason</th><th>Detail</th></tr>
 {event_rows or "<tr><td colspan=5>none</td></tr>"}</table>
@@ -292,6 +345,48 @@ device's STATUS samples; dashed: skin limit {SKIN_TEMP_LIMIT_C:g} °C.</figcapti
 <div class=sign><div>Clinician (name, signature)</div><div>Date</div></div>
 </body></html>
 """
+
+
+def _of_limit(energy_uj: int, limit_uj: int | None) -> str:
+    if limit_uj is None:
+        return f"{energy_uj / 1e6:.3f} J (no limit recorded)"
+    over = " — over the limit" if energy_uj > limit_uj else ""
+    return f"{energy_uj / 1e6:.3f} J of {limit_uj / 1e6:g} J limit{over}"
+
+
+def _captions(limits: _Limits) -> tuple[str, str]:
+    """The energy and temperature plots' captions, naming the limits drawn and their source."""
+    values, mark = limits.values, limits.mark
+    source = "" if limits.recorded else " Defaults: this log does not record the limits in force."
+    head = values.head_temp_max_c
+    energy = (
+        f"Measured energy of every logged pulse with the ±{values.energy_tolerance_pct} %{mark} "
+        f"band around the setpoint.{source}"
+    )
+    temperature = (
+        "Skin and head temperature from the device's STATUS samples; dashed: skin limit "
+        f"{values.skin_temp_max_c:g} °C{mark}"
+        + ("" if head is None else f"; dotted: head limit {head:g} °C")
+        + f".{source}"
+    )
+    return energy, temperature
+
+
+def _limit_rows(limits: _Limits) -> list[tuple[str, str]]:
+    values, mark = limits.values, limits.mark
+    rows = [
+        (
+            "Limits in force",
+            "recorded at session start"
+            if limits.recorded
+            else "not recorded in this log: defaults shown, not necessarily those in force",
+        ),
+        ("Energy tolerance per pulse", f"±{values.energy_tolerance_pct} % of the setpoint{mark}"),
+        ("Skin temperature limit", f"{values.skin_temp_max_c:g} °C{mark}"),
+    ]
+    if values.head_temp_max_c is not None:
+        rows.append(("Head temperature limit", f"{values.head_temp_max_c:g} °C"))
+    return rows
 
 
 def _when(ns: int) -> str:

@@ -39,6 +39,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import structlog
+from pydantic import ValidationError
 
 from devicectl.errors import LogUnavailable
 from devicectl.sessionlog import reader, store
@@ -49,6 +50,7 @@ from devicectl.sessionlog.model import (
     MIN_DAYS_BETWEEN_SESSIONS,
     CourseWarning,
     InvalidSessionInfo,
+    LimitsInForce,
     PostCare,
     SessionInfo,
     SessionOpened,
@@ -107,6 +109,15 @@ class _LiveSession:
     unlogged: int = 0
     unlogged_energy: int = 0
     faults: int = 0
+
+
+def _parse_limits(data: Mapping[str, Any]) -> LimitsInForce:
+    try:
+        return LimitsInForce.model_validate(dict(data))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(["limits", *(str(part) for part in first["loc"])])
+        raise InvalidSessionInfo(where, first.get("input"), first["msg"]) from None
 
 
 def _canonical_json(body: Mapping[str, Any]) -> str:
@@ -356,6 +367,7 @@ class SessionLog:
         info: SessionInfo | Mapping[str, Any],
         *,
         device_pulse_count: int | None = None,
+        limits: LimitsInForce | Mapping[str, Any] | None = None,
         host_time_ns: int | None = None,
     ) -> SessionOpened:
         """Validate ``info``, enforce the checklist, apply the course rules and open a session.
@@ -364,14 +376,18 @@ class SessionLog:
         pseudonymous), :class:`SessionRefused` (checklist incomplete, contraindication present,
         a session already open, a course of another patient) or :class:`LogUnavailable`.
         ``device_pulse_count`` (the board's counter now) lets a crash in the very first session
-        be reconciled. Course warnings (interval under 7 days, course complete) are returned and
-        recorded, never blocking.
+        be reconciled. ``limits`` are the supervisor's limits for this session
+        (``LimitsInForce.from_policy(policy)``), recorded for its report; without them the report
+        shows the defaults, labelled as such. Course warnings (interval under 7 days, course
+        complete) are returned and recorded, never blocking.
         """
         self.check()
         if isinstance(info, SessionInfo):
             check_patient_ref(info.patient_ref, self._pattern)
         else:
             info = parse_session_info(info, patient_ref_pattern=self._pattern)
+        if limits is not None and not isinstance(limits, LimitsInForce):
+            limits = _parse_limits(limits)
         open_id = self.open_session()
         if open_id is not None:
             hint = "end it first" if self._live is not None else "recover_interrupted() first"
@@ -398,6 +414,7 @@ class SessionLog:
             "info": info.model_dump(mode="json"),
             "warnings": [{"code": w.code, "message": w.message} for w in warnings],
             "device_pulse_count": device_pulse_count,
+            "limits": None if limits is None else limits.model_dump(mode="json"),
         }
         self._record(session_id, "session_started", body, now)
         self._next_session_id += 1

@@ -14,7 +14,10 @@ from typer.testing import CliRunner
 
 from devicectl.cli import records  # noqa: F401 - registers the commands
 from devicectl.cli.app import app
-from devicectl.sessionlog.export import PULSE_CSV_COLUMNS
+from devicectl.sessionlog import LimitsInForce
+from devicectl.sessionlog.export import PULSE_CSV_COLUMNS, session_document
+from devicectl.sessionlog.report import render_report
+from devicectl.sessionlog.store import connect
 from tests.conftest import require_tool
 from tests.sessionlog.helpers import T0, Clock, fill_session, open_log, session_info
 
@@ -80,6 +83,7 @@ def test_json_export_is_the_full_record(db: Path, tmp_path: Path) -> None:
         "zone": "forehead",
     }
     assert doc["summary"]["unlogged_pulses"] == 2
+    assert doc["limits"] is None  # not recorded: started without them
 
 
 def test_csv_export_holds_every_pulse(db: Path, tmp_path: Path) -> None:
@@ -112,6 +116,49 @@ def test_the_html_report_is_self_contained_with_three_plots(db: Path, tmp_path: 
     assert "handpiece &lt;checked&gt; &amp; cleaned" in page  # escaped, not injected
     for external in ("<script", "src=", "<link"):
         assert external not in page
+
+
+def _report(path: Path, session_id: int) -> str:
+    conn = connect(path, readonly=True)
+    try:
+        return render_report(conn, session_id)
+    finally:
+        conn.close()
+
+
+def test_a_log_without_the_limits_in_force_shows_defaults_labelled(db: Path) -> None:
+    """Session 1 was started without limits, as every log written before they were recorded."""
+    page = _report(db, 1)
+    assert "setpoint ±20 % (default)" in page  # the energy plot's legend
+    assert "skin limit 41 °C (default)" in page  # the temperature plot's legend and caption
+    assert "Defaults: this log does not record the limits in force." in page
+    assert "not recorded in this log: defaults shown" in page
+    assert "±20 % of the setpoint (default)" in page
+
+
+def test_the_report_draws_the_limits_the_session_ran_under(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.db"
+    limits = LimitsInForce(
+        energy_tolerance_pct=15, skin_temp_max_c=39.5, head_temp_max_c=43.0, session_energy_j=0.2
+    )
+    with open_log(path, Clock()) as slog:
+        sid = slog.start_session(session_info(), limits=limits).session_id
+        fill_session(slog, sid, first_pulse_no=1, pulses=10, zone="neck")  # limit: 2 × 20 mJ
+        slog.end_session(sid, actor="op-anna")
+    page = _report(path, sid)
+    assert "setpoint ±15 %" in page  # the energy plot's legend
+    assert "skin limit 39.5 °C" in page  # the temperature plot's legend and caption
+    assert "head limit 43 °C" in page
+    assert "±15 % of the setpoint" in page
+    assert "recorded at session start" in page
+    assert "of 0.2 J session limit" in page
+    assert "Energy, neck</th><td>0.020 J of 0.04 J limit</td>" in page
+    for default in ("default", "±20 %", "41 °C"):
+        assert default not in page
+    conn = connect(path, readonly=True)
+    doc = session_document(conn, sid)
+    conn.close()
+    assert doc["limits"] == limits.model_dump(mode="json")
 
 
 @pytest.mark.system

@@ -7,13 +7,17 @@ from pathlib import Path
 import pytest
 
 from devicectl.errors import DevicectlError
+from devicectl.policy import load_policy
 from devicectl.sessionlog import (
     InvalidSessionInfo,
+    LimitsInForce,
     SessionInfo,
     SessionRefused,
     SkinType,
     parse_session_info,
 )
+from devicectl.sessionlog.reader import load_session
+from devicectl.sessionlog.store import connect
 from tests.sessionlog.helpers import T0, Clock, fill_session, open_log, session_info
 
 
@@ -234,3 +238,39 @@ def test_unknown_zone_post_care_and_event_kind_are_refused(tmp_path: Path) -> No
         with pytest.raises(InvalidSessionInfo, match="post_care"):
             slog.end_session(sid, actor="op-anna", post_care=["massage"])
         assert slog.open_session() == sid
+
+
+def test_the_limits_in_force_are_recorded_at_start_from_the_policy(tmp_path: Path) -> None:
+    policy = load_policy()
+    limits = LimitsInForce.from_policy(policy)
+    assert (limits.energy_tolerance_pct, limits.skin_temp_max_c) == (
+        policy.energy_tolerance_pct,
+        policy.skin_temp_max_c,
+    )
+    with open_log(tmp_path / "s.db") as slog:
+        sid = slog.start_session(session_info(), limits=limits).session_id
+        slog.flush()
+        conn = connect(tmp_path / "s.db", readonly=True)
+        record = load_session(conn, sid)
+        conn.close()
+    assert record is not None
+    assert record.limits == limits.model_dump(mode="json")
+
+
+@pytest.mark.parametrize(
+    ("limits", "field"),
+    [
+        ({"energy_tolerance_pct": 0, "skin_temp_max_c": 41.0}, "limits.energy_tolerance_pct"),
+        ({"energy_tolerance_pct": 20, "skin_temp_max_c": float("nan")}, "limits.skin_temp_max_c"),
+        ({"energy_tolerance_pct": 20}, "limits.skin_temp_max_c"),
+        ({"energy_tolerance_pct": 20, "skin_temp_max_c": 41.0, "skin": 1}, "limits.skin"),
+    ],
+)
+def test_malformed_limits_are_named_and_no_session_opens(
+    tmp_path: Path, limits: dict[str, object], field: str
+) -> None:
+    with open_log(tmp_path / "s.db") as slog:
+        with pytest.raises(InvalidSessionInfo) as caught:
+            slog.start_session(session_info(), limits=limits)
+        assert caught.value.field == field
+        assert slog.open_session() is None
