@@ -57,7 +57,7 @@ from devicectl.link import DeviceLink
 from devicectl.logs import redact_url
 from devicectl.policy import Concern, Policy, PulseParams, SkinType, Zone, load_policy
 from devicectl.safety import Breach, BreachCode, Limits, SafetySupervisor, check_params
-from devicectl.sessionlog import SessionLog
+from devicectl.sessionlog import LimitsInForce, SessionLog
 from devicectl.sessionlog.model import check_patient_ref
 from devicectl.systemd import SystemdNotifier
 from drivers import MemoryLink, open_serial
@@ -170,6 +170,7 @@ class Daemon:
         self._telemetry_backlog: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self.sim_control: Path | None = None
         self.sim_runner: Any = None  # the in-process simulator's BoardRunner (port "sim")
+        self._sim_memory: Any = None  # its serial and lifetime counter (simulator.nvram)
         self._pulses_since_metrics = 0
         self._energy_since_metrics = 0
 
@@ -194,7 +195,7 @@ class Daemon:
         connect, port_name = await self._transport(stack)
 
         self.sessionlog = SessionLog.open(
-            self.data_dir / "sessions.db",
+            settings.session_log_path,
             log=self._log,
             patient_ref_pattern=settings.patient_ref_pattern,
             on_unavailable=lambda exc: self._log_failed_threadsafe(loop, exc),
@@ -291,10 +292,20 @@ class Daemon:
         # an in-memory link, with its control socket beside ours so sim-control can drive it.
         from simulator import Board, BoardRunner
         from simulator.control import ControlServer as SimControlServer
+        from simulator.nvram import BoardMemory
 
-        board = Board(max_rate_mhz=round(self.settings.sim_max_rate_hz * 1000))
+        self._log.warning("device_simulated", detail="port = sim: no laser is controlled")
+        memory_file = BoardMemory.load(self.data_dir / "simulator-board.json")
+        board = Board(
+            serial=memory_file.serial,
+            pulse_count=memory_file.pulse_count,
+            max_rate_mhz=round(self.settings.sim_max_rate_hz * 1000),
+        )
         runner = await stack.enter_async_context(BoardRunner(board, log=self._log))
         self.sim_runner = runner
+        self._sim_memory = memory_file
+        memory_file.save(board)
+        stack.callback(memory_file.save, board)  # at exit, after the laser was made safe
 
         def accept(device: Any) -> None:
             device.attach(on_data=runner.feed, on_lost=lambda _exc: runner.attach(None))
@@ -337,6 +348,7 @@ class Daemon:
             config,
             on_stop=self._remote_stop,
             on_refused_command=self._remote_refused,
+            on_ignored_command=self._remote_ignored,
             log=self._log,
         ) as telemetry:
             self.telemetry = telemetry
@@ -752,6 +764,7 @@ class Daemon:
         opened = log.start_session(
             _session_info(request, ident, ingredient),
             device_pulse_count=self.status.pulse_count if self.status else None,
+            limits=LimitsInForce.from_policy(self.policy),
         )
         skin = SkinType.parse(request.skin_type)
         self.treatment = _Treatment(opened.session_id, request.operator, request.patient_ref, skin)
@@ -954,8 +967,18 @@ class Daemon:
             self.link.stop_now()
         self._event("stop", "mqtt", {})
 
-    def _remote_refused(self, topic: str, payload: bytes) -> None:
-        self._event("remote_command_refused", "mqtt", {"topic": topic, "bytes": len(payload)})
+    def _remote_refused(self, command: str, payload: bytes) -> None:
+        """Any ``cmd/*`` but stop: refused (telemetry has raised the alert), audited here."""
+        self._event("remote_command_refused", "mqtt", {"command": command, "bytes": len(payload)})
+
+    def _remote_ignored(self, command: str, payload: bytes) -> None:
+        """A retained ``cmd/stop`` found at subscription: stale, not obeyed, audited all the
+        same."""
+        self._event(
+            "remote_command_ignored",
+            "mqtt",
+            {"command": command, "bytes": len(payload), "why": "retained: not a live request"},
+        )
 
     def _log_failed_threadsafe(self, loop: asyncio.AbstractEventLoop, exc: LogUnavailable) -> None:
         """Called from the log's writer thread."""
@@ -1096,6 +1119,11 @@ class Daemon:
             elapsed, last = now - last, now
             pulses, energy = self._pulses_since_metrics, self._energy_since_metrics
             self._pulses_since_metrics = self._energy_since_metrics = 0
+            if self._sim_memory is not None:
+                try:
+                    self._sim_memory.save(self.sim_runner.board)
+                except OSError as exc:
+                    self._log.warning("simulator_memory_not_saved", error=str(exc))
             if self.telemetry is None:
                 continue
             status = self.status
@@ -1108,7 +1136,7 @@ class Daemon:
                 counters=self.link.stats if self.link else {},
             )
             if self.treatment is not None:
-                self._telemetry("publish_session", self._session_summary())
+                self._telemetry("refresh_session", self._session_summary())
 
     def _session_summary(self) -> dict[str, Any]:
         treatment = self.treatment
