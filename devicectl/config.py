@@ -283,6 +283,9 @@ class Settings(BaseSettings):
         "control socket; checked per connection with SO_PEERCRED",
     )
     policy: Path | None = Field(default=None, description="default: the packaged policy")
+    session_log: Path | None = Field(
+        default=None, description="the session log's SQLite file; default: DATA_DIR/sessions.db"
+    )
     status_period_ms: int = Field(default=100, ge=10, le=10000, strict=True)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     log_level: LogLevel = "info"
@@ -302,10 +305,15 @@ class Settings(BaseSettings):
         file_source = InitSettingsSource(settings_cls, init_kwargs=_FILE_VALUES.get() or {})
         return (init_settings, _EnvironmentText(settings_cls, env_settings), file_source)
 
-    @field_validator("control", "data_dir")
+    @field_validator("control", "data_dir", "session_log")
     @classmethod
-    def _expand(cls, value: Path) -> Path:
-        return value.expanduser()
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @property
+    def session_log_path(self) -> Path:
+        # the name is sessionlog.store.DB_FILENAME, not imported: config loads nothing heavy
+        return self.session_log if self.session_log is not None else self.data_dir / "sessions.db"
 
     @field_validator("policy")
     @classmethod

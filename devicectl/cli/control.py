@@ -13,7 +13,7 @@ from rich.table import Table
 
 from devicectl.cli.app import ExitCode, app, config_app, fault_app, params_app, session_app
 from devicectl.control import ControlError, DaemonUnreachable, call_daemon
-from devicectl.errors import DevicectlError
+from devicectl.errors import ConfigError, DevicectlError
 
 __all__: list[str] = []
 
@@ -122,6 +122,9 @@ def run(
         code = asyncio.run(run_daemon(settings))
     except KeyboardInterrupt:
         code = 0
+    except ConfigError as exc:  # the policy file: a usage error, like a bad setting
+        _err.print(f"error: {exc}")
+        raise typer.Exit(ExitCode.USAGE) from exc
     except DevicectlError as exc:
         _err.print(f"error: {exc}")
         raise typer.Exit(ExitCode.UNREACHABLE) from exc
@@ -133,18 +136,21 @@ def config_show(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Print the effective configuration (file, environment, defaults), secrets hidden.
+    """Print the effective configuration (file, environment, defaults), secrets hidden, after
+    checking it and the clinic policy it names as `devicectl run` would.
 
-    Example: devicectl config show --config /etc/devicectl/devicectl.toml
+    Example: devicectl config show --config /etc/devicectl/devicectl.toml --json
     """
     from devicectl.config import load_settings
+    from devicectl.policy import load_policy
 
     try:
         settings = load_settings(config)
+        load_policy(settings.policy)
     except DevicectlError as exc:
         _err.print(f"error: {exc}")
         raise typer.Exit(ExitCode.USAGE) from exc
-    typer.echo(json.dumps(settings.redacted_dict(), indent=2, default=str))
+    _show(settings.redacted_dict(), as_json, "devicectl configuration")
 
 
 # ---------------------------------------------------------------- status and emission
