@@ -115,10 +115,12 @@ class SessionEndRequest(_Request):
 
 class ParamsSetRequest(_Request):
     command: Literal["params_set"]
-    energy_uj: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
-    width_us: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
-    rate_hz: Annotated[float, Field(gt=0, le=100_000)] | None = None
-    spot_um: Annotated[int, Field(ge=1, le=65_535)] | None = None
+    # Bounded by the SET_PARAMS fields (u32, u16), not by a limit: a value that fits the wire
+    # is judged by the safety rules and refused naming the rule and the bound (exit 1).
+    energy_uj: Annotated[int, Field(ge=1, le=0xFFFF_FFFF)] | None = None
+    width_us: Annotated[int, Field(ge=1, le=0xFFFF_FFFF)] | None = None
+    rate_hz: Annotated[float, Field(gt=0, le=0xFFFF_FFFF / 1000, allow_inf_nan=False)] | None = None
+    spot_um: Annotated[int, Field(ge=1, le=0xFFFF)] | None = None
     preset: Concern | None = None
 
 

@@ -86,6 +86,15 @@ async def test_limit_refusal_names_rule_value_and_bound(driver: Driver) -> None:
         "params_set", energy_uj=20000, width_us=500, rate_hz=400, spot_um=1000
     )
     assert reply["rule"] == "max_average_power"
+    # Far beyond the device but within the wire's fields: a limit refusal (exit 1), not usage.
+    reply = await driver.call(
+        "params_set", energy_uj=20_000_000, width_us=500, rate_hz=5, spot_um=300
+    )
+    assert reply["kind"] == "refused" and reply["rule"].startswith("device"), reply
+    assert reply["bound"] == 60_000, reply
+    # Beyond the wire itself (u32): malformed, exit 2.
+    reply = await driver.call("params_set", energy_uj=2**32, width_us=500, rate_hz=5, spot_um=300)
+    assert reply["kind"] == "usage", reply
 
 
 async def test_contraindication_blocks_the_session(driver: Driver) -> None:
