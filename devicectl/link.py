@@ -692,14 +692,18 @@ class DeviceLink:
         return totals
 
     async def _supervise(self) -> None:
-        """No STATUS for 3 reporting periods: the link is lost."""
+        """No STATUS for 3 reporting periods: the link is lost. Judged a quarter period after
+        the third period since the last STATUS ends — not on a fixed tick, which took up to a
+        fourth period, and not on the dot, where a third STATUS a millisecond late after two
+        lost to line noise would end a healthy link."""
         while True:
             await self.connected.wait()
             period = self.status_period_ms / 1000
             if period == 0:
                 return
-            await self._sleep(period)
-            if self.connected.is_set() and self._clock() - self._last_status > 3 * period:
+            limit = 3.25 * period
+            await self._sleep(max(0.0, self._last_status + limit - self._clock()))
+            if self.connected.is_set() and self._clock() - self._last_status >= limit:
                 self._lose(f"no STATUS for 3 periods ({3 * self.status_period_ms} ms)")
 
     async def _heartbeats(self, lease_ms: int) -> None:
