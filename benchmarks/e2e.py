@@ -9,9 +9,17 @@ process (`devicectl run --port /dev/pts/N`), exactly as on a device. Measured:
 * breach-to-STOP latency: an energy drift is injected; the time from the board writing the first
   out-of-tolerance PULSE frame to the pty, to the STOP frame arriving back at the board. Repeated
   (acknowledge, re-arm, drift again) to give p50/p99/max;
-* the daemon's CPU share during the sustained phase and its peak memory (VmHWM).
+* the daemon's CPU share during the sustained phase and its peak memory (VmHWM);
+* commit latency at that rate (issue 4): from the board writing a PULSE frame to that pulse being
+  committed in the daemon's session log, seen by a reader polling the log every 2 ms (so the
+  figures include up to 2 ms of polling);
+* with ``--telemetry`` (issue 7): the sustained phase again with the daemon publishing to a real
+  mosquitto (started here) and a paho subscriber on ``lasers/#``: pulse-to-subscriber lag (the
+  board writing a PULSE frame to the subscriber holding the batch that carries it), p50/p99/max,
+  the messages/s the broker delivered, and the daemon's CPU share with and without telemetry.
 
-Run: ``.venv/bin/python benchmarks/e2e.py [--rate 5000] [--seconds 5] [--breaches 40]``.
+Run: ``.venv/bin/python benchmarks/e2e.py [--rate 5000] [--seconds 5] [--breaches 40]
+[--telemetry]``.
 Timings on a shared 2-core machine are noisy: compare ratios within one run. A real USB-serial
 adapter adds its own latency (FTDI's latency timer: 16 ms by default) on top of these figures.
 """
@@ -29,10 +37,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from devicectl.control import call_daemon
-from protocols import FrameReader, MessageType, Pulse
-from simulator import Board, BoardRunner
-from simulator.serve import PtyLink
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from devicectl.control import call_daemon  # noqa: E402
+from protocols import FrameReader, MessageType, Pulse  # noqa: E402
+from simulator import Board, BoardRunner  # noqa: E402
+from simulator.serve import PtyLink  # noqa: E402
 
 POLICY = """
 max_average_power_w = 3.0
@@ -91,12 +102,20 @@ class Probe:
         self.watching = False
         self.breach_written_ns = 0
         self.stop_received_ns = 0
+        self.pulse_written_ns: dict[int, int] | None = None  # pulse_no -> written, when timing
         self._out = FrameReader()
         self._in = FrameReader()
+        self._pulses = FrameReader()
         send, receive = board.data_to_send, board.receive_data
 
         def data_to_send(now_us: int) -> bytes:
             data = send(now_us)
+            written = self.pulse_written_ns
+            if written is not None and data:
+                now = time.perf_counter_ns()
+                for body in self._pulses.feed(data):
+                    if body[1] == MessageType.PULSE:
+                        written[int.from_bytes(body[2:6], "little")] = now
             if self.watching and data and not self.breach_written_ns:
                 for body in self._out.feed(data):
                     if body[1] == MessageType.PULSE:
@@ -146,11 +165,88 @@ async def _until(predicate: Any, within_s: float = 10.0) -> None:
         await asyncio.sleep(0.002)
 
 
-async def run(rate_hz: int, seconds: float, breaches: int) -> dict[str, Any]:
+class CommitWatch:
+    """A thread polling the session log (read-only) for the highest committed pulse_no."""
+
+    def __init__(self, db: Path) -> None:
+        import sqlite3
+        import threading
+
+        self.samples: list[tuple[int, int]] = []
+        self._stop = threading.Event()
+
+        def poll() -> None:
+            conn = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
+            try:
+                while not self._stop.is_set():
+                    row = conn.execute("SELECT max(pulse_no) FROM pulses").fetchone()
+                    self.samples.append((time.perf_counter_ns(), row[0] or 0))
+                    time.sleep(0.002)
+            finally:
+                conn.close()
+
+        self._thread = threading.Thread(target=poll, name="bench-commit-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self, written: dict[int, int]) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join()
+        latencies: list[float] = []
+        seen = self.samples[0][1] if self.samples else 0
+        for at_ns, highest in self.samples:
+            latencies.extend(
+                (at_ns - written[n]) / 1e6 for n in range(seen + 1, highest + 1) if n in written
+            )
+            seen = max(seen, highest)
+        latencies.sort()
+        if not latencies:
+            latencies.append(float("nan"))
+        return {
+            "commit_pulses": len(latencies),
+            "commit_p50_ms": statistics.median(latencies),
+            "commit_p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+            "commit_max_ms": latencies[-1],
+        }
+
+
+class Subscriber:
+    """A paho subscriber on ``lasers/#`` noting when each message arrived (its own thread)."""
+
+    def __init__(self, port: int) -> None:
+        import threading
+
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.arrivals: list[tuple[int, str, bytes]] = []
+        ready = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-dashboard")
+        self.client.on_connect = lambda c, *_a: c.subscribe("lasers/#", qos=1)
+        self.client.on_subscribe = lambda *_a: ready.set()
+        self.client.on_message = lambda _c, _u, m: self.arrivals.append(
+            (time.perf_counter_ns(), m.topic, bytes(m.payload))
+        )
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        if not ready.wait(10):
+            raise TimeoutError("the benchmark's subscriber could not subscribe")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+async def run(
+    rate_hz: int, seconds: float, breaches: int, mqtt_port: int | None = None
+) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="devicectl-e2e-"))
     (tmp / "policy.toml").write_text(POLICY)
-    (tmp / "devicectl.toml").write_text(f'policy = "{tmp / "policy.toml"}"\n')
+    config = f'policy = "{tmp / "policy.toml"}"\n'
+    if mqtt_port is not None:
+        config += f'[mqtt]\nurl = "mqtt://127.0.0.1:{mqtt_port}"\nsite = "bench"\n'
+    (tmp / "devicectl.toml").write_text(config)
     control = tmp / "ctl.sock"
+    subscriber = Subscriber(mqtt_port) if mqtt_port is not None else None
     energy = 500
     board = Board(max_rate_mhz=max(500_000, rate_hz * 1000))
     probe = Probe(board, energy)
@@ -180,6 +276,10 @@ async def run(rate_hz: int, seconds: float, breaches: int) -> dict[str, Any]:
             # Sustained phase.
             await _call(control, "arm")
             count0 = int(board.status(runner.now_us())["pulse_count"])  # type: ignore[call-overload]
+            probe.pulse_written_ns = {}
+            if subscriber is not None:
+                first_arrival = len(subscriber.arrivals)
+            commits = CommitWatch(tmp / "data" / "sessions.db")
             cpu0, _ = _proc(daemon.pid)
             started = time.monotonic()
             board.footswitch(True, runner.now_us())
@@ -190,6 +290,7 @@ async def run(rate_hz: int, seconds: float, breaches: int) -> dict[str, Any]:
             elapsed = time.monotonic() - started
             cpu1, _ = _proc(daemon.pid)
             await asyncio.sleep(0.5)
+            results |= commits.stop(probe.pulse_written_ns)
             emitted = int(board.status(runner.now_us())["pulse_count"]) - count0  # type: ignore[call-overload]
             status = await _call(control, "status")
             results |= {
@@ -201,6 +302,12 @@ async def run(rate_hz: int, seconds: float, breaches: int) -> dict[str, Any]:
                 "daemon_cpu_pct": 100 * (cpu1 - cpu0) / elapsed,
                 "breach_latched_during_run": status["breach_latched"],
             }
+            if subscriber is not None:
+                await asyncio.sleep(1.0)  # the last batches reach the subscriber
+                results |= _telemetry_figures(
+                    probe.pulse_written_ns, subscriber.arrivals[first_arrival:], elapsed
+                )
+            probe.pulse_written_ns = None
 
             # Breach-to-STOP latency, repeated.
             latencies: list[float] = []
@@ -233,7 +340,32 @@ async def run(rate_hz: int, seconds: float, breaches: int) -> dict[str, Any]:
         finally:
             daemon.terminate()
             await daemon.wait()
+            if subscriber is not None:
+                subscriber.close()
     return results
+
+
+def _telemetry_figures(
+    written: dict[int, int], arrivals: list[tuple[int, str, bytes]], elapsed: float
+) -> dict[str, Any]:
+    """Lag of every pulse the board wrote, from its PULSE frame to the batch at the subscriber."""
+    lags: list[float] = []
+    for arrived_ns, topic, payload in arrivals:
+        if topic.endswith("/pulses"):
+            for pulse_no, _t, _e in json.loads(payload)["pulses"]:
+                if pulse_no in written:
+                    lags.append((arrived_ns - written[pulse_no]) / 1e6)
+    lags.sort()
+    if not lags:
+        lags.append(float("nan"))
+    return {
+        "lag_pulses": len(lags),
+        "lag_p50_ms": statistics.median(lags),
+        "lag_p99_ms": lags[min(len(lags) - 1, int(len(lags) * 0.99))],
+        "lag_max_ms": lags[-1],
+        "broker_msgs_per_s": len(arrivals) / elapsed,
+        "pulse_batches_per_s": sum(t.endswith("/pulses") for _, t, _ in arrivals) / elapsed,
+    }
 
 
 def main() -> None:
@@ -242,10 +374,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--breaches", type=int, default=40)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--telemetry", action="store_true", help="also run with MQTT telemetry to a mosquitto"
+    )
     args = parser.parse_args()
     r = asyncio.run(run(args.rate, args.seconds, args.breaches))
+    t: dict[str, Any] | None = None
+    if args.telemetry:
+        from tests.brokers import Broker
+
+        with (
+            tempfile.TemporaryDirectory(prefix="devicectl-e2e-broker-") as directory,
+            Broker(Path(directory)) as broker,
+        ):
+            t = asyncio.run(run(args.rate, args.seconds, 0, mqtt_port=broker.port))
     if args.json:
-        print(json.dumps(r, indent=2, default=str))
+        print(json.dumps({"without_telemetry": r, "with_telemetry": t}, indent=2, default=str))
         return
     rows = [
         ("pulses/s asked", f"{r['rate_hz']:,}"),
@@ -254,6 +398,9 @@ def main() -> None:
         ("lost events / dropped frames", f"{r['lost_events']} / {r['dropped_frames']}"),
         ("daemon CPU during the run", f"{r['daemon_cpu_pct']:.0f} % of one core"),
         ("daemon peak RSS", f"{r['daemon_peak_rss_mib']:.0f} MiB"),
+        (f"PULSE to log commit p50 ({r['commit_pulses']:,})", f"{r['commit_p50_ms']:.1f} ms"),
+        ("PULSE to log commit p99", f"{r['commit_p99_ms']:.1f} ms"),
+        ("PULSE to log commit max", f"{r['commit_max_ms']:.1f} ms"),
         (f"breach-to-STOP p50 ({r['breaches']} breaches)", f"{r['stop_p50_us']:.0f} µs"),
         ("breach-to-STOP p99", f"{r['stop_p99_us']:.0f} µs"),
         ("breach-to-STOP max", f"{r['stop_max_us']:.0f} µs"),
@@ -266,6 +413,23 @@ def main() -> None:
         print(
             f"  note: a breach latched during the sustained run: {r['breach_latched_during_run']}"
         )
+    if t is None:
+        return
+    rows = [
+        ("pulses/s emitted by the board", f"{t['emitted_per_s']:,.0f}"),
+        ("pulses emitted / logged by the daemon", f"{t['emitted']:,} / {t['logged']:,}"),
+        ("daemon CPU without / with telemetry", f"{r['daemon_cpu_pct']:.0f} / "
+         f"{t['daemon_cpu_pct']:.0f} % of one core"),
+        ("broker messages/s to the subscriber", f"{t['broker_msgs_per_s']:,.1f}"),
+        ("  of which pulse batches/s", f"{t['pulse_batches_per_s']:,.1f}"),
+        (f"pulse-to-subscriber lag p50 ({t['lag_pulses']:,} pulses)", f"{t['lag_p50_ms']:.1f} ms"),
+        ("pulse-to-subscriber lag p99", f"{t['lag_p99_ms']:.1f} ms"),
+        ("pulse-to-subscriber lag max", f"{t['lag_max_ms']:.1f} ms"),
+    ]  # fmt: skip
+    width = max(len(k) for k, _ in rows)
+    print("with MQTT telemetry to a local mosquitto (batches every 100 ms)")
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value:>22}")
 
 
 if __name__ == "__main__":
