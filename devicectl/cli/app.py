@@ -35,14 +35,29 @@ class ExitCode(IntEnum):
 app = typer.Typer(
     name="devicectl",
     help="Device-side service of a clinical mesotherapy laser, and its tools.",
+    epilog="Example: devicectl demo    (a whole treatment on the simulator, in a minute)",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-session_app = typer.Typer(help="Treatment sessions: start, zone, end, list, show, export.")
-params_app = typer.Typer(help="Laser parameters.")
-fault_app = typer.Typer(help="Latched safety breaches.")
-log_app = typer.Typer(help="The tamper-evident session log.")
-config_app = typer.Typer(help="Configuration.")
+session_app = typer.Typer(
+    help="Treatment sessions: start, zone, end, list, show, export.",
+    epilog="Example: devicectl session list --since 2026-11-01",
+)
+params_app = typer.Typer(
+    help="Laser parameters.", epilog="Example: devicectl params set --rate-hz 20"
+)
+fault_app = typer.Typer(
+    help="Latched safety breaches.",
+    epilog='Example: devicectl fault ack --operator OP-7 --reason "handpiece checked"',
+)
+log_app = typer.Typer(
+    help="The tamper-evident session log.",
+    epilog="Example: devicectl log verify --db /var/lib/devicectl/sessions.db",
+)
+config_app = typer.Typer(
+    help="Configuration.",
+    epilog="Example: devicectl config show --config /etc/devicectl/devicectl.toml",
+)
 app.add_typer(session_app, name="session")
 app.add_typer(params_app, name="params")
 app.add_typer(fault_app, name="fault")

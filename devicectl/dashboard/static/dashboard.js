@@ -51,6 +51,15 @@ function fmt(value, digits, unit) {
   return unit ? `${text} ${unit}` : text;
 }
 
+// An alert's code, then its message; a breach's message already starts with its code.
+function alertText(a) {
+  const code = a.code || "";
+  const message = a.message || "";
+  if (!code) return message;
+  if (!message || message.startsWith(code)) return message || code;
+  return `${code} — ${message}`;
+}
+
 function clock(iso) {
   if (!iso) return "—";
   const when = new Date(iso);
@@ -257,7 +266,7 @@ function renderDevice(card, d) {
   if (d.alerts.length) {
     parts.push(el("ul", { class: "mini-list", "data-testid": "device-alerts" },
       d.alerts.slice(0, 3).map((a) => el("li", { class: `alert ${a.severity}` },
-        `${clock(a.ts)} ${a.severity.toUpperCase()} ${a.code || ""} — ${a.message || ""}`))));
+        `${clock(a.ts)} ${a.severity.toUpperCase()} ${alertText(a)}`))));
   }
   if (d.events.length) {
     parts.push(el("ul", { class: "mini-list muted", "data-testid": "events" },
@@ -367,7 +376,7 @@ function renderChrome() {
     el("span", { class: "sev" }, a.severity),
     el("b", {}, `${a.device} `),
     el("span", { class: "muted" }, `(${a.site}) `),
-    `${a.code || ""} — ${a.message || ""}`,
+    alertText(a),
     a.value !== null && a.value !== undefined ? ` · value ${a.value}${a.limit !== null && a.limit !== undefined ? ` / limit ${a.limit}` : ""}` : "",
     a.historical ? " · delivered late" : "")));
   document.getElementById("no-alerts").hidden = view.alerts.length > 0;
@@ -386,7 +395,7 @@ function renderChrome() {
   document.getElementById("banner-title").textContent =
     `${newest.severity.toUpperCase()} — ${newest.device} (${newest.site}): `;
   document.getElementById("banner-message").textContent =
-    `${newest.code || ""} ${newest.message || ""}`.trim();
+    alertText(newest);
   document.getElementById("banner-more").textContent =
     unseen.length > 1 ? `+${unseen.length - 1} more` : "";
   document.title = `⚠ ALERT — ${document.getElementById("title").textContent}`;
