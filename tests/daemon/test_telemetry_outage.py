@@ -19,7 +19,7 @@ from protocols.mqtt import STREAMS, parse_topic
 from tests.brokers import Broker
 from tests.daemon.conftest import Driver
 from tests.daemon.test_processes import Rig, _cli, _wait
-from tests.telemetry.helpers import Received, recorder, until
+from tests.telemetry.helpers import Received, Recorder, recorder, until
 
 QOS1_STREAMS = {stream for stream, spec in STREAMS.items() if spec.qos == 1}
 
@@ -34,6 +34,29 @@ def _assigned(data_dir: Path) -> tuple[dict[str, int], int]:
         db.close()
     last = {name.removeprefix("seq:"): int(v) for name, v in counters.items()}
     return {t: n for t, n in last.items() if not t.endswith("/metrics")}, int(pending)
+
+
+def _highest_seen(messages: list[Received], topics: dict[str, int]) -> dict[str, int]:
+    highest: dict[str, int] = {}
+    for m in messages:
+        if m.topic in topics and m.payload[:1] == b"{":
+            highest[m.topic] = max(highest.get(m.topic, 0), m.json()["seq"])
+    return highest
+
+
+def _all_delivered(rec: Recorder, data_dir: Path) -> tuple[list[Received], dict[str, int]]:
+    """Wait until the subscriber holds every seq assigned so far (read afresh each time: a state
+    change may still be published meanwhile); return its messages and the seqs assigned."""
+    deadline = time.monotonic() + 20
+    while True:
+        assigned, _ = _assigned(data_dir)
+        messages = rec.snapshot()
+        seen = _highest_seen(messages, assigned)
+        if seen == assigned:
+            return messages, assigned
+        if time.monotonic() > deadline:
+            raise AssertionError(f"assigned {assigned}, the subscriber's highest {seen}")
+        time.sleep(0.05)
 
 
 def _check_delivery(messages: list[Received], assigned: dict[str, int]) -> None:
@@ -96,18 +119,7 @@ async def test_a_broker_outage_mid_emission_loses_nothing_and_never_stops_the_la
             await drv.ok("session_end", post_care=["sunscreen"])
             await until(lambda: _assigned(daemon.data_dir)[1] == 0, timeout=20, what="drained")
             assert daemon.supervisor.latched is None  # type: ignore[union-attr]
-            assigned, _ = _assigned(daemon.data_dir)
-            last = dict(assigned)
-
-            def everything_seen() -> bool:
-                highest: dict[str, int] = {}
-                for m in rec.snapshot():
-                    if m.payload and m.topic in last and m.payload not in (b"online",):
-                        highest[m.topic] = max(highest.get(m.topic, 0), m.json()["seq"])
-                return highest == last
-
-            await until(everything_seen, timeout=20, what="every assigned seq at the subscriber")
-            messages = rec.snapshot()
+            messages, assigned = await asyncio.to_thread(_all_delivered, rec, daemon.data_dir)
     _check_delivery(messages, assigned)
     replayed = [m for m in messages if m.payload[:1] == b"{" and m.json().get("historical")]
     assert replayed, "messages held through the outage are delivered marked historical"
@@ -152,17 +164,7 @@ def test_kill_9_gives_the_last_will_and_the_restart_continues_seq_and_delivers(
             # The restart closed the killed session as interrupted: nothing is open to end.
             assert out.returncode == 1, out.stdout + out.stderr
             _wait(lambda: _assigned(rig.data)[1] == 0, what="the outbox drained")
-            assigned, _ = _assigned(rig.data)
-
-            def everything_seen() -> bool:
-                highest: dict[str, int] = {}
-                for m in rec.snapshot():
-                    if m.topic in assigned and m.payload[:1] == b"{":
-                        highest[m.topic] = max(highest.get(m.topic, 0), m.json()["seq"])
-                return highest == assigned
-
-            _wait(everything_seen, timeout=20, what="every assigned seq at the subscriber")
-            messages = rec.snapshot()
+            messages, assigned = _all_delivered(rec, rig.data)
     finally:
         rig.stop()
     _check_delivery(messages, assigned)
