@@ -23,8 +23,9 @@ then are the books closed:
 - **unsafe**: pulses the board fired after it was first seen safe following the fault (no row
   re-arms after its fault and none injects a stuck shutter), plus the log's uncommanded emissions.
 
-The disk-full row lowers ``RLIMIT_FSIZE`` of the running daemon with ``prlimit(2)`` to the size of
-its largest file (Python ignores SIGXFSZ, so writes fail with EFBIG): no root mount needed.
+The disk-full row checkpoints the session log's WAL to zero, lets it grow for 0.2 s, and lowers
+``RLIMIT_FSIZE`` of the running daemon with ``prlimit(2)`` to that size, so no file of its may grow
+further (Python ignores SIGXFSZ, so writes fail with EFBIG): no root mount needed.
 ``--short`` is the CI size (``tests/campaign``). Prints a table; exit 1 when a row fails.
 """
 
@@ -716,9 +717,18 @@ def _combined_kill(rig: Campaign, timing: Timing, row: Row) -> None:
 def _disk_full(rig: Campaign, timing: Timing, row: Row) -> None:
     assert rig.daemon is not None
     pid = rig.daemon.pid
-    largest = max(p.stat().st_size for p in rig.data.iterdir() if p.is_file())
+    # The session log's WAL is recycled after each checkpoint, so "no file may grow past the
+    # largest one" can leave it writing inside its old length for minutes. Checkpoint it to zero
+    # first (from here, as any reader may), let it grow for a moment, and cap every file at
+    # that: the log's next growing write fails, and so does every other file's, as on a full disk.
+    wal = rig.data / "sessions.db-wal"
+    with contextlib.closing(sqlite3.connect(rig.data / "sessions.db", timeout=5)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    time.sleep(0.2)
+    limit = max(wal.stat().st_size if wal.exists() else 0, 4096)
     t0 = time.monotonic()
-    resource.prlimit(pid, resource.RLIMIT_FSIZE, (largest, resource.RLIM_INFINITY))
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    row.notes.append(f"files capped at {limit} B")
     _fault_window(rig, timing, row, t0, must_stop=True)
     if rig.daemon is not None and rig.daemon.poll() is None:
         resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)

@@ -10,6 +10,13 @@ Bounded by payload bytes: past the bound the oldest ``pulses`` batches go first,
 ``state``/``session`` messages (a newer one for the same retained topic is queued); alerts and
 session events are never dropped, so the bound may be exceeded by them alone.
 
+A disk that refuses writes (full, read-only, failing) must not silence telemetry while the broker
+is there to take it, least of all the alert saying the session log cannot be written: from the
+first failed write, messages (and their seqs) are kept in memory, in order after the stored ones,
+and delivered like them; the disk is tried again once they are all delivered, and the seq
+counters advanced meanwhile are written with the first message stored. What is only in memory
+is lost if the daemon stops first (:attr:`Outbox.in_memory` says how much).
+
 Writes are synchronous on the caller's thread: an insert and commit in WAL mode with
 ``synchronous=NORMAL`` (no fsync per commit) costs 80-150 µs on the reference machine (see
 ``benchmarks/telemetry.py``); the callers are never the per-pulse path (pulses arrive here in
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +109,15 @@ class Outbox:
         self._acked_bytes = 0  # the sizes given with the acks in _acked
         self._acked_unsized = False  # some ack came without its size
         self.boot = 0
+        # Explicit ids, so that rows kept in memory and rows stored after them stay in order.
+        row = self._db.execute(
+            "SELECT MAX(COALESCE((SELECT MAX(id) FROM outbox), 0), "
+            "COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0))"
+        ).fetchone()
+        self._next_id = int(row[0]) + 1
+        self._memory: deque[OutboxRow] = deque()  # while the disk refuses writes
+        self._unpersisted: set[str] = set()  # counters advanced in memory only
+        self.unwritable: str | None = None  # why the last write failed, until one succeeds
 
     # -- counters ---------------------------------------------------------------------------
 
@@ -111,9 +128,18 @@ class Outbox:
         return self.boot
 
     def next_seq(self, topic: str) -> int:
-        """Assign and persist the next seq of a topic not carried by the outbox (metrics)."""
-        seq = self._counters.get("seq:" + topic, 0) + 1
-        self._set_counter("seq:" + topic, seq)
+        """Assign and persist the next seq of a topic not carried by the outbox (metrics);
+        kept in memory, and written later, while the disk refuses writes."""
+        name = "seq:" + topic
+        seq = self._counters.get(name, 0) + 1
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._set_counter(name, seq)
+        except sqlite3.Error as exc:
+            self._counters[name] = seq
+            self._unpersisted.add(name)
+            self.unwritable = str(exc) or type(exc).__name__
         return seq
 
     def peek_seq(self, topic: str) -> int:
@@ -149,28 +175,72 @@ class Outbox:
         name = "seq:" + topic
         seq = self._counters.get(name, 0) + 1 if numbered else 0
         payload: bytes = build(seq)
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.execute(
-                "INSERT INTO outbox(topic, stream, payload, qos, retain, boot) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (topic, stream, payload, qos, int(retain), self.boot),
-            )
+        row_id = self._next_id
+        stored = not self._memory and self._store(
+            row_id, topic, stream, payload, qos, retain, name, seq
+        )
+        if not stored:
+            self._memory.append(OutboxRow(row_id, topic, stream, payload, qos, retain, self.boot))
             if numbered:
-                self._set_counter(name, seq)
+                self._counters[name] = seq
+                self._unpersisted.add(name)
+        self._next_id = row_id + 1
         self._count += 1
         self._bytes += len(payload)
         report = self._enforce_bound() if self._bytes > self.max_bytes else None
         return seq, report
 
+    def _store(
+        self,
+        row_id: int,
+        topic: str,
+        stream: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        name: str,
+        seq: int,
+    ) -> bool:
+        """Write one message (and its counter, and any counter only in memory) in one
+        transaction; False, with :attr:`unwritable` set, if the disk refused."""
+        counters = {n: self._counters[n] for n in self._unpersisted}
+        if seq:
+            counters[name] = seq
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.execute(
+                    "INSERT INTO outbox(id, topic, stream, payload, qos, retain, boot) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (row_id, topic, stream, payload, qos, int(retain), self.boot),
+                )
+                for counter, value in counters.items():
+                    self._set_counter(counter, value)
+        except sqlite3.Error as exc:  # rolled back; the counters stay advanced in memory
+            self.unwritable = str(exc) or type(exc).__name__
+            return False
+        self._unpersisted.clear()
+        self.unwritable = None
+        return True
+
     def fetch(self, after: int, limit: int) -> list[OutboxRow]:
-        """Up to ``limit`` messages with id > ``after``, oldest first."""
+        """Up to ``limit`` messages with id > ``after``, oldest first (stored ones, then those
+        kept in memory, which all came after them)."""
         rows = self._db.execute(
             "SELECT id, topic, stream, payload, qos, retain, boot FROM outbox "
             "WHERE id > ? ORDER BY id LIMIT ?",
             (after, limit),
         ).fetchall()
-        return [OutboxRow(r[0], r[1], r[2], r[3], r[4], r[5] != 0, r[6]) for r in rows]
+        out = [OutboxRow(r[0], r[1], r[2], r[3], r[4], r[5] != 0, r[6]) for r in rows]
+        if self._memory and len(out) < limit:
+            out.extend(r for r in self._memory if r.id > after)
+            del out[limit:]
+        return out
+
+    @property
+    def in_memory(self) -> int:
+        """Messages kept in memory because the disk refused them (lost if the daemon stops)."""
+        return len(self._memory)
 
     def ack(self, row_id: int, size: int | None = None) -> None:
         """Mark a message delivered; deleted at the next :meth:`flush_acks` (batched).
@@ -178,6 +248,15 @@ class Outbox:
         ``size``, the stored payload's length (``len(row.payload)``), saves reading it back
         when the row is deleted; without it the delete returns each row's length.
         """
+        memory = self._memory
+        if memory and row_id >= memory[0].id:
+            for row in memory:
+                if row.id == row_id:
+                    memory.remove(row)
+                    self._count -= 1
+                    self._bytes -= len(row.payload)
+                    break
+            return
         self._acked.append(row_id)
         if size is None:
             self._acked_unsized = True
@@ -195,9 +274,15 @@ class Outbox:
         """
         if not self._acked:
             return
-        ids, self._acked = self._acked, []
-        acked_bytes, self._acked_bytes = self._acked_bytes, 0
-        unsized, self._acked_unsized = self._acked_unsized, False
+        try:
+            self._delete_acked()
+        except sqlite3.Error as exc:  # a full disk: the rows stay, delivered; deleted later
+            self.unwritable = str(exc) or type(exc).__name__
+
+    def _delete_acked(self) -> None:
+        ids = self._acked
+        acked_bytes = self._acked_bytes
+        unsized = self._acked_unsized
         ids.sort()
         runs: list[tuple[int, int]] = []
         first = last = ids[0]
@@ -209,23 +294,27 @@ class Outbox:
                 first = last = row_id
         runs.append((first, last))
         deleted = expected = 0
+        removed: list[int] = []
         with self._db:
             self._db.execute("BEGIN")
-            if unsized:
-                for lo, hi in runs:
+            for lo, hi in runs:
+                if unsized:
                     cur = self._db.execute(
                         "DELETE FROM outbox WHERE id BETWEEN ? AND ? RETURNING LENGTH(payload)",
                         (lo, hi),
                     )
-                    sizes = [r[0] for r in cur.fetchall()]
-                    self._count -= len(sizes)
-                    self._bytes -= sum(sizes)
-                return
-            for lo, hi in runs:
-                deleted += self._db.execute(
-                    "DELETE FROM outbox WHERE id BETWEEN ? AND ?", (lo, hi)
-                ).rowcount
-                expected += hi - lo + 1
+                    removed.extend(r[0] for r in cur.fetchall())
+                else:
+                    deleted += self._db.execute(
+                        "DELETE FROM outbox WHERE id BETWEEN ? AND ?", (lo, hi)
+                    ).rowcount
+                    expected += hi - lo + 1
+        # committed: only now forget the acks (a failed commit keeps them for the next flush)
+        self._acked, self._acked_bytes, self._acked_unsized = [], 0, False
+        if unsized:
+            self._count -= len(removed)
+            self._bytes -= sum(removed)
+            return
         if deleted == expected == len(ids):
             self._count -= deleted
             self._bytes -= acked_bytes
@@ -264,6 +353,14 @@ class Outbox:
                 if n == 0:
                     break
                 dropped, dropped_bytes = dropped + n, dropped_bytes + b
+            while self._bytes > self.max_bytes:  # then those only in memory, oldest first
+                row = next((r for r in self._memory if r.stream == stream), None)
+                if row is None:
+                    break
+                self._memory.remove(row)
+                self._count -= 1
+                self._bytes -= len(row.payload)
+                dropped, dropped_bytes = dropped + 1, dropped_bytes + len(row.payload)
         for stream in _SUPERSEDABLE:
             while self._bytes > self.max_bytes:
                 # the oldest message of a retained topic that has a newer one queued
@@ -278,15 +375,19 @@ class Outbox:
         return OverflowReport(dropped, dropped_bytes, self._bytes > self.max_bytes)
 
     def _drop_oldest(self, where: str, args: tuple[object, ...]) -> tuple[int, int]:
-        with self._db:
-            self._db.execute("BEGIN")
-            sizes = [
-                r[0]
-                for r in self._db.execute(
-                    f"DELETE FROM outbox WHERE {where} RETURNING LENGTH(payload)",  # noqa: S608
-                    args,
-                ).fetchall()
-            ]
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                sizes = [
+                    r[0]
+                    for r in self._db.execute(
+                        f"DELETE FROM outbox WHERE {where} RETURNING LENGTH(payload)",  # noqa: S608
+                        args,
+                    ).fetchall()
+                ]
+        except sqlite3.Error as exc:  # a refusing disk cannot even delete: nothing dropped
+            self.unwritable = str(exc) or type(exc).__name__
+            return 0, 0
         self._count -= len(sizes)
         self._bytes -= sum(sizes)
         return len(sizes), sum(sizes)
@@ -298,6 +399,7 @@ class Outbox:
             db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def close(self) -> None:
+        """Flush and close; messages only in memory (:attr:`in_memory`) are lost."""
         self.flush_acks()
         with contextlib.suppress(sqlite3.Error):
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

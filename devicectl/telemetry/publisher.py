@@ -158,6 +158,7 @@ class Telemetry:
         self._session_summary: SessionSummary | None = None
         self._session_sent_at = 0.0
         self._overflow_alerted = False
+        self._unwritable_reported = False  # the outbox disk refusing writes was reported
         self._counts = dict.fromkeys(
             (
                 "connects", "connect_failures", "published", "live_published", "live_dropped",
@@ -222,6 +223,12 @@ class Telemetry:
             await self._tasks.__aexit__(None, None, None)
         finally:
             self._running = False
+            if self._outbox.in_memory:
+                self._log.error(
+                    "telemetry_messages_lost",
+                    count=self._outbox.in_memory,
+                    cause="held in memory: the outbox's disk refused them",
+                )
             self._outbox.close()
             self._log.info("telemetry_stopped", outbox_depth=self._outbox.depth)
 
@@ -399,10 +406,27 @@ class Telemetry:
             topic, stream.value, build, qos=spec.qos, retain=spec.retain, numbered=numbered
         )
         self._wakeup.set()
+        if (self._outbox.unwritable is not None) != self._unwritable_reported:
+            self._on_unwritable(self._outbox.unwritable)
         if report is not None:
             self._on_overflow(report)
         elif self._overflow_alerted and self._outbox.size_bytes < self._outbox.max_bytes // 2:
             self._overflow_alerted = False
+
+    def _on_unwritable(self, cause: str | None) -> None:
+        """The outbox's disk refused a write (kept in memory from now), or accepts them again."""
+        assert self._outbox is not None
+        self._unwritable_reported = cause is not None
+        if cause is None:
+            self._log.info("telemetry_outbox_writable")
+            return
+        self._log.error("telemetry_outbox_unwritable", cause=cause, path=str(self._outbox.path))
+        self.publish_alert(
+            "critical",
+            "telemetry_outbox_unwritable",
+            f"telemetry outbox {self._outbox.path} cannot be written ({cause}): messages are kept "
+            "in memory and still delivered, but lost if the daemon stops before the disk recovers",
+        )
 
     def _on_overflow(self, report: OverflowReport) -> None:
         assert self._outbox is not None
