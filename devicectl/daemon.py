@@ -538,8 +538,8 @@ class Daemon:
         self._arming = False
         self._gap_open_since = time.time()
         if was_armed or (self.supervisor is not None and self.supervisor.armed):
-            # Unanswered, so not yet sent: it goes out right after IDENT on the next connection,
-            # before anything else (the device may still be firing under its lease).
+            # The device may still be firing under its lease: STOP, which the link keeps wanted
+            # until it is acknowledged, so it goes out right after IDENT on the next connection.
             self.link.stop_now()  # type: ignore[union-attr]
         if self.supervisor is not None and self.supervisor.on_link_lost():
             self._breach()  # recorded and alerted as the breach: one incident, one fault

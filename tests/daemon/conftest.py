@@ -198,7 +198,8 @@ class Driver:
         await self.until(lambda: self.daemon.treatment and self.daemon.treatment.pulses >= 5)
 
 
-def _settings(tmp_path: Path, policy_file: Path, port: str) -> Any:
+def _settings(tmp_path: Path, policy_file: Path, port: str, **overrides: Any) -> Any:
+    """A daemon's settings in ``tmp_path`` (``mqtt__url=...`` and the like as overrides)."""
     return load_settings(
         None,
         port=port,
@@ -206,6 +207,7 @@ def _settings(tmp_path: Path, policy_file: Path, port: str) -> Any:
         control=tmp_path / "ctl.sock",
         policy=policy_file,
         sim_max_rate_hz=5000,
+        **overrides,
     )
 
 

@@ -17,11 +17,10 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from devicectl.config import load_settings
 from devicectl.daemon import Daemon
 from protocols.mqtt import STREAMS, Stream, json_schemas, parse_topic
 from tests.brokers import Broker
-from tests.daemon.conftest import Driver
+from tests.daemon.conftest import Driver, _settings
 from tests.telemetry.helpers import Recorder, recorder, until
 
 SCHEMA_BY_STREAM = {
@@ -38,14 +37,8 @@ SCHEMA_BY_STREAM = {
 async def mqtt_driver(
     tmp_path: Path, policy_file: Path, mosquitto: Broker
 ) -> AsyncIterator[Driver]:
-    settings = load_settings(
-        None,
-        port="sim",
-        data_dir=tmp_path / "data",
-        control=tmp_path / "ctl.sock",
-        policy=policy_file,
-        mqtt__url=mosquitto.url,
-        mqtt__site="clinic1",
+    settings = _settings(
+        tmp_path, policy_file, "sim", mqtt__url=mosquitto.url, mqtt__site="clinic1"
     )
     async with Daemon(settings) as daemon:
         drv = Driver(daemon)
@@ -171,14 +164,7 @@ async def test_cmd_stop_stops_and_other_commands_are_refused(
 async def test_availability_goes_offline_on_a_clean_stop(
     tmp_path: Path, policy_file: Path, mosquitto: Broker
 ) -> None:
-    settings = load_settings(
-        None,
-        port="sim",
-        data_dir=tmp_path / "data",
-        control=tmp_path / "ctl.sock",
-        policy=policy_file,
-        mqtt__url=mosquitto.url,
-    )
+    settings = _settings(tmp_path, policy_file, "sim", mqtt__url=mosquitto.url)
     with recorder(mosquitto.port, client_id="dashboard") as rec:
         async with Daemon(settings) as daemon:
             await Driver(daemon).until(lambda: daemon.telemetry and daemon.telemetry.connected)

@@ -13,11 +13,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from devicectl.config import load_settings
 from devicectl.daemon import Daemon
 from protocols.mqtt import STREAMS, parse_topic
 from tests.brokers import Broker
-from tests.daemon.conftest import Driver
+from tests.daemon.conftest import Driver, _settings
 from tests.daemon.test_processes import Rig, _cli, _wait
 from tests.telemetry.helpers import Received, Recorder, recorder, until
 
@@ -86,14 +85,8 @@ def _check_delivery(messages: list[Received], assigned: dict[str, int]) -> None:
 async def test_a_broker_outage_mid_emission_loses_nothing_and_never_stops_the_laser(
     tmp_path: Path, policy_file: Path, mosquitto: Broker
 ) -> None:
-    settings = load_settings(
-        None,
-        port="sim",
-        data_dir=tmp_path / "data",
-        control=tmp_path / "ctl.sock",
-        policy=policy_file,
-        mqtt__url=mosquitto.url,
-        mqtt__site="clinic1",
+    settings = _settings(
+        tmp_path, policy_file, "sim", mqtt__url=mosquitto.url, mqtt__site="clinic1"
     )
     with recorder(mosquitto.port, client_id="dashboard", persistent=True) as rec:
         async with Daemon(settings) as daemon:
