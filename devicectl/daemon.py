@@ -994,8 +994,8 @@ class Daemon:
         failure = log.failure
         if failure is None:
             self._log_failure_reported = False
-        elif not self._log_failure_reported:
-            self._log_failed(failure)
+        else:
+            self._log_failed(failure)  # which reports once
 
     def _log_failed(self, exc: LogUnavailable) -> None:
         """No log, no laser: stop emission the moment the log cannot be written."""

@@ -139,7 +139,7 @@ class Outbox:
         except sqlite3.Error as exc:
             self._counters[name] = seq
             self._unpersisted.add(name)
-            self.unwritable = str(exc) or type(exc).__name__
+            self._refused(exc)
         return seq
 
     def peek_seq(self, topic: str) -> int:
@@ -217,7 +217,7 @@ class Outbox:
                 for counter, value in counters.items():
                     self._set_counter(counter, value)
         except sqlite3.Error as exc:  # rolled back; the counters stay advanced in memory
-            self.unwritable = str(exc) or type(exc).__name__
+            self._refused(exc)
             return False
         self._unpersisted.clear()
         self.unwritable = None
@@ -237,6 +237,15 @@ class Outbox:
             del out[limit:]
         return out
 
+    def _forget(self, row: OutboxRow) -> None:
+        """A row kept in memory is delivered, or dropped by the bound."""
+        self._memory.remove(row)
+        self._count -= 1
+        self._bytes -= len(row.payload)
+
+    def _refused(self, exc: sqlite3.Error) -> None:
+        self.unwritable = str(exc) or type(exc).__name__
+
     @property
     def in_memory(self) -> int:
         """Messages kept in memory because the disk refused them (lost if the daemon stops)."""
@@ -250,12 +259,9 @@ class Outbox:
         """
         memory = self._memory
         if memory and row_id >= memory[0].id:
-            for row in memory:
-                if row.id == row_id:
-                    memory.remove(row)
-                    self._count -= 1
-                    self._bytes -= len(row.payload)
-                    break
+            row = next((r for r in memory if r.id == row_id), None)
+            if row is not None:
+                self._forget(row)
             return
         self._acked.append(row_id)
         if size is None:
@@ -277,7 +283,7 @@ class Outbox:
         try:
             self._delete_acked()
         except sqlite3.Error as exc:  # a full disk: the rows stay, delivered; deleted later
-            self.unwritable = str(exc) or type(exc).__name__
+            self._refused(exc)
 
     def _delete_acked(self) -> None:
         ids = self._acked
@@ -357,9 +363,7 @@ class Outbox:
                 row = next((r for r in self._memory if r.stream == stream), None)
                 if row is None:
                     break
-                self._memory.remove(row)
-                self._count -= 1
-                self._bytes -= len(row.payload)
+                self._forget(row)
                 dropped, dropped_bytes = dropped + 1, dropped_bytes + len(row.payload)
         for stream in _SUPERSEDABLE:
             while self._bytes > self.max_bytes:
@@ -386,7 +390,7 @@ class Outbox:
                     ).fetchall()
                 ]
         except sqlite3.Error as exc:  # a refusing disk cannot even delete: nothing dropped
-            self.unwritable = str(exc) or type(exc).__name__
+            self._refused(exc)
             return 0, 0
         self._count -= len(sizes)
         self._bytes -= sum(sizes)

@@ -314,13 +314,13 @@ class Telemetry:
             self._session_summary = None
             self._enqueue(Stream.SESSION, lambda _seq: b"", numbered=False)
             return
-        self._session_summary = _session_summary(summary)
+        self._session_summary = _as_summary(summary)
         self._send_session_summary(self._session_summary)
 
     def refresh_session(self, summary: SessionSummary | Mapping[str, Any]) -> None:
         """Give the summary the once-a-second repeat will send next (running totals, duration)
         without sending it now: one ``session`` message a second, not two."""
-        self._session_summary = _session_summary(summary)
+        self._session_summary = _as_summary(summary)
 
     def publish_session_event(self, session_id: str, kind: SessionEventKind, **fields: Any) -> None:
         """Queue a ``sessions/{id}/events`` message; ``summary=`` (for ``ended``) is a
@@ -965,7 +965,7 @@ class _PahoHooks:
         self._client.on_socket_register_write = self._original_register
 
 
-def _session_summary(summary: SessionSummary | Mapping[str, Any]) -> SessionSummary:
+def _as_summary(summary: SessionSummary | Mapping[str, Any]) -> SessionSummary:
     if isinstance(summary, SessionSummary):
         return summary
     return SessionSummary.model_validate(summary)
