@@ -202,15 +202,7 @@ class CommitWatch:
                 (at_ns - written[n]) / 1e6 for n in range(seen + 1, highest + 1) if n in written
             )
             seen = max(seen, highest)
-        latencies.sort()
-        if not latencies:
-            latencies.append(float("nan"))
-        return {
-            "commit_pulses": len(latencies),
-            "commit_p50_ms": statistics.median(latencies),
-            "commit_p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
-            "commit_max_ms": latencies[-1],
-        }
+        return _spread("commit", "pulses", "ms", latencies)
 
 
 class Subscriber:
@@ -332,13 +324,7 @@ async def run(
                 probe.watching = False
                 latencies.append((probe.stop_received_ns - probe.breach_written_ns) / 1e3)
                 board.clear_faults(runner.now_us())
-            latencies.sort() if latencies else latencies.append(float("nan"))
-            results |= {
-                "breaches": len(latencies),
-                "stop_p50_us": statistics.median(latencies),
-                "stop_p99_us": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
-                "stop_max_us": latencies[-1],
-            }
+            results |= _spread("stop", "breaches", "us", latencies)
             _, hwm = _proc(daemon.pid)
             results["daemon_peak_rss_mib"] = hwm / 1024
         finally:
@@ -347,6 +333,24 @@ async def run(
             if subscriber is not None:
                 subscriber.close()
     return results
+
+
+def _spread(name: str, counted: str, unit: str, values: list[float]) -> dict[str, Any]:
+    """``{name}_{counted}`` (how many), and ``{name}_p50/p99/max_{unit}`` (nan when none)."""
+    ordered = sorted(values) or [float("nan")]
+    return {
+        f"{name}_{counted}": len(values),
+        f"{name}_p50_{unit}": statistics.median(ordered),
+        f"{name}_p99_{unit}": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+        f"{name}_max_{unit}": ordered[-1],
+    }
+
+
+def _table(title: str, rows: list[tuple[str, str]], value_width: int) -> None:
+    width = max(len(k) for k, _ in rows)
+    print(title)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value:>{value_width}}")
 
 
 def _telemetry_figures(
@@ -359,14 +363,7 @@ def _telemetry_figures(
             for pulse_no, _t, _e in json.loads(payload)["pulses"]:
                 if pulse_no in written:
                     lags.append((arrived_ns - written[pulse_no]) / 1e6)
-    lags.sort()
-    if not lags:
-        lags.append(float("nan"))
-    return {
-        "lag_pulses": len(lags),
-        "lag_p50_ms": statistics.median(lags),
-        "lag_p99_ms": lags[min(len(lags) - 1, int(len(lags) * 0.99))],
-        "lag_max_ms": lags[-1],
+    return _spread("lag", "pulses", "ms", lags) | {
         "broker_msgs_per_s": len(arrivals) / elapsed,
         "pulse_batches_per_s": sum(t.endswith("/pulses") for _, t, _ in arrivals) / elapsed,
     }
@@ -405,14 +402,11 @@ def main() -> None:
         (f"PULSE to log commit p50 ({r['commit_pulses']:,})", f"{r['commit_p50_ms']:.1f} ms"),
         ("PULSE to log commit p99", f"{r['commit_p99_ms']:.1f} ms"),
         ("PULSE to log commit max", f"{r['commit_max_ms']:.1f} ms"),
-        (f"breach-to-STOP p50 ({r['breaches']} breaches)", f"{r['stop_p50_us']:.0f} µs"),
+        (f"breach-to-STOP p50 ({r['stop_breaches']} breaches)", f"{r['stop_p50_us']:.0f} µs"),
         ("breach-to-STOP p99", f"{r['stop_p99_us']:.0f} µs"),
         ("breach-to-STOP max", f"{r['stop_max_us']:.0f} µs"),
     ]
-    width = max(len(k) for k, _ in rows)
-    print(f"devicectl end to end, daemon over a real pty ({os.cpu_count()} cores)")
-    for key, value in rows:
-        print(f"  {key:<{width}}  {value:>14}")
+    _table(f"devicectl end to end, daemon over a real pty ({os.cpu_count()} cores)", rows, 14)
     if r["breach_latched_during_run"]:
         print(
             f"  note: a breach latched during the sustained run: {r['breach_latched_during_run']}"
@@ -430,10 +424,7 @@ def main() -> None:
         ("pulse-to-subscriber lag p99", f"{t['lag_p99_ms']:.1f} ms"),
         ("pulse-to-subscriber lag max", f"{t['lag_max_ms']:.1f} ms"),
     ]  # fmt: skip
-    width = max(len(k) for k, _ in rows)
-    print("with MQTT telemetry to a local mosquitto (batches every 100 ms)")
-    for key, value in rows:
-        print(f"  {key:<{width}}  {value:>22}")
+    _table("with MQTT telemetry to a local mosquitto (batches every 100 ms)", rows, 22)
 
 
 if __name__ == "__main__":
