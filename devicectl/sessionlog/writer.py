@@ -20,6 +20,14 @@ No log, no laser: the daemon learns that the log cannot be written from
 A failure latches for the life of the object: reopen the log, then :meth:`recover_interrupted`
 reconciles with the device's pulse counter, so pulses fired meanwhile are charged, not lost.
 :meth:`start_session` refuses (raises) while the log is unhealthy; the per-pulse calls never raise.
+
+Signed checkpoints (:mod:`devicectl.sessionlog.checkpoint`), given a signing key and a device id:
+the writer thread appends one to the chain, in the commit that reaches it, at the first commit
+after ``checkpoint_every`` records, ``checkpoint_interval_s`` after the first unwitnessed record
+(``idle_checkpoint_interval_s`` outside a session; the thread wakes for it), after every
+``session_ended`` record, on :meth:`checkpoint_async` and at :meth:`close`. One signature per
+checkpoint, never per record. ``on_checkpoint(checkpoint)`` runs on the writer thread after the
+commit that holds it (hand it to the loop, like ``on_unavailable``).
 """
 
 from __future__ import annotations
@@ -42,8 +50,14 @@ import structlog
 from pydantic import ValidationError
 
 from devicectl.errors import LogUnavailable
-from devicectl.sessionlog import reader, store
+from devicectl.sessionlog import keys, reader, store
 from devicectl.sessionlog.chain import MIN_SESSION_ID, pulse_hash, record_hash
+from devicectl.sessionlog.checkpoint import (
+    CHECKPOINT_KIND,
+    KEY_KIND,
+    Checkpoint,
+    make_checkpoint,
+)
 from devicectl.sessionlog.model import (
     DEFAULT_PATIENT_REF_PATTERN,
     FAULT_EVENT_KINDS,
@@ -96,6 +110,35 @@ class _Marker:
 
     done: Callable[[], None]
     stop: bool = False
+    checkpoint: str | None = None  # a checkpoint is due at this place in the queue (its reason)
+
+
+def _nothing() -> None:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _SigningState:
+    """What the chain says of its signing keys and device, read at open."""
+
+    key_id: str | None  # the key the chain's last log_key record introduced
+    device: str | None  # of the last checkpoint
+    last_checkpoint_seq: int
+
+
+def _signing_state(conn: sqlite3.Connection) -> _SigningState:
+    key = conn.execute(
+        "SELECT body FROM records WHERE kind = ? ORDER BY seq DESC LIMIT 1", (KEY_KIND,)
+    ).fetchone()
+    last = conn.execute(
+        "SELECT seq, body FROM records WHERE kind = ? ORDER BY seq DESC LIMIT 1",
+        (CHECKPOINT_KIND,),
+    ).fetchone()
+    return _SigningState(
+        key_id=None if key is None else json.loads(key[0]).get("key_id"),
+        device=None if last is None else json.loads(last[1]).get("device"),
+        last_checkpoint_seq=0 if last is None else int(last[0]),
+    )
 
 
 @dataclass(slots=True)
@@ -154,6 +197,11 @@ class SessionLog:
         status_interval_ns: int,
         idle_status_interval_ns: int,
         stall_timeout_s: float,
+        signing: _SigningState,
+        on_checkpoint: Callable[[Checkpoint], None] | None,
+        checkpoint_every: int,
+        checkpoint_interval_s: float,
+        idle_checkpoint_interval_s: float,
     ) -> None:
         self.path = path
         self._conn = conn
@@ -185,6 +233,20 @@ class SessionLog:
         self._busy_since: float | None = None
         self.committed_pulse_no = state.last_pulse_no
         self.dropped = 0  # items discarded after a failure
+        # Checkpoints (writer thread; set_device/rotate_key assign whole attributes).
+        self._key: keys.DeviceKey | None = None
+        self._next_key: keys.DeviceKey | None = None
+        self._key_source: keys.KeySource | None = None
+        self._chain_key_id = signing.key_id
+        self._device = signing.device
+        self._on_checkpoint = on_checkpoint
+        self._checkpoint_every = checkpoint_every
+        self._checkpoint_interval_s = checkpoint_interval_s
+        self._idle_checkpoint_interval_s = idle_checkpoint_interval_s
+        self._last_checkpoint_seq = signing.last_checkpoint_seq
+        self._checkpoint_due: float | None = None  # monotonic; unwitnessed records wait till then
+        self._no_device_reported = False
+        self.last_checkpoint: Checkpoint | None = None
         self._thread = threading.Thread(
             target=self._run, name="devicectl-sessionlog-writer", daemon=True
         )
@@ -205,13 +267,38 @@ class SessionLog:
         status_interval_s: float = 1.0,
         idle_status_interval_s: float = 60.0,
         stall_timeout_s: float = 2.0,
+        signing_key: keys.DeviceKey | keys.KeySource | None = None,
+        device: str | None = None,
+        on_checkpoint: Callable[[Checkpoint], None] | None = None,
+        checkpoint_every: int = 10_000,
+        checkpoint_interval_s: float = 2.0,
+        idle_checkpoint_interval_s: float = 300.0,
     ) -> SessionLog:
         """Open (create, migrate) the log at ``path`` and start the writer thread.
 
         Raises :class:`LogUnavailable` naming the cause when the file cannot be opened or written.
         ``on_commit(pulses, last_pulse_no)`` runs on the writer thread after each commit.
         ``synchronous`` is SQLite's: FULL (default) makes every commit durable at power loss.
+
+        ``signing_key`` (a key, or where to find or create one; see
+        :mod:`devicectl.sessionlog.keys`) turns checkpoints on; they are signed for ``device``
+        (the id telemetry publishes under; default: the device of the log's last checkpoint;
+        :meth:`set_device` once it is known). Raises
+        :class:`~devicectl.sessionlog.keys.SigningKeyError` when the key cannot be read or made.
         """
+        key: keys.DeviceKey | None = None
+        pending: keys.DeviceKey | None = None
+        source: keys.KeySource | None = None
+        if isinstance(signing_key, keys.KeySource):
+            source = signing_key
+            key, created = keys.load_or_create(source)
+            pending = keys.load_pending(source)
+            if not created and keys.loosely_protected(source.path):
+                (log or structlog.get_logger("devicectl.sessionlog")).warning(
+                    "signing_key_readable_by_others", path=str(source.path)
+                )
+        elif signing_key is not None:
+            key = signing_key
         path = Path(path)
         log = log if log is not None else structlog.get_logger("devicectl.sessionlog")
         conn = store.connect(path, synchronous=synchronous)
@@ -225,6 +312,7 @@ class SessionLog:
                     (state.open_session,),
                 ).fetchone()
                 stale_zone = row[0] if row else "unknown"
+            signing = _signing_state(conn)
             # Fail now, not at the first pulse, when the file is read-only or the disk is full.
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("UPDATE chain_head SET seq = seq WHERE id = 1")
@@ -246,7 +334,16 @@ class SessionLog:
             status_interval_ns=int(status_interval_s * 1e9),
             idle_status_interval_ns=int(idle_status_interval_s * 1e9),
             stall_timeout_s=stall_timeout_s,
+            signing=signing,
+            on_checkpoint=on_checkpoint,
+            checkpoint_every=checkpoint_every,
+            checkpoint_interval_s=checkpoint_interval_s,
+            idle_checkpoint_interval_s=idle_checkpoint_interval_s,
         )
+        if device is not None:
+            self._device = device
+        if key is not None:
+            self._adopt_key(key, pending, source)
         self._thread.start()
         log.info(
             "session_log_opened",
@@ -263,6 +360,7 @@ class SessionLog:
         if self._closed:
             return
         self._closed = True
+        self._put(_Marker(done=_nothing, checkpoint="shutdown"))
         self._put(_Marker(done=lambda: None, stop=True))
         self._thread.join()
         self._log.info("session_log_closed", path=str(self.path), records=self._seq)
@@ -322,6 +420,132 @@ class SessionLog:
             self.check()
             raise LogUnavailable(f"session log {self.path} is closed")
         self._put(marker)
+
+    # ── signed checkpoints ───────────────────────────────────────────────────────────────────
+
+    def _adopt_key(
+        self,
+        key: keys.DeviceKey,
+        pending: keys.DeviceKey | None,
+        source: keys.KeySource | None,
+    ) -> None:
+        """Before the writer starts: sign with ``key``, and record in the chain how it relates to
+        the key the chain knows (first key; a staged rotation; a replacement nobody signed)."""
+        self._key, self._key_source = key, source
+        chain_key = self._chain_key_id
+        if pending is not None and chain_key == pending.key_id:
+            # The rotation was committed but the new key not yet moved into place (a crash).
+            self._key = pending
+            self._finish_rotation()
+            return
+        if chain_key is None:
+            self._introduce(key, "first", None)
+        elif chain_key != key.key_id:
+            # The key the chain names is gone; nothing it signed can vouch for this one, and
+            # `log verify` says so. Recorded, not hidden.
+            self._introduce(key, "replacement", chain_key)
+            self._log.warning("signing_key_replaced", previous_key_id=chain_key, key_id=key.key_id)
+        if pending is not None:
+            self._next_key = pending  # introduced at the next checkpoint, signed by ``key``
+
+    def _introduce(self, key: keys.DeviceKey, how: str, previous: str | None) -> None:
+        body = {
+            "key_id": key.key_id,
+            "public_key": key.public_b64,
+            "introduced": how,
+            "previous_key_id": previous,
+        }
+        self._record(None, KEY_KIND, body, None)
+        self._chain_key_id = key.key_id
+
+    def set_device(self, device: str) -> None:
+        """The device id checkpoints are signed for: the one telemetry publishes under."""
+        if not device or "\n" in device:
+            raise ValueError(f"device id {device!r} is empty or holds a line feed")
+        self._device = device
+
+    @property
+    def key_id(self) -> str | None:
+        """The id of the key checkpoints are signed with now, or ``None`` (not signing)."""
+        return None if self._key is None else self._key.key_id
+
+    def rotate_key(self, new_key: keys.DeviceKey) -> None:
+        """Introduce ``new_key`` at the next checkpoint (signed with the current key), which is
+        requested now; later checkpoints are signed with ``new_key``."""
+        if self._key is None:
+            raise LogUnavailable(f"session log {self.path} has no signing key to rotate")
+        self._next_key = new_key
+        self._enqueue_marker(_Marker(done=_nothing, checkpoint="key_rotation"))
+
+    async def checkpoint_async(self, reason: str = "requested") -> Checkpoint | None:
+        """Append a checkpoint covering everything recorded so far (none if nothing is new since
+        the last one) and return the newest checkpoint once committed; ``None`` when not signing.
+        Raises :class:`LogUnavailable` if the log cannot be written."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+
+        def resolve() -> None:
+            if not future.done():
+                future.set_result(None)
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(resolve)
+
+        self._enqueue_marker(_Marker(done=wake, checkpoint=reason))
+        await future
+        self.check()
+        return self.last_checkpoint
+
+    def _finish_rotation(self) -> None:
+        if self._key_source is None:
+            return
+        try:
+            keys.finish_rotation(self._key_source)
+        except keys.SigningKeyError as exc:
+            self._log.error("signing_key_rotation_unfinished", cause=str(exc))
+
+    def _append_checkpoint(
+        self,
+        seq: int,
+        prev: bytes,
+        reason: str,
+        records: list[tuple[int, int | None, str, int, str, bytes]],
+        made: list[tuple[Checkpoint, keys.DeviceKey | None]],
+    ) -> tuple[int, bytes]:
+        """Append (to this commit's rows) a checkpoint of the chain at ``seq``; writer thread."""
+        key, device = self._key, self._device
+        if key is None or seq == self._last_checkpoint_seq:
+            return seq, prev
+        if device is None:
+            if not self._no_device_reported:
+                self._no_device_reported = True
+                self._log.warning("checkpoint_deferred", why="the device id is not known yet")
+            return seq, prev
+        now = self._clock()
+        rotating = self._next_key
+        if rotating is not None:
+            body = {
+                "key_id": rotating.key_id,
+                "public_key": rotating.public_b64,
+                "introduced": "rotation",
+                "previous_key_id": key.key_id,
+            }
+            text = _canonical_json(body)
+            seq += 1
+            prev = record_hash(prev, seq, None, now, KEY_KIND, text)
+            records.append((seq, None, KEY_KIND, now, text, prev))
+            reason = "key_rotation"
+        checkpoint = make_checkpoint(key, device, seq, prev, now, reason)
+        text = _canonical_json(checkpoint.body())
+        seq += 1
+        prev = record_hash(prev, seq, None, now, CHECKPOINT_KIND, text)
+        records.append((seq, None, CHECKPOINT_KIND, now, text, prev))
+        made.append((checkpoint, rotating))
+        return seq, prev
+
+    def _checkpoint_interval(self) -> float:
+        live = self._live is not None  # a plain read of the caller's attribute; a hint only
+        return self._checkpoint_interval_s if live else self._idle_checkpoint_interval_s
 
     # ── health: how the daemon learns that it must not arm ───────────────────────────────────
 
@@ -506,6 +730,7 @@ class SessionLog:
         summary = self._summary(live, "completed", now)
         body = {"summary": summary.to_dict(), "post_care": care, "actor": actor, "note": note}
         self._record(session_id, "session_ended", body, now)
+        self._put(_Marker(done=_nothing, checkpoint="session_end"))
         self._live = None
         self._log.info("session_ended", session_id=session_id, pulses=live.pulses)
         return summary
@@ -765,7 +990,14 @@ class SessionLog:
         stopping = False
         try:
             while not stopping:
-                batch = [get()]
+                due = self._checkpoint_due
+                if due is None:
+                    batch = [get()]
+                else:
+                    try:
+                        batch = [get(timeout=max(0.0, due - time.monotonic()))]
+                    except queue.Empty:
+                        batch = [_Marker(done=_nothing, checkpoint="periodic")]
                 try:
                     while len(batch) < 100_000:
                         batch.append(get_nowait())
@@ -789,6 +1021,7 @@ class SessionLog:
         seq, prev = self._seq, self._prev
         pulses: list[tuple[int, int, int, int, int, int, str, bytes]] = []
         records: list[tuple[int, int | None, str, int, str, bytes]] = []
+        made: list[tuple[Checkpoint, keys.DeviceKey | None]] = []
         last_pulse_no: int | None = None
         for item in batch:
             if type(item) is tuple:
@@ -801,6 +1034,14 @@ class SessionLog:
                 seq += 1
                 prev = record_hash(prev, seq, item.session_id, item.at_ns, item.kind, item.body)
                 records.append((seq, item.session_id, item.kind, item.at_ns, item.body, prev))
+            elif type(item) is _Marker and item.checkpoint is not None:
+                seq, prev = self._append_checkpoint(seq, prev, item.checkpoint, records, made)
+        if self._key is not None and seq != self._last_checkpoint_seq:
+            due = self._checkpoint_due
+            if seq - self._last_checkpoint_seq >= self._checkpoint_every or (
+                due is not None and time.monotonic() >= due
+            ):
+                seq, prev = self._append_checkpoint(seq, prev, "periodic", records, made)
         if not (pulses or records):
             return
         conn = self._conn
@@ -831,12 +1072,36 @@ class SessionLog:
         self._seq, self._prev = seq, prev
         if last_pulse_no is not None:
             self.committed_pulse_no = last_pulse_no
+        if made:
+            self._checkpoints_committed(made)
+        if self._key is not None and seq != self._last_checkpoint_seq:
+            if self._checkpoint_due is None:
+                self._checkpoint_due = time.monotonic() + self._checkpoint_interval()
+        else:
+            self._checkpoint_due = None
         if self._on_commit is not None:
             try:
                 self._on_commit(len(pulses), last_pulse_no)
             except Exception:  # noqa: BLE001 - committed is committed; a broken hook is not a failure
                 self._log.exception("session_log_commit_hook_failed")
         self._log.debug("session_log_committed", pulses=len(pulses), records=len(records), seq=seq)
+
+    def _checkpoints_committed(self, made: list[tuple[Checkpoint, keys.DeviceKey | None]]) -> None:
+        for checkpoint, introduced in made:
+            assert checkpoint.record_seq is not None
+            self._last_checkpoint_seq = checkpoint.record_seq
+            self.last_checkpoint = checkpoint
+            if introduced is not None:
+                self._key, self._next_key = introduced, None
+                self._chain_key_id = introduced.key_id
+                self._finish_rotation()
+                self._log.info("signing_key_rotated", key_id=introduced.key_id)
+            if self._on_checkpoint is not None:
+                try:
+                    self._on_checkpoint(checkpoint)
+                except Exception:  # noqa: BLE001 - committed is committed
+                    self._log.exception("session_log_checkpoint_hook_failed")
+        self._log.debug("session_log_checkpoint", seq=self._last_checkpoint_seq)
 
     def _fail(self, exc: Exception) -> None:
         cause = str(exc) or type(exc).__name__
