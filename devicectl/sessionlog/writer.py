@@ -244,6 +244,7 @@ class SessionLog:
         self._checkpoint_interval_s = checkpoint_interval_s
         self._idle_checkpoint_interval_s = idle_checkpoint_interval_s
         self._last_checkpoint_seq = signing.last_checkpoint_seq
+        self._covered_seq = signing.last_checkpoint_seq  # within the commit being built
         self._checkpoint_due: float | None = None  # monotonic; unwitnessed records wait till then
         self._no_device_reported = False
         self.last_checkpoint: Checkpoint | None = None
@@ -514,7 +515,7 @@ class SessionLog:
     ) -> tuple[int, bytes]:
         """Append (to this commit's rows) a checkpoint of the chain at ``seq``; writer thread."""
         key, device = self._key, self._device
-        if key is None or seq == self._last_checkpoint_seq:
+        if key is None or seq == self._covered_seq:
             return seq, prev
         if device is None:
             if not self._no_device_reported:
@@ -541,6 +542,7 @@ class SessionLog:
         prev = record_hash(prev, seq, None, now, CHECKPOINT_KIND, text)
         records.append((seq, None, CHECKPOINT_KIND, now, text, prev))
         made.append((checkpoint, rotating))
+        self._covered_seq = seq
         return seq, prev
 
     def _checkpoint_interval(self) -> float:
@@ -1022,6 +1024,7 @@ class SessionLog:
         pulses: list[tuple[int, int, int, int, int, int, str, bytes]] = []
         records: list[tuple[int, int | None, str, int, str, bytes]] = []
         made: list[tuple[Checkpoint, keys.DeviceKey | None]] = []
+        self._covered_seq = self._last_checkpoint_seq
         last_pulse_no: int | None = None
         for item in batch:
             if type(item) is tuple:
@@ -1036,9 +1039,9 @@ class SessionLog:
                 records.append((seq, item.session_id, item.kind, item.at_ns, item.body, prev))
             elif type(item) is _Marker and item.checkpoint is not None:
                 seq, prev = self._append_checkpoint(seq, prev, item.checkpoint, records, made)
-        if self._key is not None and seq != self._last_checkpoint_seq:
+        if self._key is not None and seq != self._covered_seq:
             due = self._checkpoint_due
-            if seq - self._last_checkpoint_seq >= self._checkpoint_every or (
+            if seq - self._covered_seq >= self._checkpoint_every or (
                 due is not None and time.monotonic() >= due
             ):
                 seq, prev = self._append_checkpoint(seq, prev, "periodic", records, made)
