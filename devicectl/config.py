@@ -61,6 +61,7 @@ from devicectl.errors import ConfigError
 from devicectl.policy import Policy, load_policy
 
 __all__ = [
+    "CheckpointSettings",
     "LogLevel",
     "MqttSettings",
     "Settings",
@@ -84,6 +85,9 @@ _ALLOWED: dict[str, str] = {
     "mqtt.outbox_max_bytes": "an integer from 65536 to 2**40 (bytes)",
     "mqtt.protocol": "auto (MQTT 5, else 3.1.1), 5, or 3.1.1",
     "mqtt.url": "mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (also ws://, wss://)",
+    "checkpoints.every_records": "an integer from 1 to 10000000 (records)",
+    "checkpoints.interval_s": "a number of seconds above 0, at most 3600",
+    "checkpoints.idle_interval_s": "a number of seconds above 0, at most 86400",
 }
 _PYSERIAL_SCHEMES = frozenset({"socket", "rfc2217", "loop", "spy", "hwgrep", "alt", "cp2110"})
 _MQTT_SCHEMES = frozenset({"mqtt", "mqtts", "ws", "wss"})
@@ -254,6 +258,30 @@ class _EnvironmentText(PydanticBaseSettingsSource):
         return _typed_from_text(self.settings_cls, self._environment())
 
 
+class CheckpointSettings(BaseModel):
+    """The ``[checkpoints]`` table: the session log's signed checkpoints (docs/session-log.md).
+
+    A checkpoint is written at the first commit after ``every_records`` records, or
+    ``interval_s`` after the first record it would cover while a session is open
+    (``idle_interval_s`` outside one), at every session end and at shutdown."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key_file: Path | None = Field(
+        default=None,
+        description="the Ed25519 signing key (PKCS#8 PEM); default: the systemd credential "
+        "devicectl-log-key if present, else DATA_DIR/log-key.pem, generated (0600) at first start",
+    )
+    every_records: int = Field(default=10_000, ge=1, le=10_000_000, strict=True)
+    interval_s: float = Field(default=2.0, gt=0, le=3600, strict=True, allow_inf_nan=False)
+    idle_interval_s: float = Field(default=300.0, gt=0, le=86400, strict=True, allow_inf_nan=False)
+
+    @field_validator("key_file")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+
 _FILE_VALUES: ContextVar[dict[str, Any] | None] = ContextVar("devicectl_config_file", default=None)
 
 
@@ -288,6 +316,7 @@ class Settings(BaseSettings):
     )
     status_period_ms: int = Field(default=100, ge=10, le=10000, strict=True)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings)
     log_level: LogLevel = "info"
     log_json: bool | None = Field(default=None, strict=True)
     patient_ref_pattern: str = r"^[A-Z0-9-]{4,32}$"

@@ -58,6 +58,8 @@ from devicectl.logs import redact_url
 from devicectl.policy import Concern, Policy, PulseParams, SkinType, Zone, load_policy
 from devicectl.safety import Breach, BreachCode, Limits, SafetySupervisor, check_params
 from devicectl.sessionlog import LimitsInForce, SessionLog
+from devicectl.sessionlog.checkpoint import Checkpoint
+from devicectl.sessionlog.keys import key_source
 from devicectl.sessionlog.model import check_patient_ref
 from devicectl.systemd import SystemdNotifier
 from drivers import MemoryLink, open_serial
@@ -86,7 +88,7 @@ SHUTDOWN_BUDGET_S = 1.8  # SIGTERM to exit 0 within 2 s, all included
 _ALERT_SEVERITY = {"critical": "critical", "high": "critical", "warning": "warning", "info": "info"}
 
 
-_BACKLOGGED = frozenset({"publish_alert", "publish_session_event"})
+_BACKLOGGED = frozenset({"publish_alert", "publish_session_event", "publish_checkpoint"})
 _BACKLOG_MAX = 10_000  # bounded; start-up raises a handful
 
 
@@ -194,11 +196,17 @@ class Daemon:
         # says offline, the log is flushed and closed, the in-process simulator stops.
         connect, port_name = await self._transport(stack)
 
+        checkpoints = settings.checkpoints
         self.sessionlog = SessionLog.open(
             settings.session_log_path,
             log=self._log,
             patient_ref_pattern=settings.patient_ref_pattern,
             on_unavailable=lambda exc: self._log_failed_threadsafe(loop, exc),
+            signing_key=key_source(checkpoints.key_file, self.data_dir, os.environ),
+            on_checkpoint=lambda cp: loop.call_soon_threadsafe(self._on_checkpoint, cp),
+            checkpoint_every=checkpoints.every_records,
+            checkpoint_interval_s=checkpoints.interval_s,
+            idle_checkpoint_interval_s=checkpoints.idle_interval_s,
         )
         stack.callback(self.sessionlog.close)
         self._restore_latch(self.sessionlog.unacknowledged_breach)
@@ -280,9 +288,9 @@ class Daemon:
             "daemon_stopped", "devicectl", {"session_left_open": self.treatment is not None}
         )
         self._publish_state()
-        if self.sessionlog is not None:
+        if self.sessionlog is not None:  # flushed, and signed: published before "offline"
             with contextlib.suppress(DevicectlError, TimeoutError):
-                await asyncio.wait_for(self.sessionlog.flush_async(), 0.3)
+                await asyncio.wait_for(self.sessionlog.checkpoint_async("shutdown"), 0.3)
 
     async def _transport(self, stack: contextlib.AsyncExitStack) -> tuple[Any, str]:
         port = self.settings.port
@@ -554,6 +562,8 @@ class Daemon:
         if self.supervisor is None or self.treatment is None:
             self.supervisor = self._new_supervisor(ident)
         self._identified.set()
+        if self.sessionlog is not None:  # checkpoints are signed for the id telemetry uses
+            self.sessionlog.set_device(self.settings.mqtt.device or f"{ident.serial:08X}")
         if not self._recovered and self.sessionlog is not None:
             self._recovered = True
             recovery = self.sessionlog.recover_interrupted(status.pulse_count, ident.max_energy_uj)
@@ -953,12 +963,22 @@ class Daemon:
         self.params = None
         self._pending_params = None
         result = summary.to_dict()
+        checkpoint: Checkpoint | None = None
+        with contextlib.suppress(DevicectlError, TimeoutError):  # the end is recorded already
+            checkpoint = await asyncio.wait_for(log.checkpoint_async("session_end"), 1.0)
         self._session_event(
-            str(treatment.id), "ended", summary=_mqtt_summary(summary, treatment, ended=True)
+            str(treatment.id),
+            "ended",
+            summary=_mqtt_summary(summary, treatment, ended=True),
+            checkpoint=None if checkpoint is None else checkpoint.wire(),
         )
         self._telemetry("publish_session", None)
         self._publish_state()
         return result
+
+    def _on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """A signed checkpoint was committed (handed over from the log's writer thread)."""
+        self._telemetry("publish_checkpoint", checkpoint.wire())
 
     def _remote_stop(self) -> None:
         """``cmd/stop`` over MQTT: stopping is always safe, so it needs no authority here. Not

@@ -557,7 +557,8 @@ def verify_against(
     ignored. ``key`` is the raw 32-byte public key enrolled for the device, if any: without it,
     signatures are checked against the keys the log names itself. ``device`` (the id the device
     publishes under) picks this device's checkpoints from a capture of many; by default, the
-    device of the log's own checkpoints. Raises :class:`LogUnavailable` if the file cannot be read.
+    devices the log's own checkpoints name (all, if it holds none). Raises
+    :class:`LogUnavailable` if the file cannot be read.
     """
     witnesses_in = list(enumerate(checkpoints, start=1))
     parsed: list[tuple[str, Checkpoint | str]] = []
@@ -604,9 +605,7 @@ def verify_against(
                 for entry in signatures.entries
                 if entry.key_id not in trusted
             )
-    log_device = device or (signatures.last.device if signatures.last else None)
-    if log_device is None and len(signatures.devices) == 1:
-        log_device = next(iter(signatures.devices))
+    devices = {device} if device is not None else signatures.devices
     end = base.records if base.first_break is not None else base.head_seq
     results: list[Witness] = []
     confirmed: list[Witness] = []
@@ -615,7 +614,7 @@ def verify_against(
             results.append(Witness(source, None, None, None, "ignored", found))
             continue
         results.append(
-            _judge(source, found, log_device, signatures, key, trusted, watch.hashes, base, end)
+            _judge(source, found, devices, signatures, key, trusted, watch.hashes, base, end)
         )
         if results[-1].status == "confirmed":
             confirmed.append(results[-1])
@@ -657,7 +656,7 @@ def verify_against(
 def _judge(
     source: str,
     witness: Checkpoint,
-    log_device: str | None,
+    devices: set[str],
     signatures: _Signatures,
     enrolled: bytes | None,
     trusted: set[str] | None,
@@ -673,8 +672,9 @@ def _judge(
         )
 
     name = f"the checkpoint witnessed at {witness.time} (record {witness.log_seq}, {source})"
-    if log_device is not None and witness.device != log_device:
-        return result("ignored", f"{name} is device {witness.device}'s, not {log_device}'s")
+    if devices and witness.device not in devices:
+        ours = ", ".join(sorted(devices))
+        return result("ignored", f"{name} is device {witness.device}'s, not this log's ({ours})")
     raw = signatures.known.get(witness.key_id)
     if enrolled is not None and key_id_of(enrolled) == witness.key_id:
         raw = enrolled
