@@ -24,7 +24,7 @@ from rich.table import Table
 from devicectl.cli.app import ExitCode, log_app, session_app
 from devicectl.errors import LogUnavailable
 from devicectl.sessionlog import export, reader, store
-from devicectl.sessionlog.verify import verify_log
+from devicectl.sessionlog.verify import VerifyReport, verify_against
 
 __all__ = ["session_export", "session_list", "session_show", "verify"]
 
@@ -81,33 +81,135 @@ def _reading(command: str, db: Path | None, data_dir: Path | None) -> Iterator[s
         conn.close()
 
 
-@log_app.command("verify")
-def verify(db: DbOption = None, data_dir: DataDirOption = None) -> None:
-    """Walk the hash chain: exit 0 with the count when intact, 1 naming the first altered,
-    inserted or deleted record. Prints the chain's head hash: kept outside the device (on paper,
-    on a server), it also reveals a rewrite of the whole chain.
+CheckpointsOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--checkpoints",
+        metavar="FILE",
+        help="Checkpoints captured off the device: `mosquitto_sub -v` output, JSON lines of "
+        "log/checkpoint payloads or ended events, or a session's JSON export (repeatable).",
+    ),
+]
+KeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        metavar="PUBKEY",
+        help="The device's enrolled public key: base64 or hex of its 32 bytes, PEM, or a file "
+        "holding one (as `devicectl log key` prints it).",
+    ),
+]
 
-    Example: devicectl log verify --db /var/lib/devicectl/sessions.db
+
+@log_app.command("verify")
+def verify(
+    db: DbOption = None,
+    data_dir: DataDirOption = None,
+    checkpoints: CheckpointsOption = None,
+    key: KeyOption = None,
+    device: Annotated[
+        str | None,
+        typer.Option("--device", help="Use only this device id's checkpoints from the files."),
+    ] = None,
+) -> None:
+    """Walk the hash chain, check every stored checkpoint's signature and the key history, and
+    with --checkpoints prove the log against checkpoints that left the device: exit 0 when
+    nothing contradicts it, 1 naming each altered, deleted or truncated record and the
+    checkpoint that shows it. Always says what it could not rule out.
+
+    Example: devicectl log verify --db sessions.db --checkpoints captured.txt --key KEY.pub
     """
+    from devicectl.sessionlog.checkpoint import external_checkpoints
+    from devicectl.sessionlog.keys import parse_public_key
+
     path = _db_path(db, data_dir)
     if not path.is_file():
         raise _fail("log verify", f"no session log at {path}", ExitCode.USAGE)
+    enrolled: bytes | None = None
+    if key is not None:
+        text = key
+        candidate = Path(key).expanduser()
+        if len(key) < 4096 and candidate.is_file():
+            try:
+                text = candidate.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise _fail(
+                    "log verify", f"cannot read key file {key}: {exc}", ExitCode.USAGE
+                ) from None
+        try:
+            enrolled = parse_public_key(text)
+        except ValueError as exc:
+            raise _fail("log verify", f"--key {key}: {exc}", ExitCode.USAGE) from None
+    witnessed: list[dict[str, object] | str] = []
+    for file in checkpoints or []:
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines(keepends=True)
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise _fail("log verify", f"cannot read {file}: {reason}", ExitCode.USAGE) from None
+        for number, found in external_checkpoints(lines):
+            if isinstance(found, str):
+                witnessed.append(f"{file}: {found}")
+            else:
+                witnessed.append({**found, "_source": f"{file.name} line {number}"})
     try:
-        result = verify_log(path)
+        result = verify_against(path, witnessed, enrolled, device=device)
     except LogUnavailable as exc:
         raise _fail("log verify", str(exc), ExitCode.REFUSED) from None
-    if result.first_break is not None:
-        raise _fail(
-            "log verify",
-            f"session log {path} is NOT intact: {result.first_break.message} "
-            f"({result.records} records verified before it)",
-            ExitCode.REFUSED,
+    for line in _verdict(path, result, given=bool(checkpoints)):
+        typer.echo(line)
+    if not result.ok:
+        raise typer.Exit(int(ExitCode.REFUSED))
+
+
+def _verdict(path: Path, result: VerifyReport, *, given: bool) -> list[str]:
+    """What ``log verify`` prints: the verdict, then each finding, then what stays unproven."""
+    lines: list[str] = []
+    brk = result.first_break
+    if brk is not None:
+        lines.append(
+            f"session log {path} is NOT intact: {brk.message} "
+            f"({result.records} records verified before it)"
         )
-    typer.echo(
-        f"session log {path} intact: {result.records} records "
-        f"({result.pulses} pulses, {result.records - result.pulses} other); "
-        f"head {result.head_seq} sha256:{result.head_hash}"
-    )
+    elif result.findings:
+        lines.append(f"session log {path} is NOT intact: its chain holds together, but")
+    else:
+        lines.append(
+            f"session log {path} intact: {result.records} records "
+            f"({result.pulses} pulses, {result.records - result.pulses} other); "
+            f"head {result.head_seq} sha256:{result.head_hash}"
+        )
+    lines.extend(f"  - {finding.message}" for finding in result.findings)
+    last = result.last_checkpoint
+    if last is not None:
+        lines.append(
+            f"signed checkpoints: {result.checkpoints} verified, the newest at record "
+            f"{last.log_seq} ({last.time}, key {last.key_id})"
+        )
+    for entry in result.keys:
+        how = (
+            "introduced by a checkpoint signed with the previous key"
+            if (entry.signed_by_previous)
+            else entry.how
+        )
+        lines.append(f"signing key {entry.key_id} from record {entry.introduced_at} ({how})")
+    if result.enrolled_key_id is not None:
+        lines.append(f"enrolled key: {result.enrolled_key_id}")
+    if given:
+        used = result.witnessed
+        ignored = [w for w in result.witnesses if w.status == "ignored"]
+        lines.append(f"witnessed checkpoints: {used} used, {len(ignored)} ignored")
+        lines.extend(f"  - ignored: {w.message}" for w in ignored[:10])
+        if len(ignored) > 10:
+            lines.append(f"  - ... and {len(ignored) - 10} more ignored")
+        proof = result.proven_by
+        if proof is not None and result.proven_seq is not None:
+            lines.append(
+                f"PROVEN: records 1..{result.proven_seq} are exactly those the device signed at "
+                f"{proof.time} (key {proof.key_id}, {proof.source})"
+            )
+    lines.extend(f"cannot rule out: {text}" for text in result.cannot_rule_out())
+    return lines
 
 
 def _parse_when(value: str | None, *, end_of_day: bool) -> int | None:

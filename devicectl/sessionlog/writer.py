@@ -246,6 +246,7 @@ class SessionLog:
         self._last_checkpoint_seq = signing.last_checkpoint_seq
         self._covered_seq = signing.last_checkpoint_seq  # within the commit being built
         self._checkpoint_due: float | None = None  # monotonic; unwitnessed records wait till then
+        self._unwitnessed_since: float | None = None  # when the first of them was committed
         self._no_device_reported = False
         self.last_checkpoint: Checkpoint | None = None
         self._thread = threading.Thread(
@@ -1078,10 +1079,12 @@ class SessionLog:
         if made:
             self._checkpoints_committed(made)
         if self._key is not None and seq != self._last_checkpoint_seq:
-            if self._checkpoint_due is None:
-                self._checkpoint_due = time.monotonic() + self._checkpoint_interval()
+            if self._unwitnessed_since is None:
+                self._unwitnessed_since = time.monotonic()
+            # recomputed at every commit: a session starting shortens the idle interval
+            self._checkpoint_due = self._unwitnessed_since + self._checkpoint_interval()
         else:
-            self._checkpoint_due = None
+            self._unwitnessed_since = self._checkpoint_due = None
         if self._on_commit is not None:
             try:
                 self._on_commit(len(pulses), last_pulse_no)
