@@ -68,6 +68,7 @@ METRICS_EXPIRY_S = 10
 AVAILABILITY_ONLINE = b"online"
 AVAILABILITY_OFFLINE = b"offline"
 
+_RFC3339_UTC = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$"
 # A topic level may not hold MQTT wildcards or separators.
 _LEVEL = re.compile(r"^[^/#+\x00]+$")
 
@@ -171,9 +172,9 @@ class LogCheckpoint(_Model):
     hash: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] = Field(
         description="The chain's SHA-256 at log_seq, lower-case hex."
     )
-    time: Annotated[
-        str, Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
-    ] = Field(description="When it was signed, RFC 3339 UTC; signed as this exact text.")
+    time: Annotated[str, Field(pattern=_RFC3339_UTC)] = Field(
+        description="When it was signed, RFC 3339 UTC; signed as this exact text."
+    )
     key_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] = Field(
         description="First 16 bytes of SHA-256 of the raw public key, lower-case hex."
     )
