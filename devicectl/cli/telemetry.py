@@ -25,7 +25,7 @@ def schema(
         typer.Option("--out", help="Write one <topic>.schema.json per topic into this directory."),
     ] = None,
 ) -> None:
-    """Export the JSON Schema of every MQTT telemetry payload (DESIGN.md section 6).
+    """Export the JSON Schema of every MQTT telemetry payload (docs/mqtt.md).
 
     Example: devicectl schema --out ./schemas
     """

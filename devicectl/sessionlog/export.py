@@ -95,6 +95,9 @@ def session_document(
             )
         elif kind == "session_interrupted":
             doc["note"] = body["cause"]
+    # the signed checkpoint covering the session: keep it, and `log verify --checkpoints` on
+    # this document proves the session is still in the log as signed
+    doc["checkpoint"] = reader.covering_checkpoint(conn, session_id)
     if with_pulses:
         doc["pulses"] = [
             {

@@ -33,6 +33,7 @@ __all__ = [
     "PulseRow",
     "SessionListing",
     "SessionRecord",
+    "covering_checkpoint",
     "iter_pulses",
     "list_sessions",
     "load_session",
@@ -287,3 +288,22 @@ def summarize(
         peak_fluence_j_cm2=peak,
         faults=faults,
     )
+
+
+def covering_checkpoint(conn: sqlite3.Connection, session_id: int) -> dict[str, Any] | None:
+    """The first signed checkpoint that covers every record of the session (its body, with
+    ``record_seq``), or ``None`` if none does yet. Not verified here: ``log verify`` does that."""
+    last = conn.execute(
+        "SELECT max(seq) FROM (SELECT max(seq) AS seq FROM records WHERE session_id = ? "
+        "UNION ALL SELECT max(seq) FROM pulses WHERE session_id = ?)",
+        (session_id, session_id),
+    ).fetchone()[0]
+    if last is None:
+        return None
+    row = conn.execute(
+        "SELECT seq, body FROM records WHERE kind = 'checkpoint' AND seq > ? ORDER BY seq LIMIT 1",
+        (last,),
+    ).fetchone()
+    if row is None:
+        return None
+    return {**json.loads(row[1]), "record_seq": int(row[0])}

@@ -31,7 +31,8 @@ from devicectl.sessionlog.model import LimitsInForce
 
 __all__ = ["DEFAULT_LIMITS", "render_report", "write_report"]
 
-# DESIGN.md section 4's defaults, for logs that do not record the limits a session ran under.
+# The safety model's defaults (docs/safety-model.md), for logs that do not record the limits a
+# session ran under.
 DEFAULT_LIMITS = LimitsInForce(energy_tolerance_pct=20, skin_temp_max_c=41.0)
 _MAX_POINTS = 4000
 _DEFAULT_MARK = " (default)"
@@ -342,9 +343,41 @@ zone was chosen.</figcaption></figure>
 <table><tr><th>Time</th><th>Event</th><th>By</th><th>Reason</th><th>Detail</th></tr>
 {event_rows or "<tr><td colspan=5>none</td></tr>"}</table>
 <h2>Post-treatment care</h2><p>{esc(post_care)}</p>
+{_checkpoint_section(doc.get("checkpoint"))}
 <div class=sign><div>Clinician (name, signature)</div><div>Date</div></div>
 </body></html>
 """
+
+
+def _checkpoint_section(checkpoint: dict[str, Any] | None) -> str:
+    """The signed checkpoint covering the session: what lets anyone holding this report show
+    later that the log still holds the session as the device wrote it (docs/session-log.md)."""
+    esc = html.escape
+    if checkpoint is None:
+        return (
+            "<h2 id=log-checkpoint>Log checkpoint</h2><p class=warn>No signed checkpoint of the "
+            "session log covers this session yet: the report cannot be checked against the log "
+            "later. Export it again once the session has ended.</p>"
+        )
+    rows = [
+        ("Covers log records", f"1 to {checkpoint['log_seq']} (checkpoint record "
+         f"{checkpoint.get('record_seq', '?')})"),
+        ("Device", str(checkpoint["device"])),
+        ("Signed at", str(checkpoint["time"])),
+        ("Key fingerprint (key id)", str(checkpoint["key_id"])),
+        ("Public key (Ed25519)", str(checkpoint["public_key"])),
+        ("Chain hash (SHA-256)", str(checkpoint["hash"])),
+        ("Signature", str(checkpoint["signature"])),
+    ]  # fmt: skip
+    table = "".join(
+        f"<tr><th>{esc(name)}</th><td class=mono>{esc(value)}</td></tr>" for name, value in rows
+    )
+    return (
+        f"<h2 id=log-checkpoint>Log checkpoint</h2><table>{table}</table><p class=sub>Signed by "
+        "the device's key. Keep this session's JSON export (or the checkpoint published over "
+        "MQTT): <span class=mono>devicectl log verify --checkpoints FILE --key PUBKEY</span> "
+        "then proves that no record up to this one was altered, deleted or removed.</p>"
+    )
 
 
 def _of_limit(energy_uj: int, limit_uj: int | None) -> str:
