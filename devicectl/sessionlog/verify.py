@@ -701,14 +701,19 @@ def _judge(
         return result("ignored", f"{name} has a signature that does not verify: not evidence")
     if witness.log_seq > end:
         if base.first_break is not None:
-            reason = f"the chain breaks at record {base.first_break.seq} before it"
-        else:
-            reason = (
-                f"the log now ends at record {base.head_seq}: records {base.head_seq + 1}.."
-                f"{witness.log_seq} (at least) were removed"
+            brk = base.first_break
+            return result(
+                "contradicted",
+                f"{name} covers record {witness.log_seq}, but the chain breaks before it, at "
+                f"record {brk.seq} ({brk.problem})",
+                brk.problem,
             )
         return result(
-            "contradicted", f"{name} covers record {witness.log_seq}, but {reason}", "truncated"
+            "contradicted",
+            f"{name} covers record {witness.log_seq}, but the log now ends at record "
+            f"{base.head_seq}: records {base.head_seq + 1}..{witness.log_seq} (at least) were "
+            "removed",
+            "truncated",
         )
     have = hashes.get(witness.log_seq)
     if have is None or have.hex() != witness.hash:

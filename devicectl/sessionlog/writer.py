@@ -448,7 +448,10 @@ class SessionLog:
             self._introduce(key, "replacement", chain_key)
             self._log.warning("signing_key_replaced", previous_key_id=chain_key, key_id=key.key_id)
         if pending is not None:
-            self._next_key = pending  # introduced at the next checkpoint, signed by ``key``
+            # introduced at the first checkpoint, asked for now, signed by ``key`` (deferred,
+            # like any checkpoint, until the device id is known)
+            self._next_key = pending
+            self._put(_Marker(done=_nothing, checkpoint="key_rotation"))
 
     def _introduce(self, key: keys.DeviceKey, how: str, previous: str | None) -> None:
         body = {
@@ -516,7 +519,7 @@ class SessionLog:
     ) -> tuple[int, bytes]:
         """Append (to this commit's rows) a checkpoint of the chain at ``seq``; writer thread."""
         key, device = self._key, self._device
-        if key is None or seq == self._covered_seq:
+        if key is None or (seq == self._covered_seq and self._next_key is None):
             return seq, prev
         if device is None:
             if not self._no_device_reported:
