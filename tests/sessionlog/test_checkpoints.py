@@ -526,3 +526,75 @@ def test_the_key_file_is_never_world_readable_even_with_a_loose_umask(tmp_path: 
         os.umask(old)
     assert stat.S_IMODE((tmp_path / KEY_FILENAME).stat().st_mode) == 0o600
     assert "PRIVATE" not in repr(key)
+
+
+# ── the commands ─────────────────────────────────────────────────────────────────────────────
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from devicectl.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def test_log_verify_proves_against_a_capture_and_names_what_contradicts_it(
+    copy: tuple[Path, DeviceKey, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    path, key, witnessed = copy
+    capture = tmp_path / "captured.txt"
+    capture.write_text(
+        "".join(f"lasers/clinic/{DEVICE}/log/checkpoint {json.dumps(w)}\n" for w in witnessed)
+    )
+    code, text = _cli("log", "verify", "--db", str(path))
+    assert code == 0, text
+    assert "intact" in text and "cannot rule out: no checkpoint from outside" in text
+    code, text = _cli(
+        "log", "verify", "--db", str(path), "--checkpoints", str(capture), "--key", key.public_b64
+    )
+    assert code == 0, text
+    assert f"PROVEN: records 1..{witnessed[-1]['log_seq'] + 1}" in text
+    assert "cannot rule out" not in text
+    keep = witnessed[2]["log_seq"] - 5
+    truncate_with_copied_head(path, keep)
+    code, text = _cli(
+        "log", "verify", "--db", str(path), "--checkpoints", str(capture), "--key", key.public_b64
+    )
+    assert code == 1, text
+    assert "NOT intact" in text
+    assert f"records {keep + 1}..{witnessed[-1]['log_seq']} (at least) were removed" in text
+    assert witnessed[-1]["time"] in text
+    assert "Traceback" not in text
+
+
+def test_log_verify_refuses_a_key_that_is_not_one_in_one_line(
+    signed: tuple[Path, DeviceKey, list[dict[str, Any]]],
+) -> None:
+    code, text = _cli("log", "verify", "--db", str(signed[0]), "--key", "not-a-key")
+    assert code == 2
+    assert len(text.strip().splitlines()) == 1
+    assert "not an Ed25519 public key" in text
+
+
+def test_log_key_prints_the_key_to_enrol_and_rotate_key_stages_the_next(tmp_path: Path) -> None:
+    source = key_source(None, tmp_path, {})
+    with open_log(tmp_path / "sessions.db", signing_key=source, device=DEVICE) as slog:
+        key_id = slog.key_id
+    assert key_id is not None
+    code, text = _cli("log", "key", "--data-dir", str(tmp_path), "--pem")
+    assert code == 0, text
+    assert f"key id:     {key_id}" in text
+    assert "BEGIN PUBLIC KEY" in text
+    public = next(line.split()[-1] for line in text.splitlines() if line.startswith("public key"))
+    assert DeviceKey.from_pem(source.path.read_bytes()).public_b64 == public
+    code, text = _cli("log", "rotate-key", "--data-dir", str(tmp_path))
+    assert code == 0, text
+    assert source.pending.is_file()
+    assert stage_rotation(source).key_id in text
+    source.path.unlink()  # not readable here: the key the log names is printed instead
+    source.pending.unlink()
+    code, text = _cli("log", "key", "--data-dir", str(tmp_path))
+    assert code == 0, text
+    assert key_id in text and "the key the log names" in text
