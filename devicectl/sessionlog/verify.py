@@ -45,7 +45,7 @@ from devicectl.sessionlog.checkpoint import (
     Checkpoint,
     CheckpointMalformed,
 )
-from devicectl.sessionlog.keys import key_id_of
+from devicectl.sessionlog.keys import key_id_of, parse_public_key
 
 __all__ = [
     "ChainBreak",
@@ -185,9 +185,10 @@ class VerifyReport:
             )
         elif self.proven_seq < self.head_seq:
             said.append(
-                f"records {self.proven_seq + 1}..{self.head_seq} come after the newest witnessed "
-                f"checkpoint (record {self.proven_seq}): nothing outside the device vouches for "
-                "them, so they could have been altered or removed without a trace"
+                f"records {self.proven_seq + 1}..{self.head_seq} come after record "
+                f"{self.proven_seq}, the last one a witnessed checkpoint covers: nothing outside "
+                "the device vouches for them, so they could have been altered or removed without "
+                "a trace"
             )
         if self.enrolled_key_id is None and self.keys:
             ids = ", ".join(k.key_id for k in self.keys)
@@ -545,7 +546,7 @@ class _Signatures:
 def verify_against(
     db_path: Path,
     checkpoints: Iterable[Mapping[str, Any] | str],
-    key: bytes | None = None,
+    key: bytes | str | None = None,
     *,
     device: str | None = None,
 ) -> VerifyReport:
@@ -554,12 +555,16 @@ def verify_against(
     ``checkpoints`` are payloads as published on ``log/checkpoint`` (the envelope's ``device``
     and the flat ``log_seq``, ``hash``, ``time``, ``key_id``, ``public_key``, ``signature``), in
     any order; a string in their place is a note that an input could not be read, reported as
-    ignored. ``key`` is the raw 32-byte public key enrolled for the device, if any: without it,
+    ignored. ``key`` is the public key enrolled for the device, if any (raw 32 bytes, or text
+    as :func:`~devicectl.sessionlog.keys.parse_public_key` reads it: base64, hex, PEM; a
+    ValueError if it is none of those): without it,
     signatures are checked against the keys the log names itself. ``device`` (the id the device
     publishes under) picks this device's checkpoints from a capture of many; by default, the
     devices the log's own checkpoints name (all, if it holds none). Raises
     :class:`LogUnavailable` if the file cannot be read.
     """
+    if isinstance(key, str):
+        key = parse_public_key(key)
     witnesses_in = list(enumerate(checkpoints, start=1))
     parsed: list[tuple[str, Checkpoint | str]] = []
     for number, item in witnesses_in:
@@ -632,9 +637,11 @@ def verify_against(
     contradicted = sorted(
         (w for w in results if w.status == "contradicted"), key=lambda w: w.log_seq or 0
     )
-    findings.extend(
-        Finding(w.log_seq or 0, w.problem or "altered", w.message) for w in contradicted
-    )
+    said: set[tuple[int, str, str | None]] = set()  # the same checkpoint, witnessed twice
+    for w in contradicted:
+        if (w.log_seq or 0, w.problem or "altered", w.time) not in said:
+            said.add((w.log_seq or 0, w.problem or "altered", w.time))
+            findings.append(Finding(w.log_seq or 0, w.problem or "altered", w.message))
     return VerifyReport(
         path=base.path,
         records=base.records,
