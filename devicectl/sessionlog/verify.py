@@ -554,14 +554,16 @@ def verify_against(
 
     ``checkpoints`` are payloads as published on ``log/checkpoint`` (the envelope's ``device``
     and the flat ``log_seq``, ``hash``, ``time``, ``key_id``, ``public_key``, ``signature``), in
-    any order; a string in their place is a note that an input could not be read, reported as
-    ignored. ``key`` is the public key enrolled for the device, if any (raw 32 bytes, or text
-    as :func:`~devicectl.sessionlog.keys.parse_public_key` reads it: base64, hex, PEM; a
-    ValueError if it is none of those): without it,
-    signatures are checked against the keys the log names itself. ``device`` (the id the device
-    publishes under) picks this device's checkpoints from a capture of many; by default, the
-    devices the log's own checkpoints name (all, if it holds none). Raises
-    :class:`LogUnavailable` if the file cannot be read.
+    any order (extra keys such as ``historical`` are ignored; ``_source``, if given, names where
+    one came from in the messages); a string in their place is a note that an input could not be
+    read, reported as ignored.
+
+    ``key`` is the public key enrolled for the device, if any: the raw 32 bytes, or text as
+    :func:`~devicectl.sessionlog.keys.parse_public_key` reads it (base64, hex, PEM; ValueError if
+    it is none of those). Without it, signatures are checked against the keys the log names
+    itself. ``device`` (the id the device publishes under) picks this device's checkpoints from a
+    capture of many; by default, the devices the log's own checkpoints name (all, if it holds
+    none). Raises :class:`LogUnavailable` if the file cannot be read.
     """
     if isinstance(key, str):
         key = parse_public_key(key)
