@@ -963,17 +963,20 @@ class Daemon:
         self.params = None
         self._pending_params = None
         result = summary.to_dict()
+        ended = _mqtt_summary(summary, treatment, ended=True)
+        self._telemetry("publish_session", None)
+        self._publish_state()
+        # The ended event carries the signed checkpoint covering the session (a commit away).
+        # Everything above is settled first: another request may run during this await.
         checkpoint: Checkpoint | None = None
         with contextlib.suppress(DevicectlError, TimeoutError):  # the end is recorded already
             checkpoint = await asyncio.wait_for(log.checkpoint_async("session_end"), 1.0)
         self._session_event(
             str(treatment.id),
             "ended",
-            summary=_mqtt_summary(summary, treatment, ended=True),
+            summary=ended,
             checkpoint=None if checkpoint is None else checkpoint.wire(),
         )
-        self._telemetry("publish_session", None)
-        self._publish_state()
         return result
 
     def _on_checkpoint(self, checkpoint: Checkpoint) -> None:
