@@ -93,6 +93,23 @@ def test_outbox_bound_drops_oldest_pulses_then_superseded_state_never_alerts(
     outbox.close()
 
 
+def test_outbox_bound_drops_superseded_log_checkpoints_keeping_the_newest(tmp_path: Path) -> None:
+    """The newest checkpoint covers everything the older ones did: they may go, never it."""
+    outbox = Outbox(tmp_path / "o.sqlite", max_bytes=65536)
+    outbox.start_boot()
+    report = None
+    for n in range(1, 201):
+        _seq, report = outbox.enqueue(
+            "b/log/checkpoint", "log-checkpoint", lambda _s, n=n: b"%03d" % n + b"c" * 497
+        )
+    assert report is not None and not report.still_over
+    kept = outbox.fetch(0, 1000)
+    assert {r.stream for r in kept} == {"log-checkpoint"}
+    assert len(kept) < 200
+    assert kept[-1].payload.startswith(b"200")  # the newest is there
+    outbox.close()
+
+
 def test_outbox_rejects_a_silly_bound(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="outbox_max_bytes"):
         Outbox(tmp_path / "o.sqlite", max_bytes=10)
