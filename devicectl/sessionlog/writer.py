@@ -1004,6 +1004,8 @@ class SessionLog:
                         batch = [get(timeout=max(0.0, due - time.monotonic()))]
                     except queue.Empty:
                         batch = [_Marker(done=_nothing, checkpoint="periodic")]
+                        # next try then, if it cannot be made now (no device id yet): no spin
+                        self._checkpoint_due = time.monotonic() + self._checkpoint_interval()
                 try:
                     while len(batch) < 100_000:
                         batch.append(get_nowait())
