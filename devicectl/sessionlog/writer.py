@@ -233,7 +233,7 @@ class SessionLog:
         self._busy_since: float | None = None
         self.committed_pulse_no = state.last_pulse_no
         self.dropped = 0  # items discarded after a failure
-        # Checkpoints (writer thread; set_device/rotate_key assign whole attributes).
+        # Checkpoints (writer thread; set_device assigns a whole attribute from the loop).
         self._key: keys.DeviceKey | None = None
         self._next_key: keys.DeviceKey | None = None
         self._key_source: keys.KeySource | None = None
@@ -473,14 +473,6 @@ class SessionLog:
     def key_id(self) -> str | None:
         """The id of the key checkpoints are signed with now, or ``None`` (not signing)."""
         return None if self._key is None else self._key.key_id
-
-    def rotate_key(self, new_key: keys.DeviceKey) -> None:
-        """Introduce ``new_key`` at the next checkpoint (signed with the current key), which is
-        requested now; later checkpoints are signed with ``new_key``."""
-        if self._key is None:
-            raise LogUnavailable(f"session log {self.path} has no signing key to rotate")
-        self._next_key = new_key
-        self._enqueue_marker(_Marker(done=_nothing, checkpoint="key_rotation"))
 
     async def checkpoint_async(self, reason: str = "requested") -> Checkpoint | None:
         """Append a checkpoint covering everything recorded so far (none if nothing is new since
