@@ -25,7 +25,8 @@ Signed checkpoints (:mod:`devicectl.sessionlog.checkpoint`), given a signing key
 the writer thread appends one to the chain, in the commit that reaches it, at the first commit
 after ``checkpoint_every`` records, ``checkpoint_interval_s`` after the first unwitnessed record
 (``idle_checkpoint_interval_s`` outside a session; the thread wakes for it), after every
-``session_ended`` record, on :meth:`checkpoint_async` and at :meth:`close`. One signature per
+``session_ended`` record and every reconciliation after a crash, on :meth:`checkpoint_async` and
+at :meth:`close`. One signature per
 checkpoint, never per record. ``on_checkpoint(checkpoint)`` runs on the writer thread after the
 commit that holds it (hand it to the loop, like ``on_unavailable``).
 """
@@ -959,6 +960,7 @@ class SessionLog:
                 "counter_mismatch": mismatch,
             }
             self._record(stale, "recovery", body, now)
+            self._put(_Marker(done=_nothing, checkpoint="session_end"))  # witnessed at once
         self._last_pulse_no = device_pulse_count
         self._stale_session = self._stale_summary = None
         if stale is not None or unlogged or mismatch:

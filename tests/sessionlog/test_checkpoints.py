@@ -598,3 +598,18 @@ def test_log_key_prints_the_key_to_enrol_and_rotate_key_stages_the_next(tmp_path
     code, text = _cli("log", "key", "--data-dir", str(tmp_path))
     assert code == 0, text
     assert key_id in text and "the key the log names" in text
+
+
+def test_the_reconciliation_after_a_crash_is_checkpointed_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    key = DeviceKey.generate()
+    with open_log(path, signing_key=key, device=DEVICE) as slog:
+        sid = slog.start_session(session_info(), device_pulse_count=0).session_id
+        fill_session(slog, sid, first_pulse_no=1, pulses=3)
+    made: list[Checkpoint] = []
+    with open_log(path, signing_key=key, on_checkpoint=made.append) as slog:
+        recovery = slog.recover_interrupted(10, 60_000)
+        assert recovery.interrupted_session == sid
+        slog.flush()
+        assert [cp.reason for cp in made] == ["session_end"]
+    assert verify_log(path).ok
