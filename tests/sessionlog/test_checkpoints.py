@@ -7,6 +7,7 @@ has left the device; what no witnessed checkpoint covers is said to be unproven,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -105,7 +106,7 @@ def test_the_key_is_made_at_first_start_with_mode_0600_and_kept(tmp_path: Path) 
     assert stat.S_IMODE(source.path.stat().st_mode) == 0o600
     again, created_again = load_or_create(source)
     assert (again.key_id, created_again) == (key.key_id, False)
-    assert key.key_id == __import__("hashlib").sha256(key.public_raw).digest()[:16].hex()
+    assert key.key_id == hashlib.sha256(key.public_raw).digest()[:16].hex()
     assert parse_public_key(key.public_b64) == key.public_raw
     assert parse_public_key(key.public_raw.hex()) == key.public_raw
     assert parse_public_key(key.public_pem()) == key.public_raw
