@@ -520,11 +520,9 @@ class _Signatures:
         self.stored[checkpoint.log_seq] = checkpoint.signature
 
     def finish(self) -> None:
-        if self.pending is not None and self.current is not None:
-            # introduced but never covered by a signature (the log ends first): nothing signed
-            # with it yet, so nothing to flag; keep it in the history, unconfirmed
-            self.entries.append(self.pending)
-        elif self.pending is not None:
+        if self.pending is not None:
+            # introduced but no checkpoint covers it (the log ends first): nothing was signed
+            # with it yet, so nothing to flag; it stays in the history, unconfirmed
             self.entries.append(self.pending)
 
     def trusted_by(self, enrolled_id: str) -> set[str]:
