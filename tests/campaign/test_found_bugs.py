@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from benchmarks.faults import log_accounts
-from tests.daemon.conftest import Driver, driver, policy_file
+from tests.daemon.conftest import ACK, Driver, driver, policy_file
 
 __all__ = ["driver", "policy_file"]  # fixtures, imported for pytest
 
@@ -66,7 +66,7 @@ async def _outage(drv: Driver) -> None:
 
 
 async def _rearm(drv: Driver) -> None:
-    await drv.ok("fault_ack", operator="OP-7", reason="link outage test: re-arming")
+    await drv.ok("fault_ack", **ACK)
     await drv.ok("arm")
     start = drv.board.pulse_count
     drv.sim("footswitch down")
