@@ -104,7 +104,7 @@ def users_list(data_dir: DataDirOption = None) -> None:
             else f"disabled {_local(user.disabled_ns)}: {user.disabled_reason or ''}"
         )
         table.add_row(user.user_id, user.role.value, _local(user.created_ns), status)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # a pipe gets whole lines
     console.print(table)
     console.print(f"{len(users)} user(s) in {store.path}")
 
