@@ -539,7 +539,7 @@ class Campaign:
             with contextlib.suppress(RuntimeError, OSError):
                 self.call("fault_ack", operator=OPERATOR, reason="campaign: injected fault")
         try:
-            self.call("session_end", post_care=["soothing_serum"])
+            self.call("session_end", post_care=["serum_or_moisturiser"])
         except RuntimeError as exc:
             if "cannot be written" in str(exc):
                 notes.append("session_end refused: the log cannot record it (right)")
