@@ -209,8 +209,8 @@ async def test_treatment_changing_requests_need_a_registered_user_and_their_pin(
         ("fault_ack", ACK),
         ("session_note", {"text": "patient comfortable"}),
     ]:
-        fields = {k: v for k, v in fields.items() if k != "command"}
-        reply = await driver.call(command, **fields, auth=None)
+        body = {k: v for k, v in fields.items() if k != "command"}
+        reply = await driver.call(command, **body, auth=None)
         assert (reply["ok"], reply["rule"]) == (False, "auth.required"), (command, reply)
         assert "\n" not in reply["error"]
     reply = await driver.call(**SESSION, auth={"user": "NOBODY", "pin": "123456"})

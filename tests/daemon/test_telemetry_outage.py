@@ -153,7 +153,7 @@ def test_kill_9_gives_the_last_will_and_the_restart_continues_seq_and_delivers(
                 timeout=20,
                 what="online again",
             )
-            out = _cli("session", "end", "--control", str(rig.control))
+            out = _cli("session", "end", "--post-care", "sunscreen", "--control", str(rig.control))
             # The restart closed the killed session as interrupted: nothing is open to end.
             assert out.returncode == 1, out.stdout + out.stderr
             _wait(lambda: _assigned(rig.data)[1] == 0, what="the outbox drained")

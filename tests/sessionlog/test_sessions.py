@@ -266,7 +266,9 @@ def test_the_closing_summary_counts_pulses_energy_fluence_and_faults(tmp_path: P
         )
         clock.advance(seconds=90)
         running = slog.current_summary()
-        summary = slog.end_session(sid, actor="op-anna", post_care=["sunscreen", "serum_or_moisturiser"])
+        summary = slog.end_session(
+            sid, actor="op-anna", post_care=["sunscreen", "serum_or_moisturiser"]
+        )
         assert slog.last_pulse_no() == nxt + 1
     forehead = sum(1000 + i % 7 for i in range(10))
     cheeks = sum(3000 + i % 7 for i in range(5)) + 2 * 60_000
