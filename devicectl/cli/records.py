@@ -246,6 +246,17 @@ def session_show(
         console.print(events)
 
 
+@session_app.command("schema")
+def session_schema() -> None:
+    """Print the JSON Schema of `session export --format json` (docs/session-log.md).
+
+    Example: devicectl session schema > session-export.schema.json
+    """
+    import json
+
+    typer.echo(json.dumps(export.export_schema(), indent=1, ensure_ascii=False))
+
+
 @session_app.command("export")
 def session_export(
     session_id: Annotated[int, typer.Argument(metavar="ID", help="Session id.")],

@@ -63,7 +63,7 @@ def test_json_export_is_the_full_record(db: Path, tmp_path: Path) -> None:
     )
     assert code == 0, text
     doc = json.loads(out.read_text())
-    assert doc["format"] == "devicectl-session/1"
+    assert doc["format"] == "devicectl-session/2"
     assert doc["outcome"] == "completed"
     assert doc["info"]["patient_ref"] == "PT-0042"
     assert doc["info"]["checklist"]["contraindications"]["pregnancy"] is False
