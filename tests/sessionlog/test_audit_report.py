@@ -97,7 +97,9 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> Path:
             },
             ACK_REASON, role="operator",
         )  # fmt: skip
-        fill_session(slog, sid, first_pulse_no=41, pulses=10, zone="cheeks", start_ns=T0 + 3 * 10**9)
+        fill_session(
+            slog, sid, first_pulse_no=41, pulses=10, zone="cheeks", start_ns=T0 + 3 * 10**9
+        )
         clock.advance(seconds=600)
         slog.end_session(
             sid, actor="OP-7", role="operator", post_care=["serum_or_moisturiser", "avoid_sun"]
@@ -271,3 +273,22 @@ async def test_the_report_in_a_browser_shows_the_override_banner_and_the_fluence
             await page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         finally:
             await browser.close()
+
+
+def test_session_show_names_the_breach_its_signoffs_and_the_appended_entries(
+    audited: Path,
+) -> None:
+    result = runner.invoke(app, ["session", "show", "1", "--db", str(audited)])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    for words in (
+        "OP-7 (operator)",
+        "(Europe/Paris)",
+        "session 1 of 4 (from the log)",
+        "override by OP-7, signed off by SUP-1 (physician_clearance)",
+        "fault ack by OP-7, signed off by SUP-1 (handpiece_checked)",
+        "energy out of tolerance",  # the breach shows its code, not only "breach"
+        "adverse event",
+        "2 ml, lot HA-2611-07",
+    ):
+        assert words in text, words
