@@ -1,4 +1,4 @@
-"""The tamper-evident treatment session log (DESIGN.md section 5).
+"""The tamper-evident treatment session log (docs/session-log.md).
 
 - :mod:`.model` — what a session is (:class:`SessionInfo`, checklist, course, zones) and its
   :class:`Summary`;
