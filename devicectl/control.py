@@ -273,7 +273,8 @@ Handler = Callable[[Any], Awaitable[dict[str, Any]]]
 def _describe(exc: ValidationError) -> str:
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "request"
-    return f"invalid request: {where}: {first['msg']}"
+    message = str(first["msg"]).removeprefix("Value error, ")  # pydantic's prefix, not a cause
+    return f"invalid request: {where}: {message}"
 
 
 def parse_request(line: bytes) -> Any:

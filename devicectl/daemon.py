@@ -109,6 +109,7 @@ class _Treatment:
         "faults",
         "id",
         "operator",
+        "params_preset",
         "patient",
         "preset",
         "pulses",
@@ -123,7 +124,8 @@ class _Treatment:
         self.id = session_id
         self.operator = operator
         self.patient = patient  # as published (privacy settings), never read from here else
-        self.preset: str | None = None
+        self.preset: str | None = None  # the session's preset
+        self.params_preset: str | None = None  # what the parameters in force came from
         self.skin_type = skin_type
         self.faults = 0
         self.zone: Zone | None = None
@@ -849,9 +851,11 @@ class Daemon:
             result |= await self._apply_params(params, treatment, actor, treatment.preset)
         elif self.params is not None:
             try:
-                self._limits(self.params)
+                limits = self._limits(self.params)
             except SafetyRefusal as exc:
                 result["warning"] = f"the current parameters are not allowed here: {exc}"
+            else:  # the same parameters, under this zone's cap: recorded as such
+                self._record_params(self.params, treatment, actor, treatment.params_preset, limits)
         self._telemetry("publish_session", self._session_summary())
         self._publish_state()
         return result
@@ -898,6 +902,22 @@ class Daemon:
         await self._link().request(params.as_command())
         self.params = params
         self._params_on_device = True
+        self._record_params(params, treatment, actor, preset, limits)
+        self._session_event(str(treatment.id), "params", **_params(params))
+        self._telemetry("publish_session", self._session_summary())
+        self._publish_state()
+        return {"params": _params(params), "fluence_j_cm2": round(params.fluence_j_cm2, 3)}
+
+    def _record_params(
+        self,
+        params: PulseParams,
+        treatment: _Treatment,
+        actor: Actor,
+        preset: str | None,
+        limits: Limits,
+    ) -> None:
+        """The parameters in force with the fluence cap they were checked against."""
+        treatment.params_preset = preset
         self._require_log().record_params(
             treatment.id,
             energy_uj=params.energy_uj,
@@ -915,10 +935,6 @@ class Daemon:
                 "preset": preset,
             },
         )
-        self._session_event(str(treatment.id), "params", **_params(params))
-        self._telemetry("publish_session", self._session_summary())
-        self._publish_state()
-        return {"params": _params(params), "fluence_j_cm2": round(params.fluence_j_cm2, 3)}
 
     async def arm(self, actor: Actor) -> dict[str, Any]:
         treatment = self._treatment()

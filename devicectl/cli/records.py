@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from datetime import date, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -205,6 +205,13 @@ def session_show(
     info, summary, course = doc["info"], doc["summary"], doc["info"]["course"]
     position, prov = doc["course_position"], doc["provenance"] or {}
     console = Console(width=None if sys.stdout.isatty() else 160)
+
+    def when(ns: int) -> str:  # the clinic's time zone, as the report
+        return export.local_time(ns, doc["time_zone"])[:16]
+
+    def who(rec: dict[str, Any]) -> str:
+        return f"{rec['actor']} ({rec['role']})" if rec.get("role") else str(rec["actor"])
+
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
     head.add_column()
@@ -275,12 +282,10 @@ def session_show(
     if doc["events"] or doc["pulse_gaps"]:
         events = Table("time", "event", "by", "reason", title="safety events and operator actions")
         for e in doc["events"]:
-            events.add_row(
-                _local(e["at_ns"]), export.describe_event(e), str(e["actor"]), e["reason"] or ""
-            )
+            events.add_row(when(e["at_ns"]), export.describe_event(e), who(e), e["reason"] or "")
         for g in doc["pulse_gaps"]:
             events.add_row(
-                _local(g["at_ns"]), "pulse_gap", "log", f"{g['count']} unlogged: {g['cause']}"
+                when(g["at_ns"]), "pulse gap", "log", f"{g['count']} unlogged: {g['cause']}"
             )
         console.print(events)
     entries = [
@@ -292,7 +297,7 @@ def session_show(
     if entries:
         clinical = Table("time", "entry", "by", "recorded", title="appended clinical entries")
         for kind, rec, text in sorted(entries, key=lambda entry: entry[1]["seq"]):
-            clinical.add_row(_local(rec["at_ns"]), kind, str(rec["actor"]), text)
+            clinical.add_row(when(rec["at_ns"]), kind, who(rec), text)
         console.print(clinical)
 
 

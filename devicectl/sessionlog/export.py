@@ -199,7 +199,7 @@ _EVENT_WORDS = {
     "device_fault": "Device fault",
     "link_lost": "Link to the device lost",
     "link_restored": "Link to the device restored",
-    "auth_refused": "Request refused: identity not proven",
+    "auth_refused": "Request refused: identity or sign-off not proven",
     "daemon_stopped": "Service stopped",
 }
 

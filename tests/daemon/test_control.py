@@ -283,3 +283,28 @@ async def test_clinical_entries_are_appended_after_the_end_never_edits(driver: D
         "supervisor",
         "moderate",
     )
+
+
+async def test_each_parameter_set_records_the_fluence_cap_and_the_rule_that_set_it(
+    driver: Driver,
+) -> None:
+    started = await driver.ok(**SESSION)
+    await driver.ok("session_zone", zone="forehead")  # the preset: skin type III caps at 30
+    await driver.ok("session_zone", zone="periorbital")  # the zone caps tighter, at 10
+    await driver.ok("params_set", rate_hz=5)
+    log = driver.daemon.sessionlog
+    assert log is not None
+    await log.flush_async()
+    conn = store.connect(log.path, readonly=True)
+    try:
+        record = reader.load_session(conn, started["session"])
+    finally:
+        conn.close()
+    assert record is not None
+    caps = [r["body"]["fluence_limit"] for r in record.records if r["kind"] == "params"]
+    assert [(c["zone"], c["max_fluence_j_cm2"], c["rule"], c["preset"]) for c in caps] == [
+        ("forehead", 30.0, "max_fluence_skin_type_III", "fine_lines"),
+        ("periorbital", 10.0, "max_fluence_zone_periorbital", "fine_lines"),
+        ("periorbital", 10.0, "max_fluence_zone_periorbital", "fine_lines (modified)"),
+    ]
+    assert all(c["skin_type"] == "III" and 8.4 < c["fluence_j_cm2"] < 8.5 for c in caps)
