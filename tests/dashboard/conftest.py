@@ -27,7 +27,7 @@ from devicectl.dashboard import (
     DisplayLimits,
 )
 from tests.brokers import Broker
-from tests.daemon.conftest import TEST_POLICY, Driver
+from tests.daemon.conftest import TEST_POLICY, Driver, add_test_users
 
 BASE_TS = datetime(2026, 11, 25, 10, 0, 0, tzinfo=UTC)
 
@@ -118,6 +118,7 @@ def daemon_settings(broker: Broker, directory: Path, site: str) -> Settings:
     directory.mkdir(parents=True, exist_ok=True)
     policy = directory / "policy.toml"
     policy.write_text(TEST_POLICY)
+    add_test_users(directory / "data")
     return load_settings(
         None,
         port="sim",

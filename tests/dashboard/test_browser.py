@@ -27,7 +27,7 @@ from playwright.async_api import (
 from devicectl.sessionlog import reader, store
 from tests.brokers import Broker
 from tests.conftest import require_tool
-from tests.daemon.conftest import ACK, END, OPERATOR, SESSION, Driver
+from tests.daemon.conftest import ACK, END, OPERATOR, Driver
 from tests.dashboard.conftest import dashboard_config, running_daemon, running_dashboard
 
 pytestmark = pytest.mark.system
