@@ -18,8 +18,6 @@ from tests.brokers import Broker
 from tests.daemon.conftest import END, SESSION, Driver, _settings
 from tests.telemetry.helpers import recorder, until
 
-pytestmark = pytest.mark.system
-
 SECRET = "site-secret-of-clinic1-0123456789"
 REF = str(SESSION["patient_ref"]).encode()
 
@@ -32,6 +30,7 @@ def test_the_pseudonym_is_hmac_sha256_of_the_reference_keyed_with_the_site_secre
     assert patient_key(SECRET, "PT-0042") != patient_key(SECRET + "x", "PT-0042")
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     ("privacy", "expected"),
     [
@@ -84,3 +83,28 @@ def _event(messages: list[Any], kind: str) -> dict[str, Any] | None:
             if body.get("event") == kind:
                 return body
     return None
+
+
+def test_the_privacy_and_clinic_settings_read_from_the_environment_and_hide_the_secret(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from devicectl.config import load_settings
+    from devicectl.errors import ConfigError
+
+    monkeypatch.setenv("DEVICECTL_PRIVACY__PATIENT_KEY_SECRET", SECRET)
+    monkeypatch.setenv("DEVICECTL_CLINIC__TIME_ZONE", "Europe/Paris")
+    settings = load_settings(None, data_dir=tmp_path)
+    assert settings.privacy.patient_key_secret is not None
+    assert settings.privacy.patient_key_secret.get_secret_value() == SECRET
+    assert settings.privacy.publish_patient_ref is False
+    shown = settings.redacted_dict()
+    assert shown["privacy"]["patient_key_secret"] == "***"
+    assert SECRET not in json.dumps(shown)
+    assert shown["clinic"]["time_zone"] == "Europe/Paris"
+    monkeypatch.setenv("DEVICECTL_CLINIC__TIME_ZONE", "Mars/Olympus")
+    with pytest.raises(ConfigError, match="clinic.time_zone"):
+        load_settings(None, data_dir=tmp_path)
+    monkeypatch.delenv("DEVICECTL_CLINIC__TIME_ZONE")
+    monkeypatch.setenv("DEVICECTL_PRIVACY__PATIENT_KEY_SECRET", "")
+    with pytest.raises(ConfigError, match="privacy.patient_key_secret"):
+        load_settings(None, data_dir=tmp_path)
