@@ -102,9 +102,9 @@ def test_the_privacy_and_clinic_settings_read_from_the_environment_and_hide_the_
     assert SECRET not in json.dumps(shown)
     assert shown["clinic"]["time_zone"] == "Europe/Paris"
     monkeypatch.setenv("DEVICECTL_CLINIC__TIME_ZONE", "Mars/Olympus")
-    with pytest.raises(ConfigError, match="clinic.time_zone"):
+    with pytest.raises(ConfigError, match=r"clinic\.time_zone"):
         load_settings(None, data_dir=tmp_path)
     monkeypatch.delenv("DEVICECTL_CLINIC__TIME_ZONE")
     monkeypatch.setenv("DEVICECTL_PRIVACY__PATIENT_KEY_SECRET", "")
-    with pytest.raises(ConfigError, match="privacy.patient_key_secret"):
+    with pytest.raises(ConfigError, match=r"privacy\.patient_key_secret"):
         load_settings(None, data_dir=tmp_path)
