@@ -437,12 +437,19 @@ class ControlServer:
         if self._authenticator is None:
             raise AuthRefused("auth.no_users", "this daemon has no user directory")
         signoff = request.signoff_credentials() if identified else None
-        actor = await self._authenticator.actor(
-            request.command,
-            auth,
-            signoff,
-            signoff_needed=request.signoff_needed() if identified else None,
-        )
+        try:
+            actor = await self._authenticator.actor(
+                request.command,
+                auth,
+                signoff,
+                signoff_needed=request.signoff_needed() if identified else None,
+            )
+        except AuthRefused:
+            if identified:
+                raise
+            # Disarming makes the laser safer: a wrong PIN (audited) never stops it, it only
+            # leaves the disarm unattributed.
+            actor = None
         update: dict[str, Any] = {"auth": None, "actor": actor}
         if signoff is not None:
             update["signoff"] = None

@@ -308,3 +308,10 @@ async def test_each_parameter_set_records_the_fluence_cap_and_the_rule_that_set_
         ("periorbital", 10.0, "max_fluence_zone_periorbital", "fine_lines (modified)"),
     ]
     assert all(c["skin_type"] == "III" and 8.4 < c["fluence_j_cm2"] < 8.5 for c in caps)
+
+
+async def test_a_wrong_pin_never_prevents_disarming(driver: Driver) -> None:
+    await driver.emitting_session()
+    reply = await driver.call("disarm", auth={"user": "OP-7", "pin": "wrong-pin"})
+    assert reply["ok"], reply
+    assert (await driver.ok("status"))["armed"] is False
