@@ -21,7 +21,14 @@ from typing import Any
 import pytest
 
 from devicectl.control import ControlError, call_daemon
-from tests.daemon.conftest import IDENTIFIED, OPERATOR, SESSION, TEST_POLICY, add_test_users
+from tests.daemon.conftest import (
+    IDENTIFIED,
+    OPERATOR,
+    SESSION,
+    SUPERVISOR,
+    TEST_POLICY,
+    add_test_users,
+)
 
 DEVICECTL = [sys.executable, "-c", "from devicectl.cli import main; main()"]
 # The CLI as an operator's script runs it: identified, the PIN in the environment.
@@ -220,6 +227,27 @@ def test_cli_exit_codes(rig: Rig) -> None:
     )  # fmt: skip
     assert too_much.returncode == 1
     assert "max_fluence_skin_type_III" in too_much.stderr
+    no_care = _cli("session", "end", *c)
+    assert no_care.returncode == 2 and "post-care" in no_care.stderr, no_care.stderr
+    assert _cli("session", "end", *c, "--post-care", "sunscreen").returncode == 0
+    reaction = _cli("session", "reaction", *c, "--session", "1", "--erythema", "mild",
+                    "--oedema", "none")  # fmt: skip
+    assert reaction.returncode == 0, reaction.stderr
+    # A contraindication: the operator's CLI asks the supervisor's sign-off, PIN and all.
+    override = [
+        "session", "start", *c, "--patient", "PT-0042", "--skin-type", "III",
+        "--concern", "fine_lines", "--preset", "fine_lines", "--amount", "2", "--lot", "L-1",
+        "--consultation-done", "--consent", "--area-cleaned", "--no-numbing",
+        "--contraindication", "sun", "--override-code", "physician_clearance",
+        "--override-reason", "dermatologist's letter on file", "--supervisor", SUPERVISOR["user"],
+    ]  # fmt: skip
+    no_pin = _cli(*override)
+    assert no_pin.returncode == 2 and "DEVICECTL_SUPERVISOR_PIN" in no_pin.stderr, no_pin.stderr
+    signed = subprocess.run(
+        [*DEVICECTL, *override], check=False, capture_output=True, text=True, timeout=60,
+        env=CLI_ENV | {"DEVICECTL_SUPERVISOR_PIN": SUPERVISOR["pin"]},
+    )  # fmt: skip
+    assert signed.returncode == 0, signed.stderr
     assert os.path.exists(rig.control)
 
 
