@@ -1021,6 +1021,7 @@ class Daemon:
                 operator=actor.user,
                 signed_off_by=signoff.user,
                 reason_code=signoff.reason_code,
+                reason=reason,
             )
         self._publish_state()
         return {
