@@ -394,6 +394,11 @@ class ControlServer:
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             return
+        except asyncio.CancelledError:
+            # Only the server cancels its clients, when it closes: end normally. A cancelled
+            # task would make Python 3.11's stream callback (task.exception()) raise and log a
+            # traceback, e.g. for a client whose PIN was being checked at shut-down.
+            return
         finally:
             self._clients.discard(task)
             writer.close()
