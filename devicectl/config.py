@@ -62,8 +62,10 @@ from devicectl.policy import Policy, load_policy
 
 __all__ = [
     "CheckpointSettings",
+    "ClinicSettings",
     "LogLevel",
     "MqttSettings",
+    "PrivacySettings",
     "Settings",
     "default_control_socket",
     "default_data_dir",
@@ -188,6 +190,59 @@ class MqttSettings(BaseModel):
     def device_id(self, serial: int) -> str:
         """The topic level for this device: configured, or ``laser-<serial>`` from IDENT."""
         return self.device if self.device is not None else f"laser-{serial}"
+
+
+# ── issue 14: patient privacy on the wire and the clinic's time zone (self-contained block) ──
+
+
+class PrivacySettings(BaseModel):
+    """The ``[privacy]`` table: what of a patient MQTT payloads carry (docs/mqtt.md, "Patient
+    data"). Default: nothing. ``patient_key_secret`` (shared by the devices of one site): a keyed
+    pseudonym. ``publish_patient_ref = true``: the reference itself, readable by anyone who can
+    read the broker."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    patient_key_secret: SecretStr | None = Field(
+        default=None, description="the site's secret keying the patient pseudonym (HMAC-SHA-256)"
+    )
+    publish_patient_ref: bool = Field(default=False, strict=True)
+
+    @field_validator("patient_key_secret")
+    @classmethod
+    def _secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            # An empty key would still pseudonymise, but anyone could recompute it from a guess.
+            raise _Refused(
+                "privacy.patient_key_secret",
+                "",
+                "a non-empty secret (32+ random characters advised)",
+            )
+        return value
+
+
+class ClinicSettings(BaseModel):
+    """The ``[clinic]`` table. Records are stored in UTC; reports show the clinic's local time."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    time_zone: str = Field(default="UTC", description="an IANA time zone, e.g. Europe/Paris")
+
+    @field_validator("time_zone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise _Refused(
+                "clinic.time_zone", value, "an IANA time zone name such as Europe/Paris or UTC"
+            ) from None
+        return value
+
+
+# ── end of issue 14's block ──
 
 
 def _int_from_text(text: str) -> object:
@@ -321,6 +376,8 @@ class Settings(BaseSettings):
     log_json: bool | None = Field(default=None, strict=True)
     patient_ref_pattern: str = r"^[A-Z0-9-]{4,32}$"
     sim_max_rate_hz: float = Field(default=500.0, ge=1, le=100000, strict=True, allow_inf_nan=False)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    clinic: ClinicSettings = Field(default_factory=ClinicSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -418,11 +475,17 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json")
         if self.mqtt.password is not None:
             data["mqtt"]["password"] = _HIDDEN
+        if self.privacy.patient_key_secret is not None:
+            data["privacy"]["patient_key_secret"] = _HIDDEN
         return data
 
 
 def _redact(key: str, value: object) -> object:
-    return _HIDDEN if key.rsplit(".", 1)[-1] in {"password", "key_password"} and value else value
+    return (
+        _HIDDEN
+        if key.rsplit(".", 1)[-1] in {"password", "key_password", "patient_key_secret"} and value
+        else value
+    )
 
 
 def _config_error(exc: ValidationError) -> ConfigError:

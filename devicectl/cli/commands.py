@@ -8,4 +8,5 @@ from devicectl.cli import (
     records,  # noqa: F401
     sim,  # noqa: F401
     telemetry,  # noqa: F401
+    users,  # noqa: F401
 )

@@ -10,12 +10,13 @@ read, 2 usage (bad option, no such file or session).
 from __future__ import annotations
 
 import sqlite3
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import date, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -280,38 +281,81 @@ def session_list(
     console.print(f"{len(found)} session(s)")
 
 
+TimeZoneOption = Annotated[
+    str | None,
+    typer.Option(
+        "--time-zone",
+        metavar="ZONE",
+        help="Show times in this IANA zone (default: the clinic's, recorded with the session).",
+    ),
+]
+
+
 @session_app.command("show")
 def session_show(
     session_id: Annotated[int, typer.Argument(metavar="ID", help="Session id.")],
     db: DbOption = None,
     data_dir: DataDirOption = None,
+    time_zone: TimeZoneOption = None,
 ) -> None:
     """A readable summary of one session.
 
     Example: devicectl session show 12 --data-dir /var/lib/devicectl
     """
     with _reading("session show", db, data_dir) as conn:
-        doc = export.session_document(conn, session_id, with_pulses=False)
+        doc = export.session_document(conn, session_id, with_pulses=False, time_zone=time_zone)
     info, summary, course = doc["info"], doc["summary"], doc["info"]["course"]
-    console = Console()
+    position, prov = doc["course_position"], doc["provenance"] or {}
+    console = Console(width=None if sys.stdout.isatty() else 160)
+
+    def when(ns: int) -> str:  # the clinic's time zone, as the report
+        return export.local_time(ns, doc["time_zone"])[:16]
+
+    def who(rec: dict[str, Any]) -> str:
+        return f"{rec['actor']} ({rec['role']})" if rec.get("role") else str(rec["actor"])
+
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
     head.add_column()
     head.add_row("session", f"{session_id} ({doc['outcome']})")
-    head.add_row("started", _local(doc["started_ns"]))
+    head.add_row("started", f"{doc['started_local']} ({doc['time_zone']})")
+    head.add_row("ended", doc["ended_local"] or "—")
     head.add_row("device", info["device_serial"])
-    head.add_row("operator", info["operator"])
+    role = info.get("operator_role")
+    head.add_row("operator", f"{info['operator']} ({role})" if role else info["operator"])
     head.add_row("patient", info["patient_ref"])
     head.add_row("skin type", ["I", "II", "III", "IV", "V", "VI"][info["skin_type"] - 1])
     head.add_row("concerns", ", ".join(info["concerns"]) or "—")
-    head.add_row(
-        "course",
-        f"{course['course_id']}: session {course['session_number']} of "
-        f"{course['planned_sessions']}",
-    )
+    if position is None:
+        where = f"session {course['session_number']} of {course['planned_sessions']} (as typed)"
+    elif position["kind"] == "maintenance":
+        where = f"maintenance session {position['number']} after the course"
+    else:
+        where = f"session {position['number']} of {position['planned']} (from the log)"
+    head.add_row("course", f"{course['course_id']}: {where}")
     head.add_row("active ingredient", info["active_ingredient"])
-    head.add_row("post-care", ", ".join(doc["post_care"]) or "—")
+    if info.get("ingredient_lot"):
+        amount = f"{info['ingredient_amount']:g} {info['ingredient_unit']}"
+        head.add_row("amount, lot", f"{amount}, lot {info['ingredient_lot']}")
+    if prov:
+        head.add_row(
+            "software, firmware", f"{prov['software_version']}, {prov['firmware_version']}"
+        )
+        head.add_row("policy", f"{prov['policy_name']} sha256:{prov['policy_sha256']}")
+    care = (
+        f"declined: {doc['post_care_declined']}"
+        if doc["post_care_declined"]
+        else ", ".join(doc["post_care"]) or "—"
+    )
+    head.add_row("post-care", care)
     console.print(head)
+    for s in doc["signoffs"]:
+        signed = s["signed_off_by"] or "nobody (older record)"
+        console.print(
+            f"[bold red]{s['kind'].replace('_', ' ')}[/bold red] by {s['actor']}, signed off by "
+            f"{signed} ({s['reason_code'] or 'no code'}): {s['reason']}",
+            highlight=False,
+        )
     for warning in doc["course_warnings"]:
         console.print(f"[yellow]warning:[/yellow] {warning['message']}")
     if summary is not None:
@@ -340,12 +384,34 @@ def session_show(
     if doc["events"] or doc["pulse_gaps"]:
         events = Table("time", "event", "by", "reason", title="safety events and operator actions")
         for e in doc["events"]:
-            events.add_row(_local(e["at_ns"]), e["event"], str(e["actor"]), e["reason"] or "")
+            events.add_row(when(e["at_ns"]), export.describe_event(e), who(e), e["reason"] or "")
         for g in doc["pulse_gaps"]:
             events.add_row(
-                _local(g["at_ns"]), "pulse_gap", "log", f"{g['count']} unlogged: {g['cause']}"
+                when(g["at_ns"]), "pulse gap", "log", f"{g['count']} unlogged: {g['cause']}"
             )
         console.print(events)
+    entries = [
+        *(("reaction", r, f"erythema {r.get('erythema')}, oedema {r.get('oedema')}")
+          for r in doc["reactions"]),
+        *(("adverse event", a, f"{a['severity']}: {a['text']}") for a in doc["adverse_events"]),
+        *(("note", n, n["text"]) for n in doc["notes"]),
+    ]  # fmt: skip
+    if entries:
+        clinical = Table("time", "entry", "by", "recorded", title="appended clinical entries")
+        for kind, rec, text in sorted(entries, key=lambda entry: entry[1]["seq"]):
+            clinical.add_row(when(rec["at_ns"]), kind, who(rec), text)
+        console.print(clinical)
+
+
+@session_app.command("schema")
+def session_schema() -> None:
+    """Print the JSON Schema of `session export --format json` (docs/session-log.md).
+
+    Example: devicectl session schema > session-export.schema.json
+    """
+    import json
+
+    typer.echo(json.dumps(export.export_schema(), indent=1, ensure_ascii=False))
 
 
 @session_app.command("export")
@@ -358,6 +424,7 @@ def session_export(
     ] = ExportFormat.JSON,
     db: DbOption = None,
     data_dir: DataDirOption = None,
+    time_zone: TimeZoneOption = None,
 ) -> None:
     """Export one session as JSON, CSV or a self-contained HTML report.
 
@@ -372,7 +439,7 @@ def session_export(
             else:
                 from devicectl.sessionlog import report  # matplotlib: load only when needed
 
-                report.write_report(conn, session_id, out)
+                report.write_report(conn, session_id, out, time_zone=time_zone)
         except OSError as exc:
             raise _fail(
                 "session export", f"cannot write {out}: {exc.strerror}", ExitCode.USAGE

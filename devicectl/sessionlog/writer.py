@@ -62,11 +62,14 @@ from devicectl.sessionlog.checkpoint import (
 from devicectl.sessionlog.model import (
     DEFAULT_PATIENT_REF_PATTERN,
     FAULT_EVENT_KINDS,
+    MAX_DAYS_BETWEEN_SESSIONS,
     MIN_DAYS_BETWEEN_SESSIONS,
+    CoursePosition,
     CourseWarning,
     InvalidSessionInfo,
     LimitsInForce,
     PostCare,
+    Provenance,
     SessionInfo,
     SessionOpened,
     SessionRefused,
@@ -82,6 +85,8 @@ __all__ = ["Recovery", "SessionLog"]
 
 _NS_PER_DAY = 86_400 * 10**9
 _EVENT_KIND_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.")
+# Clinical entries appended to a session at or after its end, each a record of its own.
+CLINICAL_KINDS = frozenset({"note", "reaction", "adverse_event"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -591,6 +596,7 @@ class SessionLog:
         *,
         device_pulse_count: int | None = None,
         limits: LimitsInForce | Mapping[str, Any] | None = None,
+        provenance: Provenance | None = None,
         host_time_ns: int | None = None,
     ) -> SessionOpened:
         """Validate ``info``, enforce the checklist, apply the course rules and open a session.
@@ -601,8 +607,12 @@ class SessionLog:
         ``device_pulse_count`` (the board's counter now) lets a crash in the very first session
         be reconciled. ``limits`` are the supervisor's limits for this session
         (``LimitsInForce.from_policy(policy)``), recorded for its report; without them the report
-        shows the defaults, labelled as such. Course warnings (interval under 7 days, course
-        complete) are returned and recorded, never blocking.
+        shows the defaults, labelled as such. ``provenance`` names the software, firmware and
+        policy (name, SHA-256) in force. The course position comes from the log's history
+        (:class:`CoursePosition`); course warnings (interval under 7 or over 14 days, a typed
+        session number that disagrees, maintenance) are returned and recorded, never blocking.
+        A contraindication answered yes is refused unless ``info.override`` carries a
+        supervisor's sign-off.
         """
         self.check()
         if isinstance(info, SessionInfo):
@@ -617,41 +627,60 @@ class SessionLog:
             raise SessionRefused("session.open", f"session {open_id} is still open; {hint}")
         problems = checklist_problems(info.checklist)
         answers = info.checklist.contraindications.model_dump()
-        # A contraindication answered yes may be overridden with a reason; nothing else may.
+        # A contraindication answered yes may be overridden with a supervisor's sign-off;
+        # nothing else may.
         present = [
             rule
             for rule, _ in problems
             if rule.startswith("contraindication.") and answers[rule.partition(".")[2]] is True
         ]
-        overridden = set(present) if info.contraindication_override is not None else set()
+        override = info.override
+        if present and override is not None and override.role != "supervisor":
+            raise SessionRefused(
+                "override.signoff",
+                f"{override.signed_off_by} is not a supervisor: a contraindication override "
+                "needs a supervisor's sign-off",
+            )
+        overridden = set(present) if override is not None else set()
         blocking = [(rule, detail) for rule, detail in problems if rule not in overridden]
         if blocking:
             hint = (
-                "; override with a reason if treating anyway" if present and not overridden else ""
+                "; a supervisor may sign off an override if treating anyway"
+                if present and not overridden
+                else ""
             )
             raise SessionRefused(blocking[0][0], "; ".join(detail for _, detail in blocking) + hint)
         now = self._clock() if host_time_ns is None else host_time_ns
-        warnings = self._course_warnings(info, now)
+        position, warnings = self._course_position(info, now)
         session_id = self._next_session_id
         body = {
             "info": info.model_dump(mode="json"),
             "warnings": [{"code": w.code, "message": w.message} for w in warnings],
+            "course_position": position.to_dict(),
             "device_pulse_count": device_pulse_count,
             "limits": None if limits is None else limits.model_dump(mode="json"),
+            "provenance": None if provenance is None else provenance.model_dump(mode="json"),
         }
         self._record(session_id, "session_started", body, now)
         self._next_session_id += 1
         self._courses.setdefault(info.course.course_id, []).append(
-            reader.CourseEntry(session_id, info.course.session_number, info.patient_ref, now)
+            reader.CourseEntry(session_id, position.number, info.patient_ref, now, None)
         )
         self._live = _LiveSession(session_id, now)
         if overridden:
+            assert override is not None
             self.record_event(
                 session_id,
                 "override",
                 info.operator,
-                {"contraindications": sorted(r.partition(".")[2] for r in overridden)},
-                info.contraindication_override,
+                {
+                    "contraindications": sorted(r.partition(".")[2] for r in overridden),
+                    "signed_off_by": override.signed_off_by,
+                    "signed_off_role": override.role,
+                    "reason_code": override.reason_code,
+                },
+                override.reason,
+                role=info.operator_role,
                 host_time_ns=now,
             )
         if device_pulse_count is not None:
@@ -662,9 +691,13 @@ class SessionLog:
             course=info.course.course_id,
             warnings=[w.code for w in warnings],
         )
-        return SessionOpened(session_id, tuple(warnings))
+        return SessionOpened(session_id, tuple(warnings), position)
 
-    def _course_warnings(self, info: SessionInfo, now_ns: int) -> list[CourseWarning]:
+    def _course_position(
+        self, info: SessionInfo, now_ns: int
+    ) -> tuple[CoursePosition, list[CourseWarning]]:
+        """The session's place in its course from the history: only earlier sessions that
+        delivered pulses count; after ``planned_sessions`` of them, it is maintenance."""
         course = info.course
         history = self._courses.get(course.course_id, [])
         if history and history[0].patient_ref != info.patient_ref:
@@ -673,50 +706,74 @@ class SessionLog:
                 f"course {course.course_id} belongs to patient {history[0].patient_ref}, "
                 f"not {info.patient_ref}",
             )
+        counted = [entry for entry in history if entry.delivered]
+        planned = course.planned_sessions
+        days = (now_ns - counted[-1].started_ns) / _NS_PER_DAY if counted else None
+        if len(counted) < planned:
+            position = CoursePosition(
+                "course", len(counted) + 1, planned, len(counted), days, course.session_number
+            )
+        else:
+            position = CoursePosition(
+                "maintenance", len(counted) - planned + 1, planned, len(counted), days,
+                course.session_number,
+            )  # fmt: skip
         warnings: list[CourseWarning] = []
-        if history:
-            last = history[-1]
-            days = (now_ns - last.started_ns) / _NS_PER_DAY
-            if days < MIN_DAYS_BETWEEN_SESSIONS:
-                warnings.append(
-                    CourseWarning(
-                        "interval_short",
-                        f"only {days:.1f} days since session {last.session_number} of course "
-                        f"{course.course_id} (at least {MIN_DAYS_BETWEEN_SESSIONS} advised)",
-                    )
-                )
-        if (
-            len(history) >= course.planned_sessions
-            or course.session_number > course.planned_sessions
-        ):
+        where = f"course {course.course_id}"
+        if position.kind == "maintenance":
             warnings.append(
                 CourseWarning(
-                    "course_complete",
-                    f"course {course.course_id} is complete: {len(history)} of "
-                    f"{course.planned_sessions} planned sessions already given",
+                    "maintenance",
+                    f"{where} is complete ({len(counted)} of {planned} planned sessions given): "
+                    f"this is maintenance session {position.number}",
                 )
             )
-        if course.session_number != len(history) + 1:
+        elif days is not None and days < MIN_DAYS_BETWEEN_SESSIONS:
+            warnings.append(
+                CourseWarning(
+                    "interval_short",
+                    f"only {days:.1f} days since session {len(counted)} of {where} "
+                    f"(at least {MIN_DAYS_BETWEEN_SESSIONS} advised)",
+                )
+            )
+        elif days is not None and days > MAX_DAYS_BETWEEN_SESSIONS:
+            warnings.append(
+                CourseWarning(
+                    "interval_long",
+                    f"{days:.1f} days since session {len(counted)} of {where} "
+                    f"(at most {MAX_DAYS_BETWEEN_SESSIONS} advised)",
+                )
+            )
+        typed = course.session_number
+        if typed is not None and (position.kind == "maintenance" or typed != position.number):
+            actual = (
+                f"maintenance session {position.number}"
+                if position.kind == "maintenance"
+                else f"session {position.number} of {planned}"
+            )
             warnings.append(
                 CourseWarning(
                     "session_number",
-                    f"recorded as session {course.session_number} but the log holds "
-                    f"{len(history)} earlier session(s) of course {course.course_id}",
+                    f"typed as session {typed} but the log makes it {actual} of {where} "
+                    f"({len(counted)} earlier session(s) delivered pulses)",
                 )
             )
-        return warnings
+        return position, warnings
 
     def end_session(
         self,
         session_id: int,
         *,
         actor: str,
+        role: str | None = None,
         post_care: Iterable[PostCare | str] = (),
+        post_care_declined: str | None = None,
         note: str | None = None,
         host_time_ns: int | None = None,
     ) -> Summary:
-        """Close the session with its post-care and return the closing summary (computed from
-        live totals: no disk read). Raises :class:`SessionRefused` if it is not the open one."""
+        """Close the session with its post-care (the advice given, or why it was declined) and
+        return the closing summary (computed from live totals: no disk read). Raises
+        :class:`SessionRefused` if it is not the open one."""
         live = self._live
         if live is None or live.session_id != session_id:
             raise SessionRefused("session.open", f"session {session_id} is not the open session")
@@ -727,12 +784,50 @@ class SessionLog:
             raise InvalidSessionInfo("post_care", list(post_care), f"one of {allowed}") from exc
         now = self._clock() if host_time_ns is None else host_time_ns
         summary = self._summary(live, "completed", now)
-        body = {"summary": summary.to_dict(), "post_care": care, "actor": actor, "note": note}
+        body = {
+            "summary": summary.to_dict(),
+            "post_care": care,
+            "post_care_declined": post_care_declined,
+            "actor": actor,
+            "role": role,
+            "note": note,
+        }
         self._record(session_id, "session_ended", body, now)
         self._put(_Marker(done=_nothing, checkpoint="session_end"))
         self._live = None
+        self._mark_delivered(session_id, summary)
         self._log.info("session_ended", session_id=session_id, pulses=live.pulses)
         return summary
+
+    def _mark_delivered(self, session_id: int, summary: Summary) -> None:
+        """A closed session counts in its course when it delivered pulses."""
+        for entries in self._courses.values():
+            for i, entry in enumerate(entries):
+                if entry.session_id == session_id:
+                    entries[i] = dataclasses.replace(
+                        entry, delivered=summary.pulses + summary.unlogged_pulses > 0
+                    )
+                    return
+
+    def record_clinical(
+        self,
+        session_id: int,
+        kind: str,
+        *,
+        actor: str,
+        role: str | None,
+        entry: Mapping[str, Any],
+        host_time_ns: int | None = None,
+    ) -> None:
+        """A clinician's ``note``, the immediate skin ``reaction`` or an ``adverse_event``,
+        appended to session ``session_id`` (open or ended) as a chained record of its own:
+        nothing recorded before is ever edited."""
+        if kind not in CLINICAL_KINDS:
+            raise InvalidSessionInfo("kind", kind, "one of " + ", ".join(sorted(CLINICAL_KINDS)))
+        if not MIN_SESSION_ID <= session_id < self._next_session_id:
+            raise SessionRefused("session.unknown", f"no session {session_id} in the log")
+        body = {"actor": actor, "role": role, **entry}
+        self._record(session_id, kind, body, host_time_ns)
 
     def current_summary(self, *, host_time_ns: int | None = None) -> Summary | None:
         """The open session's running summary (outcome ``"open"``), e.g. for the retained
@@ -765,6 +860,7 @@ class SessionLog:
         zone: Zone | str,
         *,
         actor: str,
+        role: str | None = None,
         energy_limit_uj: int | None = None,
         host_time_ns: int | None = None,
     ) -> None:
@@ -774,7 +870,12 @@ class SessionLog:
         except ValueError:
             allowed = ", ".join(z.value for z in Zone)
             raise InvalidSessionInfo("zone", zone, f"one of {allowed}") from None
-        body = {"zone": zone.value, "energy_limit_uj": energy_limit_uj, "actor": actor}
+        body = {
+            "zone": zone.value,
+            "energy_limit_uj": energy_limit_uj,
+            "actor": actor,
+            "role": role,
+        }
         self._record(session_id, "zone", body, host_time_ns)
 
     def record_params(
@@ -786,15 +887,21 @@ class SessionLog:
         rate_mhz: int,
         spot_um: int,
         actor: str,
+        role: str | None = None,
+        fluence_limit: Mapping[str, Any] | None = None,
         host_time_ns: int | None = None,
     ) -> None:
-        """Parameters sent to the device (ICD units). Later pulses' fluence uses this spot."""
+        """Parameters sent to the device (ICD units). Later pulses' fluence uses this spot.
+        ``fluence_limit`` is the cap these were checked against: ``fluence_j_cm2``,
+        ``max_fluence_j_cm2``, ``rule`` (skin type or zone), ``skin_type``, ``zone``, ``preset``."""
         body = {
             "energy_uj": energy_uj,
             "width_us": width_us,
             "rate_mhz": rate_mhz,
             "spot_um": spot_um,
             "actor": actor,
+            "role": role,
+            "fluence_limit": None if fluence_limit is None else dict(fluence_limit),
         }
         self._record(session_id, "params", body, host_time_ns)
         live = self._live
@@ -895,15 +1002,23 @@ class SessionLog:
         detail: Mapping[str, Any],
         reason: str | None = None,
         *,
+        role: str | None = None,
         host_time_ns: int | None = None,
     ) -> None:
         """A safety event or an operator action: ``kind`` is a short lower-case name (``breach``,
-        ``device_fault``, ``link_lost`` count as faults; ``ack``, ``override``, ``armed``,
-        ``disarmed``, ``stop``, ``note`` ...), ``actor`` who (operator id, ``supervisor``,
-        ``device``), ``detail`` the facts (JSON values), ``reason`` the operator's why."""
+        ``device_fault``, ``link_lost`` count as faults; ``fault_ack``, ``override``, ``armed``,
+        ``disarmed``, ``stop`` ...), ``actor`` who (a user id, or ``supervisor``, ``device``,
+        ``mqtt`` for the system), ``role`` the user's role (None for the system), ``detail`` the
+        facts (JSON values), ``reason`` the operator's why."""
         if not kind or not set(kind) <= _EVENT_KIND_CHARS or len(kind) > 64:
             raise InvalidSessionInfo("event kind", kind, "lower-case letters, digits, '_' or '.'")
-        body = {"event": kind, "actor": actor, "detail": dict(detail), "reason": reason}
+        body = {
+            "event": kind,
+            "actor": actor,
+            "role": role,
+            "detail": dict(detail),
+            "reason": reason,
+        }
         self._record(session_id, "event", body, host_time_ns)
         live = self._live
         if kind in FAULT_EVENT_KINDS and live is not None and live.session_id == session_id:
@@ -951,6 +1066,7 @@ class SessionLog:
             self._record(
                 stale, "session_interrupted", {"summary": summary.to_dict(), "cause": cause}, now
             )
+            self._mark_delivered(stale, summary)
         if stale is not None or unlogged or mismatch:
             body: dict[str, Any] = {
                 "device_pulse_count": device_pulse_count,

@@ -22,7 +22,7 @@ from devicectl.sessionlog import verify_against
 from devicectl.sessionlog.keys import DeviceKey
 from protocols.mqtt import STREAMS, Stream, json_schemas, parse_topic
 from tests.brokers import Broker
-from tests.daemon.conftest import Driver, _settings
+from tests.daemon.conftest import ACK, END, Driver, _settings
 from tests.telemetry.helpers import Recorder, recorder, until
 
 SCHEMA_BY_STREAM = {
@@ -106,9 +106,9 @@ async def test_a_session_with_a_breach_unfolds_on_mqtt(
         mqtt_driver.sim("fault energy-drift 1.3")
         await mqtt_driver.until(lambda: mqtt_driver.daemon.supervisor.latched is not None)
         mqtt_driver.sim("clear-faults")
-        await mqtt_driver.ok("fault_ack", operator="OP-7", reason="recalibrated")
+        await mqtt_driver.ok("fault_ack", **ACK)
         await until(lambda: rec.on("metrics"), what="a metrics message")
-        await mqtt_driver.ok("session_end", post_care=["sunscreen"])
+        await mqtt_driver.ok("session_end", **END)
         await until(lambda: rec.on("alerts") and _ended(rec), what="alert and ended event")
         await until(lambda: any(m.payload == b"" for m in rec.on("session")), what="empty session")
         messages = rec.snapshot()
