@@ -13,9 +13,9 @@ BASE = "lasers/clinic-a/laser-01"
 T0 = 1_764_064_800.0  # receive times are passed in, like any clock
 
 
-def env(seq: int, boot: int = 1, **fields: Any) -> bytes:
+def env(seq: int, boot: int = 1, device: str = "laser-01", **fields: Any) -> bytes:
     return json.dumps(
-        {"v": 1, "ts": "2026-11-25T10:00:00.000Z", "device": "laser-01", "seq": seq, "boot": boot}
+        {"v": 1, "ts": "2026-11-25T10:00:00.000Z", "device": device, "seq": seq, "boot": boot}
         | fields
     ).encode()
 
@@ -96,12 +96,13 @@ def test_a_device_appears_with_its_availability_and_state(fleet: Fleet) -> None:
     assert view["state"]["version"] == "0.1.0"
 
 
-def test_wire_style_state_bitmasks_are_read_too(fleet: Fleet) -> None:
+def test_a_payload_outside_the_published_schema_is_unreadable_not_guessed(fleet: Fleet) -> None:
+    # Bitmasks instead of the contract's lists: refused by the schema, counted, never shown.
     fleet.apply(f"{BASE}/state", env(1, state=3, interlocks=0b01001, faults=0b10), T0)
-    status = fleet_view(fleet)["state"]
-    assert status["state"] == "EMITTING"
-    assert status["interlocks_open"] == ["estop", "contact"]
-    assert status["faults"] == ["INTERLOCK_OPENED"]
+    view = fleet_view(fleet)
+    assert view["state"] is None
+    assert view["malformed"] == 1
+    assert view["last_malformed"].startswith("state: ")
 
 
 def test_offline_last_will_keeps_the_last_known_state(fleet: Fleet) -> None:
@@ -184,7 +185,12 @@ def test_a_duplicate_is_not_counted_twice(fleet: Fleet) -> None:
             {
                 "op": "device",
                 "key": "clinic-a/laser-01",
-                "fields": {"last_seen": fleet_view(fleet)["last_seen"]},
+                "fields": {
+                    "missed": {},
+                    "restarts": 0,
+                    "last_restart": None,
+                    "last_seen": fleet_view(fleet)["last_seen"],
+                },
             }
         )
     ]
@@ -212,7 +218,15 @@ def test_alerts_newest_first_for_the_device_and_the_fleet(fleet: Fleet) -> None:
     fleet.apply(f"{BASE}/alerts", env(1, severity="warning", code="SKIN_TEMP", message="a"), T0)
     updates = fleet.apply(
         f"{other}/alerts",
-        env(1, severity="critical", code="ENERGY_DEVIATION", message="b", value=7.8, limit=7.2),
+        env(
+            1,
+            device="laser-02",
+            severity="critical",
+            code="ENERGY_DEVIATION",
+            message="b",
+            value=7.8,
+            limit=7.2,
+        ),
         T0 + 1,
     )
     # A new device's first message is its whole view, plus the alert for the fleet's list.
@@ -290,6 +304,7 @@ def test_session_events_are_listed(fleet: Fleet) -> None:
         "event": "zone",
         "zone": None,
         "detail": "zone=neck",
+        "order": "first",
     }
 
 
