@@ -149,9 +149,7 @@ def read_message(prefix: str, topic: str, payload: bytes) -> Reading | None:
         return Unreadable(reason, site=site, device=device, stream=stream)
 
     if session is not None and not is_valid_id(session):
-        raise Unreadable(
-            f"invalid session id in topic {clip(topic, _TOPIC_CLIP)}", invalid_id=True
-        )
+        raise Unreadable(f"invalid session id in topic {clip(topic, _TOPIC_CLIP)}", invalid_id=True)
     if stream is Stream.AVAILABILITY:
         word = payload.strip()
         if word not in (b"online", b"offline"):

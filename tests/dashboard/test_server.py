@@ -33,6 +33,7 @@ from tests.dashboard.conftest import (
 )
 
 pytestmark = pytest.mark.system
+CONFIRM = {"confirm": True, "site": "clinic-a", "device": "laser-01"}
 
 
 async def http(
@@ -43,7 +44,7 @@ async def http(
     assert parts.hostname is not None
     assert parts.port is not None
     data = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    head = {"host": "dashboard", "connection": "close", "content-length": str(len(data))}
+    head = {"host": parts.netloc, "connection": "close", "content-length": str(len(data))}
     head |= headers or {}
     if body is not None and not isinstance(body, bytes):
         head.setdefault("content-type", "application/json")
@@ -91,7 +92,10 @@ async def test_page_assets_health_and_read_only_stop(
 
         # Without stop credentials the dashboard is read-only.
         status, _, content = await http(
-            server.url, "POST", "/api/devices/clinic-a/laser-01/stop", {"confirm": True}
+            server.url,
+            "POST",
+            "/api/devices/clinic-a/laser-01/stop",
+            CONFIRM,
         )
         assert status == 403
         assert "no stop credentials" in json.loads(content)["error"]
@@ -108,7 +112,9 @@ async def test_event_stream_sends_a_snapshot_then_deltas(
         assert parts.port is not None
         reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
         try:
-            writer.write(b"GET /events HTTP/1.1\r\nhost: dashboard\r\n\r\n")
+            writer.write(
+                f"GET /events HTTP/1.1\r\nhost: {urlsplit(server.url).netloc}\r\n\r\n".encode()
+            )
             status_line = await reader.readline()
             assert b" 200 " in status_line
             async with asyncio.timeout(10):
@@ -145,7 +151,7 @@ async def test_stop_is_confirmed_guarded_and_delivered(
     config = dashboard_config(mosquitto, stop_username="staff", stop_password="s3cret")
     async with running_dashboard(config) as server:
         path = "/api/devices/clinic-a/laser-01/stop"
-        status, _, _ = await http(server.url, "POST", path, {"confirm": True})
+        status, _, _ = await http(server.url, "POST", path, CONFIRM)
         assert status == 404  # the device has not been seen yet
         await fake_device.raw("availability", b"online", retain=True)
         for _ in range(250):
@@ -165,7 +171,7 @@ async def test_stop_is_confirmed_guarded_and_delivered(
         assert status == 400
         assert fake_device.commands.empty()
 
-        status, _, content = await http(server.url, "POST", path, {"confirm": True})
+        status, _, content = await http(server.url, "POST", path, CONFIRM)
         assert (status, json.loads(content)["topic"]) == (200, "lasers/clinic-a/laser-01/cmd/stop")
         topic, payload = await asyncio.to_thread(fake_device.commands.get, True, 5.0)
         assert topic == "lasers/clinic-a/laser-01/cmd/stop"
@@ -201,7 +207,10 @@ async def test_stop_with_credentials_the_broker_refuses_is_reported(
                     break
                 await asyncio.sleep(0.02)
             status, _, content = await http(
-                server.url, "POST", "/api/devices/clinic-a/laser-01/stop", {"confirm": True}
+                server.url,
+                "POST",
+                "/api/devices/clinic-a/laser-01/stop",
+                CONFIRM,
             )
             assert status == 502
             assert "was not sent" in json.loads(content)["error"]
@@ -266,7 +275,7 @@ def test_bad_arguments_exit_2_with_one_line() -> None:
         (["dashboard", "--mqtt", "http://broker"], "mqtt://HOST"),
         (["dashboard", "--listen", "8080"], "HOST:PORT"),
         (["dashboard", "--stop-username", "staff"], "--stop-password"),
-        (["dashboard", "--policy", "/nonexistent/policy.toml"], "readable policy file"),
+        (["dashboard", "--policy", "/nonexistent/policy.toml"], "a readable TOML file"),
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, result.output
