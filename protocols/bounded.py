@@ -30,6 +30,7 @@ __all__ = [
     "json_depth",
     "loads_json",
     "loads_toml",
+    "printable",
     "toml_depth",
 ]
 
@@ -57,6 +58,30 @@ def clip(value: object, limit: int = _CLIP) -> str:
     if len(escaped) > limit:
         return f"{escaped[: limit - 25]}... ({len(text):,} characters)"
     return escaped
+
+
+def printable(text: str, limit: int = _CLIP) -> str:
+    """``text`` with every character that is not printable escaped (control characters such as
+    ESC, invisible format characters such as U+200B, line breaks) and clipped to ``limit``.
+
+    Unlike :func:`clip`, printable non-ASCII text (``°C``, accents) is kept as it is.
+    """
+    if len(text) > limit:
+        text = f"{text[: limit - 25]}... ({len(text):,} characters)"
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape_char(c) for c in text)
+
+
+def _escape_char(char: str) -> str:
+    code = ord(char)
+    return (
+        f"\\x{code:02x}"
+        if code < 0x100
+        else f"\\u{code:04x}"
+        if code < 0x10000
+        else f"\\U{code:08x}"
+    )
 
 
 def decode_utf8(data: bytes) -> str:
