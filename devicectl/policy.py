@@ -1,4 +1,4 @@
-"""The clinic policy: the middle layer of the safety limits (DESIGN.md section 4).
+"""The clinic policy: the middle layer of the safety limits (docs/safety-model.md).
 
 A clinic's policy is a TOML file; when none is configured the packaged default
 (``devicectl/defaults/policy.toml``) is used. Its numbers are ILLUSTRATIVE, NOT CLINICAL GUIDANCE:
@@ -27,7 +27,6 @@ Units follow the wire protocol: ``_uj`` µJ, ``_us`` µs, ``_mhz`` millihertz, `
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from importlib import resources
@@ -47,6 +46,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from devicectl.errors import ConfigError
+from protocols.bounded import BoundedInputError, loads_toml
 from protocols.messages import LEASE_MAX_MS, LEASE_MIN_MS, SetParams
 
 __all__ = [
@@ -409,17 +409,19 @@ def load_policy(path: Path | None = None) -> Policy:
     if path is None:
         resource = resources.files("devicectl") / "defaults" / "policy.toml"
         source = "the packaged default policy"
-        text = resource.read_text(encoding="utf-8")
+        raw = resource.read_bytes()
     else:
         source = str(path)
+        if not source.strip() or source == ".":
+            raise ConfigError("policy", source, "a TOML file path (an empty one is refused)")
         try:
-            text = path.read_text(encoding="utf-8")
+            raw = path.read_bytes()
         except OSError as exc:
             raise ConfigError(
                 "policy", str(path), f"a readable TOML file ({exc.strerror})"
             ) from None
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("policy", source, f"valid TOML ({exc})") from None
+        data = loads_toml(raw)  # UTF-8, at most 1 MiB and 16 levels deep
+    except BoundedInputError as exc:
+        raise ConfigError("policy", source, f"a UTF-8 TOML file: {exc.reason}") from None
     return parse_policy(data, source)
