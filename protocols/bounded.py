@@ -53,35 +53,38 @@ def clip(value: object, limit: int = _CLIP) -> str:
     text can go to a terminal or a log line and be read as what was sent.
     """
     text = value if isinstance(value, str) else repr(value)
-    escaped = text.encode("ascii", "backslashreplace").decode("ascii")
-    escaped = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in escaped)
-    if len(escaped) > limit:
-        return f"{escaped[: limit - 25]}... ({len(text):,} characters)"
-    return escaped
+    return _shortened(text, _ascii(text[:limit]), limit)
 
 
 def printable(text: str, limit: int = _CLIP) -> str:
     """``text`` with every character that is not printable escaped (control characters such as
-    ESC, invisible format characters such as U+200B, line breaks) and clipped to ``limit``.
+    ESC, invisible format characters such as U+200B, line breaks), at most ``limit`` characters.
 
     Unlike :func:`clip`, printable non-ASCII text (``°C``, accents) is kept as it is.
     """
-    if len(text) > limit:
-        text = f"{text[: limit - 25]}... ({len(text):,} characters)"
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else _escape_char(c) for c in text)
+    head = text[:limit]
+    if not head.isprintable():
+        head = "".join(c if c.isprintable() else _escape_char(c) for c in head)
+    return _shortened(text, head, limit)
+
+
+def _ascii(text: str) -> str:
+    escaped = text.encode("ascii", "backslashreplace").decode("ascii")
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in escaped)
+
+
+def _shortened(original: str, shown: str, limit: int) -> str:
+    if len(original) <= limit and len(shown) <= limit:
+        return shown
+    suffix = f"... ({len(original):,} characters)"
+    return shown[: max(limit - len(suffix), 0)] + suffix
 
 
 def _escape_char(char: str) -> str:
     code = ord(char)
-    return (
-        f"\\x{code:02x}"
-        if code < 0x100
-        else f"\\u{code:04x}"
-        if code < 0x10000
-        else f"\\U{code:08x}"
-    )
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def decode_utf8(data: bytes) -> str:
