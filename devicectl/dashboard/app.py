@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import math
 import socket
 import ssl
@@ -51,7 +50,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from structlog.typing import FilteringBoundLogger
 
-from devicectl.dashboard.fleet import Fleet
+from devicectl.dashboard.fleet import Fleet, json_text
 from devicectl.dashboard.hub import Resync, UpdateHub
 from devicectl.dashboard.limits import DisplayLimits, load_display_limits
 from devicectl.dashboard.mqtt import (
@@ -210,6 +209,7 @@ class Dashboard:
         )
         # Set by DashboardServer once bound; until then only the configured names are allowed.
         self.allowed_hosts = frozenset(h.lower() for h in config.allowed_hosts)
+        self._snapshot_cache: tuple[int, str] = (-1, "")
 
     def serve_on(self, listen: tuple[str, int]) -> None:
         """The address the page is served on: the Host/Origin allow-list follows from it."""
@@ -221,36 +221,22 @@ class Dashboard:
             "title": self.config.title,
             "broker_url": display_url(self.address),
             "stop_enabled": self.config.stop_enabled,
-            "reader": self.subscriber.health(),
         }
 
-
-def _json_ready(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by None (JSON has no inf or nan)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_ready(v) for v in value]
-    return value
-
-
-def dumps(data: Any) -> str:
-    """Compact JSON that never fails on a number: the view is validated, this is the backstop."""
-    try:
-        return json.dumps(data, separators=(",", ":"), allow_nan=False)
-    except ValueError:
-        return json.dumps(_json_ready(data), separators=(",", ":"), allow_nan=False)
+    def snapshot_text(self) -> str:
+        """The snapshot as JSON, made once per change of the view however many pages ask."""
+        if self._snapshot_cache[0] != self.fleet.version:
+            self._snapshot_cache = (self.fleet.version, json_text(self.snapshot()))
+        return self._snapshot_cache[1]
 
 
 class _JSON(JSONResponse):
     def render(self, content: Any) -> bytes:
-        return dumps(content).encode()
+        return json_text(content).encode()
 
 
-def _sse(event: str, data: Any) -> str:
-    return f"event: {event}\ndata: {dumps(data)}\n\n"
+def _sse(event: str, data: str) -> str:
+    return f"event: {event}\ndata: {data}\n\n"
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -369,26 +355,26 @@ class _EventStream:
 
     async def _stream(self, send: Send, subscription: Any) -> None:
         dashboard, config = self.dashboard, self.dashboard.config
-        await self._text(send, "retry: 2000\n" + _sse("snapshot", dashboard.snapshot()))
+        await self._text(send, "retry: 2000\n" + _sse("snapshot", dashboard.snapshot_text()))
         while True:
             try:
                 item = await asyncio.wait_for(subscription.next(), config.keepalive_s)
             except TimeoutError:
                 await self._text(send, ": keepalive\n\n")  # also how a vanished browser is noticed
                 continue
-            batch: list[dict[str, Any]] = []
+            batch: list[str] = []
             while item is not None and not isinstance(item, Resync):
-                batch.append(item.data)
+                batch.append(item.encoded)
                 if subscription.queue.empty() or len(batch) >= _MAX_UPDATES_PER_EVENT:
                     break
                 item = subscription.queue.get_nowait()
             if batch:
-                await self._text(send, _sse("delta", batch))
+                await self._text(send, _sse("delta", "[" + ",".join(batch) + "]"))
             if item is None:
                 await self._send(send, {"type": "http.response.body", "body": b""})
                 return
             if isinstance(item, Resync):
-                await self._text(send, _sse("snapshot", dashboard.snapshot()))
+                await self._text(send, _sse("snapshot", dashboard.snapshot_text()))
 
 
 def create_app(dashboard: Dashboard) -> Starlette:
@@ -412,7 +398,7 @@ def create_app(dashboard: Dashboard) -> Starlette:
         return HTMLResponse(page.read_text(encoding="utf-8"))
 
     async def snapshot(_request: Request) -> Response:
-        return _JSON(dashboard.snapshot())
+        return Response(dashboard.snapshot_text(), media_type="application/json")
 
     async def healthz(_request: Request) -> Response:
         reader = dashboard.subscriber.health()

@@ -30,6 +30,8 @@ Rules the view follows:
 
 from __future__ import annotations
 
+import json
+import math
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,7 +55,7 @@ from protocols.bounded import clip
 from protocols.intake import Order, Reading, StreamOrder, Unreadable, Verdict, read_message
 from protocols.mqtt import Stream
 
-__all__ = ["Fleet", "Update"]
+__all__ = ["Fleet", "Update", "json_text"]
 _RETAINED = (Stream.AVAILABILITY, Stream.STATE, Stream.SESSION)
 _TEXT_MAX = 300  # characters of any alert or event text kept for the page
 _LIVE_SESSIONS = 4  # per device: the current session and a few just ended
@@ -70,9 +72,34 @@ class Update:
     - ``event``: ``{"key", "event"}``, a session lifecycle event;
     - ``broker``: ``{"broker"}``, the dashboard's own link to the broker;
     - ``invalid``: ``{"invalid"}``, messages whose topic ids are not ids (count, last).
+
+    ``encoded`` is ``data`` as JSON, made once however many browsers it is sent to.
     """
 
     data: dict[str, Any]
+    encoded: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "encoded", json_text(self.data))
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (JSON has no inf or nan)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_text(data: Any) -> str:
+    """Compact JSON that never fails on a number: the view is validated, this is the backstop."""
+    try:
+        return json.dumps(data, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(data), separators=(",", ":"), allow_nan=False)
 
 
 def _iso(seconds: float) -> str:
@@ -154,6 +181,7 @@ class Fleet:
         self._broker: dict[str, Any] = {"connected": False, "since": None, "detail": None}
         self._invalid: dict[str, Any] = {"count": 0, "last": None}
         self.unreadable_total = 0
+        self.version = 0  # +1 whenever the view may have changed: snapshots are cached by it
         self._handlers: dict[Stream, Callable[[_Device, Reading, float], _Change]] = {
             Stream.AVAILABILITY: self._on_availability,
             Stream.STATE: self._on_state,
@@ -168,6 +196,7 @@ class Fleet:
 
     def apply(self, topic: str, payload: bytes, now: float) -> list[Update]:
         """Take one MQTT message received at ``now`` (epoch seconds); return what changed."""
+        self.version += 1
         try:
             reading = read_message(self.prefix, topic, payload)
         except Unreadable as exc:
@@ -225,6 +254,7 @@ class Fleet:
 
     def broker_link(self, connected: bool, now: float, detail: str | None = None) -> list[Update]:
         """The dashboard's own connection to the broker went up or down."""
+        self.version += 1
         self._broker = {"connected": connected, "since": _iso(now), "detail": detail}
         updates = [Update({"op": "broker", "broker": dict(self._broker)})]
         if connected:
