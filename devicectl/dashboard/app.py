@@ -110,6 +110,7 @@ class DashboardConfig:
     max_devices: int = 500
     browser_queue: int = 1000
     send_timeout_s: float = 10.0
+    coalesce_s: float = 0.05  # updates to a page are sent at most this often (an alarm included)
 
     def __post_init__(self) -> None:
         if (self.stop_username is None) != (self.stop_password is None):
@@ -132,6 +133,8 @@ class DashboardConfig:
                 raise ConfigError(name, value, "an integer from 1 to 1000000")
         if not (math.isfinite(self.send_timeout_s) and self.send_timeout_s > 0):
             raise ConfigError("send_timeout_s", self.send_timeout_s, "a positive number (s)")
+        if not (math.isfinite(self.coalesce_s) and 0 <= self.coalesce_s <= 0.5):
+            raise ConfigError("coalesce_s", self.coalesce_s, "from 0 to 0.5 (s)")
 
     @property
     def stop_enabled(self) -> bool:
@@ -362,6 +365,9 @@ class _EventStream:
             except TimeoutError:
                 await self._text(send, ": keepalive\n\n")  # also how a vanished browser is noticed
                 continue
+            if item is not None and not isinstance(item, Resync) and config.coalesce_s > 0:
+                # Let a burst gather: one write per page per interval, not one per message.
+                await asyncio.sleep(config.coalesce_s)
             batch: list[str] = []
             while item is not None and not isinstance(item, Resync):
                 batch.append(item.encoded)
