@@ -27,8 +27,14 @@ from tests.dashboard.test_browser import WAIT_MS, launch, open_page
 
 pytestmark = pytest.mark.system
 
-STATE = {"interlocks": [], "faults": [], "params": None, "armed": True, "session": None,
-         "daemon_version": "1"}  # fmt: skip
+STATE: dict[str, Any] = {
+    "interlocks": [],
+    "faults": [],
+    "params": None,
+    "armed": True,
+    "session": None,
+    "daemon_version": "1",
+}
 
 # Stamps (page clock, Unix ms) the moment the card shows FAULT and the banner the alert's code.
 WATCH_ALARM = """([key, code]) => {

@@ -206,13 +206,14 @@ async def test_stop_refuses_other_sites_other_hosts_and_bodies_that_are_not_a_co
             server.url, "GET", "/api/snapshot", None, {"host": "attacker.example"}
         )
         assert status == 403
-        for body in (
+        bodies: list[Any] = [
             b"[" * 100_000,  # deep JSON: refused, never a 500
             b'{"confirm": true, "x": "' + b"a" * 5000 + b'"}',
             {"confirm": True, "site": "clinic-a", "device": "laser-01\u200b"},  # a look-alike
             {"confirm": True, "site": "clinic-b", "device": "laser-01"},
             {"confirm": 1},
-        ):
+        ]
+        for body in bodies:
             headers = {"content-type": "application/json", "origin": f"http://{own}"}
             status, _, _ = await http(server.url, "POST", path, body, headers)
             assert status == 400, body

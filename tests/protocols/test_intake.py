@@ -34,7 +34,7 @@ def envelope(seq: int = 1, boot: int = 1, at_s: float = 0.0, **fields: Any) -> d
 
 
 def state(seq: int = 1, boot: int = 1, at_s: float = 0.0, **fields: Any) -> bytes:
-    body = {
+    body: dict[str, Any] = {
         "state": "READY",
         "interlocks": [],
         "faults": [],

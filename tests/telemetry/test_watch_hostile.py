@@ -18,6 +18,7 @@ import time
 import tty
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,7 +102,7 @@ def watch_command(broker: Broker, *extra: str) -> list[str]:
     return [str(Path(sys.executable).parent / "devicectl"), "watch", "--mqtt", broker.url, *extra]
 
 
-STATE = {
+STATE: dict[str, Any] = {
     "interlocks": [],
     "faults": [],
     "params": None,
