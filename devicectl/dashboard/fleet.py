@@ -22,6 +22,7 @@ Rules the view follows:
   shown as now, a forward gap is counted as missed; a new boot, a seq that goes back or jumps too
   far is shown as a restart and applied. Alerts are never dropped for their seq, only marked.
 - At most ``max_devices`` devices are tracked: a new one evicts the one heard from least recently.
+  A device showing an alarm (FAULT, emitting, a critical alert) goes only if every one does.
   Each device keeps bounded lists (alerts, events, chart points, sessions) and alert texts are
   clipped, so no publisher can grow the view without bound.
 - On every (re)connection to the broker the retained topics are forgotten, since the broker
@@ -224,12 +225,24 @@ class Fleet:
             return device, False, []
         updates: list[Update] = []
         while len(self._devices) >= self.max_devices:
-            old_key, _old = self._devices.popitem(last=False)
+            old_key = self._eviction_candidate()
+            del self._devices[old_key]
             for stream in (*_RETAINED, Stream.PULSES, Stream.METRICS, Stream.ALERTS):
                 self._order.forget(f"{old_key}/{stream.value}")
             updates.append(Update({"op": "remove", "key": old_key}))
         device = self._devices[key] = _Device(site, name)
         return device, True, updates
+
+    def _eviction_candidate(self) -> str:
+        """The least recently heard device that shows no alarm; else the least recently heard.
+
+        A flood of new devices must not take a card in FAULT, emitting, or with a critical alert
+        off the screen while a quieter device can go instead.
+        """
+        for key, device in self._devices.items():
+            if not _alarming(device):
+                return key
+        return next(iter(self._devices))
 
     def _unreadable(self, exc: Unreadable, now: float) -> list[Update]:
         self.unreadable_total += 1
@@ -490,6 +503,13 @@ class _Change:
 
 
 # -------------------------------------------------------------------------------------- views
+
+
+def _alarming(device: _Device) -> bool:
+    status = device.status
+    if status is not None and (status.state in {"FAULT", "EMITTING"} or status.armed):
+        return True
+    return any(alert["rank"] >= 2 for alert in device.alerts)
 
 
 def _skin_limit(device: _Device, limits: DisplayLimits) -> float:

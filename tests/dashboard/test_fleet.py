@@ -417,6 +417,16 @@ def test_devices_are_bounded_the_least_recently_heard_evicted() -> None:
     assert [d["key"] for d in fleet.snapshot()["devices"]] == ["s/d0", "s/d2", "s/d9"]
 
 
+def test_a_flood_of_new_devices_evicts_quiet_ones_before_an_alarm() -> None:
+    fleet = Fleet(max_devices=3)
+    fleet.apply(f"{BASE}/state", state(1, state="FAULT", faults=["INTERNAL"]), T0)
+    for n in range(50):
+        fleet.apply(f"lasers/flood/d{n}/availability", b"online", T0 + 1 + n)
+    keys = [d["key"] for d in fleet.snapshot()["devices"]]
+    assert "clinic-a/laser-01" in keys
+    assert len(keys) == 3
+
+
 def test_alert_text_and_lists_are_bounded(fleet: Fleet) -> None:
     for seq in range(1, 300):
         message = "x" * 60_000
