@@ -104,9 +104,11 @@ class FleetView:
         self.invalid_ids = 0
         self.last_invalid: str | None = None
         self.failed = 0  # a message whose handling raised: a bug, counted, never fatal
+        self.version = 0  # +1 per message: the table is rebuilt only when it may have changed
 
     def feed(self, topic: str, payload: bytes) -> list[str]:
         """Apply one received message; return the lines saying what happened. Never raises."""
+        self.version += 1
         try:
             return self._feed(topic, payload)
         except Exception as exc:  # noqa: BLE001 - one message must never stop the view
@@ -314,14 +316,25 @@ async def watch(
     live: Live | None = None
     if not lines:
         console = console if console is not None else Console()
-        live = Live(console=console, refresh_per_second=4, get_renderable=view.render)
+        live = Live(view.render(), console=console, refresh_per_second=4)
 
     def emit(text: str) -> None:
         if lines:
             print(f"{_stamp()} {text}", file=stream, flush=True)
 
+    async def redraw(live: Live) -> None:
+        # The table is built here, in the loop that feeds the view, never in rich's refresh
+        # thread: that thread only redraws a finished table.
+        drawn = -1
+        while True:
+            if view.version != drawn:
+                drawn = view.version
+                live.update(view.render())
+            await asyncio.sleep(0.2)
+
     connected_once = False
     attempt = 0
+    redrawing: asyncio.Task[None] | None = None
     try:
         while True:
             try:
@@ -336,6 +349,7 @@ async def watch(
                 ) as client:
                     if not connected_once and live is not None:
                         live.start()  # only once the broker answered: errors print cleanly
+                        redrawing = asyncio.create_task(redraw(live), name="watch-redraw")
                     connected_once, attempt = True, 0
                     await client.subscribe(f"{prefix}/#", qos=1)
                     emit(f"watching {_safe(prefix, 40)}/# on {_safe(host, 80)}:{port}")
@@ -353,5 +367,7 @@ async def watch(
             cap = min(10.0, 0.25 * 2**attempt)
             await asyncio.sleep(random.uniform(cap / 2, cap))  # noqa: S311 - jitter
     finally:
+        if redrawing is not None:
+            redrawing.cancel()
         if live is not None:
             live.stop()
