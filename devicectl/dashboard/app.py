@@ -164,7 +164,7 @@ def allowed_hosts_for(listen: tuple[str, int], extra: Iterable[str] = ()) -> fro
         address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         address = None
-    if address is not None and address.is_loopback:
+    if (address is not None and address.is_loopback) or host.lower() == "localhost":
         names |= {"localhost", "127.0.0.1", "::1"}
     if address is not None and address.is_unspecified:
         names |= {"localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()}

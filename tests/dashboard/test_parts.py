@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from devicectl.dashboard import Backoff, Update, UpdateHub, load_display_limits
+from devicectl.dashboard import Backoff, Update, UpdateHub, allowed_hosts_for, load_display_limits
 from devicectl.dashboard.contract import (
     MalformedPayload,
     TopicRef,
@@ -217,3 +217,14 @@ def test_bad_listen_addresses(text: str) -> None:
 
 def test_updates_are_json() -> None:
     assert json.loads(json.dumps(update(1).data)) == update(1).data
+
+
+def test_allowed_hosts_follow_the_bound_address() -> None:
+    assert allowed_hosts_for(("127.0.0.1", 8080)) >= {"127.0.0.1:8080", "localhost:8080", "[::1]"}
+    assert "127.0.0.1:8080" in allowed_hosts_for(("localhost", 8080))
+    assert "[::1]:8080" in allowed_hosts_for(("::1", 8080))
+    lan = allowed_hosts_for(("192.168.1.20", 8080), ["dash.clinic.lan", "proxy.example:443"])
+    assert lan >= {"192.168.1.20:8080", "dash.clinic.lan", "dash.clinic.lan:8080"}
+    assert "proxy.example:443" in lan
+    assert "localhost:8080" not in lan
+    assert "dash.clinic.lan:9999" not in lan
