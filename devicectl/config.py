@@ -33,7 +33,6 @@ from __future__ import annotations
 import grp
 import os
 import re
-import tomllib
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -55,10 +54,13 @@ from pydantic_settings import (
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from devicectl.errors import ConfigError
 from devicectl.policy import Policy, load_policy
+from protocols.bounded import BoundedInputError, loads_toml
+from protocols.mqtt import ID_ALLOWED, is_valid_id
 
 __all__ = [
     "CheckpointSettings",
@@ -165,13 +167,19 @@ class MqttSettings(BaseModel):
             raise _Refused("mqtt.url", value, "a port from 1 to 65535") from None
         return value
 
-    @field_validator("prefix", "site", "device")
+    @field_validator("prefix")
     @classmethod
-    def _topic_level(cls, value: str | None, info: Any) -> str | None:
-        if value is not None and (not value or _TOPIC_FORBIDDEN.search(value)):
-            raise _Refused(
-                f"mqtt.{info.field_name}", value, "a non-empty MQTT topic level without / + #"
-            )
+    def _topic_level(cls, value: str) -> str:
+        if not value or _TOPIC_FORBIDDEN.search(value):
+            raise _Refused("mqtt.prefix", value, "a non-empty MQTT topic level without / + #")
+        return value
+
+    @field_validator("site", "device")
+    @classmethod
+    def _identity(cls, value: str | None, info: Any) -> str | None:
+        # What every consumer accepts as an id (docs/mqtt.md): nothing that looks like another.
+        if value is not None and not is_valid_id(value):
+            raise _Refused(f"mqtt.{info.field_name}", value, ID_ALLOWED)
         return value
 
     @model_validator(mode="after")
@@ -246,7 +254,8 @@ class ClinicSettings(BaseModel):
 
 
 def _int_from_text(text: str) -> object:
-    return int(text) if re.fullmatch(r"\s*[+-]?[0-9]+\s*", text) else text
+    # At most 18 digits: a longer number is no setting, and int() of thousands would raise
+    return int(text) if re.fullmatch(r"\s*[+-]?[0-9]{1,18}\s*", text) else text
 
 
 def _float_from_text(text: str) -> object:
@@ -391,6 +400,14 @@ class Settings(BaseSettings):
         file_source = InitSettingsSource(settings_cls, init_kwargs=_FILE_VALUES.get() or {})
         return (init_settings, _EnvironmentText(settings_cls, env_settings), file_source)
 
+    @field_validator("control", "data_dir", "session_log", "policy", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any, info: Any) -> Any:
+        # An empty path would become "." and put the session log in the current directory.
+        if isinstance(value, str | Path) and not str(value).strip():
+            raise _Refused(info.field_name, str(value), "a path (an empty one is refused)")
+        return value
+
     @field_validator("control", "data_dir", "session_log")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
@@ -505,14 +522,16 @@ def _config_error(exc: ValidationError) -> ConfigError:
 
 
 def _read_file(path: Path) -> dict[str, Any]:
+    if not str(path).strip() or str(path) == ".":
+        raise ConfigError("config", str(path), "a TOML file path (an empty one is refused)")
     try:
-        text = path.expanduser().read_text(encoding="utf-8")
+        data = path.expanduser().read_bytes()
     except OSError as exc:
         raise ConfigError("config", str(path), f"a readable TOML file ({exc.strerror})") from None
     try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("config", str(path), f"valid TOML ({exc})") from None
+        return loads_toml(data)  # UTF-8, at most 1 MiB and 16 levels deep
+    except BoundedInputError as exc:
+        raise ConfigError("config", str(path), f"a UTF-8 TOML file: {exc.reason}") from None
 
 
 def _nest(overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -541,5 +560,11 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         return Settings(**_nest(overrides))
     except ValidationError as exc:
         raise _config_error(exc) from None
+    except SettingsError as exc:  # a table given as one variable: DEVICECTL_MQTT=...
+        field = re.search(r'field "([a-z_]+)"', str(exc))
+        name = f"DEVICECTL_{field.group(1).upper()}" if field else "DEVICECTL_*"
+        raise ConfigError(
+            name, "<set>", f"unset it; set the table's keys one by one, e.g. {name}__URL"
+        ) from None
     finally:
         _FILE_VALUES.reset(token)

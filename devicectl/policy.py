@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import tomllib
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from importlib import resources
@@ -48,6 +47,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from devicectl.errors import ConfigError
+from protocols.bounded import BoundedInputError, loads_toml
 from protocols.messages import LEASE_MAX_MS, LEASE_MIN_MS, SetParams
 
 __all__ = [
@@ -429,6 +429,8 @@ def load_policy_with_source(path: Path | None = None) -> tuple[Policy, PolicySou
         raw = resource.read_bytes()
     else:
         source = str(path)
+        if not source.strip() or source == ".":
+            raise ConfigError("policy", source, "a TOML file path (an empty one is refused)")
         try:
             raw = path.read_bytes()
         except OSError as exc:
@@ -436,10 +438,8 @@ def load_policy_with_source(path: Path | None = None) -> tuple[Policy, PolicySou
                 "policy", str(path), f"a readable TOML file ({exc.strerror})"
             ) from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError("policy", source, f"UTF-8 text ({exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("policy", source, f"valid TOML ({exc})") from None
+        data = loads_toml(raw)  # UTF-8, at most 1 MiB and 16 levels deep
+    except BoundedInputError as exc:
+        raise ConfigError("policy", source, f"a UTF-8 TOML file: {exc.reason}") from None
     name = "packaged default policy" if path is None else str(path)
     return parse_policy(data, source), PolicySource(name, hashlib.sha256(raw).hexdigest())

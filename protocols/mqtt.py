@@ -17,6 +17,9 @@ dashboards read them; ``devicectl schema`` exports :func:`json_schemas`.
 Every JSON payload carries the :class:`Envelope`: ``v`` (1), ``ts`` (RFC 3339 UTC), ``device``,
 ``seq`` (per topic, survives restarts), ``boot`` (daemon start counter) and, only on messages
 replayed from the outbox, ``"historical": true``.
+
+Site, device and session ids are :data:`ID_PATTERN`: ASCII letters, digits, ``-`` and ``_``, 1 to
+64 of them, so that two different ids can never look alike on a screen.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ __all__ = [
     "AVAILABILITY_ONLINE",
     "CONTENT_TYPE",
     "DEFAULT_PREFIX",
+    "ID_ALLOWED",
+    "ID_PATTERN",
     "METRICS_EXPIRY_S",
     "SCHEMA_VERSION",
     "STREAMS",
@@ -55,6 +60,7 @@ __all__ = [
     "TopicBase",
     "dumps_schema",
     "encode_payload",
+    "is_valid_id",
     "json_schemas",
     "mark_historical",
     "parse_topic",
@@ -71,6 +77,15 @@ AVAILABILITY_OFFLINE = b"offline"
 _RFC3339_UTC = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$"
 # A topic level may not hold MQTT wildcards or separators.
 _LEVEL = re.compile(r"^[^/#+\x00]+$")
+# Site, device and session ids: nothing that renders like something else (no look-alikes, no
+# invisible or control characters), nothing a shell, a URL or a topic would read specially.
+ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+ID_ALLOWED = "1 to 64 ASCII letters, digits, - or _"
+
+
+def is_valid_id(value: object) -> bool:
+    """True for a site, device or session id of :data:`ID_PATTERN`."""
+    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
 
 
 class Stream(StrEnum):
@@ -297,10 +312,11 @@ class TopicBase:
     device: str
 
     def __post_init__(self) -> None:
-        for name in ("prefix", "site", "device"):
-            value = getattr(self, name)
-            if not _LEVEL.match(value):
-                raise ValueError(f"MQTT topic {name} {value!r} must be non-empty without / # +")
+        if not _LEVEL.match(self.prefix):
+            raise ValueError(f"MQTT topic prefix {self.prefix!r} must be non-empty without / # +")
+        for name in ("site", "device"):
+            if not is_valid_id(getattr(self, name)):
+                raise ValueError(f"MQTT {name} id {getattr(self, name)!r} must be {ID_ALLOWED}")
 
     @property
     def base(self) -> str:

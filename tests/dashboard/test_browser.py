@@ -121,7 +121,9 @@ async def stop_from_the_page(page: Page, card: Locator, driver: Driver) -> None:
     await card.get_by_test_id("stop-button").click()
     dialog = page.get_by_test_id("stop-dialog")
     await expect(dialog).to_be_visible()
-    await expect(dialog).to_contain_text(f"clinic-a/{serial(driver)}")
+    # The device's serial and its site, exactly as the card shows them.
+    await expect(page.get_by_test_id("stop-device")).to_have_text(serial(driver))
+    await expect(page.get_by_test_id("stop-site")).to_have_text("clinic-a")
     await page.get_by_test_id("stop-cancel").click()
     await expect(dialog).to_be_hidden()
     await card.get_by_test_id("stop-button").click()
