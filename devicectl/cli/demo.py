@@ -225,6 +225,12 @@ def demo(
 
     Example: devicectl demo --duration 20 --speed 25
     """
+    from devicectl.extras import MissingExtra, require_extra
+
+    try:
+        require_extra("demo", "devicectl demo")
+    except MissingExtra as exc:
+        raise _fail(str(exc), ExitCode.REFUSED) from None
     _check_options(mqtt, duration, speed, data_dir)
     directory = (data_dir or default_demo_dir()).resolve()
     try:

@@ -268,6 +268,12 @@ def session_export(
             elif fmt is ExportFormat.CSV:
                 export.write_csv(conn, session_id, out)
             else:
+                from devicectl.extras import MissingExtra, require_extra
+
+                try:
+                    require_extra("report", "devicectl session export --format html")
+                except MissingExtra as exc:
+                    raise _fail("session export", str(exc), ExitCode.REFUSED) from None
                 from devicectl.sessionlog import report  # matplotlib: load only when needed
 
                 report.write_report(conn, session_id, out)
