@@ -61,9 +61,11 @@ from devicectl.errors import ConfigError
 from devicectl.policy import Policy, load_policy
 
 __all__ = [
+    "DEFAULT_CONFIG_FILE",
     "LogLevel",
     "MqttSettings",
     "Settings",
+    "default_config_file",
     "default_control_socket",
     "default_data_dir",
     "load_settings",
@@ -117,6 +119,38 @@ def default_control_socket(environ: Mapping[str, str], euid: int, data_dir: Path
     if runtime:
         return Path(runtime) / "devicectl.sock"
     return data_dir / "control.sock"
+
+
+DEFAULT_CONFIG_FILE = Path("/etc/devicectl/devicectl.toml")
+
+# Variables of an older vocabulary (one underscore, read below the file and hidden from
+# `config show`). Refused by name rather than silently ignored: a broker password that stopped
+# being read would look like a broker refusing the daemon.
+_RENAMED_VARIABLES = {
+    "DEVICECTL_MQTT_USERNAME": "DEVICECTL_MQTT__USERNAME",
+    "DEVICECTL_MQTT_PASSWORD": "DEVICECTL_MQTT__PASSWORD",
+    "DEVICECTL_MQTT_CA": "DEVICECTL_MQTT__CA_FILE",
+    "DEVICECTL_MQTT_CERT": "DEVICECTL_MQTT__CERT_FILE",
+    "DEVICECTL_MQTT_KEY": "DEVICECTL_MQTT__KEY_FILE",
+}
+
+
+def default_config_file(environ: Mapping[str, str]) -> Path | None:
+    """The config file a command reads when given no ``--config``: ``$DEVICECTL_CONFIG``, else
+    ``/etc/devicectl/devicectl.toml`` when it exists, else none (defaults and environment)."""
+    named = environ.get("DEVICECTL_CONFIG")
+    if named:
+        return Path(named)
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def _refuse_renamed_variables(environ: Mapping[str, str]) -> None:
+    for old, new in _RENAMED_VARIABLES.items():
+        if old in environ:
+            value = _HIDDEN if "PASSWORD" in old else environ[old]
+            raise ConfigError(
+                old, value, f"an old name: use {new} (nested keys take two underscores)"
+            )
 
 
 def _existing_file(value: Path | None, key: str) -> Path | None:
@@ -443,6 +477,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     Overrides are CLI flags by setting name, nested with ``__`` (``mqtt__url="mqtt://h"``); a
     ``None`` override means the flag was not given. Raises ConfigError on the first bad value.
     """
+    _refuse_renamed_variables(os.environ)
     file_values = _read_file(config_file) if config_file is not None else {}
     token = _FILE_VALUES.set(file_values)
     try:

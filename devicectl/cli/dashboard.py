@@ -50,7 +50,9 @@ def dashboard(
     ] = None,
     ca: Annotated[
         Path | None,
-        typer.Option("--ca", metavar="FILE", help="CA file for mqtts:// (else DEVICECTL_MQTT_CA)."),
+        typer.Option(
+            "--ca", metavar="FILE", help="CA file for mqtts:// (else DEVICECTL_MQTT__CA_FILE)."
+        ),
     ] = None,
     stop_username: Annotated[
         str | None,
