@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.panel import Panel
 from rich.table import Table
 
-from devicectl.cli.app import ExitCode, app, config_app, fault_app, params_app, session_app
+from devicectl.cli.app import (
+    ExitCode,
+    app,
+    config_app,
+    fault_app,
+    params_app,
+    session_app,
+    wants_json,
+)
 from devicectl.control import ControlError, DaemonUnreachable, call_daemon
 from devicectl.errors import ConfigError, DevicectlError
 
@@ -28,18 +36,41 @@ ControlOpt = Annotated[
     Path | None,
     typer.Option(
         "--control",
-        help="The daemon's control socket (default: from the config, as `devicectl run` uses).",
+        metavar="SOCK",
+        help="The daemon's control socket (default: $DEVICECTL_CONTROL, else as `devicectl run` "
+        "computes it from the config).",
         envvar="DEVICECTL_CONTROL",
         show_envvar=False,
     ),
 ]
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", help="A devicectl TOML config file.", exists=True)
+    Path | None,
+    typer.Option(
+        "--config",
+        metavar="FILE",
+        help="A devicectl TOML config file (default: $DEVICECTL_CONFIG, else "
+        "/etc/devicectl/devicectl.toml when it exists).",
+        envvar="DEVICECTL_CONFIG",
+        show_envvar=False,
+        exists=True,
+        dir_okay=False,
+    ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print JSON (the default when the output is not a terminal).")
+]
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)  # one line, never wrapped
 _out = Console(highlight=False)
+
+
+def _config_file(config: Path | None) -> Path | None:
+    """``--config`` (or ``$DEVICECTL_CONFIG``), else the system's file when there is one."""
+    import os
+
+    from devicectl.config import default_config_file
+
+    return config if config is not None else default_config_file(os.environ)
 
 
 def _control_path(control: Path | None, config: Path | None = None) -> Path:
@@ -48,7 +79,7 @@ def _control_path(control: Path | None, config: Path | None = None) -> Path:
     from devicectl.config import load_settings
 
     try:
-        return Path(load_settings(config).control)
+        return Path(load_settings(_config_file(config)).control)
     except DevicectlError as exc:
         _err.print(f"error: {exc}")
         raise typer.Exit(ExitCode.USAGE) from exc
@@ -66,15 +97,91 @@ def _call(control: Path | None, request: dict[str, Any]) -> dict[str, Any]:
         raise typer.Exit(_EXIT_BY_KIND.get(exc.kind, ExitCode.REFUSED)) from exc
 
 
+def _text(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_text(v)}" for k, v in value.items()) or "—"
+    return str(value)
+
+
 def _show(result: dict[str, Any], as_json: bool, title: str = "") -> None:
-    if as_json or not sys.stdout.isatty():
+    if wants_json(as_json):
         typer.echo(json.dumps(result, indent=2, default=str))
         return
     table = Table(title=title or None, show_header=False, box=None)
     for key, value in result.items():
-        text = json.dumps(value, default=str) if isinstance(value, dict | list) else str(value)
-        table.add_row(f"[bold]{key}[/]", text)
+        table.add_row(f"[bold]{key.replace('_', ' ')}[/]", _text(value))
     _out.print(table)
+
+
+def status_panel(status: dict[str, Any]) -> Panel:
+    """``devicectl status`` on a terminal: the device, the emission, the session, the safety."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    link = "connected" if status.get("connected") else "[red]not connected[/]"
+    serial = status.get("device_serial") or "—"
+    grid.add_row("device", f"{serial} on {status.get('port', '—')} ({link})")
+    state = str(status.get("state", "unknown")).upper()
+    armed = "armed" if status.get("armed") else "not armed"
+    grid.add_row("state", f"{state}, {armed}")
+    pedal = "pressed" if status.get("footswitch") else "released"
+    grid.add_row("footswitch", pedal)
+    interlocks = status.get("interlocks_open") or []
+    grid.add_row(
+        "interlocks", f"[red]open: {', '.join(interlocks)}[/]" if interlocks else "all closed"
+    )
+    faults = status.get("faults") or []
+    grid.add_row("device faults", f"[red]{', '.join(faults)}[/]" if faults else "none")
+    params = status.get("params")
+    if params:
+        grid.add_row(
+            "parameters",
+            f"{params['energy_uj']} µJ, {params['width_us']} µs, {params['rate_hz']:g} Hz, "
+            f"spot {params['spot_um']} µm",
+        )
+    else:
+        grid.add_row("parameters", "not set")
+    head, skin = status.get("head_temp_c"), status.get("skin_temp_c")
+    if head is not None and skin is not None:
+        grid.add_row("temperatures", f"head {head:.2f} °C, skin {skin:.2f} °C")
+    if status.get("pulse_count") is not None:
+        grid.add_row("device pulses", f"{status['pulse_count']:,} (lifetime)")
+    session = status.get("session")
+    if session is not None:
+        zone = status.get("zone") or "no zone yet"
+        grid.add_row("session", f"{session}, {zone}, {status.get('session_pulses', 0):,} pulses")
+        energy = status.get("energy_by_zone_uj") or {}
+        if energy:
+            grid.add_row(
+                "energy", ", ".join(f"{z} {uj / 1e6:.3f} J" for z, uj in sorted(energy.items()))
+            )
+    else:
+        grid.add_row("session", "none open")
+    breach = status.get("breach_latched")
+    grid.add_row(
+        "breach",
+        f"[red]LATCHED: {breach.get('message') or breach.get('code')}[/] "
+        "(devicectl fault ack --reason TEXT)"
+        if breach
+        else "none",
+    )
+    grid.add_row("session log", "ok" if status.get("log_ok") else "[red]NOT WRITABLE[/]")
+    counters = status.get("link") or {}
+    if counters:
+        grid.add_row(
+            "link",
+            f"{counters.get('frames', 0):,} frames, {counters.get('dropped', 0)} dropped, "
+            f"{counters.get('retries', 0)} retries, {counters.get('reconnects', 0)} reconnects",
+        )
+    if status.get("sim_control"):
+        grid.add_row("simulator", f"devicectl sim-control --socket {status['sim_control']} ...")
+    return Panel(grid, title=f"devicectl {status.get('version', '')}".strip(), expand=False)
 
 
 # ---------------------------------------------------------------- the daemon
@@ -85,14 +192,28 @@ def run(
     config: ConfigOpt = None,
     port: Annotated[
         str | None,
-        typer.Option("--port", help="Device: a tty path, socket://HOST:PORT, or `sim`."),
+        typer.Option(
+            "--port",
+            metavar="PORT",
+            help="The device: a serial port such as /dev/ttyUSB0, socket://HOST:PORT, or sim "
+            "(the bundled simulator, in-process).",
+        ),
     ] = None,
     mqtt: Annotated[
-        str | None, typer.Option("--mqtt", help="Broker URL, mqtt:// or mqtts://.")
+        str | None,
+        typer.Option(
+            "--mqtt", metavar="URL", help="MQTT broker: mqtt://HOST[:PORT] or mqtts://..."
+        ),
     ] = None,
-    control: Annotated[Path | None, typer.Option("--control", help="Control socket path.")] = None,
+    control: Annotated[
+        Path | None,
+        typer.Option("--control", metavar="SOCK", help="Where to serve the control socket."),
+    ] = None,
     data_dir: Annotated[
-        Path | None, typer.Option("--data-dir", help="Session log, outbox and state.")
+        Path | None,
+        typer.Option(
+            "--data-dir", metavar="DIR", help="Where the session log, outbox and state live."
+        ),
     ] = None,
 ) -> None:
     """Run the daemon: supervise the laser, log sessions, publish telemetry.
@@ -113,7 +234,7 @@ def run(
     if mqtt is not None:
         overrides["mqtt__url"] = mqtt
     try:
-        settings = load_settings(config, **overrides)
+        settings = load_settings(_config_file(config), **overrides)
     except DevicectlError as exc:
         _err.print(f"error: {exc}")
         raise typer.Exit(ExitCode.USAGE) from exc
@@ -145,7 +266,7 @@ def config_show(
     from devicectl.policy import load_policy
 
     try:
-        settings = load_settings(config)
+        settings = load_settings(_config_file(config))
         load_policy(settings.policy)
     except DevicectlError as exc:
         _err.print(f"error: {exc}")
@@ -162,7 +283,11 @@ def status(control: ControlOpt = None, as_json: JsonOpt = False) -> None:
 
     Example: devicectl status --json
     """
-    _show(_call(control, {"command": "status"}), as_json, "devicectl status")
+    result = _call(control, {"command": "status"})
+    if wants_json(as_json):
+        _show(result, as_json)
+    else:
+        _out.print(status_panel(result))
 
 
 @app.command()
@@ -194,8 +319,12 @@ def stop(control: ControlOpt = None, as_json: JsonOpt = False) -> None:
 
 @fault_app.command("ack")
 def fault_ack(
-    reason: Annotated[str, typer.Option("--reason", help="Why re-arming is safe now.")],
-    operator: Annotated[str, typer.Option("--operator", help="Who acknowledges.")] = "",
+    reason: Annotated[
+        str, typer.Option("--reason", metavar="TEXT", help="Why re-arming is safe now (3-500).")
+    ],
+    operator: Annotated[
+        str, typer.Option("--operator", metavar="ID", help="Who acknowledges (default: login).")
+    ] = "",
     control: ControlOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -210,12 +339,23 @@ def fault_ack(
 
 @params_app.command("set")
 def params_set(
-    energy_uj: Annotated[int | None, typer.Option("--energy-uj", help="Pulse energy, µJ.")] = None,
-    width_us: Annotated[int | None, typer.Option("--width-us", help="Pulse width, µs.")] = None,
-    rate_hz: Annotated[float | None, typer.Option("--rate-hz", help="Pulse rate, Hz.")] = None,
-    spot_um: Annotated[int | None, typer.Option("--spot-um", help="Spot diameter, µm.")] = None,
+    energy_uj: Annotated[
+        int | None, typer.Option("--energy-uj", metavar="UJ", help="Pulse energy, µJ.")
+    ] = None,
+    width_us: Annotated[
+        int | None, typer.Option("--width-us", metavar="US", help="Pulse width, µs.")
+    ] = None,
+    rate_hz: Annotated[
+        float | None, typer.Option("--rate-hz", metavar="HZ", help="Pulse rate, Hz.")
+    ] = None,
+    spot_um: Annotated[
+        int | None, typer.Option("--spot-um", metavar="UM", help="Spot diameter, µm.")
+    ] = None,
     preset: Annotated[
-        str | None, typer.Option("--preset", help="Start from a treatment preset (a concern).")
+        str | None,
+        typer.Option(
+            "--preset", metavar="CONCERN", help="Start from a treatment preset (a concern)."
+        ),
     ] = None,
     control: ControlOpt = None,
     as_json: JsonOpt = False,
@@ -291,7 +431,8 @@ ContraOpt = Annotated[
     list[str],
     typer.Option(
         "--contraindication",
-        help="A contraindication answered YES: " + ", ".join(_CONTRAINDICATIONS),
+        metavar="NAME",
+        help="A contraindication answered YES (repeatable): " + ", ".join(_CONTRAINDICATIONS),
     ),
 ]
 NoContraOpt = Annotated[
@@ -300,7 +441,11 @@ NoContraOpt = Annotated[
 ]
 OverrideOpt = Annotated[
     str | None,
-    typer.Option("--override", help="Reason to treat despite a contraindication (recorded)."),
+    typer.Option(
+        "--override",
+        metavar="REASON",
+        help="Why to treat despite a contraindication, 10-500 characters (recorded).",
+    ),
 ]
 
 
@@ -312,20 +457,49 @@ def _default_operator() -> str:
 
 @session_app.command("start")
 def session_start(
-    patient: Annotated[str, typer.Option("--patient", help="Pseudonymous patient reference.")],
-    skin_type: Annotated[str, typer.Option("--skin-type", help="Fitzpatrick type I-VI.")],
-    concern: Annotated[
-        list[str], typer.Option("--concern", help="fine_lines, laxity, acne_scars, ...")
+    patient: Annotated[
+        str, typer.Option("--patient", metavar="REF", help="Pseudonymous patient reference.")
     ],
-    operator: Annotated[str, typer.Option("--operator", help="Operator id.")] = "",
+    skin_type: Annotated[
+        str,
+        typer.Option("--skin-type", metavar="TYPE", help="Fitzpatrick skin type: 1-6 or I-VI."),
+    ],
+    concern: Annotated[
+        list[str],
+        typer.Option(
+            "--concern",
+            metavar="CONCERN",
+            help="fine_lines, laxity, acne_scars, pigmentation, dehydration or sun_damage "
+            "(repeatable).",
+        ),
+    ],
+    operator: Annotated[
+        str, typer.Option("--operator", metavar="ID", help="Operator id (default: your login).")
+    ] = "",
     ingredient: Annotated[
-        str | None, typer.Option("--ingredient", help="Active ingredient delivered.")
+        str | None,
+        typer.Option(
+            "--ingredient",
+            metavar="NAME",
+            help="Active ingredient delivered (default: the preset's).",
+        ),
     ] = None,
-    preset: Annotated[str | None, typer.Option("--preset", help="Treatment preset.")] = None,
-    course: Annotated[str | None, typer.Option("--course", help="Course id.")] = None,
-    course_session: Annotated[int, typer.Option("--course-session", help="Session n.")] = 1,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            "--preset", metavar="CONCERN", help="Treatment preset: its parameters and ingredient."
+        ),
+    ] = None,
+    course: Annotated[str | None, typer.Option("--course", metavar="ID", help="Course id.")] = None,
+    course_session: Annotated[
+        int,
+        typer.Option(
+            "--course-session", metavar="N", min=1, max=6, help="This is session N of the course."
+        ),
+    ] = 1,
     course_planned: Annotated[
-        int, typer.Option("--course-planned", help="Planned sessions (4-6).")
+        int,
+        typer.Option("--course-planned", metavar="N", min=4, max=6, help="Sessions planned."),
     ] = 4,
     consultation: ConsultOpt = False,
     cleaned: CleanedOpt = False,
@@ -339,7 +513,8 @@ def session_start(
     """Open a treatment session.
 
     Example: devicectl session start --operator OP-7 --patient PT-0042 --skin-type III
-    --concern fine_lines --consultation-done --area-cleaned --numbing --no-contraindications
+    --concern fine_lines --preset fine_lines --consultation-done --area-cleaned --numbing
+    --no-contraindications
     """
     request: dict[str, Any] = {
         "command": "session_start",
@@ -371,7 +546,13 @@ def session_start(
 
 @session_app.command("zone")
 def session_zone(
-    zone: Annotated[str, typer.Argument(help="forehead, periorbital, perioral, cheeks, ...")],
+    zone: Annotated[
+        str,
+        typer.Argument(
+            metavar="ZONE",
+            help="forehead, periorbital, perioral, cheeks, neck, decollete or hands.",
+        ),
+    ],
     control: ControlOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -385,7 +566,8 @@ def session_zone(
 @session_app.command("end")
 def session_end(
     post_care: Annotated[
-        list[str], typer.Option("--post-care", help="Post-care given (repeatable).")
+        list[str],
+        typer.Option("--post-care", metavar="TEXT", help="Post-care given (repeatable)."),
     ] = [],  # noqa: B006
     control: ControlOpt = None,
     as_json: JsonOpt = False,
