@@ -16,13 +16,9 @@ DOC = (Path(__file__).resolve().parents[2] / "docs" / "control-api.md").read_tex
 
 def _requests_in_doc() -> list[dict[str, Any]]:
     """Every JSON object in the page that has a "command"."""
-    found = []
-    for block in re.findall(r"```json\n(.*?)```", DOC, re.DOTALL):
-        if '"command"' in block:
-            found.append(json.loads(block))
-    for inline in re.findall(r"`(\{\"command\".*?\})`", DOC, re.DOTALL):
-        found.append(json.loads(inline))
-    return found
+    blocks = re.findall(r"```json\n(.*?)```", DOC, re.DOTALL)
+    inline = re.findall(r"`(\{\"command\".*?\})`", DOC, re.DOTALL)
+    return [json.loads(text) for text in blocks + inline if '"command"' in text]
 
 
 def test_every_request_shown_parses() -> None:
