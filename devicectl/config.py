@@ -216,8 +216,8 @@ class MqttSettings(BaseModel):
         return self
 
     def device_id(self, serial: int) -> str:
-        """The topic level for this device: configured, or ``laser-<serial>`` from IDENT."""
-        return self.device if self.device is not None else f"laser-{serial}"
+        """The topic level for this device: configured, or IDENT's serial as 8 hex digits."""
+        return self.device if self.device is not None else f"{serial:08X}"
 
 
 def _int_from_text(text: str) -> object:

@@ -605,7 +605,7 @@ class DeviceLink:
                 self._log.info(
                     "device_connected",
                     port=self.port,
-                    serial=self.ident.serial if self.ident else None,
+                    serial=f"{self.ident.serial:08X}" if self.ident else None,  # as the device id
                     proto=PROTO_VERSION,
                 )
                 if self._on_connected is not None and self.ident and self.status:
