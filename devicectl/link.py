@@ -141,6 +141,9 @@ class ProtocolMismatch(RemoteProtocolError):
         )
 
 
+_RETRYING: Final = "until the device answers or the daemon stops, waiting 0.1 s doubling to 5 s"
+
+
 def backoff_delay(attempt: int, *, base: float = 0.1, cap: float = 5.0) -> float:
     """Seconds to wait before connection attempt ``attempt + 1`` (``attempt`` ≥ 1 failures so far).
 
@@ -564,10 +567,16 @@ class DeviceLink:
                 failures += 1
                 self.connect_failures += 1
                 cause = exc.cause if isinstance(exc, TransportError) else str(exc)
+                delay = self._backoff(failures)
                 self._log.warning(
-                    "device_connect_failed", port=self.port, cause=cause, attempt=failures
+                    "device_connect_failed",
+                    port=self.port,
+                    cause=cause,
+                    attempt=failures,
+                    retry_in_s=round(delay, 2),
+                    retrying=_RETRYING,
                 )
-                await self._sleep(self._backoff(failures))
+                await self._sleep(delay)
                 continue
             reason = await self._serve(transport)
             if reason is None:
