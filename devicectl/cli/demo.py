@@ -128,7 +128,12 @@ async def _run(
             console.print(f"data directory: {stack.data_dir}", highlight=False)
             embedded = " (embedded amqtt broker)" if options.mqtt_url is None else ""
             console.print(f"MQTT broker: {stack.mqtt_url}{embedded}", highlight=False)
-            console.print(f"dashboard: {stack.dashboard_url}", highlight=False)
+            lasting = (
+                "up until Ctrl-C, after the session too"
+                if keep_running
+                else "live while the demo runs; --keep-running keeps it up afterwards"
+            )
+            console.print(f"dashboard: {stack.dashboard_url} ({lasting})", highlight=False)
             console.print(
                 f"daemon control socket: {stack.control} "
                 f"(try: devicectl status --control {stack.control})",
@@ -136,8 +141,13 @@ async def _run(
             )
             if not interrupt.is_set():
                 result = await _play(stack, interrupt, console)
+            if result is None and stack.daemon is not None:
+                # Interrupted: the session is ended early, its log verified and its report and
+                # demo-result.json written all the same (never half a file).
+                result = await stack.conclude_interrupted()
             if result is not None:
-                for line in closing_lines(result, dashboard_url=stack.dashboard_url):
+                dashboard = stack.dashboard_url if keep_running and not interrupt.is_set() else None
+                for line in closing_lines(result, dashboard_url=dashboard):
                     console.print(line, highlight=False)
                 if keep_running and not interrupt.is_set():
                     console.print(
@@ -157,7 +167,14 @@ async def _run(
             loop.remove_signal_handler(sig)
     if result is None:
         typer.echo(
-            "devicectl demo: interrupted before the session was complete; everything was shut down",
+            "devicectl demo: interrupted before the demo had started; everything was shut down",
+            err=True,
+        )
+        return int(ExitCode.REFUSED)
+    if interrupt.is_set() and not result.ok:
+        typer.echo(
+            f"devicectl demo: {result.reason}; its result and report are in {result.data_dir}; "
+            "everything was shut down",
             err=True,
         )
         return int(ExitCode.REFUSED)
