@@ -1,4 +1,4 @@
-"""The daemon's local control API: a Unix socket speaking JSON lines (DESIGN.md section 7).
+"""The daemon's local control API: a Unix socket speaking JSON lines (docs/control-api.md).
 
 One request per line, one reply per line::
 

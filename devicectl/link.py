@@ -1,4 +1,4 @@
-"""The host side of the device link (DESIGN.md section 3): handshake, commands, events, supervision.
+"""The host side of the device link (docs/protocol.md): handshake, commands, events, supervision.
 
 :class:`DeviceLink` is an async context manager owning a TaskGroup of named tasks:
 

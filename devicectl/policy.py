@@ -1,4 +1,4 @@
-"""The clinic policy: the middle layer of the safety limits (DESIGN.md section 4).
+"""The clinic policy: the middle layer of the safety limits (docs/safety-model.md).
 
 A clinic's policy is a TOML file; when none is configured the packaged default
 (``devicectl/defaults/policy.toml``) is used. Its numbers are ILLUSTRATIVE, NOT CLINICAL GUIDANCE:

@@ -1,4 +1,4 @@
-"""The MQTT telemetry contract (DESIGN.md section 6): topics, their flags, and payload models.
+"""The MQTT telemetry contract (docs/mqtt.md): topics, their flags, and payload models.
 
 Sans-I/O: no network, no clock (``ts`` is passed in). ``devicectl.telemetry`` publishes these;
 dashboards read them; ``devicectl schema`` exports :func:`json_schemas`.

@@ -1,7 +1,7 @@
 """The ``devicectl`` Typer application and its command groups.
 
 Each ``devicectl.cli.<area>`` module adds its commands to these objects; ``devicectl.cli`` imports
-them all. Exit codes (DESIGN.md section 7): 0 success, 1 refused, 2 usage error, 3 cannot reach the
+them all. Exit codes (docs/cli.md): 0 success, 1 refused, 2 usage error, 3 cannot reach the
 daemon or device.
 """
 

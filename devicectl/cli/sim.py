@@ -1,6 +1,6 @@
 """``devicectl sim`` (serve the simulated board) and ``devicectl sim-control`` (drive it).
 
-DESIGN.md section 7. ``sim`` opens the link and the control socket before printing anything, then
+docs/cli.md. ``sim`` opens the link and the control socket before printing anything, then
 prints exactly one stdout line, the address ``devicectl run --port`` accepts, and serves until
 SIGTERM or SIGINT (exit 0, control socket removed). ``sim-control`` sends one command and returns
 once the simulator has applied it: exit 0 done, 2 unknown command or argument (found locally or
@@ -142,7 +142,7 @@ async def _serve(
     try:
         rng = random.Random(seed)  # noqa: S311 - physics noise, not cryptography
         options: dict[str, Any] = {"rng": rng}
-        # Each instance its own serial number unless told (DESIGN.md section 3).
+        # Each instance its own serial number unless told (docs/protocol.md).
         options["serial"] = serial if serial is not None else rng.randrange(1, 1_000_000)
         if max_rate_mhz is not None:
             options["max_rate_mhz"] = max_rate_mhz

@@ -29,7 +29,7 @@ def schema(
         ),
     ] = None,
 ) -> None:
-    """Export the JSON Schema of every MQTT telemetry payload (DESIGN.md section 6).
+    """Export the JSON Schema of every MQTT telemetry payload (docs/mqtt.md).
 
     Example: devicectl schema --out ./schemas
     """

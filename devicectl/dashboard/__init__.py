@@ -1,6 +1,6 @@
 """The clinic dashboard: every device's telemetry, live in a browser.
 
-A Starlette app served by uvicorn subscribes to ``{prefix}/#`` on the broker (DESIGN.md section 6),
+A Starlette app served by uvicorn subscribes to ``{prefix}/#`` on the broker (docs/mqtt.md),
 aggregates the messages into a per-device view (:class:`Fleet`, sans-I/O) and pushes changes to
 every open page with Server-Sent Events: a snapshot on connect, then deltas. Read-only, except a
 separate "Stop emission" button that publishes ``cmd/stop``, shown only when the dashboard has

@@ -1,4 +1,4 @@
-"""How the dashboard reads the MQTT telemetry contract (DESIGN.md section 6) — the one place.
+"""How the dashboard reads the MQTT telemetry contract (docs/mqtt.md) — the one place.
 
 Topics are ``{prefix}/{site}/{device}/{kind}``; payloads are JSON objects carrying the envelope
 ``v, ts, device, seq, boot`` (and ``historical`` when replayed from the daemon's outbox), except

@@ -18,7 +18,7 @@ from devicectl.errors import ConfigError
 
 __all__ = ["DEFAULT_SKIN_TEMP_LIMIT_C", "DisplayLimits", "load_display_limits"]
 
-DEFAULT_SKIN_TEMP_LIMIT_C = 41.0  # DESIGN.md section 4
+DEFAULT_SKIN_TEMP_LIMIT_C = 41.0  # docs/safety-model.md
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@
 :class:`~devicectl.dashboard.fleet.Fleet`, pushing what changed to the browsers. When the broker is
 unreachable it retries with jittered exponential backoff, and the page says the broker is down.
 
-:func:`publish_stop` sends ``cmd/stop`` to one device (DESIGN.md section 6: the only command
+:func:`publish_stop` sends ``cmd/stop`` to one device (docs/mqtt.md: the only command
 accepted over MQTT; stopping is always safe), on a connection of its own made with the stop
 credentials, so that the telemetry connection never holds a right to command anything.
 """

@@ -1,7 +1,7 @@
 """``devicectl demo``: the whole system on one machine, playing one scripted treatment.
 
 An embedded MQTT broker (amqtt) unless one is named, the daemon with the in-process simulator, the
-dashboard, and a session played end to end with one injected breach (DESIGN.md section 7):
+dashboard, and a session played end to end with one injected breach (docs/cli.md):
 
 - :mod:`.script` — the scripted session (:class:`TreatmentScript`), its phases and parameters;
 - :mod:`.broker` — :class:`EmbeddedBroker`;

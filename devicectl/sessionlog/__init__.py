@@ -1,4 +1,4 @@
-"""The tamper-evident treatment session log (DESIGN.md section 5).
+"""The tamper-evident treatment session log (docs/design-notes.md).
 
 - :mod:`.model` — what a session is (:class:`SessionInfo`, checklist, course, zones) and its
   :class:`Summary`;

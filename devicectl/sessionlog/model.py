@@ -1,4 +1,4 @@
-"""What a treatment session is (DESIGN.md section 5): who, for whom, which skin, which course.
+"""What a treatment session is (docs/design-notes.md): who, for whom, which skin, which course.
 
 :class:`SessionInfo` is validated with pydantic at the edge (the control socket, the CLI); the
 per-pulse path never touches these models. Two errors come out of here, both one line a clinician

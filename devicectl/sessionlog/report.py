@@ -31,7 +31,7 @@ from devicectl.sessionlog.model import LimitsInForce
 
 __all__ = ["DEFAULT_LIMITS", "render_report", "write_report"]
 
-# DESIGN.md section 4's defaults, for logs that do not record the limits a session ran under.
+# The safety defaults (docs/safety-model.md), for logs that do not record their limits.
 DEFAULT_LIMITS = LimitsInForce(energy_tolerance_pct=20, skin_temp_max_c=41.0)
 _MAX_POINTS = 4000
 _DEFAULT_MARK = " (default)"

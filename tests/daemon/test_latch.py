@@ -1,4 +1,4 @@
-"""A breach latches until an operator acknowledges it (DESIGN.md section 4), whatever comes
+"""A breach latches until an operator acknowledges it (docs/safety-model.md), whatever comes
 between: the end of the session, a new one, a reconnection, a daemon restart. And a STOP that
 cannot be confirmed is never reported as done."""
 

@@ -1,4 +1,4 @@
-"""DESIGN.md section 6 against a real mosquitto: every topic, retain flag, QoS, properties, schema,
+"""docs/mqtt.md against a real mosquitto: every topic, retain flag, QoS, properties, schema,
 seq contiguous per topic; seen by a plain paho subscriber on ``lasers/#``."""
 
 from __future__ import annotations
