@@ -35,7 +35,13 @@ Environment: every setting of the daemon's config file is also a `DEVICECTL_*` v
 keys joined by `__` (`DEVICECTL_MQTT__URL`); variables rank above the file, flags above both. The
 file is `--config FILE`, else `$DEVICECTL_CONFIG`, else `/etc/devicectl/devicectl.toml` when it
 exists. Client commands find the daemon's control socket from `--control`, `$DEVICECTL_CONTROL`,
-or the same config.
+or the same config. The control socket's own protocol is docs/control-api.md.
+
+Where these commands refine the original design, docs/design-notes.md ("Section 7: command line")
+says what holds: `port` defaults to `sim`, `sim-control --socket` defaults to the path `sim` uses,
+`stop` exits 3 when the device cannot confirm. `config show`, `dashboard` and the simulator's
+`--max-rate`, `--serial` and `--seed` are additions; the fleet recorder (`devicectl recorder`) does
+not exist yet.
 """
 
 
