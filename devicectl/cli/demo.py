@@ -30,7 +30,9 @@ from devicectl.demo.run import (
 from devicectl.demo.script import (
     DEFAULT_DURATION_S,
     DEFAULT_SPEED_HZ,
+    MAX_DURATION_S,
     MAX_SPEED_HZ,
+    MIN_DURATION_S,
     MIN_SPEED_HZ,
     DemoProgress,
     plan_phases,
@@ -217,10 +219,19 @@ def demo(
     ] = None,
     duration: Annotated[
         float,
-        typer.Option("--duration", metavar="S", help="About how long the session plays (s)."),
+        typer.Option(
+            "--duration",
+            metavar="S",
+            help=f"About how long the session plays, {MIN_DURATION_S:g}-{MAX_DURATION_S:g} s.",
+        ),
     ] = DEFAULT_DURATION_S,
     speed: Annotated[
-        float, typer.Option("--speed", metavar="HZ", help="Pulse rate while emitting (Hz).")
+        float,
+        typer.Option(
+            "--speed",
+            metavar="HZ",
+            help=f"Pulse rate while emitting, {MIN_SPEED_HZ:g}-{MAX_SPEED_HZ:g} Hz.",
+        ),
     ] = DEFAULT_SPEED_HZ,
     keep_running: Annotated[
         bool,
