@@ -59,9 +59,7 @@ def test_ci_installs_exactly_the_declared_floors() -> None:
         if line:
             name, _, version = line.partition("==")
             pinned[name.strip().lower()] = version.strip()
-    # ruff and mypy are tools, not code; amqtt 0.11.0 requires typer==0.15.4, so its floor
-    # cannot be installed beside typer's (the floors run leaves the demo out).
-    floors = {k: v for k, v in _floors().items() if k not in {"ruff", "mypy", "amqtt"}}
+    floors = {k: v for k, v in _floors().items() if k not in {"ruff", "mypy"}}  # tools, not code
     assert set(pinned) == set(floors)
     for name, floor in floors.items():
         assert _release(pinned[name]) == _release(floor), name
