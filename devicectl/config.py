@@ -19,6 +19,9 @@ control     ``/run/devicectl/control.sock``              ``$XDG_RUNTIME_DIR/devi
 The CLI's client commands compute the same default, so ``devicectl status`` finds a daemon started
 in the same environment without ``--control``. See ``examples/devicectl.toml``.
 
+The file commands read: ``--config FILE``, else ``$DEVICECTL_CONFIG``, else
+``/etc/devicectl/devicectl.toml`` when it exists (:func:`default_config_file`).
+
 Types are strict where a source has types: in the TOML file (and in ``load_settings``' keyword
 overrides, which are Python values) an integer setting takes a TOML integer, a real one an integer
 or a finite float, ``log_json`` a TOML boolean or ``"auto"``; ``true`` is not 1, ``"9600"`` is not
