@@ -66,9 +66,9 @@ from protocols.bounded import BoundedInputError, loads_toml
 from protocols.mqtt import ID_ALLOWED, is_valid_id
 
 __all__ = [
+    "DEFAULT_CONFIG_FILE",
     "CheckpointSettings",
     "ClinicSettings",
-    "DEFAULT_CONFIG_FILE",
     "LogLevel",
     "MqttSettings",
     "PrivacySettings",

@@ -24,8 +24,8 @@ __all__ = [
     "log_app",
     "params_app",
     "session_app",
-    "users_app",
     "tidy_help",
+    "users_app",
     "version_lines",
     "wants_json",
 ]

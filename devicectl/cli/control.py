@@ -158,6 +158,8 @@ def _signoff(
     if supervisor:
         signoff |= {"user": supervisor, "pin": _pin("DEVICECTL_SUPERVISOR_PIN", supervisor)}
     return signoff
+
+
 def _text(value: Any) -> str:
     if value is None:
         return "—"

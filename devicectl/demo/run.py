@@ -391,11 +391,15 @@ class DemoStack:
         daemon = self._running()
         phase = script.progress.phase if script is not None else "start"
         failure = f"interrupted during the {phase} phase"
-        if daemon.treatment is not None:
+        if daemon.treatment is not None and self.control is not None and self.users is not None:
             try:
                 async with asyncio.timeout(2.0):
-                    await InProcessControls(daemon).request(
-                        {"command": "session_end", "post_care": []}
+                    await InProcessControls(daemon, self.control).request(
+                        {
+                            "command": "session_end",
+                            "post_care_declined": "the demo was interrupted before the end",
+                            "auth": self.users.operator,
+                        }
                     )
             except (DevicectlError, TimeoutError) as exc:
                 self._log.warning("demo_session_not_ended", error=str(exc))
