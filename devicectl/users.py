@@ -44,6 +44,7 @@ __all__ = [
     "ACK_REASON_CODES",
     "LOCKOUT_S",
     "MAX_FAILURES",
+    "MAX_WAITING_CHECKS",
     "MIN_PIN_LENGTH",
     "OVERRIDE_REASON_CODES",
     "USERS_FILENAME",
@@ -65,6 +66,7 @@ USER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{1,31}$"
 MIN_PIN_LENGTH = 6
 MAX_FAILURES = 5
 LOCKOUT_S = 300.0
+MAX_WAITING_CHECKS = 8  # PIN checks queued at once (one runs at a time: about 0.2 s each)
 _FILE_MODE = 0o600
 
 # Why a supervisor lets a treatment go ahead despite a contraindication answered yes.
@@ -318,6 +320,12 @@ class Authenticator:
         self._clock = clock
         self._log = log or structlog.get_logger("devicectl.users")
         self._failures: dict[str, tuple[int, float]] = {}  # user -> (count, last failure)
+        self._in_flight: dict[str, int] = {}  # user -> PIN checks started, not yet answered
+        # One argon2 check at a time: it is meant to take one of the two cores, not all of them
+        # (twenty requests at once ran six checks in parallel and starved every other process,
+        # `devicectl stop` included). Bounded: beyond it a request is refused, never queued.
+        self._checking = asyncio.Semaphore(1)
+        self._waiting = 0
 
     async def actor(
         self,
@@ -404,13 +412,37 @@ class Authenticator:
                 f"user {user_id} is locked for {LOCKOUT_S - (now - last):.0f} s after "
                 f"{count} wrong PINs",
             )
+        # Checks still in flight count as failures until answered: guesses sent in parallel
+        # must not all pass the test above before the first of them is counted.
+        in_flight = self._in_flight.get(user_id, 0)
+        if (count if now - last < LOCKOUT_S else 0) + in_flight >= MAX_FAILURES:
+            raise AuthRefused(
+                "auth.locked",
+                f"user {user_id} has {in_flight} PIN checks in progress after {count} wrong "
+                "PINs: try again when they are answered",
+            )
+        if self._waiting >= MAX_WAITING_CHECKS:
+            raise AuthRefused(
+                "auth.busy", f"{self._waiting} PIN checks are waiting already: try again"
+            )
+        self._in_flight[user_id] = in_flight + 1
+        self._waiting += 1
         try:
-            user = await asyncio.to_thread(self.store.verify, user_id, pin)
+            async with self._checking:
+                user = await asyncio.to_thread(self.store.verify, user_id, pin)
         except AuthRefused as exc:
             if exc.rule != "auth.unknown_user":  # bounded: only registered users are counted
+                count, last = self._failures.get(user_id, (0, 0.0))  # as it is now
+                now = self._clock()
                 self._failures[user_id] = (count + 1 if now - last < LOCKOUT_S else 1, now)
             raise
         except UserStoreError as exc:
             raise AuthRefused("auth.user_file", str(exc)) from None
+        finally:
+            self._waiting -= 1
+            if self._in_flight[user_id] > 1:
+                self._in_flight[user_id] -= 1
+            else:
+                del self._in_flight[user_id]
         self._failures.pop(user_id, None)
         return user
