@@ -720,6 +720,38 @@ class SessionLog:
             )  # fmt: skip
         warnings: list[CourseWarning] = []
         where = f"course {course.course_id}"
+        # The recovery interval is the patient's: their last session that delivered pulses, in
+        # this course or another one typed for them.
+        last = max(
+            (
+                (entry.started_ns, entry.session_id, course_id)
+                for course_id, entries in self._courses.items()
+                for entry in entries
+                if entry.delivered and entry.patient_ref == info.patient_ref
+            ),
+            default=None,
+        )
+        clock_behind = last is not None and last[0] > now_ns
+        if clock_behind:
+            assert last is not None
+            warnings.append(
+                CourseWarning(
+                    "clock_behind",
+                    f"this session starts {(last[0] - now_ns) / _NS_PER_DAY:.1f} days before "
+                    f"session {last[1]} (course {last[2]}) of the same patient: the host "
+                    "clock is wrong or was set back; the interval cannot be checked",
+                )
+            )
+        elif last is not None and last[2] != course.course_id:
+            gap = (now_ns - last[0]) / _NS_PER_DAY
+            if gap < MIN_DAYS_BETWEEN_SESSIONS:
+                warnings.append(
+                    CourseWarning(
+                        "interval_short",
+                        f"only {gap:.1f} days since session {last[1]} (course {last[2]}) of the "
+                        f"same patient (at least {MIN_DAYS_BETWEEN_SESSIONS} advised)",
+                    )
+                )
         if position.kind == "maintenance":
             warnings.append(
                 CourseWarning(
@@ -728,6 +760,8 @@ class SessionLog:
                     f"this is maintenance session {position.number}",
                 )
             )
+        elif clock_behind:
+            pass  # said above: an interval from a clock set back means nothing
         elif days is not None and days < MIN_DAYS_BETWEEN_SESSIONS:
             warnings.append(
                 CourseWarning(
