@@ -36,7 +36,7 @@ from typing import Annotated, Any
 import structlog
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from devicectl.errors import DevicectlError
 
@@ -47,6 +47,7 @@ __all__ = [
     "MAX_WAITING_CHECKS",
     "MIN_PIN_LENGTH",
     "OVERRIDE_REASON_CODES",
+    "READABLE",
     "USERS_FILENAME",
     "USER_ID_PATTERN",
     "Actor",
@@ -111,6 +112,25 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Text people read later (terminal, report, broker): no control characters (a line break could
+# forge a line, an escape sequence recolour or hide what follows, a direction override reverse
+# it) and not blank.
+_UNREADABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _readable(text: str) -> str:
+    if _UNREADABLE.search(text):
+        raise ValueError(
+            "control characters (line breaks, tabs, terminal escapes, direction overrides) are "
+            "not accepted in text people read"
+        )
+    if not text.strip():
+        raise ValueError("the text is blank")
+    return text
+
+
+READABLE = AfterValidator(_readable)
+
 UserId = Annotated[str, Field(pattern=USER_ID_PATTERN)]
 Pin = Annotated[str, Field(min_length=1, max_length=128)]
 
@@ -129,7 +149,7 @@ class SignOffCredentials(_Frozen):
     user: UserId | None = None
     pin: Pin | None = Field(default=None, repr=False)
     reason_code: Annotated[str, Field(min_length=1, max_length=64)]
-    reason: Annotated[str, Field(min_length=10, max_length=500)]
+    reason: Annotated[str, Field(min_length=10, max_length=500), READABLE]
 
 
 class SignOff(_Frozen):
