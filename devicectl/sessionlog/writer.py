@@ -230,6 +230,7 @@ class SessionLog:
         self._stale_summary = stale_summary
         self._stale_zone = stale_zone
         self.unacknowledged_breach = state.unacknowledged_breach  # as the log was opened
+        self._breach_session = state.unacknowledged_breach_session  # where the latch began
         self._last_status_ns: int | None = None
         self._closed = False
         # Writer-side state (the writer thread only, read elsewhere as plain attributes).
@@ -1046,11 +1047,22 @@ class SessionLog:
         facts (JSON values), ``reason`` the operator's why."""
         if not kind or not set(kind) <= _EVENT_KIND_CHARS or len(kind) > 64:
             raise InvalidSessionInfo("event kind", kind, "lower-case letters, digits, '_' or '.'")
+        detail = dict(detail)
+        if kind == "breach":
+            self._breach_session = session_id
+        elif kind == "fault_ack":
+            # A latch outlives its session: acknowledged while another session is open (or
+            # none), the acknowledgement is still the breach's, recorded in the breach's session
+            # and naming where it was signed. Never in another patient's record.
+            breached, self._breach_session = self._breach_session, None
+            if breached is not None and breached != session_id:
+                detail["during_session"] = session_id
+                session_id = breached
         body = {
             "event": kind,
             "actor": actor,
             "role": role,
-            "detail": dict(detail),
+            "detail": detail,
             "reason": reason,
         }
         self._record(session_id, "event", body, host_time_ns)
