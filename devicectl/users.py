@@ -254,6 +254,13 @@ class UserStore:
                 raise UserStoreError(
                     f"user {user_id} exists already (ids are never reused: records name them)"
                 )
+            # Records and reports would tell two people apart by letter case only.
+            alike = [u for u in users if u.casefold() == user_id.casefold()]
+            if alike:
+                raise UserStoreError(
+                    f"user id {user_id} differs from the registered {alike[0]} only in letter "
+                    "case: choose an id a reader cannot take for theirs"
+                )
             users[user_id] = user
         return user
 

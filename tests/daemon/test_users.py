@@ -197,3 +197,16 @@ async def test_one_pin_check_runs_at_a_time_and_a_flood_is_refused_not_queued(
     assert rules.count("auth.unknown_user") == MAX_WAITING_CHECKS
     assert rules.count("auth.busy") == 2 * MAX_WAITING_CHECKS
     assert await attempt("OP-7") == "auth.bad_pin"  # answered again once the flood has passed
+
+
+def test_an_id_differing_only_in_case_from_a_registered_one_is_refused(tmp_path: Path) -> None:
+    """`op-7` beside `OP-7` would be two people whom every record, report and sign-off line
+    tells apart only by letter case: an auditor reads them as one."""
+    store = _store(tmp_path)
+    store.add("SUP-1", "supervisor", "sup-pin-11")
+    with pytest.raises(UserStoreError, match="SUP-1"):
+        store.add("sup-1", "operator", "op-pin-77")
+    store.disable("SUP-1", "left")
+    with pytest.raises(UserStoreError, match="SUP-1"):  # disabled ids stay taken, in any case
+        store.add("Sup-1", "supervisor", "sup-pin-22")
+    assert set(store.load()) == {"SUP-1"}
