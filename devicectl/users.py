@@ -48,6 +48,7 @@ __all__ = [
     "MIN_PIN_LENGTH",
     "OVERRIDE_REASON_CODES",
     "READABLE",
+    "RESERVED_USER_IDS",
     "USERS_FILENAME",
     "USER_ID_PATTERN",
     "Actor",
@@ -69,6 +70,11 @@ MAX_FAILURES = 5
 LOCKOUT_S = 300.0
 MAX_WAITING_CHECKS = 8  # PIN checks queued at once (one runs at a time: about 0.2 s each)
 _FILE_MODE = 0o600
+# The names the records give the system (and its own parts) as actors: never a user's id, or a
+# user would read as the system and the system's acts as theirs.
+RESERVED_USER_IDS = frozenset(
+    {"devicectl", "device", "mqtt", "supervisor", "operator", "unidentified", "console", "log"}
+)
 
 # Why a supervisor lets a treatment go ahead despite a contraindication answered yes.
 OVERRIDE_REASON_CODES: dict[str, str] = {
@@ -236,6 +242,10 @@ class UserStore:
         if re.fullmatch(USER_ID_PATTERN, user_id) is None:
             raise UserStoreError(
                 f"user id {user_id!r} is not accepted: 2-32 letters, digits, '.', '_' or '-'"
+            )
+        if user_id.casefold() in RESERVED_USER_IDS:
+            raise UserStoreError(
+                f"user id {user_id!r} is reserved: the records name the system with it"
             )
         try:
             role = Role(role)

@@ -210,3 +210,22 @@ def test_an_id_differing_only_in_case_from_a_registered_one_is_refused(tmp_path:
     with pytest.raises(UserStoreError, match="SUP-1"):  # disabled ids stay taken, in any case
         store.add("Sup-1", "supervisor", "sup-pin-22")
     assert set(store.load()) == {"SUP-1"}
+
+
+def test_the_names_the_record_uses_for_the_system_cannot_be_user_ids(tmp_path: Path) -> None:
+    """Records name the system as `devicectl`, `device`, `mqtt`, `supervisor` (the safety
+    supervisor), `operator` (a STOP from the socket), `unidentified`, `console`: a user
+    registered as one of them would read as the system, and the system's acts as theirs."""
+    store = _store(tmp_path)
+    for name in (
+        "devicectl",
+        "Device",
+        "mqtt",
+        "supervisor",
+        "operator",
+        "unidentified",
+        "console",
+    ):
+        with pytest.raises(UserStoreError, match="reserved"):
+            store.add(name, "supervisor", "sup-pin-11")
+    assert store.load() == {}
