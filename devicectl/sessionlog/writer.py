@@ -230,7 +230,10 @@ class SessionLog:
         self._stale_summary = stale_summary
         self._stale_zone = stale_zone
         self.unacknowledged_breach = state.unacknowledged_breach  # as the log was opened
-        self._breach_session = state.unacknowledged_breach_session  # where the latch began
+        # Where the unacknowledged breach was recorded (None: outside a session), if there is one.
+        self._breach: tuple[int | None] | None = (
+            None if state.unacknowledged_breach is None else (state.unacknowledged_breach_session,)
+        )
         self._last_status_ns: int | None = None
         self._closed = False
         # Writer-side state (the writer thread only, read elsewhere as plain attributes).
@@ -1049,15 +1052,16 @@ class SessionLog:
             raise InvalidSessionInfo("event kind", kind, "lower-case letters, digits, '_' or '.'")
         detail = dict(detail)
         if kind == "breach":
-            self._breach_session = session_id
+            self._breach = (session_id,)
         elif kind == "fault_ack":
             # A latch outlives its session: acknowledged while another session is open (or
             # none), the acknowledgement is still the breach's, recorded in the breach's session
-            # and naming where it was signed. Never in another patient's record.
-            breached, self._breach_session = self._breach_session, None
-            if breached is not None and breached != session_id:
+            # (or outside any, as the breach was) and naming where it was signed. Never in
+            # another patient's record.
+            breach, self._breach = self._breach, None
+            if breach is not None and breach[0] != session_id:
                 detail["during_session"] = session_id
-                session_id = breached
+                session_id = breach[0]
         body = {
             "event": kind,
             "actor": actor,

@@ -306,3 +306,26 @@ def test_a_breach_acknowledged_in_a_later_session_is_recorded_with_the_breach(
     assert other["signoffs"] == [] and other["breaches"] == []
     (recorded,) = [e for e in breached["events"] if e["event"] == "fault_ack"]
     assert recorded["detail"]["during_session"] == second  # where the supervisor signed it
+
+
+def test_a_breach_outside_any_session_acknowledged_during_one_stays_outside(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    breach = {"code": "device_fault", "pulse_no": None, "value": 0, "limit": 0}
+    ack = {"breach": "device_fault", "pulse_no": None, "signed_off_by": "SUP-1",
+           "signed_off_role": "supervisor", "reason_code": "cause_found_and_fixed"}  # fmt: skip
+    with open_log(tmp_path / "s.db", clock) as slog:
+        slog.record_event(None, "breach", "devicectl", breach)
+        sid = slog.start_session(session_info()).session_id
+        slog.record_event(sid, "fault_ack", "SUP-1", ack, "board replaced", role="supervisor")
+        slog.end_session(sid, actor="SUP-1", role="supervisor")
+    conn = connect(tmp_path / "s.db", readonly=True)
+    try:
+        assert session_document(conn, sid)["signoffs"] == []
+        (row,) = conn.execute(
+            "SELECT session_id, body FROM records WHERE body LIKE '%fault_ack%'"
+        ).fetchall()
+    finally:
+        conn.close()
+    assert row[0] is None and json.loads(row[1])["detail"]["during_session"] == sid
