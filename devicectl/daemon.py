@@ -987,8 +987,8 @@ class Daemon:
         await link.request(Disarm())
         if actor is not None:
             self._event("disarmed", actor.user, {}, role=actor.role)
-        else:  # disarming needs no identity: recorded as the session's operator's console
-            self._event("disarmed", self.treatment.operator if self.treatment else "console", {})
+        else:  # disarming needs no identity; without a proven one it is nobody's in the record
+            self._event("disarmed", "unidentified", {})
         if self.treatment is not None:
             self._session_event(str(self.treatment.id), "disarmed")
         self._publish_state()
