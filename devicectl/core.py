@@ -701,9 +701,13 @@ class TreatmentCore:
             self.acked = None
         if error is not None and command == MessageType.ARM:
             self.arming = False
-            if not isinstance(error, DeviceRefused):
-                # Unanswered or abandoned: the device may be armed. Make sure it is not.
-                self._out.append(STOP)
+        if (
+            error is not None
+            and command in (MessageType.ARM, MessageType.DISARM)
+            and not isinstance(error, DeviceRefused)
+        ):
+            # Unanswered or abandoned: the device may be armed. Make sure it is not.
+            self._out.append(STOP)
         return self._advance(error, now_ns)
 
     def session_opened(self, session_id: int, now_ns: int) -> list[Effect]:
@@ -779,7 +783,11 @@ class TreatmentCore:
             return _Step(request)
         ledger = self._session()
         if isinstance(request, EndSession):
-            return _Step(request, stage="disarm" if self.armed or self.arming else "close")
+            # Until the device has acknowledged a STOP or DISARM it may fire: those pulses belong
+            # to this session, so it ends after a DISARM's ACK (sent after any STOP's).
+            supervisor = self.supervisor
+            live = self.armed or self.arming or (supervisor is not None and supervisor.armed)
+            return _Step(request, stage="disarm" if live else "close")
         if isinstance(request, ChangeZone):
             if self.armed or self.arming:
                 raise Refused(
@@ -1148,7 +1156,6 @@ class TreatmentCore:
         supervisor.set_zone(
             zone, compile_limits(self.ident, self.policy, ledger.skin_type, zone, acked)
         )
-        ledger.fluence_per_uj = fluence_j_cm2(1, acked.spot_um)
 
     def _armed_at_ack(self) -> None:
         """ARM's ACK: armed, judged against the parameters the device acknowledged last."""
@@ -1182,6 +1189,8 @@ class TreatmentCore:
         assert params is not None
         ledger = self._session()
         self.chosen = params
+        # Fluence is reckoned at the spot of the parameters recorded last (as the log does).
+        ledger.fluence_per_uj = fluence_j_cm2(1, params.spot_um)
         self._out.append(RecordParams(ledger.id, params, actor))
         self._out.append(SessionEvent(ledger.id, "params", params_dict(params)))
         return {"params": params_dict(params), "fluence_j_cm2": round(params.fluence_j_cm2, 3)}
