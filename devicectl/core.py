@@ -441,7 +441,8 @@ class TreatmentCore:
         self.ident: Ident | None = None
         self.status: StatusReport | None = None
         self.supervisor: SafetySupervisor | None = None
-        self.footswitch = False
+        self.footswitch: bool | None = None  # None: no INPUT seen since connecting
+        self._fault_cleared = False  # CLEAR_FAULT acknowledged since connecting
         self.armed = False
         self.arming = False
         self.acked: PulseParams | None = None  # what the device acknowledged since it booted
@@ -611,6 +612,8 @@ class TreatmentCore:
             self.arming = False
             if acked:
                 self._armed_at_ack()
+        elif command == MessageType.CLEAR_FAULT and acked:
+            self._fault_cleared = True
         elif command in (MessageType.STOP, MessageType.DISARM) and acked:
             self.armed = False
             if supervisor is not None:
@@ -640,6 +643,8 @@ class TreatmentCore:
         """IDENT and the first STATUS of a connection (the first since start-up, or again)."""
         self.ident = ident
         self.status = status
+        self.footswitch = None
+        self._fault_cleared = False
         if self.supervisor is None or self.ledger is None:
             self.supervisor = self._new_supervisor(ident)
         if not self._reconciled:
@@ -940,6 +945,13 @@ class TreatmentCore:
             result["note"] = (
                 "the footswitch is held: release it and press it again to fire (the device "
                 "needs a fresh press)"
+            )
+        elif self.footswitch is None and self._fault_cleared:
+            # No INPUT seen since connecting (a restart), and a fault was cleared: a footswitch
+            # held through it does not fire.
+            result["note"] = (
+                "if the footswitch is held, release it and press it again to fire (the device "
+                "needs a fresh press after a fault is cleared)"
             )
         return self._finish(result)
 
