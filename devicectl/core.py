@@ -391,7 +391,7 @@ class Ledger:
             "outcome": outcome,
             "started_ns": self.started_ns,
             "ended_ns": now_ns,
-            "duration_s": round((now_ns - self.started_ns) / 1e9, 3),
+            "duration_s": max(0, now_ns - self.started_ns) / 1e9,
             "pulses": self.pulses,
             "unlogged_pulses": self.unlogged_pulses,
             "unlogged_energy_uj": self.unlogged_energy_uj,
