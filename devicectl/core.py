@@ -347,21 +347,30 @@ _ALERT_SEVERITY: Final[dict[str, Severity]] = {
 class Ledger:
     """The open session's totals: the one source of the live ``session`` topic, ``session end``'s
     reply and the ``ended`` event; the session log's summary counts the same records by the same
-    rules (:data:`FAULT_EVENT_KINDS`, every gap a fault)."""
+    rules (:data:`FAULT_EVENT_KINDS`, every gap a fault).
+
+    Per pulse it adds to plain slots (the zone being treated, the largest energy at the current
+    spot); the per-zone map and the peak fluence are folded from them when read or when the zone
+    or the spot changes. Fluence is monotonic in energy at one spot, so the peak is the same float
+    the log computes pulse by pulse."""
 
     __slots__ = (
+        "_by_zone",
+        "_fluence_per_uj",
+        "_peak_fluence",
         "actor",
-        "energy_by_zone_uj",
         "faults",
-        "fluence_per_uj",
         "id",
         "patient_ref",
-        "peak_fluence_j_cm2",
+        "peak_energy_uj",
         "pulses",
         "skin_type",
         "started_ns",
         "unlogged_energy_uj",
         "unlogged_pulses",
+        "zone_charged",
+        "zone_key",
+        "zone_uj",
     )
 
     def __init__(
@@ -373,12 +382,55 @@ class Ledger:
         self.skin_type = skin_type
         self.started_ns = started_ns
         self.pulses = 0
-        self.energy_by_zone_uj: dict[str, int] = {}
         self.unlogged_pulses = 0
         self.unlogged_energy_uj = 0
         self.faults = 0
-        self.peak_fluence_j_cm2 = 0.0
-        self.fluence_per_uj = 0.0  # J/cm² per µJ at the acknowledged spot
+        self._by_zone: dict[str, int] = {}  # zones left, and what they received
+        self.zone_key = "none"  # the zone being charged now
+        self.zone_uj = 0  # what it received since it became the current zone
+        self.zone_charged = False  # anything charged to it since then (a 0 µJ pulse counts)
+        self.peak_energy_uj = -1  # the largest pulse at the current spot
+        self._fluence_per_uj = 0.0  # J/cm² per µJ at the spot of the parameters recorded last
+        self._peak_fluence = 0.0  # the peak at the spots before the current one
+
+    def move_to(self, zone_key: str) -> None:
+        """Pulses from here on are charged to ``zone_key``."""
+        self._fold_zone()
+        self.zone_key = zone_key
+        self.zone_uj = self._by_zone.pop(zone_key, 0)
+        self.zone_charged = zone_key in self._by_zone or self.zone_uj > 0
+
+    def charge(self, zone_key: str, energy_uj: int) -> None:
+        """Energy charged without a PULSE (lost pulses) to ``zone_key``."""
+        if zone_key == self.zone_key:
+            self.zone_uj += energy_uj
+            self.zone_charged = True
+        else:
+            self._by_zone[zone_key] = self._by_zone.get(zone_key, 0) + energy_uj
+
+    def at_spot(self, spot_um: int) -> None:
+        """Parameters at ``spot_um`` were recorded: later fluence is reckoned at that spot."""
+        self._peak_fluence = self.peak_fluence_j_cm2
+        self.peak_energy_uj = -1
+        self._fluence_per_uj = fluence_j_cm2(1, spot_um)
+
+    def _fold_zone(self) -> None:
+        if self.zone_charged:
+            self._by_zone[self.zone_key] = self.zone_uj
+        self.zone_uj = 0
+        self.zone_charged = False
+
+    @property
+    def energy_by_zone_uj(self) -> dict[str, int]:
+        by_zone = dict(self._by_zone)
+        if self.zone_charged:
+            by_zone[self.zone_key] = self.zone_uj
+        return by_zone
+
+    @property
+    def peak_fluence_j_cm2(self) -> float:
+        current = self.peak_energy_uj * self._fluence_per_uj if self.peak_energy_uj > 0 else 0.0
+        return max(self._peak_fluence, current)
 
     @property
     def energy_uj(self) -> int:
@@ -415,7 +467,7 @@ class Ledger:
             "ended": datetime.fromtimestamp(now_ns / 1e9, UTC) if ended else None,
             "pulses": self.pulses,
             "energy_uj": self.energy_uj,
-            "energy_uj_by_zone": dict(self.energy_by_zone_uj),
+            "energy_uj_by_zone": self.energy_by_zone_uj,
             "peak_fluence_j_cm2": self.peak_fluence_j_cm2,
             "duration_s": round((now_ns - self.started_ns) / 1e9, 3),
             "faults": self.faults,
@@ -506,19 +558,19 @@ class TreatmentCore:
     # ------------------------------------------------------------ device events (wire order)
 
     def on_pulse(self, pulse_no: int, t_us: int, energy_uj: int) -> int:
-        """One PULSE: the hot path. Returns PULSE_* flags (0 never: a pulse is always recorded
+        """One PULSE: the hot path. Returns PULSE_* flags (never 0: a pulse is always recorded
         or accounted for). Allocates nothing when the pulse is accepted and none was lost."""
         supervisor = self.supervisor
         if supervisor is None:  # before IDENT: nothing here armed the laser
             self._unsupervised(pulse_no, energy_uj)
             return PULSE_STOP | PULSE_FOLLOW
-        last = self._last_no
         verdict = supervisor.on_pulse(pulse_no, t_us, energy_uj)
-        flags = 0
-        if last >= 0 and pulse_no > last + 1:
-            self._record_gap(last + 1, pulse_no - 1)
-            flags = PULSE_FOLLOW
+        flags = PULSE_RECORD
+        last = self._last_no
         if pulse_no > last:
+            if pulse_no != last + 1 and last >= 0:
+                self._record_gap(last + 1, pulse_no - 1)
+                flags = PULSE_RECORD | PULSE_FOLLOW
             self._last_no = pulse_no
         ledger = self.ledger
         if ledger is None:
@@ -529,14 +581,10 @@ class TreatmentCore:
             )
             flags = PULSE_FOLLOW
         else:
-            zone = self.zone_name
-            by_zone = ledger.energy_by_zone_uj
-            by_zone[zone] = by_zone.get(zone, 0) + energy_uj
             ledger.pulses += 1
-            fluence = energy_uj * ledger.fluence_per_uj
-            if fluence > ledger.peak_fluence_j_cm2:  # noqa: PLR1730 - cheaper than max()
-                ledger.peak_fluence_j_cm2 = fluence
-            flags |= PULSE_RECORD
+            ledger.zone_uj += energy_uj
+            ledger.zone_charged = True
+            ledger.peak_energy_uj = max(ledger.peak_energy_uj, energy_uj)
         if verdict:
             self.armed = False
             self._breach()
@@ -849,6 +897,7 @@ class TreatmentCore:
             zone = request.zone
             limit_uj = round(self.policy.zone(zone).energy_j * 1e6)
             self.zone = zone
+            ledger.move_to(zone.value)
             self._out.append(RecordZone(ledger.id, zone, request.actor, limit_uj))
             self._out.append(SessionEvent(ledger.id, "zone", {
                 "zone": zone.value, "energy_limit_uj": limit_uj,
@@ -1202,7 +1251,7 @@ class TreatmentCore:
         ledger = self._session()
         self.chosen = params
         # Fluence is reckoned at the spot of the parameters recorded last (as the log does).
-        ledger.fluence_per_uj = fluence_j_cm2(1, params.spot_um)
+        ledger.at_spot(params.spot_um)
         self._out.append(RecordParams(ledger.id, params, actor))
         self._out.append(SessionEvent(ledger.id, "params", params_dict(params)))
         return {"params": params_dict(params), "fluence_j_cm2": round(params.fluence_j_cm2, 3)}
@@ -1270,10 +1319,9 @@ class TreatmentCore:
         charge = ident.max_energy_uj
         cause = "link_gap" if self._gap_open_since is not None else "pulse events lost on the link"
         if ledger is not None:
-            zone = self.zone_name
             ledger.unlogged_pulses += count
             ledger.unlogged_energy_uj += count * charge
-            ledger.energy_by_zone_uj[zone] = ledger.energy_by_zone_uj.get(zone, 0) + count * charge
+            ledger.charge(self.zone_name, count * charge)
             ledger.faults += 1
         self._out.append(RecordGap(self.session_id, first, last, charge, self.zone_name, cause))
 

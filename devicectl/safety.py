@@ -456,9 +456,15 @@ class SafetySupervisor:
             self._missed += missing
             gap_uj = missing * self._device_max_uj
             self._gap_uj += gap_uj
+            # k pulses missing: k + 1 periods must have passed (rule 3); they count in the window
+            # at the device's maximum energy, now (rule 4).
+            min_interval = self._min_interval_us * (missing + 1)
+            charged = energy_uj + gap_uj
         else:
             missing = 0
             gap_uj = 0
+            min_interval = self._min_interval_us
+            charged = energy_uj
 
         last_t = self._last_t_us
         self._last_t_us = t_us
@@ -482,14 +488,12 @@ class SafetySupervisor:
         if n == cap:
             head = self._fold(head)
             n -= 1
+        elif not n and self._win_carry:  # lost pulses found while the window was empty
+            charged += self._win_carry
+            self._win_carry = 0
         tail = head + n
         if tail >= cap:
             tail -= cap
-        # Pulses lost on the wire count at the device's maximum energy, at this pulse's time.
-        charged = energy_uj + gap_uj
-        if self._win_carry:
-            charged += self._win_carry
-            self._win_carry = 0
         win_t[tail] = t_us
         win_e[tail] = charged
         total += charged
@@ -507,7 +511,7 @@ class SafetySupervisor:
             return self._pulse_breach(BreachCode.UNCOMMANDED_EMISSION, pulse_no, energy_uj)
         if energy_uj < self._energy_lo or energy_uj > self._energy_hi:
             return self._pulse_breach(BreachCode.ENERGY_OUT_OF_TOLERANCE, pulse_no, energy_uj)
-        if interval < (self._min_interval_us * (missing + 1) if missing else self._min_interval_us):
+        if interval < min_interval:
             return self._pulse_breach(BreachCode.OVER_RATE, pulse_no, interval)
         if total > self._win_max_uj:
             return self._pulse_breach(BreachCode.AVERAGE_POWER, pulse_no, total)
