@@ -1,4 +1,4 @@
-"""The clinic policy: the middle layer of the safety limits (DESIGN.md section 4).
+"""The clinic policy: the middle layer of the safety limits (docs/safety-model.md).
 
 A clinic's policy is a TOML file; when none is configured the packaged default
 (``devicectl/defaults/policy.toml``) is used. Its numbers are ILLUSTRATIVE, NOT CLINICAL GUIDANCE:
@@ -152,10 +152,6 @@ class PulseParams:
 
     def as_command(self) -> SetParams:
         return SetParams(self.energy_uj, self.width_us, self.rate_mhz, self.spot_um)
-
-    @classmethod
-    def from_command(cls, command: SetParams) -> PulseParams:
-        return cls(command.energy_uj, command.width_us, command.rate_mhz, command.spot_um)
 
 
 SkinTypeKey = Annotated[SkinType, BeforeValidator(SkinType.parse)]

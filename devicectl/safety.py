@@ -506,7 +506,7 @@ class SafetySupervisor:
         self._zone_uj = zone_uj + gap_uj
         self._session_uj = session_uj + gap_uj
 
-        # The verdict, in section 4's order.
+        # The verdict, in the order of docs/safety-model.md.
         if not self._armed:
             return self._pulse_breach(BreachCode.UNCOMMANDED_EMISSION, pulse_no, energy_uj)
         if energy_uj < self._energy_lo or energy_uj > self._energy_hi:

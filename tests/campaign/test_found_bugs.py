@@ -23,10 +23,10 @@ async def _books(drv: Driver) -> tuple[set[int], list[int]]:
 
 
 async def test_pulse_events_lost_on_the_wire_are_counted_unlogged(driver: Driver) -> None:
-    """DESIGN section 4 rule 6 and section 5: a gap in pulse_no is charged *and logged*; the log
-    reconciles with the device's counter so that no pulse goes unaccounted. With PULSE events
-    dropped on the wire (line noise, a lost frame) the board's count must still equal the pulses
-    in the log plus the pulses it counts as unlogged."""
+    """docs/safety-model.md rule 6, and the session log: a gap in pulse_no is charged *and
+    logged*; the log reconciles with the device's counter so that no pulse goes unaccounted.
+    With PULSE events dropped on the wire (line noise, a lost frame) the board's count must still
+    equal the pulses in the log plus the pulses it counts as unlogged."""
     await driver.emitting_session(rate_hz=100.0)
     driver.sim("fault drop-frames 0.2")
     start = driver.board.pulse_count

@@ -33,7 +33,7 @@ BASE_TS = datetime(2026, 11, 25, 10, 0, 0, tzinfo=UTC)
 
 
 class FakeDevice:
-    """Publishes to the broker as a devicectl daemon would (DESIGN.md section 6), with paho."""
+    """Publishes to the broker as a devicectl daemon would (docs/mqtt.md), with paho."""
 
     def __init__(self, broker: Broker, site: str = "clinic-a", device: str = "laser-01") -> None:
         self.base = f"lasers/{site}/{device}"
