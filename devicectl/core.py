@@ -480,14 +480,7 @@ class Ledger:
 class TreatmentCore:
     """One device's treatment state. See the module docstring."""
 
-    def __init__(
-        self,
-        policy: Policy,
-        *,
-        lease_ms: int | None = None,
-        restored_latch: Breach | None = None,
-        restored_latch_session: int | None = None,
-    ) -> None:
+    def __init__(self, policy: Policy, *, lease_ms: int | None = None) -> None:
         self.policy = policy
         self.lease_ms = policy.lease_ms if lease_ms is None else lease_ms
         self.ident: Ident | None = None
@@ -501,9 +494,9 @@ class TreatmentCore:
         self.chosen: PulseParams | None = None  # what the operator asked for this session
         self.zone: Zone | None = None
         self.ledger: Ledger | None = None
-        self.latch_session: int | None = restored_latch_session
+        self.latch_session: int | None = None
         self.busy: str | None = None  # the operator request between its request and its reply
-        self._restored_latch = restored_latch
+        self._restored_latch: Breach | None = None  # from the log, until a supervisor takes it
         self._preset: PulseParams | None = None  # a session's preset, waiting for its zone
         self._sent: PulseParams | None = None  # SET_PARAMS in flight
         self._step: _Step | None = None
@@ -512,6 +505,12 @@ class TreatmentCore:
         self._gap_open_since: float | None = None
         self._ack_to_cite: dict[str, object] | None = None  # an ack recorded in a closed session
         self._out: list[Effect] = []
+
+    def restore_latch(self, breach: Breach, session: int | None) -> None:
+        """A breach the log holds unacknowledged (the daemon stopped, or was killed, while it was
+        latched): it stays latched, in its session, until an operator acknowledges it."""
+        self._restored_latch = breach
+        self.latch_session = session
 
     # ------------------------------------------------------------ read-only views
 
@@ -1049,6 +1048,7 @@ class TreatmentCore:
                     "reason": request.reason,
                 }
             if self.device_fault:
+                step.faults = fault_names(self.device_fault)
                 step.stage = "clearing"
                 step.sent = MessageType.CLEAR_FAULT
                 self._out.append(Send(ClearFault()))
@@ -1056,7 +1056,7 @@ class TreatmentCore:
             self._out.append(_PUBLISH_STATE)
             return self._finish(step.result)
         # stage "clearing": CLEAR_FAULT has its outcome
-        faults = fault_names(self.device_fault)
+        faults = step.faults
         if failure is not None:
             if step.result:  # the breach is acknowledged; the device keeps its fault
                 step.result["device_fault"] = (
@@ -1383,6 +1383,7 @@ class _Step:
     params: PulseParams | None = None
     ingredient: str = ""
     sent: int | None = None  # the command TYPE awaiting its outcome
+    faults: list[str] = field(default_factory=list)  # the device's, when an ack began
     result: dict[str, object] = field(default_factory=dict)
 
 

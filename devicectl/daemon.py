@@ -68,6 +68,7 @@ from devicectl.core import (
     Effect,
     EndSession,
     Heartbeats,
+    Ledger,
     LogLine,
     OpenSession,
     PublishSession,
@@ -254,7 +255,7 @@ class Daemon:
         return self.core.status
 
     @property
-    def treatment(self) -> Any:
+    def treatment(self) -> Ledger | None:
         """The open session's ledger (``.id``, ``.pulses``, ...), or None."""
         return self.core.ledger
 
@@ -502,11 +503,7 @@ class Daemon:
                 BreachCode.DEVICE_FAULT, 0.0, 0.0, "", f"a breach the log holds: {record!r}"
             )
         session = record.get("session")
-        self.core = TreatmentCore(
-            self.policy,
-            restored_latch=breach,
-            restored_latch_session=session if isinstance(session, int) else None,
-        )
+        self.core.restore_latch(breach, session if isinstance(session, int) else None)
         self._log.warning("breach_latch_restored", breach=breach.message, session=session)
 
     # ------------------------------------------------------------------ effects

@@ -217,6 +217,7 @@ async def test_4_a_restarted_daemon_recovers_a_board_latched_by_a_crash(
                 "fault_ack", operator="OP-9", reason="daemon crashed; board checked"
             )
             assert acked["acknowledged"] == "device_fault"
+            assert acked["device_faults"] == ["lease_expired"]
             armed = await again.ok("arm")  # the footswitch is still held since the crash
             assert armed["armed"] is True
             assert "press it again" in armed["note"]
