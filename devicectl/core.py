@@ -121,7 +121,7 @@ FAULT_EVENT_KINDS: Final = frozenset({"breach", "device_fault", "link_lost"})
 
 PULSE_STOP: Final = 1  # write STOP now, before anything else
 PULSE_FOLLOW: Final = 2  # then carry out TreatmentCore.take_effects() (breach, gap records)
-PULSE_RECORD: Final = 4  # record the pulse in the session TreatmentCore.session_id, zone .zone_name
+PULSE_RECORD: Final = 4  # record the pulse: session TreatmentCore.ledger.id, zone .ledger.zone_key
 
 ACK_COMMAND: Final = "devicectl fault ack --operator ID --reason TEXT"
 
@@ -397,8 +397,8 @@ class Ledger:
         """Pulses from here on are charged to ``zone_key``."""
         self._fold_zone()
         self.zone_key = zone_key
+        self.zone_charged = zone_key in self._by_zone  # a zone visited before
         self.zone_uj = self._by_zone.pop(zone_key, 0)
-        self.zone_charged = zone_key in self._by_zone or self.zone_uj > 0
 
     def charge(self, zone_key: str, energy_uj: int) -> None:
         """Energy charged without a PULSE (lost pulses) to ``zone_key``."""

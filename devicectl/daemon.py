@@ -446,9 +446,9 @@ class Daemon:
             self._carry_out(core.on_boot(message.reason))  # type: ignore[attr-defined]
 
     def _record_pulse(self, pulse: Pulse) -> None:
-        session = self.core.session_id
-        assert session is not None
-        zone = self.core.zone_name
+        ledger = self.core.ledger  # PULSE_RECORD: a session is open, charged to ledger.zone_key
+        assert ledger is not None
+        session, zone = ledger.id, ledger.zone_key
         if self.sessionlog is not None:
             self.sessionlog.record_pulse(
                 session, pulse.pulse_no, pulse.t_us, time.time_ns(), pulse.energy_uj, zone
@@ -553,8 +553,12 @@ class Daemon:
                     self._publish_state()
                 case PublishSession():
                     self._publish_session()
-                case LogLine(level, event, fields):
-                    getattr(self._log, level)(event, **fields)
+                case LogLine("error", event, fields):
+                    self._log.error(event, **fields)
+                case LogLine("warning", event, fields):
+                    self._log.warning(event, **fields)
+                case LogLine(_, event, fields):
+                    self._log.info(event, **fields)
                 case Reconcile(count, max_energy):
                     self._reconcile(count, max_energy)
                 case Send() | OpenSession() | CloseSession() | Reply() | Refuse():

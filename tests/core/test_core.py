@@ -341,3 +341,18 @@ def test_an_arm_that_fails_leaves_nothing_armed(answer: str) -> None:
     refusal(effects)
     assert not core.armed and not core.arming and core.busy is None
     assert not [e for e in effects if isinstance(e, Heartbeats) and e.lease_ms]
+
+
+def test_the_ledger_carries_a_zone_total_across_visits() -> None:
+    core = armed(Zone.FOREHEAD)
+    train(core, 1, 2)
+    reply(ack(core, core.begin(DisarmLaser("OP-7"), NOW)))
+    reply(core.begin(ChangeZone("OP-7", Zone.CHEEKS), NOW))
+    reply(core.begin(ChangeZone("OP-7", Zone.FOREHEAD), NOW))
+    assert core.ledger is not None
+    assert core.ledger.energy_by_zone_uj == {"forehead": 12_000}
+    reply(ack(core, core.begin(ArmLaser("OP-7"), NOW)))
+    core.on_pulse(3, 10 * PERIOD_US, 6_000)
+    assert core.ledger.energy_by_zone_uj == {"forehead": 18_000}
+    assert core.supervisor is not None
+    assert core.supervisor.zone_energy_uj(Zone.FOREHEAD) == 18_000
