@@ -26,7 +26,7 @@ another is between its request and its reply is refused (rule ``request_in_progr
 queues them so that this never happens in practice.
 
 The transitions, as a table (request → what must hold → what it sends; the reply that changes
-state)::
+state); what must hold is the data of ``_REQUIRES``, at the end of this module::
 
     request   refused unless                               sends            state changes at
     ───────── ──────────────────────────────────────────── ──────────────── ───────────────────────
@@ -48,7 +48,7 @@ to record the pulse (:data:`PULSE_RECORD`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final
@@ -827,32 +827,31 @@ class TreatmentCore:
     # ------------------------------------------------------------ the steps of each request
 
     def _first_step(self, request: Request, now_ns: int) -> _Step:
-        if isinstance(request, StartSession):
-            return self._check_start(request)
         if isinstance(request, AckFault):
-            return self._check_ack(request)
-        if isinstance(request, DisarmLaser):
-            return _Step(request)
-        ledger = self._session()
+            if not request.actor.strip():
+                raise AcknowledgementRefused("an operator id")
+            if not request.reason.strip():
+                raise AcknowledgementRefused("a reason")
+        self._require(request)
+        if isinstance(request, StartSession):
+            return _Step(request, stage="open", ingredient=self._ingredient(request))
         if isinstance(request, EndSession):
             # Until the device has acknowledged a STOP or DISARM it may fire: those pulses belong
             # to this session, so it ends after a DISARM's ACK (sent after any STOP's).
             supervisor = self.supervisor
             live = self.armed or self.arming or (supervisor is not None and supervisor.armed)
             return _Step(request, stage="disarm" if live else "close")
-        if isinstance(request, ChangeZone):
-            if self.armed or self.arming:
-                raise Refused(
-                    "disarm_first",
-                    "disarm before changing zone: a new zone's limits and budget apply from "
-                    "the next arming",
-                )
-            return _Step(request)
         if isinstance(request, SetParams):
-            return _Step(request, params=self._check_params(request))
-        assert isinstance(request, ArmLaser)
-        del ledger
+            return _Step(request, params=self._resolve_params(request))
         return _Step(request)
+
+    def _require(self, request: Request) -> None:
+        """Refuse ``request`` unless the state allows it (the table :data:`_REQUIRES`)."""
+        for need in _REQUIRES[type(request)]:
+            if not need.holds(self):
+                if need.rule == "identified":
+                    raise _NotIdentified()
+                raise Refused(need.rule, need.says(self, request))
 
     def _advance(self, failure: DevicectlError | None, now_ns: int) -> list[Effect]:
         step = self._step
@@ -1117,19 +1116,7 @@ class TreatmentCore:
             raise _NotIdentified()
         return self.ident
 
-    def _check_start(self, request: StartSession) -> _Step:
-        if self.ledger is not None:
-            raise Refused("session_open", f"session {self.ledger.id} is still open: end it first")
-        latched = self.latched
-        if latched is not None:
-            where = f" in session {self.latch_session}" if self.latch_session else ""
-            raise Refused(
-                "breach_latched",
-                f"a breach latched{where} is not acknowledged ({latched.message}): acknowledge "
-                f"it first ({ACK_COMMAND})",
-            )
-        if self.ident is None:
-            raise _NotIdentified()
+    def _ingredient(self, request: StartSession) -> str:
         preset = self.policy.presets[request.preset] if request.preset else None
         ingredient = request.active_ingredient or (preset.active_ingredient if preset else None)
         if ingredient is None:
@@ -1138,13 +1125,10 @@ class TreatmentCore:
                 "name the active ingredient (--ingredient) or a --preset",
                 kind="usage",
             )
-        return _Step(request, stage="open", ingredient=ingredient)
+        return ingredient
 
-    def _check_params(self, request: SetParams) -> PulseParams:
-        if self.zone is None:
-            raise Refused("no_zone", "no zone chosen: `devicectl session zone ZONE` first")
-        if self.armed or self.arming:
-            raise Refused("disarm_first", "disarm before changing parameters")
+    def _resolve_params(self, request: SetParams) -> PulseParams:
+        """The parameters asked for (each field given, or kept), refused if a limit forbids."""
         base = self.chosen or self._preset
         if request.preset is not None:
             base = self.policy.presets[request.preset].params()
@@ -1165,40 +1149,11 @@ class TreatmentCore:
         return params
 
     def _check_arm(self, request: ArmLaser) -> PulseParams:
-        self._session()
-        if self.zone is None:
-            raise Refused("no_zone", "no zone chosen: `devicectl session zone ZONE` first")
+        self._require(request)
         chosen = self.chosen
-        if chosen is None:
-            raise Refused("no_params", "no parameters set: `devicectl params set ...` first")
-        latched = self.latched
-        if latched is not None:
-            raise SafetyRefusal(
-                "breach_latched", 1, 0, "",
-                f"{latched.message} — acknowledge it with a reason first ({ACK_COMMAND})",
-                relation="state",
-            )  # fmt: skip
-        faults = self.device_fault
-        if faults:
-            raise Refused(
-                "device_fault",
-                f"the device has latched {', '.join(fault_names(faults))}: clear it with "
-                f"`{ACK_COMMAND}`",
-            )
+        assert chosen is not None
         self._limits(chosen)
         return chosen
-
-    def _check_ack(self, request: AckFault) -> _Step:
-        if not request.actor.strip():
-            raise AcknowledgementRefused("an operator id")
-        if not request.reason.strip():
-            raise AcknowledgementRefused("a reason")
-        if self.latched is None and not self.device_fault:
-            raise Refused(
-                "nothing_latched", "no breach is latched and the device holds no fault: "
-                "nothing to acknowledge",
-            )  # fmt: skip
-        return _Step(request)
 
     def _limits(self, params: PulseParams) -> Limits:
         """Every limit checkable before emission (docs/safety-model.md)."""
@@ -1391,6 +1346,79 @@ class _NotIdentified(LinkError):
     def __init__(self) -> None:
         super().__init__("the device has not identified itself yet")
 
+
+@dataclass(frozen=True, slots=True)
+class _Need:
+    """A state a request needs: ``rule`` names the refusal, ``says`` explains it."""
+
+    rule: str
+    holds: Callable[[TreatmentCore], bool]
+    says: Callable[[TreatmentCore, Request], str]
+
+
+def _latched_breach(core: TreatmentCore, _request: Request) -> str:
+    latched = core.latched
+    where = f" in session {core.latch_session}" if core.latch_session else ""
+    what = latched.message if latched is not None else ""
+    return f"a breach latched{where} is not acknowledged ({what}): acknowledge it ({ACK_COMMAND})"
+
+
+_IDENTIFIED = _Need("identified", lambda c: c.ident is not None, lambda c, r: "")
+_NO_SESSION = _Need(
+    "session_open",
+    lambda c: c.ledger is None,
+    lambda c, r: f"session {c.session_id} is still open: end it first",
+)
+_SESSION = _Need(
+    "no_session",
+    lambda c: c.ledger is not None,
+    lambda c, r: "no session is open: `devicectl session start` first",
+)
+_ZONE = _Need(
+    "no_zone",
+    lambda c: c.zone is not None,
+    lambda c, r: "no zone chosen: `devicectl session zone ZONE` first",
+)
+_PARAMS = _Need(
+    "no_params",
+    lambda c: c.chosen is not None,
+    lambda c, r: "no parameters set: `devicectl params set ...` first",
+)
+_DISARMED = _Need(
+    "disarm_first",
+    lambda c: not (c.armed or c.arming),
+    lambda c, r: (
+        "disarm before changing zone: a new zone's limits and budget apply from the next arming"
+        if isinstance(r, ChangeZone)
+        else "disarm before changing parameters"
+    ),
+)
+_NO_BREACH = _Need("breach_latched", lambda c: c.latched is None, _latched_breach)
+_NO_DEVICE_FAULT = _Need(
+    "device_fault",
+    lambda c: not c.device_fault,
+    lambda c, r: (
+        f"the device has latched {', '.join(fault_names(c.device_fault))}: clear it with "
+        f"`{ACK_COMMAND}`"
+    ),
+)
+_SOMETHING_LATCHED = _Need(
+    "nothing_latched",
+    lambda c: c.latched is not None or bool(c.device_fault),
+    lambda c, r: "no breach is latched and the device holds no fault: nothing to acknowledge",
+)
+
+# What each operator request needs, checked in this order; the first that does not hold refuses it
+# (audited as a ``refused`` record). The limits (check_params) are judged after these.
+_REQUIRES: Final[dict[type, tuple[_Need, ...]]] = {
+    StartSession: (_NO_SESSION, _NO_BREACH, _IDENTIFIED),
+    ChangeZone: (_SESSION, _DISARMED),
+    SetParams: (_SESSION, _ZONE, _DISARMED),
+    ArmLaser: (_SESSION, _ZONE, _PARAMS, _NO_BREACH, _NO_DEVICE_FAULT),
+    DisarmLaser: (),
+    AckFault: (_SOMETHING_LATCHED,),
+    EndSession: (_SESSION,),
+}
 
 _NAMES: Final[dict[type, str]] = {
     StartSession: "session_start",
