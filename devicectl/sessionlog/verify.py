@@ -427,6 +427,15 @@ class _Signatures:
                 self._key(seq, data)
             else:
                 self._checkpoint(seq, Checkpoint.from_mapping(data, record_seq=seq), prev)
+        except RecursionError:
+            self.findings.append(
+                Finding(
+                    seq,
+                    "checkpoint_malformed",
+                    f"record {seq} ({kind}) is malformed: "
+                    "its body is nested too deeply to be one the writer stores",
+                )
+            )
         except (ValueError, KeyError, TypeError, binascii.Error) as exc:
             self.findings.append(
                 Finding(seq, "checkpoint_malformed", f"record {seq} ({kind}) is malformed: {exc}")

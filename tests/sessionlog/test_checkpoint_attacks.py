@@ -9,6 +9,7 @@ the start; a deeply nested or oversized JSON value in a capture or in the log cr
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 import threading
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from devicectl.sessionlog import DeviceKey, SigningKeyError, verify_against
+from devicectl.sessionlog.chain import record_hash
+from devicectl.sessionlog.checkpoint import external_checkpoints
 from devicectl.sessionlog.keys import key_source, load_or_create, stage_rotation
 from tests.sessionlog.helpers import open_log
 
@@ -123,3 +126,53 @@ def test_a_key_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> N
         pytest.fail("loading a FIFO as the signing key blocked")
     assert len(outcome) == 1 and isinstance(outcome[0], SigningKeyError)
     assert "not a regular file" in str(outcome[0])
+
+
+# ── what `log verify` reads: a capture, and the log's own bodies ─────────────────────────────
+
+
+def _append(path: Path, kind: str, body: str) -> None:
+    """Append a record to the chain by hand (recomputing its hash and the head: no key needed)."""
+    conn = sqlite3.connect(path)
+    try:
+        seq, prev = conn.execute("SELECT seq, hash FROM chain_head").fetchone()
+        digest = record_hash(prev, seq + 1, None, 1, kind, body)
+        conn.execute(
+            "INSERT INTO records VALUES (?, ?, ?, ?, ?, ?)", (seq + 1, None, kind, 1, body, digest)
+        )
+        conn.execute("UPDATE chain_head SET seq = ?, hash = ?", (seq + 1, digest))
+        conn.commit()
+    finally:
+        conn.close()
+
+
+_HOSTILE = {
+    "deep array": "[" * 100_000 + "]" * 100_000,
+    "deep object": '{"checkpoint":' * 20_000 + "{}" + "}" * 20_000,
+    "nested checkpoints": '{"checkpoint":' * 600 + "{}" + "}" * 600,
+    "huge integer": '{"log_seq": ' + "9" * 5000 + ', "signature": "x"}',
+}
+
+
+@pytest.mark.parametrize("text", list(_HOSTILE.values()), ids=list(_HOSTILE))
+@pytest.mark.parametrize("shape", ["json line", "mosquitto_sub line", "document"])
+def test_a_hostile_capture_is_read_without_crashing(text: str, shape: str) -> None:
+    line = {"json line": text, "mosquitto_sub line": f"lasers/s/{DEVICE}/log/checkpoint {text}"}
+    lines = (
+        [text] if shape == "document" else ['{"note": 1}\n', line[shape] + "\n", '{"log_seq": 1\n']
+    )
+    found = list(external_checkpoints(lines))
+    assert all(isinstance(item, str) for _, item in found)
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "log_key"])
+@pytest.mark.parametrize("body", list(_HOSTILE.values()), ids=list(_HOSTILE))
+def test_a_hostile_body_in_the_log_is_a_finding_not_a_crash(
+    tmp_path: Path, kind: str, body: str
+) -> None:
+    path, _ = _log_with_key(tmp_path)
+    _append(path, kind, body)
+    report = verify_against(path, ())
+    assert not report.ok
+    assert [f.problem for f in report.findings] == ["checkpoint_malformed"]
+    assert "\n" not in report.findings[0].message
