@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from devicectl.errors import LogUnavailable
 from devicectl.sessionlog import DeviceKey, SigningKeyError, verify_against
 from devicectl.sessionlog.chain import record_hash
 from devicectl.sessionlog.checkpoint import external_checkpoints
@@ -176,3 +177,36 @@ def test_a_hostile_body_in_the_log_is_a_finding_not_a_crash(
     assert not report.ok
     assert [f.problem for f in report.findings] == ["checkpoint_malformed"]
     assert "\n" not in report.findings[0].message
+
+
+_BROKEN_BODIES = {"not json": "nope", "a list": "[1]", "deep": "[" * 100_000 + "]" * 100_000}
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "log_key"])
+@pytest.mark.parametrize("body", list(_BROKEN_BODIES.values()), ids=list(_BROKEN_BODIES))
+def test_a_broken_signing_record_stops_the_log_opening_in_one_line(
+    tmp_path: Path, kind: str, body: str
+) -> None:
+    path, _ = _log_with_key(tmp_path)
+    _append(path, kind, body)
+    with pytest.raises(LogUnavailable) as caught:
+        open_log(path, signing_key=key_source(None, tmp_path, {}))
+    assert str(path) in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("body", list(_BROKEN_BODIES.values()), ids=list(_BROKEN_BODIES))
+def test_log_key_names_a_broken_key_record_in_one_line(tmp_path: Path, body: str) -> None:
+    from typer.testing import CliRunner
+
+    from devicectl.cli import app
+
+    path, _ = _log_with_key(tmp_path)
+    _append(path, "log_key", body)
+    result = CliRunner().invoke(
+        app, ["log", "key", "--data-dir", str(tmp_path / "elsewhere"), "--db", str(path)]
+    )
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "malformed" in result.output
+    assert len(result.output.strip().splitlines()) == 1
