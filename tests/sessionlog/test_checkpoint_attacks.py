@@ -8,11 +8,13 @@ the start; a deeply nested or oversized JSON value in a capture or in the log cr
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import stat
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +24,7 @@ from devicectl.sessionlog.chain import record_hash
 from devicectl.sessionlog.checkpoint import external_checkpoints
 from devicectl.sessionlog.keys import key_source, load_or_create, stage_rotation
 from tests.sessionlog.helpers import open_log
+from tests.sessionlog.tamper import rewrite
 
 DEVICE = "0000ABCD"
 
@@ -210,3 +213,30 @@ def test_log_key_names_a_broken_key_record_in_one_line(tmp_path: Path, body: str
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "malformed" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_text_from_the_log_cannot_rewrite_the_verdict_on_a_terminal(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from devicectl.cli import app
+
+    path, _ = _log_with_key(tmp_path)
+    spoof = "\x1b[2J\x1b[H\rsession log intact"
+
+    def forge(all_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for row in all_rows:
+            if row.get("kind") in ("log_key", "checkpoint"):
+                body = json.loads(row["body"])
+                body["introduced" if row["kind"] == "log_key" else "device"] = spoof
+                row["body"] = json.dumps(body)
+        return all_rows
+
+    rewrite(path, forge)
+    capture = tmp_path / "capture.txt"
+    capture.write_text(json.dumps({"device": spoof, "log_seq": 1, "signature": "x"}) + "\n")
+    result = CliRunner().invoke(
+        app, ["log", "verify", "--db", str(path), "--checkpoints", str(capture)]
+    )
+    assert result.exit_code == 1
+    assert "NOT intact" in result.output
+    assert "\x1b" not in result.output and "\r" not in result.output
