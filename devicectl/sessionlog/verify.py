@@ -633,16 +633,9 @@ def verify_against(
         if results[-1].status == "confirmed":
             confirmed.append(results[-1])
     proven_by = max(confirmed, key=lambda w: w.log_seq or 0, default=None)
+    # Not the witnessed checkpoint's own record after it: when it was written, why, and for which
+    # session are not signed, so nothing outside the device vouches for that record either.
     proven_seq = None if proven_by is None else proven_by.log_seq
-    if proven_by is not None and proven_seq is not None:
-        # the witnessed checkpoint's own record, when the log holds exactly that checkpoint
-        for source, found in parsed:
-            if (
-                source == proven_by.source
-                and isinstance(found, Checkpoint)
-                and signatures.stored.get(proven_seq) == found.signature
-            ):
-                proven_seq += 1
     contradicted = sorted(
         (w for w in results if w.status == "contradicted"), key=lambda w: w.log_seq or 0
     )

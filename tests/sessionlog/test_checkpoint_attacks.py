@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from devicectl.errors import LogUnavailable
-from devicectl.sessionlog import DeviceKey, SigningKeyError, verify_against
+from devicectl.sessionlog import Checkpoint, DeviceKey, SigningKeyError, verify_against
 from devicectl.sessionlog.chain import record_hash
 from devicectl.sessionlog.checkpoint import external_checkpoints
 from devicectl.sessionlog.keys import key_source, load_or_create, stage_rotation
@@ -240,3 +240,29 @@ def test_text_from_the_log_cannot_rewrite_the_verdict_on_a_terminal(tmp_path: Pa
     assert result.exit_code == 1
     assert "NOT intact" in result.output
     assert "\x1b" not in result.output and "\r" not in result.output
+
+
+def test_the_witnessed_checkpoints_own_record_is_not_called_proven(tmp_path: Path) -> None:
+    made: list[Checkpoint] = []
+    path = tmp_path / "s.db"
+    with open_log(path, signing_key=DeviceKey.generate(), device=DEVICE, on_checkpoint=made.append):
+        pass
+    [checkpoint] = made
+    witness = {"device": DEVICE, **checkpoint.wire()}
+    assert verify_against(path, [witness]).proven_seq == checkpoint.log_seq
+
+    def backdate(all_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        last = all_rows[-1]  # the checkpoint's own record: its time and reason are not signed
+        body = json.loads(last["body"])
+        body["reason"] = "periodic"
+        return [*all_rows[:-1], {**last, "at_ns": last["at_ns"] - 30 * 86_400 * 10**9,
+                                  "session_id": 1, "body": json.dumps(body)}]  # fmt: skip
+
+    rewrite(path, backdate)  # no key needed: the signed fields are untouched
+    report = verify_against(path, [witness])
+    assert report.ok  # nothing witnessed covers the change ...
+    assert report.proven_seq == checkpoint.log_seq  # ... so it is not called proven
+    assert any(
+        f"records {checkpoint.log_seq + 1}..{report.head_seq}" in text
+        for text in report.cannot_rule_out()
+    )
