@@ -687,7 +687,11 @@ def _judge(
     raw = signatures.known.get(witness.key_id)
     if enrolled is not None and key_id_of(enrolled) == witness.key_id:
         raw = enrolled
-    if trusted is not None and witness.key_id not in trusted and raw is not enrolled:
+    # A key of the log's history the enrolled key never vouched for proves nothing. A key the log
+    # does not contain at all is still a contradiction with the enrolled key: it may be the
+    # device's own later key, introduced by a rotation the log no longer holds (cut before it).
+    outside_trust = trusted is not None and witness.key_id not in trusted
+    if outside_trust and raw is not None and raw is not enrolled:
         return result(
             "ignored", f"{name} is signed by key {witness.key_id}, not the enrolled key's: not used"
         )
@@ -699,11 +703,17 @@ def _judge(
         if not witness.signature_valid_with(own):
             return result("ignored", f"{name} has a signature that does not verify: not evidence")
         known = ", ".join(signatures.known) or "none"
+        tell = (
+            "if it is a key this device rotated to, the log was cut before the rotation that "
+            "introduced it"
+            if enrolled is not None
+            else "give --key to tell"
+        )
         return result(
             "contradicted",
             f"{name} was signed by key {witness.key_id}, which this log's key history ({known}) "
             "does not contain: the log's key was replaced and its checkpoints re-signed, or the "
-            "checkpoint is not this device's (give --key to tell)",
+            f"checkpoint is not this device's ({tell})",
             "witness_key_unknown",
         )
     if not witness.signature_valid_with(raw):

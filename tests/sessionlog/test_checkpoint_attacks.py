@@ -24,7 +24,7 @@ from devicectl.sessionlog.chain import record_hash
 from devicectl.sessionlog.checkpoint import external_checkpoints
 from devicectl.sessionlog.keys import key_source, load_or_create, stage_rotation
 from tests.sessionlog.helpers import open_log
-from tests.sessionlog.tamper import rewrite
+from tests.sessionlog.tamper import rewrite, truncate_with_copied_head
 
 DEVICE = "0000ABCD"
 
@@ -266,3 +266,27 @@ def test_the_witnessed_checkpoints_own_record_is_not_called_proven(tmp_path: Pat
         f"records {checkpoint.log_seq + 1}..{report.head_seq}" in text
         for text in report.cannot_rule_out()
     )
+
+
+def test_a_log_cut_before_a_rotation_is_caught_with_the_first_enrolled_key(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    source = key_source(None, tmp_path, {})
+    made: list[Checkpoint] = []
+    with open_log(path, signing_key=source, device=DEVICE, on_checkpoint=made.append) as slog:
+        slog.record_event(None, "note", "op-anna", {})
+    first = load_or_create(source)[0]
+    stage_rotation(source)
+    with open_log(path, signing_key=source, on_checkpoint=made.append) as slog:
+        slog.flush()
+        slog.record_event(None, "note", "op-anna", {})
+    assert [cp.key_id == first.key_id for cp in made] == [True, True, False]
+    # what the retained topic holds later: the newest checkpoint, signed with the new key
+    retained = {"device": DEVICE, **made[-1].wire()}
+    assert made[0].record_seq is not None
+    truncate_with_copied_head(path, made[0].record_seq)  # back to before the rotation
+    report = verify_against(path, [retained], first.public_raw)
+    assert not report.ok
+    assert [f.problem for f in report.findings] == ["witness_key_unknown"]
+    assert f"record {made[-1].log_seq}" in report.findings[0].message
