@@ -570,7 +570,8 @@ def verify_against(
     it is none of those). Without it, signatures are checked against the keys the log names
     itself. ``device`` (the id the device publishes under) picks this device's checkpoints from a
     capture of many; by default, the devices the log's own checkpoints name (all, if it holds
-    none). Raises :class:`LogUnavailable` if the file cannot be read.
+    none or if no witness names one of them). Raises :class:`LogUnavailable` if the file cannot
+    be read.
     """
     if isinstance(key, str):
         key = parse_public_key(key)
@@ -620,6 +621,13 @@ def verify_against(
                 if entry.key_id not in trusted
             )
     devices = {device} if device is not None else signatures.devices
+    if device is None and not any(
+        isinstance(c, Checkpoint) and c.device in devices for _, c in parsed
+    ):
+        # None of the witnesses is of a device the log names. The log's device ids are its own
+        # word: whoever re-signed it with a key of their own could name a device no capture
+        # holds, so every witness is judged (a foreign one is then witness_key_unknown).
+        devices = set()
     end = base.records if base.first_break is not None else base.head_seq
     results: list[Witness] = []
     confirmed: list[Witness] = []

@@ -290,3 +290,39 @@ def test_a_log_cut_before_a_rotation_is_caught_with_the_first_enrolled_key(
     assert not report.ok
     assert [f.problem for f in report.findings] == ["witness_key_unknown"]
     assert f"record {made[-1].log_seq}" in report.findings[0].message
+
+
+def test_a_log_re_signed_for_another_device_id_is_still_contradicted_by_the_witnesses(
+    tmp_path: Path,
+) -> None:
+    made: list[Checkpoint] = []
+    path = tmp_path / "s.db"
+    with open_log(path, signing_key=DeviceKey.generate(), device=DEVICE, on_checkpoint=made.append):
+        pass
+    with open_log(path, device=DEVICE, on_checkpoint=made.append) as slog:
+        slog.record_event(None, "note", "op-anna", {})
+    witnessed = [{"device": DEVICE, **cp.wire()} for cp in made]
+    other: list[Checkpoint] = []
+    with open_log(
+        tmp_path / "other.db",
+        signing_key=DeviceKey.generate(),
+        device="0000FFFF",
+        on_checkpoint=other.append,
+    ):
+        pass
+    fleet = [*witnessed, {"device": "0000FFFF", **other[0].wire()}]
+    untouched = verify_against(path, fleet)  # a capture of many devices: only this one's used
+    assert untouched.ok
+    assert [w.status for w in untouched.witnesses][-1] == "ignored"
+
+    def elsewhere(all_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for row in all_rows:
+            if row.get("kind") == "checkpoint":
+                row["body"] = json.dumps({**json.loads(row["body"]), "device": "0000FFFF"})
+        return all_rows
+
+    # no key of the device's needed: the whole log made over to a key and a device id of one's own
+    rewrite(path, elsewhere, new_key=DeviceKey.generate())
+    report = verify_against(path, witnessed)
+    assert not report.ok
+    assert {f.problem for f in report.findings} == {"witness_key_unknown"}
