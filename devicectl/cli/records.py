@@ -214,8 +214,8 @@ def _verdict(path: Path, result: VerifyReport, *, given: bool) -> list[str]:
         proof = result.proven_by
         if proof is not None and result.proven_seq is not None:
             lines.append(
-                f"PROVEN: records 1..{result.proven_seq} are exactly those the device signed at "
-                f"{proof.time} (key {proof.key_id}, {proof.source})"
+                f"PROVEN: records 1..{result.proven_seq} are exactly those device {proof.device} "
+                f"signed at {proof.time} (key {proof.key_id}, {proof.source})"
             )
     lines.extend(f"cannot rule out: {text}" for text in result.cannot_rule_out())
     return lines

@@ -133,6 +133,7 @@ class Witness:
     status: str  # "confirmed" | "contradicted" | "ignored"
     message: str
     problem: str | None = None  # a contradiction's Finding.problem
+    device: str | None = None  # the device id it was signed for
 
 
 @dataclass(frozen=True, slots=True)
@@ -685,7 +686,14 @@ def _judge(
 
     def result(status: str, message: str, problem: str | None = None) -> Witness:
         return Witness(
-            source, witness.log_seq, witness.time, witness.key_id, status, message, problem
+            source,
+            witness.log_seq,
+            witness.time,
+            witness.key_id,
+            status,
+            message,
+            problem,
+            witness.device,
         )
 
     name = f"the checkpoint witnessed at {witness.time} (record {witness.log_seq}, {source})"

@@ -326,3 +326,24 @@ def test_a_log_re_signed_for_another_device_id_is_still_contradicted_by_the_witn
     report = verify_against(path, witnessed)
     assert not report.ok
     assert {f.problem for f in report.findings} == {"witness_key_unknown"}
+
+
+def test_the_proof_names_the_device_it_is_for(tmp_path: Path) -> None:
+    """A whole log copied from another device of the fleet is proven by that device's witnesses
+    (a capture of many devices holds them): the verdict must say whose log it proved."""
+    from typer.testing import CliRunner
+
+    from devicectl.cli import app
+
+    made: list[Checkpoint] = []
+    path = tmp_path / "s.db"
+    with open_log(path, signing_key=DeviceKey.generate(), device=DEVICE, on_checkpoint=made.append):
+        pass
+    capture = tmp_path / "capture.txt"
+    capture.write_text(json.dumps({"device": DEVICE, **made[0].wire()}) + "\n")
+    result = CliRunner().invoke(
+        app, ["log", "verify", "--db", str(path), "--checkpoints", str(capture)]
+    )
+    assert result.exit_code == 0, result.output
+    [proven] = [line for line in result.output.splitlines() if line.startswith("PROVEN")]
+    assert f"device {DEVICE}" in proven
