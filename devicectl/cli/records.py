@@ -180,9 +180,18 @@ def verify(
     except LogUnavailable as exc:
         raise _fail("log verify", str(exc), ExitCode.REFUSED) from None
     for line in _verdict(path, result, given=bool(checkpoints)):
-        typer.echo(line)
+        typer.echo(_printable(line))
     if not result.ok:
         raise typer.Exit(int(ExitCode.REFUSED))
+
+
+def _printable(line: str) -> str:
+    """A verdict line as a terminal shows it as is. Its text comes partly from the file and the
+    captures (device ids, key records), which whoever wrote them could fill with escape sequences
+    or carriage returns that redraw the verdict: those are shown escaped."""
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in line)
 
 
 def _verdict(path: Path, result: VerifyReport, *, given: bool) -> list[str]:
@@ -228,8 +237,8 @@ def _verdict(path: Path, result: VerifyReport, *, given: bool) -> list[str]:
         proof = result.proven_by
         if proof is not None and result.proven_seq is not None:
             lines.append(
-                f"PROVEN: records 1..{result.proven_seq} are exactly those the device signed at "
-                f"{proof.time} (key {proof.key_id}, {proof.source})"
+                f"PROVEN: records 1..{result.proven_seq} are exactly those device {proof.device} "
+                f"signed at {proof.time} (key {proof.key_id}, {proof.source})"
             )
     lines.extend(f"cannot rule out: {text}" for text in result.cannot_rule_out())
     return lines
