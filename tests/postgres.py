@@ -76,7 +76,14 @@ class PostgresCluster:
             "-c synchronous_commit=on -c max_connections=100"
         )
         self._run(
-            "pg_ctl", "-D", str(data), "-o", options, "-l", str(self.directory / "log"), "-w",
+            "pg_ctl",
+            "-D",
+            str(data),
+            "-o",
+            options,
+            "-l",
+            str(self.directory / "log"),
+            "-w",
             "start",
         )
 

@@ -52,7 +52,13 @@ class FakeDevice:
         return self.seqs[topic]
 
     def _envelope(self, topic: str, at: datetime) -> dict[str, Any]:
-        return {"v": 1, "ts": at, "device": self.device, "seq": self._next(topic), "boot": self.boot}
+        return {
+            "v": 1,
+            "ts": at,
+            "device": self.device,
+            "seq": self._next(topic),
+            "boot": self.boot,
+        }
 
     def state(self, at: datetime = T0) -> tuple[str, bytes]:
         topic = self.base.topic(Stream.STATE)
@@ -69,7 +75,12 @@ class FakeDevice:
         return topic, encode_payload(payload)
 
     def event(
-        self, session: str, event: str, at: datetime = T0, *, summary: SessionSummary | None = None,
+        self,
+        session: str,
+        event: str,
+        at: datetime = T0,
+        *,
+        summary: SessionSummary | None = None,
         **details: Any,
     ) -> tuple[str, bytes]:
         topic = self.base.topic(Stream.SESSION_EVENTS, session)
