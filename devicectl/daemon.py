@@ -56,6 +56,7 @@ from devicectl.errors import DevicectlError, LinkError, LogUnavailable, SafetyRe
 from devicectl.link import DeviceLink
 from devicectl.logs import redact_url
 from devicectl.policy import Concern, Policy, PulseParams, SkinType, Zone, load_policy
+from devicectl.recorder.course_client import ask_course, merge_warnings
 from devicectl.safety import Breach, BreachCode, Limits, SafetySupervisor, check_params
 from devicectl.sessionlog import LimitsInForce, SessionLog
 from devicectl.sessionlog.model import check_patient_ref
@@ -702,7 +703,7 @@ class Daemon:
             case ParamsSetRequest():
                 return await self.set_params(request)
             case SessionStartRequest():
-                return self.start_session(request)
+                return await self.start_session(request)
             case SessionZoneRequest():
                 return await self.set_zone(request.zone)
             case SessionEndRequest():
@@ -746,7 +747,7 @@ class Daemon:
             ) from exc
         return {"stopped": True, "state": self._state_name()}
 
-    def start_session(self, request: SessionStartRequest) -> dict[str, Any]:
+    async def start_session(self, request: SessionStartRequest) -> dict[str, Any]:
         log = self._require_log()
         if self.treatment is not None:
             raise ControlError(
@@ -761,11 +762,16 @@ class Daemon:
         ingredient = request.active_ingredient or (preset.active_ingredient if preset else None)
         if ingredient is None:
             raise ControlError("usage", "name the active ingredient (--ingredient) or a --preset")
+        # The course across the fleet from the recorder (1 s at most; never blocks a treatment).
+        telemetry = self.telemetry if self.settings.mqtt.course_from_recorder else None
+        fleet = telemetry.config if telemetry is not None else None
+        course = await ask_course(fleet, request.patient_ref, request.course_planned)
         opened = log.start_session(
             _session_info(request, ident, ingredient),
             device_pulse_count=self.status.pulse_count if self.status else None,
             limits=LimitsInForce.from_policy(self.policy),
         )
+        log.record_event(opened.session_id, "course_source", request.operator, course.record())
         skin = SkinType.parse(request.skin_type)
         self.treatment = _Treatment(opened.session_id, request.operator, request.patient_ref, skin)
         self.supervisor = self._new_supervisor(ident)
@@ -783,7 +789,8 @@ class Daemon:
         self._publish_state()
         return {
             "session": opened.session_id,
-            "warnings": [w.message for w in opened.warnings],
+            "warnings": merge_warnings(opened.warnings, course),
+            "course_source": course.source,
             "active_ingredient": ingredient,
             "preset": request.preset,
         }
