@@ -72,6 +72,16 @@ def dashboard(
         ),
     ] = None,
     title: Annotated[str, typer.Option("--title", help="The page's title.")] = "Clinic lasers",
+    history_db: Annotated[
+        str | None,
+        typer.Option(
+            "--history-db",
+            metavar="URL",
+            envvar="DEVICECTL_RECORDER_DB",
+            help="The fleet recorder's database (postgresql://... or sqlite:///...): serves the "
+            "session history at /history.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the clinic dashboard: every device live, alerts impossible to miss.
 
@@ -97,6 +107,7 @@ def dashboard(
             stop_password=stop_password,
             limits=load_display_limits(policy),
             title=title,
+            history_db=history_db,
         )
         server = DashboardServer(Dashboard(config), address)
     except ConfigError as exc:

@@ -34,6 +34,7 @@ from starlette.staticfiles import StaticFiles
 from structlog.typing import FilteringBoundLogger
 
 from devicectl.dashboard.fleet import Fleet
+from devicectl.dashboard.history import history_mount
 from devicectl.dashboard.hub import Resync, UpdateHub
 from devicectl.dashboard.limits import DisplayLimits, load_display_limits
 from devicectl.dashboard.mqtt import (
@@ -78,6 +79,7 @@ class DashboardConfig:
     title: str = "Clinic lasers"
     keepalive_s: float = 15.0
     backoff: Backoff = field(default_factory=Backoff)
+    history_db: str | None = None  # the recorder's database: serves /history (history.py)
 
     def __post_init__(self) -> None:
         if (self.stop_username is None) != (self.stop_password is None):
@@ -248,6 +250,7 @@ def create_app(dashboard: Dashboard) -> Starlette:
             Route("/api/snapshot", snapshot),
             Route("/healthz", healthz),
             Route("/api/devices/{site}/{device}/stop", stop, methods=["POST"]),
+            *([history_mount(config.history_db)] if config.history_db else []),
             Mount(
                 "/static",
                 StaticFiles(packages=[("devicectl.dashboard", "static")]),
