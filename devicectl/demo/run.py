@@ -237,6 +237,7 @@ class DemoStack:
         self._stack = contextlib.AsyncExitStack()
         self.mqtt_url: str | None = options.mqtt_url
         self.dashboard_url: str | None = None
+        self.recorder_db: str | None = None
         self.control: Path | None = None
         self.daemon: Daemon | None = None
 
@@ -265,6 +266,7 @@ class DemoStack:
             DashboardServer,
             load_display_limits,
         )
+        from devicectl.recorder import Recorder, RecorderConfig
 
         stack = self._stack
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -289,12 +291,20 @@ class DemoStack:
             sim_max_rate_hz=max(500.0, self.options.speed_hz),
             policy=policy,
         )
+        # The fleet recorder on its embedded store, before the daemon so it records all of it.
+        self.recorder_db = f"sqlite:///{self.data_dir / 'recorder.sqlite'}"
+        recorder = RecorderConfig(
+            self.mqtt_url, self.recorder_db, client_id="devicectl-demo-recorder",
+            protocol="3.1.1" if self.options.mqtt_url is None else "5",
+        )  # fmt: skip
+        await stack.enter_async_context(Recorder(recorder, log=self._log))
         # The dashboard first, so that it is the last thing to stop: it sees the daemon's offline.
         dashboard = Dashboard(
             DashboardConfig(
                 mqtt_url=self.mqtt_url,
                 title="devicectl demo",
                 limits=load_display_limits(policy),  # bars against the limits the daemon enforces
+                history_db=self.recorder_db,
             ),
             log=self._log,
         )
@@ -381,7 +391,12 @@ class DemoStack:
             verified_pulses=verified.pulses,
             verify_message=brk.message if brk else None,
             breach=record.breach,
-            extra={"dashboard": self.dashboard_url, "mqtt": self.mqtt_url},
+            extra={
+                "dashboard": self.dashboard_url,
+                "mqtt": self.mqtt_url,
+                "history": f"{self.dashboard_url}/history",
+                "recorder_db": self.recorder_db,
+            },
         )
         _write_atomically(
             self.data_dir / "demo-result.json", json.dumps(result.as_dict(), indent=1) + "\n"

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as paho
 import structlog
@@ -85,6 +85,9 @@ class RecorderConfig:
     receive_maximum: int = 2000
     batch_max: int = 1000
     keepalive_s: int = 15
+    # "3.1.1" for a broker without MQTT 5 (the demo's embedded amqtt): a plain persistent
+    # subscription, so one recorder only, and no course replies (they need MQTT 5 properties).
+    protocol: Literal["5", "3.1.1"] = "5"
 
     def __post_init__(self) -> None:
         for name, value in (("--group", self.group), ("--prefix", self.prefix)):
@@ -95,6 +98,8 @@ class RecorderConfig:
 
     @property
     def subscription(self) -> str:
+        if self.protocol == "3.1.1":
+            return f"{self.prefix}/#"
         return f"$share/{self.group}/{self.prefix}/#"
 
 
@@ -170,13 +175,18 @@ class Recorder:
             self.store = await open_store(self.config.db_url)
         try:
             self._client = self._make_client()
-            self._client.connect_async(
-                self.address.host,
-                self.address.port,
-                keepalive=self.config.keepalive_s,
-                clean_start=False,
-                properties=self._connect_properties(),
-            )
+            if self.config.protocol == "5":
+                self._client.connect_async(
+                    self.address.host,
+                    self.address.port,
+                    keepalive=self.config.keepalive_s,
+                    clean_start=False,
+                    properties=self._connect_properties(),
+                )
+            else:
+                self._client.connect_async(
+                    self.address.host, self.address.port, keepalive=self.config.keepalive_s
+                )
             self._client.loop_start()
             self._tasks = asyncio.TaskGroup()
             await self._tasks.__aenter__()
@@ -234,12 +244,21 @@ class Recorder:
         return properties
 
     def _make_client(self) -> paho.Client:
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.config.client_id,
-            protocol=paho.MQTTv5,
-            manual_ack=True,
-        )
+        if self.config.protocol == "5":
+            client = paho.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=self.config.client_id,
+                protocol=paho.MQTTv5,
+                manual_ack=True,
+            )
+        else:
+            client = paho.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=self.config.client_id,
+                protocol=paho.MQTTv311,
+                clean_session=False,
+                manual_ack=True,
+            )
         if self.address.username is not None:
             client.username_pw_set(self.address.username, self.address.password)
         if self.tls is not None:
