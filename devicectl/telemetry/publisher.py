@@ -1,4 +1,4 @@
-"""The telemetry publisher: DESIGN.md section 6 over aiomqtt, behind a durable outbox.
+"""The telemetry publisher: the MQTT contract (docs/mqtt.md) over aiomqtt, behind a durable outbox.
 
     daemon ──publish_*()──▶ Outbox (SQLite, seq assigned) ──"telemetry-link"──▶ broker
            ──offer_pulse()─▶ hand-off list ──"telemetry-pulses" (100 ms)──▶ Outbox
