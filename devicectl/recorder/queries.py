@@ -176,13 +176,13 @@ async def session_pulses(
     """Every recorded pulse of a session: (pulse_no, t_us, energy_uj, zone), pulse_no order,
     each once (batches are stored once per (device, topic, boot, seq))."""
     rows = await store.fetch(
-        "SELECT zone, pulses FROM pulse_batches WHERE device = %s AND session = %s "
+        "SELECT zone, payload FROM pulse_batches WHERE device = %s AND session = %s "
         "ORDER BY first_pulse_no, boot, seq",
         [device, session],
     )
     pulses: dict[int, tuple[int, int, int, str | None]] = {}
     for zone, text in rows:
-        for pulse_no, t_us, energy in json.loads(text):
+        for pulse_no, t_us, energy in json.loads(text)["pulses"]:
             pulses.setdefault(pulse_no, (pulse_no, t_us, energy, zone))
     return [pulses[n] for n in sorted(pulses)]
 

@@ -45,7 +45,7 @@ TABLES: dict[str, tuple[str, ...]] = {
         "energy_uj_max",
         "dropped",
         "ts",
-        "pulses",
+        "payload",
     ),
     "sessions": ("device", "session", "site", "patient", "operator", "skin_type", "started"),
     "session_ends": (
@@ -102,7 +102,7 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
                 last_pulse_no BIGINT NOT NULL, pulse_count INTEGER NOT NULL,
                 energy_uj_sum BIGINT NOT NULL, energy_uj_min BIGINT NOT NULL,
                 energy_uj_max BIGINT NOT NULL, dropped INTEGER NOT NULL, ts TEXT NOT NULL,
-                pulses TEXT NOT NULL,
+                payload TEXT NOT NULL,
                 PRIMARY KEY (device, topic, boot, seq))""",
             """CREATE TABLE sessions (
                 device TEXT NOT NULL, session TEXT NOT NULL, site TEXT NOT NULL, patient TEXT,

@@ -44,6 +44,8 @@ __all__ = [
 
 _MIGRATION_LOCK = 0x6465_7663_7472_6C  # "devctrl": one advisory lock id for every recorder
 _SESSION_MERGE = ("site", "patient", "operator", "skin_type")
+# From this many rows of one table in a batch, PostgreSQL gets them by COPY through a staging table.
+_COPY_FROM_ROWS = 50
 
 
 class StoreUnavailable(DevicectlError):
@@ -276,6 +278,7 @@ class PostgresStore(RecorderStore):
         self._read_conn: psycopg.AsyncConnection[Any] | None = None
         self._write_lock = asyncio.Lock()
         self._read_lock = asyncio.Lock()
+        self._staged: set[str] = set()  # staging tables created on the write connection
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         import psycopg
@@ -319,6 +322,7 @@ class PostgresStore(RecorderStore):
             if conn is not None:
                 await conn.close()
             self._write_conn = conn = await self._connect()
+            self._staged.clear()  # temporary tables die with their connection
         return conn
 
     async def _write_rows(
@@ -331,13 +335,38 @@ class PostgresStore(RecorderStore):
             try:
                 async with conn.transaction(), conn.cursor() as cur:
                     for table, rows in tables.items():
-                        await cur.executemany(_INSERTS[table], rows)
+                        if len(rows) >= _COPY_FROM_ROWS and table != "sessions":
+                            await self._copy_rows(cur, table, rows)
+                        else:
+                            await cur.executemany(_INSERTS[table], rows)
                     if rejects:
                         await cur.executemany(_REJECT_SQL, rejects)
             except psycopg.OperationalError as exc:
                 raise StoreUnavailable(f"{describe_url(self.url)}: {exc}") from exc
             except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError) as exc:
                 raise ValueError(str(exc).splitlines()[0]) from exc
+
+    async def _copy_rows(
+        self, cur: psycopg.AsyncCursor[Any], table: str, rows: list[tuple[Any, ...]]
+    ) -> None:
+        """COPY into a per-connection staging table, then one INSERT ... ON CONFLICT DO NOTHING:
+        the rows still land once each, with far less work per row than one INSERT each."""
+        stage = f"stage_{table}"
+        columns = ", ".join(TABLES[table])
+        if table not in self._staged:
+            await cur.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS {stage} "
+                f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            )
+            self._staged.add(table)
+        async with cur.copy(f"COPY {stage} ({columns}) FROM STDIN") as copy:
+            for row in rows:
+                await copy.write_row(row)
+        keys = ", ".join(KEYS[table])
+        await cur.execute(
+            f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {stage} "  # noqa: S608
+            f"ON CONFLICT ({keys}) DO NOTHING"
+        )
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         import psycopg

@@ -42,6 +42,18 @@ async def test_a_message_delivered_twice_is_stored_once(db_url: str) -> None:
     assert counts["sessions"] == 1
 
 
+async def test_a_large_batch_twice_is_stored_once(db_url: str) -> None:
+    # Large enough for PostgreSQL's COPY-through-staging path, twice in one connection.
+    devices = [FakeDevice(f"laser-{n}") for n in range(60)]
+    batch = [accepted(*d.pulses("1", 20)) for d in devices for _ in range(3)]
+    async with await open_store(db_url) as store:
+        await store.write(batch, [], utc_text(T0))
+        await store.write(batch[::-1], [], utc_text(T0))
+        counts = await queries.stored_counts(store)
+    assert counts["messages"] == counts["pulse_batches"] == 180
+    assert counts["pulses"] == 180 * 20
+
+
 async def test_a_sessions_pulses_are_rebuilt_from_its_batches(db_url: str) -> None:
     device = FakeDevice("laser-1")
     messages = device.treatment("7", patient_key("PT-1"), T0, batches=4, per_batch=6)
