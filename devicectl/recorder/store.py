@@ -286,7 +286,8 @@ class PostgresStore(RecorderStore):
         try:
             return await psycopg.AsyncConnection.connect(self.url, connect_timeout=5)
         except psycopg.OperationalError as exc:
-            raise StoreUnavailable(f"cannot connect to {describe_url(self.url)}: {exc}") from exc
+            cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StoreUnavailable(f"cannot connect to {describe_url(self.url)}: {cause}") from exc
 
     async def open(self) -> None:
         self._write_conn = await self._connect()
@@ -429,6 +430,8 @@ async def open_store(url: str, *, migrate: bool = True) -> RecorderStore:
         await pg.open()
         store = pg
     else:
+        if not migrate and not path.exists():
+            raise StoreUnavailable(f"no recorder database at {path}")
         lite = SqliteStore(path)
         await lite.open()
         store = lite
