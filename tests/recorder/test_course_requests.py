@@ -120,3 +120,59 @@ async def test_without_a_recorder_the_session_opens_from_the_local_log(
     sources = _course_sources(tmp_path / "laser-c" / "data")
     assert sources[0]["source"] == "local"
     assert "within 1 s" in str(sources[0]["reason"])
+
+
+async def test_daemons_on_the_simulator_are_recorded_exactly_once_by_two_recorders(
+    tmp_path: Path, policy_file: Path, mosquitto: Broker, db_url: str
+) -> None:
+    """Three daemons treat at once; a plain subscriber witnesses what they published; two
+    recorders on one shared subscription store each QoS 1 message exactly once."""
+    import json
+
+    from tests.telemetry.helpers import recorder as witness_of
+
+    configs = [
+        RecorderConfig(mqtt_url=mosquitto.url, db_url=db_url, client_id=f"rec-{n}", group="g")
+        for n in range(2)
+    ]
+    with witness_of(mosquitto.port, client_id="witness") as witness:
+        async with Recorder(configs[0]) as first, Recorder(configs[1]) as second:
+            await asyncio.wait_for(first.wait_subscribed(), 10)
+            await asyncio.wait_for(second.wait_subscribed(), 10)
+            async with (
+                _daemon(tmp_path, policy_file, mosquitto, "laser-1") as one,
+                _daemon(tmp_path, policy_file, mosquitto, "laser-2") as two,
+                _daemon(tmp_path, policy_file, mosquitto, "laser-3") as three,
+            ):
+                await asyncio.gather(_treat(one, 20), _treat(two, 20), _treat(three, 20))
+            # The daemons have stopped: everything they published is at the broker.
+            keys = set()
+            for message in witness.snapshot():
+                if message.qos != 1 or not message.payload or "/course/" in message.topic:
+                    continue  # metrics, availability, empty sessions, course requests/answers
+                if message.topic.endswith("/availability"):
+                    continue
+                body = json.loads(message.payload)
+                keys.add((body["device"], message.topic, body["boot"], body["seq"]))
+
+            async def stored() -> set[tuple[str, str, int, int]]:
+                async with await open_store(db_url, migrate=False) as store:
+                    rows = await store.fetch(
+                        "SELECT device, topic, boot, seq FROM messages WHERE stream <> 'metrics'"
+                    )
+                return {(d, t, int(b), int(s)) for d, t, b, s in rows}
+
+            deadline = asyncio.get_running_loop().time() + 20
+            while not keys <= (found := await stored()):
+                assert asyncio.get_running_loop().time() < deadline, keys - found
+                await asyncio.sleep(0.1)
+            shares = (first.stats.stored, second.stats.stored)
+    assert found == keys  # every QoS 1 message, nothing else
+    assert {k[0] for k in keys} == {"laser-1", "laser-2", "laser-3"}
+    async with await open_store(db_url, migrate=False) as store:
+        sessions = await queries.list_sessions(store)
+        rows = await store.fetch("SELECT COUNT(*) FROM messages WHERE stream <> 'metrics'")
+    assert int(rows[0][0]) == len(keys)  # stored once each
+    assert sorted(s.device for s in sessions) == ["laser-1", "laser-2", "laser-3"]
+    assert all(s.ended is not None and s.pulses == s.recorded_pulses >= 20 for s in sessions)
+    assert all(share > 0 for share in shares), shares
