@@ -90,6 +90,15 @@ def _rows_by_table(batch: Sequence[Accepted]) -> dict[str, list[tuple[Any, ...]]
     return {table: list(rows.values()) for table, rows in grouped.items() if rows}
 
 
+def _raw(message: Accepted) -> bytes:
+    """The payload as received, for ``rejects`` (kept in the message's or the batch's row)."""
+    for table in ("messages", "pulse_batches", "checkpoints"):
+        row = message.rows.get(table)
+        if row is not None and isinstance(row[-1], str):
+            return row[-1].encode(errors="replace")
+    return b""
+
+
 def _reject_row(refused: Refused, recorded: str) -> tuple[Any, ...]:
     head = refused.payload[:512]
     return (recorded, refused.topic[:512], refused.reason[:300], len(refused.payload), head.hex())
@@ -150,7 +159,7 @@ class RecorderStore(ABC):
                 await self._write_rows(rows, [])
                 result.rows += sum(len(r) for r in rows.values())
             except ValueError as exc:
-                bad = Refused(message.topic, f"the database refused it: {exc}"[:300], b"")
+                bad = Refused(message.topic, f"the database refused it: {exc}"[:300], _raw(message))
                 await self._write_rows({}, [_reject_row(bad, recorded)])
                 result.refused.append(bad)
         return result
@@ -235,12 +244,17 @@ class SqliteStore(RecorderStore):
             if rejects:
                 conn.executemany(_REJECT_SQL.replace("%s", "?"), rejects)
             conn.execute("COMMIT")
-        except sqlite3.OperationalError as exc:
-            conn.execute("ROLLBACK")
-            raise StoreUnavailable(f"{self.path}: {exc}") from exc
-        except (sqlite3.Error, OverflowError) as exc:
+        except (
+            sqlite3.IntegrityError,
+            sqlite3.DataError,
+            sqlite3.InterfaceError,
+            OverflowError,
+        ) as exc:  # the data itself: retried row by row, what is still refused goes to rejects
             conn.execute("ROLLBACK")
             raise ValueError(str(exc)) from exc
+        except sqlite3.Error as exc:  # locked, no such table, disk full: retried, not refused
+            conn.execute("ROLLBACK")
+            raise StoreUnavailable(f"{self.path}: {exc}") from exc
 
     async def _write_rows(
         self, tables: dict[str, list[tuple[Any, ...]]], rejects: list[tuple[Any, ...]]
@@ -342,10 +356,14 @@ class PostgresStore(RecorderStore):
                             await cur.executemany(_INSERTS[table], rows)
                     if rejects:
                         await cur.executemany(_REJECT_SQL, rejects)
-            except psycopg.OperationalError as exc:
-                raise StoreUnavailable(f"{describe_url(self.url)}: {exc}") from exc
-            except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError) as exc:
+            except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                self._staged.clear()  # a rolled-back transaction may take a staging table along
                 raise ValueError(str(exc).splitlines()[0]) from exc
+            except psycopg.Error as exc:
+                # The connection, the server, or a schema that is not ours: never a reason to
+                # refuse (and acknowledge) the messages. Retried with backoff.
+                self._staged.clear()
+                raise StoreUnavailable(f"{describe_url(self.url)}: {exc}") from exc
 
     async def _copy_rows(
         self, cur: psycopg.AsyncCursor[Any], table: str, rows: list[tuple[Any, ...]]

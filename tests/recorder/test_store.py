@@ -198,3 +198,22 @@ async def test_refused_messages_are_kept_for_inspection_not_stored(db_url: str) 
     assert result.refused == [bad]
     assert counts["messages"] == 1
     assert rows == [("lasers/clinic1/laser-1/state", bad.reason, 7)]
+
+
+async def test_a_row_the_database_refuses_goes_to_rejects_and_the_rest_is_stored(
+    db_url: str,
+) -> None:
+    device = FakeDevice("laser-1")
+    good = [accepted(*device.state()) for _ in range(3)]
+    bad = accepted(*device.state())
+    row = list(bad.rows["messages"])
+    row[7] = None  # ts is NOT NULL: the engine itself refuses this row
+    bad.rows["messages"] = tuple(row)
+    async with await open_store(db_url) as store:
+        result = await store.write([good[0], bad, *good[1:]], [], utc_text(T0))
+        counts = await queries.stored_counts(store)
+        rejects = await store.fetch("SELECT topic, reason FROM rejects")
+    assert counts["messages"] == 3
+    assert len(result.refused) == 1
+    assert rejects[0][0] == bad.topic
+    assert "database refused" in rejects[0][1]
