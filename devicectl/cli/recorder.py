@@ -72,6 +72,14 @@ def recorder(
         ),
     ] = None,
     prefix: Annotated[str, typer.Option("--prefix", help="Topic prefix.")] = "lasers",
+    protocol: Annotated[
+        str,
+        typer.Option(
+            "--protocol",
+            help="5 (shared subscription, course replies) or 3.1.1 (a broker without MQTT 5: "
+            "one recorder, no course replies).",
+        ),
+    ] = "5",
     ca: Annotated[
         Path | None,
         typer.Option("--ca", metavar="FILE", help="CA file for mqtts:// (else DEVICECTL_MQTT_CA)."),
@@ -85,8 +93,17 @@ def recorder(
     from devicectl.logs import configure_logging
     from devicectl.recorder import Recorder, RecorderConfig, StoreUnavailable
 
+    if protocol not in ("5", "3.1.1"):
+        raise _fail("recorder", f"--protocol {protocol}: use 5 or 3.1.1", ExitCode.USAGE)
     try:
-        config = RecorderConfig(mqtt_url=mqtt, db_url=db, group=group, prefix=prefix, ca_file=ca)
+        config = RecorderConfig(
+            mqtt_url=mqtt,
+            db_url=db,
+            group=group,
+            prefix=prefix,
+            ca_file=ca,
+            protocol="5" if protocol == "5" else "3.1.1",
+        )
         if client_id is not None:
             config = replace(config, client_id=client_id)
     except ConfigError as exc:
