@@ -27,7 +27,7 @@ __all__ = ["DEFAULT_TIMEOUT_S", "CourseLookup", "ask_course", "merge_warnings"]
 DEFAULT_TIMEOUT_S = 1.0
 # Warnings the recorder's whole-fleet view decides when it answers; the device's own log still
 # decides the others (a course id of another patient, a session number that does not follow).
-_FLEET_CODES = frozenset({"interval_short", "interval_long", "course_complete"})
+_FLEET_CODES = frozenset({"interval_short", "interval_long", "maintenance"})
 _MAX_ANSWER_BYTES = 1 << 20
 
 
@@ -65,7 +65,7 @@ def merge_warnings(local: tuple[CourseWarning, ...], lookup: CourseLookup) -> li
 
 async def ask_course(
     config: TelemetryConfig | None,
-    patient: str,
+    patient: str | None,
     planned: int,
     *,
     timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -76,6 +76,8 @@ async def ask_course(
         return CourseLookup("local", "not set to ask the recorder (mqtt.course_from_recorder)")
     if not config.has_broker:
         return CourseLookup("local", "no broker configured")
+    if patient is None:
+        return CourseLookup("local", "no patient key is published (privacy.patient_key_secret)")
     import aiomqtt  # here: importing the daemon does not pull the MQTT client in
 
     try:

@@ -5,7 +5,7 @@ Rules (the clinic's protocol, as the device applies it to its own log): a course
 delivered no pulse (opened, then abandoned) is listed but not counted; once the course is
 complete, every further session is maintenance, its own kind, with no interval rule. Before a new
 session: under 7 days since the last counted one warns ``interval_short``, over 14 days
-``interval_long``; a complete course warns ``course_complete`` (the session is maintenance).
+``interval_long``; a complete course warns ``maintenance`` (the session is maintenance).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from devicectl.sessionlog.model import MIN_DAYS_BETWEEN_SESSIONS
+from devicectl.sessionlog.model import MAX_DAYS_BETWEEN_SESSIONS, MIN_DAYS_BETWEEN_SESSIONS
 
 __all__ = [
     "MAX_DAYS_BETWEEN_SESSIONS",
@@ -26,7 +26,6 @@ __all__ = [
     "parse_time",
 ]
 
-MAX_DAYS_BETWEEN_SESSIONS = 14
 _DAY_S = 86400.0
 
 SessionKind = Literal["course", "maintenance", "not_counted"]
@@ -46,7 +45,7 @@ class CourseSession:
 
 @dataclass(frozen=True, slots=True)
 class CourseWarningText:
-    code: str  # interval_short | interval_long | course_complete
+    code: str  # interval_short | interval_long | maintenance
     message: str
 
 
@@ -136,7 +135,7 @@ def compute_course(
         if given >= planned:
             warnings.append(
                 CourseWarningText(
-                    "course_complete",
+                    "maintenance",
                     f"the course is complete: {given} of {planned} planned sessions already "
                     "given (this session is maintenance)",
                 )

@@ -6,11 +6,12 @@ MQTT 5 ``boot`` user property, and returns an :class:`Accepted` (the rows for ea
 an :class:`Ignored` (a topic that is not telemetry: commands, course replies) or a
 :class:`CourseRequest` (a daemon asking for a patient's course, answered, never stored).
 
-Every message is treated as hostile until it has passed, in this order: a size bound, a JSON
-nesting-depth bound taken on the raw bytes before anything parses them, strict JSON (no
-``NaN``/``Infinity``, no lone surrogates, no NUL), the payload model of its topic from
-``protocols/mqtt.py`` (closed schemas: the same rules as the JSON Schemas ``devicectl schema``
-exports), and integer bounds that the database columns can hold. Nothing here raises on input.
+Every message is treated as hostile until it has passed the shared intake
+(``protocols.intake.read_message``: valid ids, a size bound, the nesting depth measured before
+parsing, UTF-8, finite numbers and bounded integers, the closed payload model of its topic, the
+topic's device) — ``log/checkpoint`` gets the same bounds and its model here — then what the
+database columns take: integers within a BIGINT, no NUL and no lone surrogate in the text.
+Nothing here raises on input.
 """
 
 from __future__ import annotations
@@ -19,23 +20,22 @@ import json
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
+from protocols.bounded import BoundedInputError, loads_json
+from protocols.intake import MAX_DEPTH, MAX_PAYLOAD_BYTES, Unreadable, read_message
 from protocols.mqtt import (
-    AVAILABILITY_OFFLINE,
-    AVAILABILITY_ONLINE,
     AlertPayload,
+    CheckpointPayload,
     Envelope,
-    MetricsPayload,
     PulseBatchPayload,
     SessionEventPayload,
     SessionPayload,
     SessionSummary,
-    StatePayload,
     Stream,
-    parse_topic,
+    is_valid_id,
 )
 
 __all__ = [
@@ -43,55 +43,18 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_PAYLOAD_BYTES",
     "Accepted",
-    "CheckpointPayload",
     "CourseRequest",
     "Ignored",
     "Refused",
-    "json_depth",
     "take",
     "utc_text",
 ]
 
-# A pulse batch at the board's 5,000 Hz ceiling is ~500 pulses (~15 KiB): 256 KiB is generous.
-MAX_PAYLOAD_BYTES = 256 * 1024
-# The deepest contract payload nests 4 levels; session event details may carry a little more.
-MAX_DEPTH = 16
+_LONE_SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]")
 # What a BIGINT column holds.
 _MAX_INT = 2**63 - 1
 # The stream name of ``log/checkpoint`` messages (the signed checkpoints of a device's log).
-CHECKPOINT_STREAM = "log-checkpoint"
-
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # unrolled: no per-byte branch
-_INNERMOST = re.compile(rb"\[\]|\{\}")
-_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
-_LONE_SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]")
-_HEX64 = r"^[0-9a-f]{64}$"
-_BASE64 = r"^[A-Za-z0-9+/]*={0,2}$"
-
-
-class CheckpointPayload(Envelope):
-    """``log/checkpoint`` (retained, QoS 1): a signed checkpoint of a device's session log chain.
-
-    The envelope plus flat fields; kept here until the contract module carries the stream.
-    """
-
-    log_seq: Annotated[int, Field(ge=0, le=_MAX_INT)]
-    hash: Annotated[str, Field(pattern=_HEX64)]
-    time: datetime
-    key_id: Annotated[str, Field(min_length=2, max_length=128, pattern=r"^[0-9a-f]+$")]
-    public_key: Annotated[str, Field(min_length=4, max_length=512, pattern=_BASE64)]
-    signature: Annotated[str, Field(min_length=4, max_length=1024, pattern=_BASE64)]
-
-
-_MODELS: dict[str, type[Envelope]] = {
-    Stream.STATE.value: StatePayload,
-    Stream.SESSION.value: SessionPayload,
-    Stream.SESSION_EVENTS.value: SessionEventPayload,
-    Stream.PULSES.value: PulseBatchPayload,
-    Stream.METRICS.value: MetricsPayload,
-    Stream.ALERTS.value: AlertPayload,
-    CHECKPOINT_STREAM: CheckpointPayload,
-}
+CHECKPOINT_STREAM = Stream.LOG_CHECKPOINT.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,56 +94,31 @@ def utc_text(moment: datetime) -> str:
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
-def json_depth(payload: bytes, limit: int = MAX_DEPTH) -> int:
-    """The nesting depth of ``[``/``{`` in ``payload``, strings left out, without parsing it;
-    counting stops past ``limit`` (``limit + 1`` means deeper than that). Each pass removes the
-    innermost pairs in C, so a flat list of pulses costs three passes, not a loop per byte."""
-    brackets = _STRING.sub(b"", payload).translate(None, _NOT_BRACKET)
-    depth = 0
-    while brackets:
-        if depth > limit:
-            return depth
-        shorter = _INNERMOST.sub(b"", brackets)
-        if len(shorter) == len(brackets):
-            return depth  # unbalanced: the JSON parser will refuse it
-        brackets = shorter
-        depth += 1
-    return depth
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
-
-
 def _json_object(payload: bytes) -> dict[str, Any] | str:
-    """The payload as a JSON object, or why not."""
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        return f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD_BYTES}-byte bound"
-    if json_depth(payload) > MAX_DEPTH:
-        return f"JSON nested deeper than {MAX_DEPTH} levels"
-    if b"\\u0000" in payload:
-        return "a NUL character in a JSON string"
+    """The payload as a JSON object within the shared intake's bounds, or why not."""
     try:
-        body = _DECODER.decode(payload.decode())
-    except (ValueError, RecursionError) as exc:
-        return f"not JSON: {str(exc)[:120]}"
-    if not isinstance(body, dict):
-        return "not a JSON object"
-    if _LONE_SURROGATE_HINT.search(payload):
-        try:
-            json.dumps(body, ensure_ascii=False).encode()
-        except UnicodeEncodeError:
-            return "a lone UTF-16 surrogate in a JSON string"
-    return body
+        body = loads_json(payload, max_bytes=MAX_PAYLOAD_BYTES, max_depth=MAX_DEPTH)
+    except BoundedInputError as exc:
+        return exc.reason
+    return body if isinstance(body, dict) else "not a JSON object"
 
 
 def _validation_line(exc: ValidationError) -> str:
-    first = exc.errors()[0]
+    first = exc.errors(include_url=False)[0]
     where = ".".join(str(part) for part in first["loc"]) or "payload"
     return f"{where}: {first['msg']}"[:200]
+
+
+def _text_problem(payload: bytes) -> str | None:
+    """Text no database column takes: a NUL, or a lone UTF-16 surrogate, escaped in a string."""
+    if b"\\u0000" in payload:
+        return "a NUL character in a JSON string"
+    if _LONE_SURROGATE_HINT.search(payload):
+        try:
+            json.dumps(json.loads(payload), ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            return "a lone UTF-16 surrogate in a JSON string"
+    return None
 
 
 def _over_bounds(*values: int) -> bool:
@@ -197,35 +135,46 @@ def take(
 ) -> Accepted | Refused | Ignored | CourseRequest:
     """What to do with one message. ``recorded`` is the recorder's own time (``utc_text``)."""
     levels = topic.split("/")
+    message: Envelope
     if len(levels) == 5 and levels[3:] == ["log", "checkpoint"]:
+        # Not (yet) routed by the shared intake: the same bounds and the contract's model here.
         site, device, stream, session = levels[1], levels[2], CHECKPOINT_STREAM, None
+        if not (is_valid_id(site) and is_valid_id(device)):
+            return Refused(topic, "invalid site/device id in the topic", payload)
+        body = _json_object(payload)
+        if isinstance(body, str):
+            return Refused(topic, f"{stream}: {body}", payload)
+        try:
+            message = CheckpointPayload.model_validate(body)
+        except ValidationError as exc:
+            return Refused(topic, f"{stream}: {_validation_line(exc)}", payload)
+        if message.device != device:
+            return Refused(topic, f"{stream}: device differs from the topic's", payload)
     elif len(levels) >= 5 and levels[3] == "course":
         if levels[4:] == ["request"]:
             return _course_request(topic, levels[2], payload)
         return Ignored(topic)  # the recorder's own replies
     else:
-        parsed = parse_topic(topic)
-        if parsed is None:
+        try:
+            reading = read_message(levels[0], topic, payload)
+        except Unreadable as exc:
+            return Refused(topic, exc.reason, payload)
+        if reading is None:
+            if len(levels) >= 4 and levels[3] == "cmd":
+                return Ignored(topic)
             return Refused(topic, "not a topic of the telemetry contract", payload)
-        _prefix, site, device, kind, session = parsed
-        if kind is Stream.CMD:
-            return Ignored(topic)
-        if kind is Stream.AVAILABILITY:
-            return _availability(topic, device, payload, boot_property, recorded)
-        if kind is Stream.SESSION and not payload:
-            return Ignored(topic)  # "no session open": consumes no seq, nothing to keep
-        stream = kind.value
-    body = _json_object(payload)
-    if isinstance(body, str):
-        return Refused(topic, body, payload)
-    try:
-        message = _MODELS[stream].model_validate(body)
-    except ValidationError as exc:
-        return Refused(topic, _validation_line(exc), payload)
-    if message.device != device:
-        return Refused(topic, f"device {message.device!r} published under {device!r}", payload)
+        site, device, session = reading.site, reading.device, reading.session
+        stream = reading.stream.value
+        if reading.stream is Stream.AVAILABILITY:
+            return _availability(topic, device, reading.text or "", boot_property, recorded)
+        if reading.envelope is None:
+            return Ignored(topic)  # an empty `session`: no session open, consumes no seq
+        message = reading.envelope
     if _over_bounds(message.seq, message.boot):
         return Refused(topic, "seq or boot beyond a 64-bit integer", payload)
+    problem = _text_problem(payload)
+    if problem is not None:
+        return Refused(topic, problem, payload)
     ts = utc_text(message.ts)
     accepted = Accepted(device, topic, message.boot, message.seq)
     session_of = session
@@ -289,7 +238,7 @@ def take(
                 message.key_id,
                 message.log_seq,
                 message.hash,
-                utc_text(message.time),
+                message.time,
                 message.public_key,
                 message.signature,
                 message.boot,
@@ -348,15 +297,13 @@ def _session_end(device: str, summary: SessionSummary, ts: str) -> tuple[Any, ..
 
 
 def _availability(
-    topic: str, device: str, payload: bytes, boot_property: str | None, recorded: str
+    topic: str, device: str, word: str, boot_property: str | None, recorded: str
 ) -> Accepted | Refused:
-    if payload not in (AVAILABILITY_ONLINE, AVAILABILITY_OFFLINE):
-        return Refused(topic, "availability is neither 'online' nor 'offline'", payload)
     boot = int(boot_property) if boot_property and boot_property.isdigit() else 0
     if _over_bounds(boot):
-        return Refused(topic, "boot property beyond a 64-bit integer", payload)
+        return Refused(topic, "boot property beyond a 64-bit integer", word.encode())
     accepted = Accepted(device, topic, boot, 0)
-    accepted.rows["availability"] = (device, boot, payload.decode(), recorded)
+    accepted.rows["availability"] = (device, boot, word, recorded)
     return accepted
 
 

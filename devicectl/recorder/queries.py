@@ -226,21 +226,26 @@ async def stored_counts(store: RecorderStore) -> dict[str, int]:
     return counts
 
 
-async def checkpoints(store: RecorderStore, device: str) -> list[dict[str, Any]]:
-    rows = await store.fetch(
-        "SELECT payload FROM checkpoints WHERE device = %s ORDER BY key_id, log_seq", [device]
-    )
+async def checkpoints(store: RecorderStore, device: str | None) -> list[dict[str, Any]]:
+    if device is None:
+        rows = await store.fetch("SELECT payload FROM checkpoints ORDER BY device, key_id, log_seq")
+    else:
+        rows = await store.fetch(
+            "SELECT payload FROM checkpoints WHERE device = %s ORDER BY key_id, log_seq",
+            [device],
+        )
     return [json.loads(payload) for (payload,) in rows]
 
 
-async def load_witnessed_checkpoints_async(db_url: str, device: str) -> list[dict[str, Any]]:
+async def load_witnessed_checkpoints_async(db_url: str, device: str | None) -> list[dict[str, Any]]:
     store = await open_store(db_url, migrate=False)
     async with store:
         return await checkpoints(store, device)
 
 
-def load_witnessed_checkpoints(db_url: str, device: str) -> list[dict[str, Any]]:
-    """Every signed checkpoint the recorder archived for ``device``, as the payload dicts the
+def load_witnessed_checkpoints(db_url: str, device: str | None) -> list[dict[str, Any]]:
+    """Every signed checkpoint the recorder archived for ``device`` (None: every device's,
+    for :func:`~devicectl.sessionlog.verify.verify_against` to pick from), as the payload dicts the
     device published (envelope + ``log_seq``, ``hash``, ``time``, ``key_id``, ``public_key``,
     ``signature``), ordered by key and log_seq: what ``devicectl log verify --witness`` checks a
     device's log against."""

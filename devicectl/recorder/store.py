@@ -249,12 +249,16 @@ class SqliteStore(RecorderStore):
             sqlite3.DataError,
             sqlite3.InterfaceError,
             OverflowError,
+            UnicodeError,
         ) as exc:  # the data itself: retried row by row, what is still refused goes to rejects
             conn.execute("ROLLBACK")
             raise ValueError(str(exc)) from exc
         except sqlite3.Error as exc:  # locked, no such table, disk full: retried, not refused
             conn.execute("ROLLBACK")
             raise StoreUnavailable(f"{self.path}: {exc}") from exc
+        except BaseException:
+            conn.execute("ROLLBACK")  # never leave the transaction open behind an exception
+            raise
 
     async def _write_rows(
         self, tables: dict[str, list[tuple[Any, ...]]], rejects: list[tuple[Any, ...]]
@@ -356,7 +360,7 @@ class PostgresStore(RecorderStore):
                             await cur.executemany(_INSERTS[table], rows)
                     if rejects:
                         await cur.executemany(_REJECT_SQL, rejects)
-            except (psycopg.DataError, psycopg.IntegrityError) as exc:
+            except (psycopg.DataError, psycopg.IntegrityError, UnicodeError) as exc:
                 self._staged.clear()  # a rolled-back transaction may take a staging table along
                 raise ValueError(str(exc).splitlines()[0]) from exc
             except psycopg.Error as exc:

@@ -44,6 +44,7 @@ async def _daemon(
         mqtt__site="clinic1",
         mqtt__device=name,
         mqtt__course_from_recorder=True,
+        privacy__patient_key_secret="site-secret-for-tests",  # courses key on the pseudonym
     )
     async with Daemon(settings) as daemon:
         drv = Driver(daemon)

@@ -52,11 +52,13 @@ async def _get(app: Starlette, path: str, query: str = "") -> tuple[int, dict[st
 
 @pytest.fixture
 async def history(db_url: str) -> Starlette:
-    a, b = FakeDevice("laser-a"), FakeDevice("laser-<b>")
+    a, b = FakeDevice("laser-a"), FakeDevice("laser-b")
     key = patient_key("PT-1")
     messages = a.treatment("1", key, T0, batches=4, per_batch=10)
     messages += b.treatment("1", key, T0 + timedelta(days=9))
     messages += a.treatment("2", patient_key("PT-2"), T0 + timedelta(days=1))
+    # What a device sends is shown escaped, never as markup.
+    messages.append(b.event("9", "started", T0 - timedelta(days=1), operator="<i>x</i>"))
     async with await open_store(db_url) as store:
         await store.write([accepted(t, p) for t, p in messages], [], utc_text(T0))
     return Starlette(routes=[history_mount(db_url)])
@@ -67,12 +69,12 @@ async def test_the_list_filters_by_device_patient_and_date(history: Starlette) -
     assert status == 200
     assert "script-src 'none'" in headers["content-security-policy"]
     page = body.decode()
-    assert page.count("/history/sessions/") == 3
-    assert "laser-&lt;b&gt;" in page and "laser-<b>" not in page
+    assert page.count("/history/sessions/") == 4
+    assert "&lt;i&gt;x&lt;/i&gt;" in page and "<i>x</i>" not in page
     _, _, body = await _get(history, "/history/api/sessions", "device=laser-a")
     assert [s["session"] for s in json.loads(body)] == ["2", "1"]
     _, _, body = await _get(history, "/history/api/sessions", f"patient={patient_key('PT-1')}")
-    assert [s["device"] for s in json.loads(body)] == ["laser-<b>", "laser-a"]
+    assert [s["device"] for s in json.loads(body)] == ["laser-b", "laser-a"]
     _, _, body = await _get(history, "/history/api/sessions", "since=2026-11-03&until=2026-11-04")
     assert [s["patient"] for s in json.loads(body)] == [patient_key("PT-2")]
 
@@ -101,4 +103,4 @@ async def test_a_course_page_shows_both_devices(history: Starlette) -> None:
     assert status == 200
     page = body.decode()
     assert "2 of 6 given" in page
-    assert "on laser-&lt;b&gt;, laser-a" in page
+    assert "on laser-a, laser-b" in page

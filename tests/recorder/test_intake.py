@@ -14,7 +14,6 @@ from devicectl.recorder.intake import (
     CourseRequest,
     Ignored,
     Refused,
-    json_depth,
     take,
     utc_text,
 )
@@ -46,15 +45,15 @@ def test_a_contract_message_becomes_its_rows() -> None:
     ("payload", "reason"),
     [
         (b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1), "nested deeper"),
-        (b"x" * 300_000, "byte bound"),
-        (b'{"v": NaN}', "not JSON"),
-        (b"\xff\xfe", "not JSON"),
-        (b"[1, 2]", "not a JSON object"),
+        (b"x" * 300_000, "allowed"),
+        (b'{"v": NaN}', "NaN is not a JSON number"),
+        (b"\xff\xfe", "not UTF-8"),
+        (b"[1, 2]", "not an object"),
         (_state(state="\\u0000"), "NUL"),
-        (_state(seq=2**70), "beyond a 64-bit integer"),
-        (_state(device="laser-2"), "published under"),
+        (_state(seq=2**70), "digits"),
+        (_state(device="laser-2"), "in a message on laser-1's topic"),
         (_state(extra=1), "extra"),
-        (_state(state="\ud800"), "surrogate"),
+        (_state(state="\ud800"), "hex escape"),  # a lone surrogate
     ],
 )
 def test_hostile_payloads_are_refused_with_a_reason(payload: bytes, reason: str) -> None:
@@ -64,7 +63,6 @@ def test_hostile_payloads_are_refused_with_a_reason(payload: bytes, reason: str)
 
 
 def test_brackets_inside_strings_do_not_count_as_depth() -> None:
-    assert json_depth(b'{"a": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[", "b": [1]}') == 2
     assert isinstance(_take(STATE, _state(state="[" * 100)), Accepted)
 
 

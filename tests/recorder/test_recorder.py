@@ -102,8 +102,8 @@ async def test_a_bad_message_is_counted_and_the_reader_goes_on(
         with publisher(mosquitto.port) as pub:
             await asyncio.to_thread(pub.publish_all, [good[0], *hostile, good[1]])
 
-        async def done() -> bool:
-            return recorder.stats.received >= len(hostile) + 2
+        async def done() -> bool:  # `stored` counts once the batch is committed
+            return recorder.stats.stored + recorder.stats.refused >= len(hostile) + 2
 
         await _until(done)
         stats = recorder.stats
