@@ -7,6 +7,7 @@ from devicectl.cli import (
     logkey,  # noqa: F401
     recorder,  # noqa: F401
     records,  # noqa: F401
+    reference,  # noqa: F401
     sim,  # noqa: F401
     telemetry,  # noqa: F401
     users,  # noqa: F401
