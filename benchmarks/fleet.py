@@ -455,6 +455,9 @@ def _databases(choice: str | None, tmp: Path) -> Iterator[object]:
         yield fresh
     finally:
         cluster.stop()
+        import shutil
+
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def main() -> None:
