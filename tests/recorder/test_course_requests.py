@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from devicectl.daemon import Daemon
 from devicectl.recorder import Recorder, RecorderConfig, queries
 from devicectl.recorder.store import open_store
+from devicectl.simlink import compose
 from tests.brokers import Broker
 from tests.daemon.conftest import SESSION, TEST_POLICY, Driver, _settings
 
@@ -46,7 +46,7 @@ async def _daemon(
         mqtt__course_from_recorder=True,
         privacy__patient_key_secret="site-secret-for-tests",  # courses key on the pseudonym
     )
-    async with Daemon(settings) as daemon:
+    async with compose(settings) as daemon:
         drv = Driver(daemon)
         await drv.until(lambda: daemon.telemetry is not None and daemon.telemetry.connected)
         await drv.until(lambda: daemon.link is not None and daemon.link.connected.is_set())
