@@ -294,7 +294,7 @@ _REQUEST = TypeAdapter[Any](ControlRequest)
 _COMMANDS = frozenset(
     {
         "status", "session_start", "session_zone", "session_end", "params_set", "arm", "disarm",
-        "stop", "fault_ack",
+        "stop", "fault_ack", "session_note", "session_reaction", "session_adverse_event",
     }
 )  # fmt: skip
 

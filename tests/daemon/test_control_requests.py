@@ -9,28 +9,11 @@ from typing import Any
 import pytest
 
 from devicectl.control import ControlError, parse_request
-
-CHECKLIST = {
-    "consultation_done": True,
-    "area_cleaned": True,
-    "numbing_applied": False,
-    "recent_sun_exposure": False,
-    "photosensitising_medication": False,
-    "active_skin_infection": False,
-    "pregnancy": False,
-    "allergy_to_active_ingredient": False,
-}
+from tests.daemon.conftest import CHECKLIST, OPERATOR, SESSION
 
 
 def _start(**fields: Any) -> dict[str, Any]:
-    return {
-        "command": "session_start",
-        "operator": "OP-7",
-        "patient_ref": "PT-0042",
-        "skin_type": "III",
-        "concerns": ["fine_lines"],
-        "checklist": CHECKLIST,
-    } | fields
+    return SESSION | {"auth": OPERATOR} | fields
 
 
 def _parse(request: dict[str, Any]) -> Any:
@@ -60,7 +43,11 @@ def test_other_skin_types_are_refused_naming_every_notation(given: object) -> No
     [
         (_start(concerns=["wrinkles"]), "invalid request: concerns 'wrinkles' is not allowed"),
         ({"command": "session_zone", "zone": "chin"}, "invalid request: zone 'chin'"),
-        ({"command": "fault_ack", "operator": "OP-7"}, "invalid request: reason is required"),
+        (
+            {"command": "fault_ack", "auth": OPERATOR, "signoff": {"reason_code": "sensor_fault"}},
+            "invalid request: reason is required",
+        ),
+        ({"command": "session_note", "text": ""}, "invalid request: text '' is not allowed"),
         ({"command": "arm", "force": True}, "invalid request: force is not a known field"),
         ({"command": "self_destruct"}, "invalid request: unknown command 'self_destruct'"),
         (
