@@ -472,7 +472,14 @@ def test_detection_exactly_when_a_witnessed_checkpoint_covers_the_change(
         assert all(f.problem in {"truncated", "altered"} for f in report.findings)
     else:
         newest = max((w["log_seq"] for w in witnessed), default=None)
-        assert report.proven_seq == (None if newest is None else newest + 1)
+        if newest is None:
+            assert report.proven_seq is None
+        else:
+            # Proven: the records the newest witness covers, and the checkpoint's own record
+            # (stored right after them) while the log still holds it: a truncation may have
+            # taken exactly that record and nothing it covers.
+            own_record_kept = changed_from > newest + 1
+            assert report.proven_seq == (newest + 1 if own_record_kept else newest)
 
 
 # ── the report ───────────────────────────────────────────────────────────────────────────────
