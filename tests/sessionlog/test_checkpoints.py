@@ -506,7 +506,7 @@ def test_the_report_shows_the_checkpoint_and_its_json_proves_the_session(
         assert text in page
     lines = (tmp_path / "session-2.json").read_text().splitlines(keepends=True)
     found = [item for _, item in external_checkpoints(lines)]
-    proved = verify_against(path, found, key.public_raw)  # type: ignore[arg-type]
+    proved = verify_against(path, found, key.public_raw)
     assert proved.ok
     assert proved.proven_seq == checkpoint["record_seq"]
 
