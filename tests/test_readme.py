@@ -220,6 +220,9 @@ def test_the_readme_walkthrough_works_verbatim(
     finally:
         shell.close()
     assert (walkthrough_dir / "report.html").stat().st_size > 0
-    assert "intact" in transcript[-1]
+    verified = [t for t in transcript if t.startswith("$ devicectl log verify")]
+    assert verified and "intact" in verified[-1], "\n".join(transcript)
+    enrolled = [t for t in transcript if t.startswith("$ devicectl log key")]
+    assert enrolled and "public key:" in enrolled[-1], "\n".join(transcript)
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(timeout=10) == 0
