@@ -320,6 +320,10 @@ def _describe(exc: ValidationError) -> str:
         return f"invalid request: {field} is not a known field"
     if first["type"] == "union_tag_invalid":
         return f"invalid request: unknown command {first['input'].get('command')!r}"
+    if not names:  # a rule over the whole request: the rule, never the request (its PIN) back
+        return f"invalid request: {message}"
+    if field == "pin":  # a secret: never echoed
+        return f"invalid request: pin is not allowed: {message}"
     if field == "skin_type":
         message = "a Fitzpatrick skin type is 1-6, I-VI or i-vi"
     return f"invalid request: {field} {first['input']!r} is not allowed: {message}"

@@ -65,3 +65,24 @@ def test_refusals_name_the_field_not_a_validator_path(
     assert message.startswith(expected), message
     assert "session_start." not in message and ".0" not in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("request_", "expected"),
+    [
+        (
+            {"command": "session_end", "auth": {"user": "OP-7", "pin": "secret-pin-42"}},
+            "invalid request: give the post-care advice",
+        ),
+        (
+            {"command": "arm", "auth": {"user": "OP-7", "pin": "secret-pin-42" * 20}},
+            "invalid request: pin is not allowed",
+        ),
+    ],
+)
+def test_a_refusal_never_echoes_a_pin(request_: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ControlError) as caught:
+        _parse(request_)
+    message = str(caught.value)
+    assert message.startswith(expected), message
+    assert "secret-pin" not in message
