@@ -236,6 +236,25 @@ class SessionNoteRequest(IdentifiedRequest):
     severity: Literal["mild", "moderate", "severe", "serious"] | None = None
     action_taken: Annotated[str, Field(min_length=1, max_length=1000)] | None = None
 
+    @model_validator(mode="after")
+    def _fields_of_its_kind(self) -> Self:
+        required, optional = _CLINICAL_FIELDS[self.command]
+        given = {name for name in _CLINICAL_ENTRY if getattr(self, name) is not None}
+        if missing := required - given:
+            raise ValueError(f"{self.command} needs {', '.join(sorted(missing))}")
+        if extra := given - required - optional:
+            raise ValueError(f"{self.command} takes no {', '.join(sorted(extra))}")
+        return self
+
+
+# What each clinical entry needs, and what else it may carry.
+_CLINICAL_ENTRY = ("text", "erythema", "oedema", "severity", "action_taken")
+_CLINICAL_FIELDS: dict[str, tuple[set[str], set[str]]] = {
+    "session_note": ({"text"}, set()),
+    "session_reaction": ({"erythema", "oedema"}, {"text"}),
+    "session_adverse_event": ({"severity", "text"}, {"action_taken"}),
+}
+
 
 class ParamsSetRequest(IdentifiedRequest):
     command: Literal["params_set"]

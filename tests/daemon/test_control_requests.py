@@ -86,3 +86,29 @@ def test_a_refusal_never_echoes_a_pin(request_: dict[str, Any], expected: str) -
     message = str(caught.value)
     assert message.startswith(expected), message
     assert "secret-pin" not in message
+
+
+@pytest.mark.parametrize(
+    ("request_", "expected"),
+    [
+        ({"command": "session_note"}, "invalid request: session_note needs text"),
+        (
+            {"command": "session_reaction", "erythema": "mild"},
+            "invalid request: session_reaction needs oedema",
+        ),
+        (
+            {"command": "session_adverse_event", "text": "blister"},
+            "invalid request: session_adverse_event needs severity",
+        ),
+        (
+            {"command": "session_note", "text": "fine", "severity": "serious"},
+            "invalid request: session_note takes no severity",
+        ),
+    ],
+)
+def test_a_clinical_entry_carries_the_fields_of_its_kind(
+    request_: dict[str, Any], expected: str
+) -> None:
+    with pytest.raises(ControlError) as caught:
+        _parse(request_ | {"auth": OPERATOR})
+    assert str(caught.value) == expected
