@@ -237,6 +237,25 @@ class SessionNoteRequest(IdentifiedRequest):
     severity: Literal["mild", "moderate", "severe", "serious"] | None = None
     action_taken: Annotated[str, Field(min_length=1, max_length=1000), READABLE] | None = None
 
+    @model_validator(mode="after")
+    def _fields_of_its_kind(self) -> Self:
+        required, optional = _CLINICAL_FIELDS[self.command]
+        given = {name for name in _CLINICAL_ENTRY if getattr(self, name) is not None}
+        if missing := required - given:
+            raise ValueError(f"{self.command} needs {', '.join(sorted(missing))}")
+        if extra := given - required - optional:
+            raise ValueError(f"{self.command} takes no {', '.join(sorted(extra))}")
+        return self
+
+
+# What each clinical entry needs, and what else it may carry.
+_CLINICAL_ENTRY = ("text", "erythema", "oedema", "severity", "action_taken")
+_CLINICAL_FIELDS: dict[str, tuple[set[str], set[str]]] = {
+    "session_note": ({"text"}, set()),
+    "session_reaction": ({"erythema", "oedema"}, {"text"}),
+    "session_adverse_event": ({"severity", "text"}, {"action_taken"}),
+}
+
 
 class ParamsSetRequest(IdentifiedRequest):
     command: Literal["params_set"]
@@ -295,7 +314,7 @@ _REQUEST = TypeAdapter[Any](ControlRequest)
 _COMMANDS = frozenset(
     {
         "status", "session_start", "session_zone", "session_end", "params_set", "arm", "disarm",
-        "stop", "fault_ack",
+        "stop", "fault_ack", "session_note", "session_reaction", "session_adverse_event",
     }
 )  # fmt: skip
 
@@ -321,6 +340,10 @@ def _describe(exc: ValidationError) -> str:
         return f"invalid request: {field} is not a known field"
     if first["type"] == "union_tag_invalid":
         return f"invalid request: unknown command {first['input'].get('command')!r}"
+    if not names:  # a rule over the whole request: the rule, never the request (its PIN) back
+        return f"invalid request: {message}"
+    if field == "pin":  # a secret: never echoed
+        return f"invalid request: pin is not allowed: {message}"
     if field == "skin_type":
         message = "a Fitzpatrick skin type is 1-6, I-VI or i-vi"
     return f"invalid request: {field} {first['input']!r} is not allowed: {message}"

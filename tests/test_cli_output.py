@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+from argon2 import PasswordHasher
+from argon2.profiles import CHEAPEST
 from rich.console import Console
 from typer.testing import CliRunner
 
 from devicectl.cli import app
 from devicectl.cli.control import status_panel
+from devicectl.users import Role, UserStore
 
 STATUS: dict[str, Any] = {
     "version": "0.1.0",
@@ -88,10 +92,45 @@ def test_status_names_what_needs_attention() -> None:
         assert words in text, (words, text)
 
 
-@pytest.mark.parametrize("argv", [["status"], ["arm"], ["session", "zone", "forehead"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["status"],
+        ["arm", "--user", "OP-7"],
+        ["session", "zone", "forehead", "--user", "OP-7"],
+        ["session", "note", "tolerated well", "--user", "OP-7"],
+        ["session", "reaction", "--erythema", "mild", "--oedema", "none", "--user", "OP-7"],
+        ["session", "adverse-event", "--severity", "mild", "--text", "redness", "--user", "OP-7"],
+    ],
+)
 def test_piped_results_are_json(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
     """CliRunner's output is not a terminal: the rule says JSON, with or without --json."""
-    monkeypatch.setattr("devicectl.cli.control.call_daemon", lambda _path, _request: STATUS)
+    monkeypatch.setenv("DEVICECTL_PIN", "op7-pin-7777")
+    sent: list[dict[str, Any]] = []
+
+    def call_daemon(_path: object, request: dict[str, Any]) -> dict[str, Any]:
+        sent.append(request)
+        return STATUS
+
+    monkeypatch.setattr("devicectl.cli.control.call_daemon", call_daemon)
     result = CliRunner().invoke(app, [*argv, "--control", "/nonexistent.sock"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == STATUS
+    if "--user" in argv:  # a treatment-changing request names its user and carries the PIN
+        assert sent[0]["auth"] == {"user": "OP-7", "pin": "op7-pin-7777"}
+
+
+def test_piped_users_list_is_json(tmp_path: Path) -> None:
+    store = UserStore.in_data_dir(tmp_path, hasher=PasswordHasher.from_parameters(CHEAPEST))
+    store.add("OP-7", Role.OPERATOR, "op7-pin-7777")
+    store.add("SUP-1", Role.SUPERVISOR, "sup1-pin-1111")
+    store.disable("OP-7", "left the clinic")
+    result = CliRunner().invoke(app, ["users", "list", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.output)["users"]
+    assert [(u["user"], u["role"], u["active"]) for u in listed] == [
+        ("OP-7", "operator", False),
+        ("SUP-1", "supervisor", True),
+    ]
+    assert listed[0]["disabled_reason"] == "left the clinic"
+    assert "argon2" not in result.output  # never a PIN hash

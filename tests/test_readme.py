@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pty
 import re
+import select
 import shlex
 import signal
 import subprocess
@@ -126,7 +127,20 @@ def _typed_at_a_terminal(line: str, cwd: Path, env: dict[str, str], typed: str) 
             stderr=terminal,
             start_new_session=True,
         )
-        os.write(controller, typed.encode())
+        # Each answer after its prompt (a prompt ends in ": "), as a person types: getpass
+        # flushes pending input when it turns echo off, so anything typed ahead would be lost.
+        deadline = time.monotonic() + 60
+        for answer in typed.splitlines(keepends=True):
+            shown = b""
+            while not shown.endswith(b": "):
+                ready, _, _ = select.select([controller], [], [], 1.0)
+                assert time.monotonic() < deadline, f"no prompt from {line!r}: {shown!r}"
+                if ready:
+                    try:
+                        shown += os.read(controller, 4096)
+                    except OSError:  # the command ended (EIO) without asking again
+                        break
+            os.write(controller, answer.encode())
         code = proc.wait(timeout=60)
     finally:
         os.close(terminal)
@@ -139,7 +153,8 @@ def daemon(walkthrough_dir: Path) -> Iterator[subprocess.Popen[str]]:
     *registrations, line = logical_lines(walkthrough_blocks()[0])
     env = _environment()
     for registration in registrations:  # `users add ID ...`: the PIN, typed twice
-        pin = PINS[registration.split()[3]]
+        words = registration.split()  # `[.venv/bin/]devicectl users add ID ...`
+        pin = PINS[words[words.index("add") + 1]]
         assert _typed_at_a_terminal(registration, walkthrough_dir, env, f"{pin}\n{pin}\n") == 0
     proc = subprocess.Popen(
         shlex.split(line),
@@ -205,6 +220,9 @@ def test_the_readme_walkthrough_works_verbatim(
     finally:
         shell.close()
     assert (walkthrough_dir / "report.html").stat().st_size > 0
-    assert "intact" in transcript[-1]
+    verified = [t for t in transcript if t.startswith("$ devicectl log verify")]
+    assert verified and "intact" in verified[-1], "\n".join(transcript)
+    enrolled = [t for t in transcript if t.startswith("$ devicectl log key")]
+    assert enrolled and "public key:" in enrolled[-1], "\n".join(transcript)
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(timeout=10) == 0

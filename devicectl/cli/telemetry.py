@@ -71,7 +71,7 @@ def watch(
         typer.Option(
             "--lines/--table",
             help="One line per event (for pipes and logs), or a table redrawn in place "
-            "[default: lines unless stdout is a terminal].",
+            "(default: lines unless stdout is a terminal).",
             show_default=False,
         ),
     ] = None,

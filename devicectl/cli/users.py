@@ -11,8 +11,9 @@ never an option. Exit codes: 0 done, 1 refused (an id taken, a PIN too short, an
 from __future__ import annotations
 
 import getpass
+import json
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -20,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from devicectl.cli.app import ExitCode, users_app
+from devicectl.cli.app import ExitCode, users_app, wants_json
 from devicectl.users import MIN_PIN_LENGTH, Role, UserStore, UserStoreError
 
 __all__ = ["users_add", "users_disable", "users_list"]
@@ -85,8 +86,14 @@ def users_add(
 
 
 @users_app.command("list")
-def users_list(data_dir: DataDirOption = None) -> None:
-    """List the registered users, their roles and whether they are active.
+def users_list(
+    data_dir: DataDirOption = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print JSON (the default when the output is not a terminal)."),
+    ] = False,
+) -> None:
+    """List the registered users, their roles and whether they are active (never a PIN hash).
 
     Example: devicectl users list
     """
@@ -96,8 +103,23 @@ def users_list(data_dir: DataDirOption = None) -> None:
     except UserStoreError as exc:
         typer.echo(f"devicectl users list: {exc}", err=True)
         raise typer.Exit(ExitCode.REFUSED) from None
+    ordered = sorted(users.values(), key=lambda u: u.user_id)
+    if wants_json(as_json):
+        listed = [
+            {
+                "user": user.user_id,
+                "role": user.role.value,
+                "added": _iso(user.created_ns),
+                "active": user.active,
+                "disabled": _iso(user.disabled_ns),
+                "disabled_reason": user.disabled_reason,
+            }
+            for user in ordered
+        ]
+        typer.echo(json.dumps({"users": listed, "file": str(store.path)}, indent=2))
+        return
     table = Table("id", "role", "added", "status")
-    for user in sorted(users.values(), key=lambda u: u.user_id):
+    for user in ordered:
         status = (
             "active"
             if user.active
@@ -127,6 +149,13 @@ def users_disable(
         typer.echo(f"devicectl users disable: {exc}", err=True)
         raise typer.Exit(ExitCode.REFUSED) from None
     typer.echo(f"user {user.user_id} disabled")
+
+
+def _iso(ns: int | None) -> str | None:
+    """UTC ISO 8601, to the second, for JSON."""
+    if ns is None:
+        return None
+    return datetime.fromtimestamp(ns // 1_000_000_000, UTC).isoformat()
 
 
 def _local(ns: int | None) -> str:

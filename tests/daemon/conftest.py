@@ -231,7 +231,7 @@ class Driver:
         spot_um: int = 300,
     ) -> None:
         """Session open, zone chosen, params set, armed, footswitch pressed, pulses flowing."""
-        await self.ok(**SESSION)
+        await self.ok("session_start", **{k: v for k, v in SESSION.items() if k != "command"})
         await self.ok("session_zone", zone=zone)
         await self.ok(
             "params_set", energy_uj=energy_uj, width_us=500, rate_hz=rate_hz, spot_um=spot_um

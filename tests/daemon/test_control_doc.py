@@ -48,10 +48,15 @@ async def test_the_documented_status_fields_are_the_daemons(driver: Driver) -> N
 
 
 async def test_replies_have_the_documented_keys(driver: Driver) -> None:
-    from tests.daemon.conftest import SESSION
+    from tests.daemon.conftest import SESSION, SUPERVISOR
 
-    started = await driver.ok(**SESSION)
-    assert set(started) == {"session", "warnings", "active_ingredient", "preset"}
+    started = await driver.ok(
+        "session_start", **{k: v for k, v in SESSION.items() if k != "command"}
+    )
+    assert set(started) == {"session", "course", "warnings", "active_ingredient", "preset"}
+    section = DOC[DOC.index("### `session_start`") : DOC.index("### `session_zone`")]
+    for key in [*started, *started["course"]]:
+        assert f"`{key}`" in section, key
     zone = await driver.ok("session_zone", zone="forehead")
     assert {"session", "zone", "energy_limit_uj"} <= set(zone)
     params = await driver.ok("params_set", energy_uj=2000, width_us=500, rate_hz=20, spot_um=300)
@@ -60,8 +65,12 @@ async def test_replies_have_the_documented_keys(driver: Driver) -> None:
     assert set(await driver.ok("arm")) == {"armed", "lease_ms"}
     assert set(await driver.ok("disarm")) == {"armed"}
     assert set(await driver.ok("stop")) == {"stopped", "state"}
-    refused = await driver.call("fault_ack", operator="OP-7", reason="nothing latched")
+    signoff = SUPERVISOR | {"reason_code": "handpiece_checked", "reason": "nothing is latched"}
+    refused = await driver.call("fault_ack", signoff=signoff)
     assert refused["ok"] is False and refused["kind"] == "refused"
+    assert "nothing to acknowledge" in refused["error"]  # the sign-off held; the state said no
+    note = await driver.ok("session_note", text="patient tolerated well")
+    assert note == {"session": started["session"], "recorded": "note", "by": "OP-7"}
     summary = await driver.ok("session_end", post_care=["sunscreen"])
     section = DOC[DOC.index("### `session_end`") : DOC.index("## Example")]
     for key in summary:

@@ -9,28 +9,11 @@ from typing import Any
 import pytest
 
 from devicectl.control import ControlError, parse_request
-
-CHECKLIST = {
-    "consultation_done": True,
-    "area_cleaned": True,
-    "numbing_applied": False,
-    "recent_sun_exposure": False,
-    "photosensitising_medication": False,
-    "active_skin_infection": False,
-    "pregnancy": False,
-    "allergy_to_active_ingredient": False,
-}
+from tests.daemon.conftest import CHECKLIST, OPERATOR, SESSION
 
 
 def _start(**fields: Any) -> dict[str, Any]:
-    return {
-        "command": "session_start",
-        "operator": "OP-7",
-        "patient_ref": "PT-0042",
-        "skin_type": "III",
-        "concerns": ["fine_lines"],
-        "checklist": CHECKLIST,
-    } | fields
+    return SESSION | {"auth": OPERATOR} | fields
 
 
 def _parse(request: dict[str, Any]) -> Any:
@@ -60,7 +43,11 @@ def test_other_skin_types_are_refused_naming_every_notation(given: object) -> No
     [
         (_start(concerns=["wrinkles"]), "invalid request: concerns 'wrinkles' is not allowed"),
         ({"command": "session_zone", "zone": "chin"}, "invalid request: zone 'chin'"),
-        ({"command": "fault_ack", "operator": "OP-7"}, "invalid request: reason is required"),
+        (
+            {"command": "fault_ack", "auth": OPERATOR, "signoff": {"reason_code": "sensor_fault"}},
+            "invalid request: reason is required",
+        ),
+        ({"command": "session_note", "text": ""}, "invalid request: text '' is not allowed"),
         ({"command": "arm", "force": True}, "invalid request: force is not a known field"),
         ({"command": "self_destruct"}, "invalid request: unknown command 'self_destruct'"),
         (
@@ -78,3 +65,50 @@ def test_refusals_name_the_field_not_a_validator_path(
     assert message.startswith(expected), message
     assert "session_start." not in message and ".0" not in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("request_", "expected"),
+    [
+        (
+            {"command": "session_end", "auth": {"user": "OP-7", "pin": "secret-pin-42"}},
+            "invalid request: give the post-care advice",
+        ),
+        (
+            {"command": "arm", "auth": {"user": "OP-7", "pin": "secret-pin-42" * 20}},
+            "invalid request: pin is not allowed",
+        ),
+    ],
+)
+def test_a_refusal_never_echoes_a_pin(request_: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ControlError) as caught:
+        _parse(request_)
+    message = str(caught.value)
+    assert message.startswith(expected), message
+    assert "secret-pin" not in message
+
+
+@pytest.mark.parametrize(
+    ("request_", "expected"),
+    [
+        ({"command": "session_note"}, "invalid request: session_note needs text"),
+        (
+            {"command": "session_reaction", "erythema": "mild"},
+            "invalid request: session_reaction needs oedema",
+        ),
+        (
+            {"command": "session_adverse_event", "text": "blister"},
+            "invalid request: session_adverse_event needs severity",
+        ),
+        (
+            {"command": "session_note", "text": "fine", "severity": "serious"},
+            "invalid request: session_note takes no severity",
+        ),
+    ],
+)
+def test_a_clinical_entry_carries_the_fields_of_its_kind(
+    request_: dict[str, Any], expected: str
+) -> None:
+    with pytest.raises(ControlError) as caught:
+        _parse(request_ | {"auth": OPERATOR})
+    assert str(caught.value) == expected

@@ -276,8 +276,15 @@ async def test_the_report_in_a_browser_shows_the_override_banner_and_the_fluence
 
 
 def test_session_show_names_the_breach_its_signoffs_and_the_appended_entries(
-    audited: Path,
+    audited: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    piped = runner.invoke(app, ["session", "show", "1", "--db", str(audited)])
+    assert piped.exit_code == 0, piped.output
+    doc = json.loads(piped.output)  # not a terminal: the same facts, as JSON
+    assert (doc["info"]["operator"], doc["info"]["operator_role"]) == ("OP-7", "operator")
+    assert doc["time_zone"] == "Europe/Paris"
+    # On a terminal (CliRunner's output never is one): the readable summary.
+    monkeypatch.setattr("devicectl.cli.records.wants_json", lambda as_json: as_json)
     result = runner.invoke(app, ["session", "show", "1", "--db", str(audited)])
     assert result.exit_code == 0, result.output
     text = result.output

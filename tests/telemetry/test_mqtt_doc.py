@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from devicectl.sessionlog import Checkpoint
 from protocols import mqtt
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "mqtt.md").read_text(encoding="utf-8")
@@ -20,6 +21,7 @@ MODELS: dict[str, type[mqtt.Envelope]] = {
     "pulses": mqtt.PulseBatchPayload,
     "metrics": mqtt.MetricsPayload,
     "alerts": mqtt.AlertPayload,
+    "log/checkpoint": mqtt.CheckpointPayload,
 }
 
 
@@ -52,6 +54,16 @@ def test_the_summary_table_and_the_envelope() -> None:
 def test_every_example_is_a_valid_message(topic: str) -> None:
     example = _examples()[topic]
     MODELS[topic].model_validate(example)
+
+
+def test_the_examples_checkpoints_are_signed_as_documented() -> None:
+    """The examples' signatures verify over the canonical text, for the message's device."""
+    examples = _examples()
+    for example in (examples["log/checkpoint"], examples["sessions/{id}/events"]["checkpoint"]):
+        assert isinstance(example, dict)
+        fields = {k: example[k] for k in mqtt.LogCheckpoint.model_fields}
+        checkpoint = Checkpoint.from_mapping({"device": "00091469", **fields})
+        assert checkpoint.signature_valid_with(checkpoint.public_raw())
 
 
 def test_every_topic_of_the_contract_is_named() -> None:
