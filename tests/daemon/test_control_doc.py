@@ -53,7 +53,14 @@ async def test_replies_have_the_documented_keys(driver: Driver) -> None:
     started = await driver.ok(
         "session_start", **{k: v for k, v in SESSION.items() if k != "command"}
     )
-    assert set(started) == {"session", "course", "warnings", "active_ingredient", "preset"}
+    assert set(started) == {
+        "session",
+        "course",
+        "warnings",
+        "course_source",
+        "active_ingredient",
+        "preset",
+    }
     section = DOC[DOC.index("### `session_start`") : DOC.index("### `session_zone`")]
     for key in [*started, *started["course"]]:
         assert f"`{key}`" in section, key
