@@ -32,7 +32,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import structlog
 from structlog.typing import FilteringBoundLogger
@@ -60,6 +60,9 @@ from devicectl.safety import Breach, BreachCode, Limits, SafetySupervisor, check
 from devicectl.sessionlog import LimitsInForce, SessionLog
 from devicectl.sessionlog.model import check_patient_ref
 from devicectl.systemd import SystemdNotifier
+
+if TYPE_CHECKING:
+    from devicectl.telemetry.commands import RefusedBurst
 from drivers import MemoryLink, open_serial
 from protocols import (
     Arm,
@@ -967,9 +970,10 @@ class Daemon:
             self.link.stop_now()
         self._event("stop", "mqtt", {})
 
-    def _remote_refused(self, command: str, payload: bytes) -> None:
-        """Any ``cmd/*`` but stop: refused (telemetry has raised the alert), audited here."""
-        self._event("remote_command_refused", "mqtt", {"command": command, "bytes": len(payload)})
+    def _remote_refused(self, burst: RefusedBurst) -> None:
+        """A burst of ``cmd/*`` but stop: refused (telemetry raises the alert), audited here, one
+        record per burst with its count."""
+        self._event("remote_command_refused", "mqtt", burst.audit_detail())
 
     def _remote_ignored(self, command: str, payload: bytes) -> None:
         """A retained ``cmd/stop`` found at subscription: stale, not obeyed, audited all the
