@@ -195,6 +195,7 @@ STOP_REQUEST_TIMEOUT_S = 1.0  # a stop-socket connection must send its request w
 _FD_RESERVE = 64  # file descriptors kept for the rest of the daemon (log, outbox, port, broker)
 _BACKLOG = 128
 _ACCEPT_BACKOFF_S = (0.05, 1.0)  # first and longest pause after a failed accept()
+_ACCEPT_QUIET_S = 10.0  # accept() failures this far apart are separate episodes
 
 
 def stop_socket_path(control: Path) -> Path:
@@ -227,8 +228,8 @@ class ControlServer:
     ``STOP_LANE_CLIENTS`` at once, each given ``STOP_REQUEST_TIMEOUT_S`` to send it;
     ``devicectl stop`` uses it. Both sockets are accepted from by a loop of our own (not
     ``asyncio.start_unix_server``), so an ``accept()`` that fails for want of a resource
-    (EMFILE, ENFILE, ENOBUFS, ENOMEM) is logged once per episode and retried after a growing
-    pause, never in a tight loop.
+    (EMFILE, ENFILE, ENOBUFS, ENOMEM) is logged once per episode (and every 10 s while it
+    lasts) and retried after a growing pause, never in a tight loop.
     """
 
     def __init__(
@@ -338,31 +339,48 @@ class ControlServer:
     async def _accept(
         self, listener: socket.socket, admit: Callable[[socket.socket], Awaitable[None]]
     ) -> None:
-        """Accept connections for ever; ``admit`` decides what becomes of each."""
+        """Accept connections for ever; ``admit`` decides what becomes of each.
+
+        An episode of failures (each less than ``_ACCEPT_QUIET_S`` after the previous one) is
+        logged when it starts, every ``_ACCEPT_QUIET_S`` while it lasts, and at the first
+        accept after it ended: a handful of lines, however long it lasts."""
         loop = asyncio.get_running_loop()
-        pause, longest = _ACCEPT_BACKOFF_S
-        failed = 0
+        first_pause, longest = _ACCEPT_BACKOFF_S
+        pause = first_pause
+        failed = 0  # in this episode
+        last_failure = reported = 0.0
         while True:
             try:
                 conn, _address = await loop.sock_accept(listener)
             except OSError as exc:  # out of a resource: the connection waits in the backlog
-                if not failed:
+                now = loop.time()
+                if failed and now - last_failure >= _ACCEPT_QUIET_S:
+                    self._accept_recovered(listener, failed)
+                    failed = 0
+                if not failed or now - reported >= _ACCEPT_QUIET_S:
                     self._log.error(
-                        "control_accept_failed",
+                        "control_accept_failed" if not failed else "control_accept_failing",
                         path=listener.getsockname(),
                         error=exc.strerror or repr(exc),
+                        failures=failed + 1,
                         retry_s=pause,
                     )
+                    reported = now
                 failed += 1
+                last_failure = now
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, longest)
                 continue
-            if failed:
-                self._log.warning(
-                    "control_accept_recovered", path=listener.getsockname(), failures=failed
-                )
-                failed, pause = 0, _ACCEPT_BACKOFF_S[0]
+            pause = first_pause
+            if failed and loop.time() - last_failure >= _ACCEPT_QUIET_S:
+                self._accept_recovered(listener, failed)
+                failed = 0
             await admit(conn)
+
+    def _accept_recovered(self, listener: socket.socket, failures: int) -> None:
+        self._log.warning(
+            "control_accept_recovered", path=listener.getsockname(), failures=failures
+        )
 
     async def _admit(self, conn: socket.socket) -> None:
         if len(self._clients) >= self.max_clients:
@@ -613,10 +631,9 @@ def call_daemon(path: Path, request: dict[str, Any], *, timeout: float = 10.0) -
         except OSError as exc:
             raise DaemonUnreachable(path, exc.strerror or str(exc)) from exc
         try:
-            try:
+            # answered and closed before reading (at its connection cap): read why all the same
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 sock.sendall((json.dumps(request) + "\n").encode())
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # answered and closed before reading (at its connection cap): read why
             with sock.makefile("rb") as stream:
                 line = stream.readline(MAX_REQUEST_BYTES * 16)
         except TimeoutError as exc:

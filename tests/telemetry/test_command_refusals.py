@@ -3,19 +3,18 @@ burst (plain synchronous tests of the aggregation; the flood over a real broker 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from paho.mqtt.enums import CallbackAPIVersion
 
 from devicectl.telemetry import CommandRefusals, RefusedBurst, Telemetry
 from devicectl.telemetry.commands import MAX_NAME_CHARS, cap_name
 from tests.brokers import Broker
-from tests.telemetry.helpers import config, recorder, until
+from tests.telemetry.helpers import config, flood_commands, recorder, until
 
 BASE = "lasers/clinic1/SN42"
 
@@ -112,7 +111,6 @@ async def test_a_flood_of_long_named_commands_is_one_report(
     alert and one log line, with the count, each a few hundred bytes."""
     refused: list[RefusedBurst] = []
     log = _Log()
-    flooder = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
     with recorder(mosquitto.port, topic=f"{BASE}/alerts") as rec:
         async with Telemetry(
             config(mosquitto.url, tmp_path),
@@ -121,15 +119,7 @@ async def test_a_flood_of_long_named_commands_is_one_report(
             log=log,
         ) as tm:
             await until(lambda: tm.connected)
-            flooder.connect("127.0.0.1", mosquitto.port)
-            flooder.loop_start()
-            try:
-                for i in range(300):
-                    name = f"{i:03d}" + "x" * 59_997
-                    flooder.publish(f"{BASE}/cmd/{name}", b"{}", qos=1).wait_for_publish(10)
-            finally:
-                flooder.disconnect()
-                flooder.loop_stop()
+            await asyncio.to_thread(flood_commands, "127.0.0.1", mosquitto.port, BASE, 300, 60_000)
             await until(lambda: tm.stats.commands_refused == 300, what="the flood received")
             assert refused == []  # still one open burst
         await until(lambda: len(rec.on("alerts")) == 1, what="the burst's alert")
