@@ -3,6 +3,13 @@
 Components take a logger as a parameter (``log: BoundLogger``) defaulting to
 ``structlog.get_logger("devicectl.<component>")``; nothing logs through the root logger, nothing
 prints, and nothing logs in the per-pulse path.
+
+Whatever arrives, the log stays bounded (:class:`EventRateLimit`): each kind of event (its name)
+has a token bucket, 20 at once and 5 a second after that; the ones over are dropped and counted,
+and the next event that is logged carries ``suppressed={kind: count}``. The safety events in
+:data:`ALWAYS_LOGGED` (a breach above all) are never held back: each is bounded by what causes
+it (a breach latches, a lost link reconnects with a back-off). Every string value is cut to
+:data:`MAX_VALUE_CHARS` with a marker, tracebacks included.
 """
 
 from __future__ import annotations
@@ -10,12 +17,37 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
+import threading
+import time
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
 
-__all__ = ["configure_logging", "redact", "redact_url"]
+__all__ = [
+    "ALWAYS_LOGGED",
+    "MAX_VALUE_CHARS",
+    "EventRateLimit",
+    "cap_values",
+    "configure_logging",
+    "redact",
+    "redact_url",
+]
+
+# Never rate-limited: a breach must always be logged; the others are what an engineer needs to
+# place it (the STOP asked over MQTT, the link and the log failing, the latch restored).
+ALWAYS_LOGGED = frozenset(
+    {
+        "safety_breach",
+        "breach_latch_restored",
+        "device_link_lost",
+        "session_log_unavailable",
+        "mqtt_command_stop",
+        "shutdown_over_budget",
+    }
+)
+MAX_VALUE_CHARS = 4000
+_MAX_KINDS = 1000  # distinct event names tracked; any beyond share one bucket
 
 _SECRET_KEYS = frozenset({"password", "passwd", "secret", "token", "key_password"})
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
@@ -36,6 +68,56 @@ def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mutable
     return event
 
 
+class EventRateLimit:
+    """A structlog processor: at most ``burst`` events of one kind at once, ``per_s`` a second
+    after that; those over are dropped and counted, and the counts ride on the next event
+    logged as ``suppressed={kind: count}``. Thread-safe (the log writer thread logs too)."""
+
+    def __init__(
+        self,
+        *,
+        per_s: float = 5.0,
+        burst: int = 20,
+        always: frozenset[str] = ALWAYS_LOGGED,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.per_s, self.burst, self.always, self._clock = per_s, burst, always, clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # kind -> (tokens, at)
+        self._suppressed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(
+        self, _logger: Any, _name: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        kind = str(event.get("event"))
+        with self._lock:
+            if kind not in self.always:
+                if kind not in self._buckets and len(self._buckets) >= _MAX_KINDS:
+                    kind = "(other)"
+                now = self._clock()
+                tokens, at = self._buckets.get(kind, (float(self.burst), now))
+                tokens = min(float(self.burst), tokens + (now - at) * self.per_s)
+                if tokens < 1.0:
+                    self._buckets[kind] = (tokens, now)
+                    self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+                    raise structlog.DropEvent
+                self._buckets[kind] = (tokens - 1.0, now)
+            if self._suppressed:
+                event["suppressed"] = self._suppressed
+                self._suppressed = {}
+        return event
+
+
+def cap_values(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Cut every string value to :data:`MAX_VALUE_CHARS`, saying how much was cut."""
+    for key, value in event.items():
+        if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
+            event[key] = f"{value[:MAX_VALUE_CHARS]}...[{len(value) - MAX_VALUE_CHARS} more chars]"
+    return event
+
+
 def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
     """Configure structlog once per process. ``json=None`` picks JSON unless stderr is a tty."""
     if json is None:
@@ -48,10 +130,12 @@ def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            EventRateLimit(),  # first: an event held back costs nothing more
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             redact,  # after the traceback is rendered: it may quote a URL too
+            cap_values,  # after redact: a cut URL could hide its credentials from it
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
