@@ -53,6 +53,8 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -337,17 +339,23 @@ async def run_row(row: str, tree: Path, *, quick: bool, tmp: Path) -> dict[str, 
                 await asyncio.sleep(0.2)
                 status = await _call(control, "status")
                 latched = status["breach_latched"]
-                if latched:  # a false one: nothing is wrong with the board
-                    false_lease += 1
-                    heartbeat_gaps()
-                    result["notes"].append(f"latched {latched.get('code')}")
-                    board.footswitch(False, runner.now_us())
-                    board.clear_faults(runner.now_us())
-                    runner.wake()
+                if not latched:
+                    continue
+                # a false one: nothing is wrong with the board
+                false_lease += latched.get("code") == "lease_nearly_out"
+                heartbeat_gaps()
+                result["notes"].append(f"latched {latched.get('code')}")
+                board.footswitch(False, runner.now_us())
+                board.clear_faults(runner.now_us())
+                runner.wake()
+                try:
                     await _call(control, "fault_ack", operator="BENCH", reason="benchmark")
                     await _call(control, "arm")
-                    board.footswitch(True, runner.now_us())
-                    runner.wake()
+                except Exception as exc:  # the link is being re-established: try again
+                    result["notes"].append(f"re-arm failed: {exc}")
+                    continue
+                board.footswitch(True, runner.now_us())
+                runner.wake()
             board.footswitch(False, runner.now_us())
             runner.wake()
         else:
@@ -408,6 +416,7 @@ async def run_row(row: str, tree: Path, *, quick: bool, tmp: Path) -> dict[str, 
             result["false_lease"] = false_lease
         log = (work / "daemon.log").read_text(errors="replace")
         result["heartbeat_late_lines"] = log.count("heartbeat_late")
+        result["link_lost_lines"] = log.count("device_link_lost")
         result["daemon_log_kib"] = len(log) / 1024
     return result
 
@@ -435,6 +444,8 @@ def print_table(results: dict[str, dict[str, dict[str, Any]]], trees: list[str])
                 notes.append(f"`devicectl stop` exit {r['cli_stop']} with {r.get('held')} held")
             if "false_lease" in r:
                 notes.append(f"{r['false_lease']} false lease_nearly_out")
+            if r["link_lost_lines"]:
+                notes.append(f"link lost {r['link_lost_lines']}×")
             if r["heartbeat_late_lines"]:
                 notes.append(f"{r['heartbeat_late_lines']} heartbeat_late")
             notes.append(f"log {r['daemon_log_kib']:.0f} KiB")
@@ -455,9 +466,12 @@ async def main_async(args: argparse.Namespace, trees: dict[str, Path]) -> None:
         for row in rows:
             for name, tree in trees.items():
                 print(f"... {row} ({name})", file=sys.stderr, flush=True)
-                results.setdefault(row, {})[name] = await run_row(
-                    row, tree, quick=args.quick, tmp=Path(directory)
-                )
+                try:
+                    results.setdefault(row, {})[name] = await run_row(
+                        row, tree, quick=args.quick, tmp=Path(directory)
+                    )
+                except Exception as exc:  # one row failing leaves the others' figures
+                    print(f"    {row} ({name}) failed: {exc!r}", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(results, indent=2, default=str))
         return
@@ -479,6 +493,7 @@ def main() -> None:
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))  # the board
     trees: dict[str, Path] = {}
     for item in args.tree or [f"this={REPO}"]:
         name, _, path = item.partition("=")
