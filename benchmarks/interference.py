@@ -258,6 +258,7 @@ async def run_row(row: str, tree: Path, *, quick: bool, tmp: Path) -> dict[str, 
             *limit, *cli, "run", "--config", str(work / "devicectl.toml"),
             "--port", link.path, "--data-dir", str(data), "--control", str(control),
             stdout=asyncio.subprocess.DEVNULL, stderr=(work / "daemon.log").open("w"), env=env,
+            cwd=work,  # not this checkout: `python -c` puts the working directory first
         )  # fmt: skip
 
         async def end_daemon() -> None:
@@ -302,7 +303,7 @@ async def run_row(row: str, tree: Path, *, quick: bool, tmp: Path) -> dict[str, 
                 f"--db {data / 'sessions.db'}; {' '.join(cli[:2])} '{cli[2]}' session export 1 "
                 f"--format json --out {work / 'export.json'} --data-dir {data}; done"
             )
-            loads.append(_spawn(["bash", "-c", loop], env=env))
+            loads.append(_spawn(["bash", "-c", loop], env=env, cwd=work))
         elif row == "control-conns":
             holder = subprocess.Popen(  # noqa: ASYNC220 - a pipe driven by hand
                 [sys.executable, "-c", HOLDER, str(control), "1100"],
@@ -361,6 +362,7 @@ async def run_row(row: str, tree: Path, *, quick: bool, tmp: Path) -> dict[str, 
         else:
             if broker is not None and row == "outage-replay":
                 broker.start()  # the outage ends: the outbox replays during the breaches
+            failures = 0
             while len(latencies) < breaches and time.monotonic() - started < budget_s:
                 try:
                     status = await _call(control, "status", wait_s=5.0)
@@ -371,9 +373,13 @@ async def run_row(row: str, tree: Path, *, quick: bool, tmp: Path) -> dict[str, 
                     runner.wake()
                     heartbeat_gaps()
                     await _call(control, "arm", wait_s=5.0)
-                except Exception as exc:  # a row the daemon cannot serve
+                except Exception as exc:  # noted; a row the daemon cannot serve ends
                     result["notes"].append(f"control failed: {exc}")
-                    break
+                    failures += 1
+                    if failures >= 3:
+                        break
+                    await asyncio.sleep(0.3)
+                    continue
                 board.footswitch(True, runner.now_us())
                 runner.wake()
                 if holder is not None:
@@ -387,7 +393,7 @@ async def run_row(row: str, tree: Path, *, quick: bool, tmp: Path) -> dict[str, 
                 if holder is not None and not latencies:
                     stop = await asyncio.to_thread(
                         subprocess.run, [*cli, "stop", "--control", str(control)],
-                        capture_output=True, text=True, env=env, timeout=30,
+                        capture_output=True, text=True, env=env, timeout=30, cwd=work,
                     )  # fmt: skip
                     result["cli_stop"] = stop.returncode
                 if holder is not None:
