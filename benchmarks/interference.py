@@ -100,20 +100,30 @@ while True:
 """
 
 HOLDER = """
-import socket, sys
+import socket, sys, time
 path, count = sys.argv[1], int(sys.argv[2])
 held = []
 for line in sys.stdin:
     if line.strip() == "open":
+        deadline = time.monotonic() + 1.5  # a full backlog drains meanwhile, or stays full
         for _ in range(count):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.setblocking(False)
-            try:
-                s.connect(path)
-            except OSError:
-                s.close()
-                continue
-            held.append(s)
+            while True:
+                try:
+                    s.connect(path)
+                except BlockingIOError:
+                    if time.monotonic() < deadline:
+                        time.sleep(0.001)
+                        continue
+                    s.close()
+                    s = None
+                except OSError:
+                    s.close()
+                    s = None
+                break
+            if s is not None:
+                held.append(s)
     else:
         for s in held:
             s.close()
