@@ -35,14 +35,15 @@ __all__ = [
 ]
 
 # Never rate-limited: a breach must always be logged; the others are what an engineer needs to
-# place it (the STOP asked over MQTT, the link and the log failing, the latch restored).
+# place it (the link and the log failing, the latch restored). Each is bounded by its cause (a
+# breach latches, a lost link reconnects with a back-off). A STOP over MQTT is not among them:
+# anyone allowed to publish it can send thousands a second (each is obeyed and audited).
 ALWAYS_LOGGED = frozenset(
     {
         "safety_breach",
         "breach_latch_restored",
         "device_link_lost",
         "session_log_unavailable",
-        "mqtt_command_stop",
         "shutdown_over_budget",
     }
 )
