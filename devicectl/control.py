@@ -281,6 +281,9 @@ class ControlServer:
             stop = self._listen(self.stop_path)
         except BaseException:
             self._close_sockets()
+            for path in (self.path, self.stop_path):
+                if path.is_socket():
+                    path.unlink()
             raise
         self._acceptors = [
             asyncio.create_task(self._accept(main, self._admit), name="control-accept"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from devicectl.control import (
     ControlServer,
     StopRequest,
     call_daemon,
+    client_cap,
     stop_socket_path,
 )
 from tests.telemetry.helpers import until
@@ -200,3 +202,24 @@ def _cpu_s(pid: int) -> float:
 
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize(
+    ("open_files", "cap"), [(1024, 64), (4096, 64), (160, 40), (100, 10), (70, 1)]
+)
+def test_the_cap_leaves_the_daemon_half_its_open_files(
+    monkeypatch: pytest.MonkeyPatch, open_files: int, cap: int
+) -> None:
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (open_files, open_files))
+    assert client_cap() == cap
+    assert ControlServer(Path("/nonexistent/ctl.sock"), _Requests()).max_clients == cap
+
+
+async def test_a_socket_that_cannot_be_created_leaves_nothing_behind(tmp_path: Path) -> None:
+    """The stop socket cannot be bound (its path is too long for AF_UNIX): start fails, and the
+    control socket bound just before is gone too."""
+    stop_path = tmp_path / ("s" * 120 + ".sock")
+    with pytest.raises(OSError, match="too long"):
+        async with ControlServer(tmp_path / "ctl.sock", _Requests(), stop_path=stop_path):
+            pass
+    assert not (tmp_path / "ctl.sock").exists()
