@@ -51,7 +51,8 @@ MAX_VALUE_CHARS = 4000
 _MAX_KINDS = 1000  # distinct event names tracked; any beyond share one bucket
 
 _SECRET_KEYS = frozenset({"password", "passwd", "secret", "token", "key_password"})
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+# The scheme's length is bounded so that a long run of letters costs linear time, not quadratic.
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]{0,30}://)[^/@\s]+@", re.IGNORECASE)
 
 
 def redact_url(text: str) -> str:
@@ -119,8 +120,53 @@ def cap_values(
     return event
 
 
+class _LibraryLogLimit(logging.Filter):
+    """The same bound for the libraries' own logging (asyncio, aiomqtt, paho): per logger and
+    message, through the structlog limiter, so that what is held back is counted there too."""
+
+    def __init__(self, limit: EventRateLimit) -> None:
+        super().__init__()
+        self._limit = limit
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = f"{record.name}: {record.msg}"[:200]
+        try:
+            event = self._limit(None, record.levelname.lower(), {"event": kind})
+        except structlog.DropEvent:
+            return False
+        held = event.get("suppressed")
+        if held:
+            record.msg = f"{record.getMessage()} (held back meanwhile: {held})"
+            record.args = ()
+        return True
+
+
+class _LibraryLogFormat(logging.Formatter):
+    """One line per record at most ~2 x MAX_VALUE_CHARS, credentials in URLs hidden."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = redact_url(super().format(record))
+        limit = 2 * MAX_VALUE_CHARS
+        if len(text) > limit:
+            text = f"{text[:limit]}...[{len(text) - limit} more chars]"
+        return text
+
+
 def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
-    """Configure structlog once per process. ``json=None`` picks JSON unless stderr is a tty."""
+    """Configure structlog once per process. ``json=None`` picks JSON unless stderr is a tty.
+
+    The libraries' own ``logging`` records (warnings and above) go to stderr as well, under the
+    same rate limit."""
+    limit = EventRateLimit()
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if any(isinstance(f, _LibraryLogLimit) for f in handler.filters):
+            root.removeHandler(handler)  # configured again: one handler, the new limiter
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.addFilter(_LibraryLogLimit(limit))
+    handler.setFormatter(_LibraryLogFormat("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
     if json is None:
         json = not sys.stderr.isatty()
     renderer: Any = (
@@ -131,7 +177,7 @@ def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            EventRateLimit(),  # first: an event held back costs nothing more
+            limit,  # first: an event held back costs nothing more
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

@@ -4,7 +4,9 @@ was held back, safety events never held back, long values cut."""
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -63,6 +65,18 @@ def test_long_values_are_cut_with_a_marker() -> None:
     assert event["n"] == 3
 
 
+@pytest.fixture
+def configured() -> Iterator[None]:
+    """configure_logging() for one test, then the process's logging as it was."""
+    handlers = list(logging.getLogger().handlers)
+    try:
+        yield
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers = handlers
+
+
+@pytest.mark.usefixtures("configured")
 def test_the_configured_log_is_bounded(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging(json=True)
     topic = "cmd/" + "x" * 60_000
@@ -84,3 +98,21 @@ def test_the_configured_log_is_bounded(capsys: pytest.CaptureFixture[str]) -> No
     refused = sum(1 for line in lines if line["event"] == "mqtt_command_refused")
     counted = sum(line.get("suppressed", {}).get("mqtt_command_refused", 0) for line in lines)
     assert refused + counted == 10_000
+
+
+@pytest.mark.usefixtures("configured")
+def test_the_libraries_logging_is_bounded_too(capsys: pytest.CaptureFixture[str]) -> None:
+    """What once filled 9 MB in 15 s: asyncio logging an accept() failure in a tight loop."""
+    configure_logging(json=True)
+    log = logging.getLogger("asyncio")
+    started = time.monotonic()
+    # (pytest's own capture of every record costs time: fewer and shorter than the real thing)
+    for _ in range(2_000):
+        log.error("socket.accept() out of system resource\nsocket: %s", "x" * 10_000)
+    elapsed = time.monotonic() - started
+    logging.getLogger("mqtt").warning("connected to mqtt://user:secret@broker")
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "out of system resource" in line]
+    assert len(lines) <= 20 + 5 * elapsed + 2, (len(lines), elapsed)
+    assert all(len(line) < 2 * MAX_VALUE_CHARS + 100 for line in err.splitlines())
+    assert "mqtt://***@broker" in err and "secret" not in err
