@@ -60,7 +60,7 @@ import structlog
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.e2e import CHECKLIST, POLICY, _spread  # noqa: E402
+from benchmarks.e2e import POLICY, _spread  # noqa: E402
 from devicectl.control import call_daemon  # noqa: E402
 from devicectl.telemetry.outbox import Outbox  # noqa: E402
 from protocols import FrameReader, MessageType, Pulse  # noqa: E402
@@ -186,9 +186,52 @@ class Probe:
         self.watching = True
 
 
-async def _call(control: Path, command: str, wait_s: float = 10.0, **fields: Any) -> Any:
-    request = {"command": command, **fields}
-    return await asyncio.to_thread(call_daemon, control, request, timeout=wait_s)
+CHECKLIST_BEFORE_USERS = {
+    "consultation_done": True,
+    "area_cleaned": True,
+    "numbing_applied": False,
+    "recent_sun_exposure": False,
+    "photosensitising_medication": False,
+    "active_skin_infection": False,
+    "pregnancy": False,
+    "allergy_to_active_ingredient": False,
+}
+
+
+class Requests:
+    """The control requests of a daemon from ``tree``: before identified users (issue 14) a
+    request names its operator; after, it carries a registered user's credentials, which are
+    added to the data directory first (as ``tests/daemon`` does)."""
+
+    def __init__(self, tree: Path, control: Path, data: Path) -> None:
+        self.control = control
+        self.users: Any = None
+        if (tree / "devicectl" / "users.py").exists():
+            import importlib
+
+            self.users = importlib.import_module("tests.daemon.conftest")
+            self.users.add_test_users(data)
+
+    async def call(self, command: str, wait_s: float = 10.0, **fields: Any) -> Any:
+        if self.users is not None and command in self.users.IDENTIFIED:
+            fields.setdefault("auth", self.users.OPERATOR)
+        request = {"command": command, **fields}
+        return await asyncio.to_thread(call_daemon, self.control, request, timeout=wait_s)
+
+    async def start_session(self) -> None:
+        if self.users is not None:
+            await self.call(**(self.users.SESSION | {"patient_ref": "PT-BENCH"}))
+        else:
+            await self.call(
+                "session_start", operator="BENCH", patient_ref="PT-BENCH", skin_type="III",
+                concerns=["fine_lines"], preset="fine_lines", checklist=CHECKLIST_BEFORE_USERS,
+            )  # fmt: skip
+
+    async def acknowledge(self) -> None:
+        if self.users is not None:
+            await self.call("fault_ack", **self.users.ACK)
+        else:
+            await self.call("fault_ack", operator="BENCH", reason="benchmark")
 
 
 async def _until(predicate: Any, within_s: float) -> bool:
@@ -246,6 +289,7 @@ async def run_row(row: str, tree: Path, *, quick: bool, tmp: Path) -> dict[str, 
     data = work / "data"
     data.mkdir()
     control = work / "ctl.sock"
+    api = Requests(tree, control, data)  # before the daemon starts: it reads its users then
     (work / "policy.toml").write_text(DEFAULT_LEASE_POLICY if row == "lease-cpu" else POLICY)
     config = f'policy = "{work / "policy.toml"}"\n'
     env = os.environ | {"PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
@@ -284,16 +328,13 @@ async def run_row(row: str, tree: Path, *, quick: bool, tmp: Path) -> dict[str, 
             raise RuntimeError(f"{row}: the daemon did not start: see {work / 'daemon.log'}")
         await _until(lambda: board.status(runner.now_us())["state"] != "BOOT", 5)
         await asyncio.sleep(0.3)
-        await _call(
-            control, "session_start", operator="BENCH", patient_ref="PT-BENCH",
-            skin_type="III", concerns=["fine_lines"], preset="fine_lines", checklist=CHECKLIST,
-        )  # fmt: skip
-        await _call(control, "session_zone", zone="forehead")
-        await _call(
-            control, "params_set", energy_uj=ENERGY_UJ, width_us=100, rate_hz=RATE_HZ,
+        await api.start_session()
+        await api.call("session_zone", zone="forehead")
+        await api.call(
+            "params_set", energy_uj=ENERGY_UJ, width_us=100, rate_hz=RATE_HZ,
             spot_um=3000,
         )  # fmt: skip
-        status = await _call(control, "status")
+        status = await api.call("status")
         serial = status["device_serial"]
 
         # the load
@@ -345,12 +386,12 @@ async def run_row(row: str, tree: Path, *, quick: bool, tmp: Path) -> dict[str, 
         false_lease = 0
         started = time.monotonic()
         if row == "lease-cpu":
-            await _call(control, "arm")
+            await api.call("arm")
             board.footswitch(True, runner.now_us())
             runner.wake()
             while time.monotonic() - started < budget_s:
                 await asyncio.sleep(0.2)
-                status = await _call(control, "status")
+                status = await api.call("status")
                 latched = status["breach_latched"]
                 if not latched:
                     continue
@@ -362,8 +403,8 @@ async def run_row(row: str, tree: Path, *, quick: bool, tmp: Path) -> dict[str, 
                 board.clear_faults(runner.now_us())
                 runner.wake()
                 try:
-                    await _call(control, "fault_ack", operator="BENCH", reason="benchmark")
-                    await _call(control, "arm")
+                    await api.acknowledge()
+                    await api.call("arm")
                 except Exception as exc:  # the link is being re-established: try again
                     result["notes"].append(f"re-arm failed: {exc}")
                     continue
@@ -377,14 +418,14 @@ async def run_row(row: str, tree: Path, *, quick: bool, tmp: Path) -> dict[str, 
             failures = 0
             while len(latencies) < breaches and time.monotonic() - started < budget_s:
                 try:
-                    status = await _call(control, "status", wait_s=5.0)
+                    status = await api.call("status", wait_s=5.0)
                     if status["breach_latched"]:
                         board.clear_faults(runner.now_us())
-                        await _call(control, "fault_ack", operator="BENCH", reason="bench")
+                        await api.acknowledge()
                     board.footswitch(False, runner.now_us())
                     runner.wake()
                     heartbeat_gaps()
-                    await _call(control, "arm", wait_s=5.0)
+                    await api.call("arm", wait_s=5.0)
                 except Exception as exc:  # noted; a row the daemon cannot serve ends
                     result["notes"].append(f"control failed: {exc}")
                     failures += 1
