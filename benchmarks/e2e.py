@@ -48,6 +48,7 @@ from devicectl.control import call_daemon  # noqa: E402
 from protocols import FrameReader, MessageType, Pulse  # noqa: E402
 from simulator import Board, BoardRunner  # noqa: E402
 from simulator.serve import PtyLink  # noqa: E402
+from tests.daemon.conftest import ACK, IDENTIFIED, OPERATOR, SESSION, add_test_users  # noqa: E402
 
 POLICY = """
 max_average_power_w = 6.0
@@ -83,17 +84,6 @@ rate_hz = 10.0
 spot_um = 300
 active_ingredient = "hyaluronic acid"
 """
-
-CHECKLIST = {
-    "consultation_done": True,
-    "area_cleaned": True,
-    "numbing_applied": False,
-    "recent_sun_exposure": False,
-    "photosensitising_medication": False,
-    "active_skin_infection": False,
-    "pregnancy": False,
-    "allergy_to_active_ingredient": False,
-}
 
 
 class Probe:
@@ -158,6 +148,8 @@ def _proc(pid: int) -> tuple[float, int]:
 
 
 async def _call(control: Path, command: str, **fields: Any) -> dict[str, Any]:
+    if command in IDENTIFIED:
+        fields.setdefault("auth", OPERATOR)
     return await asyncio.to_thread(call_daemon, control, {"command": command, **fields})
 
 
@@ -242,6 +234,7 @@ async def run(
         config += f'[mqtt]\nurl = "mqtt://127.0.0.1:{mqtt_port}"\nsite = "bench"\n'
     (tmp / "devicectl.toml").write_text(config)
     control = tmp / "ctl.sock"
+    add_test_users(tmp / "data")
     subscriber = Subscriber(mqtt_port) if mqtt_port is not None else None
     energy = 500
     board = Board(max_rate_mhz=max(500_000, rate_hz * 1000))
@@ -258,11 +251,7 @@ async def run(
             await _until(control.exists, 20)
             await _until(lambda: board.status(runner.now_us())["state"] != "BOOT", 5)
             await asyncio.sleep(0.5)
-            await _call(
-                control, "session_start", operator="BENCH", patient_ref="PT-BENCH",
-                skin_type="III", concerns=["fine_lines"], preset="fine_lines",
-                checklist=CHECKLIST,
-            )  # fmt: skip
+            await _call(**(SESSION | {"control": control, "patient_ref": "PT-BENCH"}))
             await _call(control, "session_zone", zone="forehead")
             await _call(
                 control, "params_set", energy_uj=energy, width_us=100, rate_hz=rate_hz,
@@ -311,7 +300,7 @@ async def run(
                 status = await _call(control, "status")
                 if status["breach_latched"]:
                     board.clear_faults(runner.now_us())
-                    await _call(control, "fault_ack", operator="BENCH", reason="benchmark")
+                    await _call(control, "fault_ack", **ACK)
                 board.footswitch(False, runner.now_us())
                 runner.wake()
                 await _call(control, "arm")

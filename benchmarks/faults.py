@@ -58,7 +58,15 @@ if str(REPO) not in sys.path:
 
 from devicectl.sessionlog import verify_log  # noqa: E402
 from tests.brokers import Broker, free_port  # noqa: E402
-from tests.daemon.conftest import CHECKLIST, TEST_POLICY  # noqa: E402
+from tests.daemon.conftest import (  # noqa: E402
+    ACK,
+    END,
+    IDENTIFIED,
+    SESSION,
+    TEST_POLICY,
+    add_test_users,
+)
+from tests.daemon.conftest import OPERATOR as OPERATOR_AUTH  # noqa: E402
 from tests.telemetry.helpers import Recorder  # noqa: E402
 
 __all__ = [
@@ -75,7 +83,6 @@ DEVICECTL = [sys.executable, "-c", "from devicectl.cli import main; main()"]
 RATE_HZ = 200.0
 ENERGY_UJ = 2000
 QOS1_STREAMS = ("state", "session", "alerts", "pulses", "events")
-OPERATOR = "OP-7"
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +361,7 @@ class Campaign:
         self.sim_control = directory / "sim.sock"
         self.control = directory / "ctl.sock"
         self.data = directory / "data"
+        add_test_users(self.data)
         self.daemon_log = directory / "daemon.log"
         self.tcp = tcp
         self.seed = seed
@@ -462,6 +470,8 @@ class Campaign:
     # ---- talking to them
 
     def call(self, command: str, **fields: Any) -> dict[str, Any]:
+        if command in IDENTIFIED:
+            fields.setdefault("auth", OPERATOR_AUTH)
         reply = _jsonline(self.control, {"command": command, **fields}, timeout=10)
         if not reply.get("ok"):
             raise RuntimeError(f"{command}: {reply.get('error')}")
@@ -488,15 +498,7 @@ class Campaign:
         rate_hz: float = RATE_HZ,
         spot_um: int = 300,
     ) -> None:
-        started = self.call(
-            "session_start",
-            operator=OPERATOR,
-            patient_ref="PT-0042",
-            skin_type="III",
-            concerns=["fine_lines"],
-            preset="fine_lines",
-            checklist=CHECKLIST,
-        )
+        started = self.call(**SESSION)
         self.session = int(started["session"])
         self.call("session_zone", zone="forehead")
         self.call(
@@ -537,9 +539,9 @@ class Campaign:
             return  # a restarted daemon closed it as interrupted (reconciled with the board)
         if self.status().get("breach_latched"):
             with contextlib.suppress(RuntimeError, OSError):
-                self.call("fault_ack", operator=OPERATOR, reason="campaign: injected fault")
+                self.call("fault_ack", **ACK)
         try:
-            self.call("session_end", post_care=["soothing_serum"])
+            self.call("session_end", **END)
         except RuntimeError as exc:
             if "cannot be written" in str(exc):
                 notes.append("session_end refused: the log cannot record it (right)")

@@ -8,8 +8,12 @@ Prints one table:
   caller's cost per ``record_pulse`` call (what the daemon's loop pays);
 - commit latency at ``--rate`` pulses/s (arrival in ``record_pulse`` → the commit holding it),
   p50 / p99 / max, measured with the ``on_commit`` hook;
-- ``log verify`` rate, and database size per million pulses (extrapolated from the file).
-Targets (issue 4): ≥ 50,000 pulses/s; p99 < 50 ms at 5,000 pulses/s.
+- ``log verify`` rate, and database size per million pulses (extrapolated from the file);
+- with signed checkpoints on at the default interval (every 10,000 records or 2 s): the same
+  sustained rate, how many checkpoints were written, and the signing cost of one checkpoint
+  (Ed25519 over its canonical text, alone, and the whole checkpoint: encode, sign, chain).
+Targets: ≥ 50,000 pulses/s (issue 4); ≥ 100,000 records/s with checkpoints on (issue 12);
+p99 < 50 ms at 5,000 pulses/s.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from devicectl.sessionlog import SessionLog, verify_log
+from devicectl.sessionlog import Checkpoint, DeviceKey, SessionLog, verify_log
+from devicectl.sessionlog.checkpoint import make_checkpoint, signed_bytes
 
 _INFO = {
     "device_serial": "BENCH-1",
@@ -58,10 +63,17 @@ def _db_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
 
 
-def sustained(workdir: Path, pulses: int, synchronous: str) -> tuple[float, float, int, float]:
-    """(pulses/s end to end, µs per record_pulse call, bytes on disk, verify records/s)."""
-    path = workdir / f"sustained-{synchronous}.db"
-    with SessionLog.open(path, log=_Quiet(), synchronous=synchronous) as slog:
+def sustained(
+    workdir: Path, pulses: int, synchronous: str, *, signed: list[Checkpoint] | None = None
+) -> tuple[float, float, int, float]:
+    """(pulses/s end to end, µs per record_pulse call, bytes on disk, verify records/s). With
+    ``signed``, checkpoints are on at the default interval and collected there."""
+    path = workdir / f"sustained-{synchronous}{'-signed' if signed is not None else ''}.db"
+    options: dict[str, object] = {}
+    if signed is not None:
+        options = {"signing_key": DeviceKey.generate(), "device": "BENCH-1",
+                   "on_checkpoint": signed.append}  # fmt: skip
+    with SessionLog.open(path, log=_Quiet(), synchronous=synchronous, **options) as slog:  # type: ignore[arg-type]
         sid = slog.start_session(_INFO, device_pulse_count=0).session_id
         slog.record_params(
             sid, energy_uj=2000, width_us=1000, rate_mhz=500_000, spot_um=300, actor="b"
@@ -79,9 +91,24 @@ def sustained(workdir: Path, pulses: int, synchronous: str) -> tuple[float, floa
     t0 = time.perf_counter()
     report = verify_log(path)
     verify_s = time.perf_counter() - t0
-    assert report.ok, report
+    assert report.ok, (report.first_break, report.findings)
     assert report.pulses == pulses, report
     return pulses / (done - start), (queued - start) / pulses * 1e6, size, report.records / verify_s
+
+
+def signing_cost(rounds: int = 2000) -> tuple[float, float]:
+    """(µs per Ed25519 signature over a checkpoint's text, µs per whole checkpoint)."""
+    key = DeviceKey.generate()
+    text = signed_bytes("BENCH-1", 123_456, "ab" * 32, "2026-12-07T12:00:00.000000Z", key.key_id)
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        key.sign(text)
+    sign_us = (time.perf_counter() - t0) / rounds * 1e6
+    head = bytes(32)
+    t0 = time.perf_counter()
+    for n in range(rounds):
+        make_checkpoint(key, "BENCH-1", n, head, 1_796_000_000_000_000_000 + n, "periodic")
+    return sign_us, (time.perf_counter() - t0) / rounds * 1e6
 
 
 def latency(workdir: Path, seconds: float, rate: int, synchronous: str) -> list[float]:
@@ -134,6 +161,15 @@ def main() -> None:
                 # bytes per pulse = MB per million pulses
                 rows.append(("size per million pulses", f"{size / args.pulses:,.0f} MB", ""))
                 rows.append(("log verify", f"{verify_rate:,.0f} records/s", ""))
+        signed: list[Checkpoint] = []
+        rate, call_us, _size, verify_rate = sustained(work, args.pulses, "FULL", signed=signed)
+        rows.append(("sustained, checkpoints on (FULL)", f"{rate:,.0f} records/s", "≥ 100,000"))
+        rows.append(("record_pulse, checkpoints on (FULL)", f"{call_us:.2f} µs/call", ""))
+        rows.append(("checkpoints written", f"{len(signed):,} ({args.pulses:,} pulses)", ""))
+        rows.append(("log verify, checkpoints on", f"{verify_rate:,.0f} records/s", ""))
+        sign_us, checkpoint_us = signing_cost()
+        rows.append(("Ed25519 signature per checkpoint", f"{sign_us:.0f} µs", ""))
+        rows.append(("whole checkpoint (encode, sign)", f"{checkpoint_us:.0f} µs", ""))
         for sync in ("FULL", "NORMAL"):
             delays = sorted(latency(work, args.seconds, args.rate, sync))
             p50 = statistics.median(delays)

@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.faults import OPERATOR, Campaign, Row  # noqa: E402
+from benchmarks.faults import Campaign, Row  # noqa: E402
+from tests.daemon.conftest import ACK  # noqa: E402
 
 __all__ = ["FAULTS", "SoakResult", "run_soak"]
 
@@ -98,7 +99,7 @@ def _keep_emitting(rig: Campaign) -> bool:
     if not status["connected"]:
         return False
     if status["breach_latched"]:
-        rig.call("fault_ack", operator=OPERATOR, reason="soak: injected fault")
+        rig.call("fault_ack", **ACK)
     with contextlib.suppress(RuntimeError):
         rig.call("arm")
         rig.sim_cmd("footswitch down")

@@ -33,7 +33,6 @@ from __future__ import annotations
 import grp
 import os
 import re
-import tomllib
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -55,14 +54,20 @@ from pydantic_settings import (
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from devicectl.errors import ConfigError
 from devicectl.policy import Policy, load_policy
+from protocols.bounded import BoundedInputError, loads_toml
+from protocols.mqtt import ID_ALLOWED, is_valid_id
 
 __all__ = [
+    "CheckpointSettings",
+    "ClinicSettings",
     "LogLevel",
     "MqttSettings",
+    "PrivacySettings",
     "Settings",
     "default_control_socket",
     "default_data_dir",
@@ -84,6 +89,9 @@ _ALLOWED: dict[str, str] = {
     "mqtt.outbox_max_bytes": "an integer from 65536 to 2**40 (bytes)",
     "mqtt.protocol": "auto (MQTT 5, else 3.1.1), 5, or 3.1.1",
     "mqtt.url": "mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (also ws://, wss://)",
+    "checkpoints.every_records": "an integer from 1 to 10000000 (records)",
+    "checkpoints.interval_s": "a number of seconds above 0, at most 3600",
+    "checkpoints.idle_interval_s": "a number of seconds above 0, at most 86400",
 }
 _PYSERIAL_SCHEMES = frozenset({"socket", "rfc2217", "loop", "spy", "hwgrep", "alt", "cp2110"})
 _MQTT_SCHEMES = frozenset({"mqtt", "mqtts", "ws", "wss"})
@@ -159,13 +167,19 @@ class MqttSettings(BaseModel):
             raise _Refused("mqtt.url", value, "a port from 1 to 65535") from None
         return value
 
-    @field_validator("prefix", "site", "device")
+    @field_validator("prefix")
     @classmethod
-    def _topic_level(cls, value: str | None, info: Any) -> str | None:
-        if value is not None and (not value or _TOPIC_FORBIDDEN.search(value)):
-            raise _Refused(
-                f"mqtt.{info.field_name}", value, "a non-empty MQTT topic level without / + #"
-            )
+    def _topic_level(cls, value: str) -> str:
+        if not value or _TOPIC_FORBIDDEN.search(value):
+            raise _Refused("mqtt.prefix", value, "a non-empty MQTT topic level without / + #")
+        return value
+
+    @field_validator("site", "device")
+    @classmethod
+    def _identity(cls, value: str | None, info: Any) -> str | None:
+        # What every consumer accepts as an id (docs/mqtt.md): nothing that looks like another.
+        if value is not None and not is_valid_id(value):
+            raise _Refused(f"mqtt.{info.field_name}", value, ID_ALLOWED)
         return value
 
     @model_validator(mode="after")
@@ -186,8 +200,62 @@ class MqttSettings(BaseModel):
         return self.device if self.device is not None else f"laser-{serial}"
 
 
+# ── issue 14: patient privacy on the wire and the clinic's time zone (self-contained block) ──
+
+
+class PrivacySettings(BaseModel):
+    """The ``[privacy]`` table: what of a patient MQTT payloads carry (docs/mqtt.md, "Patient
+    data"). Default: nothing. ``patient_key_secret`` (shared by the devices of one site): a keyed
+    pseudonym. ``publish_patient_ref = true``: the reference itself, readable by anyone who can
+    read the broker."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    patient_key_secret: SecretStr | None = Field(
+        default=None, description="the site's secret keying the patient pseudonym (HMAC-SHA-256)"
+    )
+    publish_patient_ref: bool = Field(default=False, strict=True)
+
+    @field_validator("patient_key_secret")
+    @classmethod
+    def _secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            # An empty key would still pseudonymise, but anyone could recompute it from a guess.
+            raise _Refused(
+                "privacy.patient_key_secret",
+                "",
+                "a non-empty secret (32+ random characters advised)",
+            )
+        return value
+
+
+class ClinicSettings(BaseModel):
+    """The ``[clinic]`` table. Records are stored in UTC; reports show the clinic's local time."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    time_zone: str = Field(default="UTC", description="an IANA time zone, e.g. Europe/Paris")
+
+    @field_validator("time_zone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise _Refused(
+                "clinic.time_zone", value, "an IANA time zone name such as Europe/Paris or UTC"
+            ) from None
+        return value
+
+
+# ── end of issue 14's block ──
+
+
 def _int_from_text(text: str) -> object:
-    return int(text) if re.fullmatch(r"\s*[+-]?[0-9]+\s*", text) else text
+    # At most 18 digits: a longer number is no setting, and int() of thousands would raise
+    return int(text) if re.fullmatch(r"\s*[+-]?[0-9]{1,18}\s*", text) else text
 
 
 def _float_from_text(text: str) -> object:
@@ -254,6 +322,30 @@ class _EnvironmentText(PydanticBaseSettingsSource):
         return _typed_from_text(self.settings_cls, self._environment())
 
 
+class CheckpointSettings(BaseModel):
+    """The ``[checkpoints]`` table: the session log's signed checkpoints (docs/session-log.md).
+
+    A checkpoint is written at the first commit after ``every_records`` records, or
+    ``interval_s`` after the first record it would cover while a session is open
+    (``idle_interval_s`` outside one), at every session end and at shutdown."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key_file: Path | None = Field(
+        default=None,
+        description="the Ed25519 signing key (PKCS#8 PEM); default: the systemd credential "
+        "devicectl-log-key if present, else DATA_DIR/log-key.pem, generated (0600) at first start",
+    )
+    every_records: int = Field(default=10_000, ge=1, le=10_000_000, strict=True)
+    interval_s: float = Field(default=2.0, gt=0, le=3600, strict=True, allow_inf_nan=False)
+    idle_interval_s: float = Field(default=300.0, gt=0, le=86400, strict=True, allow_inf_nan=False)
+
+    @field_validator("key_file")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+
 _FILE_VALUES: ContextVar[dict[str, Any] | None] = ContextVar("devicectl_config_file", default=None)
 
 
@@ -288,10 +380,13 @@ class Settings(BaseSettings):
     )
     status_period_ms: int = Field(default=100, ge=10, le=10000, strict=True)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings)
     log_level: LogLevel = "info"
     log_json: bool | None = Field(default=None, strict=True)
     patient_ref_pattern: str = r"^[A-Z0-9-]{4,32}$"
     sim_max_rate_hz: float = Field(default=500.0, ge=1, le=100000, strict=True, allow_inf_nan=False)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    clinic: ClinicSettings = Field(default_factory=ClinicSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -304,6 +399,14 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         file_source = InitSettingsSource(settings_cls, init_kwargs=_FILE_VALUES.get() or {})
         return (init_settings, _EnvironmentText(settings_cls, env_settings), file_source)
+
+    @field_validator("control", "data_dir", "session_log", "policy", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any, info: Any) -> Any:
+        # An empty path would become "." and put the session log in the current directory.
+        if isinstance(value, str | Path) and not str(value).strip():
+            raise _Refused(info.field_name, str(value), "a path (an empty one is refused)")
+        return value
 
     @field_validator("control", "data_dir", "session_log")
     @classmethod
@@ -389,11 +492,17 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json")
         if self.mqtt.password is not None:
             data["mqtt"]["password"] = _HIDDEN
+        if self.privacy.patient_key_secret is not None:
+            data["privacy"]["patient_key_secret"] = _HIDDEN
         return data
 
 
 def _redact(key: str, value: object) -> object:
-    return _HIDDEN if key.rsplit(".", 1)[-1] in {"password", "key_password"} and value else value
+    return (
+        _HIDDEN
+        if key.rsplit(".", 1)[-1] in {"password", "key_password", "patient_key_secret"} and value
+        else value
+    )
 
 
 def _config_error(exc: ValidationError) -> ConfigError:
@@ -413,14 +522,16 @@ def _config_error(exc: ValidationError) -> ConfigError:
 
 
 def _read_file(path: Path) -> dict[str, Any]:
+    if not str(path).strip() or str(path) == ".":
+        raise ConfigError("config", str(path), "a TOML file path (an empty one is refused)")
     try:
-        text = path.expanduser().read_text(encoding="utf-8")
+        data = path.expanduser().read_bytes()
     except OSError as exc:
         raise ConfigError("config", str(path), f"a readable TOML file ({exc.strerror})") from None
     try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("config", str(path), f"valid TOML ({exc})") from None
+        return loads_toml(data)  # UTF-8, at most 1 MiB and 16 levels deep
+    except BoundedInputError as exc:
+        raise ConfigError("config", str(path), f"a UTF-8 TOML file: {exc.reason}") from None
 
 
 def _nest(overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -449,5 +560,11 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         return Settings(**_nest(overrides))
     except ValidationError as exc:
         raise _config_error(exc) from None
+    except SettingsError as exc:  # a table given as one variable: DEVICECTL_MQTT=...
+        field = re.search(r'field "([a-z_]+)"', str(exc))
+        name = f"DEVICECTL_{field.group(1).upper()}" if field else "DEVICECTL_*"
+        raise ConfigError(
+            name, "<set>", f"unset it; set the table's keys one by one, e.g. {name}__URL"
+        ) from None
     finally:
         _FILE_VALUES.reset(token)

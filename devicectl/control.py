@@ -1,8 +1,8 @@
-"""The daemon's local control API: a Unix socket speaking JSON lines (README.md, CLI).
+"""The daemon's local control API: a Unix socket speaking JSON lines (docs/cli.md, "Control").
 
 One request per line, one reply per line::
 
-    -> {"command": "arm"}
+    -> {"command": "arm", "auth": {"user": "OP-7", "pin": "..."}}
     <- {"ok": true, "result": {...}}
     <- {"ok": false, "kind": "refused", "error": "one line naming the cause", "rule": ..., ...}
 
@@ -11,6 +11,13 @@ One request per line, one reply per line::
 reached). Requests are validated with pydantic at this edge; a malformed one gets an error reply
 and never disturbs the daemon. The socket file is created with mode 0660, so only its owner and
 group may drive the laser.
+
+Who asks: every request that changes a treatment (an :class:`IdentifiedRequest`) carries ``auth``,
+a registered user's id and PIN, and, for a contraindication override or a breach acknowledgement,
+a supervisor's ``signoff``. The server checks them here, at the edge
+(:class:`~devicectl.users.Authenticator`), and hands the daemon the request with its verified
+``actor`` in place of the secrets; a request that arrives with an ``actor`` of its own is refused.
+``stop`` and ``disarm`` make the laser safer and never wait for a PIN; ``status`` only reads.
 """
 
 from __future__ import annotations
@@ -27,12 +34,21 @@ import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from devicectl.errors import DevicectlError, LinkError
+from devicectl.users import (
+    ACK_REASON_CODES,
+    OVERRIDE_REASON_CODES,
+    Actor,
+    Authenticator,
+    AuthRefused,
+    Credentials,
+    SignOffCredentials,
+)
 
 __all__ = [
     "IDLE_TIMEOUT_S",
@@ -42,6 +58,7 @@ __all__ = [
     "ControlRequest",
     "ControlServer",
     "DaemonUnreachable",
+    "IdentifiedRequest",
     "call_daemon",
     "client_cap",
     "stop_socket_path",
@@ -82,8 +99,25 @@ class StatusRequest(_Request):
     command: Literal["status"]
 
 
+class IdentifiedRequest(_Request):
+    """A request that changes the treatment: ``auth`` names a registered user and proves it.
+    The control server replaces ``auth`` (and any sign-off's PIN) by the verified ``actor``."""
+
+    auth: Credentials | None = None
+    actor: Actor | None = None
+
+    def signoff_needed(self) -> tuple[str, dict[str, str]] | None:
+        """Why this request needs a supervisor's sign-off and the reason codes it may give, or
+        None when it needs none."""
+        return None
+
+    def signoff_credentials(self) -> SignOffCredentials | None:
+        return None
+
+
 class Checklist(_Request):
     consultation_done: bool
+    consent_given: bool
     area_cleaned: bool
     numbing_applied: bool
     recent_sun_exposure: bool
@@ -92,33 +126,98 @@ class Checklist(_Request):
     pregnancy: bool
     allergy_to_active_ingredient: bool
 
+    def contraindications_present(self) -> list[str]:
+        answers = {
+            "recent sun exposure or tan": self.recent_sun_exposure,
+            "photosensitising medication": self.photosensitising_medication,
+            "active skin infection": self.active_skin_infection,
+            "pregnancy": self.pregnancy,
+            "allergy to the active ingredient": self.allergy_to_active_ingredient,
+        }
+        return [name for name, present in answers.items() if present]
 
-class SessionStartRequest(_Request):
+
+class Numbing(_Request):
+    agent: Annotated[str, Field(min_length=1, max_length=100)]
+    contact_min: Annotated[int, Field(ge=1, le=180)]
+
+
+class Ingredient(_Request):
+    """The active ingredient as delivered: its name (default: the preset's), amount and lot."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    amount: Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)]
+    unit: Literal["ml", "mg"] = "ml"
+    lot: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._/-]+$")]
+
+
+class SessionStartRequest(IdentifiedRequest):
     command: Literal["session_start"]
-    operator: Annotated[str, Field(min_length=1, max_length=64)]
     patient_ref: Annotated[str, Field(min_length=1, max_length=64)]
     skin_type: SkinType
     concerns: Annotated[list[Concern], Field(min_length=1)]
     course_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
-    course_session: Annotated[int, Field(ge=1, le=6)] = 1
+    # What the operator believes; the log's history decides, and a disagreement is a warning.
+    course_session: Annotated[int, Field(ge=1, le=99)] | None = None
     course_planned: Annotated[int, Field(ge=4, le=6)] = 4
-    active_ingredient: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    ingredient: Ingredient
     preset: Concern | None = None
     checklist: Checklist
-    contraindication_override: Annotated[str, Field(min_length=10, max_length=500)] | None = None
+    numbing: Numbing | None = None
+    signoff: SignOffCredentials | None = None
+
+    def signoff_needed(self) -> tuple[str, dict[str, str]] | None:
+        present = self.checklist.contraindications_present()
+        if not present:
+            return None
+        return f"treating despite {', '.join(present)}", OVERRIDE_REASON_CODES
+
+    def signoff_credentials(self) -> SignOffCredentials | None:
+        return self.signoff
 
 
-class SessionZoneRequest(_Request):
+class SessionZoneRequest(IdentifiedRequest):
     command: Literal["session_zone"]
     zone: Zone
 
 
-class SessionEndRequest(_Request):
+PostCareItem = Literal["serum_or_moisturiser", "avoid_sun", "sunscreen", "gentle_skincare"]
+
+
+class SessionEndRequest(IdentifiedRequest):
+    """Post-care is required: the items given, or why it was declined."""
+
     command: Literal["session_end"]
-    post_care: Annotated[list[Annotated[str, Field(min_length=1, max_length=100)]], Field()] = []
+    post_care: list[PostCareItem] = []
+    post_care_declined: Annotated[str, Field(min_length=10, max_length=500)] | None = None
+
+    @model_validator(mode="after")
+    def _post_care_answered(self) -> Self:
+        if bool(self.post_care) == (self.post_care_declined is not None):
+            raise ValueError(
+                "give the post-care advice (serum_or_moisturiser, avoid_sun, sunscreen, "
+                "gentle_skincare) or why it was declined, not both or neither"
+            )
+        return self
 
 
-class ParamsSetRequest(_Request):
+Severity = Literal["none", "mild", "moderate", "severe"]
+
+
+class SessionNoteRequest(IdentifiedRequest):
+    """A clinician's note, the immediate skin reaction or an adverse event, appended to a session
+    (the open one, else ``session``) as a record of its own: never an edit."""
+
+    command: Literal["session_note", "session_reaction", "session_adverse_event"]
+    session: Annotated[int, Field(ge=1)] | None = None
+    text: Annotated[str, Field(min_length=1, max_length=2000)] | None = None
+    erythema: Severity | None = None
+    oedema: Severity | None = None
+    severity: Literal["mild", "moderate", "severe", "serious"] | None = None
+    action_taken: Annotated[str, Field(min_length=1, max_length=1000)] | None = None
+
+
+class ParamsSetRequest(IdentifiedRequest):
     command: Literal["params_set"]
     # Bounded by the SET_PARAMS fields (u32, u16), not by a limit: a value that fits the wire
     # is judged by the safety rules and refused naming the rule and the bound (exit 1).
@@ -129,22 +228,33 @@ class ParamsSetRequest(_Request):
     preset: Concern | None = None
 
 
-class ArmRequest(_Request):
+class ArmRequest(IdentifiedRequest):
     command: Literal["arm"]
 
 
 class DisarmRequest(_Request):
+    """Always allowed (it makes the laser safer); ``auth``, when given, names who disarmed."""
+
     command: Literal["disarm"]
+    auth: Credentials | None = None
+    actor: Actor | None = None
 
 
 class StopRequest(_Request):
     command: Literal["stop"]
 
 
-class FaultAckRequest(_Request):
+class FaultAckRequest(IdentifiedRequest):
+    """A supervisor signs off the breach: ``signoff`` carries the reason code and the reason."""
+
     command: Literal["fault_ack"]
-    operator: Annotated[str, Field(min_length=1, max_length=64)]
-    reason: Annotated[str, Field(min_length=3, max_length=500)]
+    signoff: SignOffCredentials | None = None
+
+    def signoff_needed(self) -> tuple[str, dict[str, str]] | None:
+        return "acknowledging a safety breach", ACK_REASON_CODES
+
+    def signoff_credentials(self) -> SignOffCredentials | None:
+        return self.signoff
 
 
 ControlRequest = Annotated[
@@ -156,7 +266,8 @@ ControlRequest = Annotated[
     | ArmRequest
     | DisarmRequest
     | StopRequest
-    | FaultAckRequest,
+    | FaultAckRequest
+    | SessionNoteRequest,
     Field(discriminator="command"),
 ]
 _REQUEST = TypeAdapter[Any](ControlRequest)
@@ -167,7 +278,8 @@ Handler = Callable[[Any], Awaitable[dict[str, Any]]]
 def _describe(exc: ValidationError) -> str:
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "request"
-    return f"invalid request: {where}: {first['msg']}"
+    message = str(first["msg"]).removeprefix("Value error, ")  # pydantic's prefix, not a cause
+    return f"invalid request: {where}: {message}"
 
 
 def parse_request(line: bytes) -> Any:
@@ -180,6 +292,10 @@ def parse_request(line: bytes) -> Any:
         raise ControlError("usage", "request must be a JSON object")
     if "command" not in data:
         raise ControlError("usage", "request has no 'command'")
+    if "actor" in data:
+        raise ControlError(
+            "usage", "invalid request: actor: set by the daemon from `auth`, never sent"
+        )
     try:
         return _REQUEST.validate_python(data)
     except ValidationError as exc:
@@ -238,6 +354,7 @@ class ControlServer:
         handler: Handler,
         *,
         group: str | None = None,
+        authenticator: Authenticator | None = None,
         log: Any = None,
         max_clients: int = MAX_CLIENTS,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
@@ -246,6 +363,7 @@ class ControlServer:
         self.path = path
         self.stop_path = stop_path if stop_path is not None else stop_socket_path(path)
         self._handler = handler
+        self._authenticator = authenticator
         self._gid = grp.getgrnam(group).gr_gid if group is not None else None
         self.refused_peers = 0
         self.max_clients = client_cap(max_clients)
@@ -473,6 +591,10 @@ class ControlServer:
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             return
+        except asyncio.CancelledError:
+            # Only the server cancels its clients, when it closes: end normally, e.g. a client
+            # whose PIN was being checked at shut-down.
+            return
         finally:
             writer.close()
             with contextlib.suppress(Exception):
@@ -546,7 +668,7 @@ class ControlServer:
 
     async def _answer(self, line: bytes) -> bytes:
         try:
-            request = parse_request(line)
+            request = await self._identify(parse_request(line))
             result = await self._handler(request)
         except ControlError as exc:
             return _reply_error(exc.kind, str(exc), **exc.facts)
@@ -556,6 +678,34 @@ class ControlServer:
             self._log.exception("control_request_failed", error=str(exc))
             return _reply_error("internal", f"internal error: {type(exc).__name__}: {exc}")
         return (json.dumps({"ok": True, "result": result}, default=str) + "\n").encode()
+
+    async def _identify(self, request: Any) -> Any:
+        """The request with its verified ``actor`` in place of ``auth`` and any sign-off's PIN;
+        raises :class:`~devicectl.users.AuthRefused` (exit 1) when the proof does not hold."""
+        auth = getattr(request, "auth", None)
+        identified = isinstance(request, IdentifiedRequest)
+        if not identified and auth is None:
+            return request
+        if self._authenticator is None:
+            raise AuthRefused("auth.no_users", "this daemon has no user directory")
+        signoff = request.signoff_credentials() if identified else None
+        try:
+            actor = await self._authenticator.actor(
+                request.command,
+                auth,
+                signoff,
+                signoff_needed=request.signoff_needed() if identified else None,
+            )
+        except AuthRefused:
+            if identified:
+                raise
+            # Disarming makes the laser safer: a wrong PIN (audited) never stops it, it only
+            # leaves the disarm unattributed.
+            actor = None
+        update: dict[str, Any] = {"auth": None, "actor": actor}
+        if signoff is not None:
+            update["signoff"] = None
+        return request.model_copy(update=update)
 
 
 def _kind_of(exc: DevicectlError) -> str:

@@ -47,6 +47,7 @@ from devicectl.control import (
     FaultAckRequest,
     ParamsSetRequest,
     SessionEndRequest,
+    SessionNoteRequest,
     SessionStartRequest,
     SessionZoneRequest,
     StatusRequest,
@@ -55,14 +56,15 @@ from devicectl.control import (
 from devicectl.errors import DevicectlError, LinkError, LogUnavailable, SafetyRefusal
 from devicectl.link import DeviceLink
 from devicectl.logs import redact_url
-from devicectl.policy import Concern, Policy, PulseParams, SkinType, Zone, load_policy
+from devicectl.policy import Concern, Policy, PulseParams, SkinType, Zone, load_policy_with_source
+from devicectl.privacy import published_patient
 from devicectl.safety import Breach, BreachCode, Limits, SafetySupervisor, check_params
 from devicectl.sessionlog import LimitsInForce, SessionLog
-from devicectl.sessionlog.model import check_patient_ref
+from devicectl.sessionlog.checkpoint import Checkpoint
+from devicectl.sessionlog.keys import key_source
+from devicectl.sessionlog.model import Override, Provenance, check_patient_ref
 from devicectl.systemd import SystemdNotifier
-
-if TYPE_CHECKING:
-    from devicectl.telemetry.commands import RefusedBurst
+from devicectl.users import Actor, Authenticator, AuthRefused, UserStore
 from drivers import MemoryLink, open_serial
 from protocols import (
     Arm,
@@ -82,6 +84,9 @@ from protocols import (
     StatusReport,
 )
 
+if TYPE_CHECKING:
+    from devicectl.telemetry.commands import RefusedBurst
+
 __all__ = ["Daemon", "run_daemon"]
 
 SHUTDOWN_BUDGET_S = 1.8  # SIGTERM to exit 0 within 2 s, all included
@@ -89,7 +94,7 @@ SHUTDOWN_BUDGET_S = 1.8  # SIGTERM to exit 0 within 2 s, all included
 _ALERT_SEVERITY = {"critical": "critical", "high": "critical", "warning": "warning", "info": "info"}
 
 
-_BACKLOGGED = frozenset({"publish_alert", "publish_session_event"})
+_BACKLOGGED = frozenset({"publish_alert", "publish_session_event", "publish_checkpoint"})
 _BACKLOG_MAX = 10_000  # bounded; start-up raises a handful
 
 
@@ -109,7 +114,9 @@ class _Treatment:
         "faults",
         "id",
         "operator",
-        "patient_ref",
+        "params_preset",
+        "patient",
+        "preset",
         "pulses",
         "skin_type",
         "started",
@@ -117,11 +124,13 @@ class _Treatment:
     )
 
     def __init__(
-        self, session_id: int, operator: str, patient_ref: str, skin_type: SkinType
+        self, session_id: int, operator: str, patient: str | None, skin_type: SkinType
     ) -> None:
         self.id = session_id
         self.operator = operator
-        self.patient_ref = patient_ref
+        self.patient = patient  # as published (privacy settings), never read from here else
+        self.preset: str | None = None  # the session's preset
+        self.params_preset: str | None = None  # what the parameters in force came from
         self.skin_type = skin_type
         self.faults = 0
         self.zone: Zone | None = None
@@ -144,7 +153,8 @@ class Daemon:
         self._log: FilteringBoundLogger = log or structlog.get_logger("devicectl.daemon")
         self._notifier = notifier or SystemdNotifier()
         self.data_dir = Path(settings.data_dir)
-        self.policy: Policy = load_policy(settings.policy)
+        self.policy: Policy
+        self.policy, self.policy_source = load_policy_with_source(settings.policy)
         self._stack = contextlib.AsyncExitStack()
         self._stopped = asyncio.Event()
         self._identified = asyncio.Event()
@@ -197,11 +207,17 @@ class Daemon:
         # says offline, the log is flushed and closed, the in-process simulator stops.
         connect, port_name = await self._transport(stack)
 
+        checkpoints = settings.checkpoints
         self.sessionlog = SessionLog.open(
             settings.session_log_path,
             log=self._log,
             patient_ref_pattern=settings.patient_ref_pattern,
             on_unavailable=lambda exc: self._log_failed_threadsafe(loop, exc),
+            signing_key=key_source(checkpoints.key_file, self.data_dir, os.environ),
+            on_checkpoint=lambda cp: loop.call_soon_threadsafe(self._on_checkpoint, cp),
+            checkpoint_every=checkpoints.every_records,
+            checkpoint_interval_s=checkpoints.interval_s,
+            idle_checkpoint_interval_s=checkpoints.idle_interval_s,
         )
         stack.callback(self.sessionlog.close)
         self._restore_latch(self.sessionlog.unacknowledged_breach)
@@ -225,9 +241,16 @@ class Daemon:
         )
         stack.push_async_callback(self._make_safe)
 
+        authenticator = Authenticator(
+            UserStore.in_data_dir(self.data_dir), on_refused=self._auth_refused, log=self._log
+        )
         await stack.enter_async_context(
             ControlServer(
-                Path(settings.control), self.handle, group=settings.control_group, log=self._log
+                Path(settings.control),
+                self.handle,
+                group=settings.control_group,
+                authenticator=authenticator,
+                log=self._log,
             )
         )
         tasks = await stack.enter_async_context(asyncio.TaskGroup())
@@ -283,9 +306,9 @@ class Daemon:
             "daemon_stopped", "devicectl", {"session_left_open": self.treatment is not None}
         )
         self._publish_state()
-        if self.sessionlog is not None:
+        if self.sessionlog is not None:  # flushed, and signed: published before "offline"
             with contextlib.suppress(DevicectlError, TimeoutError):
-                await asyncio.wait_for(self.sessionlog.flush_async(), 0.3)
+                await asyncio.wait_for(self.sessionlog.checkpoint_async("shutdown"), 0.3)
 
     async def _transport(self, stack: contextlib.AsyncExitStack) -> tuple[Any, str]:
         port = self.settings.port
@@ -557,6 +580,8 @@ class Daemon:
         if self.supervisor is None or self.treatment is None:
             self.supervisor = self._new_supervisor(ident)
         self._identified.set()
+        if self.sessionlog is not None:  # checkpoints are signed for the id telemetry uses
+            self.sessionlog.set_device(self.settings.mqtt.device or f"{ident.serial:08X}")
         if not self._recovered and self.sessionlog is not None:
             self._recovered = True
             recovery = self.sessionlog.recover_interrupted(status.pulse_count, ident.max_energy_uj)
@@ -699,19 +724,21 @@ class Daemon:
             case StopRequest():
                 return await self.stop_emission("operator")
             case ArmRequest():
-                return await self.arm()
+                return await self.arm(_actor(request))
             case DisarmRequest():
-                return await self.disarm()
+                return await self.disarm(request.actor)
             case ParamsSetRequest():
                 return await self.set_params(request)
             case SessionStartRequest():
                 return self.start_session(request)
             case SessionZoneRequest():
-                return await self.set_zone(request.zone)
+                return await self.set_zone(request.zone, _actor(request))
             case SessionEndRequest():
-                return await self.end_session(request.post_care)
+                return await self.end_session(request)
             case FaultAckRequest():
-                return await self.acknowledge(request.operator, request.reason)
+                return await self.acknowledge(_actor(request))
+            case SessionNoteRequest():
+                return self.append_clinical(request)
         raise ControlError("usage", f"unknown request {request!r}")
 
     def _link(self) -> DeviceLink:
@@ -761,31 +788,50 @@ class Daemon:
         # First, so that a name typed by mistake is refused as such (it also seeds the course id).
         check_patient_ref(request.patient_ref, self.settings.patient_ref_pattern)
         preset = self.policy.presets[Concern(request.preset)] if request.preset else None
-        ingredient = request.active_ingredient or (preset.active_ingredient if preset else None)
+        ingredient = request.ingredient.name or (preset.active_ingredient if preset else None)
         if ingredient is None:
             raise ControlError("usage", "name the active ingredient (--ingredient) or a --preset")
+        actor = _actor(request)
         opened = log.start_session(
-            _session_info(request, ident, ingredient),
+            _session_info(request, ident, ingredient, actor),
             device_pulse_count=self.status.pulse_count if self.status else None,
             limits=LimitsInForce.from_policy(self.policy),
+            provenance=Provenance(
+                software_version=__version__,
+                firmware_version=".".join(str(part) for part in ident.fw),
+                device_serial=f"{ident.serial:08X}",
+                policy_name=self.policy_source.name,
+                policy_sha256=self.policy_source.sha256,
+                time_zone=self.settings.clinic.time_zone,
+            ),
         )
         skin = SkinType.parse(request.skin_type)
-        self.treatment = _Treatment(opened.session_id, request.operator, request.patient_ref, skin)
+        privacy = self.settings.privacy
+        secret = privacy.patient_key_secret
+        patient = published_patient(
+            request.patient_ref,
+            secret=secret.get_secret_value() if secret is not None else None,
+            publish_ref=privacy.publish_patient_ref,
+        )  # what leaves the device: a keyed pseudonym, nothing, or (configured) the reference
+        self.treatment = _Treatment(opened.session_id, actor.user, patient, skin)
+        self.treatment.preset = request.preset
         self.supervisor = self._new_supervisor(ident)
         self.params = None
         self._pending_params = preset.params() if preset else None
         self._session_event(
             str(opened.session_id),
             "started",
-            operator=request.operator,
-            patient_ref=request.patient_ref,
+            operator=actor.user,
+            patient=patient,
             skin_type=request.skin_type,
             concerns=list(request.concerns),
         )
         self._telemetry("publish_session", self._session_summary())
         self._publish_state()
+        position = opened.position
         return {
             "session": opened.session_id,
+            "course": position.to_dict() if position is not None else None,
             "warnings": [w.message for w in opened.warnings],
             "active_ingredient": ingredient,
             "preset": request.preset,
@@ -796,14 +842,14 @@ class Daemon:
             raise ControlError("refused", "no session is open: `devicectl session start` first")
         return self.treatment
 
-    async def set_zone(self, zone_name: str) -> dict[str, Any]:
+    async def set_zone(self, zone_name: str, actor: Actor) -> dict[str, Any]:
         treatment = self._treatment()
         if self.armed or self._arming:
             raise ControlError("refused", "disarm before changing zone")
         zone = Zone(zone_name)
         limit_uj = round(self.policy.zone(zone).energy_j * 1e6)
         self._require_log().record_zone(
-            treatment.id, zone, actor=treatment.operator, energy_limit_uj=limit_uj
+            treatment.id, zone, actor=actor.user, role=actor.role, energy_limit_uj=limit_uj
         )
         treatment.zone = zone
         self._session_event(str(treatment.id), "zone", zone=zone.value, energy_limit_uj=limit_uj)
@@ -815,12 +861,14 @@ class Daemon:
         if self.params is None and self._pending_params is not None:
             # The session's preset becomes the parameters once there is a zone to check them for.
             params, self._pending_params = self._pending_params, None
-            result |= await self._apply_params(params, treatment)
+            result |= await self._apply_params(params, treatment, actor, treatment.preset)
         elif self.params is not None:
             try:
-                self._limits(self.params)
+                limits = self._limits(self.params)
             except SafetyRefusal as exc:
                 result["warning"] = f"the current parameters are not allowed here: {exc}"
+            else:  # the same parameters, under this zone's cap: recorded as such
+                self._record_params(self.params, treatment, actor, treatment.params_preset, limits)
         self._telemetry("publish_session", self._session_summary())
         self._publish_state()
         return result
@@ -832,8 +880,10 @@ class Daemon:
         if self.armed or self._arming:
             raise ControlError("refused", "disarm before changing parameters")
         base = self.params or self._pending_params
+        preset = treatment.preset if base is not None else None
         if request.preset is not None:
             base = self.policy.presets[Concern(request.preset)].params()
+            preset = request.preset
         fields: dict[str, int | None] = {
             "energy_uj": request.energy_uj,
             "width_us": request.width_us,
@@ -844,7 +894,9 @@ class Daemon:
         if base is None and missing:
             raise ControlError("usage", f"give {', '.join(missing)} (or --preset)")
         values = {k: v if v is not None else getattr(base, k) for k, v in fields.items()}
-        return await self._apply_params(PulseParams(**values), treatment)
+        if any(v is not None for v in fields.values()):
+            preset = f"{preset} (modified)" if preset else None
+        return await self._apply_params(PulseParams(**values), treatment, _actor(request), preset)
 
     def _limits(self, params: PulseParams) -> Limits:
         """Every limit checkable before emission (section 4); SafetyRefusal names the one broken."""
@@ -856,25 +908,48 @@ class Daemon:
             raise ControlError("refused", "no zone chosen: `devicectl session zone ZONE` first")
         return check_params(ident, self.policy, treatment.skin_type, treatment.zone, params)
 
-    async def _apply_params(self, params: PulseParams, treatment: _Treatment) -> dict[str, Any]:
-        self._limits(params)
+    async def _apply_params(
+        self, params: PulseParams, treatment: _Treatment, actor: Actor, preset: str | None
+    ) -> dict[str, Any]:
+        limits = self._limits(params)
         await self._link().request(params.as_command())
         self.params = params
         self._params_on_device = True
+        self._record_params(params, treatment, actor, preset, limits)
+        self._session_event(str(treatment.id), "params", **_params(params))
+        self._telemetry("publish_session", self._session_summary())
+        self._publish_state()
+        return {"params": _params(params), "fluence_j_cm2": round(params.fluence_j_cm2, 3)}
+
+    def _record_params(
+        self,
+        params: PulseParams,
+        treatment: _Treatment,
+        actor: Actor,
+        preset: str | None,
+        limits: Limits,
+    ) -> None:
+        """The parameters in force with the fluence cap they were checked against."""
+        treatment.params_preset = preset
         self._require_log().record_params(
             treatment.id,
             energy_uj=params.energy_uj,
             width_us=params.width_us,
             rate_mhz=params.rate_mhz,
             spot_um=params.spot_um,
-            actor=treatment.operator,
+            actor=actor.user,
+            role=actor.role,
+            fluence_limit={
+                "fluence_j_cm2": round(limits.fluence_j_cm2, 4),
+                "max_fluence_j_cm2": limits.max_fluence_j_cm2,
+                "rule": limits.fluence_rule,
+                "skin_type": treatment.skin_type.name,
+                "zone": treatment.zone.value if treatment.zone else None,
+                "preset": preset,
+            },
         )
-        self._session_event(str(treatment.id), "params", **_params(params))
-        self._telemetry("publish_session", self._session_summary())
-        self._publish_state()
-        return {"params": _params(params), "fluence_j_cm2": round(params.fluence_j_cm2, 3)}
 
-    async def arm(self) -> dict[str, Any]:
+    async def arm(self, actor: Actor) -> dict[str, Any]:
         treatment = self._treatment()
         self._require_log()
         supervisor = self.supervisor
@@ -904,30 +979,48 @@ class Daemon:
         if not self.armed:  # the ACK handler refused (see _on_reply) and sent STOP
             raise ControlError("refused", "arming was undone: a limit changed during ARM")
         link.start_heartbeats(self._lease_ms)
-        self._event("armed", treatment.operator, {"lease_ms": self._lease_ms})
+        self._event("armed", actor.user, {"lease_ms": self._lease_ms}, role=actor.role)
         self._session_event(str(treatment.id), "armed", lease_ms=self._lease_ms)
         self._publish_state()
         return {"armed": True, "lease_ms": self._lease_ms}
 
-    async def disarm(self) -> dict[str, Any]:
+    async def disarm(self, actor: Actor | None = None) -> dict[str, Any]:
         link = self._link()
         link.stop_heartbeats()
         await link.request(Disarm())
-        actor = self.treatment.operator if self.treatment else "operator"
-        self._event("disarmed", actor, {})
+        if actor is not None:
+            self._event("disarmed", actor.user, {}, role=actor.role)
+        else:  # disarming needs no identity: recorded as the session's operator's console
+            self._event("disarmed", self.treatment.operator if self.treatment else "console", {})
         if self.treatment is not None:
             self._session_event(str(self.treatment.id), "disarmed")
         self._publish_state()
         return {"armed": False}
 
-    async def acknowledge(self, operator: str, reason: str) -> dict[str, Any]:
+    async def acknowledge(self, actor: Actor) -> dict[str, Any]:
+        signoff = actor.signoff
+        if signoff is None or signoff.role != "supervisor":  # the control layer checked it too
+            raise AuthRefused("signoff.required", "a breach acknowledgement needs a supervisor")
         supervisor = self.supervisor
         if supervisor is None or supervisor.latched is None:
             raise ControlError("refused", "no breach is latched: nothing to acknowledge")
         self._require_log()
-        breach = supervisor.acknowledge(operator, reason)
+        reason = signoff.reason
+        breach = supervisor.acknowledge(actor.user, reason)
         assert breach is not None
-        self._event("fault_ack", operator, {"breach": breach.alert_code}, reason=reason)
+        self._event(
+            "fault_ack",
+            actor.user,
+            {
+                "breach": breach.alert_code,
+                "pulse_no": breach.pulse_no,
+                "signed_off_by": signoff.user,
+                "signed_off_role": signoff.role,
+                "reason_code": signoff.reason_code,
+            },
+            reason=reason,
+            role=actor.role,
+        )
         link = self.link
         device_faulted = self.status is not None and self.status.state == DeviceState.FAULT
         if link is not None and link.connected.is_set() and device_faulted:
@@ -938,30 +1031,79 @@ class Daemon:
                 str(self.treatment.id),
                 "ack",
                 breach=breach.alert_code,
-                operator=operator,
+                operator=actor.user,
+                signed_off_by=signoff.user,
+                reason_code=signoff.reason_code,
                 reason=reason,
             )
         self._publish_state()
-        return {"acknowledged": breach.alert_code, "operator": operator, "reason": reason}
+        return {
+            "acknowledged": breach.alert_code,
+            "operator": actor.user,
+            "signed_off_by": signoff.user,
+            "reason_code": signoff.reason_code,
+            "reason": reason,
+        }
 
-    async def end_session(self, post_care: list[str]) -> dict[str, Any]:
+    async def end_session(self, request: SessionEndRequest) -> dict[str, Any]:
         treatment = self._treatment()
+        actor = _actor(request)
         self._require_log()  # never report an end the log could not record
         if (self.armed or self._arming) and self.link is not None:
-            await self.disarm()
+            await self.disarm(actor)
         log = self.sessionlog
         assert log is not None
-        summary = log.end_session(treatment.id, actor=treatment.operator, post_care=post_care)
+        summary = log.end_session(
+            treatment.id,
+            actor=actor.user,
+            role=actor.role,
+            post_care=request.post_care,
+            post_care_declined=request.post_care_declined,
+        )
         self.treatment = None
         self.params = None
         self._pending_params = None
         result = summary.to_dict()
-        self._session_event(
-            str(treatment.id), "ended", summary=_mqtt_summary(summary, treatment, ended=True)
-        )
+        ended = _mqtt_summary(summary, treatment, ended=True)
         self._telemetry("publish_session", None)
         self._publish_state()
+        # The ended event carries the signed checkpoint covering the session (a commit away).
+        # Everything above is settled first: another request may run during this await.
+        checkpoint: Checkpoint | None = None
+        with contextlib.suppress(DevicectlError, TimeoutError):  # the end is recorded already
+            checkpoint = await asyncio.wait_for(log.checkpoint_async("session_end"), 1.0)
+        self._session_event(
+            str(treatment.id),
+            "ended",
+            summary=ended,
+            checkpoint=None if checkpoint is None else checkpoint.wire(),
+        )
         return result
+
+    def _on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """A signed checkpoint was committed (handed over from the log's writer thread)."""
+        self._telemetry("publish_checkpoint", checkpoint.wire())
+
+    def append_clinical(self, request: SessionNoteRequest) -> dict[str, Any]:
+        """A note, the immediate reaction or an adverse event: appended to the open session, or
+        to ``request.session`` (ended), as a record of its own; nothing is ever edited."""
+        actor = _actor(request)
+        log = self._require_log()
+        session = request.session
+        if session is None:
+            if self.treatment is None:
+                raise ControlError("usage", "no session is open: name one with --session ID")
+            session = self.treatment.id
+        kind = request.command.removeprefix("session_")
+        entry = request.model_dump(
+            exclude={"command", "session", "auth", "actor"}, exclude_none=True
+        )
+        log.record_clinical(session, kind, actor=actor.user, role=actor.role, entry=entry)
+        return {"session": session, "recorded": kind, "by": actor.user}
+
+    def _auth_refused(self, user: str | None, command: str, exc: AuthRefused) -> None:
+        """A request whose identity did not hold: audited (never the PIN)."""
+        self._event("auth_refused", user or "unidentified", {"command": command, "rule": exc.rule})
 
     def _remote_stop(self) -> None:
         """``cmd/stop`` over MQTT: stopping is always safe, so it needs no authority here. Not
@@ -1048,12 +1190,18 @@ class Daemon:
         }
 
     def _event(
-        self, kind: str, actor: str, detail: dict[str, Any], reason: str | None = None
+        self,
+        kind: str,
+        actor: str,
+        detail: dict[str, Any],
+        reason: str | None = None,
+        *,
+        role: str | None = None,
     ) -> None:
         if self.sessionlog is None:
             return
         session = self.treatment.id if self.treatment else None
-        self.sessionlog.record_event(session, kind, actor, detail, reason)
+        self.sessionlog.record_event(session, kind, actor, detail, reason, role=role)
 
     def _alert(
         self,
@@ -1149,7 +1297,7 @@ class Daemon:
         return {
             "session": str(treatment.id),
             "operator": treatment.operator,
-            "patient": treatment.patient_ref,
+            "patient": treatment.patient,
             "skin_type": treatment.skin_type.name,
             "zone": treatment.zone.value if treatment.zone else None,
             "started": datetime.fromtimestamp(treatment.started, UTC),
@@ -1161,12 +1309,25 @@ class Daemon:
         }
 
 
-def _session_info(request: SessionStartRequest, ident: Ident, ingredient: str) -> dict[str, Any]:
+def _actor(request: Any) -> Actor:
+    """The verified actor the control layer put on ``request`` (it refuses one without)."""
+    actor = request.actor
+    if actor is None:
+        raise AuthRefused("auth.required", f"{request.command} needs an identified user")
+    assert isinstance(actor, Actor)
+    return actor
+
+
+def _session_info(
+    request: SessionStartRequest, ident: Ident, ingredient: str, actor: Actor
+) -> dict[str, Any]:
     """The session log's record of a session start (the checklist was given in full)."""
     answers = request.checklist
+    numbing = request.numbing if answers.numbing_applied else None
     info: dict[str, Any] = {
         "device_serial": f"{ident.serial:08X}",
-        "operator": request.operator,
+        "operator": actor.user,
+        "operator_role": actor.role.value,
         "patient_ref": request.patient_ref,
         "skin_type": request.skin_type,
         "concerns": list(request.concerns),
@@ -1177,8 +1338,11 @@ def _session_info(request: SessionStartRequest, ident: Ident, ingredient: str) -
         },
         "checklist": {
             "consultation_done": answers.consultation_done,
+            "consent_given": answers.consent_given,
             "area_cleaned": answers.area_cleaned,
             "numbing_applied": answers.numbing_applied,
+            "numbing_agent": numbing.agent if numbing else None,
+            "numbing_contact_min": numbing.contact_min if numbing else None,
             "contraindications": {
                 "recent_sun_exposure_or_tan": answers.recent_sun_exposure,
                 "photosensitising_medication": answers.photosensitising_medication,
@@ -1188,9 +1352,17 @@ def _session_info(request: SessionStartRequest, ident: Ident, ingredient: str) -
             },
         },
         "active_ingredient": ingredient,
+        "ingredient_amount": request.ingredient.amount,
+        "ingredient_unit": request.ingredient.unit,
+        "ingredient_lot": request.ingredient.lot,
     }
-    if request.contraindication_override is not None:
-        info["contraindication_override"] = request.contraindication_override
+    if actor.signoff is not None:
+        info["override"] = Override(
+            signed_off_by=actor.signoff.user,
+            role=actor.signoff.role.value,
+            reason_code=actor.signoff.reason_code,
+            reason=actor.signoff.reason,
+        ).model_dump()
     return info
 
 
@@ -1202,7 +1374,7 @@ def _mqtt_summary(summary: Any, treatment: _Treatment | None, *, ended: bool) ->
     return {
         "session": str(summary.session_id),
         "operator": treatment.operator if treatment else None,
-        "patient": treatment.patient_ref if treatment else None,
+        "patient": treatment.patient if treatment else None,
         "skin_type": treatment.skin_type.name if treatment else None,
         "zone": treatment.zone.value if treatment and treatment.zone else None,
         "started": datetime.fromtimestamp(summary.started_ns / 1e9, UTC),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from protocols.bounded import printable
 from protocols.errors import DevicectlError
 
 __all__ = [
@@ -22,11 +23,18 @@ __all__ = [
 
 
 class ConfigError(DevicectlError):
-    """A configuration or policy value is not allowed."""
+    """A configuration or policy value is not allowed.
+
+    The message is one line of at most a few hundred characters whatever the input: the value and
+    the reason are clipped, and any control or invisible character in them is escaped.
+    """
 
     def __init__(self, key: str, value: object, allowed: str) -> None:
         self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"config {key}={value!r} is not allowed: {allowed}")
+        super().__init__(
+            f"config {printable(key, 80)}={printable(repr(value), 120)} is not allowed: "
+            f"{printable(allowed, 240)}"
+        )
 
 
 class SafetyRefusal(DevicectlError):

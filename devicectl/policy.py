@@ -1,4 +1,4 @@
-"""The clinic policy: the middle layer of the safety limits (DESIGN.md section 4).
+"""The clinic policy: the middle layer of the safety limits (docs/safety-model.md).
 
 A clinic's policy is a TOML file; when none is configured the packaged default
 (``devicectl/defaults/policy.toml``) is used. Its numbers are ILLUSTRATIVE, NOT CLINICAL GUIDANCE:
@@ -26,8 +26,8 @@ Units follow the wire protocol: ``_uj`` µJ, ``_us`` µs, ``_mhz`` millihertz, `
 
 from __future__ import annotations
 
+import hashlib
 import math
-import tomllib
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from importlib import resources
@@ -47,11 +47,13 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from devicectl.errors import ConfigError
+from protocols.bounded import BoundedInputError, loads_toml
 from protocols.messages import LEASE_MAX_MS, LEASE_MIN_MS, SetParams
 
 __all__ = [
     "Concern",
     "Policy",
+    "PolicySource",
     "Preset",
     "PulseParams",
     "SkinType",
@@ -60,6 +62,7 @@ __all__ = [
     "average_power_w",
     "fluence_j_cm2",
     "load_policy",
+    "load_policy_with_source",
     "parse_policy",
     "spot_area_cm2",
 ]
@@ -404,22 +407,39 @@ def parse_policy(data: dict[str, Any], source: str = "<policy>") -> Policy:
         raise _error_from_validation(exc, source) from None
 
 
+@dataclass(frozen=True, slots=True)
+class PolicySource:
+    """Which policy is in force, for the record: its name (the file, or the packaged default)
+    and the SHA-256 of the exact bytes that were parsed."""
+
+    name: str
+    sha256: str
+
+
 def load_policy(path: Path | None = None) -> Policy:
     """Read and validate the policy at ``path``, or the packaged default when ``None``."""
+    return load_policy_with_source(path)[0]
+
+
+def load_policy_with_source(path: Path | None = None) -> tuple[Policy, PolicySource]:
+    """:func:`load_policy`, with the name and SHA-256 of the bytes it parsed (one read)."""
     if path is None:
         resource = resources.files("devicectl") / "defaults" / "policy.toml"
         source = "the packaged default policy"
-        text = resource.read_text(encoding="utf-8")
+        raw = resource.read_bytes()
     else:
         source = str(path)
+        if not source.strip() or source == ".":
+            raise ConfigError("policy", source, "a TOML file path (an empty one is refused)")
         try:
-            text = path.read_text(encoding="utf-8")
+            raw = path.read_bytes()
         except OSError as exc:
             raise ConfigError(
                 "policy", str(path), f"a readable TOML file ({exc.strerror})"
             ) from None
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("policy", source, f"valid TOML ({exc})") from None
-    return parse_policy(data, source)
+        data = loads_toml(raw)  # UTF-8, at most 1 MiB and 16 levels deep
+    except BoundedInputError as exc:
+        raise ConfigError("policy", source, f"a UTF-8 TOML file: {exc.reason}") from None
+    name = "packaged default policy" if path is None else str(path)
+    return parse_policy(data, source), PolicySource(name, hashlib.sha256(raw).hexdigest())

@@ -1,4 +1,4 @@
-"""The MQTT telemetry contract (DESIGN.md section 6): topics, their flags, and payload models.
+"""The MQTT telemetry contract (docs/mqtt.md): topics, their flags, and payload models.
 
 Sans-I/O: no network, no clock (``ts`` is passed in). ``devicectl.telemetry`` publishes these;
 dashboards read them; ``devicectl schema`` exports :func:`json_schemas`.
@@ -11,11 +11,15 @@ dashboards read them; ``devicectl schema`` exports :func:`json_schemas`.
                             /pulses                         QoS 1  PulseBatchPayload
                             /metrics                        QoS 0  MetricsPayload (expiry 10 s)
                             /alerts                         QoS 1  AlertPayload
+                            /log/checkpoint        retained QoS 1  CheckpointPayload
                             /cmd/stop              (in)     QoS 1  anything: stop emission
 
 Every JSON payload carries the :class:`Envelope`: ``v`` (1), ``ts`` (RFC 3339 UTC), ``device``,
 ``seq`` (per topic, survives restarts), ``boot`` (daemon start counter) and, only on messages
 replayed from the outbox, ``"historical": true``.
+
+Site, device and session ids are :data:`ID_PATTERN`: ASCII letters, digits, ``-`` and ``_``, 1 to
+64 of them, so that two different ids can never look alike on a screen.
 """
 
 from __future__ import annotations
@@ -33,11 +37,15 @@ __all__ = [
     "AVAILABILITY_ONLINE",
     "CONTENT_TYPE",
     "DEFAULT_PREFIX",
+    "ID_ALLOWED",
+    "ID_PATTERN",
     "METRICS_EXPIRY_S",
     "SCHEMA_VERSION",
     "STREAMS",
     "AlertPayload",
+    "CheckpointPayload",
     "Envelope",
+    "LogCheckpoint",
     "MetricsPayload",
     "ParamsModel",
     "PulseBatchPayload",
@@ -52,6 +60,7 @@ __all__ = [
     "TopicBase",
     "dumps_schema",
     "encode_payload",
+    "is_valid_id",
     "json_schemas",
     "mark_historical",
     "parse_topic",
@@ -65,8 +74,18 @@ METRICS_EXPIRY_S = 10
 AVAILABILITY_ONLINE = b"online"
 AVAILABILITY_OFFLINE = b"offline"
 
+_RFC3339_UTC = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$"
 # A topic level may not hold MQTT wildcards or separators.
 _LEVEL = re.compile(r"^[^/#+\x00]+$")
+# Site, device and session ids: nothing that renders like something else (no look-alikes, no
+# invisible or control characters), nothing a shell, a URL or a topic would read specially.
+ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+ID_ALLOWED = "1 to 64 ASCII letters, digits, - or _"
+
+
+def is_valid_id(value: object) -> bool:
+    """True for a site, device or session id of :data:`ID_PATTERN`."""
+    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
 
 
 class Stream(StrEnum):
@@ -79,6 +98,7 @@ class Stream(StrEnum):
     PULSES = "pulses"
     METRICS = "metrics"
     ALERTS = "alerts"
+    LOG_CHECKPOINT = "log-checkpoint"
     CMD = "cmd"
 
 
@@ -155,6 +175,40 @@ class SessionPayload(Envelope):
     summary: SessionSummary
 
 
+class LogCheckpoint(_Model):
+    """A signed checkpoint of the session log's hash chain (docs/session-log.md).
+
+    The signature is Ed25519 over the UTF-8 bytes of six LF-terminated lines:
+    ``devicectl-log-checkpoint/v1``, ``device=<device>``, ``log_seq=<decimal>``, ``hash=<hex>``,
+    ``time=<time exactly as here>``, ``key_id=<hex>``; ``device`` is the envelope's.
+    """
+
+    log_seq: int = Field(ge=0, description="The log record (chain seq) the checkpoint covers.")
+    hash: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] = Field(
+        description="The chain's SHA-256 at log_seq, lower-case hex."
+    )
+    time: Annotated[str, Field(pattern=_RFC3339_UTC)] = Field(
+        description="When it was signed, RFC 3339 UTC; signed as this exact text."
+    )
+    key_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] = Field(
+        description="First 16 bytes of SHA-256 of the raw public key, lower-case hex."
+    )
+    public_key: Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{43}=$")] = Field(
+        description="Base64 of the raw 32-byte Ed25519 public key. Informational: verification "
+        "trusts only an enrolled key or the log's own key history."
+    )
+    signature: Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{86}==$")] = Field(
+        description="Base64 of the 64-byte Ed25519 signature over the canonical text above."
+    )
+
+
+class CheckpointPayload(Envelope, LogCheckpoint):
+    """``log/checkpoint`` (retained): the newest signed checkpoint of the session log's hash
+    chain. ``signature`` is Ed25519 over the UTF-8 bytes of six LF-terminated lines:
+    ``devicectl-log-checkpoint/v1``, ``device=<device>``, ``log_seq=<decimal>``,
+    ``hash=<hash>``, ``time=<time, as published>``, ``key_id=<key_id>``."""
+
+
 class SessionEventPayload(Envelope):
     """``sessions/{id}/events``: one lifecycle event; ``ended`` carries the closing summary."""
 
@@ -162,6 +216,11 @@ class SessionEventPayload(Envelope):
     event: SessionEventKind
     details: dict[str, JsonValue] = Field(default_factory=dict)
     summary: SessionSummary | None = Field(default=None, description="Only on ``ended``.")
+    checkpoint: LogCheckpoint | None = Field(
+        default=None,
+        description="Only on ``ended``: the signed checkpoint covering the session's last record "
+        "(device: this message's).",
+    )
 
 
 class PulseBatchPayload(Envelope):
@@ -231,6 +290,9 @@ STREAMS: dict[Stream, StreamSpec] = {
         StreamSpec(Stream.PULSES, "pulses", False, 1, PulseBatchPayload, durable=True),
         StreamSpec(Stream.METRICS, "metrics", False, 0, MetricsPayload, durable=False),
         StreamSpec(Stream.ALERTS, "alerts", False, 1, AlertPayload, durable=True),
+        StreamSpec(
+            Stream.LOG_CHECKPOINT, "log/checkpoint", True, 1, CheckpointPayload, durable=True
+        ),
         StreamSpec(Stream.CMD, "cmd/{command}", False, 1, None, durable=False),
     )
 }
@@ -250,10 +312,11 @@ class TopicBase:
     device: str
 
     def __post_init__(self) -> None:
-        for name in ("prefix", "site", "device"):
-            value = getattr(self, name)
-            if not _LEVEL.match(value):
-                raise ValueError(f"MQTT topic {name} {value!r} must be non-empty without / # +")
+        if not _LEVEL.match(self.prefix):
+            raise ValueError(f"MQTT topic prefix {self.prefix!r} must be non-empty without / # +")
+        for name in ("site", "device"):
+            if not is_valid_id(getattr(self, name)):
+                raise ValueError(f"MQTT {name} id {getattr(self, name)!r} must be {ID_ALLOWED}")
 
     @property
     def base(self) -> str:
@@ -280,6 +343,8 @@ def parse_topic(topic: str) -> tuple[str, str, str, Stream, str | None] | None:
             return prefix, site, device, Stream.SESSION_EVENTS, session
         case ["cmd", command]:
             return prefix, site, device, Stream.CMD, command
+        case ["log", "checkpoint"]:
+            return prefix, site, device, Stream.LOG_CHECKPOINT, None
         case [name] if name in {"availability", "state", "session", "pulses", "metrics", "alerts"}:
             return prefix, site, device, Stream(name), None
     return None

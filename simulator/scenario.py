@@ -21,7 +21,6 @@ step (1-based, as an engineer counts them in the file) and the cause.
 from __future__ import annotations
 
 import asyncio
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from protocols.bounded import BoundedInputError, decode_utf8, loads_toml, printable
 from protocols.errors import DevicectlError
 from simulator.control import CommandError, SimCommand, parse_command
 
@@ -41,8 +41,10 @@ class ScenarioError(DevicectlError):
 
     def __init__(self, source: str, step: int | None, reason: str) -> None:
         self.source, self.step, self.reason = source, step, reason
-        where = f"scenario {source}" + (f", step {step}" if step is not None else "")
-        super().__init__(f"{where}: {reason}")
+        where = f"scenario {printable(source, 120)}" + (
+            f", step {step}" if step is not None else ""
+        )
+        super().__init__(f"{where}: {printable(reason, 240)}")  # one line, whatever the file holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +63,8 @@ class Scenario:
 class _Step(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    at: float = Field(ge=0, allow_inf_nan=False)
+    # strict: ``at = true`` is a typo, not 1 s; an integer number of seconds is a fine time
+    at: float = Field(ge=0, allow_inf_nan=False, strict=True)
     command: str | list[str]
 
 
@@ -81,9 +84,9 @@ def _first_error(exc: ValidationError) -> str:
 def parse_scenario(text: str, *, source: str = "<string>") -> Scenario:
     """The scenario in TOML ``text``; ScenarioError naming the step if anything is wrong."""
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError(source, None, f"not valid TOML: {exc}") from exc
+        data = loads_toml(text.encode())  # at most 1 MiB and 16 levels deep
+    except BoundedInputError as exc:
+        raise ScenarioError(source, None, exc.reason) from None
     try:
         model = _File.model_validate(data)
     except ValidationError as exc:
@@ -112,10 +115,16 @@ def parse_scenario(text: str, *, source: str = "<string>") -> Scenario:
 
 def load_scenario(path: Path) -> Scenario:
     """The scenario in the TOML file at ``path``; ScenarioError if it cannot be played."""
+    if not str(path).strip() or str(path) == ".":
+        raise ScenarioError(str(path), None, "an empty path is refused")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ScenarioError(str(path), None, f"cannot read it: {exc}") from exc
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ScenarioError(str(path), None, f"cannot read it: {exc.strerror or exc}") from None
+    try:
+        text = decode_utf8(data)
+    except BoundedInputError as exc:
+        raise ScenarioError(str(path), None, exc.reason) from None
     return parse_scenario(text, source=str(path))
 
 

@@ -1,7 +1,7 @@
 """The ``devicectl`` Typer application and its command groups.
 
 Each ``devicectl.cli.<area>`` module adds its commands to these objects; ``devicectl.cli`` imports
-them all. Exit codes (DESIGN.md section 7): 0 success, 1 refused, 2 usage error, 3 cannot reach the
+them all. Exit codes (docs/cli.md): 0 success, 1 refused, 2 usage error, 3 cannot reach the
 daemon or device.
 """
 
@@ -22,6 +22,7 @@ __all__ = [
     "log_app",
     "params_app",
     "session_app",
+    "users_app",
 ]
 
 
@@ -40,7 +41,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 session_app = typer.Typer(
-    help="Treatment sessions: start, zone, end, list, show, export.",
+    help="Treatment sessions: start, zone, end, note, reaction, adverse-event, list, show, export.",
     epilog="Example: devicectl session list --since 2026-11-01",
 )
 params_app = typer.Typer(
@@ -48,7 +49,8 @@ params_app = typer.Typer(
 )
 fault_app = typer.Typer(
     help="Latched safety breaches.",
-    epilog='Example: devicectl fault ack --operator OP-7 --reason "handpiece checked"',
+    epilog="Example: devicectl fault ack --user SUP-1 --reason-code handpiece_checked "
+    '--reason "handpiece checked and recalibrated"',
 )
 log_app = typer.Typer(
     help="The tamper-evident session log.",
@@ -58,7 +60,12 @@ config_app = typer.Typer(
     help="Configuration.",
     epilog="Example: devicectl config show --config /etc/devicectl/devicectl.toml",
 )
+users_app = typer.Typer(
+    help="Registered users and their roles (operator, supervisor).",
+    epilog="Example: devicectl users add OP-7 --role operator",
+)
 app.add_typer(session_app, name="session")
+app.add_typer(users_app, name="users")
 app.add_typer(params_app, name="params")
 app.add_typer(fault_app, name="fault")
 app.add_typer(log_app, name="log")

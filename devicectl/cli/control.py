@@ -1,8 +1,17 @@
-"""Operator commands: the daemon (`run`) and everything that drives it over the control socket."""
+"""Operator commands: the daemon (`run`) and everything that drives it over the control socket.
+
+Commands that change a treatment identify their user: ``--user ID`` (or ``DEVICECTL_USER``) and
+that user's PIN, prompted on the terminal or, for scripts, from ``DEVICECTL_PIN`` (never an option:
+a command line is visible to every process). A supervisor's sign-off (a contraindication override,
+a breach acknowledgement) names ``--supervisor ID`` with ``DEVICECTL_SUPERVISOR_PIN`` or a prompt;
+a supervisor running the command signs it themselves. See docs/users.md.
+"""
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,6 +46,24 @@ ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="A devicectl TOML config file.", exists=True)
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+UserOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--user",
+        "--operator",
+        help="Your registered user id; the PIN is prompted (or DEVICECTL_PIN).",
+        envvar="DEVICECTL_USER",
+        show_envvar=False,
+    ),
+]
+SupervisorOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--supervisor",
+        help="The supervisor signing off, when you are not one; their PIN is prompted "
+        "(or DEVICECTL_SUPERVISOR_PIN).",
+    ),
+]
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)  # one line, never wrapped
 _out = Console(highlight=False)
@@ -64,6 +91,41 @@ def _call(control: Path | None, request: dict[str, Any]) -> dict[str, Any]:
     except ControlError as exc:
         _err.print(f"{'refused' if exc.kind == 'refused' else 'error'}: {exc}")
         raise typer.Exit(_EXIT_BY_KIND.get(exc.kind, ExitCode.REFUSED)) from exc
+
+
+def _usage(message: str) -> typer.Exit:
+    _err.print(f"error: {message}")
+    return typer.Exit(ExitCode.USAGE)
+
+
+def _pin(variable: str, user: str) -> str:
+    pin = os.environ.get(variable)
+    if pin:
+        return pin
+    if sys.stdin.isatty():
+        return getpass.getpass(f"PIN for {user}: ")
+    raise _usage(f"no PIN for {user}: type it on a terminal, or set {variable} for a script")
+
+
+def _auth(user: str | None) -> dict[str, str]:
+    """The request's ``auth``: who asks, and their PIN. No fall-back to the OS account."""
+    if not user:
+        raise _usage(
+            "this changes the treatment: name yourself with --user ID (a registered user: "
+            "`devicectl users list`)"
+        )
+    return {"user": user, "pin": _pin("DEVICECTL_PIN", user)}
+
+
+def _signoff(
+    supervisor: str | None, code: str | None, reason: str | None, what: str
+) -> dict[str, str]:
+    if not code or not reason:
+        raise _usage(f"{what} needs a reason code and a reason (a supervisor signs them off)")
+    signoff = {"reason_code": code, "reason": reason}
+    if supervisor:
+        signoff |= {"user": supervisor, "pin": _pin("DEVICECTL_SUPERVISOR_PIN", supervisor)}
+    return signoff
 
 
 def _show(result: dict[str, Any], as_json: bool, title: str = "") -> None:
@@ -166,21 +228,24 @@ def status(control: ControlOpt = None, as_json: JsonOpt = False) -> None:
 
 
 @app.command()
-def arm(control: ControlOpt = None, as_json: JsonOpt = False) -> None:
+def arm(user: UserOpt = None, control: ControlOpt = None, as_json: JsonOpt = False) -> None:
     """Arm the laser (checks every limit, the checklist and the log first).
 
-    Example: devicectl arm
+    Example: devicectl arm --user OP-7
     """
-    _show(_call(control, {"command": "arm"}), as_json)
+    _show(_call(control, {"command": "arm", "auth": _auth(user)}), as_json)
 
 
 @app.command()
-def disarm(control: ControlOpt = None, as_json: JsonOpt = False) -> None:
-    """Disarm the laser.
+def disarm(user: UserOpt = None, control: ControlOpt = None, as_json: JsonOpt = False) -> None:
+    """Disarm the laser (always allowed; --user records who).
 
     Example: devicectl disarm
     """
-    _show(_call(control, {"command": "disarm"}), as_json)
+    request: dict[str, Any] = {"command": "disarm"}
+    if user:
+        request["auth"] = _auth(user)
+    _show(_call(control, request), as_json)
 
 
 @app.command()
@@ -199,17 +264,30 @@ def stop(control: ControlOpt = None, as_json: JsonOpt = False) -> None:
 
 @fault_app.command("ack")
 def fault_ack(
+    reason_code: Annotated[
+        str,
+        typer.Option(
+            "--reason-code",
+            help="cause_found_and_fixed, handpiece_checked, patient_checked, transient_cause",
+        ),
+    ],
     reason: Annotated[str, typer.Option("--reason", help="Why re-arming is safe now.")],
-    operator: Annotated[str, typer.Option("--operator", help="Who acknowledges.")] = "",
+    user: UserOpt = None,
+    supervisor: SupervisorOpt = None,
     control: ControlOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Acknowledge a latched safety breach so the laser may be armed again.
+    """Acknowledge a latched safety breach so the laser may be armed again: a supervisor signs
+    it off (the user, if a supervisor; else --supervisor).
 
-    Example: devicectl fault ack --operator OP-7 --reason "energy drift checked, handpiece replaced"
+    Example: devicectl fault ack --user OP-7 --supervisor SUP-1 --reason-code handpiece_checked
+    --reason "energy drift checked, handpiece replaced"
     """
-    request: dict[str, Any] = {"command": "fault_ack", "reason": reason}
-    request["operator"] = operator or _default_operator()
+    request: dict[str, Any] = {
+        "command": "fault_ack",
+        "auth": _auth(user),
+        "signoff": _signoff(supervisor, reason_code, reason, "acknowledging a breach"),
+    }
     _show(_call(control, request), as_json)
 
 
@@ -222,14 +300,16 @@ def params_set(
     preset: Annotated[
         str | None, typer.Option("--preset", help="Start from a treatment preset (a concern).")
     ] = None,
+    user: UserOpt = None,
     control: ControlOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Set the laser parameters (checked against every limit before they reach the device).
 
-    Example: devicectl params set --energy-uj 2000 --width-us 300 --rate-hz 20 --spot-um 300
+    Example: devicectl params set --user OP-7 --energy-uj 2000 --width-us 300 --rate-hz 20
+    --spot-um 300
     """
-    request: dict[str, Any] = {"command": "params_set"}
+    request: dict[str, Any] = {"command": "params_set", "auth": _auth(user)}
     for key, value in (
         ("energy_uj", energy_uj),
         ("width_us", width_us),
@@ -255,12 +335,13 @@ _CONTRAINDICATIONS = {
 
 def _checklist(
     consultation: bool,
+    consent: bool,
     cleaned: bool,
     numbing: bool,
     contraindications: list[str],
     none_: bool,
 ) -> dict[str, bool] | None:
-    if not (consultation or cleaned or contraindications or none_):
+    if not (consultation or consent or cleaned or contraindications or none_):
         return None
     unknown = [c for c in contraindications if c not in _CONTRAINDICATIONS]
     if unknown:
@@ -281,6 +362,7 @@ def _checklist(
     answers = {field: name in contraindications for name, field in _CONTRAINDICATIONS.items()}
     return {
         "consultation_done": consultation,
+        "consent_given": consent,
         "area_cleaned": cleaned,
         "numbing_applied": numbing,
         **answers,
@@ -289,6 +371,9 @@ def _checklist(
 
 ConsultOpt = Annotated[
     bool, typer.Option("--consultation-done", help="Consultation and skin assessment done.")
+]
+ConsentOpt = Annotated[
+    bool, typer.Option("--consent", help="The patient's informed consent is given (required).")
 ]
 CleanedOpt = Annotated[bool, typer.Option("--area-cleaned", help="Treatment area cleaned.")]
 NumbingOpt = Annotated[bool, typer.Option("--numbing/--no-numbing", help="Numbing cream applied.")]
@@ -303,16 +388,20 @@ NoContraOpt = Annotated[
     bool,
     typer.Option("--no-contraindications", help="Every contraindication was asked and is NO."),
 ]
+OverrideCodeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--override-code",
+        help="Treating despite a contraindication: physician_clearance, "
+        "resolved_since_assessment, outside_treatment_area, benefit_outweighs_risk.",
+    ),
+]
 OverrideOpt = Annotated[
     str | None,
-    typer.Option("--override", help="Reason to treat despite a contraindication (recorded)."),
+    typer.Option(
+        "--override-reason", help="Why, in words (recorded with the supervisor's sign-off)."
+    ),
 ]
-
-
-def _default_operator() -> str:
-    import getpass
-
-    return getpass.getuser()
 
 
 @session_app.command("start")
@@ -322,81 +411,205 @@ def session_start(
     concern: Annotated[
         list[str], typer.Option("--concern", help="fine_lines, laxity, acne_scars, ...")
     ],
-    operator: Annotated[str, typer.Option("--operator", help="Operator id.")] = "",
+    amount: Annotated[
+        float, typer.Option("--amount", help="Amount of the active ingredient applied.")
+    ],
+    lot: Annotated[str, typer.Option("--lot", help="Lot (batch) of the active ingredient.")],
+    user: UserOpt = None,
     ingredient: Annotated[
-        str | None, typer.Option("--ingredient", help="Active ingredient delivered.")
+        str | None, typer.Option("--ingredient", help="Active ingredient (default: the preset's).")
     ] = None,
+    unit: Annotated[str, typer.Option("--unit", help="ml or mg.")] = "ml",
     preset: Annotated[str | None, typer.Option("--preset", help="Treatment preset.")] = None,
     course: Annotated[str | None, typer.Option("--course", help="Course id.")] = None,
-    course_session: Annotated[int, typer.Option("--course-session", help="Session n.")] = 1,
+    course_session: Annotated[
+        int | None,
+        typer.Option("--course-session", help="Session n, as you count it (the log decides)."),
+    ] = None,
     course_planned: Annotated[
         int, typer.Option("--course-planned", help="Planned sessions (4-6).")
     ] = 4,
     consultation: ConsultOpt = False,
+    consent: ConsentOpt = False,
     cleaned: CleanedOpt = False,
     numbing: NumbingOpt = False,
+    numbing_agent: Annotated[
+        str | None, typer.Option("--numbing-agent", help="The numbing cream used.")
+    ] = None,
+    numbing_minutes: Annotated[
+        int | None, typer.Option("--numbing-minutes", help="Its contact time, minutes.")
+    ] = None,
     contraindication: ContraOpt = [],  # noqa: B006 - typer reads the default, never mutates it
     no_contraindications: NoContraOpt = False,
+    override_code: OverrideCodeOpt = None,
     override: OverrideOpt = None,
+    supervisor: SupervisorOpt = None,
     control: ControlOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Open a treatment session.
 
-    Example: devicectl session start --operator OP-7 --patient PT-0042 --skin-type III
-    --concern fine_lines --consultation-done --area-cleaned --numbing --no-contraindications
+    Example: devicectl session start --user OP-7 --patient PT-0042 --skin-type III
+    --concern fine_lines --preset fine_lines --amount 2 --lot HA-2611-07 --consultation-done
+    --consent --area-cleaned --no-numbing --no-contraindications
     """
     request: dict[str, Any] = {
         "command": "session_start",
-        "operator": operator or _default_operator(),
         "patient_ref": patient,
         "skin_type": skin_type,
         "concerns": concern,
-        "course_session": course_session,
         "course_planned": course_planned,
+        "ingredient": {"amount": amount, "unit": unit, "lot": lot},
     }
+    if ingredient is not None:
+        request["ingredient"]["name"] = ingredient
     for key, value in (
-        ("active_ingredient", ingredient),
         ("preset", preset),
         ("course_id", course),
-        ("contraindication_override", override),
+        ("course_session", course_session),
     ):
         if value is not None:
             request[key] = value
-    checklist = _checklist(consultation, cleaned, numbing, contraindication, no_contraindications)
+    checklist = _checklist(
+        consultation, consent, cleaned, numbing, contraindication, no_contraindications
+    )
     if checklist is None:
-        _err.print(
-            "error: the pre-treatment checklist is required: --consultation-done --area-cleaned "
-            "--numbing/--no-numbing and --no-contraindications (or --contraindication NAME)"
+        raise _usage(
+            "the pre-treatment checklist is required: --consultation-done --consent "
+            "--area-cleaned --numbing/--no-numbing and --no-contraindications "
+            "(or --contraindication NAME)"
         )
-        raise typer.Exit(ExitCode.USAGE)
     request["checklist"] = checklist
+    if numbing:
+        if numbing_agent is None or numbing_minutes is None:
+            raise _usage("with --numbing, give --numbing-agent and --numbing-minutes")
+        request["numbing"] = {"agent": numbing_agent, "contact_min": numbing_minutes}
+    request["auth"] = _auth(user)
+    if contraindication:
+        request["signoff"] = _signoff(
+            supervisor, override_code, override, "treating despite a contraindication"
+        )
     _show(_call(control, request), as_json)
 
 
 @session_app.command("zone")
 def session_zone(
     zone: Annotated[str, typer.Argument(help="forehead, periorbital, perioral, cheeks, ...")],
+    user: UserOpt = None,
     control: ControlOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Move to the next treatment zone (its energy limit applies from now on).
 
-    Example: devicectl session zone cheeks
+    Example: devicectl session zone cheeks --user OP-7
     """
-    _show(_call(control, {"command": "session_zone", "zone": zone}), as_json)
+    request = {"command": "session_zone", "zone": zone, "auth": _auth(user)}
+    _show(_call(control, request), as_json)
 
 
 @session_app.command("end")
 def session_end(
     post_care: Annotated[
-        list[str], typer.Option("--post-care", help="Post-care given (repeatable).")
+        list[str],
+        typer.Option(
+            "--post-care",
+            help="Advice given (repeatable): serum_or_moisturiser, avoid_sun, sunscreen, "
+            "gentle_skincare.",
+        ),
     ] = [],  # noqa: B006
+    declined: Annotated[
+        str | None,
+        typer.Option("--post-care-declined", help="Why no post-care advice was given."),
+    ] = None,
+    user: UserOpt = None,
     control: ControlOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Close the open session and print its summary.
+    """Close the open session and print its summary. Post-care is required: the advice given,
+    or why it was declined.
 
-    Example: devicectl session end --post-care "soothing serum" --post-care "SPF 50"
+    Example: devicectl session end --user OP-7 --post-care serum_or_moisturiser
+    --post-care avoid_sun --post-care sunscreen --post-care gentle_skincare
     """
-    _show(_call(control, {"command": "session_end", "post_care": post_care}), as_json)
+    request: dict[str, Any] = {"command": "session_end", "post_care": post_care}
+    if declined is not None:
+        request["post_care_declined"] = declined
+    request["auth"] = _auth(user)
+    _show(_call(control, request), as_json)
+
+
+SessionOpt = Annotated[
+    int | None,
+    typer.Option("--session", help="The session (default: the open one)."),
+]
+
+
+@session_app.command("note")
+def session_note(
+    text: Annotated[str, typer.Argument(help="The note.")],
+    session: SessionOpt = None,
+    user: UserOpt = None,
+    control: ControlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Append a clinician's note to a session (during it or after its end; never an edit).
+
+    Example: devicectl session note --session 12 --user OP-7 "patient tolerated well"
+    """
+    _clinical(control, as_json, "session_note", session, user, text=text)
+
+
+@session_app.command("reaction")
+def session_reaction(
+    erythema: Annotated[str, typer.Option("--erythema", help="none, mild, moderate or severe.")],
+    oedema: Annotated[str, typer.Option("--oedema", help="none, mild, moderate or severe.")],
+    text: Annotated[str | None, typer.Option("--text", help="Anything else seen.")] = None,
+    session: SessionOpt = None,
+    user: UserOpt = None,
+    control: ControlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Record the immediate skin reaction (erythema, oedema) at or after the session's end.
+
+    Example: devicectl session reaction --session 12 --user OP-7 --erythema mild --oedema none
+    """
+    _clinical(
+        control, as_json, "session_reaction", session, user,
+        erythema=erythema, oedema=oedema, text=text,
+    )  # fmt: skip
+
+
+@session_app.command("adverse-event")
+def session_adverse_event(
+    severity: Annotated[str, typer.Option("--severity", help="mild, moderate, severe or serious.")],
+    text: Annotated[str, typer.Option("--text", help="What happened.")],
+    action: Annotated[str | None, typer.Option("--action", help="What was done about it.")] = None,
+    session: SessionOpt = None,
+    user: UserOpt = None,
+    control: ControlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Record an adverse event against a session (appended; the record is never edited).
+
+    Example: devicectl session adverse-event --session 12 --user SUP-1 --severity moderate
+    --text "blister, left cheek, day 1" --action "cold compress, review at 48 h"
+    """
+    _clinical(
+        control, as_json, "session_adverse_event", session, user,
+        severity=severity, text=text, action_taken=action,
+    )  # fmt: skip
+
+
+def _clinical(
+    control: Path | None,
+    as_json: bool,
+    command: str,
+    session: int | None,
+    user: str | None,
+    **entry: Any,
+) -> None:
+    request: dict[str, Any] = {"command": command, "auth": _auth(user)}
+    if session is not None:
+        request["session"] = session
+    request |= {k: v for k, v in entry.items() if v is not None}
+    _show(_call(control, request), as_json)

@@ -19,6 +19,15 @@ from devicectl.cli.app import ExitCode, app
 __all__ = ["dashboard"]
 
 
+def _given_path(path: Path | None, flag: str) -> Path | None:
+    """``path`` unless it is empty: ``--policy ""`` is a mistake, not the current directory."""
+    from devicectl.errors import ConfigError
+
+    if path is not None and str(path) in {"", "."}:
+        raise ConfigError(flag, str(path), "a file path (an empty one is refused)")
+    return path
+
+
 @app.command("dashboard")
 def dashboard(
     mqtt: Annotated[
@@ -72,6 +81,24 @@ def dashboard(
         ),
     ] = None,
     title: Annotated[str, typer.Option("--title", help="The page's title.")] = "Clinic lasers",
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            metavar="HOST[:PORT]",
+            help="A host name browsers use to reach the page (repeatable); the bound address "
+            "is always allowed. Requests naming any other Host or Origin are refused.",
+        ),
+    ] = None,
+    max_browsers: Annotated[
+        int, typer.Option("--max-browsers", metavar="N", help="Open pages served at once.")
+    ] = 100,
+    max_devices: Annotated[
+        int,
+        typer.Option(
+            "--max-devices", metavar="N", help="Devices tracked (the least recently heard goes)."
+        ),
+    ] = 500,
 ) -> None:
     """Serve the clinic dashboard: every device live, alerts impossible to miss.
 
@@ -95,13 +122,16 @@ def dashboard(
             prefix=prefix,
             stop_username=stop_username,
             stop_password=stop_password,
-            limits=load_display_limits(policy),
+            limits=load_display_limits(_given_path(policy, "--policy")),
             title=title,
+            allowed_hosts=tuple(allow_host or ()),
+            max_browsers=max_browsers,
+            max_devices=max_devices,
         )
         server = DashboardServer(Dashboard(config), address)
     except ConfigError as exc:
         typer.echo(f"devicectl dashboard: {exc}", err=True)
-        raise typer.Exit(int(ExitCode.USAGE)) from exc
+        raise typer.Exit(int(ExitCode.USAGE)) from None
     configure_logging()
 
     async def serve() -> None:

@@ -10,12 +10,13 @@ read, 2 usage (bad option, no such file or session).
 from __future__ import annotations
 
 import sqlite3
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import date, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,7 +25,7 @@ from rich.table import Table
 from devicectl.cli.app import ExitCode, log_app, session_app
 from devicectl.errors import LogUnavailable
 from devicectl.sessionlog import export, reader, store
-from devicectl.sessionlog.verify import verify_log
+from devicectl.sessionlog.verify import VerifyReport, verify_against
 
 __all__ = ["session_export", "session_list", "session_show", "verify"]
 
@@ -81,33 +82,135 @@ def _reading(command: str, db: Path | None, data_dir: Path | None) -> Iterator[s
         conn.close()
 
 
-@log_app.command("verify")
-def verify(db: DbOption = None, data_dir: DataDirOption = None) -> None:
-    """Walk the hash chain: exit 0 with the count when intact, 1 naming the first altered,
-    inserted or deleted record. Prints the chain's head hash: kept outside the device (on paper,
-    on a server), it also reveals a rewrite of the whole chain.
+CheckpointsOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--checkpoints",
+        metavar="FILE",
+        help="Checkpoints captured off the device: `mosquitto_sub -v` output, JSON lines of "
+        "log/checkpoint payloads or ended events, or a session's JSON export (repeatable).",
+    ),
+]
+KeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        metavar="PUBKEY",
+        help="The device's enrolled public key: base64 or hex of its 32 bytes, PEM, or a file "
+        "holding one (as `devicectl log key` prints it).",
+    ),
+]
 
-    Example: devicectl log verify --db /var/lib/devicectl/sessions.db
+
+@log_app.command("verify")
+def verify(
+    db: DbOption = None,
+    data_dir: DataDirOption = None,
+    checkpoints: CheckpointsOption = None,
+    key: KeyOption = None,
+    device: Annotated[
+        str | None,
+        typer.Option("--device", help="Use only this device id's checkpoints from the files."),
+    ] = None,
+) -> None:
+    """Walk the hash chain, check every stored checkpoint's signature and the key history, and
+    with --checkpoints prove the log against checkpoints that left the device: exit 0 when
+    nothing contradicts it, 1 naming each altered, deleted or truncated record and the
+    checkpoint that shows it. Always says what it could not rule out.
+
+    Example: devicectl log verify --db sessions.db --checkpoints captured.txt --key KEY.pub
     """
+    from devicectl.sessionlog.checkpoint import external_checkpoints
+    from devicectl.sessionlog.keys import parse_public_key
+
     path = _db_path(db, data_dir)
     if not path.is_file():
         raise _fail("log verify", f"no session log at {path}", ExitCode.USAGE)
+    enrolled: bytes | None = None
+    if key is not None:
+        text = key
+        candidate = Path(key).expanduser()
+        if len(key) < 4096 and candidate.is_file():
+            try:
+                text = candidate.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise _fail(
+                    "log verify", f"cannot read key file {key}: {exc}", ExitCode.USAGE
+                ) from None
+        try:
+            enrolled = parse_public_key(text)
+        except ValueError as exc:
+            raise _fail("log verify", f"--key {key}: {exc}", ExitCode.USAGE) from None
+    witnessed: list[dict[str, object] | str] = []
+    for file in checkpoints or []:
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines(keepends=True)
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise _fail("log verify", f"cannot read {file}: {reason}", ExitCode.USAGE) from None
+        for number, found in external_checkpoints(lines):
+            if isinstance(found, str):
+                witnessed.append(f"{file}: {found}")
+            else:
+                witnessed.append({**found, "_source": f"{file.name} line {number}"})
     try:
-        result = verify_log(path)
+        result = verify_against(path, witnessed, enrolled, device=device)
     except LogUnavailable as exc:
         raise _fail("log verify", str(exc), ExitCode.REFUSED) from None
-    if result.first_break is not None:
-        raise _fail(
-            "log verify",
-            f"session log {path} is NOT intact: {result.first_break.message} "
-            f"({result.records} records verified before it)",
-            ExitCode.REFUSED,
+    for line in _verdict(path, result, given=bool(checkpoints)):
+        typer.echo(line)
+    if not result.ok:
+        raise typer.Exit(int(ExitCode.REFUSED))
+
+
+def _verdict(path: Path, result: VerifyReport, *, given: bool) -> list[str]:
+    """What ``log verify`` prints: the verdict, then each finding, then what stays unproven."""
+    lines: list[str] = []
+    brk = result.first_break
+    if brk is not None:
+        lines.append(
+            f"session log {path} is NOT intact: {brk.message} "
+            f"({result.records} records verified before it)"
         )
-    typer.echo(
-        f"session log {path} intact: {result.records} records "
-        f"({result.pulses} pulses, {result.records - result.pulses} other); "
-        f"head {result.head_seq} sha256:{result.head_hash}"
-    )
+    elif result.findings:
+        lines.append(f"session log {path} is NOT intact: its chain holds together, but")
+    else:
+        lines.append(
+            f"session log {path} intact: {result.records} records "
+            f"({result.pulses} pulses, {result.records - result.pulses} other); "
+            f"head {result.head_seq} sha256:{result.head_hash}"
+        )
+    lines.extend(f"  - {finding.message}" for finding in result.findings)
+    last = result.last_checkpoint
+    if last is not None:
+        lines.append(
+            f"signed checkpoints: {result.checkpoints} verified, the newest at record "
+            f"{last.log_seq} ({last.time}, key {last.key_id})"
+        )
+    for entry in result.keys:
+        how = (
+            "introduced by a checkpoint signed with the previous key"
+            if (entry.signed_by_previous)
+            else entry.how
+        )
+        lines.append(f"signing key {entry.key_id} from record {entry.introduced_at} ({how})")
+    if result.enrolled_key_id is not None:
+        lines.append(f"enrolled key: {result.enrolled_key_id}")
+    if given:
+        used = result.witnessed
+        ignored = [w for w in result.witnesses if w.status == "ignored"]
+        lines.append(f"witnessed checkpoints: {used} used, {len(ignored)} ignored")
+        lines.extend(f"  - ignored: {w.message}" for w in ignored[:10])
+        if len(ignored) > 10:
+            lines.append(f"  - ... and {len(ignored) - 10} more ignored")
+        proof = result.proven_by
+        if proof is not None and result.proven_seq is not None:
+            lines.append(
+                f"PROVEN: records 1..{result.proven_seq} are exactly those the device signed at "
+                f"{proof.time} (key {proof.key_id}, {proof.source})"
+            )
+    lines.extend(f"cannot rule out: {text}" for text in result.cannot_rule_out())
+    return lines
 
 
 def _parse_when(value: str | None, *, end_of_day: bool) -> int | None:
@@ -178,38 +281,81 @@ def session_list(
     console.print(f"{len(found)} session(s)")
 
 
+TimeZoneOption = Annotated[
+    str | None,
+    typer.Option(
+        "--time-zone",
+        metavar="ZONE",
+        help="Show times in this IANA zone (default: the clinic's, recorded with the session).",
+    ),
+]
+
+
 @session_app.command("show")
 def session_show(
     session_id: Annotated[int, typer.Argument(metavar="ID", help="Session id.")],
     db: DbOption = None,
     data_dir: DataDirOption = None,
+    time_zone: TimeZoneOption = None,
 ) -> None:
     """A readable summary of one session.
 
     Example: devicectl session show 12 --data-dir /var/lib/devicectl
     """
     with _reading("session show", db, data_dir) as conn:
-        doc = export.session_document(conn, session_id, with_pulses=False)
+        doc = export.session_document(conn, session_id, with_pulses=False, time_zone=time_zone)
     info, summary, course = doc["info"], doc["summary"], doc["info"]["course"]
-    console = Console()
+    position, prov = doc["course_position"], doc["provenance"] or {}
+    console = Console(width=None if sys.stdout.isatty() else 160)
+
+    def when(ns: int) -> str:  # the clinic's time zone, as the report
+        return export.local_time(ns, doc["time_zone"])[:16]
+
+    def who(rec: dict[str, Any]) -> str:
+        return f"{rec['actor']} ({rec['role']})" if rec.get("role") else str(rec["actor"])
+
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
     head.add_column()
     head.add_row("session", f"{session_id} ({doc['outcome']})")
-    head.add_row("started", _local(doc["started_ns"]))
+    head.add_row("started", f"{doc['started_local']} ({doc['time_zone']})")
+    head.add_row("ended", doc["ended_local"] or "—")
     head.add_row("device", info["device_serial"])
-    head.add_row("operator", info["operator"])
+    role = info.get("operator_role")
+    head.add_row("operator", f"{info['operator']} ({role})" if role else info["operator"])
     head.add_row("patient", info["patient_ref"])
     head.add_row("skin type", ["I", "II", "III", "IV", "V", "VI"][info["skin_type"] - 1])
     head.add_row("concerns", ", ".join(info["concerns"]) or "—")
-    head.add_row(
-        "course",
-        f"{course['course_id']}: session {course['session_number']} of "
-        f"{course['planned_sessions']}",
-    )
+    if position is None:
+        where = f"session {course['session_number']} of {course['planned_sessions']} (as typed)"
+    elif position["kind"] == "maintenance":
+        where = f"maintenance session {position['number']} after the course"
+    else:
+        where = f"session {position['number']} of {position['planned']} (from the log)"
+    head.add_row("course", f"{course['course_id']}: {where}")
     head.add_row("active ingredient", info["active_ingredient"])
-    head.add_row("post-care", ", ".join(doc["post_care"]) or "—")
+    if info.get("ingredient_lot"):
+        amount = f"{info['ingredient_amount']:g} {info['ingredient_unit']}"
+        head.add_row("amount, lot", f"{amount}, lot {info['ingredient_lot']}")
+    if prov:
+        head.add_row(
+            "software, firmware", f"{prov['software_version']}, {prov['firmware_version']}"
+        )
+        head.add_row("policy", f"{prov['policy_name']} sha256:{prov['policy_sha256']}")
+    care = (
+        f"declined: {doc['post_care_declined']}"
+        if doc["post_care_declined"]
+        else ", ".join(doc["post_care"]) or "—"
+    )
+    head.add_row("post-care", care)
     console.print(head)
+    for s in doc["signoffs"]:
+        signed = s["signed_off_by"] or "nobody (older record)"
+        console.print(
+            f"[bold red]{s['kind'].replace('_', ' ')}[/bold red] by {s['actor']}, signed off by "
+            f"{signed} ({s['reason_code'] or 'no code'}): {s['reason']}",
+            highlight=False,
+        )
     for warning in doc["course_warnings"]:
         console.print(f"[yellow]warning:[/yellow] {warning['message']}")
     if summary is not None:
@@ -238,12 +384,34 @@ def session_show(
     if doc["events"] or doc["pulse_gaps"]:
         events = Table("time", "event", "by", "reason", title="safety events and operator actions")
         for e in doc["events"]:
-            events.add_row(_local(e["at_ns"]), e["event"], str(e["actor"]), e["reason"] or "")
+            events.add_row(when(e["at_ns"]), export.describe_event(e), who(e), e["reason"] or "")
         for g in doc["pulse_gaps"]:
             events.add_row(
-                _local(g["at_ns"]), "pulse_gap", "log", f"{g['count']} unlogged: {g['cause']}"
+                when(g["at_ns"]), "pulse gap", "log", f"{g['count']} unlogged: {g['cause']}"
             )
         console.print(events)
+    entries = [
+        *(("reaction", r, f"erythema {r.get('erythema')}, oedema {r.get('oedema')}")
+          for r in doc["reactions"]),
+        *(("adverse event", a, f"{a['severity']}: {a['text']}") for a in doc["adverse_events"]),
+        *(("note", n, n["text"]) for n in doc["notes"]),
+    ]  # fmt: skip
+    if entries:
+        clinical = Table("time", "entry", "by", "recorded", title="appended clinical entries")
+        for kind, rec, text in sorted(entries, key=lambda entry: entry[1]["seq"]):
+            clinical.add_row(when(rec["at_ns"]), kind, who(rec), text)
+        console.print(clinical)
+
+
+@session_app.command("schema")
+def session_schema() -> None:
+    """Print the JSON Schema of `session export --format json` (docs/session-log.md).
+
+    Example: devicectl session schema > session-export.schema.json
+    """
+    import json
+
+    typer.echo(json.dumps(export.export_schema(), indent=1, ensure_ascii=False))
 
 
 @session_app.command("export")
@@ -256,6 +424,7 @@ def session_export(
     ] = ExportFormat.JSON,
     db: DbOption = None,
     data_dir: DataDirOption = None,
+    time_zone: TimeZoneOption = None,
 ) -> None:
     """Export one session as JSON, CSV or a self-contained HTML report.
 
@@ -270,7 +439,7 @@ def session_export(
             else:
                 from devicectl.sessionlog import report  # matplotlib: load only when needed
 
-                report.write_report(conn, session_id, out)
+                report.write_report(conn, session_id, out, time_zone=time_zone)
         except OSError as exc:
             raise _fail(
                 "session export", f"cannot write {out}: {exc.strerror}", ExitCode.USAGE

@@ -1,6 +1,6 @@
 """``devicectl sim`` (serve the simulated board) and ``devicectl sim-control`` (drive it).
 
-DESIGN.md section 7. ``sim`` opens the link and the control socket before printing anything, then
+docs/cli.md. ``sim`` opens the link and the control socket before printing anything, then
 prints exactly one stdout line, the address ``devicectl run --port`` accepts, and serves until
 SIGTERM or SIGINT (exit 0, control socket removed). ``sim-control`` sends one command and returns
 once the simulator has applied it: exit 0 done, 2 unknown command or argument (found locally or
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import signal
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from devicectl.cli.app import ExitCode, app
+from protocols.bounded import clip
 
 if TYPE_CHECKING:
     from simulator.scenario import Scenario
@@ -85,13 +87,16 @@ def sim(
             raise _fail("sim", f"--tcp: {exc}", ExitCode.USAGE) from None
     max_rate_mhz: int | None = None
     if max_rate is not None:
-        max_rate_mhz = round(max_rate * 1000)
+        max_rate_mhz = round(max_rate * 1000) if math.isfinite(max_rate) else 0
         if not 1 <= max_rate_mhz <= _U32_MAX:
             raise _fail(
                 "sim", f"--max-rate {max_rate:g} Hz is out of range 0.001..4294967", ExitCode.USAGE
             )
     if serial is not None and not 0 <= serial <= _U32_MAX:
         raise _fail("sim", f"--serial {serial} is out of range 0..{_U32_MAX}", ExitCode.USAGE)
+    for flag, path in (("--scenario", scenario), ("--control", control)):
+        if path is not None and str(path) in {"", "."}:
+            raise _fail("sim", f"{flag}: an empty path is refused", ExitCode.USAGE)
     loaded: Scenario | None = None
     if scenario is not None:
         try:
@@ -138,12 +143,14 @@ async def _serve(
     try:
         rng = random.Random(seed)  # noqa: S311 - physics noise, not cryptography
         options: dict[str, Any] = {"rng": rng}
-        # Each instance its own serial number unless told (DESIGN.md section 3).
+        # Each instance its own serial number unless told (docs/simulator.md).
         options["serial"] = serial if serial is not None else rng.randrange(1, 1_000_000)
         if max_rate_mhz is not None:
             options["max_rate_mhz"] = max_rate_mhz
         options["now_us"] = monotonic_us()
         board = Board(**options)
+        code = ExitCode.OK
+        # The simulator starts its parts in a TaskGroup: a failure arrives as an ExceptionGroup.
         try:
             async with Simulator(
                 board, control_path=control_path, tcp=tcp, scenario=scenario
@@ -151,16 +158,27 @@ async def _serve(
                 typer.echo(simulator.address)  # click.echo flushes: a host may connect now
                 typer.echo(f"control socket: {control_path}", err=True)
                 await stop.wait()
-        except DevicectlError as exc:
-            typer.echo(f"devicectl sim: {exc}", err=True)
-            return int(ExitCode.USAGE)
-        except OSError as exc:
-            typer.echo(f"devicectl sim: cannot serve: {exc.strerror or exc}", err=True)
-            return int(ExitCode.UNREACHABLE)
+        except* DevicectlError as group:
+            typer.echo(f"devicectl sim: {clip(str(_first(group)), 300)}", err=True)
+            code = ExitCode.USAGE
+        except* OSError as group:
+            error = _first(group)
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            where = f"--tcp {tcp[0]}:{tcp[1]}" if tcp is not None else "the link"
+            typer.echo(f"devicectl sim: cannot serve {where}: {clip(str(reason), 200)}", err=True)
+            code = ExitCode.USAGE if tcp is not None else ExitCode.UNREACHABLE
+        return int(code)
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
-    return int(ExitCode.OK)
+
+
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first leaf of an exception group: the one line to print."""
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
 
 
 @app.command("sim-control")

@@ -25,7 +25,7 @@ def schema(
         typer.Option("--out", help="Write one <topic>.schema.json per topic into this directory."),
     ] = None,
 ) -> None:
-    """Export the JSON Schema of every MQTT telemetry payload (DESIGN.md section 6).
+    """Export the JSON Schema of every MQTT telemetry payload (docs/mqtt.md).
 
     Example: devicectl schema --out ./schemas
     """
@@ -56,11 +56,23 @@ def watch(
     ca: Annotated[
         Path | None, typer.Option("--ca", help="CA file for mqtts:// (else DEVICECTL_MQTT_CA).")
     ] = None,
+    lines: Annotated[
+        bool | None,
+        typer.Option(
+            "--lines/--table",
+            help="One line per event (for pipes and logs), or a table redrawn in place "
+            "[default: lines unless stdout is a terminal].",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Live view of every device on the broker: availability, state, session, pulses, alerts.
+    """Live view of every device on the broker: availability, state, session, pulses, rate and
+    temperatures, alerts; unreadable messages counted, never shown as devices.
 
-    Example: devicectl watch --mqtt mqtt://127.0.0.1:1883
+    Example: devicectl watch --mqtt mqtt://127.0.0.1:1883 --lines
     """
+    import sys
+
     import aiomqtt
 
     from devicectl.telemetry.config import parse_broker_url, tls_context_for
@@ -82,6 +94,7 @@ def watch(
                     tls=tls,
                     username=address.username,
                     password=address.password,
+                    lines=lines if lines is not None else not sys.stdout.isatty(),
                 )
             )
     except aiomqtt.MqttError as exc:

@@ -5,9 +5,22 @@ Routes:
     GET  /static/...                         its script and style sheet
     GET  /events                             SSE: ``snapshot`` on connect, then ``delta`` lists
     GET  /api/snapshot                       the whole view as JSON
-    GET  /healthz                            broker link, device and browser counts
-    POST /api/devices/{site}/{device}/stop   ``{"confirm": true}`` → ``cmd/stop`` to that device;
-                                             403 unless the dashboard has stop credentials
+    GET  /healthz                            the telemetry reader's liveness, the broker link,
+                                             device and browser counts; 503 unless reading
+    POST /api/devices/{site}/{device}/stop   ``{"confirm": true, "site": ..., "device": ...}`` →
+                                             ``cmd/stop`` to that device; 403 unless the
+                                             dashboard has stop credentials
+
+Every request passes :class:`_Guard` first: its ``Host`` must be one the dashboard serves (default
+the bound address; ``allowed_hosts`` to add the names tablets use), and an ``Origin``, when a
+browser sends one, must be one of those too — a page of another site, or one reached through DNS
+rebinding, can neither stop a laser nor read the view. Every response is ``Cache-Control:
+no-store``, ``X-Frame-Options: DENY`` and under a strict content security policy.
+
+Resources are capped so that no number of clients or devices can keep an alarm off the screen:
+``max_browsers`` event streams (more get 503 and retry), each with a bounded queue and a send
+timeout (a browser that does not read is dropped, and reconnects to a fresh snapshot), and the
+view itself is bounded (:class:`~devicectl.dashboard.fleet.Fleet`).
 
 The MQTT subscriber runs in the app's lifespan, as a named task of a TaskGroup.
 """
@@ -15,25 +28,29 @@ The MQTT subscriber runs in the app's lifespan, as a named task of a TaskGroup.
 from __future__ import annotations
 
 import asyncio
-import json
+import ipaddress
+import math
+import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from structlog.typing import FilteringBoundLogger
 
-from devicectl.dashboard.fleet import Fleet
+from devicectl.dashboard.fleet import Fleet, json_text
 from devicectl.dashboard.hub import Resync, UpdateHub
 from devicectl.dashboard.limits import DisplayLimits, load_display_limits
 from devicectl.dashboard.mqtt import (
@@ -45,19 +62,27 @@ from devicectl.dashboard.mqtt import (
 )
 from devicectl.errors import ConfigError
 from devicectl.telemetry.config import BrokerAddress, parse_broker_url, tls_context_for
+from protocols.bounded import BoundedInputError, loads_json
+from protocols.mqtt import ID_ALLOWED, is_valid_id
 
-__all__ = ["Dashboard", "DashboardConfig", "create_app"]
+__all__ = ["Dashboard", "DashboardConfig", "allowed_hosts_for", "create_app"]
 
-_SECURITY_HEADERS = {
+_SECURITY_HEADERS = [
     # Everything the page needs is served from here: no CDN can be pulled in by accident.
-    "content-security-policy": (
-        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
-        "connect-src 'self'; frame-ancestors 'none'"
+    (
+        b"content-security-policy",
+        b"default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        b"connect-src 'self'; frame-ancestors 'none'; base-uri 'none'",
     ),
-    "x-content-type-options": "nosniff",
-    "referrer-policy": "no-referrer",
-}
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+    (b"cache-control", b"no-store"),
+]
+_REPLACED_HEADERS = frozenset(name for name, _ in _SECURITY_HEADERS)
 _MAX_UPDATES_PER_EVENT = 500
+_SSE_CHUNK = 16 * 1024  # a large event goes out in pieces, each awaited under the send timeout
+_MAX_STOP_BODY = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +90,9 @@ class DashboardConfig:
     """What the dashboard needs. ``stop_username``/``stop_password`` enable the Stop button.
 
     ``mqtt_url`` may carry the subscriber's credentials (``mqtt://user:pass@host``); ``ca_file``
-    (else ``DEVICECTL_MQTT_CA``) verifies an ``mqtts://`` broker.
+    (else ``DEVICECTL_MQTT_CA``) verifies an ``mqtts://`` broker. ``allowed_hosts`` are the host
+    names (``name`` or ``name:port``) browsers may use to reach the page, besides the address it
+    is bound to.
     """
 
     mqtt_url: str = "mqtt://127.0.0.1:1883"
@@ -78,6 +105,12 @@ class DashboardConfig:
     title: str = "Clinic lasers"
     keepalive_s: float = 15.0
     backoff: Backoff = field(default_factory=Backoff)
+    allowed_hosts: tuple[str, ...] = ()
+    max_browsers: int = 100
+    max_devices: int = 500
+    browser_queue: int = 1000
+    send_timeout_s: float = 10.0
+    coalesce_s: float = 0.05  # updates to a page are sent at most this often (an alarm included)
 
     def __post_init__(self) -> None:
         if (self.stop_username is None) != (self.stop_password is None):
@@ -88,6 +121,20 @@ class DashboardConfig:
             )
         if not self.prefix or any(c in self.prefix for c in "#+"):
             raise ConfigError("--prefix", self.prefix, "a topic prefix without # or +")
+        for host in self.allowed_hosts:
+            if not host or any(c in host for c in "/ ,@") or not host.isascii():
+                raise ConfigError("--allow-host", host, "a host name or address, HOST[:PORT]")
+        for name, value in (
+            ("max_browsers", self.max_browsers),
+            ("max_devices", self.max_devices),
+            ("browser_queue", self.browser_queue),
+        ):
+            if not 1 <= value <= 1_000_000:
+                raise ConfigError(name, value, "an integer from 1 to 1000000")
+        if not (math.isfinite(self.send_timeout_s) and self.send_timeout_s > 0):
+            raise ConfigError("send_timeout_s", self.send_timeout_s, "a positive number (s)")
+        if not (math.isfinite(self.coalesce_s) and 0 <= self.coalesce_s <= 0.5):
+            raise ConfigError("coalesce_s", self.coalesce_s, "from 0 to 0.5 (s)")
 
     @property
     def stop_enabled(self) -> bool:
@@ -96,6 +143,46 @@ class DashboardConfig:
     def broker(self) -> tuple[BrokerAddress, ssl.SSLContext | None]:
         """The broker's address and TLS context; raises ConfigError naming the bad value."""
         return parse_broker_url(self.mqtt_url), tls_context_for(self.mqtt_url, self.ca_file)
+
+
+def _host_forms(host: str, port: int) -> set[str]:
+    bare = host.strip("[]").lower()
+    shown = f"[{bare}]" if ":" in bare else bare
+    return {shown, f"{shown}:{port}"}
+
+
+def allowed_hosts_for(listen: tuple[str, int], extra: Iterable[str] = ()) -> frozenset[str]:
+    """The ``Host`` header values the dashboard answers when bound to ``listen``.
+
+    The bound address (with and without the port); for a loopback address also ``localhost``;
+    for a wildcard address (``0.0.0.0``, ``::``) this machine's name and addresses; then each of
+    ``extra`` (``name`` allows the bound port, ``name:port`` exactly that).
+    """
+    host, port = listen
+    names = {host}
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        address = None
+    if (address is not None and address.is_loopback) or host.lower() == "localhost":
+        names |= {"localhost", "127.0.0.1", "::1"}
+    if address is not None and address.is_unspecified:
+        names |= {"localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()}
+        try:
+            infos = socket.getaddrinfo(socket.gethostname(), None)
+        except OSError:
+            infos = []
+        names |= {str(info[4][0]) for info in infos}
+    allowed: set[str] = set()
+    for name in names:
+        allowed |= _host_forms(name, port)
+    for entry in extra:
+        name, sep, entry_port = entry.rpartition(":")
+        if sep and entry_port.isdigit() and not entry.endswith("]"):
+            allowed.add(entry.lower())
+        else:
+            allowed |= _host_forms(entry, port)
+    return frozenset(allowed)
 
 
 class Dashboard:
@@ -112,8 +199,8 @@ class Dashboard:
         # Raises ConfigError on a bad URL or CA file, before anything is served.
         self.address, self.tls = config.broker()
         self.log: FilteringBoundLogger = log or structlog.get_logger("devicectl.dashboard")
-        self.fleet = Fleet(config.prefix, limits=config.limits)
-        self.hub = UpdateHub(self.snapshot)
+        self.fleet = Fleet(config.prefix, limits=config.limits, max_devices=config.max_devices)
+        self.hub = UpdateHub(self.snapshot, queue_size=config.browser_queue)
         self.subscriber = TelemetrySubscriber(
             self.address,
             self.tls,
@@ -123,6 +210,13 @@ class Dashboard:
             clock=clock,
             log=self.log,
         )
+        # Set by DashboardServer once bound; until then only the configured names are allowed.
+        self.allowed_hosts = frozenset(h.lower() for h in config.allowed_hosts)
+        self._snapshot_cache: tuple[int, str] = (-1, "")
+
+    def serve_on(self, listen: tuple[str, int]) -> None:
+        """The address the page is served on: the Host/Origin allow-list follows from it."""
+        self.allowed_hosts = allowed_hosts_for(listen, self.config.allowed_hosts)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -132,9 +226,161 @@ class Dashboard:
             "stop_enabled": self.config.stop_enabled,
         }
 
+    def snapshot_text(self) -> str:
+        """The snapshot as JSON, made once per change of the view however many pages ask."""
+        if self._snapshot_cache[0] != self.fleet.version:
+            self._snapshot_cache = (self.fleet.version, json_text(self.snapshot()))
+        return self._snapshot_cache[1]
 
-def _sse(event: str, data: Any) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+class _JSON(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return json_text(content).encode()
+
+
+def _sse(event: str, data: str) -> str:
+    return f"event: {event}\ndata: {data}\n\n"
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+class _GuardMiddleware:
+    """Host and Origin allow-lists in front of every route; security headers on every answer."""
+
+    def __init__(self, app: ASGIApp, dashboard: Dashboard) -> None:
+        self.app, self.dashboard = app, dashboard
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        allowed = self.dashboard.allowed_hosts
+        host = (_header(scope, b"host") or "").lower()
+        origin = _header(scope, b"origin")
+        foreign = (
+            origin is not None and urlsplit(origin.lower()).netloc not in allowed
+        ) or _header(scope, b"sec-fetch-site") in ("cross-site", "same-site")
+        problem: str | None = None
+        if host not in allowed:
+            problem = "this dashboard does not answer to that Host name"
+        elif foreign:
+            problem = "requests from other sites are refused"
+        if problem is not None:
+            self.dashboard.log.warning(
+                "http_request_refused", reason=problem, host=host[:80], origin=(origin or "")[:80]
+            )
+            response = _JSON({"error": problem}, status_code=403)
+            await response(scope, receive, self._secured(send))
+            return
+        await self.app(scope, receive, self._secured(send))
+
+    @staticmethod
+    def _secured(send: Send) -> Send:
+        async def secured(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [
+                    (k, v) for k, v in message.get("headers", []) if k not in _REPLACED_HEADERS
+                ]
+                message = {**message, "headers": headers + _SECURITY_HEADERS}
+            await send(message)
+
+        return secured
+
+
+class _EventStream:
+    """``GET /events``: Server-Sent Events for one browser, within the dashboard's caps.
+
+    A raw ASGI app rather than a StreamingResponse so that every piece it sends is awaited under
+    ``send_timeout_s``: a browser whose connection does not drain (a tablet asleep, a hostile
+    client that never reads) is dropped instead of holding a snapshot in a socket buffer.
+    """
+
+    def __init__(self, dashboard: Dashboard) -> None:
+        self.dashboard = dashboard
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        hub, config = self.dashboard.hub, self.dashboard.config
+        if hub.browsers >= config.max_browsers:
+            busy = _JSON(
+                {"error": f"too many open pages (at most {config.max_browsers})"},
+                status_code=503,
+                headers={"retry-after": "5"},
+            )
+            await busy(scope, receive, send)
+            return
+        async with hub.subscribe() as subscription:
+            await self._send(
+                send,
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/event-stream; charset=utf-8"),
+                        (b"x-accel-buffering", b"no"),
+                    ],
+                },
+            )
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    watcher = tasks.create_task(self._disconnected(receive), name="sse-disconnect")
+                    streamer = tasks.create_task(
+                        self._stream(send, subscription), name="sse-stream"
+                    )
+                    done, _ = await asyncio.wait(
+                        (watcher, streamer), return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for task in (watcher, streamer):
+                        if task not in done:
+                            task.cancel()
+            except* TimeoutError:
+                self.dashboard.log.warning("browser_dropped", reason="not reading its stream")
+            except* OSError:
+                pass  # the connection went away under us: nothing to tell it
+
+    async def _send(self, send: Send, message: Message) -> None:
+        await asyncio.wait_for(send(message), self.dashboard.config.send_timeout_s)
+
+    async def _text(self, send: Send, text: str) -> None:
+        data = text.encode()
+        for start in range(0, len(data), _SSE_CHUNK):
+            chunk = data[start : start + _SSE_CHUNK]
+            await self._send(send, {"type": "http.response.body", "body": chunk, "more_body": True})
+
+    @staticmethod
+    async def _disconnected(receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    async def _stream(self, send: Send, subscription: Any) -> None:
+        dashboard, config = self.dashboard, self.dashboard.config
+        await self._text(send, "retry: 2000\n" + _sse("snapshot", dashboard.snapshot_text()))
+        while True:
+            try:
+                item = await asyncio.wait_for(subscription.next(), config.keepalive_s)
+            except TimeoutError:
+                await self._text(send, ": keepalive\n\n")  # also how a vanished browser is noticed
+                continue
+            if item is not None and not isinstance(item, Resync) and config.coalesce_s > 0:
+                # Let a burst gather: one write per page per interval, not one per message.
+                await asyncio.sleep(config.coalesce_s)
+            batch: list[str] = []
+            while item is not None and not isinstance(item, Resync):
+                batch.append(item.encoded)
+                if subscription.queue.empty() or len(batch) >= _MAX_UPDATES_PER_EVENT:
+                    break
+                item = subscription.queue.get_nowait()
+            if batch:
+                await self._text(send, _sse("delta", "[" + ",".join(batch) + "]"))
+            if item is None:
+                await self._send(send, {"type": "http.response.body", "body": b""})
+                return
+            if isinstance(item, Resync):
+                await self._text(send, _sse("snapshot", dashboard.snapshot_text()))
 
 
 def create_app(dashboard: Dashboard) -> Starlette:
@@ -155,71 +401,54 @@ def create_app(dashboard: Dashboard) -> Starlette:
 
     async def index(_request: Request) -> Response:
         page = resources.files("devicectl.dashboard").joinpath("static/index.html")
-        return HTMLResponse(page.read_text(encoding="utf-8"), headers=_SECURITY_HEADERS)
-
-    async def events(_request: Request) -> Response:
-        async def stream() -> AsyncIterator[str]:
-            async with hub.subscribe() as subscription:
-                yield "retry: 2000\n" + _sse("snapshot", dashboard.snapshot())
-                while True:
-                    try:
-                        item = await asyncio.wait_for(subscription.next(), config.keepalive_s)
-                    except TimeoutError:
-                        yield ": keepalive\n\n"  # also how a vanished browser is noticed
-                        continue
-                    batch: list[dict[str, Any]] = []
-                    while item is not None and not isinstance(item, Resync):
-                        batch.append(item.data)
-                        if subscription.queue.empty() or len(batch) >= _MAX_UPDATES_PER_EVENT:
-                            break
-                        item = subscription.queue.get_nowait()
-                    if batch:
-                        yield _sse("delta", batch)
-                    if item is None:
-                        return
-                    if isinstance(item, Resync):
-                        yield _sse("snapshot", dashboard.snapshot())
-
-        return StreamingResponse(
-            stream(),
-            media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-        )
+        return HTMLResponse(page.read_text(encoding="utf-8"))
 
     async def snapshot(_request: Request) -> Response:
-        return JSONResponse(dashboard.snapshot())
+        return Response(dashboard.snapshot_text(), media_type="application/json")
 
     async def healthz(_request: Request) -> Response:
-        view = fleet.snapshot()
-        return JSONResponse(
+        reader = dashboard.subscriber.health()
+        healthy = reader["running"] and reader["connected"]
+        return _JSON(
             {
-                "broker_connected": view["broker"]["connected"],
-                "devices": len(view["devices"]),
+                "ok": healthy,
+                "reader": reader,
+                "broker_connected": reader["running"] and reader["connected"],
+                "devices": fleet.device_count,
                 "browsers": hub.browsers,
-            }
+            },
+            status_code=200 if healthy else 503,
         )
 
     async def stop(request: Request) -> Response:
         site, device = request.path_params["site"], request.path_params["device"]
         if not config.stop_enabled:
-            return JSONResponse(
+            return _JSON(
                 {"error": "stop is not enabled on this dashboard: it has no stop credentials"},
                 status_code=403,
             )
+        if not (is_valid_id(site) and is_valid_id(device)):
+            return _JSON({"error": f"site and device ids are {ID_ALLOWED}"}, status_code=404)
         # A JSON body cannot be sent cross-site without a CORS preflight, which is never granted.
         if not request.headers.get("content-type", "").startswith("application/json"):
-            return JSONResponse({"error": 'send a JSON body {"confirm": true}'}, status_code=415)
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict) or body.get("confirm") is not True:
-            return JSONResponse(
-                {"error": 'stop needs an explicit confirmation: {"confirm": true}'},
+            return _JSON({"error": 'send a JSON body {"confirm": true}'}, status_code=415)
+        body = await _bounded_body(request)
+        confirmed = (
+            isinstance(body, dict)
+            and body.get("confirm") is True
+            and body.get("site", site) == site
+            and body.get("device", device) == device
+        )
+        if not confirmed:
+            return _JSON(
+                {
+                    "error": 'stop needs an explicit confirmation naming the device: {"confirm": '
+                    'true, "site": ..., "device": ...}'
+                },
                 status_code=400,
             )
         if not fleet.knows(site, device):
-            return JSONResponse(
+            return _JSON(
                 {"error": f"no device {site}/{device} has been seen on the broker"},
                 status_code=404,
             )
@@ -237,14 +466,14 @@ def create_app(dashboard: Dashboard) -> Starlette:
             )
         except StopFailed as exc:
             log.warning("stop_not_sent", device=f"{site}/{device}", error=exc.reason)
-            return JSONResponse({"error": str(exc)}, status_code=502)
+            return _JSON({"error": str(exc)}, status_code=502)
         log.warning("stop_sent", device=f"{site}/{device}", topic=topic)
-        return JSONResponse({"ok": True, "topic": topic})
+        return _JSON({"ok": True, "topic": topic})
 
     app = Starlette(
         routes=[
             Route("/", index),
-            Route("/events", events),
+            Route("/events", _EventStream(dashboard)),
             Route("/api/snapshot", snapshot),
             Route("/healthz", healthz),
             Route("/api/devices/{site}/{device}/stop", stop, methods=["POST"]),
@@ -256,5 +485,19 @@ def create_app(dashboard: Dashboard) -> Starlette:
         ],
         lifespan=lifespan,
     )
+    app.add_middleware(_GuardMiddleware, dashboard=dashboard)
     app.state.dashboard = dashboard
     return app
+
+
+async def _bounded_body(request: Request) -> Any:
+    """The request's JSON body, or None when it is too large, too deep or not JSON."""
+    data = b""
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > _MAX_STOP_BODY:
+            return None
+    try:
+        return loads_json(data, max_bytes=_MAX_STOP_BODY, max_depth=4)
+    except BoundedInputError:
+        return None

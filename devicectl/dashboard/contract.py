@@ -1,15 +1,15 @@
-"""How the dashboard reads the MQTT telemetry contract (DESIGN.md section 6) — the one place.
+"""How the dashboard reads the MQTT telemetry contract (docs/mqtt.md) — the one place.
 
 Topics are ``{prefix}/{site}/{device}/{kind}``; payloads are JSON objects carrying the envelope
 ``v, ts, device, seq, boot`` (and ``historical`` when replayed from the daemon's outbox), except
 ``availability``, a plain ``online``/``offline`` string, and ``session``, which is an empty payload
 when no session is open.
 
-Field names of the payloads may still move a little while the publisher is written, so every
-reader below accepts the few spellings we know of, and normalises units on the way in (energies
-in joules, temperatures in °C, rates in Hz, powers in W). A field that is missing or of the wrong
-type reads as ``None``: the page then shows "—" rather than a wrong number. Change a spelling
-here and nowhere else.
+Every payload that reaches these readers has passed :func:`protocols.intake.read_message`: it is
+bounded, finite and valid against its topic's published JSON Schema. The readers convert units on
+the way in (energies in joules, temperatures in °C, rates in Hz, powers in W); a field that is
+missing reads as ``None``, and the page then shows "—" rather than a wrong number. They still
+accept a few older spellings, harmlessly: the schema lets only the contract's own through.
 
 Sans-I/O: bytes in, frozen records out; no clock, no logging.
 """

@@ -3,6 +3,8 @@
 Each browser stream owns a bounded queue. A browser that falls behind (a tablet asleep with the tab
 open) is not allowed to hold memory or slow the others: its queue is dropped and the stream sends a
 fresh snapshot instead, which is always correct because updates only describe the latest view.
+A browser whose connection does not drain at all is dropped by the event stream's send timeout
+(:mod:`.app`), and the number of browsers is capped there too.
 """
 
 from __future__ import annotations

@@ -3,8 +3,11 @@
 :class:`TelemetrySubscriber` subscribes to ``{prefix}/#`` and feeds every message to the
 :class:`~devicectl.dashboard.fleet.Fleet`, pushing what changed to the browsers. When the broker is
 unreachable it retries with jittered exponential backoff, and the page says the broker is down.
+No message can stop it: the fleet refuses what it cannot read, and should reading a message still
+fail, that message is counted and logged, and the reader goes on. :meth:`health` is what
+``/healthz`` and the page report: whether the reader runs, is subscribed, and when it last read.
 
-:func:`publish_stop` sends ``cmd/stop`` to one device (DESIGN.md section 6: the only command
+:func:`publish_stop` sends ``cmd/stop`` to one device (docs/mqtt.md: the only command
 accepted over MQTT; stopping is always safe), on a connection of its own made with the stop
 credentials, so that the telemetry connection never holds a right to command anything.
 """
@@ -12,6 +15,7 @@ credentials, so that the telemetry connection never holds a right to command any
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import socket
@@ -100,8 +104,50 @@ class TelemetrySubscriber:
         self.log: FilteringBoundLogger = log or structlog.get_logger("devicectl.dashboard")
         # Set while subscribed: the broker's retained messages are on their way.
         self.subscribed = asyncio.Event()
+        self.running = False
+        self.messages = 0
+        self.failed = 0  # messages whose handling raised: a bug, counted, never fatal
+        self.last_message_at: float | None = None
+
+    def health(self) -> dict[str, object]:
+        return {
+            "running": self.running,
+            "connected": self.running and self.subscribed.is_set(),
+            "messages": self.messages,
+            "unreadable": self.fleet.unreadable_total,
+            "failed": self.failed,
+            "last_message_at": self.last_message_at,
+        }
+
+    def _take(self, topic: str, payload: bytes) -> None:
+        now = self.clock()
+        self.messages += 1
+        self.last_message_at = now
+        try:
+            updates = self.fleet.apply(topic, payload, now)
+        except Exception as exc:  # noqa: BLE001 - one message must never stop the reader
+            self.failed += 1
+            self.log.error(  # noqa: TRY400 - one line per message, not a traceback each
+                "telemetry_message_failed",
+                topic=topic[:120],
+                error=f"{type(exc).__name__}: {str(exc)[:200]}",
+            )
+            return
+        self.hub.publish(updates)
 
     async def run(self) -> None:
+        self.running = True
+        try:
+            await self._run()
+        finally:
+            self.running = False
+            self.subscribed.clear()
+            with contextlib.suppress(Exception):
+                self.hub.publish(
+                    self.fleet.broker_link(False, self.clock(), "the telemetry reader stopped")
+                )
+
+    async def _run(self) -> None:
         attempt = 0
         topic = f"{self.fleet.prefix}/#"
         while True:
@@ -123,8 +169,8 @@ class TelemetrySubscriber:
                         data = (
                             payload if isinstance(payload, bytes) else str(payload or "").encode()
                         )
-                        self.hub.publish(self.fleet.apply(str(message.topic), data, self.clock()))
-            except aiomqtt.MqttError as exc:
+                        self._take(str(message.topic), data)
+            except (aiomqtt.MqttError, OSError, ValueError) as exc:  # ValueError: a bad address
                 self.subscribed.clear()
                 delay = self.backoff.delay(attempt)
                 attempt += 1

@@ -77,6 +77,7 @@ class DashboardServer:
     async def __aenter__(self) -> DashboardServer:
         sock = self._bind()
         self._address = sock.getsockname()[:2]
+        self.dashboard.serve_on(self._address)
         config = uvicorn.Config(
             self.app,
             lifespan="on",

@@ -1,7 +1,7 @@
 """``devicectl demo``: the whole system on one machine, playing one scripted treatment.
 
 An embedded MQTT broker (amqtt) unless one is named, the daemon with the in-process simulator, the
-dashboard, and a session played end to end with one injected breach (DESIGN.md section 7):
+dashboard, and a session played end to end with one injected breach (docs/demo.md):
 
 - :mod:`.script` — the scripted session (:class:`TreatmentScript`), its phases and parameters;
 - :mod:`.broker` — :class:`EmbeddedBroker`;
@@ -19,12 +19,14 @@ from devicectl.demo.run import (
     InProcessControls,
     configure_demo_logging,
     default_demo_dir,
+    demo_users,
     write_demo_policy,
 )
 from devicectl.demo.script import (
     DemoControls,
     DemoError,
     DemoProgress,
+    DemoUsers,
     Phase,
     ScriptRecord,
     TreatmentScript,
@@ -40,6 +42,7 @@ __all__ = [
     "DemoProgress",
     "DemoResult",
     "DemoStack",
+    "DemoUsers",
     "EmbeddedBroker",
     "InProcessControls",
     "Phase",
@@ -50,6 +53,7 @@ __all__ = [
     "configure_demo_logging",
     "default_demo_dir",
     "demo_params",
+    "demo_users",
     "plan_phases",
     "write_demo_policy",
 ]

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator
@@ -34,8 +35,11 @@ from devicectl.demo.script import (
     DEFAULT_DURATION_S,
     DEFAULT_SPEED_HZ,
     DEMO_CONCERN,
+    DEMO_OPERATOR,
+    DEMO_SUPERVISOR,
     DemoError,
     DemoProgress,
+    DemoUsers,
     ScriptRecord,
     TreatmentScript,
     demo_params,
@@ -55,6 +59,7 @@ __all__ = [
     "InProcessControls",
     "configure_demo_logging",
     "default_demo_dir",
+    "demo_users",
     "write_demo_policy",
 ]
 
@@ -194,28 +199,23 @@ def write_demo_policy(directory: Path) -> Path:
 
 
 class InProcessControls:
-    """The script's way to the daemon (its control API, requests validated as on the socket) and
-    to the simulator (its control socket)."""
+    """The script's way to the daemon (its control socket, exactly as the CLI: requests are
+    validated and their users' PINs checked at the edge) and to the simulator (its control
+    socket)."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, control: Path) -> None:
         self._daemon = daemon
+        self._control = control
 
     async def request(self, request: dict[str, Any]) -> dict[str, Any]:
-        from devicectl.control import parse_request
+        from devicectl.control import ControlError, call_daemon
 
         try:
-            result = await self._daemon.handle(parse_request(json.dumps(request).encode()))
-        except DevicectlError:
-            raise
-        except Exception as exc:
-            # What the control socket would answer ("internal"), in one line.
-            cause = str(exc).splitlines()[0] if str(exc) else ""
-            raise DemoError(
-                f"the daemon failed on {request['command']}: {type(exc).__name__}: {cause}"
-            ) from exc
-        # As the control socket would deliver it: plain JSON values.
-        decoded: dict[str, Any] = json.loads(json.dumps(result, default=str))
-        return decoded
+            return await asyncio.to_thread(call_daemon, self._control, request)
+        except ControlError as exc:
+            if exc.kind != "internal":
+                raise
+            raise DemoError(f"the daemon failed on {request['command']}: {exc}") from exc
 
     async def sim(self, words: str) -> Any:
         from simulator.control import send_command
@@ -223,6 +223,39 @@ class InProcessControls:
         if self._daemon.sim_control is None:
             raise DemoError("the daemon runs no in-process simulator")
         return await send_command(self._daemon.sim_control, words)
+
+
+def demo_users(data_dir: Path) -> DemoUsers:
+    """The demo's operator and supervisor, registered in its data dir with random PINs, which
+    are kept beside them (``demo-pins.json``, mode 0600) so that a later run in the same
+    directory finds them. A demo only: clinic users choose their own PINs (`devicectl users`)."""
+    from devicectl.users import Role, UserStore
+
+    store = UserStore.in_data_dir(data_dir)
+    pins_file = data_dir / "demo-pins.json"
+    try:
+        pins: dict[str, str] = json.loads(pins_file.read_text())
+    except FileNotFoundError:
+        pins = {}
+    except (OSError, ValueError) as exc:
+        raise DemoError(f"{pins_file} cannot be read ({exc}): remove it with users.json") from None
+    for user, role in ((DEMO_OPERATOR, Role.OPERATOR), (DEMO_SUPERVISOR, Role.SUPERVISOR)):
+        if user in pins:
+            continue
+        if store.get(user) is not None:
+            raise DemoError(
+                f"demo user {user} exists in {store.path} but its PIN is lost: use another "
+                "--data-dir, or remove users.json and demo-pins.json there"
+            )
+        pins[user] = secrets.token_urlsafe(12)
+        store.add(user, role, pins[user])
+        fd = os.open(pins_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(pins, out)
+    return DemoUsers(
+        operator={"user": DEMO_OPERATOR, "pin": pins[DEMO_OPERATOR]},
+        supervisor={"user": DEMO_SUPERVISOR, "pin": pins[DEMO_SUPERVISOR]},
+    )
 
 
 class DemoStack:
@@ -239,6 +272,7 @@ class DemoStack:
         self.dashboard_url: str | None = None
         self.control: Path | None = None
         self.daemon: Daemon | None = None
+        self.users: DemoUsers | None = None
 
     async def __aenter__(self) -> Self:
         try:
@@ -277,6 +311,7 @@ class DemoStack:
             stack.callback(_remove_dir, sockets)
         self.control = sockets / "control.sock"
         policy = write_demo_policy(self.data_dir)
+        self.users = demo_users(self.data_dir)
         settings = load_settings(
             None,
             port="sim",
@@ -321,11 +356,14 @@ class DemoStack:
         daemon = self._running()
         preset = daemon.policy.presets[Concern(DEMO_CONCERN)]
         params = demo_params(self.options.speed_hz, preset, daemon.policy)
+        assert self.control is not None
+        assert self.users is not None
         script = TreatmentScript(
-            InProcessControls(daemon),
+            InProcessControls(daemon, self.control),
             self.phases,
             params,
             DemoProgress(phase_count=len(self.phases)),
+            self.users,
             on_progress=on_progress,
         )
         try:

@@ -38,6 +38,7 @@ __all__ = [
     "DEMO_OPERATOR",
     "DEMO_PATIENT",
     "DEMO_SKIN_TYPE",
+    "DEMO_SUPERVISOR",
     "DRIFT_FACTOR",
     "MAX_SPEED_HZ",
     "MIN_DURATION_S",
@@ -46,6 +47,7 @@ __all__ = [
     "DemoControls",
     "DemoError",
     "DemoProgress",
+    "DemoUsers",
     "Phase",
     "ScriptRecord",
     "TreatmentScript",
@@ -54,12 +56,15 @@ __all__ = [
 ]
 
 DEMO_OPERATOR = "DEMO-OP"
+DEMO_SUPERVISOR = "DEMO-SUP"
 DEMO_PATIENT = "PT-DEMO-0001"
 DEMO_SKIN_TYPE = "III"
 DEMO_CONCERN = "fine_lines"
 DRIFT_FACTOR = 1.3  # +30 %: outside the supervisor's ±20 %, inside the board's own ±50 % monitor
-POST_CARE = ("soothing_serum", "sunscreen", "aftercare_instructions")
+POST_CARE = ("serum_or_moisturiser", "avoid_sun", "sunscreen", "gentle_skincare")
 ACK_REASON = "demo: injected energy drift removed, energy monitor checked, treatment may resume"
+ACK_REASON_CODE = "cause_found_and_fixed"
+DEMO_INGREDIENT = {"amount": 2.0, "unit": "ml", "lot": "DEMO-LOT-001"}
 
 DEFAULT_DURATION_S = 20.0
 MIN_DURATION_S = 4.0
@@ -141,6 +146,15 @@ def demo_params(speed_hz: float, preset: Preset, policy: Policy) -> PulseParams:
     return PulseParams(energy_uj, width_us, round(speed_hz * 1000), spot_um)
 
 
+@dataclass(frozen=True, slots=True)
+class DemoUsers:
+    """The demo's registered users (created non-interactively with random PINs): an operator
+    who treats, and a supervisor who signs off the breach acknowledgement."""
+
+    operator: dict[str, str]  # {"user", "pin"}
+    supervisor: dict[str, str]
+
+
 class DemoControls(Protocol):
     """How the script reaches the daemon (control requests) and the simulator (command words)."""
 
@@ -206,12 +220,14 @@ class TreatmentScript:
         phases: tuple[Phase, ...],
         params: PulseParams,
         progress: DemoProgress,
+        users: DemoUsers,
         *,
         on_progress: Callable[[DemoProgress], None] = lambda _p: None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._controls = controls
+        self._users = users
         self._phases = {phase.name: phase for phase in phases}
         self._order = [phase.name for phase in phases]
         self._params = params
@@ -231,8 +247,12 @@ class TreatmentScript:
                 await self._make_safe()
         return self.record
 
+    async def _request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A treatment-changing request, identified as the demo's operator."""
+        return await self._controls.request({**request, "auth": self._users.operator})
+
     async def _play(self) -> None:
-        request, sim, record = self._controls.request, self._controls.sim, self.record
+        request, sim, record = self._request, self._controls.sim, self.record
         params = self._params
 
         self._enter("consult")
@@ -241,13 +261,14 @@ class TreatmentScript:
         opened = await request(
             {
                 "command": "session_start",
-                "operator": DEMO_OPERATOR,
                 "patient_ref": DEMO_PATIENT,
                 "skin_type": DEMO_SKIN_TYPE,
                 "concerns": [DEMO_CONCERN],
                 "preset": DEMO_CONCERN,
+                "ingredient": DEMO_INGREDIENT,
                 "checklist": {
                     "consultation_done": True,
+                    "consent_given": True,
                     "area_cleaned": True,
                     "numbing_applied": True,
                     "recent_sun_exposure": False,
@@ -256,6 +277,7 @@ class TreatmentScript:
                     "pregnancy": False,
                     "allergy_to_active_ingredient": False,
                 },
+                "numbing": {"agent": "lidocaine 4 % cream (demo)", "contact_min": 30},
             }
         )
         record.session_id = int(opened["session"])
@@ -288,7 +310,9 @@ class TreatmentScript:
         await self._hold("review")
 
         self._enter("resume")
-        await request({"command": "fault_ack", "operator": DEMO_OPERATOR, "reason": ACK_REASON})
+        # The operator acknowledges; the supervisor signs it off with their own PIN.
+        signoff = {**self._users.supervisor, "reason_code": ACK_REASON_CODE, "reason": ACK_REASON}
+        await request({"command": "fault_ack", "signoff": signoff})
         await self._fire("resume", release=False)
 
         self._enter("close")
@@ -297,6 +321,14 @@ class TreatmentScript:
         status = await self._refresh()
         record.daemon_pulses = int(status.get("session_pulses") or 0)
         record.end_summary = await request({"command": "session_end", "post_care": [*POST_CARE]})
+        await request(
+            {
+                "command": "session_reaction",
+                "session": record.session_id,
+                "erythema": "mild",
+                "oedema": "none",
+            }
+        )
         record.device_count_after = int((await sim("status"))["pulse_count"])
         await self._refresh()
         await self._hold("close")
@@ -313,12 +345,12 @@ class TreatmentScript:
 
     async def _fire(self, name: str, *, release: bool = True) -> None:
         """Arm and hold the footswitch down for the phase (a fresh press, as the board wants)."""
-        await self._controls.request({"command": "arm"})
+        await self._request({"command": "arm"})
         await self._controls.sim("footswitch down")
         await self._hold(name)
         if release:
             await self._controls.sim("footswitch up")
-            await self._controls.request({"command": "disarm"})
+            await self._request({"command": "disarm"})
 
     async def _hold(self, name: str) -> None:
         await self._wait(self._phases[name].seconds)

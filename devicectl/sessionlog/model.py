@@ -1,4 +1,4 @@
-"""What a treatment session is (DESIGN.md section 5): who, for whom, which skin, which course.
+"""What a treatment session is (docs/session-log.md): who, for whom, which skin, which course.
 
 :class:`SessionInfo` is validated with pydantic at the edge (the control socket, the CLI); the
 per-pulse path never touches these models. Two errors come out of here, both one line a clinician
@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, FiniteFloat, ValidationError
 
@@ -24,15 +24,19 @@ from devicectl.policy import Concern, Policy, SkinType, Zone, spot_area_cm2
 __all__ = [
     "DEFAULT_PATIENT_REF_PATTERN",
     "FAULT_EVENT_KINDS",
+    "MAX_DAYS_BETWEEN_SESSIONS",
     "MIN_DAYS_BETWEEN_SESSIONS",
     "Checklist",
     "Concern",
     "Contraindications",
     "Course",
+    "CoursePosition",
     "CourseWarning",
     "InvalidSessionInfo",
     "LimitsInForce",
+    "Override",
     "PostCare",
+    "Provenance",
     "SessionInfo",
     "SessionOpened",
     "SessionRefused",
@@ -47,15 +51,21 @@ __all__ = [
 
 DEFAULT_PATIENT_REF_PATTERN = r"^[A-Z0-9-]{4,32}$"
 MIN_DAYS_BETWEEN_SESSIONS = 7
+MAX_DAYS_BETWEEN_SESSIONS = 14
 # Event kinds that count as faults in a session's closing summary (each pulse gap counts too).
 FAULT_EVENT_KINDS = frozenset({"breach", "device_fault", "link_lost"})
 
 
 class PostCare(StrEnum):
-    SOOTHING_SERUM = "soothing_serum"
+    """The post-care advice given (older logs may hold other words: shown as recorded)."""
+
+    SERUM_OR_MOISTURISER = "serum_or_moisturiser"
+    AVOID_SUN = "avoid_sun"
     SUNSCREEN = "sunscreen"
-    COLD_COMPRESS = "cold_compress"
-    AFTERCARE_INSTRUCTIONS = "aftercare_instructions"
+    GENTLE_SKINCARE = "gentle_skincare"
+
+
+Role = Literal["operator", "supervisor"]
 
 
 class _Model(BaseModel):
@@ -74,8 +84,12 @@ class Contraindications(_Model):
 
 class Checklist(_Model):
     consultation_done: bool = False
+    consent_given: bool | None = None  # the patient's informed consent; required
     area_cleaned: bool = False
     numbing_applied: bool | None = None
+    # With numbing applied: which agent, and how long it stayed on the skin.
+    numbing_agent: Annotated[str, Field(min_length=1, max_length=100)] | None = None
+    numbing_contact_min: Annotated[int, Field(ge=1, le=180)] | None = None
     contraindications: Contraindications = Contraindications()
 
 
@@ -83,21 +97,49 @@ class Course(_Model):
     """Session ``session_number`` of a course of ``planned_sessions`` (4-6) for one patient."""
 
     course_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
-    session_number: Annotated[int, Field(ge=1, le=99)]
+    # As typed by the operator (None: not given). The log's history decides the real position
+    # (:class:`CoursePosition`); a typed number that disagrees is a recorded warning.
+    session_number: Annotated[int, Field(ge=1, le=99)] | None = None
     planned_sessions: Annotated[int, Field(ge=4, le=6)]
+
+
+class Override(_Model):
+    """A contraindication answered yes, treated anyway: who signed it off (a supervisor), the
+    reason code from the list (:data:`devicectl.users.OVERRIDE_REASON_CODES`) and why."""
+
+    signed_off_by: Annotated[str, Field(min_length=1, max_length=64)]
+    role: Role
+    reason_code: Annotated[str, Field(min_length=1, max_length=64)]
+    reason: Annotated[str, Field(min_length=10, max_length=500)]
 
 
 class SessionInfo(_Model):
     device_serial: Annotated[str, Field(min_length=1, max_length=64)]
-    operator: Annotated[str, Field(min_length=1, max_length=64)]
+    operator: Annotated[str, Field(min_length=1, max_length=64)]  # a registered user's id
+    operator_role: Role | None = None
     patient_ref: Annotated[str, Field(min_length=1, max_length=64)]
     skin_type: Annotated[SkinType, BeforeValidator(SkinType.parse)]
     concerns: tuple[Concern, ...] = ()
     course: Course
     checklist: Checklist
     active_ingredient: Annotated[str, Field(min_length=1, max_length=120)]
-    # Why the clinician treats despite a contraindication answered yes; recorded, never implied.
-    contraindication_override: Annotated[str, Field(min_length=10, max_length=500)] | None = None
+    ingredient_amount: Annotated[FiniteFloat, Field(gt=0, le=1000)] | None = None
+    ingredient_unit: Literal["ml", "mg"] | None = None
+    ingredient_lot: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    # Treating despite a contraindication answered yes: a supervisor's sign-off, never implied.
+    override: Override | None = None
+
+
+class Provenance(_Model):
+    """What the session ran on: software, firmware, device, the policy file (name and SHA-256
+    of its bytes), and the clinic's time zone for showing its (UTC-stored) times."""
+
+    software_version: str
+    firmware_version: str | None = None
+    device_serial: str
+    policy_name: str
+    policy_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    time_zone: str = "UTC"
 
 
 class LimitsInForce(_Model):
@@ -166,10 +208,18 @@ def checklist_problems(checklist: Checklist) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     if not checklist.consultation_done:
         problems.append(("checklist.consultation_done", "the consultation is not recorded as done"))
+    if checklist.consent_given is not True:
+        problems.append(("checklist.consent_given", "the patient's consent is not recorded"))
     if not checklist.area_cleaned:
         problems.append(("checklist.area_cleaned", "the treatment area is not recorded as cleaned"))
     if checklist.numbing_applied is None:
         problems.append(("checklist.numbing_applied", "say whether numbing cream was applied"))
+    elif checklist.numbing_applied and (
+        checklist.numbing_agent is None or checklist.numbing_contact_min is None
+    ):
+        problems.append(
+            ("checklist.numbing_agent", "name the numbing agent and its contact time (minutes)")
+        )
     answers = checklist.contraindications.model_dump()
     for name, answer in answers.items():
         label = name.replace("_", " ")
@@ -184,8 +234,34 @@ def checklist_problems(checklist: Checklist) -> list[tuple[str, str]]:
 class CourseWarning:
     """Something about the course the operator should see before treating; never blocking."""
 
-    code: str  # "interval_short" | "course_complete" | "session_number"
+    code: str  # "interval_short" | "interval_long" | "session_number" | "maintenance"
     message: str
+
+
+@dataclass(frozen=True, slots=True)
+class CoursePosition:
+    """Where a session stands in its course, from the log's history (never from what was typed).
+    Only sessions that delivered pulses count; once ``planned`` have, later sessions are
+    maintenance (``kind="maintenance"``, ``number`` = the maintenance visit)."""
+
+    kind: str  # "course" | "maintenance"
+    number: int
+    planned: int
+    counted_before: int  # earlier sessions of the course that delivered pulses
+    days_since_last: float | None  # since the last counted session
+    typed_number: int | None  # what the operator typed, if anything
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "number": self.number,
+            "planned": self.planned,
+            "counted_before": self.counted_before,
+            "days_since_last": None
+            if self.days_since_last is None
+            else round(self.days_since_last, 2),
+            "typed_number": self.typed_number,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +270,7 @@ class SessionOpened:
 
     session_id: int
     warnings: tuple[CourseWarning, ...] = ()
+    position: CoursePosition | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,16 +4,25 @@ Every function takes an open :mod:`sqlite3` connection (see :func:`store.connect
 Record kinds and their JSON bodies (all written by :class:`~devicectl.sessionlog.SessionLog`):
 
     session_started      {"info": SessionInfo, "warnings": [{"code", "message"}],
-                          "device_pulse_count" | null, "limits": LimitsInForce | null}
-                         (older logs lack "limits": the limits in force were not recorded)
-    zone                 {"zone", "energy_limit_uj" | null, "actor"}
-    params               {"energy_uj", "width_us", "rate_mhz", "spot_um", "actor"}
+                          "course_position": CoursePosition, "device_pulse_count" | null,
+                          "limits": LimitsInForce | null, "provenance": Provenance | null}
+                         (older logs lack "limits", "provenance" and "course_position")
+    zone                 {"zone", "energy_limit_uj" | null, "actor", "role"}
+    params               {"energy_uj", "width_us", "rate_mhz", "spot_um", "actor", "role",
+                          "fluence_limit": {"fluence_j_cm2", "max_fluence_j_cm2", "rule",
+                                            "skin_type", "zone", "preset"} | null}
     status               {"state", "interlocks", "head_temp_cdeg", "skin_temp_cdeg", "pulse_count"}
-    event                {"event", "actor", "detail", "reason"}
+    event                {"event", "actor", "role", "detail", "reason"}
     pulse_gap            {"first", "last", "count", "charged_energy_uj", "zone", "cause"}
-    session_ended        {"summary", "post_care", "actor", "note"}
+    session_ended        {"summary", "post_care", "post_care_declined", "actor", "role", "note"}
     session_interrupted  {"summary", "cause"}
     recovery             {"device_pulse_count", "last_pulse_no", "unlogged", "charged_energy_uj"}
+    note                 {"actor", "role", "text"}                     appended at or after the end
+    reaction             {"actor", "role", "erythema", "oedema", "text"}
+    adverse_event        {"actor", "role", "severity", "text", "action_taken"}
+
+Older logs have no "role" keys (users were not registered then). docs/session-log.md describes
+every field.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ __all__ = [
     "PulseRow",
     "SessionListing",
     "SessionRecord",
+    "covering_checkpoint",
     "iter_pulses",
     "list_sessions",
     "load_session",
@@ -49,6 +59,8 @@ class CourseEntry:
     session_number: int
     patient_ref: str
     started_ns: int
+    # Whether the session delivered pulses (only those count in a course); None while open.
+    delivered: bool | None = None
 
 
 @dataclass(slots=True)
@@ -97,6 +109,8 @@ class SessionRecord:
     summary: Summary | None
     outcome: str
     limits: dict[str, Any] | None = None  # LimitsInForce as recorded; None if not recorded
+    provenance: dict[str, Any] | None = None  # Provenance as recorded; None in older logs
+    course_position: dict[str, Any] | None = None  # CoursePosition; None in older logs
 
 
 def log_state(conn: sqlite3.Connection) -> LogState:
@@ -123,18 +137,24 @@ def log_state(conn: sqlite3.Connection) -> LogState:
         next_session_id=(int(max_session) + 1) if max_session is not None else MIN_SESSION_ID,
         open_session=None,
     )
-    ended = {
-        int(sid)
-        for (sid,) in conn.execute(
-            "SELECT session_id FROM records WHERE kind IN (?, ?)", _END_KINDS
-        )
-    }
+    delivered: dict[int, bool] = {}
+    for sid, body in conn.execute(
+        "SELECT session_id, body FROM records WHERE kind IN (?, ?)", _END_KINDS
+    ):
+        summary = json.loads(body)["summary"]
+        delivered[int(sid)] = int(summary["pulses"]) + int(summary["unlogged_pulses"]) > 0
+    ended = set(delivered)
     for sid, at_ns, body in conn.execute(
         "SELECT session_id, at_ns, body FROM records WHERE kind = 'session_started' ORDER BY seq"
     ):
-        info = json.loads(body)["info"]
+        started = json.loads(body)
+        info = started["info"]
         course = info["course"]
-        entry = CourseEntry(int(sid), int(course["session_number"]), info["patient_ref"], at_ns)
+        position = started.get("course_position") or {}
+        number = position.get("number", course.get("session_number") or 0)
+        entry = CourseEntry(
+            int(sid), int(number), info["patient_ref"], at_ns, delivered.get(int(sid))
+        )
         state.courses.setdefault(course["course_id"], []).append(entry)
         if int(sid) not in ended:
             state.open_session = int(sid)
@@ -185,6 +205,8 @@ def load_session(conn: sqlite3.Connection, session_id: int) -> SessionRecord | N
         summary=summary,
         outcome="open" if summary is None else summary.outcome,
         limits=started["body"].get("limits"),
+        provenance=started["body"].get("provenance"),
+        course_position=started["body"].get("course_position"),
     )
 
 
@@ -287,3 +309,22 @@ def summarize(
         peak_fluence_j_cm2=peak,
         faults=faults,
     )
+
+
+def covering_checkpoint(conn: sqlite3.Connection, session_id: int) -> dict[str, Any] | None:
+    """The first signed checkpoint that covers every record of the session (its body, with
+    ``record_seq``), or ``None`` if none does yet. Not verified here: ``log verify`` does that."""
+    last = conn.execute(
+        "SELECT max(seq) FROM (SELECT max(seq) AS seq FROM records WHERE session_id = ? "
+        "UNION ALL SELECT max(seq) FROM pulses WHERE session_id = ?)",
+        (session_id, session_id),
+    ).fetchone()[0]
+    if last is None:
+        return None
+    row = conn.execute(
+        "SELECT seq, body FROM records WHERE kind = 'checkpoint' AND seq > ? ORDER BY seq LIMIT 1",
+        (last,),
+    ).fetchone()
+    if row is None:
+        return None
+    return {**json.loads(row[1]), "record_seq": int(row[0])}

@@ -10,22 +10,54 @@ sequence, 1, 2, 3 ... up to the head kept in ``chain_head``. Walking it in order
 - a row holding a value the writer never stores (a session_id below 1, an integer stored as text,
   text that is not UTF-8, ...) was altered, whatever its hash: the canonical encoding is
   one-to-one only over what the writer stores (see :mod:`devicectl.sessionlog.chain`).
+
+The chain alone proves only that the file agrees with itself: whoever can write it can delete its
+tail and copy the last hash into ``chain_head``, or edit a row and recompute every hash after it.
+Signed checkpoints (:mod:`devicectl.sessionlog.checkpoint`) close that gap once a copy of one has
+left the device. On the way through the chain the walk also checks every stored checkpoint (its
+signature, under the key the log's ``log_key`` records introduced, and that the chain's hash at
+the record it covers is the one signed) and the key history (a new key must be introduced by a
+checkpoint signed with the old one). :func:`verify_against` then compares checkpoints captured
+off the device (MQTT, a report) with the chain: each one either confirms every record up to its
+``log_seq``, or is named as contradicting it (truncated, altered, recomputed, key replaced).
+:meth:`VerifyReport.cannot_rule_out` says in words what was not proven.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import heapq
+import json
 import sqlite3
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from operator import itemgetter
 from pathlib import Path
+from typing import Any
 
 from devicectl.errors import LogUnavailable
 from devicectl.sessionlog import store
 from devicectl.sessionlog.chain import GENESIS, MIN_SESSION_ID, pulse_hash, record_hash
+from devicectl.sessionlog.checkpoint import (
+    CHECKPOINT_KIND,
+    KEY_KIND,
+    Checkpoint,
+    CheckpointMalformed,
+)
+from devicectl.sessionlog.keys import key_id_of, parse_public_key
 
-__all__ = ["ChainBreak", "VerifyReport", "verify_log"]
+__all__ = [
+    "ChainBreak",
+    "Finding",
+    "KeyEntry",
+    "VerifyReport",
+    "Witness",
+    "verify_against",
+    "verify_log",
+]
+
+_SIGNING_KINDS = frozenset({CHECKPOINT_KIND, KEY_KIND})
 
 # (seq, table, hash, fields...) — one shape for both tables so they merge by seq.
 _Row = tuple[int, str, bytes, tuple[object, ...]]
@@ -74,6 +106,47 @@ class ChainBreak:
 
 
 @dataclass(frozen=True, slots=True)
+class Finding:
+    """Something the checkpoints or the key history contradict.
+
+    ``problem``: ``checkpoint_malformed``, ``checkpoint_signature`` (does not verify),
+    ``checkpoint_hash`` (the chain does not pass through it), ``key_unknown`` (signed by a key no
+    ``log_key`` record introduced), ``key_unintroduced`` (the key changed without a checkpoint
+    signed by the old key), ``key_not_enrolled`` (the enrolled key signed none of the log, or a
+    key the enrolled one never introduced signed part of it), ``truncated``, ``altered``
+    (against a witnessed checkpoint: altered, deleted or recomputed), ``witness_key_unknown``.
+    """
+
+    seq: int  # the record concerned (for a witnessed checkpoint: the record it covers)
+    problem: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Witness:
+    """What one checkpoint captured off the device says about the log."""
+
+    source: str  # where it came from ("line 12", "witness 3")
+    log_seq: int | None
+    time: str | None
+    key_id: str | None
+    status: str  # "confirmed" | "contradicted" | "ignored"
+    message: str
+    problem: str | None = None  # a contradiction's Finding.problem
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    """One signing key in the log's history."""
+
+    key_id: str
+    public_key: str  # base64
+    introduced_at: int  # the log_key record
+    how: str  # "first" | "rotation" | "replacement"
+    signed_by_previous: bool  # a checkpoint signed with the previous key covers its introduction
+
+
+@dataclass(frozen=True, slots=True)
 class VerifyReport:
     path: Path
     records: int  # chained rows that verified, pulses included
@@ -81,10 +154,52 @@ class VerifyReport:
     head_seq: int
     first_break: ChainBreak | None
     head_hash: str = ""  # hex; write it down outside the device to anchor the chain
+    checkpoints: int = 0  # stored checkpoints whose signature and chain hash verified
+    last_checkpoint: Checkpoint | None = None  # the newest of those
+    keys: tuple[KeyEntry, ...] = ()
+    findings: tuple[Finding, ...] = ()
+    witnesses: tuple[Witness, ...] = ()
+    proven_seq: int | None = None  # every record up to it matches a witnessed checkpoint
+    proven_by: Witness | None = None
+    enrolled_key_id: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.first_break is None
+        return self.first_break is None and not self.findings
+
+    @property
+    def witnessed(self) -> int:
+        return sum(1 for w in self.witnesses if w.status != "ignored")
+
+    def cannot_rule_out(self) -> list[str]:
+        """In plain words, what this verification could not prove."""
+        said: list[str] = []
+        if self.proven_seq is None:
+            said.append(
+                "no checkpoint from outside the device confirmed this log, so it proves only that "
+                "the file agrees with itself: whoever could write it could have removed its last "
+                "records, or edited any record and recomputed the chain"
+                + (" and re-signed it with the key on the device" if self.checkpoints else "")
+                + "; give --checkpoints FILE (as captured from MQTT by the recorder or "
+                "mosquitto_sub, or a session report's JSON) to prove it"
+            )
+        elif self.proven_seq < self.head_seq:
+            said.append(
+                f"records {self.proven_seq + 1}..{self.head_seq} come after record "
+                f"{self.proven_seq}, the last one a witnessed checkpoint covers: nothing outside "
+                "the device vouches for them, so they could have been altered or removed without "
+                "a trace"
+            )
+        if self.enrolled_key_id is None and self.keys:
+            ids = ", ".join(k.key_id for k in self.keys)
+            said.append(
+                f"signatures were checked against the key(s) the log itself names ({ids}); give "
+                "the key enrolled for this device (--key) to rule out a log re-signed with "
+                "another key"
+            )
+        if not self.keys and self.records:
+            said.append("the log holds no signing key and no checkpoint: nothing in it is signed")
+        return said
 
 
 def _rows(conn: sqlite3.Connection) -> Iterator[_Row]:
@@ -154,21 +269,36 @@ def _describe(row: _Row) -> str:
 
 
 def verify_log(path: Path) -> VerifyReport:
-    """Verify the log at ``path`` from a consistent snapshot (safe while the daemon writes).
-    Raises :class:`LogUnavailable` when the file is missing or cannot be read at all."""
+    """Verify the log at ``path`` from a consistent snapshot (safe while the daemon writes):
+    the chain, its stored checkpoints and key history. Raises :class:`LogUnavailable` when the
+    file is missing or cannot be read at all."""
+    return verify_against(path, ())
+
+
+def _walk_file(path: Path, watch: _Watch) -> VerifyReport:
     conn = store.connect(path, readonly=True)
     # Text that is not UTF-8 is an altered value to name, not a file that cannot be read.
     conn.text_factory = _text
     try:
         conn.execute("BEGIN")  # one read snapshot for the head and every row
-        return _walk(path, conn)
+        return _walk(path, conn, watch)
     except sqlite3.Error as exc:
         raise LogUnavailable(f"session log {path} cannot be read: {exc}") from exc
     finally:
         conn.close()
 
 
-def _walk(path: Path, conn: sqlite3.Connection) -> VerifyReport:
+@dataclass(slots=True)
+class _Watch:
+    """What the walk hands over besides the chain's verdict: the hash at each wanted record, and
+    every verified checkpoint or key record with the hash of the record before it."""
+
+    wanted: set[int]
+    on_signing: Callable[[int, str, str, bytes], None]
+    hashes: dict[int, bytes] = field(default_factory=dict)
+
+
+def _walk(path: Path, conn: sqlite3.Connection, watch: _Watch) -> VerifyReport:
     head = conn.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
     counted = pulses = 0
 
@@ -196,6 +326,7 @@ def _walk(path: Path, conn: sqlite3.Connection) -> VerifyReport:
         )
     head_hex = head_hash.hex()
     prev, expected = GENESIS, 1
+    wanted, hashes, on_signing = watch.wanted, watch.hashes, watch.on_signing
     rows = _rows(conn)
     row = next(rows, None)
     while row is not None:
@@ -242,6 +373,10 @@ def _walk(path: Path, conn: sqlite3.Connection) -> VerifyReport:
                     f"{head_seq}) was altered: valid records continue to {seq}",
                 )
             )
+        if table == "records" and row[3][2] in _SIGNING_KINDS:
+            on_signing(seq, row[3][2], row[3][3], prev)  # type: ignore[arg-type]
+        if seq in wanted:
+            hashes[seq] = computed
         prev, expected = computed, expected + 1
         counted += 1
         if table == "pulses":
@@ -267,3 +402,333 @@ def _walk(path: Path, conn: sqlite3.Connection) -> VerifyReport:
             )
         )
     return report(None)
+
+
+class _Signatures:
+    """The stored checkpoints and key history, checked as the walk meets them (in chain order)."""
+
+    def __init__(self) -> None:
+        self.known: dict[str, bytes] = {}  # key id -> raw public key, as log_key records say
+        self.entries: list[KeyEntry] = []
+        self.current: str | None = None  # the key the history has established
+        self.pending: KeyEntry | None = None  # introduced, not yet covered by a signature
+        self.findings: list[Finding] = []
+        self.verified = 0
+        self.last: Checkpoint | None = None
+        self.devices: set[str] = set()
+        self.stored: dict[int, str] = {}  # log_seq -> signature of the stored checkpoint of it
+
+    def __call__(self, seq: int, kind: str, body: str, prev: bytes) -> None:
+        try:
+            data = json.loads(body)
+            if not isinstance(data, dict):
+                raise CheckpointMalformed("its body is not an object")
+            if kind == KEY_KIND:
+                self._key(seq, data)
+            else:
+                self._checkpoint(seq, Checkpoint.from_mapping(data, record_seq=seq), prev)
+        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            self.findings.append(
+                Finding(seq, "checkpoint_malformed", f"record {seq} ({kind}) is malformed: {exc}")
+            )
+
+    def _key(self, seq: int, data: dict[str, Any]) -> None:
+        raw = base64.b64decode(data["public_key"], validate=True)
+        key_id = str(data["key_id"])
+        if len(raw) != 32 or key_id_of(raw) != key_id:
+            raise CheckpointMalformed(f"its public key does not match key id {key_id}")
+        self.known[key_id] = raw
+        entry = KeyEntry(key_id, data["public_key"], seq, str(data.get("introduced")), False)
+        if self.pending is not None:
+            self._unintroduced(self.pending, seq)
+        self.pending = entry
+
+    def _unintroduced(self, entry: KeyEntry, seq: int) -> None:
+        previous = self.current or "none"
+        self.findings.append(
+            Finding(
+                entry.introduced_at,
+                "key_unintroduced",
+                f"the signing key changed at record {entry.introduced_at} from {previous} to "
+                f"{entry.key_id} ({entry.how}) without a checkpoint signed by the old key "
+                "introducing it: whoever holds the new key is not shown to be the device",
+            )
+        )
+        self.entries.append(entry)
+        self.current, self.pending = entry.key_id, None
+
+    def _checkpoint(self, seq: int, checkpoint: Checkpoint, prev: bytes) -> None:
+        where = f"checkpoint at record {seq}"
+        self.devices.add(checkpoint.device)
+        if checkpoint.log_seq != seq - 1 or checkpoint.hash != prev.hex():
+            self.findings.append(
+                Finding(
+                    seq,
+                    "checkpoint_hash",
+                    f"{where} signed record {checkpoint.log_seq} with hash "
+                    f"{checkpoint.hash[:16]}…, but the chain there is {prev.hex()[:16]}… at "
+                    f"record {seq - 1}: the records it covered were rewritten",
+                )
+            )
+            return
+        raw = self.known.get(checkpoint.key_id)
+        if raw is None:
+            self.findings.append(
+                Finding(
+                    seq,
+                    "key_unknown",
+                    f"{where} is signed by key {checkpoint.key_id}, which no log_key record "
+                    "introduced",
+                )
+            )
+            return
+        if not checkpoint.signature_valid_with(raw):
+            self.findings.append(
+                Finding(
+                    seq,
+                    "checkpoint_signature",
+                    f"{where} has a signature that does not verify under key {checkpoint.key_id}",
+                )
+            )
+            return
+        pending = self.pending
+        if pending is not None and self.current is None and checkpoint.key_id == pending.key_id:
+            self.entries.append(pending)  # the log's first key: trusted as the log names it
+            self.current, self.pending = pending.key_id, None
+        elif pending is not None and checkpoint.key_id == self.current:
+            # signed by the old key, covering the new key's introduction: a proper rotation
+            self.entries.append(
+                KeyEntry(
+                    pending.key_id, pending.public_key, pending.introduced_at, pending.how, True
+                )
+            )
+            self.current, self.pending = pending.key_id, None
+        elif pending is not None and checkpoint.key_id == pending.key_id:
+            self._unintroduced(pending, seq)
+        elif checkpoint.key_id != self.current:
+            self.findings.append(
+                Finding(
+                    seq,
+                    "key_unintroduced",
+                    f"{where} is signed by key {checkpoint.key_id}, not the log's current key "
+                    f"{self.current}",
+                )
+            )
+            return
+        self.verified += 1
+        self.last = checkpoint
+        self.stored[checkpoint.log_seq] = checkpoint.signature
+
+    def finish(self) -> None:
+        if self.pending is not None:
+            # introduced but no checkpoint covers it (the log ends first): nothing was signed
+            # with it yet, so nothing to flag; it stays in the history, unconfirmed
+            self.entries.append(self.pending)
+
+    def trusted_by(self, enrolled_id: str) -> set[str]:
+        """The keys the enrolled one vouches for: itself, and the run of keys around it that each
+        introduced the next with a signature."""
+        ids = [e.key_id for e in self.entries]
+        if enrolled_id not in ids:
+            return set()
+        i = ids.index(enrolled_id)
+        lo = i
+        while lo > 0 and self.entries[lo].signed_by_previous:
+            lo -= 1
+        hi = i
+        while hi + 1 < len(self.entries) and self.entries[hi + 1].signed_by_previous:
+            hi += 1
+        return set(ids[lo : hi + 1])
+
+
+def verify_against(
+    db_path: Path,
+    checkpoints: Iterable[Mapping[str, Any] | str],
+    key: bytes | str | None = None,
+    *,
+    device: str | None = None,
+) -> VerifyReport:
+    """Verify the log at ``db_path`` and prove it against checkpoints captured off the device.
+
+    ``checkpoints`` are payloads as published on ``log/checkpoint`` (the envelope's ``device``
+    and the flat ``log_seq``, ``hash``, ``time``, ``key_id``, ``public_key``, ``signature``), in
+    any order (extra keys such as ``historical`` are ignored; ``_source``, if given, names where
+    one came from in the messages); a string in their place is a note that an input could not be
+    read, reported as ignored.
+
+    ``key`` is the public key enrolled for the device, if any: the raw 32 bytes, or text as
+    :func:`~devicectl.sessionlog.keys.parse_public_key` reads it (base64, hex, PEM; ValueError if
+    it is none of those). Without it, signatures are checked against the keys the log names
+    itself. ``device`` (the id the device publishes under) picks this device's checkpoints from a
+    capture of many; by default, the devices the log's own checkpoints name (all, if it holds
+    none). Raises :class:`LogUnavailable` if the file cannot be read.
+    """
+    if isinstance(key, str):
+        key = parse_public_key(key)
+    witnesses_in = list(enumerate(checkpoints, start=1))
+    parsed: list[tuple[str, Checkpoint | str]] = []
+    for number, item in witnesses_in:
+        source = f"witness {number}"
+        if isinstance(item, str):
+            parsed.append((source, item))
+            continue
+        if isinstance(item, Mapping) and isinstance(item.get("_source"), str):
+            source = item["_source"]
+        try:
+            parsed.append((source, Checkpoint.from_mapping(item)))
+        except CheckpointMalformed as exc:
+            parsed.append((source, f"not a checkpoint a device signs: {exc}"))
+    signatures = _Signatures()
+    wanted = {c.log_seq for _, c in parsed if isinstance(c, Checkpoint)}
+    watch = _Watch(wanted, signatures)
+    base = _walk_file(Path(db_path), watch)
+    signatures.finish()
+    findings = list(signatures.findings)
+    enrolled_id = None if key is None else key_id_of(key)
+    trusted: set[str] | None = None
+    if key is not None and enrolled_id is not None:
+        trusted = signatures.trusted_by(enrolled_id)
+        signers = [e.key_id for e in signatures.entries]
+        if not trusted:
+            findings.append(
+                Finding(
+                    0,
+                    "key_not_enrolled",
+                    f"the enrolled key {enrolled_id} is not in this log's key history "
+                    f"({', '.join(signers) or 'none'}): the log was signed by another key "
+                    "(replaced), or it is not this device's log",
+                )
+            )
+        else:
+            findings.extend(
+                Finding(
+                    entry.introduced_at,
+                    "key_not_enrolled",
+                    f"key {entry.key_id} (introduced at record {entry.introduced_at}) is "
+                    f"not vouched for by the enrolled key {enrolled_id}",
+                )
+                for entry in signatures.entries
+                if entry.key_id not in trusted
+            )
+    devices = {device} if device is not None else signatures.devices
+    end = base.records if base.first_break is not None else base.head_seq
+    results: list[Witness] = []
+    confirmed: list[Witness] = []
+    for source, found in parsed:
+        if isinstance(found, str):
+            results.append(Witness(source, None, None, None, "ignored", found))
+            continue
+        results.append(
+            _judge(source, found, devices, signatures, key, trusted, watch.hashes, base, end)
+        )
+        if results[-1].status == "confirmed":
+            confirmed.append(results[-1])
+    proven_by = max(confirmed, key=lambda w: w.log_seq or 0, default=None)
+    proven_seq = None if proven_by is None else proven_by.log_seq
+    if proven_by is not None and proven_seq is not None:
+        # the witnessed checkpoint's own record, when the log holds exactly that checkpoint
+        for source, found in parsed:
+            if (
+                source == proven_by.source
+                and isinstance(found, Checkpoint)
+                and signatures.stored.get(proven_seq) == found.signature
+            ):
+                proven_seq += 1
+    contradicted = sorted(
+        (w for w in results if w.status == "contradicted"), key=lambda w: w.log_seq or 0
+    )
+    said: set[tuple[int, str, str | None]] = set()  # the same checkpoint, witnessed twice
+    for w in contradicted:
+        if (w.log_seq or 0, w.problem or "altered", w.time) not in said:
+            said.add((w.log_seq or 0, w.problem or "altered", w.time))
+            findings.append(Finding(w.log_seq or 0, w.problem or "altered", w.message))
+    return VerifyReport(
+        path=base.path,
+        records=base.records,
+        pulses=base.pulses,
+        head_seq=base.head_seq,
+        first_break=base.first_break,
+        head_hash=base.head_hash,
+        checkpoints=signatures.verified,
+        last_checkpoint=signatures.last,
+        keys=tuple(signatures.entries),
+        findings=tuple(findings),
+        witnesses=tuple(results),
+        proven_seq=proven_seq,
+        proven_by=proven_by,
+        enrolled_key_id=enrolled_id,
+    )
+
+
+def _judge(
+    source: str,
+    witness: Checkpoint,
+    devices: set[str],
+    signatures: _Signatures,
+    enrolled: bytes | None,
+    trusted: set[str] | None,
+    hashes: Mapping[int, bytes],
+    base: VerifyReport,
+    end: int,
+) -> Witness:
+    """One witnessed checkpoint against the log."""
+
+    def result(status: str, message: str, problem: str | None = None) -> Witness:
+        return Witness(
+            source, witness.log_seq, witness.time, witness.key_id, status, message, problem
+        )
+
+    name = f"the checkpoint witnessed at {witness.time} (record {witness.log_seq}, {source})"
+    if devices and witness.device not in devices:
+        ours = ", ".join(sorted(devices))
+        return result("ignored", f"{name} is device {witness.device}'s, not this log's ({ours})")
+    raw = signatures.known.get(witness.key_id)
+    if enrolled is not None and key_id_of(enrolled) == witness.key_id:
+        raw = enrolled
+    if trusted is not None and witness.key_id not in trusted and raw is not enrolled:
+        return result(
+            "ignored", f"{name} is signed by key {witness.key_id}, not the enrolled key's: not used"
+        )
+    if raw is None:
+        try:
+            own = witness.public_raw()
+        except (binascii.Error, ValueError):
+            own = b""
+        if not witness.signature_valid_with(own):
+            return result("ignored", f"{name} has a signature that does not verify: not evidence")
+        known = ", ".join(signatures.known) or "none"
+        return result(
+            "contradicted",
+            f"{name} was signed by key {witness.key_id}, which this log's key history ({known}) "
+            "does not contain: the log's key was replaced and its checkpoints re-signed, or the "
+            "checkpoint is not this device's (give --key to tell)",
+            "witness_key_unknown",
+        )
+    if not witness.signature_valid_with(raw):
+        return result("ignored", f"{name} has a signature that does not verify: not evidence")
+    if witness.log_seq > end:
+        if base.first_break is not None:
+            brk = base.first_break
+            return result(
+                "contradicted",
+                f"{name} covers record {witness.log_seq}, but the chain breaks before it, at "
+                f"record {brk.seq} ({brk.problem})",
+                brk.problem,
+            )
+        return result(
+            "contradicted",
+            f"{name} covers record {witness.log_seq}, but the log now ends at record "
+            f"{base.head_seq}: records {base.head_seq + 1}..{witness.log_seq} (at least) were "
+            "removed",
+            "truncated",
+        )
+    have = hashes.get(witness.log_seq)
+    if have is None or have.hex() != witness.hash:
+        ours = "missing" if have is None else have.hex()[:16] + "…"
+        return result(
+            "contradicted",
+            f"{name} says the chain's hash at record {witness.log_seq} was {witness.hash[:16]}…, "
+            f"the log's is {ours}: records up to it were altered, deleted or the chain recomputed",
+            "altered",
+        )
+    return result("confirmed", f"{name} matches: records 1..{witness.log_seq} are as signed")

@@ -20,6 +20,15 @@ No log, no laser: the daemon learns that the log cannot be written from
 A failure latches for the life of the object: reopen the log, then :meth:`recover_interrupted`
 reconciles with the device's pulse counter, so pulses fired meanwhile are charged, not lost.
 :meth:`start_session` refuses (raises) while the log is unhealthy; the per-pulse calls never raise.
+
+Signed checkpoints (:mod:`devicectl.sessionlog.checkpoint`), given a signing key and a device id:
+the writer thread appends one to the chain, in the commit that reaches it, at the first commit
+after ``checkpoint_every`` records, ``checkpoint_interval_s`` after the first unwitnessed record
+(``idle_checkpoint_interval_s`` outside a session; the thread wakes for it), after every
+``session_ended`` record and every reconciliation after a crash, on :meth:`checkpoint_async` and
+at :meth:`close`. One signature per
+checkpoint, never per record. ``on_checkpoint(checkpoint)`` runs on the writer thread after the
+commit that holds it (hand it to the loop, like ``on_unavailable``).
 """
 
 from __future__ import annotations
@@ -42,16 +51,25 @@ import structlog
 from pydantic import ValidationError
 
 from devicectl.errors import LogUnavailable
-from devicectl.sessionlog import reader, store
+from devicectl.sessionlog import keys, reader, store
 from devicectl.sessionlog.chain import MIN_SESSION_ID, pulse_hash, record_hash
+from devicectl.sessionlog.checkpoint import (
+    CHECKPOINT_KIND,
+    KEY_KIND,
+    Checkpoint,
+    make_checkpoint,
+)
 from devicectl.sessionlog.model import (
     DEFAULT_PATIENT_REF_PATTERN,
     FAULT_EVENT_KINDS,
+    MAX_DAYS_BETWEEN_SESSIONS,
     MIN_DAYS_BETWEEN_SESSIONS,
+    CoursePosition,
     CourseWarning,
     InvalidSessionInfo,
     LimitsInForce,
     PostCare,
+    Provenance,
     SessionInfo,
     SessionOpened,
     SessionRefused,
@@ -67,6 +85,8 @@ __all__ = ["Recovery", "SessionLog"]
 
 _NS_PER_DAY = 86_400 * 10**9
 _EVENT_KIND_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.")
+# Clinical entries appended to a session at or after its end, each a record of its own.
+CLINICAL_KINDS = frozenset({"note", "reaction", "adverse_event"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +116,35 @@ class _Marker:
 
     done: Callable[[], None]
     stop: bool = False
+    checkpoint: str | None = None  # a checkpoint is due at this place in the queue (its reason)
+
+
+def _nothing() -> None:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _SigningState:
+    """What the chain says of its signing keys and device, read at open."""
+
+    key_id: str | None  # the key the chain's last log_key record introduced
+    device: str | None  # of the last checkpoint
+    last_checkpoint_seq: int
+
+
+def _signing_state(conn: sqlite3.Connection) -> _SigningState:
+    key = conn.execute(
+        "SELECT body FROM records WHERE kind = ? ORDER BY seq DESC LIMIT 1", (KEY_KIND,)
+    ).fetchone()
+    last = conn.execute(
+        "SELECT seq, body FROM records WHERE kind = ? ORDER BY seq DESC LIMIT 1",
+        (CHECKPOINT_KIND,),
+    ).fetchone()
+    return _SigningState(
+        key_id=None if key is None else json.loads(key[0]).get("key_id"),
+        device=None if last is None else json.loads(last[1]).get("device"),
+        last_checkpoint_seq=0 if last is None else int(last[0]),
+    )
 
 
 @dataclass(slots=True)
@@ -154,6 +203,11 @@ class SessionLog:
         status_interval_ns: int,
         idle_status_interval_ns: int,
         stall_timeout_s: float,
+        signing: _SigningState,
+        on_checkpoint: Callable[[Checkpoint], object] | None,
+        checkpoint_every: int,
+        checkpoint_interval_s: float,
+        idle_checkpoint_interval_s: float,
     ) -> None:
         self.path = path
         self._conn = conn
@@ -185,6 +239,22 @@ class SessionLog:
         self._busy_since: float | None = None
         self.committed_pulse_no = state.last_pulse_no
         self.dropped = 0  # items discarded after a failure
+        # Checkpoints (writer thread; set_device assigns a whole attribute from the loop).
+        self._key: keys.DeviceKey | None = None
+        self._next_key: keys.DeviceKey | None = None
+        self._key_source: keys.KeySource | None = None
+        self._chain_key_id = signing.key_id
+        self._device = signing.device
+        self._on_checkpoint = on_checkpoint
+        self._checkpoint_every = checkpoint_every
+        self._checkpoint_interval_s = checkpoint_interval_s
+        self._idle_checkpoint_interval_s = idle_checkpoint_interval_s
+        self._last_checkpoint_seq = signing.last_checkpoint_seq
+        self._covered_seq = signing.last_checkpoint_seq  # within the commit being built
+        self._checkpoint_due: float | None = None  # monotonic; unwitnessed records wait till then
+        self._unwitnessed_since: float | None = None  # when the first of them was committed
+        self._no_device_reported = False
+        self.last_checkpoint: Checkpoint | None = None
         self._thread = threading.Thread(
             target=self._run, name="devicectl-sessionlog-writer", daemon=True
         )
@@ -205,13 +275,38 @@ class SessionLog:
         status_interval_s: float = 1.0,
         idle_status_interval_s: float = 60.0,
         stall_timeout_s: float = 2.0,
+        signing_key: keys.DeviceKey | keys.KeySource | None = None,
+        device: str | None = None,
+        on_checkpoint: Callable[[Checkpoint], object] | None = None,
+        checkpoint_every: int = 10_000,
+        checkpoint_interval_s: float = 2.0,
+        idle_checkpoint_interval_s: float = 300.0,
     ) -> SessionLog:
         """Open (create, migrate) the log at ``path`` and start the writer thread.
 
         Raises :class:`LogUnavailable` naming the cause when the file cannot be opened or written.
         ``on_commit(pulses, last_pulse_no)`` runs on the writer thread after each commit.
         ``synchronous`` is SQLite's: FULL (default) makes every commit durable at power loss.
+
+        ``signing_key`` (a key, or where to find or create one; see
+        :mod:`devicectl.sessionlog.keys`) turns checkpoints on; they are signed for ``device``
+        (the id telemetry publishes under; default: the device of the log's last checkpoint;
+        :meth:`set_device` once it is known). Raises
+        :class:`~devicectl.sessionlog.keys.SigningKeyError` when the key cannot be read or made.
         """
+        key: keys.DeviceKey | None = None
+        pending: keys.DeviceKey | None = None
+        source: keys.KeySource | None = None
+        if isinstance(signing_key, keys.KeySource):
+            source = signing_key
+            key, created = keys.load_or_create(source)
+            pending = keys.load_pending(source)
+            if not created and keys.loosely_protected(source.path):
+                (log or structlog.get_logger("devicectl.sessionlog")).warning(
+                    "signing_key_readable_by_others", path=str(source.path)
+                )
+        elif signing_key is not None:
+            key = signing_key
         path = Path(path)
         log = log if log is not None else structlog.get_logger("devicectl.sessionlog")
         conn = store.connect(path, synchronous=synchronous)
@@ -225,6 +320,7 @@ class SessionLog:
                     (state.open_session,),
                 ).fetchone()
                 stale_zone = row[0] if row else "unknown"
+            signing = _signing_state(conn)
             # Fail now, not at the first pulse, when the file is read-only or the disk is full.
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("UPDATE chain_head SET seq = seq WHERE id = 1")
@@ -246,7 +342,16 @@ class SessionLog:
             status_interval_ns=int(status_interval_s * 1e9),
             idle_status_interval_ns=int(idle_status_interval_s * 1e9),
             stall_timeout_s=stall_timeout_s,
+            signing=signing,
+            on_checkpoint=on_checkpoint,
+            checkpoint_every=checkpoint_every,
+            checkpoint_interval_s=checkpoint_interval_s,
+            idle_checkpoint_interval_s=idle_checkpoint_interval_s,
         )
+        if device is not None:
+            self._device = device
+        if key is not None:
+            self._adopt_key(key, pending, source)
         self._thread.start()
         log.info(
             "session_log_opened",
@@ -263,6 +368,7 @@ class SessionLog:
         if self._closed:
             return
         self._closed = True
+        self._put(_Marker(done=_nothing, checkpoint="shutdown"))
         self._put(_Marker(done=lambda: None, stop=True))
         self._thread.join()
         self._log.info("session_log_closed", path=str(self.path), records=self._seq)
@@ -323,6 +429,128 @@ class SessionLog:
             raise LogUnavailable(f"session log {self.path} is closed")
         self._put(marker)
 
+    # ── signed checkpoints ───────────────────────────────────────────────────────────────────
+
+    def _adopt_key(
+        self,
+        key: keys.DeviceKey,
+        pending: keys.DeviceKey | None,
+        source: keys.KeySource | None,
+    ) -> None:
+        """Before the writer starts: sign with ``key``, and record in the chain how it relates to
+        the key the chain knows (first key; a staged rotation; a replacement nobody signed)."""
+        self._key, self._key_source = key, source
+        chain_key = self._chain_key_id
+        if pending is not None and chain_key == pending.key_id:
+            # The rotation was committed but the new key not yet moved into place (a crash).
+            self._key = pending
+            self._finish_rotation()
+            return
+        if chain_key is None:
+            self._introduce(key, "first", None)
+        elif chain_key != key.key_id:
+            # The key the chain names is gone; nothing it signed can vouch for this one, and
+            # `log verify` says so. Recorded, not hidden.
+            self._introduce(key, "replacement", chain_key)
+            self._log.warning("signing_key_replaced", previous_key_id=chain_key, key_id=key.key_id)
+        if pending is not None:
+            # introduced at the first checkpoint, asked for now, signed by ``key`` (deferred,
+            # like any checkpoint, until the device id is known)
+            self._next_key = pending
+            self._put(_Marker(done=_nothing, checkpoint="key_rotation"))
+
+    def _introduce(self, key: keys.DeviceKey, how: str, previous: str | None) -> None:
+        body = {
+            "key_id": key.key_id,
+            "public_key": key.public_b64,
+            "introduced": how,
+            "previous_key_id": previous,
+        }
+        self._record(None, KEY_KIND, body, None)
+        self._chain_key_id = key.key_id
+
+    def set_device(self, device: str) -> None:
+        """The device id checkpoints are signed for: the one telemetry publishes under."""
+        if not device or "\n" in device:
+            raise ValueError(f"device id {device!r} is empty or holds a line feed")
+        self._device = device
+
+    @property
+    def key_id(self) -> str | None:
+        """The id of the key checkpoints are signed with now, or ``None`` (not signing)."""
+        return None if self._key is None else self._key.key_id
+
+    async def checkpoint_async(self, reason: str = "requested") -> Checkpoint | None:
+        """Append a checkpoint covering everything recorded so far (none if nothing is new since
+        the last one) and return the newest checkpoint once committed; ``None`` when not signing.
+        Raises :class:`LogUnavailable` if the log cannot be written."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+
+        def resolve() -> None:
+            if not future.done():
+                future.set_result(None)
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(resolve)
+
+        self._enqueue_marker(_Marker(done=wake, checkpoint=reason))
+        await future
+        self.check()
+        return self.last_checkpoint
+
+    def _finish_rotation(self) -> None:
+        if self._key_source is None:
+            return
+        try:
+            keys.finish_rotation(self._key_source)
+        except keys.SigningKeyError as exc:
+            self._log.error("signing_key_rotation_unfinished", cause=str(exc))
+
+    def _append_checkpoint(
+        self,
+        seq: int,
+        prev: bytes,
+        reason: str,
+        records: list[tuple[int, int | None, str, int, str, bytes]],
+        made: list[tuple[Checkpoint, keys.DeviceKey | None]],
+    ) -> tuple[int, bytes]:
+        """Append (to this commit's rows) a checkpoint of the chain at ``seq``; writer thread."""
+        key, device = self._key, self._device
+        if key is None or (seq == self._covered_seq and self._next_key is None):
+            return seq, prev
+        if device is None:
+            if not self._no_device_reported:
+                self._no_device_reported = True
+                self._log.warning("checkpoint_deferred", why="the device id is not known yet")
+            return seq, prev
+        now = self._clock()
+        rotating = self._next_key
+        if rotating is not None:
+            body = {
+                "key_id": rotating.key_id,
+                "public_key": rotating.public_b64,
+                "introduced": "rotation",
+                "previous_key_id": key.key_id,
+            }
+            text = _canonical_json(body)
+            seq += 1
+            prev = record_hash(prev, seq, None, now, KEY_KIND, text)
+            records.append((seq, None, KEY_KIND, now, text, prev))
+            reason = "key_rotation"
+        checkpoint = make_checkpoint(key, device, seq, prev, now, reason)
+        text = _canonical_json(checkpoint.body())
+        seq += 1
+        prev = record_hash(prev, seq, None, now, CHECKPOINT_KIND, text)
+        records.append((seq, None, CHECKPOINT_KIND, now, text, prev))
+        made.append((checkpoint, rotating))
+        self._covered_seq = seq
+        return seq, prev
+
+    def _checkpoint_interval(self) -> float:
+        live = self._live is not None  # a plain read of the caller's attribute; a hint only
+        return self._checkpoint_interval_s if live else self._idle_checkpoint_interval_s
+
     # ── health: how the daemon learns that it must not arm ───────────────────────────────────
 
     @property
@@ -368,6 +596,7 @@ class SessionLog:
         *,
         device_pulse_count: int | None = None,
         limits: LimitsInForce | Mapping[str, Any] | None = None,
+        provenance: Provenance | None = None,
         host_time_ns: int | None = None,
     ) -> SessionOpened:
         """Validate ``info``, enforce the checklist, apply the course rules and open a session.
@@ -378,8 +607,12 @@ class SessionLog:
         ``device_pulse_count`` (the board's counter now) lets a crash in the very first session
         be reconciled. ``limits`` are the supervisor's limits for this session
         (``LimitsInForce.from_policy(policy)``), recorded for its report; without them the report
-        shows the defaults, labelled as such. Course warnings (interval under 7 days, course
-        complete) are returned and recorded, never blocking.
+        shows the defaults, labelled as such. ``provenance`` names the software, firmware and
+        policy (name, SHA-256) in force. The course position comes from the log's history
+        (:class:`CoursePosition`); course warnings (interval under 7 or over 14 days, a typed
+        session number that disagrees, maintenance) are returned and recorded, never blocking.
+        A contraindication answered yes is refused unless ``info.override`` carries a
+        supervisor's sign-off.
         """
         self.check()
         if isinstance(info, SessionInfo):
@@ -394,41 +627,60 @@ class SessionLog:
             raise SessionRefused("session.open", f"session {open_id} is still open; {hint}")
         problems = checklist_problems(info.checklist)
         answers = info.checklist.contraindications.model_dump()
-        # A contraindication answered yes may be overridden with a reason; nothing else may.
+        # A contraindication answered yes may be overridden with a supervisor's sign-off;
+        # nothing else may.
         present = [
             rule
             for rule, _ in problems
             if rule.startswith("contraindication.") and answers[rule.partition(".")[2]] is True
         ]
-        overridden = set(present) if info.contraindication_override is not None else set()
+        override = info.override
+        if present and override is not None and override.role != "supervisor":
+            raise SessionRefused(
+                "override.signoff",
+                f"{override.signed_off_by} is not a supervisor: a contraindication override "
+                "needs a supervisor's sign-off",
+            )
+        overridden = set(present) if override is not None else set()
         blocking = [(rule, detail) for rule, detail in problems if rule not in overridden]
         if blocking:
             hint = (
-                "; override with a reason if treating anyway" if present and not overridden else ""
+                "; a supervisor may sign off an override if treating anyway"
+                if present and not overridden
+                else ""
             )
             raise SessionRefused(blocking[0][0], "; ".join(detail for _, detail in blocking) + hint)
         now = self._clock() if host_time_ns is None else host_time_ns
-        warnings = self._course_warnings(info, now)
+        position, warnings = self._course_position(info, now)
         session_id = self._next_session_id
         body = {
             "info": info.model_dump(mode="json"),
             "warnings": [{"code": w.code, "message": w.message} for w in warnings],
+            "course_position": position.to_dict(),
             "device_pulse_count": device_pulse_count,
             "limits": None if limits is None else limits.model_dump(mode="json"),
+            "provenance": None if provenance is None else provenance.model_dump(mode="json"),
         }
         self._record(session_id, "session_started", body, now)
         self._next_session_id += 1
         self._courses.setdefault(info.course.course_id, []).append(
-            reader.CourseEntry(session_id, info.course.session_number, info.patient_ref, now)
+            reader.CourseEntry(session_id, position.number, info.patient_ref, now, None)
         )
         self._live = _LiveSession(session_id, now)
         if overridden:
+            assert override is not None
             self.record_event(
                 session_id,
                 "override",
                 info.operator,
-                {"contraindications": sorted(r.partition(".")[2] for r in overridden)},
-                info.contraindication_override,
+                {
+                    "contraindications": sorted(r.partition(".")[2] for r in overridden),
+                    "signed_off_by": override.signed_off_by,
+                    "signed_off_role": override.role,
+                    "reason_code": override.reason_code,
+                },
+                override.reason,
+                role=info.operator_role,
                 host_time_ns=now,
             )
         if device_pulse_count is not None:
@@ -439,9 +691,13 @@ class SessionLog:
             course=info.course.course_id,
             warnings=[w.code for w in warnings],
         )
-        return SessionOpened(session_id, tuple(warnings))
+        return SessionOpened(session_id, tuple(warnings), position)
 
-    def _course_warnings(self, info: SessionInfo, now_ns: int) -> list[CourseWarning]:
+    def _course_position(
+        self, info: SessionInfo, now_ns: int
+    ) -> tuple[CoursePosition, list[CourseWarning]]:
+        """The session's place in its course from the history: only earlier sessions that
+        delivered pulses count; after ``planned_sessions`` of them, it is maintenance."""
         course = info.course
         history = self._courses.get(course.course_id, [])
         if history and history[0].patient_ref != info.patient_ref:
@@ -450,50 +706,74 @@ class SessionLog:
                 f"course {course.course_id} belongs to patient {history[0].patient_ref}, "
                 f"not {info.patient_ref}",
             )
+        counted = [entry for entry in history if entry.delivered]
+        planned = course.planned_sessions
+        days = (now_ns - counted[-1].started_ns) / _NS_PER_DAY if counted else None
+        if len(counted) < planned:
+            position = CoursePosition(
+                "course", len(counted) + 1, planned, len(counted), days, course.session_number
+            )
+        else:
+            position = CoursePosition(
+                "maintenance", len(counted) - planned + 1, planned, len(counted), days,
+                course.session_number,
+            )  # fmt: skip
         warnings: list[CourseWarning] = []
-        if history:
-            last = history[-1]
-            days = (now_ns - last.started_ns) / _NS_PER_DAY
-            if days < MIN_DAYS_BETWEEN_SESSIONS:
-                warnings.append(
-                    CourseWarning(
-                        "interval_short",
-                        f"only {days:.1f} days since session {last.session_number} of course "
-                        f"{course.course_id} (at least {MIN_DAYS_BETWEEN_SESSIONS} advised)",
-                    )
-                )
-        if (
-            len(history) >= course.planned_sessions
-            or course.session_number > course.planned_sessions
-        ):
+        where = f"course {course.course_id}"
+        if position.kind == "maintenance":
             warnings.append(
                 CourseWarning(
-                    "course_complete",
-                    f"course {course.course_id} is complete: {len(history)} of "
-                    f"{course.planned_sessions} planned sessions already given",
+                    "maintenance",
+                    f"{where} is complete ({len(counted)} of {planned} planned sessions given): "
+                    f"this is maintenance session {position.number}",
                 )
             )
-        if course.session_number != len(history) + 1:
+        elif days is not None and days < MIN_DAYS_BETWEEN_SESSIONS:
+            warnings.append(
+                CourseWarning(
+                    "interval_short",
+                    f"only {days:.1f} days since session {len(counted)} of {where} "
+                    f"(at least {MIN_DAYS_BETWEEN_SESSIONS} advised)",
+                )
+            )
+        elif days is not None and days > MAX_DAYS_BETWEEN_SESSIONS:
+            warnings.append(
+                CourseWarning(
+                    "interval_long",
+                    f"{days:.1f} days since session {len(counted)} of {where} "
+                    f"(at most {MAX_DAYS_BETWEEN_SESSIONS} advised)",
+                )
+            )
+        typed = course.session_number
+        if typed is not None and (position.kind == "maintenance" or typed != position.number):
+            actual = (
+                f"maintenance session {position.number}"
+                if position.kind == "maintenance"
+                else f"session {position.number} of {planned}"
+            )
             warnings.append(
                 CourseWarning(
                     "session_number",
-                    f"recorded as session {course.session_number} but the log holds "
-                    f"{len(history)} earlier session(s) of course {course.course_id}",
+                    f"typed as session {typed} but the log makes it {actual} of {where} "
+                    f"({len(counted)} earlier session(s) delivered pulses)",
                 )
             )
-        return warnings
+        return position, warnings
 
     def end_session(
         self,
         session_id: int,
         *,
         actor: str,
+        role: str | None = None,
         post_care: Iterable[PostCare | str] = (),
+        post_care_declined: str | None = None,
         note: str | None = None,
         host_time_ns: int | None = None,
     ) -> Summary:
-        """Close the session with its post-care and return the closing summary (computed from
-        live totals: no disk read). Raises :class:`SessionRefused` if it is not the open one."""
+        """Close the session with its post-care (the advice given, or why it was declined) and
+        return the closing summary (computed from live totals: no disk read). Raises
+        :class:`SessionRefused` if it is not the open one."""
         live = self._live
         if live is None or live.session_id != session_id:
             raise SessionRefused("session.open", f"session {session_id} is not the open session")
@@ -504,11 +784,50 @@ class SessionLog:
             raise InvalidSessionInfo("post_care", list(post_care), f"one of {allowed}") from exc
         now = self._clock() if host_time_ns is None else host_time_ns
         summary = self._summary(live, "completed", now)
-        body = {"summary": summary.to_dict(), "post_care": care, "actor": actor, "note": note}
+        body = {
+            "summary": summary.to_dict(),
+            "post_care": care,
+            "post_care_declined": post_care_declined,
+            "actor": actor,
+            "role": role,
+            "note": note,
+        }
         self._record(session_id, "session_ended", body, now)
+        self._put(_Marker(done=_nothing, checkpoint="session_end"))
         self._live = None
+        self._mark_delivered(session_id, summary)
         self._log.info("session_ended", session_id=session_id, pulses=live.pulses)
         return summary
+
+    def _mark_delivered(self, session_id: int, summary: Summary) -> None:
+        """A closed session counts in its course when it delivered pulses."""
+        for entries in self._courses.values():
+            for i, entry in enumerate(entries):
+                if entry.session_id == session_id:
+                    entries[i] = dataclasses.replace(
+                        entry, delivered=summary.pulses + summary.unlogged_pulses > 0
+                    )
+                    return
+
+    def record_clinical(
+        self,
+        session_id: int,
+        kind: str,
+        *,
+        actor: str,
+        role: str | None,
+        entry: Mapping[str, Any],
+        host_time_ns: int | None = None,
+    ) -> None:
+        """A clinician's ``note``, the immediate skin ``reaction`` or an ``adverse_event``,
+        appended to session ``session_id`` (open or ended) as a chained record of its own:
+        nothing recorded before is ever edited."""
+        if kind not in CLINICAL_KINDS:
+            raise InvalidSessionInfo("kind", kind, "one of " + ", ".join(sorted(CLINICAL_KINDS)))
+        if not MIN_SESSION_ID <= session_id < self._next_session_id:
+            raise SessionRefused("session.unknown", f"no session {session_id} in the log")
+        body = {"actor": actor, "role": role, **entry}
+        self._record(session_id, kind, body, host_time_ns)
 
     def current_summary(self, *, host_time_ns: int | None = None) -> Summary | None:
         """The open session's running summary (outcome ``"open"``), e.g. for the retained
@@ -541,6 +860,7 @@ class SessionLog:
         zone: Zone | str,
         *,
         actor: str,
+        role: str | None = None,
         energy_limit_uj: int | None = None,
         host_time_ns: int | None = None,
     ) -> None:
@@ -550,7 +870,12 @@ class SessionLog:
         except ValueError:
             allowed = ", ".join(z.value for z in Zone)
             raise InvalidSessionInfo("zone", zone, f"one of {allowed}") from None
-        body = {"zone": zone.value, "energy_limit_uj": energy_limit_uj, "actor": actor}
+        body = {
+            "zone": zone.value,
+            "energy_limit_uj": energy_limit_uj,
+            "actor": actor,
+            "role": role,
+        }
         self._record(session_id, "zone", body, host_time_ns)
 
     def record_params(
@@ -562,15 +887,21 @@ class SessionLog:
         rate_mhz: int,
         spot_um: int,
         actor: str,
+        role: str | None = None,
+        fluence_limit: Mapping[str, Any] | None = None,
         host_time_ns: int | None = None,
     ) -> None:
-        """Parameters sent to the device (ICD units). Later pulses' fluence uses this spot."""
+        """Parameters sent to the device (ICD units). Later pulses' fluence uses this spot.
+        ``fluence_limit`` is the cap these were checked against: ``fluence_j_cm2``,
+        ``max_fluence_j_cm2``, ``rule`` (skin type or zone), ``skin_type``, ``zone``, ``preset``."""
         body = {
             "energy_uj": energy_uj,
             "width_us": width_us,
             "rate_mhz": rate_mhz,
             "spot_um": spot_um,
             "actor": actor,
+            "role": role,
+            "fluence_limit": None if fluence_limit is None else dict(fluence_limit),
         }
         self._record(session_id, "params", body, host_time_ns)
         live = self._live
@@ -671,15 +1002,23 @@ class SessionLog:
         detail: Mapping[str, Any],
         reason: str | None = None,
         *,
+        role: str | None = None,
         host_time_ns: int | None = None,
     ) -> None:
         """A safety event or an operator action: ``kind`` is a short lower-case name (``breach``,
-        ``device_fault``, ``link_lost`` count as faults; ``ack``, ``override``, ``armed``,
-        ``disarmed``, ``stop``, ``note`` ...), ``actor`` who (operator id, ``supervisor``,
-        ``device``), ``detail`` the facts (JSON values), ``reason`` the operator's why."""
+        ``device_fault``, ``link_lost`` count as faults; ``fault_ack``, ``override``, ``armed``,
+        ``disarmed``, ``stop`` ...), ``actor`` who (a user id, or ``supervisor``, ``device``,
+        ``mqtt`` for the system), ``role`` the user's role (None for the system), ``detail`` the
+        facts (JSON values), ``reason`` the operator's why."""
         if not kind or not set(kind) <= _EVENT_KIND_CHARS or len(kind) > 64:
             raise InvalidSessionInfo("event kind", kind, "lower-case letters, digits, '_' or '.'")
-        body = {"event": kind, "actor": actor, "detail": dict(detail), "reason": reason}
+        body = {
+            "event": kind,
+            "actor": actor,
+            "role": role,
+            "detail": dict(detail),
+            "reason": reason,
+        }
         self._record(session_id, "event", body, host_time_ns)
         live = self._live
         if kind in FAULT_EVENT_KINDS and live is not None and live.session_id == session_id:
@@ -727,6 +1066,7 @@ class SessionLog:
             self._record(
                 stale, "session_interrupted", {"summary": summary.to_dict(), "cause": cause}, now
             )
+            self._mark_delivered(stale, summary)
         if stale is not None or unlogged or mismatch:
             body: dict[str, Any] = {
                 "device_pulse_count": device_pulse_count,
@@ -736,6 +1076,7 @@ class SessionLog:
                 "counter_mismatch": mismatch,
             }
             self._record(stale, "recovery", body, now)
+            self._put(_Marker(done=_nothing, checkpoint="session_end"))  # witnessed at once
         self._last_pulse_no = device_pulse_count
         self._stale_session = self._stale_summary = None
         if stale is not None or unlogged or mismatch:
@@ -765,7 +1106,16 @@ class SessionLog:
         stopping = False
         try:
             while not stopping:
-                batch = [get()]
+                due = self._checkpoint_due
+                if due is None:
+                    batch = [get()]
+                else:
+                    try:
+                        batch = [get(timeout=max(0.0, due - time.monotonic()))]
+                    except queue.Empty:
+                        batch = [_Marker(done=_nothing, checkpoint="periodic")]
+                        # next try then, if it cannot be made now (no device id yet): no spin
+                        self._checkpoint_due = time.monotonic() + self._checkpoint_interval()
                 try:
                     while len(batch) < 100_000:
                         batch.append(get_nowait())
@@ -789,6 +1139,8 @@ class SessionLog:
         seq, prev = self._seq, self._prev
         pulses: list[tuple[int, int, int, int, int, int, str, bytes]] = []
         records: list[tuple[int, int | None, str, int, str, bytes]] = []
+        made: list[tuple[Checkpoint, keys.DeviceKey | None]] = []
+        self._covered_seq = self._last_checkpoint_seq
         last_pulse_no: int | None = None
         for item in batch:
             if type(item) is tuple:
@@ -801,6 +1153,14 @@ class SessionLog:
                 seq += 1
                 prev = record_hash(prev, seq, item.session_id, item.at_ns, item.kind, item.body)
                 records.append((seq, item.session_id, item.kind, item.at_ns, item.body, prev))
+            elif type(item) is _Marker and item.checkpoint is not None:
+                seq, prev = self._append_checkpoint(seq, prev, item.checkpoint, records, made)
+        if self._key is not None and seq != self._covered_seq:
+            due = self._checkpoint_due
+            if seq - self._covered_seq >= self._checkpoint_every or (
+                due is not None and time.monotonic() >= due
+            ):
+                seq, prev = self._append_checkpoint(seq, prev, "periodic", records, made)
         if not (pulses or records):
             return
         conn = self._conn
@@ -831,12 +1191,38 @@ class SessionLog:
         self._seq, self._prev = seq, prev
         if last_pulse_no is not None:
             self.committed_pulse_no = last_pulse_no
+        if made:
+            self._checkpoints_committed(made)
+        if self._key is not None and seq != self._last_checkpoint_seq:
+            if self._unwitnessed_since is None:
+                self._unwitnessed_since = time.monotonic()
+            # recomputed at every commit: a session starting shortens the idle interval
+            self._checkpoint_due = self._unwitnessed_since + self._checkpoint_interval()
+        else:
+            self._unwitnessed_since = self._checkpoint_due = None
         if self._on_commit is not None:
             try:
                 self._on_commit(len(pulses), last_pulse_no)
             except Exception:  # noqa: BLE001 - committed is committed; a broken hook is not a failure
                 self._log.exception("session_log_commit_hook_failed")
         self._log.debug("session_log_committed", pulses=len(pulses), records=len(records), seq=seq)
+
+    def _checkpoints_committed(self, made: list[tuple[Checkpoint, keys.DeviceKey | None]]) -> None:
+        for checkpoint, introduced in made:
+            assert checkpoint.record_seq is not None
+            self._last_checkpoint_seq = checkpoint.record_seq
+            self.last_checkpoint = checkpoint
+            if introduced is not None:
+                self._key, self._next_key = introduced, None
+                self._chain_key_id = introduced.key_id
+                self._finish_rotation()
+                self._log.info("signing_key_rotated", key_id=introduced.key_id)
+            if self._on_checkpoint is not None:
+                try:
+                    self._on_checkpoint(checkpoint)
+                except Exception:  # noqa: BLE001 - committed is committed
+                    self._log.exception("session_log_checkpoint_hook_failed")
+        self._log.debug("session_log_checkpoint", seq=self._last_checkpoint_seq)
 
     def _fail(self, exc: Exception) -> None:
         cause = str(exc) or type(exc).__name__

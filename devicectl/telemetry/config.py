@@ -42,6 +42,8 @@ def parse_broker_url(url: str) -> BrokerAddress:
         raise ConfigError("mqtt.url", url, allowed) from exc
     if parts.scheme not in {"mqtt", "mqtts"} or not parts.hostname or parts.path not in {"", "/"}:
         raise ConfigError("mqtt.url", url, allowed)
+    if port == 0:
+        raise ConfigError("mqtt.url", url, "a broker port from 1 to 65535")
     tls = parts.scheme == "mqtts"
     return BrokerAddress(
         host=parts.hostname,

@@ -7,8 +7,8 @@ a message whose PUBACK was lost, never a reordering of new ones). The same file 
 counters and the daemon's ``boot`` counter, so both survive restarts.
 
 Bounded by payload bytes: past the bound the oldest ``pulses`` batches go first, then superseded
-``state``/``session`` messages (a newer one for the same retained topic is queued); alerts and
-session events are never dropped, so the bound may be exceeded by them alone.
+``state``/``session``/``log/checkpoint`` messages (a newer one for the same retained topic is
+queued); alerts and session events are never dropped, so the bound may be exceeded by them alone.
 
 A disk that refuses writes (full, read-only, failing) must not silence telemetry while the broker
 is there to take it, least of all the alert saying the session log cannot be written: from the
@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 
 # Dropped first when the outbox is over its bound, in this order; anything else is kept.
 _DROPPABLE = ("pulses",)
-_SUPERSEDABLE = ("state", "session")
+# A newer log checkpoint covers everything an older one did (the chain passes through both).
+_SUPERSEDABLE = ("state", "session", "log-checkpoint")
 
 
 class OutboxRow(NamedTuple):

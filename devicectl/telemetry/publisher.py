@@ -1,4 +1,4 @@
-"""The telemetry publisher: the contract in docs/mqtt.md over aiomqtt, behind a durable outbox.
+"""The telemetry publisher: the MQTT contract (docs/mqtt.md) over aiomqtt, behind a durable outbox.
 
     daemon ──publish_*()──▶ Outbox (SQLite, seq assigned) ──"telemetry-link"──▶ broker
            ──offer_pulse()─▶ hand-off list ──"telemetry-pulses" (100 ms)──▶ Outbox
@@ -55,6 +55,7 @@ from protocols.mqtt import (
     SCHEMA_VERSION,
     STREAMS,
     AlertPayload,
+    CheckpointPayload,
     MetricsPayload,
     ParamsModel,
     PulseBatchPayload,
@@ -337,9 +338,13 @@ class Telemetry:
 
     def publish_session_event(self, session_id: str, kind: SessionEventKind, **fields: Any) -> None:
         """Queue a ``sessions/{id}/events`` message; ``summary=`` (for ``ended``) is a
-        :class:`SessionSummary` or its mapping, any other keyword goes into ``details``."""
+        :class:`SessionSummary` or its mapping, ``checkpoint=`` (for ``ended``) the signed log
+        checkpoint's fields, any other keyword goes into ``details``."""
         summary = fields.pop("summary", None)
+        checkpoint = fields.pop("checkpoint", None)
         body = {"session": session_id, "event": kind, "details": fields, "summary": summary}
+        if checkpoint is not None:
+            body["checkpoint"] = checkpoint
         SessionEventPayload.model_validate({**self._envelope(1), **body})
         topic = self._topics.topic(Stream.SESSION_EVENTS, session_id)
         self._enqueue(Stream.SESSION_EVENTS, lambda seq: encode_payload(
@@ -363,6 +368,16 @@ class Telemetry:
         AlertPayload.model_validate({**self._envelope(1), **body})
         self._enqueue(Stream.ALERTS, lambda seq: encode_payload(
             AlertPayload.model_validate({**self._envelope(seq), **body})
+        ))  # fmt: skip
+
+    def publish_checkpoint(self, checkpoint: Mapping[str, Any]) -> None:
+        """Queue a ``log/checkpoint`` message (retained, never dropped from the outbox):
+        ``checkpoint`` holds ``log_seq``, ``hash``, ``time``, ``key_id``, ``public_key`` and
+        ``signature``, signed for this device's id (the envelope's ``device``)."""
+        fields = dict(checkpoint)
+        CheckpointPayload.model_validate({**self._envelope(1), **fields})
+        self._enqueue(Stream.LOG_CHECKPOINT, lambda seq: encode_payload(
+            CheckpointPayload.model_validate({**self._envelope(seq), **fields})
         ))  # fmt: skip
 
     def publish_metrics(

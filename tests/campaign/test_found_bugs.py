@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from benchmarks.faults import log_accounts
-from tests.daemon.conftest import Driver, driver, policy_file
+from tests.daemon.conftest import ACK, Driver, driver, policy_file
 
 __all__ = ["driver", "policy_file"]  # fixtures, imported for pytest
 
@@ -23,10 +23,10 @@ async def _books(drv: Driver) -> tuple[set[int], list[int]]:
 
 
 async def test_pulse_events_lost_on_the_wire_are_counted_unlogged(driver: Driver) -> None:
-    """DESIGN section 4 rule 6 and section 5: a gap in pulse_no is charged *and logged*; the log
-    reconciles with the device's counter so that no pulse goes unaccounted. With PULSE events
-    dropped on the wire (line noise, a lost frame) the board's count must still equal the pulses
-    in the log plus the pulses it counts as unlogged."""
+    """docs/safety-model.md (rule 6) and docs/session-log.md: a gap in pulse_no is charged *and
+    logged*; the log reconciles with the device's counter so that no pulse goes unaccounted. With
+    PULSE events dropped on the wire (line noise, a lost frame) the board's count must still equal
+    the pulses in the log plus the pulses it counts as unlogged."""
     await driver.emitting_session(rate_hz=100.0)
     driver.sim("fault drop-frames 0.2")
     start = driver.board.pulse_count
@@ -66,7 +66,7 @@ async def _outage(drv: Driver) -> None:
 
 
 async def _rearm(drv: Driver) -> None:
-    await drv.ok("fault_ack", operator="OP-7", reason="link outage test: re-arming")
+    await drv.ok("fault_ack", **ACK)
     await drv.ok("arm")
     start = drv.board.pulse_count
     drv.sim("footswitch down")

@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from argon2 import PasswordHasher
+from argon2.profiles import CHEAPEST
 
 from devicectl.config import load_settings
 from devicectl.daemon import Daemon
+from devicectl.users import UserStore
 from simulator.control import apply_command, parse_command
 
 # The packaged policy with a lease long enough that a loaded CI machine never trips the
@@ -91,6 +94,7 @@ active_ingredient = "vitamin C"
 
 CHECKLIST = {
     "consultation_done": True,
+    "consent_given": True,
     "area_cleaned": True,
     "numbing_applied": False,
     "recent_sun_exposure": False,
@@ -102,13 +106,40 @@ CHECKLIST = {
 
 SESSION = {
     "command": "session_start",
-    "operator": "OP-7",
     "patient_ref": "PT-0042",
     "skin_type": "III",
     "concerns": ["fine_lines"],
     "preset": "fine_lines",
+    "ingredient": {"amount": 2.0, "unit": "ml", "lot": "HA-2611-07"},
     "checklist": CHECKLIST,
 }
+
+# Registered in every test daemon's data dir (argon2's cheapest profile: tests stay fast; the
+# hash names its own parameters, so the daemon verifies them as they are).
+OPERATOR = {"user": "OP-7", "pin": "op7-pin-7777"}
+SUPERVISOR = {"user": "SUP-1", "pin": "sup1-pin-1111"}
+# Requests that change the treatment: Driver.call identifies them as OPERATOR unless told.
+IDENTIFIED = frozenset(
+    {
+        "session_start", "session_zone", "session_end", "params_set", "arm", "fault_ack",
+        "session_note", "session_reaction", "session_adverse_event",
+    }
+)  # fmt: skip
+ACK = {
+    "signoff": {
+        **SUPERVISOR,
+        "reason_code": "handpiece_checked",
+        "reason": "handpiece recalibrated and energy checked",
+    }
+}
+END = {"post_care": ["serum_or_moisturiser", "avoid_sun", "sunscreen"]}
+
+
+def add_test_users(data_dir: Path) -> None:
+    store = UserStore.in_data_dir(data_dir, hasher=PasswordHasher.from_parameters(CHEAPEST))
+    if store.get(OPERATOR["user"]) is None:
+        store.add(OPERATOR["user"], "operator", OPERATOR["pin"])
+        store.add(SUPERVISOR["user"], "supervisor", SUPERVISOR["pin"])
 
 
 @pytest.fixture
@@ -141,6 +172,12 @@ class Driver:
         return result
 
     async def call(self, command: str, **fields: Any) -> dict[str, Any]:
+        """One request; a treatment-changing one is identified as OPERATOR unless ``auth`` is
+        given (``auth=None``: sent without)."""
+        if command in IDENTIFIED and "auth" not in fields:
+            fields["auth"] = OPERATOR
+        if fields.get("auth", True) is None:
+            del fields["auth"]
         return await self.raw((json.dumps({"command": command, **fields}) + "\n").encode())
 
     async def ok(self, command: str, **fields: Any) -> dict[str, Any]:
@@ -199,7 +236,9 @@ class Driver:
 
 
 def _settings(tmp_path: Path, policy_file: Path, port: str, **overrides: Any) -> Any:
-    """A daemon's settings in ``tmp_path`` (``mqtt__url=...`` and the like as overrides)."""
+    """A daemon's settings in ``tmp_path`` (``mqtt__url=...`` and the like as overrides), with
+    the test users registered in its data dir."""
+    add_test_users(tmp_path / "data")
     return load_settings(
         None,
         port=port,

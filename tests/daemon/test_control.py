@@ -9,7 +9,8 @@ import stat
 import pytest
 
 from devicectl.sessionlog import reader, store
-from tests.daemon.conftest import CHECKLIST, SESSION, Driver
+from devicectl.users import MAX_FAILURES, UserStore
+from tests.daemon.conftest import ACK, CHECKLIST, END, SESSION, SUPERVISOR, Driver
 
 
 async def test_socket_is_0660(driver: Driver) -> None:
@@ -55,8 +56,8 @@ async def test_wrong_states_are_refused_with_the_cause(driver: Driver) -> None:
         ("arm", {}, "no session is open"),
         ("session_zone", {"zone": "cheeks"}, "no session is open"),
         ("params_set", {"energy_uj": 1000}, "no session is open"),
-        ("session_end", {}, "no session is open"),
-        ("fault_ack", {"operator": "OP-7", "reason": "checked"}, "no breach is latched"),
+        ("session_end", END, "no session is open"),
+        ("fault_ack", ACK, "no breach is latched"),
     ]:
         reply = await driver.call(command, **fields)
         assert reply["ok"] is False, command
@@ -121,7 +122,7 @@ async def test_whole_session_through_the_socket(driver: Driver) -> None:
     await driver.until(lambda: driver.daemon.treatment.pulses >= 10)
     await driver.ok("disarm")
     assert (await driver.ok("status"))["armed"] is False
-    summary = await driver.ok("session_end", post_care=["soothing_serum"])
+    summary = await driver.ok("session_end", **END)
     assert summary["pulses"] >= 10
     assert summary["outcome"] == "completed"
     assert (await driver.ok("status"))["session"] is None
@@ -139,19 +140,33 @@ async def test_stop_is_always_accepted(driver: Driver) -> None:
     assert driver.pulse_count() == count
 
 
-async def test_contraindication_override_needs_a_reason_and_is_recorded(driver: Driver) -> None:
+async def test_contraindication_override_needs_a_supervisors_signoff_and_is_recorded(
+    driver: Driver,
+) -> None:
     checklist = dict(CHECKLIST, recent_sun_exposure=True)
     reply = await driver.call(**dict(SESSION, checklist=checklist))
     assert reply["ok"] is False
-    assert "override" in reply["error"]
-    reply = await driver.call(
-        **dict(SESSION, checklist=checklist, contraindication_override="short")
-    )
-    assert reply["kind"] == "usage"  # a reason too short to mean anything
+    assert reply["rule"] == "signoff.required"
+    assert "recent sun exposure" in reply["error"] and "supervisor" in reply["error"]
     reason = "tan is two months old; test patch on 2026-11-01 showed no reaction"
-    started = await driver.ok(
-        **dict(SESSION, checklist=checklist, contraindication_override=reason)
+    # The operator alone may not sign off, with any reason.
+    own = {"reason_code": "physician_clearance", "reason": reason}
+    reply = await driver.call(**dict(SESSION, checklist=checklist, signoff=own))
+    assert reply["rule"] == "signoff.supervisor", reply
+    # A supervisor's identity needs that supervisor's PIN.
+    wrong = dict(own, user=SUPERVISOR["user"], pin="not-the-pin")
+    reply = await driver.call(**dict(SESSION, checklist=checklist, signoff=wrong))
+    assert reply["rule"] == "auth.bad_pin", reply
+    # A reason code outside the list, and a reason too short to mean anything, are refused.
+    reply = await driver.call(
+        **dict(SESSION, checklist=checklist, signoff=dict(own, **SUPERVISOR, reason_code="x"))
     )
+    assert reply["rule"] == "signoff.reason_code", reply
+    reply = await driver.call(
+        **dict(SESSION, checklist=checklist, signoff=dict(own, **SUPERVISOR, reason="short"))
+    )
+    assert reply["kind"] == "usage", reply
+    started = await driver.ok(**dict(SESSION, checklist=checklist, signoff=dict(own, **SUPERVISOR)))
     await driver.ok("session_zone", zone="forehead")
     assert (await driver.ok("arm"))["armed"] is True
     log = driver.daemon.sessionlog
@@ -163,7 +178,140 @@ async def test_contraindication_override_needs_a_reason_and_is_recorded(driver: 
     finally:
         conn.close()
     assert record is not None
+    assert record.info["operator"] == "OP-7" and record.info["operator_role"] == "operator"
+    assert record.info["override"] == {
+        "signed_off_by": "SUP-1",
+        "role": "supervisor",
+        "reason_code": "physician_clearance",
+        "reason": reason,
+    }
     overrides = [r["body"] for r in record.records if r["body"].get("event") == "override"]
     assert len(overrides) == 1
     assert overrides[0]["reason"] == reason
+    assert overrides[0]["actor"] == "OP-7" and overrides[0]["role"] == "operator"
     assert overrides[0]["detail"]["contraindications"] == ["recent_sun_exposure_or_tan"]
+    assert overrides[0]["detail"]["signed_off_by"] == "SUP-1"
+    # Every record of the session names its user and role.
+    for rec in record.records:
+        if rec["kind"] in {"zone", "params"} or rec["body"].get("event") == "armed":
+            assert (rec["body"]["actor"], rec["body"]["role"]) == ("OP-7", "operator"), rec
+
+
+async def test_treatment_changing_requests_need_a_registered_user_and_their_pin(
+    driver: Driver,
+) -> None:
+    for command, fields in [
+        ("session_start", SESSION),
+        ("session_zone", {"zone": "cheeks"}),
+        ("params_set", {"energy_uj": 1000}),
+        ("arm", {}),
+        ("session_end", END),
+        ("fault_ack", ACK),
+        ("session_note", {"text": "patient comfortable"}),
+    ]:
+        body = {k: v for k, v in fields.items() if k != "command"}
+        reply = await driver.call(command, **body, auth=None)
+        assert (reply["ok"], reply["rule"]) == (False, "auth.required"), (command, reply)
+        assert "\n" not in reply["error"]
+    reply = await driver.call(**SESSION, auth={"user": "NOBODY", "pin": "123456"})
+    assert reply["rule"] == "auth.unknown_user"
+    reply = await driver.call(**SESSION, auth={"user": "OP-7", "pin": "123456"})
+    assert reply["rule"] == "auth.bad_pin"
+    # An actor cannot be claimed: only the daemon sets it, from verified credentials.
+    reply = await driver.call(**SESSION, actor={"user": "SUP-1", "role": "supervisor"})
+    assert reply["kind"] == "usage" and "actor" in reply["error"]
+    # Stopping and disarming never wait for a PIN; status only reads.
+    assert (await driver.ok("stop"))["stopped"] is True
+    assert (await driver.ok("status"))["session"] is None
+    # Refusals are audited without the PIN.
+    log = driver.daemon.sessionlog
+    assert log is not None
+    await log.flush_async()
+    conn = store.connect(log.path, readonly=True)
+    try:
+        bodies = [row[0] for row in conn.execute("SELECT body FROM records")]
+    finally:
+        conn.close()
+    refused = [b for b in bodies if '"auth_refused"' in b]
+    assert len(refused) >= 9
+    assert not any("123456" in b for b in bodies)
+
+
+async def test_a_disabled_user_and_repeated_wrong_pins_are_refused(driver: Driver) -> None:
+    users = UserStore.in_data_dir(driver.daemon.data_dir)
+    for _ in range(MAX_FAILURES):
+        reply = await driver.call(**SESSION, auth={"user": "SUP-1", "pin": "wrong-pin"})
+        assert reply["rule"] == "auth.bad_pin"
+    reply = await driver.call(**SESSION, auth=SUPERVISOR)  # the right PIN, too late
+    assert reply["rule"] == "auth.locked", reply
+    users.disable("OP-7", "left the clinic")
+    reply = await driver.call(**SESSION)
+    assert reply["rule"] == "auth.disabled", reply
+
+
+async def test_clinical_entries_are_appended_after_the_end_never_edits(driver: Driver) -> None:
+    started = await driver.ok(**SESSION)
+    await driver.ok("session_end", **END)
+    sid = started["session"]
+    await driver.ok("session_reaction", session=sid, erythema="mild", oedema="none")
+    await driver.ok(
+        "session_adverse_event",
+        session=sid,
+        severity="moderate",
+        text="blister on the left cheek the next day",
+        action_taken="cold compress, reviewed at 48 h",
+        auth=SUPERVISOR,
+    )
+    await driver.ok("session_note", session=sid, text="patient happy with the result")
+    reply = await driver.call("session_note", session=999, text="no such session")
+    assert reply["ok"] is False and "no session 999" in reply["error"]
+    log = driver.daemon.sessionlog
+    assert log is not None
+    await log.flush_async()
+    conn = store.connect(log.path, readonly=True)
+    try:
+        record = reader.load_session(conn, sid)
+    finally:
+        conn.close()
+    assert record is not None
+    kinds = [r["kind"] for r in record.records]
+    end = kinds.index("session_ended")
+    assert kinds[end + 1 :] == ["reaction", "adverse_event", "note"]
+    adverse = record.records[end + 2]["body"]
+    assert (adverse["actor"], adverse["role"], adverse["severity"]) == (
+        "SUP-1",
+        "supervisor",
+        "moderate",
+    )
+
+
+async def test_each_parameter_set_records_the_fluence_cap_and_the_rule_that_set_it(
+    driver: Driver,
+) -> None:
+    started = await driver.ok(**SESSION)
+    await driver.ok("session_zone", zone="forehead")  # the preset: skin type III caps at 30
+    await driver.ok("session_zone", zone="periorbital")  # the zone caps tighter, at 10
+    await driver.ok("params_set", rate_hz=5)
+    log = driver.daemon.sessionlog
+    assert log is not None
+    await log.flush_async()
+    conn = store.connect(log.path, readonly=True)
+    try:
+        record = reader.load_session(conn, started["session"])
+    finally:
+        conn.close()
+    assert record is not None
+    caps = [r["body"]["fluence_limit"] for r in record.records if r["kind"] == "params"]
+    assert [(c["zone"], c["max_fluence_j_cm2"], c["rule"], c["preset"]) for c in caps] == [
+        ("forehead", 30.0, "max_fluence_skin_type_III", "fine_lines"),
+        ("periorbital", 10.0, "max_fluence_zone_periorbital", "fine_lines"),
+        ("periorbital", 10.0, "max_fluence_zone_periorbital", "fine_lines (modified)"),
+    ]
+    assert all(c["skin_type"] == "III" and 8.4 < c["fluence_j_cm2"] < 8.5 for c in caps)
+
+
+async def test_a_wrong_pin_never_prevents_disarming(driver: Driver) -> None:
+    await driver.emitting_session()
+    reply = await driver.call("disarm", auth={"user": "OP-7", "pin": "wrong-pin"})
+    assert reply["ok"], reply
+    assert (await driver.ok("status"))["armed"] is False

@@ -1,4 +1,4 @@
-"""A breach latches until an operator acknowledges it (DESIGN.md section 4), whatever comes
+"""A breach latches until an operator acknowledges it (docs/safety-model.md), whatever comes
 between: the end of the session, a new one, a reconnection, a daemon restart. And a STOP that
 cannot be confirmed is never reported as done."""
 
@@ -9,7 +9,7 @@ import sqlite3
 from pathlib import Path
 
 from devicectl.daemon import Daemon
-from tests.daemon.conftest import SESSION, Driver, _settings, driver, policy_file
+from tests.daemon.conftest import ACK, END, SESSION, Driver, _settings, driver, policy_file
 
 __all__ = ["driver", "policy_file"]  # fixtures, imported for pytest
 
@@ -35,11 +35,11 @@ async def test_ending_the_session_and_starting_another_does_not_clear_a_latch(
     driver: Driver,
 ) -> None:
     await _breach(driver)
-    await driver.ok("session_end", post_care=["soothing_serum"])
+    await driver.ok("session_end", **END)
     reply = await _arm_in_a_new_session(driver)
     assert reply["ok"] is False and reply["rule"] == "breach_latched", reply
     assert (await driver.ok("status"))["breach_latched"]["code"] == "energy_out_of_tolerance"
-    await driver.ok("fault_ack", operator="OP-7", reason="handpiece recalibrated")
+    await driver.ok("fault_ack", **ACK)
     assert (await driver.ok("arm"))["armed"] is True
 
 
@@ -47,7 +47,7 @@ async def test_a_latch_survives_a_daemon_restart(
     driver: Driver, tmp_path: Path, policy_file: Path
 ) -> None:
     await _breach(driver)
-    await driver.ok("session_end", post_care=[])
+    await driver.ok("session_end", **END)
     await driver.daemon.__aexit__(None, None, None)  # an orderly stop while latched (the
     # fixture's own exit later finds nothing left to close)
 
@@ -58,10 +58,10 @@ async def test_a_latch_survives_a_daemon_restart(
         assert latched is not None and latched["code"] == "energy_out_of_tolerance", latched
         reply = await _arm_in_a_new_session(again)
         assert reply["ok"] is False and reply["rule"] == "breach_latched", reply
-        await again.ok("fault_ack", operator="OP-7", reason="checked after the restart")
+        await again.ok("fault_ack", **ACK)
         assert (await again.ok("arm"))["armed"] is True
         await again.ok("disarm")
-        await again.ok("session_end", post_care=[])
+        await again.ok("session_end", **END)
 
     # Acknowledged before this stop: the next start has nothing latched.
     async with Daemon(_settings(tmp_path, policy_file, "sim")) as daemon:

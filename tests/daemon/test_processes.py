@@ -21,14 +21,23 @@ from typing import Any
 import pytest
 
 from devicectl.control import ControlError, call_daemon
-from tests.daemon.conftest import CHECKLIST, TEST_POLICY
+from tests.daemon.conftest import (
+    IDENTIFIED,
+    OPERATOR,
+    SESSION,
+    SUPERVISOR,
+    TEST_POLICY,
+    add_test_users,
+)
 
 DEVICECTL = [sys.executable, "-c", "from devicectl.cli import main; main()"]
+# The CLI as an operator's script runs it: identified, the PIN in the environment.
+CLI_ENV = {**os.environ, "DEVICECTL_USER": OPERATOR["user"], "DEVICECTL_PIN": OPERATOR["pin"]}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*DEVICECTL, *args], check=False, capture_output=True, text=True, timeout=60
+        [*DEVICECTL, *args], check=False, capture_output=True, text=True, timeout=60, env=CLI_ENV
     )
 
 
@@ -46,6 +55,7 @@ class Rig:
         self.sim_control = tmp / "sim.sock"
         self.control = tmp / "ctl.sock"
         self.data = tmp / "data"
+        add_test_users(self.data)
         policy = tmp / "policy.toml"
         policy.write_text(TEST_POLICY)
         self.config = tmp / "devicectl.toml"
@@ -95,6 +105,8 @@ class Rig:
             return False
 
     def call(self, command: str, **fields: Any) -> dict[str, Any]:
+        if command in IDENTIFIED:
+            fields.setdefault("auth", OPERATOR)
         return call_daemon(self.control, {"command": command, **fields})
 
     def sim_status(self) -> dict[str, Any]:
@@ -108,15 +120,7 @@ class Rig:
         assert out.returncode == 0, out.stderr
 
     def emit(self) -> None:
-        self.call(
-            "session_start",
-            operator="OP-7",
-            patient_ref="PT-0042",
-            skin_type="III",
-            concerns=["fine_lines"],
-            preset="fine_lines",
-            checklist=CHECKLIST,
-        )
+        self.call(**SESSION)
         self.call("session_zone", zone="forehead")
         self.call("params_set", rate_hz=50)
         self.call("arm")
@@ -207,10 +211,17 @@ def test_cli_exit_codes(rig: Rig) -> None:
     assert "no session is open" in refused.stderr
     usage = _cli("session", "zone", "elbow", *c)
     assert usage.returncode == 2
+    # No fall-back to the OS account: an unnamed user is a usage error, before any request.
+    anonymous = subprocess.run(
+        [*DEVICECTL, "arm", *c], check=False, capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("DEVICECTL_")},
+    )  # fmt: skip
+    assert anonymous.returncode == 2 and "--user" in anonymous.stderr, anonymous.stderr
     started = _cli(
-        "session", "start", *c, "--operator", "OP-7", "--patient", "PT-0042",
+        "session", "start", *c, "--patient", "PT-0042",
         "--skin-type", "III", "--concern", "fine_lines", "--preset", "fine_lines",
-        "--consultation-done", "--area-cleaned", "--no-numbing", "--no-contraindications",
+        "--amount", "2", "--lot", "HA-2611-07", "--consultation-done", "--consent",
+        "--area-cleaned", "--no-numbing", "--no-contraindications",
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
     assert _cli("session", "zone", "cheeks", *c).returncode == 0
@@ -220,16 +231,34 @@ def test_cli_exit_codes(rig: Rig) -> None:
     )  # fmt: skip
     assert too_much.returncode == 1
     assert "max_fluence_skin_type_III" in too_much.stderr
+    no_care = _cli("session", "end", *c)
+    assert no_care.returncode == 2 and "post-care" in no_care.stderr, no_care.stderr
+    assert _cli("session", "end", *c, "--post-care", "sunscreen").returncode == 0
+    reaction = _cli("session", "reaction", *c, "--session", "1", "--erythema", "mild",
+                    "--oedema", "none")  # fmt: skip
+    assert reaction.returncode == 0, reaction.stderr
+    # A contraindication: the operator's CLI asks the supervisor's sign-off, PIN and all.
+    override = [
+        "session", "start", *c, "--patient", "PT-0042", "--skin-type", "III",
+        "--concern", "fine_lines", "--preset", "fine_lines", "--amount", "2", "--lot", "L-1",
+        "--consultation-done", "--consent", "--area-cleaned", "--no-numbing",
+        "--contraindication", "sun", "--override-code", "physician_clearance",
+        "--override-reason", "dermatologist's letter on file", "--supervisor", SUPERVISOR["user"],
+    ]  # fmt: skip
+    no_pin = _cli(*override)
+    assert no_pin.returncode == 2 and "DEVICECTL_SUPERVISOR_PIN" in no_pin.stderr, no_pin.stderr
+    signed = subprocess.run(
+        [*DEVICECTL, *override], check=False, capture_output=True, text=True, timeout=60,
+        env=CLI_ENV | {"DEVICECTL_SUPERVISOR_PIN": SUPERVISOR["pin"]},
+    )  # fmt: skip
+    assert signed.returncode == 0, signed.stderr
     assert os.path.exists(rig.control)
 
 
 def test_a_full_disk_stops_emission_and_refuses_arming(rig: Rig) -> None:
     # Enough for the schema and a session start; the pulses then fill it within seconds.
     rig.start_daemon(file_size_limit=160 * 1024)
-    rig.call(
-        "session_start", operator="OP-7", patient_ref="PT-0042", skin_type="III",
-        concerns=["fine_lines"], preset="fine_lines", checklist=CHECKLIST,
-    )  # fmt: skip
+    rig.call(**SESSION)
     rig.call("session_zone", zone="forehead")
     rig.call("params_set", rate_hz=200)
     rig.call("arm")

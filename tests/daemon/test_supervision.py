@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon.conftest import Driver
+from tests.daemon.conftest import ACK, Driver
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ async def test_zone_energy_exhausted(driver: Driver) -> None:
     assert breach["code"] == "zone_energy"
     assert breach["limit"] == 0.25
     await _no_pulse_after(driver, breach["pulse_no"])
-    reply = await driver.call("fault_ack", operator="OP-7", reason="zone done")
+    reply = await driver.call("fault_ack", **ACK)
     assert reply["ok"], reply
     reply = await driver.call("arm")
     assert reply["ok"] is False
@@ -107,9 +107,11 @@ async def test_latched_breach_needs_an_acknowledgement_with_a_reason(driver: Dri
     reply = await driver.call("arm")
     assert reply["ok"] is False
     assert reply["rule"] == "breach_latched"
-    reply = await driver.call("fault_ack", operator="OP-7", reason="")
+    reply = await driver.call("fault_ack", signoff={**ACK["signoff"], "reason": ""})
     assert reply["ok"] is False and reply["kind"] == "usage"
-    await driver.ok("fault_ack", operator="OP-7", reason="handpiece recalibrated")
+    reply = await driver.call("fault_ack", signoff={**ACK["signoff"], "user": None})
+    assert reply["rule"] == "signoff.supervisor", reply  # an operator cannot sign it off
+    await driver.ok("fault_ack", **ACK)
     assert (await driver.ok("arm"))["armed"] is True
     driver.sim("footswitch down")
     start = driver.daemon.treatment.pulses

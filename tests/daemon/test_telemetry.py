@@ -18,9 +18,11 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devicectl.daemon import Daemon
+from devicectl.sessionlog import verify_against
+from devicectl.sessionlog.keys import DeviceKey
 from protocols.mqtt import STREAMS, Stream, json_schemas, parse_topic
 from tests.brokers import Broker
-from tests.daemon.conftest import Driver, _settings
+from tests.daemon.conftest import ACK, END, Driver, _settings
 from tests.telemetry.helpers import Recorder, recorder, until
 
 SCHEMA_BY_STREAM = {
@@ -30,6 +32,7 @@ SCHEMA_BY_STREAM = {
     Stream.PULSES: "pulses",
     Stream.METRICS: "metrics",
     Stream.ALERTS: "alerts",
+    Stream.LOG_CHECKPOINT: "log-checkpoint",
 }
 
 
@@ -103,9 +106,9 @@ async def test_a_session_with_a_breach_unfolds_on_mqtt(
         mqtt_driver.sim("fault energy-drift 1.3")
         await mqtt_driver.until(lambda: mqtt_driver.daemon.supervisor.latched is not None)
         mqtt_driver.sim("clear-faults")
-        await mqtt_driver.ok("fault_ack", operator="OP-7", reason="recalibrated")
+        await mqtt_driver.ok("fault_ack", **ACK)
         await until(lambda: rec.on("metrics"), what="a metrics message")
-        await mqtt_driver.ok("session_end", post_care=["sunscreen"])
+        await mqtt_driver.ok("session_end", **END)
         await until(lambda: rec.on("alerts") and _ended(rec), what="alert and ended event")
         await until(lambda: any(m.payload == b"" for m in rec.on("session")), what="empty session")
         messages = rec.snapshot()
@@ -187,3 +190,56 @@ async def test_the_session_summary_is_refreshed_once_a_second(
     assert 3 <= len(window) <= 5, [m.json()["summary"]["pulses"] for m in window]
     pulses = [m.json()["summary"]["pulses"] for m in window]
     assert pulses == sorted(pulses) and pulses[-1] > pulses[0], pulses
+
+
+async def test_signed_checkpoints_leave_the_device_and_prove_its_log(
+    tmp_path: Path, policy_file: Path, mosquitto: Broker
+) -> None:
+    """A session's checkpoints go out on log/checkpoint (retained) and in its ended event; one
+    more at shutdown, before offline. With them, and the key from the data dir, log verify
+    proves the whole log; after a truncation behind them it names the checkpoint that shows it."""
+    settings = _settings(
+        tmp_path, policy_file, "sim", mqtt__url=mosquitto.url, mqtt__site="clinic1",
+        checkpoints={"interval_s": 0.2},
+    )  # fmt: skip
+    schemas = json_schemas()
+    with recorder(mosquitto.port, client_id="witness") as rec:
+        async with Daemon(settings) as daemon:
+            drv = Driver(daemon)
+            await drv.until(lambda: daemon.telemetry is not None and daemon.telemetry.connected)
+            await drv.emitting_session(rate_hz=50.0)
+            await until(lambda: rec.on("log/checkpoint"), what="a checkpoint during the session")
+            await drv.ok("session_end", post_care=["sunscreen"])
+            await until(lambda: _ended(rec), what="the ended event")
+        await until(lambda: rec.on("availability")[-1].payload == b"offline", what="offline")
+        messages = rec.snapshot()
+    assert Stream.LOG_CHECKPOINT in _check_contract(messages, schemas)
+    checkpoints = [m.json() for m in rec.on("log/checkpoint")]
+    assert all(m.retain and m.qos == 1 for m in rec.on("log/checkpoint"))
+    ended = next(m.json() for m in rec.on("events") if m.json()["event"] == "ended")
+    assert ended["checkpoint"] in [{k: c[k] for k in ended["checkpoint"]} for c in checkpoints]
+    key_file = settings.data_dir / "log-key.pem"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    log_path = settings.session_log_path
+    conn = sqlite3.connect(log_path)
+    last_record = conn.execute("SELECT seq FROM chain_head").fetchone()[0]
+    conn.close()
+    assert checkpoints[-1]["log_seq"] == last_record - 1  # the shutdown one covers everything
+    public = DeviceKey.from_pem(key_file.read_bytes()).public_raw
+    proved = verify_against(log_path, checkpoints, public)
+    assert proved.ok, proved.findings
+    assert proved.proven_seq == last_record
+    keep = checkpoints[0]["log_seq"] - 1
+    conn = sqlite3.connect(log_path)
+    conn.execute("DELETE FROM pulses WHERE seq > ?", (keep,))
+    conn.execute("DELETE FROM records WHERE seq > ?", (keep,))
+    conn.execute(
+        "UPDATE chain_head SET seq = ?, hash = (SELECT hash FROM pulses WHERE seq = ? UNION ALL "
+        "SELECT hash FROM records WHERE seq = ?)",
+        (keep, keep, keep),
+    )
+    conn.commit()
+    conn.close()
+    caught = verify_against(log_path, checkpoints, public)
+    assert not caught.ok
+    assert {f.problem for f in caught.findings} == {"truncated"}

@@ -16,7 +16,7 @@ from pathlib import Path
 from devicectl.daemon import Daemon
 from protocols.mqtt import STREAMS, parse_topic
 from tests.brokers import Broker
-from tests.daemon.conftest import Driver, _settings
+from tests.daemon.conftest import END, Driver, _settings
 from tests.daemon.test_processes import Rig, _cli, _wait
 from tests.telemetry.helpers import Received, Recorder, recorder, until
 
@@ -109,7 +109,7 @@ async def test_a_broker_outage_mid_emission_loses_nothing_and_never_stops_the_la
             await drv.until(telemetry_up, timeout=40)  # the daemon's backoff caps at 30 s
             drv.sim("footswitch up")
             await drv.ok("disarm")
-            await drv.ok("session_end", post_care=["sunscreen"])
+            await drv.ok("session_end", **END)
             await until(lambda: _assigned(daemon.data_dir)[1] == 0, timeout=20, what="drained")
             assert daemon.supervisor.latched is None  # type: ignore[union-attr]
             messages, assigned = await asyncio.to_thread(_all_delivered, rec, daemon.data_dir)
@@ -153,7 +153,7 @@ def test_kill_9_gives_the_last_will_and_the_restart_continues_seq_and_delivers(
                 timeout=20,
                 what="online again",
             )
-            out = _cli("session", "end", "--control", str(rig.control))
+            out = _cli("session", "end", "--post-care", "sunscreen", "--control", str(rig.control))
             # The restart closed the killed session as interrupted: nothing is open to end.
             assert out.returncode == 1, out.stdout + out.stderr
             _wait(lambda: _assigned(rig.data)[1] == 0, what="the outbox drained")

@@ -27,13 +27,13 @@ from devicectl.dashboard import (
     DisplayLimits,
 )
 from tests.brokers import Broker
-from tests.daemon.conftest import TEST_POLICY, Driver
+from tests.daemon.conftest import TEST_POLICY, Driver, add_test_users
 
 BASE_TS = datetime(2026, 11, 25, 10, 0, 0, tzinfo=UTC)
 
 
 class FakeDevice:
-    """Publishes to the broker as a devicectl daemon would (DESIGN.md section 6), with paho."""
+    """Publishes to the broker as a devicectl daemon would (docs/mqtt.md), with paho."""
 
     def __init__(self, broker: Broker, site: str = "clinic-a", device: str = "laser-01") -> None:
         self.base = f"lasers/{site}/{device}"
@@ -118,6 +118,7 @@ def daemon_settings(broker: Broker, directory: Path, site: str) -> Settings:
     directory.mkdir(parents=True, exist_ok=True)
     policy = directory / "policy.toml"
     policy.write_text(TEST_POLICY)
+    add_test_users(directory / "data")
     return load_settings(
         None,
         port="sim",

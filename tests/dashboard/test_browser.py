@@ -27,7 +27,7 @@ from playwright.async_api import (
 from devicectl.sessionlog import reader, store
 from tests.brokers import Broker
 from tests.conftest import require_tool
-from tests.daemon.conftest import SESSION, Driver
+from tests.daemon.conftest import ACK, END, OPERATOR, Driver
 from tests.dashboard.conftest import dashboard_config, running_daemon, running_dashboard
 
 pytestmark = pytest.mark.system
@@ -121,7 +121,9 @@ async def stop_from_the_page(page: Page, card: Locator, driver: Driver) -> None:
     await card.get_by_test_id("stop-button").click()
     dialog = page.get_by_test_id("stop-dialog")
     await expect(dialog).to_be_visible()
-    await expect(dialog).to_contain_text(f"clinic-a/{serial(driver)}")
+    # The device's serial and its site, exactly as the card shows them.
+    await expect(page.get_by_test_id("stop-device")).to_have_text(serial(driver))
+    await expect(page.get_by_test_id("stop-site")).to_have_text("clinic-a")
     await page.get_by_test_id("stop-cancel").click()
     await expect(dialog).to_be_hidden()
     await card.get_by_test_id("stop-button").click()
@@ -150,7 +152,7 @@ async def test_the_page_follows_the_real_daemon(mosquitto: Broker, tmp_path: Pat
                 # A session on the forehead at 50 Hz: the count shown rises without a reload.
                 await driver.emitting_session(zone="forehead", rate_hz=50.0)
                 await expect(card.get_by_test_id("armed")).to_be_visible()
-                await expect(card.get_by_test_id("operator")).to_have_text(str(SESSION["operator"]))
+                await expect(card.get_by_test_id("operator")).to_have_text(OPERATOR["user"])
                 await expect(card.get_by_test_id("zone")).to_have_text("forehead")
                 await pulses_above(card, await pulses_above(card, await pulses_above(card, 0)))
                 forehead = card.locator("[data-testid=zone-bar][data-zone=forehead]")
@@ -197,8 +199,8 @@ async def test_the_page_follows_the_real_daemon(mosquitto: Broker, tmp_path: Pat
 
                 # The operator acknowledges the breach and ends the session.
                 driver.sim("clear-faults")
-                await driver.ok("fault_ack", operator="OP-7", reason="recalibrated")
-                await driver.ok("session_end", post_care=["sunscreen"])
+                await driver.ok("fault_ack", **ACK)
+                await driver.ok("session_end", **END)
                 await expect(card.get_by_test_id("session")).to_have_text("No session open.")
 
             # The daemon has shut down in order: the page greys the device out.

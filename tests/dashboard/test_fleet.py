@@ -13,9 +13,9 @@ BASE = "lasers/clinic-a/laser-01"
 T0 = 1_764_064_800.0  # receive times are passed in, like any clock
 
 
-def env(seq: int, boot: int = 1, **fields: Any) -> bytes:
+def env(seq: int, boot: int = 1, device: str = "laser-01", **fields: Any) -> bytes:
     return json.dumps(
-        {"v": 1, "ts": "2026-11-25T10:00:00.000Z", "device": "laser-01", "seq": seq, "boot": boot}
+        {"v": 1, "ts": "2026-11-25T10:00:00.000Z", "device": device, "seq": seq, "boot": boot}
         | fields
     ).encode()
 
@@ -96,12 +96,13 @@ def test_a_device_appears_with_its_availability_and_state(fleet: Fleet) -> None:
     assert view["state"]["version"] == "0.1.0"
 
 
-def test_wire_style_state_bitmasks_are_read_too(fleet: Fleet) -> None:
+def test_a_payload_outside_the_published_schema_is_unreadable_not_guessed(fleet: Fleet) -> None:
+    # Bitmasks instead of the contract's lists: refused by the schema, counted, never shown.
     fleet.apply(f"{BASE}/state", env(1, state=3, interlocks=0b01001, faults=0b10), T0)
-    status = fleet_view(fleet)["state"]
-    assert status["state"] == "EMITTING"
-    assert status["interlocks_open"] == ["estop", "contact"]
-    assert status["faults"] == ["INTERLOCK_OPENED"]
+    view = fleet_view(fleet)
+    assert view["state"] is None
+    assert view["malformed"] == 1
+    assert view["last_malformed"].startswith("state: ")
 
 
 def test_offline_last_will_keeps_the_last_known_state(fleet: Fleet) -> None:
@@ -184,7 +185,12 @@ def test_a_duplicate_is_not_counted_twice(fleet: Fleet) -> None:
             {
                 "op": "device",
                 "key": "clinic-a/laser-01",
-                "fields": {"last_seen": fleet_view(fleet)["last_seen"]},
+                "fields": {
+                    "missed": {},
+                    "restarts": 0,
+                    "last_restart": None,
+                    "last_seen": fleet_view(fleet)["last_seen"],
+                },
             }
         )
     ]
@@ -212,7 +218,15 @@ def test_alerts_newest_first_for_the_device_and_the_fleet(fleet: Fleet) -> None:
     fleet.apply(f"{BASE}/alerts", env(1, severity="warning", code="SKIN_TEMP", message="a"), T0)
     updates = fleet.apply(
         f"{other}/alerts",
-        env(1, severity="critical", code="ENERGY_DEVIATION", message="b", value=7.8, limit=7.2),
+        env(
+            1,
+            device="laser-02",
+            severity="critical",
+            code="ENERGY_DEVIATION",
+            message="b",
+            value=7.8,
+            limit=7.2,
+        ),
         T0 + 1,
     )
     # A new device's first message is its whole view, plus the alert for the fleet's list.
@@ -290,6 +304,7 @@ def test_session_events_are_listed(fleet: Fleet) -> None:
         "event": "zone",
         "zone": None,
         "detail": "zone=neck",
+        "order": "first",
     }
 
 
@@ -310,3 +325,121 @@ def test_reconnecting_to_the_broker_forgets_retained_topics(fleet: Fleet) -> Non
     # The replay of the same retained state (same seq) is applied again.
     fleet.apply(f"{BASE}/state", state(7), T0 + 2)
     assert fleet_view(fleet)["state"]["state"] == "READY"
+
+
+# ------------------------------------------------------------------------- hostile telemetry
+
+
+def at(seq: int, boot: int, second: int, **fields: Any) -> bytes:
+    """A state message with its own ts, as a real device's messages each have."""
+    body = json.loads(state(seq, **fields))
+    body |= {"boot": boot, "ts": f"2026-11-25T10:00:{second:02d}.000Z"}
+    return json.dumps(body).encode()
+
+
+def test_one_deep_or_huge_message_cannot_freeze_the_view(fleet: Fleet) -> None:
+    for payload in (b"[" * 100_000, b'{"seq": ' + b"9" * 5000 + b"}"):
+        fleet.apply(f"{BASE}/state", payload, T0)
+    fleet.apply(f"{BASE}/state", state(1, state="FAULT", faults=["INTERNAL"]), T0 + 1)
+    fleet.apply(f"{BASE}/alerts", env(1, severity="critical", code="X", message="m"), T0 + 1)
+    view = fleet_view(fleet)
+    assert view["state"]["state"] == "FAULT"
+    assert view["malformed"] == 2
+    assert fleet.snapshot()["alerts"][0]["rank"] == 3
+
+
+def test_infinite_energies_never_reach_the_snapshot(fleet: Fleet) -> None:
+    fleet.apply(f"{BASE}/session", session(1), T0)
+    for seq in (1, 2):
+        fleet.apply(f"{BASE}/pulses", pulses(seq, 1, 1).replace(b"6000,", b"1.7e308,", 1), T0)
+    json.dumps(fleet.snapshot(), allow_nan=False)
+    assert fleet_view(fleet)["malformed"] == 2
+
+
+def test_a_forged_seq_and_boot_do_not_hide_the_real_fault_and_alerts(fleet: Fleet) -> None:
+    for seq in range(1, 4):
+        fleet.apply(f"{BASE}/state", at(seq, 3, seq, state="EMITTING"), T0 + seq)
+    fleet.apply(f"{BASE}/state", at(10**15, 10**15, 10, state="READY"), T0 + 10)
+    fleet.apply(
+        f"{BASE}/alerts", env(10**15, boot=10**15, severity="info", code="F", message="f"), T0
+    )
+    fleet.apply(f"{BASE}/state", at(4, 3, 11, state="FAULT", faults=["INTERNAL"]), T0 + 11)
+    for seq in (1, 2):
+        alert = env(seq, boot=3, severity="critical", code=f"C{seq}", message="real")
+        fleet.apply(f"{BASE}/alerts", alert, T0 + 12)
+    view = fleet_view(fleet)
+    assert view["state"]["state"] == "FAULT"
+    assert [a["code"] for a in view["alerts"][:2]] == ["C2", "C1"]
+    assert view["restarts"] >= 2
+    assert view["missed"] == {}
+
+
+def test_a_reprovisioned_device_is_followed_and_its_alerts_kept(fleet: Fleet) -> None:
+    fleet.apply(f"{BASE}/state", at(800, 9, 1, state="EMITTING"), T0)
+    fleet.apply(f"{BASE}/alerts", env(300, boot=9, severity="warning", code="old", message="m"), T0)
+    fleet.apply(f"{BASE}/state", at(1, 1, 30, state="FAULT"), T0 + 30)
+    fleet.apply(f"{BASE}/alerts", env(1, boot=1, severity="critical", code="new", message="m"), T0)
+    view = fleet_view(fleet)
+    assert view["state"]["state"] == "FAULT"
+    assert view["alerts"][0]["code"] == "new"
+    assert view["alerts"][0]["order"] == "restart"
+    assert "boot 9 -> 1" in view["last_restart"]
+
+
+def test_a_repeated_alert_is_shown_marked_never_dropped(fleet: Fleet) -> None:
+    alert = env(5, severity="critical", code="X", message="m")
+    fleet.apply(f"{BASE}/alerts", alert, T0)
+    fleet.apply(f"{BASE}/alerts", alert, T0 + 1)
+    orders = [a["order"] for a in fleet_view(fleet)["alerts"]]
+    assert orders == ["duplicate", "first"]
+
+
+def test_look_alike_and_control_character_ids_are_never_devices(fleet: Fleet) -> None:
+    alert = env(1, device="laser-01\u200b", severity="critical", code="X", message="m")
+    updates = fleet.apply("lasers/clinic-a/laser-01\u200b/alerts", alert, T0)
+    assert [u.data["op"] for u in updates] == ["invalid"]
+    fleet.apply("lasers/clinic-a/laser\x1b[2J/state", state(1), T0)
+    snapshot = fleet.snapshot()
+    assert snapshot["devices"] == []
+    assert snapshot["alerts"] == []
+    assert snapshot["invalid"]["count"] == 2
+    assert "\\u200b" in updates[0].data["invalid"]["last"]
+    assert "\x1b" not in snapshot["invalid"]["last"]
+
+
+def test_devices_are_bounded_the_least_recently_heard_evicted() -> None:
+    fleet = Fleet(max_devices=3)
+    for n in range(3):
+        fleet.apply(f"lasers/s/d{n}/availability", b"online", T0 + n)
+    fleet.apply("lasers/s/d0/availability", b"online", T0 + 5)  # d0 heard again: d1 is oldest
+    updates = fleet.apply("lasers/s/d9/availability", b"online", T0 + 6)
+    assert updates[0].data == {"op": "remove", "key": "s/d1"}
+    assert [d["key"] for d in fleet.snapshot()["devices"]] == ["s/d0", "s/d2", "s/d9"]
+
+
+def test_a_flood_of_new_devices_evicts_quiet_ones_before_an_alarm() -> None:
+    fleet = Fleet(max_devices=3)
+    fleet.apply(f"{BASE}/state", state(1, state="FAULT", faults=["INTERNAL"]), T0)
+    for n in range(50):
+        fleet.apply(f"lasers/flood/d{n}/availability", b"online", T0 + 1 + n)
+    keys = [d["key"] for d in fleet.snapshot()["devices"]]
+    assert "clinic-a/laser-01" in keys
+    assert len(keys) == 3
+
+
+def test_alert_text_and_lists_are_bounded(fleet: Fleet) -> None:
+    for seq in range(1, 300):
+        message = "x" * 60_000
+        fleet.apply(f"{BASE}/alerts", env(seq, severity="critical", code="X", message=message), T0)
+    snapshot = fleet.snapshot()
+    assert len(snapshot["alerts"]) == 100
+    assert len(fleet_view(fleet)["alerts"]) == 20
+    assert len(json.dumps(snapshot)) < 200_000
+
+
+def test_session_churn_keeps_a_few_sessions_per_device(fleet: Fleet) -> None:
+    for n in range(1, 2000):
+        batch = pulses(n, first=1, count=1, session=f"S{n}")
+        fleet.apply(f"{BASE}/pulses", batch, T0)
+    device = fleet._devices["clinic-a/laser-01"]
+    assert len(device.live) <= 4

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
-from devicectl.dashboard import Backoff, DisplayLimits, Update, UpdateHub, load_display_limits
+from devicectl.dashboard import Backoff, Update, UpdateHub, allowed_hosts_for, load_display_limits
 from devicectl.dashboard.contract import (
     MalformedPayload,
     TopicRef,
@@ -156,32 +158,42 @@ def test_backoff_grows_with_jitter_up_to_its_cap() -> None:
     assert backoff.delay(100, rng=lambda: 0.0) == 15.0
 
 
+def _packaged_policy() -> str:
+    return (resources.files("devicectl") / "defaults" / "policy.toml").read_text(encoding="utf-8")
+
+
 def test_limits_from_a_policy_file(tmp_path: Path) -> None:
     policy = tmp_path / "policy.toml"
+    text = _packaged_policy().replace("session_energy_j = 300.0", "session_energy_j = 250.0")
     policy.write_text(
-        "session_energy_j = 250.0\nskin_temp_max_c = 40.5\n"
-        "[zones]\nforehead = { energy_j = 55.0 }\nneck = { energy_j = 40, max_fluence_j_cm2 = 2 }\n"
+        text.replace("forehead = { energy_j = 60.0 }", "forehead = { energy_j = 55 }")
     )
-    assert load_display_limits(policy) == DisplayLimits(
-        {"forehead": 55.0, "neck": 40.0}, 250.0, 40.5
-    )
-    packaged = load_display_limits()
-    assert packaged.skin_temp_max_c > 0
+    limits = load_display_limits(policy)
+    assert (limits.session_energy_j, limits.zone_energy_j["forehead"]) == (250.0, 55.0)
+    assert limits.zone_energy_j["neck"] == 60.0
+    assert load_display_limits().skin_temp_max_c == 41.0
 
 
 @pytest.mark.parametrize(
-    ("text", "cause"),
+    ("change", "cause"),
     [
-        ("zones = [", "valid TOML"),
-        ("[zones]\nneck = { energy_j = -1 }\n", "zones.neck.energy_j"),
-        ("zones = 3\n", "a table of zones"),
-        ("skin_temp_max_c = 'hot'\n", "skin_temp_max_c"),
+        # The dashboard uses the daemon's loader: what `devicectl run` refuses, it refuses.
+        (("skin_temp_max_c = 41.0", "skin_temp_max_c = inf"), "policy.skin_temp_max_c"),
+        (("skin_temp_max_c = 41.0", "skin_temp_max_c = nan"), "policy.skin_temp_max_c"),
+        (("VI = 12.0", "VI = 50.0"), "policy.max_fluence_j_cm2.VI"),
+        (("hands = { energy_j = 50.0 }", "hands = { energy_j = 50.0 }\nknees = { energy_j = 1 }"),
+         "policy.zones.knees"),
+        (("[zones]", "zones = ["), "valid TOML"),
     ],
-)
-def test_a_bad_policy_file_is_named(tmp_path: Path, text: str, cause: str) -> None:
+)  # fmt: skip
+def test_a_policy_the_daemon_refuses_is_refused_by_the_dashboard(
+    tmp_path: Path, change: tuple[str, str], cause: str
+) -> None:
     policy = tmp_path / "policy.toml"
-    policy.write_text(text)
-    with pytest.raises(ConfigError, match=cause):
+    text = _packaged_policy()
+    assert change[0] in text
+    policy.write_text(text.replace(change[0], change[1], 1))
+    with pytest.raises(ConfigError, match=re.escape(cause)):
         load_display_limits(policy)
 
 
@@ -205,3 +217,14 @@ def test_bad_listen_addresses(text: str) -> None:
 
 def test_updates_are_json() -> None:
     assert json.loads(json.dumps(update(1).data)) == update(1).data
+
+
+def test_allowed_hosts_follow_the_bound_address() -> None:
+    assert allowed_hosts_for(("127.0.0.1", 8080)) >= {"127.0.0.1:8080", "localhost:8080", "[::1]"}
+    assert "127.0.0.1:8080" in allowed_hosts_for(("localhost", 8080))
+    assert "[::1]:8080" in allowed_hosts_for(("::1", 8080))
+    lan = allowed_hosts_for(("192.168.1.20", 8080), ["dash.clinic.lan", "proxy.example:443"])
+    assert lan >= {"192.168.1.20:8080", "dash.clinic.lan", "dash.clinic.lan:8080"}
+    assert "proxy.example:443" in lan
+    assert "localhost:8080" not in lan
+    assert "dash.clinic.lan:9999" not in lan

@@ -4,6 +4,7 @@ guards, a broker outage, and the ``devicectl dashboard`` process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -33,6 +34,7 @@ from tests.dashboard.conftest import (
 )
 
 pytestmark = pytest.mark.system
+CONFIRM = {"confirm": True, "site": "clinic-a", "device": "laser-01"}
 
 
 async def http(
@@ -43,7 +45,7 @@ async def http(
     assert parts.hostname is not None
     assert parts.port is not None
     data = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    head = {"host": "dashboard", "connection": "close", "content-length": str(len(data))}
+    head = {"host": parts.netloc, "connection": "close", "content-length": str(len(data))}
     head |= headers or {}
     if body is not None and not isinstance(body, bytes):
         head.setdefault("content-type", "application/json")
@@ -91,7 +93,10 @@ async def test_page_assets_health_and_read_only_stop(
 
         # Without stop credentials the dashboard is read-only.
         status, _, content = await http(
-            server.url, "POST", "/api/devices/clinic-a/laser-01/stop", {"confirm": True}
+            server.url,
+            "POST",
+            "/api/devices/clinic-a/laser-01/stop",
+            CONFIRM,
         )
         assert status == 403
         assert "no stop credentials" in json.loads(content)["error"]
@@ -108,7 +113,9 @@ async def test_event_stream_sends_a_snapshot_then_deltas(
         assert parts.port is not None
         reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
         try:
-            writer.write(b"GET /events HTTP/1.1\r\nhost: dashboard\r\n\r\n")
+            writer.write(
+                f"GET /events HTTP/1.1\r\nhost: {urlsplit(server.url).netloc}\r\n\r\n".encode()
+            )
             status_line = await reader.readline()
             assert b" 200 " in status_line
             async with asyncio.timeout(10):
@@ -145,7 +152,7 @@ async def test_stop_is_confirmed_guarded_and_delivered(
     config = dashboard_config(mosquitto, stop_username="staff", stop_password="s3cret")
     async with running_dashboard(config) as server:
         path = "/api/devices/clinic-a/laser-01/stop"
-        status, _, _ = await http(server.url, "POST", path, {"confirm": True})
+        status, _, _ = await http(server.url, "POST", path, CONFIRM)
         assert status == 404  # the device has not been seen yet
         await fake_device.raw("availability", b"online", retain=True)
         for _ in range(250):
@@ -165,11 +172,152 @@ async def test_stop_is_confirmed_guarded_and_delivered(
         assert status == 400
         assert fake_device.commands.empty()
 
-        status, _, content = await http(server.url, "POST", path, {"confirm": True})
+        status, _, content = await http(server.url, "POST", path, CONFIRM)
         assert (status, json.loads(content)["topic"]) == (200, "lasers/clinic-a/laser-01/cmd/stop")
         topic, payload = await asyncio.to_thread(fake_device.commands.get, True, 5.0)
         assert topic == "lasers/clinic-a/laser-01/cmd/stop"
         assert json.loads(payload)["requested_by"].startswith("dashboard:staff@")
+
+
+async def test_stop_refuses_other_sites_other_hosts_and_bodies_that_are_not_a_confirmation(
+    mosquitto: Broker, fake_device: FakeDevice
+) -> None:
+    config = dashboard_config(mosquitto, stop_username="staff", stop_password="s3cret")
+    async with running_dashboard(config) as server:
+        await fake_device.raw("availability", b"online", retain=True)
+        for _ in range(250):
+            if server.dashboard.fleet.knows("clinic-a", "laser-01"):
+                break
+            await asyncio.sleep(0.02)
+        path = "/api/devices/clinic-a/laser-01/stop"
+        own = urlsplit(server.url).netloc
+        refusals = [
+            ({"host": "attacker.example"}, CONFIRM),  # DNS rebinding: a foreign Host
+            ({"origin": "http://attacker.example"}, CONFIRM),  # a foreign page
+            ({"origin": "null"}, CONFIRM),
+            ({"sec-fetch-site": "cross-site"}, CONFIRM),
+        ]
+        for headers, body in refusals:
+            status, answer, _ = await http(server.url, "POST", path, body, headers)
+            assert status == 403, headers
+            assert answer["cache-control"] == "no-store"
+        # The snapshot with its patient references is not readable from elsewhere either.
+        status, _, _ = await http(
+            server.url, "GET", "/api/snapshot", None, {"host": "attacker.example"}
+        )
+        assert status == 403
+        bodies: list[Any] = [
+            b"[" * 100_000,  # deep JSON: refused, never a 500
+            b'{"confirm": true, "x": "' + b"a" * 5000 + b'"}',
+            {"confirm": True, "site": "clinic-a", "device": "laser-01\u200b"},  # a look-alike
+            {"confirm": True, "site": "clinic-b", "device": "laser-01"},
+            {"confirm": 1},
+        ]
+        for body in bodies:
+            headers = {"content-type": "application/json", "origin": f"http://{own}"}
+            status, _, _ = await http(server.url, "POST", path, body, headers)
+            assert status == 400, body
+        status, _, _ = await http(
+            server.url, "POST", "/api/devices/clinic-a/laser-01%E2%80%8B/stop", CONFIRM
+        )
+        assert status == 404
+        assert fake_device.commands.empty()
+        # The page's own origin is fine.
+        status, _, _ = await http(server.url, "POST", path, CONFIRM, {"origin": f"http://{own}"})
+        assert status == 200
+
+
+async def test_every_answer_is_no_store_and_not_frameable(mosquitto: Broker) -> None:
+    async with running_dashboard(dashboard_config(mosquitto)) as server:
+        for path in ("/", "/api/snapshot", "/healthz", "/static/dashboard.js", "/nowhere"):
+            _, headers, _ = await http(server.url, "GET", path)
+            assert headers["cache-control"] == "no-store", path
+            assert headers["x-frame-options"] == "DENY", path
+            assert "frame-ancestors 'none'" in headers["content-security-policy"]
+
+
+async def test_allowed_hosts_default_to_the_bound_address_and_can_be_added(
+    mosquitto: Broker,
+) -> None:
+    config = dashboard_config(mosquitto, allowed_hosts=("dashboard.clinic.lan",))
+    async with running_dashboard(config) as server:
+        port = urlsplit(server.url).port
+        for host in ("localhost", f"127.0.0.1:{port}", f"dashboard.clinic.lan:{port}"):
+            status, _, _ = await http(server.url, "GET", "/healthz", None, {"host": host})
+            assert status == 200, host
+        for host in ("dashboard.clinic.lan.attacker.example", "192.168.1.9", ""):
+            status, _, _ = await http(server.url, "GET", "/healthz", None, {"host": host})
+            assert status == 403, host
+
+
+async def test_event_streams_are_capped(mosquitto: Broker) -> None:
+    async with running_dashboard(dashboard_config(mosquitto, max_browsers=2)) as server:
+        parts = urlsplit(server.url)
+        assert parts.hostname is not None
+        assert parts.port is not None
+        streams = []
+        try:
+            for _ in range(2):
+                reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+                streams.append(writer)
+                writer.write(f"GET /events HTTP/1.1\r\nhost: {parts.netloc}\r\n\r\n".encode())
+                assert b" 200 " in await reader.readline()
+            status, headers, _ = await http(server.url, "GET", "/events")
+            assert status == 503
+            assert headers["retry-after"] == "5"
+        finally:
+            for writer in streams:
+                writer.close()
+                await writer.wait_closed()
+
+
+async def test_a_browser_that_does_not_read_is_dropped(mosquitto: Broker) -> None:
+    config = dashboard_config(mosquitto, send_timeout_s=0.5, browser_queue=10)
+    async with running_dashboard(config) as server:
+        dashboard = server.dashboard
+        for n in range(300):  # a large view: each snapshot is hundreds of kilobytes
+            message = f'{{"v":1,"ts":"2026-11-25T10:00:00Z","device":"d{n}","seq":1,"boot":1,'
+            alert = message + '"severity":"warning","code":"c","message":"' + "m" * 250 + '"}'
+            dashboard.hub.publish(dashboard.fleet.apply(f"lasers/s/d{n}/alerts", alert.encode(), 0))
+        parts = urlsplit(server.url)
+        assert parts.hostname is not None
+        assert parts.port is not None
+        _reader, writer = await asyncio.open_connection(parts.hostname, parts.port, limit=1024)
+        try:
+            writer.write(f"GET /events HTTP/1.1\r\nhost: {parts.netloc}\r\n\r\n".encode())
+            await writer.drain()
+            # Never read: the dashboard keeps trying to send snapshots until the socket is full.
+            for _ in range(500):
+                if dashboard.hub.browsers == 1:
+                    break
+                await asyncio.sleep(0.01)
+            for _ in range(100):
+                dashboard.hub.publish([dashboard.fleet.broker_link(True, 0.0)[0]] * 20)
+                await asyncio.sleep(0.05)
+                if dashboard.hub.browsers == 0:
+                    break
+            assert dashboard.hub.browsers == 0
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+async def test_healthz_reports_the_readers_liveness(mosquitto: Broker) -> None:
+    async with running_dashboard(dashboard_config(mosquitto)) as server:
+        status, _, content = await http(server.url, "GET", "/healthz")
+        health = json.loads(content)
+        assert status == 200
+        assert health["reader"]["running"] is True
+        assert health["ok"] is True
+        await asyncio.to_thread(mosquitto.stop)
+        for _ in range(250):
+            status, _, content = await http(server.url, "GET", "/healthz")
+            if status == 503:
+                break
+            await asyncio.sleep(0.02)
+        assert status == 503
+        assert json.loads(content)["broker_connected"] is False
 
 
 @pytest.fixture
@@ -201,7 +349,10 @@ async def test_stop_with_credentials_the_broker_refuses_is_reported(
                     break
                 await asyncio.sleep(0.02)
             status, _, content = await http(
-                server.url, "POST", "/api/devices/clinic-a/laser-01/stop", {"confirm": True}
+                server.url,
+                "POST",
+                "/api/devices/clinic-a/laser-01/stop",
+                CONFIRM,
             )
             assert status == 502
             assert "was not sent" in json.loads(content)["error"]
@@ -266,7 +417,7 @@ def test_bad_arguments_exit_2_with_one_line() -> None:
         (["dashboard", "--mqtt", "http://broker"], "mqtt://HOST"),
         (["dashboard", "--listen", "8080"], "HOST:PORT"),
         (["dashboard", "--stop-username", "staff"], "--stop-password"),
-        (["dashboard", "--policy", "/nonexistent/policy.toml"], "readable policy file"),
+        (["dashboard", "--policy", "/nonexistent/policy.toml"], "a readable TOML file"),
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, result.output

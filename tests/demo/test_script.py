@@ -17,7 +17,7 @@ from devicectl.demo import (
     write_demo_policy,
 )
 from devicectl.demo.run import DEMO_LEASE_MS
-from devicectl.demo.script import ACK_REASON, DEMO_PATIENT, POST_CARE
+from devicectl.demo.script import ACK_REASON, DEMO_PATIENT, POST_CARE, DemoUsers
 from devicectl.policy import Concern, SkinType, Zone, load_policy
 from devicectl.safety import check_params
 from protocols import Ident
@@ -72,6 +72,8 @@ class FakeClinic:
         command = request["command"]
         if command != "status":
             self.log.append(command)
+        if command not in {"status", "stop", "disarm"}:  # these change no treatment
+            assert request["auth"] == USERS.operator, request
         match command:
             case "status":
                 return {
@@ -99,7 +101,8 @@ class FakeClinic:
                 self.armed = False
                 return {"armed": False}
             case "fault_ack":
-                assert request["reason"] == ACK_REASON
+                assert request["signoff"]["reason"] == ACK_REASON
+                assert request["signoff"]["user"] == USERS.supervisor["user"]
                 self.breach = None
                 return {}
             case "session_end":
@@ -124,11 +127,23 @@ class FakeClinic:
         return words
 
 
+USERS = DemoUsers(
+    operator={"user": "DEMO-OP", "pin": "op-pin-123"},
+    supervisor={"user": "DEMO-SUP", "pin": "sup-pin-123"},
+)
+
+
 def _script(clinic: FakeClinic, clock: FakeClock, duration: float = 10.0) -> TreatmentScript:
     policy = load_policy(None)
     params = demo_params(10.0, policy.presets[Concern.FINE_LINES], policy)
     return TreatmentScript(
-        clinic, plan_phases(duration), params, DemoProgress(), sleep=clock.sleep, clock=clock
+        clinic,
+        plan_phases(duration),
+        params,
+        DemoProgress(),
+        USERS,
+        sleep=clock.sleep,
+        clock=clock,
     )
 
 
@@ -161,6 +176,7 @@ async def test_script_plays_every_step_in_order_and_counts_agree() -> None:
         "sim footswitch up",
         "disarm",
         "session_end",
+        "session_reaction",
         "sim status",
     ]
     assert record.breach is not None

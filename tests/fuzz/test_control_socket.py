@@ -12,22 +12,34 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devicectl.control import ControlError, parse_request
-from tests.daemon.conftest import CHECKLIST, SESSION, Driver, driver, policy_file
+from tests.daemon.conftest import (
+    ACK,
+    CHECKLIST,
+    END,
+    OPERATOR,
+    SESSION,
+    Driver,
+    driver,
+    policy_file,
+)
 
 __all__ = ["driver", "policy_file"]  # fixtures, imported for pytest
 
 SEED = 20261125
 ROUNDS = 250
 KINDS = {"usage", "refused", "unreachable"}
+AUTH = {"auth": OPERATOR}
 TEMPLATES: list[dict[str, Any]] = [
-    SESSION,
-    {"command": "session_zone", "zone": "cheeks"},
-    {"command": "params_set", "energy_uj": 2000, "width_us": 500, "rate_hz": 10.0, "spot_um": 300},
-    {"command": "params_set", "preset": "laxity"},
-    {"command": "fault_ack", "operator": "OP-7", "reason": "checked the handpiece"},
-    {"command": "session_end", "post_care": ["sunscreen"]},
+    SESSION | AUTH,
+    {"command": "session_zone", "zone": "cheeks"} | AUTH,
+    {"command": "params_set", "energy_uj": 2000, "width_us": 500, "rate_hz": 10.0, "spot_um": 300}
+    | AUTH,
+    {"command": "params_set", "preset": "laxity"} | AUTH,
+    {"command": "fault_ack"} | ACK | AUTH,
+    {"command": "session_end"} | END | AUTH,
+    {"command": "session_note", "text": "a note"} | AUTH,
     {"command": "status"},
-    {"command": "arm"},
+    {"command": "arm"} | AUTH,
 ]
 
 
@@ -71,7 +83,7 @@ def bad_request(rng: random.Random) -> bytes:
         request[rng.choice(fields)] = random_json(rng)
     elif roll == 4:
         del request[rng.choice(fields)]
-        if request["command"] in {"params_set", "session_end"}:
+        if request["command"] in {"params_set", "session_note"}:
             request["unexpected"] = 1  # these accept every field missing
     elif roll == 5:
         request[rng.choice(["extra", "__class__", "armed", "limit"])] = random_json(rng)
@@ -87,7 +99,7 @@ def snapshot(status: dict[str, Any]) -> dict[str, Any]:
 
 
 async def test_random_requests_get_an_error_and_change_nothing(driver: Driver) -> None:
-    started = await driver.raw((json.dumps(SESSION) + "\n").encode())
+    started = await driver.raw((json.dumps(SESSION | AUTH) + "\n").encode())
     assert started["ok"], started
     await driver.ok("session_zone", zone="forehead")
     rng = random.Random(SEED)
@@ -120,7 +132,7 @@ async def test_an_oversized_request_is_refused_and_the_daemon_still_answers(
 
 
 async def test_a_checklist_with_a_wrong_type_is_named(driver: Driver) -> None:
-    request = SESSION | {"checklist": CHECKLIST | {"pregnancy": "maybe"}}
+    request = SESSION | AUTH | {"checklist": CHECKLIST | {"pregnancy": "maybe"}}
     reply = await driver.raw((json.dumps(request) + "\n").encode())
     assert reply["ok"] is False
     assert reply["kind"] == "usage"

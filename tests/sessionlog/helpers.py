@@ -20,6 +20,7 @@ _INFO: dict[str, Any] = {
     "course": {"course_id": "C-0042-A", "session_number": 1, "planned_sessions": 4},
     "checklist": {
         "consultation_done": True,
+        "consent_given": True,
         "area_cleaned": True,
         "numbing_applied": False,
         "contraindications": {

@@ -44,7 +44,7 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> Path:
             sid, nxt, nxt + 1, charged_energy_uj=60_000, zone="cheeks", cause="gap in pulse_no"
         )
         clock.advance(seconds=300)
-        slog.end_session(sid, actor="op-anna", post_care=["sunscreen", "soothing_serum"])
+        slog.end_session(sid, actor="op-anna", post_care=["sunscreen", "serum_or_moisturiser"])
         clock.advance(days=1)
         other = session_info(operator="op-ben", patient_ref="PT-0099", course_course_id="C-0099-A")
         fill_session(slog, slog.start_session(other).session_id, first_pulse_no=nxt + 2, pulses=5)
@@ -63,7 +63,7 @@ def test_json_export_is_the_full_record(db: Path, tmp_path: Path) -> None:
     )
     assert code == 0, text
     doc = json.loads(out.read_text())
-    assert doc["format"] == "devicectl-session/1"
+    assert doc["format"] == "devicectl-session/2"
     assert doc["outcome"] == "completed"
     assert doc["info"]["patient_ref"] == "PT-0042"
     assert doc["info"]["checklist"]["contraindications"]["pregnancy"] is False
@@ -72,7 +72,7 @@ def test_json_export_is_the_full_record(db: Path, tmp_path: Path) -> None:
     assert [e["event"] for e in doc["events"]] == ["breach", "ack"]
     assert doc["events"][1]["reason"] == "handpiece <checked> & cleaned"
     assert doc["pulse_gaps"][0]["count"] == 2
-    assert doc["post_care"] == ["soothing_serum", "sunscreen"]
+    assert doc["post_care"] == ["serum_or_moisturiser", "sunscreen"]
     assert len(doc["status"]) >= 3
     assert len(doc["pulses"]) == doc["summary"]["pulses"] == 70
     assert doc["pulses"][0] == {

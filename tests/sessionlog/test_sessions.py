@@ -12,6 +12,8 @@ from devicectl.sessionlog import (
     InvalidSessionInfo,
     LimitsInForce,
     SessionInfo,
+    SessionLog,
+    SessionOpened,
     SessionRefused,
     SkinType,
     parse_session_info,
@@ -119,55 +121,117 @@ def test_every_missing_item_is_named_in_one_line(tmp_path: Path) -> None:
         assert words in text
 
 
-def _course_session(number: int) -> dict[str, object]:
+def _course_session(number: int | None) -> dict[str, object]:
     return session_info(course_session_number=number)
+
+
+class _Course:
+    """Sessions of one course on one log: each delivers pulses unless told otherwise."""
+
+    def __init__(self, slog: SessionLog, clock: Clock) -> None:
+        self.slog, self.clock, self.pulse_no = slog, clock, 1
+
+    def session(self, typed: int | None = None, *, pulses: int = 3) -> SessionOpened:
+        opened = self.slog.start_session(_course_session(typed))
+        if pulses:
+            self.pulse_no = fill_session(
+                self.slog, opened.session_id, first_pulse_no=self.pulse_no, pulses=pulses,
+                start_ns=self.clock.now,
+            )  # fmt: skip
+        self.slog.end_session(opened.session_id, actor="op-anna")
+        return opened
 
 
 def test_a_course_spaced_a_week_apart_has_no_warnings(tmp_path: Path) -> None:
     clock = Clock()
     with open_log(tmp_path / "s.db", clock) as slog:
+        course = _Course(slog, clock)
         for n in range(1, 5):
-            opened = slog.start_session(_course_session(n))
+            opened = course.session(n)
             assert opened.warnings == ()
-            slog.end_session(opened.session_id, actor="op-anna")
+            assert opened.position is not None
+            assert (opened.position.kind, opened.position.number) == ("course", n)
             clock.advance(days=7)
 
 
-def test_under_seven_days_since_the_last_session_warns(tmp_path: Path) -> None:
+def test_under_seven_and_over_fourteen_days_since_the_last_session_warn(tmp_path: Path) -> None:
     clock = Clock()
     with open_log(tmp_path / "s.db", clock) as slog:
-        first = slog.start_session(_course_session(1))
-        slog.end_session(first.session_id, actor="op-anna")
+        course = _Course(slog, clock)
+        course.session()
         clock.advance(days=6.5)
-        second = slog.start_session(_course_session(2))
+        second = course.session()
+        clock.advance(days=15)
+        third = course.session()
     assert [w.code for w in second.warnings] == ["interval_short"]
     assert "6.5 days since session 1" in second.warnings[0].message
+    assert [w.code for w in third.warnings] == ["interval_long"]
+    assert "15.0 days since session 2" in third.warnings[0].message
 
 
-def test_a_complete_course_warns_and_the_warning_survives_a_restart(tmp_path: Path) -> None:
+def test_the_session_number_comes_from_the_history_not_from_what_was_typed(
+    tmp_path: Path,
+) -> None:
     clock = Clock()
     with open_log(tmp_path / "s.db", clock) as slog:
-        for n in range(1, 5):
-            slog.end_session(slog.start_session(_course_session(n)).session_id, actor="op-anna")
-            clock.advance(days=10)
-    # Reopened: the course history is read back from the file.
+        course = _Course(slog, clock)
+        course.session()
+        clock.advance(days=8)
+        typed_first = course.session(1)  # really the second
+    assert typed_first.position is not None and typed_first.position.number == 2
+    assert [w.code for w in typed_first.warnings] == ["session_number"]
+    assert "typed as session 1 but the log makes it session 2 of 4" in (
+        typed_first.warnings[0].message
+    )
+
+
+def test_a_session_without_pulses_is_recorded_but_does_not_count(tmp_path: Path) -> None:
+    clock = Clock()
     with open_log(tmp_path / "s.db", clock) as slog:
-        fifth = slog.start_session(_course_session(5))
-    codes = {w.code for w in fifth.warnings}
-    assert codes == {"course_complete"}
-    assert "4 of 4 planned sessions already given" in fifth.warnings[0].message
+        course = _Course(slog, clock)
+        course.session()
+        clock.advance(days=8)
+        empty = course.session(pulses=0)
+        clock.advance(days=1)
+        after = course.session()
+    assert empty.position is not None and empty.position.number == 2
+    # The empty session did not count: this is still session 2, and 9 days after session 1.
+    assert after.position is not None and after.position.number == 2
+    assert after.position.counted_before == 1
+    assert after.warnings == ()
 
 
-def test_a_session_number_out_of_step_with_the_log_warns(tmp_path: Path) -> None:
-    with open_log(tmp_path / "s.db") as slog:
-        opened = slog.start_session(_course_session(3))
-    assert [w.code for w in opened.warnings] == ["session_number"]
+def test_after_a_complete_course_sessions_are_maintenance_also_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    with open_log(tmp_path / "s.db", clock) as slog:
+        course = _Course(slog, clock)
+        for _ in range(4):
+            course.session()
+            clock.advance(days=10)
+        pulse_no = course.pulse_no
+    # Reopened: the course history (and which sessions delivered pulses) is read back.
+    clock.advance(days=90)
+    with open_log(tmp_path / "s.db", clock) as slog:
+        course = _Course(slog, clock)
+        course.pulse_no = pulse_no
+        fifth = course.session(5)
+        clock.advance(days=120)
+        sixth = course.session()
+    assert fifth.position is not None and sixth.position is not None
+    assert (fifth.position.kind, fifth.position.number) == ("maintenance", 1)
+    assert (sixth.position.kind, sixth.position.number) == ("maintenance", 2)
+    assert [w.code for w in fifth.warnings] == ["maintenance", "session_number"]
+    assert "4 of 4 planned sessions given" in fifth.warnings[0].message
+    # Maintenance has no 14-day rule: months apart is what it is for.
+    assert [w.code for w in sixth.warnings] == ["maintenance"]
 
 
 def test_a_course_of_another_patient_is_refused(tmp_path: Path) -> None:
     clock = Clock()
     with open_log(tmp_path / "s.db", clock) as slog:
-        slog.end_session(slog.start_session(_course_session(1)).session_id, actor="op-anna")
+        _Course(slog, clock).session()
         clock.advance(days=8)
         with pytest.raises(SessionRefused) as caught:
             slog.start_session(session_info(patient_ref="PT-0043", course_session_number=2))
@@ -202,7 +266,9 @@ def test_the_closing_summary_counts_pulses_energy_fluence_and_faults(tmp_path: P
         )
         clock.advance(seconds=90)
         running = slog.current_summary()
-        summary = slog.end_session(sid, actor="op-anna", post_care=["sunscreen", "soothing_serum"])
+        summary = slog.end_session(
+            sid, actor="op-anna", post_care=["sunscreen", "serum_or_moisturiser"]
+        )
         assert slog.last_pulse_no() == nxt + 1
     forehead = sum(1000 + i % 7 for i in range(10))
     cheeks = sum(3000 + i % 7 for i in range(5)) + 2 * 60_000
@@ -274,3 +340,48 @@ def test_malformed_limits_are_named_and_no_session_opens(
             slog.start_session(session_info(), limits=limits)
         assert caught.value.field == field
         assert slog.open_session() is None
+
+
+def test_a_contraindication_override_needs_a_supervisors_signoff(tmp_path: Path) -> None:
+    override = {
+        "signed_off_by": "op-anna",
+        "role": "operator",
+        "reason_code": "physician_clearance",
+        "reason": "dermatologist's letter of 2026-11-20 on file",
+    }
+    with open_log(tmp_path / "s.db") as slog:
+        with pytest.raises(SessionRefused) as caught:
+            slog.start_session(session_info(ci_pregnancy=True))
+        assert "supervisor" in str(caught.value)
+        with pytest.raises(SessionRefused) as caught:
+            slog.start_session(session_info(ci_pregnancy=True, override=override))
+        assert caught.value.rule == "override.signoff"
+        signed = dict(override, signed_off_by="sup-ben", role="supervisor")
+        sid = slog.start_session(session_info(ci_pregnancy=True, override=signed)).session_id
+        slog.flush()
+        conn = connect(slog.path, readonly=True)
+        try:
+            record = load_session(conn, sid)
+        finally:
+            conn.close()
+    assert record is not None
+    (event,) = [r["body"] for r in record.records if r["kind"] == "event"]
+    assert event["event"] == "override"
+    assert event["detail"]["signed_off_by"] == "sup-ben"
+    assert event["detail"]["reason_code"] == "physician_clearance"
+
+
+def test_consent_and_the_numbing_agent_are_required(tmp_path: Path) -> None:
+    with open_log(tmp_path / "s.db") as slog:
+        with pytest.raises(SessionRefused) as caught:
+            slog.start_session(session_info(checklist_consent_given=False))
+        assert caught.value.rule == "checklist.consent_given"
+        with pytest.raises(SessionRefused) as caught:
+            slog.start_session(session_info(checklist_numbing_applied=True))
+        assert caught.value.rule == "checklist.numbing_agent"
+        numbed = session_info(
+            checklist_numbing_applied=True,
+            checklist_numbing_agent="lidocaine 4 % cream",
+            checklist_numbing_contact_min=30,
+        )
+        assert slog.start_session(numbed).session_id == 1

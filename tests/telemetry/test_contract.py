@@ -1,5 +1,5 @@
-"""DESIGN.md section 6 against a real mosquitto: every topic, retain flag, QoS, properties, schema,
-seq contiguous per topic; seen by a plain paho subscriber on ``lasers/#``."""
+"""The MQTT contract (docs/mqtt.md) against a real mosquitto: every topic, retain flag, QoS,
+properties, schema, seq contiguous per topic; seen by a plain paho subscriber on ``lasers/#``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from devicectl.sessionlog.checkpoint import Checkpoint, make_checkpoint
+from devicectl.sessionlog.keys import DeviceKey
 from devicectl.telemetry import Telemetry
 from protocols.messages import DeviceState, FaultCode, Interlock
 from protocols.mqtt import Stream, json_schemas, schema_id
@@ -30,8 +32,14 @@ SUMMARY = {
 }
 
 
+KEY = DeviceKey.generate()
+CHECKPOINT = make_checkpoint(KEY, "SN42", 41, bytes(range(32)), 1_796_000_000_123_456_789, "x")
+
+
 def _stream_of(topic: str) -> str:
     rest = topic.removeprefix(BASE + "/")
+    if rest == "log/checkpoint":
+        return "log-checkpoint"
     return "session-events" if rest.startswith("sessions/") else rest
 
 
@@ -70,7 +78,10 @@ async def test_every_topic_matches_the_contract(mosquitto: Broker, tmp_path: Pat
             tm.publish_alert(
                 "critical", "energy_out_of_band", "pulse 3 energy +25 %", 1250, 1200, "S-001"
             )
-            tm.publish_session_event("S-001", "ended", summary={**SUMMARY, "pulses": 3})
+            tm.publish_checkpoint(CHECKPOINT.wire())
+            tm.publish_session_event(
+                "S-001", "ended", summary={**SUMMARY, "pulses": 3}, checkpoint=CHECKPOINT.wire()
+            )
             tm.publish_session(None)
             await until(lambda: len(rec.on("session")) >= 2 and rec.on("pulses"), what="messages")
         await until(
@@ -80,12 +91,13 @@ async def test_every_topic_matches_the_contract(mosquitto: Broker, tmp_path: Pat
 
     streams = {_stream_of(m.topic) for m in messages}
     assert streams == {
-        "availability", "state", "session", "session-events", "pulses", "metrics", "alerts"
+        "availability", "state", "session", "session-events", "pulses", "metrics", "alerts",
+        "log-checkpoint",
     }  # fmt: skip
     expected_flags = {
         "availability": (1, True), "state": (1, True), "session": (1, True),
         "session-events": (1, False), "pulses": (1, False), "metrics": (0, False),
-        "alerts": (1, False),
+        "alerts": (1, False), "log-checkpoint": (1, True),
     }  # fmt: skip
     seqs: dict[str, list[int]] = {}
     for message in messages:
@@ -129,6 +141,16 @@ async def test_every_topic_matches_the_contract(mosquitto: Broker, tmp_path: Pat
     events = [m.json()["event"] for m in rec.on("events")]
     assert events == ["started", "zone", "ended"]
     assert rec.on("events")[-1].json()["summary"]["pulses"] == 3
+    # the checkpoint as the agreed flat fields, in log/checkpoint and in the ended event; the
+    # signature verifies over the published fields with the envelope's device
+    published = rec.on("log/checkpoint")[0].json()
+    assert set(published) == {
+        "v", "ts", "device", "seq", "boot",
+        "log_seq", "hash", "time", "key_id", "public_key", "signature",
+    }  # fmt: skip
+    assert {k: published[k] for k in CHECKPOINT.wire()} == CHECKPOINT.wire()
+    assert Checkpoint.from_mapping(published).signature_valid_with(KEY.public_raw)
+    assert rec.on("events")[-1].json()["checkpoint"] == CHECKPOINT.wire()
     assert rec.on("session")[-1].payload == b""
     assert [m.payload for m in rec.on("availability")] == [b"online", b"offline"]
     assert stops == []

@@ -93,6 +93,23 @@ def test_outbox_bound_drops_oldest_pulses_then_superseded_state_never_alerts(
     outbox.close()
 
 
+def test_outbox_bound_drops_superseded_log_checkpoints_keeping_the_newest(tmp_path: Path) -> None:
+    """The newest checkpoint covers everything the older ones did: they may go, never it."""
+    outbox = Outbox(tmp_path / "o.sqlite", max_bytes=65536)
+    outbox.start_boot()
+    report = None
+    for n in range(1, 201):
+        _seq, report = outbox.enqueue(
+            "b/log/checkpoint", "log-checkpoint", lambda _s, n=n: b"%03d" % n + b"c" * 497
+        )
+    assert report is not None and not report.still_over
+    kept = outbox.fetch(0, 1000)
+    assert {r.stream for r in kept} == {"log-checkpoint"}
+    assert len(kept) < 200
+    assert kept[-1].payload.startswith(b"200")  # the newest is there
+    outbox.close()
+
+
 def test_outbox_rejects_a_silly_bound(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="outbox_max_bytes"):
         Outbox(tmp_path / "o.sqlite", max_bytes=10)
@@ -257,15 +274,26 @@ def test_credentials_come_from_the_environment_when_not_configured(tmp_path: Pat
 # -- watch view ---------------------------------------------------------------------------------
 
 
+def _message(seq: int, **fields: object) -> bytes:
+    envelope = {"v": 1, "ts": "2026-11-25T10:00:00Z", "device": "SN42", "seq": seq, "boot": 1}
+    return json.dumps(envelope | fields).encode()
+
+
 def _feed_session(view: FleetView) -> None:
     base = "lasers/clinic1/SN42"
     view.feed(f"{base}/availability", b"online")
-    state = {"v": 1, "boot": 1, "state": "EMITTING", "armed": True, "session": "S-1"}
-    view.feed(f"{base}/state", json.dumps(state).encode())
-    batch = {"v": 1, "session": "S-1", "zone": "neck", "count": 20, "energy_uj_sum": 40000}
-    view.feed(f"{base}/pulses", json.dumps(batch).encode())
-    alert = {"v": 1, "severity": "critical", "code": "over_rate", "message": "too fast"}
-    view.feed(f"{base}/alerts", json.dumps(alert).encode())
+    view.feed(
+        f"{base}/state",
+        _message(1, state="EMITTING", armed=True, session="S-1", interlocks=[], faults=[],
+                 params=None, daemon_version="1"),
+    )  # fmt: skip
+    view.feed(
+        f"{base}/pulses",
+        _message(1, session="S-1", zone="neck", first_pulse_no=1, last_pulse_no=20, count=20,
+                 energy_uj_sum=40000, energy_uj_min=2000, energy_uj_max=2000, pulses=[]),
+    )  # fmt: skip
+    view.feed(f"{base}/alerts", _message(1, severity="critical", code="over_rate", message="fast"))
+    view.feed(f"{base}/metrics", _message(1, rate_hz=20.0, skin_temp_c=33.4, head_temp_c=30.1))
 
 
 def test_fleet_view_tracks_a_device() -> None:
@@ -274,14 +302,34 @@ def test_fleet_view_tracks_a_device() -> None:
     device = view.devices[("clinic1", "SN42")]
     assert (device.availability, device.state, device.armed) == ("online", "EMITTING", True)
     assert (device.session, device.pulses, device.energy_uj_by_zone) == ("S-1", 20, {"neck": 40000})
-    assert device.alerts[0] == "critical: over_rate - too fast"
-    console = Console(record=True, width=160)
+    assert device.alerts[0] == "CRITICAL over_rate: fast"
+    console = Console(record=True, width=200)
     console.print(view.render())
     text = console.export_text()
     assert "clinic1/SN42" in text
     assert "neck 40.0" in text
+    assert "20.0 Hz, 33.4 C, 30.1 C" in text
     view.feed("lasers/clinic1/SN42/session", b"")
     assert device.session is None
+    assert device.pulses == 0  # no stale count once the session has ended
+    assert device.energy_uj_by_zone == {}
+
+
+def test_fleet_view_resets_the_pulse_count_when_the_session_ends() -> None:
+    view = FleetView()
+    _feed_session(view)
+    ended = _message(1, session="S-1", event="ended")
+    lines = view.feed("lasers/clinic1/SN42/sessions/S-1/events", ended)
+    assert lines == ["clinic1/SN42 session S-1 ended"]
+    device = view.devices[("clinic1", "SN42")]
+    assert (device.session, device.pulses) == (None, 0)
+    # Late pulses of the ended session are not counted again.
+    late = _message(
+        2, session="S-1", zone="neck", first_pulse_no=21, last_pulse_no=21, count=1,
+        energy_uj_sum=2000, energy_uj_min=2000, energy_uj_max=2000, pulses=[],
+    )  # fmt: skip
+    view.feed("lasers/clinic1/SN42/pulses", late)
+    assert device.pulses == 0
 
 
 @given(topic=st.text(max_size=60), payload=st.binary(max_size=200))

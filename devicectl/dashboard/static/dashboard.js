@@ -6,7 +6,7 @@
 const MAX_ALERTS = 100;
 const MAX_DEVICE_ALERTS = 20;
 const MAX_EVENTS = 12;
-const MAX_POINTS = 600;
+const MAX_POINTS = 300;
 const INTERLOCK_NAMES = ["estop", "door", "key", "contact", "cooling"];
 const SVG_NS = "http://www.w3.org/2000/svg";
 
@@ -16,6 +16,7 @@ const view = {
   broker: { connected: false },
   stopEnabled: false,
   seenAlertIds: new Set(),  // acknowledged on this screen
+  invalid: { count: 0, last: null },  // messages whose topic ids are not ids: never a device
 };
 const cards = new Map();    // key → { root, body, stopResult, stopButton }
 const dirty = new Set();
@@ -82,6 +83,7 @@ function reset(snapshot) {
   for (const device of snapshot.devices) view.devices.set(device.key, device);
   view.alerts = snapshot.alerts.slice(0, MAX_ALERTS);
   view.broker = snapshot.broker;
+  view.invalid = snapshot.invalid || { count: 0, last: null };
   view.stopEnabled = Boolean(snapshot.stop_enabled);
   document.getElementById("title").textContent = snapshot.title || "Clinic lasers";
   document.title = snapshot.title || "Clinic lasers";
@@ -144,6 +146,17 @@ function apply(op) {
     }
     case "broker":
       view.broker = op.broker;
+      chromeDirty = true;
+      break;
+    case "remove": {
+      // Evicted for a newer device: the dashboard tracks a bounded number.
+      view.devices.delete(op.key);
+      const card = cards.get(op.key);
+      if (card) { card.root.remove(); cards.delete(op.key); }
+      break;
+    }
+    case "invalid":
+      view.invalid = op.invalid;
       chromeDirty = true;
       break;
     default:
@@ -261,7 +274,10 @@ function renderDevice(card, d) {
     health.push(`${total} telemetry message(s) missed (${missed.map(([k, n]) => `${k} ${n}`).join(", ")})`);
   }
   if (d.pulse_gaps) health.push(`${d.pulse_gaps} pulse number(s) missing between batches`);
-  if (d.malformed) health.push(`${d.malformed} unreadable message(s): ${d.last_malformed || ""}`);
+  if (d.malformed) {
+    health.push(`${d.malformed} unreadable message(s) from ${d.key}: ${d.last_malformed || ""}`);
+  }
+  if (d.restarts) health.push(`${d.restarts} restart(s) of its counters (${d.last_restart || ""})`);
   if (health.length) parts.push(el("p", { class: "health", "data-testid": "health" }, health.join(" · ")));
   if (d.alerts.length) {
     parts.push(el("ul", { class: "mini-list", "data-testid": "device-alerts" },
@@ -378,8 +394,16 @@ function renderChrome() {
     el("span", { class: "muted" }, `(${a.site}) `),
     alertText(a),
     a.value !== null && a.value !== undefined ? ` · value ${a.value}${a.limit !== null && a.limit !== undefined ? ` / limit ${a.limit}` : ""}` : "",
-    a.historical ? " · delivered late" : "")));
+    a.historical ? " · delivered late" : "",
+    a.order === "duplicate" ? " · repeated" : a.order === "restart" ? " · after a restart" : "")));
   document.getElementById("no-alerts").hidden = view.alerts.length > 0;
+
+  const invalid = document.getElementById("invalid-ids");
+  invalid.hidden = !view.invalid.count;
+  invalid.textContent = view.invalid.count
+    ? `${view.invalid.count} message(s) with invalid site/device ids, not shown as devices ` +
+      `(last: ${view.invalid.last || ""})`
+    : "";
 
   const unseen = view.alerts.filter((a) => a.rank >= 1 && !view.seenAlertIds.has(a.id));
   const banner = document.getElementById("alert-banner");
@@ -406,13 +430,16 @@ function renderChrome() {
 let stopTarget = null;
 
 function askStop(key, card) {
-  stopTarget = { key, card };
-  document.getElementById("stop-target").textContent = key;
+  const device = view.devices.get(key);
+  if (!device) return;
+  // The device and the site exactly as the card shows them, one per line.
+  stopTarget = { key, card, site: device.site, device: device.device };
+  document.getElementById("stop-device").textContent = device.device;
+  document.getElementById("stop-site").textContent = device.site;
   document.getElementById("stop-dialog").showModal();
 }
 
-async function sendStop(key, card) {
-  const [site, device] = key.split("/");
+async function sendStop(key, card, site, device) {
   card.stopPending = true;
   card.stopButton.disabled = true;
   card.stopResult.textContent = "Sending stop…";
@@ -420,7 +447,7 @@ async function sendStop(key, card) {
     const response = await fetch(
       `/api/devices/${encodeURIComponent(site)}/${encodeURIComponent(device)}/stop`,
       { method: "POST", headers: { "content-type": "application/json" },
-        body: JSON.stringify({ confirm: true }) });
+        body: JSON.stringify({ confirm: true, site, device }) });
     const body = await response.json().catch(() => ({}));
     card.stopResult.textContent = response.ok
       ? `Stop sent at ${new Date().toLocaleTimeString()} — watch the state above.`
@@ -467,7 +494,9 @@ document.addEventListener("DOMContentLoaded", () => {
   dialog.addEventListener("close", () => {
     const target = stopTarget;
     stopTarget = null;
-    if (dialog.returnValue === "confirm" && target) sendStop(target.key, target.card);
+    if (dialog.returnValue === "confirm" && target) {
+      sendStop(target.key, target.card, target.site, target.device);
+    }
   });
   connect();
 });
