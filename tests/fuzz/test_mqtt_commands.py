@@ -20,7 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from devicectl.config import load_settings
 from devicectl.daemon import Daemon
 from tests.brokers import Broker
-from tests.daemon.conftest import Driver, policy_file
+from tests.daemon.conftest import Driver, add_test_users, policy_file
 
 __all__ = ["policy_file"]  # a fixture, imported for pytest
 
@@ -63,6 +63,7 @@ async def mqtt_driver(
         mqtt__site="fuzz",
         mqtt__device="laser1",
     )
+    add_test_users(tmp_path / "data")  # the session is started by a registered operator
     async with Daemon(settings) as daemon:
         drv = Driver(daemon)
         await drv.until(lambda: daemon.link is not None and daemon.link.connected.is_set())
