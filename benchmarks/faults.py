@@ -5,7 +5,7 @@
 Every row runs the real processes: the simulator (``devicectl sim --pty``; for the port-vanishing
 row ``--tcp`` behind a TCP relay the campaign cuts and restores, because a vanished pty comes back
 under another path and a restarted simulator process would forget its lifetime pulse counter), the
-daemon (``devicectl run``) on that port with a real mosquitto (started here, config per MEASURED.md:
+daemon (``devicectl run``) on that port with a real mosquitto (started here, as tests/brokers.py:
 no queue limit, TCP_NODELAY, persistence) and a persistent paho subscriber on ``lasers/#``.
 
 A row opens a session, emits at :data:`RATE_HZ`, injects its fault, watches the board until it is

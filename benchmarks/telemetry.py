@@ -9,7 +9,7 @@
    subscriber holds the batch carrying that pulse (p50/p99).
 3. Cost on the caller: offer_pulse() per call, one outbox write (insert + commit).
 
-Compare ratios within one run; these machines are noisy (MEASURED.md).
+Compare ratios within one run; these machines are noisy (±20 %).
 """
 
 # ruff: noqa: ASYNC110  (polling the publisher's counters is what a benchmark observes)

@@ -19,6 +19,9 @@ control     ``/run/devicectl/control.sock``              ``$XDG_RUNTIME_DIR/devi
 The CLI's client commands compute the same default, so ``devicectl status`` finds a daemon started
 in the same environment without ``--control``. See ``examples/devicectl.toml``.
 
+The file commands read: ``--config FILE``, else ``$DEVICECTL_CONFIG``, else
+``/etc/devicectl/devicectl.toml`` when it exists (:func:`default_config_file`).
+
 Types are strict where a source has types: in the TOML file (and in ``load_settings``' keyword
 overrides, which are Python values) an integer setting takes a TOML integer, a real one an integer
 or a finite float, ``log_json`` a TOML boolean or ``"auto"``; ``true`` is not 1, ``"9600"`` is not
@@ -63,12 +66,14 @@ from protocols.bounded import BoundedInputError, loads_toml
 from protocols.mqtt import ID_ALLOWED, is_valid_id
 
 __all__ = [
+    "DEFAULT_CONFIG_FILE",
     "CheckpointSettings",
     "ClinicSettings",
     "LogLevel",
     "MqttSettings",
     "PrivacySettings",
     "Settings",
+    "default_config_file",
     "default_control_socket",
     "default_data_dir",
     "load_settings",
@@ -125,6 +130,38 @@ def default_control_socket(environ: Mapping[str, str], euid: int, data_dir: Path
     if runtime:
         return Path(runtime) / "devicectl.sock"
     return data_dir / "control.sock"
+
+
+DEFAULT_CONFIG_FILE = Path("/etc/devicectl/devicectl.toml")
+
+# Variables of an older vocabulary (one underscore, read below the file and hidden from
+# `config show`). Refused by name rather than silently ignored: a broker password that stopped
+# being read would look like a broker refusing the daemon.
+_RENAMED_VARIABLES = {
+    "DEVICECTL_MQTT_USERNAME": "DEVICECTL_MQTT__USERNAME",
+    "DEVICECTL_MQTT_PASSWORD": "DEVICECTL_MQTT__PASSWORD",
+    "DEVICECTL_MQTT_CA": "DEVICECTL_MQTT__CA_FILE",
+    "DEVICECTL_MQTT_CERT": "DEVICECTL_MQTT__CERT_FILE",
+    "DEVICECTL_MQTT_KEY": "DEVICECTL_MQTT__KEY_FILE",
+}
+
+
+def default_config_file(environ: Mapping[str, str]) -> Path | None:
+    """The config file a command reads when given no ``--config``: ``$DEVICECTL_CONFIG``, else
+    ``/etc/devicectl/devicectl.toml`` when it exists, else none (defaults and environment)."""
+    named = environ.get("DEVICECTL_CONFIG")
+    if named:
+        return Path(named)
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def _refuse_renamed_variables(environ: Mapping[str, str]) -> None:
+    for old, new in _RENAMED_VARIABLES.items():
+        if old in environ:
+            value = _HIDDEN if "PASSWORD" in old else environ[old]
+            raise ConfigError(
+                old, value, f"an old name: use {new} (nested keys take two underscores)"
+            )
 
 
 def _existing_file(value: Path | None, key: str) -> Path | None:
@@ -196,8 +233,8 @@ class MqttSettings(BaseModel):
         return self
 
     def device_id(self, serial: int) -> str:
-        """The topic level for this device: configured, or ``laser-<serial>`` from IDENT."""
-        return self.device if self.device is not None else f"laser-{serial}"
+        """The topic level for this device: configured, or IDENT's serial as 8 hex digits."""
+        return self.device if self.device is not None else f"{serial:08X}"
 
 
 # ── issue 14: patient privacy on the wire and the clinic's time zone (self-contained block) ──
@@ -554,6 +591,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     Overrides are CLI flags by setting name, nested with ``__`` (``mqtt__url="mqtt://h"``); a
     ``None`` override means the flag was not given. Raises ConfigError on the first bad value.
     """
+    _refuse_renamed_variables(os.environ)
     file_values = _read_file(config_file) if config_file is not None else {}
     token = _FILE_VALUES.set(file_values)
     try:

@@ -1,4 +1,4 @@
-"""The daemon's local control API: a Unix socket speaking JSON lines (docs/cli.md, "Control").
+"""The daemon's local control API: a Unix socket speaking JSON lines (docs/control-api.md).
 
 One request per line, one reply per line::
 
@@ -37,7 +37,15 @@ from types import TracebackType
 from typing import Annotated, Any, Literal, Self
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from devicectl.errors import DevicectlError, LinkError
 from devicectl.users import (
@@ -86,7 +94,24 @@ class DaemonUnreachable(DevicectlError):
 
 # ---------------------------------------------------------------- requests
 
-SkinType = Literal["I", "II", "III", "IV", "V", "VI"]
+_ROMAN = ("I", "II", "III", "IV", "V", "VI")
+
+
+def _fitzpatrick(value: object) -> object:
+    """A Fitzpatrick skin type as 1-6, I-VI or i-vi (as the policy file writes it) -> "I".."VI";
+    anything else is left for the Literal to refuse."""
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 6:
+        return _ROMAN[value - 1]
+    if isinstance(value, str):
+        text = value.strip()
+        if text in {"1", "2", "3", "4", "5", "6"}:
+            return _ROMAN[int(text) - 1]
+        if text.upper() in _ROMAN:
+            return text.upper()
+    return value
+
+
+SkinType = Annotated[Literal["I", "II", "III", "IV", "V", "VI"], BeforeValidator(_fitzpatrick)]
 Zone = Literal["forehead", "periorbital", "perioral", "cheeks", "neck", "decollete", "hands"]
 Concern = Literal["fine_lines", "laxity", "acne_scars", "pigmentation", "dehydration", "sun_damage"]
 
@@ -271,15 +296,38 @@ ControlRequest = Annotated[
     Field(discriminator="command"),
 ]
 _REQUEST = TypeAdapter[Any](ControlRequest)
+_COMMANDS = frozenset(
+    {
+        "status", "session_start", "session_zone", "session_end", "params_set", "arm", "disarm",
+        "stop", "fault_ack",
+    }
+)  # fmt: skip
 
 Handler = Callable[[Any], Awaitable[dict[str, Any]]]
 
 
 def _describe(exc: ValidationError) -> str:
+    """One line an operator can act on: the field as the request names it, the value, what is
+    allowed; never pydantic's location path (``session_start.concerns.0``)."""
     first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "request"
+    loc = [str(p) for p in first["loc"]]
+    if loc and loc[0] in _COMMANDS:  # the discriminator's tag: which request, not where in it
+        loc = loc[1:]
+    names = [p for p in loc if not p.isdigit()]
+    field = names[-1] if names else "request"
+    if names[:1] == ["checklist"] and len(names) > 1:
+        field = f"checklist item {names[-1]}"
     message = str(first["msg"]).removeprefix("Value error, ")  # pydantic's prefix, not a cause
-    return f"invalid request: {where}: {message}"
+    message = message[:1].lower() + message[1:]
+    if first["type"] == "missing":
+        return f"invalid request: {field} is required"
+    if first["type"] == "extra_forbidden":
+        return f"invalid request: {field} is not a known field"
+    if first["type"] == "union_tag_invalid":
+        return f"invalid request: unknown command {first['input'].get('command')!r}"
+    if field == "skin_type":
+        message = "a Fitzpatrick skin type is 1-6, I-VI or i-vi"
+    return f"invalid request: {field} {first['input']!r} is not allowed: {message}"
 
 
 def parse_request(line: bytes) -> Any:

@@ -1,4 +1,4 @@
-"""The host side of the device link (ICD v1): handshake, commands, events, supervision.
+"""The host side of the device link (docs/protocol.md): handshake, commands, events, supervision.
 
 :class:`DeviceLink` is an async context manager owning a TaskGroup of named tasks:
 
@@ -139,6 +139,9 @@ class ProtocolMismatch(RemoteProtocolError):
         super().__init__(
             f"device on {port} speaks ICD protocol {device_proto}, this host speaks {PROTO_VERSION}"
         )
+
+
+_RETRYING: Final = "until the device answers or the daemon stops, waiting 0.1 s doubling to 5 s"
 
 
 def backoff_delay(attempt: int, *, base: float = 0.1, cap: float = 5.0) -> float:
@@ -564,10 +567,16 @@ class DeviceLink:
                 failures += 1
                 self.connect_failures += 1
                 cause = exc.cause if isinstance(exc, TransportError) else str(exc)
+                delay = self._backoff(failures)
                 self._log.warning(
-                    "device_connect_failed", port=self.port, cause=cause, attempt=failures
+                    "device_connect_failed",
+                    port=self.port,
+                    cause=cause,
+                    attempt=failures,
+                    retry_in_s=round(delay, 2),
+                    retrying=_RETRYING,
                 )
-                await self._sleep(self._backoff(failures))
+                await self._sleep(delay)
                 continue
             reason = await self._serve(transport)
             if reason is None:
@@ -605,7 +614,7 @@ class DeviceLink:
                 self._log.info(
                     "device_connected",
                     port=self.port,
-                    serial=self.ident.serial if self.ident else None,
+                    serial=f"{self.ident.serial:08X}" if self.ident else None,  # as the device id
                     proto=PROTO_VERSION,
                 )
                 if self._on_connected is not None and self.ident and self.status:

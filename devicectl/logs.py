@@ -1,5 +1,9 @@
 """Structured logging: JSON lines when not on a terminal (systemd, CI), readable on one.
 
+Under systemd, when stderr is the journal (``JOURNAL_STREAM`` names stderr's device and inode),
+every line starts with its syslog priority (``<4>`` for a warning, sd-daemon(3)), so that
+``journalctl -p warning`` filters devicectl's logs by level.
+
 Components take a logger as a parameter (``log: BoundLogger``) defaulting to
 ``structlog.get_logger("devicectl.<component>")``; nothing logs through the root logger, nothing
 prints, and nothing logs in the per-pulse path.
@@ -15,6 +19,7 @@ it (a breach latches, a lost link reconnects with a back-off). Every string valu
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import threading
@@ -28,10 +33,12 @@ __all__ = [
     "ALWAYS_LOGGED",
     "MAX_VALUE_CHARS",
     "EventRateLimit",
+    "JournalPriority",
     "cap_values",
     "configure_logging",
     "redact",
     "redact_url",
+    "stderr_is_journal",
 ]
 
 # Never rate-limited: a breach must always be logged; the others are what an engineer needs to
@@ -152,6 +159,43 @@ class _LibraryLogFormat(logging.Formatter):
         return text
 
 
+# structlog method name -> syslog priority (sd-daemon(3): "<N>" prefixes on stderr lines)
+_PRIORITY = {
+    "critical": 2,
+    "exception": 3,
+    "error": 3,
+    "warning": 4,
+    "warn": 4,
+    "info": 6,
+    "debug": 7,
+}
+
+
+def stderr_is_journal(environ: Any = None) -> bool:
+    """Whether stderr is connected to the journal: ``JOURNAL_STREAM`` is ``DEVICE:INODE`` of it."""
+    stream = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    device, _, inode = stream.partition(":")
+    if not device.isdigit() or not inode.isdigit():
+        return False
+    try:
+        info = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file behind stderr
+        return False
+    return (info.st_dev, info.st_ino) == (int(device), int(inode))
+
+
+class JournalPriority:
+    """Wraps a renderer: each rendered line gets its ``<N>`` syslog priority prefix."""
+
+    def __init__(self, renderer: Any) -> None:
+        self._renderer = renderer
+
+    def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
+        text = str(self._renderer(logger, name, event))
+        prefix = f"<{_PRIORITY.get(name, 6)}>"
+        return "\n".join(prefix + line for line in text.split("\n"))
+
+
 def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
     """Configure structlog once per process. ``json=None`` picks JSON unless stderr is a tty.
 
@@ -174,6 +218,8 @@ def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
         if json
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
+    if stderr_is_journal():
+        renderer = JournalPriority(renderer)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -1,4 +1,4 @@
-"""The safety supervisor: DESIGN.md section 4, in one place.
+"""The safety supervisor: docs/safety-model.md, in one place.
 
 Two halves:
 

@@ -12,7 +12,7 @@ A frame on the wire::
     +-----+------+------------------+--------+--------+
       u8    u8                        CRC-16/CCITT-FALSE over SEQ..PAYLOAD
 
-Receiving rules (DESIGN.md section 3): split at 0x00; an empty chunk is ignored; a chunk that fails
+Receiving rules (docs/protocol.md): split at 0x00; an empty chunk is ignored; a chunk that fails
 COBS decoding, decodes to fewer than 4 or more than 68 bytes, or has a wrong CRC is dropped and
 counted; a receiver holding more than 70 bytes with no 0x00 discards them and resynchronises at the
 next 0x00. A corrupted frame can therefore never affect any frame after the next delimiter.

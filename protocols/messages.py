@@ -1,4 +1,4 @@
-"""ICD v1 messages: every command, reply and event of DESIGN.md section 3, as immutable classes.
+"""ICD v1 messages: every command, reply and event of docs/protocol.md, as immutable classes.
 
 Each class knows its TYPE code and how to pack its payload; :func:`decode_message` is the inverse.
 Fields are plain integers (little-endian on the wire, unsigned unless the table says ``i``); the

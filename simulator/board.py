@@ -1,4 +1,4 @@
-"""The simulated laser controller board: the device end of ICD v1 (DESIGN.md section 3), sans-I/O.
+"""The simulated laser controller board: the device end of ICD v1 (docs/protocol.md), sans-I/O.
 
 Bytes from the host go in with :meth:`Board.receive_data`, time passes with :meth:`Board.advance`,
 and the bytes the board writes come out of :meth:`Board.data_to_send`. Nothing here reads a clock,
@@ -24,7 +24,7 @@ advances late gets a burst with exact ``t_us``. A pulse more than 50 ms overdue 
 schedule shifts to the moment of the call (a real board would have been late), so pulses are never
 closer than the period.
 
-Fault injection (the names of DESIGN.md section 7), all inside the board so that servers only move
+Fault injection (the names of docs/cli.md), all inside the board so that servers only move
 bytes:
 
 ``energy-drift F``
@@ -353,7 +353,7 @@ class Board:
             self._raise_fault(FaultCode.INTERLOCK_OPENED, self._interlocks)
 
     def inject(self, fault: str, value: float | None, now_us: int) -> None:
-        """Turn on an injected fault (DESIGN.md section 7 names); see the module docstring."""
+        """Turn on an injected fault (docs/cli.md names); see the module docstring."""
         takes_value = FAULT_NAMES.get(fault)
         if takes_value is None:
             raise BoardInputError(

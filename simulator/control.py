@@ -1,6 +1,6 @@
 """Driving a running simulator by hand or by script: command words and the control socket.
 
-The simulator is controlled with short command words (DESIGN.md section 7), the same on the command
+The simulator is controlled with short command words (docs/cli.md), the same on the command
 line (``devicectl sim-control``), in scenario files and on the control socket::
 
     footswitch down|up
@@ -186,7 +186,7 @@ class _Argument:
         return f"{low}..{self.high:g}"
 
 
-# fault name -> its argument, or None when it takes none (DESIGN.md section 7).
+# fault name -> its argument, or None when it takes none (docs/cli.md).
 FAULT_NAMES: Final[dict[str, _Argument | None]] = {
     "energy-drift": _Argument(
         "FACTOR", 0.0, 10.0, "measured energy = setpoint × FACTOR", low_excluded=True

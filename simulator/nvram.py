@@ -3,7 +3,7 @@
 An in-process simulator (``devicectl run --port sim``) restarts with its host. So that it still
 behaves as one board — the same serial number (its MQTT topics and session log entries stay its
 own, and two simulated devices never share one), and a lifetime pulse counter that survives
-(DESIGN.md section 3: pulse_no is kept across boots) — its serial and counter live in a small
+(docs/protocol.md: pulse_no is kept across boots) — its serial and counter live in a small
 JSON file, written atomically. Saved by the host every second and at exit: a host killed with
 -9 may lose the last second of counts, which the next start's reconciliation then reports as a
 counter behind the log rather than hiding.

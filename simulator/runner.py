@@ -57,7 +57,7 @@ class BoardRunner:
         self._group = asyncio.TaskGroup()
         await self._group.__aenter__()
         self._task = self._group.create_task(self._run(), name="simulator-board-clock")
-        self._log.info("board_runner_started", serial=self.board.ident.serial)
+        self._log.info("board_runner_started", serial=f"{self.board.ident.serial:08X}")
         return self
 
     async def __aexit__(

@@ -6,7 +6,7 @@ persistence survives that (a persistent subscriber keeps its session). ``make_pk
 CA, a server certificate for 127.0.0.1/localhost and a client certificate with the ``openssl`` CLI,
 for the TLS listener (``Broker(..., tls=pki)``).
 
-Pitfalls handled (MEASURED.md): ``set_tcp_nodelay true`` (Nagle stalls pipelined QoS 1),
+Pitfalls handled (measured; docs/mqtt.md): ``set_tcp_nodelay true`` (Nagle stalls QoS 1 bursts),
 ``max_queued_messages 0`` (no silent drops to a slow subscriber), ``persistence true`` in a
 directory the broker owns, log to stdout (captured into ``mosquitto.log``) and, when the tests run
 as root, ``user`` set to the current user so mosquitto can write its directory.

@@ -7,10 +7,12 @@ daemon or device.
 
 from __future__ import annotations
 
+import sys
 from enum import IntEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from devicectl import __version__
 
@@ -22,8 +24,17 @@ __all__ = [
     "log_app",
     "params_app",
     "session_app",
+    "tidy_help",
     "users_app",
+    "version_lines",
+    "wants_json",
 ]
+
+
+def wants_json(as_json: bool) -> bool:
+    """The one output rule of every command that prints a result: JSON with ``--json`` or when
+    the output is not a terminal (a pipe, a file, a script), readable text on a terminal."""
+    return as_json or not sys.stdout.isatty()
 
 
 class ExitCode(IntEnum):
@@ -33,8 +44,63 @@ class ExitCode(IntEnum):
     UNREACHABLE = 3
 
 
+def tidy_help(command: Any) -> None:
+    """One placeholder style in every help text: nothing after a flag (typer would print
+    ``<bool>``), an upper-case word after an option that takes a value (its declared ``metavar``,
+    else its name), for the whole tree."""
+    for param in getattr(command, "params", []):
+        _tidy_param(param)
+    if not getattr(command, "_devicectl_tidy", False):
+        command._devicectl_tidy = True
+        take_help_option = command.get_help_option
+
+        def get_help_option(ctx: Any) -> Any:
+            option = take_help_option(ctx)
+            if option is not None:
+                _tidy_param(option)  # --help is a flag too
+            return option
+
+        command.get_help_option = get_help_option
+    for sub in getattr(command, "commands", {}).values():
+        tidy_help(sub)
+
+
+def _no_type(ctx: Any) -> None:
+    return None
+
+
+def _tidy_param(param: Any) -> None:
+    if param.param_type_name == "option" and (param.is_flag or param.count):
+        param.metavar = ""
+        if hasattr(param, "display_type_rich"):  # typer >= 0.2x: a type column of its own
+            param.display_type_rich = _no_type
+    elif param.param_type_name == "argument":
+        if param.metavar is None:
+            param.metavar = (param.name or "value").upper()
+        if hasattr(param, "display_type_rich"):  # the metavar already names the value
+            param.display_type_rich = _no_type
+    elif param.metavar is None:
+        param.metavar = (param.name or "value").upper()
+
+
+class _Root(TyperGroup):
+    """The ``devicectl`` group: its whole tree gets :func:`tidy_help` once it is built, and its
+    own options (typer adds the completion ones later) whenever they are read."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        tidy_help(self)
+
+    def get_params(self, ctx: Any) -> Any:
+        params = super().get_params(ctx)
+        for param in params:
+            _tidy_param(param)
+        return params
+
+
 app = typer.Typer(
     name="devicectl",
+    cls=_Root,
     help="Device-side service of a clinical mesotherapy laser, and its tools.",
     epilog="Example: devicectl demo    (a whole treatment on the simulator, in a minute)",
     no_args_is_help=True,
@@ -72,9 +138,22 @@ app.add_typer(log_app, name="log")
 app.add_typer(config_app, name="config")
 
 
+def version_lines() -> list[str]:
+    """What ``devicectl --version`` prints: the software and the interface versions it speaks."""
+    from protocols import PROTO_VERSION
+    from protocols.mqtt import SCHEMA_VERSION
+
+    return [
+        f"devicectl {__version__}",
+        f"device protocol: ICD v{PROTO_VERSION} (docs/protocol.md)",
+        f"MQTT telemetry: schema v{SCHEMA_VERSION} (docs/mqtt.md)",
+    ]
+
+
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"devicectl {__version__}")
+        for line in version_lines():
+            typer.echo(line)
         raise typer.Exit
 
 
@@ -82,7 +161,12 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+        typer.Option(
+            "--version",
+            callback=_version,
+            is_eager=True,
+            help="Print the software, device protocol and telemetry schema versions.",
+        ),
     ] = False,
 ) -> None:
     """Device-side service of a clinical mesotherapy laser, and its tools."""

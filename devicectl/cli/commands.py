@@ -6,6 +6,7 @@ from devicectl.cli import (
     demo,  # noqa: F401
     logkey,  # noqa: F401
     records,  # noqa: F401
+    reference,  # noqa: F401
     sim,  # noqa: F401
     telemetry,  # noqa: F401
     users,  # noqa: F401

@@ -18,9 +18,18 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.panel import Panel
 from rich.table import Table
 
-from devicectl.cli.app import ExitCode, app, config_app, fault_app, params_app, session_app
+from devicectl.cli.app import (
+    ExitCode,
+    app,
+    config_app,
+    fault_app,
+    params_app,
+    session_app,
+    wants_json,
+)
 from devicectl.control import ControlError, DaemonUnreachable, call_daemon, stop_socket_path
 from devicectl.errors import ConfigError, DevicectlError
 
@@ -37,15 +46,29 @@ ControlOpt = Annotated[
     Path | None,
     typer.Option(
         "--control",
-        help="The daemon's control socket (default: from the config, as `devicectl run` uses).",
+        metavar="SOCK",
+        help="The daemon's control socket (default: $DEVICECTL_CONTROL, else as `devicectl run` "
+        "computes it from the config).",
         envvar="DEVICECTL_CONTROL",
         show_envvar=False,
     ),
 ]
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", help="A devicectl TOML config file.", exists=True)
+    Path | None,
+    typer.Option(
+        "--config",
+        metavar="FILE",
+        help="A devicectl TOML config file (default: $DEVICECTL_CONFIG, else "
+        "/etc/devicectl/devicectl.toml when it exists).",
+        envvar="DEVICECTL_CONFIG",
+        show_envvar=False,
+        exists=True,
+        dir_okay=False,
+    ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print JSON (the default when the output is not a terminal).")
+]
 UserOpt = Annotated[
     str | None,
     typer.Option(
@@ -69,13 +92,22 @@ _err = Console(stderr=True, highlight=False, soft_wrap=True)  # one line, never 
 _out = Console(highlight=False)
 
 
+def _config_file(config: Path | None) -> Path | None:
+    """``--config`` (or ``$DEVICECTL_CONFIG``), else the system's file when there is one."""
+    import os
+
+    from devicectl.config import default_config_file
+
+    return config if config is not None else default_config_file(os.environ)
+
+
 def _control_path(control: Path | None, config: Path | None = None) -> Path:
     if control is not None:
         return control
     from devicectl.config import load_settings
 
     try:
-        return Path(load_settings(config).control)
+        return Path(load_settings(_config_file(config)).control)
     except DevicectlError as exc:
         _err.print(f"error: {exc}")
         raise typer.Exit(ExitCode.USAGE) from exc
@@ -128,15 +160,91 @@ def _signoff(
     return signoff
 
 
+def _text(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_text(v)}" for k, v in value.items()) or "—"
+    return str(value)
+
+
 def _show(result: dict[str, Any], as_json: bool, title: str = "") -> None:
-    if as_json or not sys.stdout.isatty():
+    if wants_json(as_json):
         typer.echo(json.dumps(result, indent=2, default=str))
         return
     table = Table(title=title or None, show_header=False, box=None)
     for key, value in result.items():
-        text = json.dumps(value, default=str) if isinstance(value, dict | list) else str(value)
-        table.add_row(f"[bold]{key}[/]", text)
+        table.add_row(f"[bold]{key.replace('_', ' ')}[/]", _text(value))
     _out.print(table)
+
+
+def status_panel(status: dict[str, Any]) -> Panel:
+    """``devicectl status`` on a terminal: the device, the emission, the session, the safety."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    link = "connected" if status.get("connected") else "[red]not connected[/]"
+    serial = status.get("device_serial") or "—"
+    grid.add_row("device", f"{serial} on {status.get('port', '—')} ({link})")
+    state = str(status.get("state", "unknown")).upper()
+    armed = "armed" if status.get("armed") else "not armed"
+    grid.add_row("state", f"{state}, {armed}")
+    pedal = "pressed" if status.get("footswitch") else "released"
+    grid.add_row("footswitch", pedal)
+    interlocks = status.get("interlocks_open") or []
+    grid.add_row(
+        "interlocks", f"[red]open: {', '.join(interlocks)}[/]" if interlocks else "all closed"
+    )
+    faults = status.get("faults") or []
+    grid.add_row("device faults", f"[red]{', '.join(faults)}[/]" if faults else "none")
+    params = status.get("params")
+    if params:
+        grid.add_row(
+            "parameters",
+            f"{params['energy_uj']} µJ, {params['width_us']} µs, {params['rate_hz']:g} Hz, "
+            f"spot {params['spot_um']} µm",
+        )
+    else:
+        grid.add_row("parameters", "not set")
+    head, skin = status.get("head_temp_c"), status.get("skin_temp_c")
+    if head is not None and skin is not None:
+        grid.add_row("temperatures", f"head {head:.2f} °C, skin {skin:.2f} °C")
+    if status.get("pulse_count") is not None:
+        grid.add_row("device pulses", f"{status['pulse_count']:,} (lifetime)")
+    session = status.get("session")
+    if session is not None:
+        zone = status.get("zone") or "no zone yet"
+        grid.add_row("session", f"{session}, {zone}, {status.get('session_pulses', 0):,} pulses")
+        energy = status.get("energy_by_zone_uj") or {}
+        if energy:
+            grid.add_row(
+                "energy", ", ".join(f"{z} {uj / 1e6:.3f} J" for z, uj in sorted(energy.items()))
+            )
+    else:
+        grid.add_row("session", "none open")
+    breach = status.get("breach_latched")
+    grid.add_row(
+        "breach",
+        f"[red]LATCHED: {breach.get('message') or breach.get('code')}[/] "
+        "(devicectl fault ack --reason TEXT)"
+        if breach
+        else "none",
+    )
+    grid.add_row("session log", "ok" if status.get("log_ok") else "[red]NOT WRITABLE[/]")
+    counters = status.get("link") or {}
+    if counters:
+        grid.add_row(
+            "link",
+            f"{counters.get('frames', 0):,} frames, {counters.get('dropped', 0)} dropped, "
+            f"{counters.get('retries', 0)} retries, {counters.get('reconnects', 0)} reconnects",
+        )
+    if status.get("sim_control"):
+        grid.add_row("simulator", f"devicectl sim-control --socket {status['sim_control']} ...")
+    return Panel(grid, title=f"devicectl {status.get('version', '')}".strip(), expand=False)
 
 
 # ---------------------------------------------------------------- the daemon
@@ -147,14 +255,28 @@ def run(
     config: ConfigOpt = None,
     port: Annotated[
         str | None,
-        typer.Option("--port", help="Device: a tty path, socket://HOST:PORT, or `sim`."),
+        typer.Option(
+            "--port",
+            metavar="PORT",
+            help="The device: a serial port such as /dev/ttyUSB0, socket://HOST:PORT, or sim "
+            "(the bundled simulator, in-process).",
+        ),
     ] = None,
     mqtt: Annotated[
-        str | None, typer.Option("--mqtt", help="Broker URL, mqtt:// or mqtts://.")
+        str | None,
+        typer.Option(
+            "--mqtt", metavar="URL", help="MQTT broker: mqtt://HOST[:PORT] or mqtts://..."
+        ),
     ] = None,
-    control: Annotated[Path | None, typer.Option("--control", help="Control socket path.")] = None,
+    control: Annotated[
+        Path | None,
+        typer.Option("--control", metavar="SOCK", help="Where to serve the control socket."),
+    ] = None,
     data_dir: Annotated[
-        Path | None, typer.Option("--data-dir", help="Session log, outbox and state.")
+        Path | None,
+        typer.Option(
+            "--data-dir", metavar="DIR", help="Where the session log, outbox and state live."
+        ),
     ] = None,
 ) -> None:
     """Run the daemon: supervise the laser, log sessions, publish telemetry.
@@ -175,7 +297,7 @@ def run(
     if mqtt is not None:
         overrides["mqtt__url"] = mqtt
     try:
-        settings = load_settings(config, **overrides)
+        settings = load_settings(_config_file(config), **overrides)
     except DevicectlError as exc:
         _err.print(f"error: {exc}")
         raise typer.Exit(ExitCode.USAGE) from exc
@@ -207,7 +329,7 @@ def config_show(
     from devicectl.policy import load_policy
 
     try:
-        settings = load_settings(config)
+        settings = load_settings(_config_file(config))
         load_policy(settings.policy)
     except DevicectlError as exc:
         _err.print(f"error: {exc}")
@@ -224,7 +346,11 @@ def status(control: ControlOpt = None, as_json: JsonOpt = False) -> None:
 
     Example: devicectl status --json
     """
-    _show(_call(control, {"command": "status"}), as_json, "devicectl status")
+    result = _call(control, {"command": "status"})
+    if wants_json(as_json):
+        _show(result, as_json)
+    else:
+        _out.print(status_panel(result))
 
 
 @app.command()
@@ -293,12 +419,23 @@ def fault_ack(
 
 @params_app.command("set")
 def params_set(
-    energy_uj: Annotated[int | None, typer.Option("--energy-uj", help="Pulse energy, µJ.")] = None,
-    width_us: Annotated[int | None, typer.Option("--width-us", help="Pulse width, µs.")] = None,
-    rate_hz: Annotated[float | None, typer.Option("--rate-hz", help="Pulse rate, Hz.")] = None,
-    spot_um: Annotated[int | None, typer.Option("--spot-um", help="Spot diameter, µm.")] = None,
+    energy_uj: Annotated[
+        int | None, typer.Option("--energy-uj", metavar="UJ", help="Pulse energy, µJ.")
+    ] = None,
+    width_us: Annotated[
+        int | None, typer.Option("--width-us", metavar="US", help="Pulse width, µs.")
+    ] = None,
+    rate_hz: Annotated[
+        float | None, typer.Option("--rate-hz", metavar="HZ", help="Pulse rate, Hz.")
+    ] = None,
+    spot_um: Annotated[
+        int | None, typer.Option("--spot-um", metavar="UM", help="Spot diameter, µm.")
+    ] = None,
     preset: Annotated[
-        str | None, typer.Option("--preset", help="Start from a treatment preset (a concern).")
+        str | None,
+        typer.Option(
+            "--preset", metavar="CONCERN", help="Start from a treatment preset (a concern)."
+        ),
     ] = None,
     user: UserOpt = None,
     control: ControlOpt = None,
@@ -381,7 +518,8 @@ ContraOpt = Annotated[
     list[str],
     typer.Option(
         "--contraindication",
-        help="A contraindication answered YES: " + ", ".join(_CONTRAINDICATIONS),
+        metavar="NAME",
+        help="A contraindication answered YES (repeatable): " + ", ".join(_CONTRAINDICATIONS),
     ),
 ]
 NoContraOpt = Annotated[
@@ -406,28 +544,58 @@ OverrideOpt = Annotated[
 
 @session_app.command("start")
 def session_start(
-    patient: Annotated[str, typer.Option("--patient", help="Pseudonymous patient reference.")],
-    skin_type: Annotated[str, typer.Option("--skin-type", help="Fitzpatrick type I-VI.")],
+    patient: Annotated[
+        str, typer.Option("--patient", metavar="REF", help="Pseudonymous patient reference.")
+    ],
+    skin_type: Annotated[
+        str,
+        typer.Option("--skin-type", metavar="TYPE", help="Fitzpatrick skin type: 1-6 or I-VI."),
+    ],
     concern: Annotated[
-        list[str], typer.Option("--concern", help="fine_lines, laxity, acne_scars, ...")
+        list[str],
+        typer.Option(
+            "--concern",
+            metavar="CONCERN",
+            help="fine_lines, laxity, acne_scars, pigmentation, dehydration or sun_damage "
+            "(repeatable).",
+        ),
     ],
     amount: Annotated[
-        float, typer.Option("--amount", help="Amount of the active ingredient applied.")
+        float,
+        typer.Option("--amount", metavar="AMOUNT", help="Amount of the active ingredient applied."),
     ],
-    lot: Annotated[str, typer.Option("--lot", help="Lot (batch) of the active ingredient.")],
+    lot: Annotated[
+        str, typer.Option("--lot", metavar="LOT", help="Lot (batch) of the active ingredient.")
+    ],
     user: UserOpt = None,
     ingredient: Annotated[
-        str | None, typer.Option("--ingredient", help="Active ingredient (default: the preset's).")
+        str | None,
+        typer.Option(
+            "--ingredient",
+            metavar="NAME",
+            help="Active ingredient delivered (default: the preset's).",
+        ),
     ] = None,
-    unit: Annotated[str, typer.Option("--unit", help="ml or mg.")] = "ml",
-    preset: Annotated[str | None, typer.Option("--preset", help="Treatment preset.")] = None,
-    course: Annotated[str | None, typer.Option("--course", help="Course id.")] = None,
+    unit: Annotated[str, typer.Option("--unit", metavar="UNIT", help="ml or mg.")] = "ml",
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            "--preset", metavar="CONCERN", help="Treatment preset: its parameters and ingredient."
+        ),
+    ] = None,
+    course: Annotated[str | None, typer.Option("--course", metavar="ID", help="Course id.")] = None,
     course_session: Annotated[
         int | None,
-        typer.Option("--course-session", help="Session n, as you count it (the log decides)."),
+        typer.Option(
+            "--course-session",
+            metavar="N",
+            min=1,
+            help="Session N, as you count it (the log decides; a difference is a warning).",
+        ),
     ] = None,
     course_planned: Annotated[
-        int, typer.Option("--course-planned", help="Planned sessions (4-6).")
+        int,
+        typer.Option("--course-planned", metavar="N", min=4, max=6, help="Sessions planned."),
     ] = 4,
     consultation: ConsultOpt = False,
     consent: ConsentOpt = False,

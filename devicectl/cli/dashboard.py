@@ -59,7 +59,9 @@ def dashboard(
     ] = None,
     ca: Annotated[
         Path | None,
-        typer.Option("--ca", metavar="FILE", help="CA file for mqtts:// (else DEVICECTL_MQTT_CA)."),
+        typer.Option(
+            "--ca", metavar="FILE", help="CA file for mqtts:// (else DEVICECTL_MQTT__CA_FILE)."
+        ),
     ] = None,
     stop_username: Annotated[
         str | None,
@@ -104,6 +106,13 @@ def dashboard(
 
     Example: devicectl dashboard --mqtt mqtt://broker.clinic.lan --listen 0.0.0.0:8080
     """
+    from devicectl.extras import MissingExtra, require_extra
+
+    try:
+        require_extra("dashboard", "devicectl dashboard")
+    except MissingExtra as exc:
+        typer.echo(f"devicectl dashboard: {exc}", err=True)
+        raise typer.Exit(int(ExitCode.REFUSED)) from None
     from devicectl.dashboard import (
         Dashboard,
         DashboardConfig,

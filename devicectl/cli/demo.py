@@ -30,7 +30,9 @@ from devicectl.demo.run import (
 from devicectl.demo.script import (
     DEFAULT_DURATION_S,
     DEFAULT_SPEED_HZ,
+    MAX_DURATION_S,
     MAX_SPEED_HZ,
+    MIN_DURATION_S,
     MIN_SPEED_HZ,
     DemoProgress,
     plan_phases,
@@ -128,7 +130,12 @@ async def _run(
             console.print(f"data directory: {stack.data_dir}", highlight=False)
             embedded = " (embedded amqtt broker)" if options.mqtt_url is None else ""
             console.print(f"MQTT broker: {stack.mqtt_url}{embedded}", highlight=False)
-            console.print(f"dashboard: {stack.dashboard_url}", highlight=False)
+            lasting = (
+                "up until Ctrl-C, after the session too"
+                if keep_running
+                else "live while the demo runs; --keep-running keeps it up afterwards"
+            )
+            console.print(f"dashboard: {stack.dashboard_url} ({lasting})", highlight=False)
             console.print(
                 f"daemon control socket: {stack.control} "
                 f"(try: devicectl status --control {stack.control})",
@@ -136,8 +143,13 @@ async def _run(
             )
             if not interrupt.is_set():
                 result = await _play(stack, interrupt, console)
+            if result is None and stack.daemon is not None:
+                # Interrupted: the session is ended early, its log verified and its report and
+                # demo-result.json written all the same (never half a file).
+                result = await stack.conclude_interrupted()
             if result is not None:
-                for line in closing_lines(result, dashboard_url=stack.dashboard_url):
+                dashboard = stack.dashboard_url if keep_running and not interrupt.is_set() else None
+                for line in closing_lines(result, dashboard_url=dashboard):
                     console.print(line, highlight=False)
                 if keep_running and not interrupt.is_set():
                     console.print(
@@ -157,7 +169,14 @@ async def _run(
             loop.remove_signal_handler(sig)
     if result is None:
         typer.echo(
-            "devicectl demo: interrupted before the session was complete; everything was shut down",
+            "devicectl demo: interrupted before the demo had started; everything was shut down",
+            err=True,
+        )
+        return int(ExitCode.REFUSED)
+    if interrupt.is_set() and not result.ok:
+        typer.echo(
+            f"devicectl demo: {result.reason}; its result and report are in {result.data_dir}; "
+            "everything was shut down",
             err=True,
         )
         return int(ExitCode.REFUSED)
@@ -200,10 +219,19 @@ def demo(
     ] = None,
     duration: Annotated[
         float,
-        typer.Option("--duration", metavar="S", help="About how long the session plays (s)."),
+        typer.Option(
+            "--duration",
+            metavar="S",
+            help=f"About how long the session plays, {MIN_DURATION_S:g}-{MAX_DURATION_S:g} s.",
+        ),
     ] = DEFAULT_DURATION_S,
     speed: Annotated[
-        float, typer.Option("--speed", metavar="HZ", help="Pulse rate while emitting (Hz).")
+        float,
+        typer.Option(
+            "--speed",
+            metavar="HZ",
+            help=f"Pulse rate while emitting, {MIN_SPEED_HZ:g}-{MAX_SPEED_HZ:g} Hz.",
+        ),
     ] = DEFAULT_SPEED_HZ,
     keep_running: Annotated[
         bool,
@@ -225,6 +253,12 @@ def demo(
 
     Example: devicectl demo --duration 20 --speed 25
     """
+    from devicectl.extras import MissingExtra, require_extra
+
+    try:
+        require_extra("demo", "devicectl demo")
+    except MissingExtra as exc:
+        raise _fail(str(exc), ExitCode.REFUSED) from None
     _check_options(mqtt, duration, speed, data_dir)
     directory = (data_dir or default_demo_dir()).resolve()
     try:

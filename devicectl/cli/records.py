@@ -9,6 +9,7 @@ read, 2 usage (bad option, no such file or session).
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import sys
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from devicectl.cli.app import ExitCode, log_app, session_app
+from devicectl.cli.app import ExitCode, log_app, session_app, wants_json
 from devicectl.errors import LogUnavailable
 from devicectl.sessionlog import export, reader, store
 from devicectl.sessionlog.verify import VerifyReport, verify_against
@@ -38,9 +39,15 @@ DataDirOption = Annotated[
     typer.Option(
         "--data-dir",
         metavar="DIR",
-        help="The daemon's data directory (default: /var/lib/devicectl for the system service, "
+        help="The daemon's data directory (default: as the daemon's: the config's data_dir or "
+        "$DEVICECTL_DATA_DIR, else /var/lib/devicectl for the system service, "
         "else $XDG_DATA_HOME/devicectl).",
     ),
+]
+
+
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print JSON (the default when the output is not a terminal).")
 ]
 
 
@@ -56,7 +63,21 @@ def _fail(command: str, message: str, code: ExitCode) -> typer.Exit:
 
 
 def _db_path(db: Path | None, data_dir: Path | None) -> Path:
-    return db if db is not None else store.default_db_path(data_dir)
+    """``--db``, else ``--data-dir``'s log, else the daemon's: from the same config file
+    (``$DEVICECTL_CONFIG`` or /etc/devicectl/devicectl.toml) and ``DEVICECTL_*`` variables."""
+    if db is not None:
+        return db
+    if data_dir is not None:
+        return store.default_db_path(data_dir)
+    import os
+
+    from devicectl.config import default_config_file, load_settings
+    from devicectl.errors import ConfigError
+
+    try:
+        return load_settings(default_config_file(os.environ)).session_log_path
+    except ConfigError as exc:
+        raise _fail("session log", str(exc), ExitCode.USAGE) from None
 
 
 @contextmanager
@@ -244,11 +265,18 @@ def session_list(
     until: Annotated[
         str | None, typer.Option("--until", metavar="DATE", help="Started up to this day (local).")
     ] = None,
-    operator: Annotated[str | None, typer.Option("--operator", help="Operator id.")] = None,
-    patient: Annotated[str | None, typer.Option("--patient", help="Patient reference.")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="Device serial.")] = None,
+    operator: Annotated[
+        str | None, typer.Option("--operator", metavar="ID", help="Operator id.")
+    ] = None,
+    patient: Annotated[
+        str | None, typer.Option("--patient", metavar="REF", help="Patient reference.")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", metavar="SERIAL", help="Device serial.")
+    ] = None,
     db: DbOption = None,
     data_dir: DataDirOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """List recorded sessions, oldest first.
 
@@ -265,6 +293,21 @@ def session_list(
             patient_ref=patient,
             device_serial=device,
         )
+    if wants_json(as_json):
+        rows = [
+            {
+                "id": s.session_id,
+                "started": datetime.fromtimestamp(s.started_ns / 1e9).astimezone().isoformat(),
+                "device": s.device_serial,
+                "operator": s.operator,
+                "patient": s.patient_ref,
+                "outcome": s.outcome,
+                "pulses": s.pulses,
+            }
+            for s in found
+        ]
+        typer.echo(json.dumps({"sessions": rows}, indent=2))
+        return
     table = Table("id", "started", "device", "operator", "patient", "outcome", "pulses")
     for s in found:
         table.add_row(
@@ -297,6 +340,7 @@ def session_show(
     db: DbOption = None,
     data_dir: DataDirOption = None,
     time_zone: TimeZoneOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """A readable summary of one session.
 
@@ -304,6 +348,9 @@ def session_show(
     """
     with _reading("session show", db, data_dir) as conn:
         doc = export.session_document(conn, session_id, with_pulses=False, time_zone=time_zone)
+    if wants_json(as_json):
+        typer.echo(json.dumps(doc, indent=2, default=str))
+        return
     info, summary, course = doc["info"], doc["summary"], doc["info"]["course"]
     position, prov = doc["course_position"], doc["provenance"] or {}
     console = Console(width=None if sys.stdout.isatty() else 160)
@@ -420,7 +467,11 @@ def session_export(
     out: Annotated[Path, typer.Option("--out", metavar="FILE", help="Where to write.")],
     fmt: Annotated[
         ExportFormat,
-        typer.Option("--format", help="json (full record), csv (pulses) or html (report)."),
+        typer.Option(
+            "--format",
+            metavar="json|csv|html",
+            help="json (full record), csv (pulses) or html (report with plots).",
+        ),
     ] = ExportFormat.JSON,
     db: DbOption = None,
     data_dir: DataDirOption = None,
@@ -437,6 +488,12 @@ def session_export(
             elif fmt is ExportFormat.CSV:
                 export.write_csv(conn, session_id, out)
             else:
+                from devicectl.extras import MissingExtra, require_extra
+
+                try:
+                    require_extra("report", "devicectl session export --format html")
+                except MissingExtra as exc:
+                    raise _fail("session export", str(exc), ExitCode.REFUSED) from None
                 from devicectl.sessionlog import report  # matplotlib: load only when needed
 
                 report.write_report(conn, session_id, out, time_zone=time_zone)

@@ -53,13 +53,17 @@ def sim(
         typer.Option(
             "--control",
             metavar="SOCK",
-            help="Control socket path [default: $XDG_RUNTIME_DIR/devicectl-sim.sock, "
-            "else /tmp/devicectl-sim-<uid>.sock].",
+            help="Where to serve the simulator's control socket (default: "
+            "$XDG_RUNTIME_DIR/devicectl-sim.sock, else /tmp/devicectl-sim-UID.sock).",
         ),
     ] = None,
     max_rate: Annotated[
         float | None,
-        typer.Option("--max-rate", metavar="HZ", help="The board's maximum pulse rate (500)."),
+        typer.Option(
+            "--max-rate",
+            metavar="HZ",
+            help="The board's maximum pulse rate, 1-100000 Hz (default: 500).",
+        ),
     ] = None,
     serial: Annotated[
         int | None, typer.Option("--serial", metavar="N", help="The board's serial number.")
@@ -197,7 +201,7 @@ def sim_control(
         typer.Option(
             "--socket",
             metavar="SOCK",
-            help="The simulator's control socket [default: the same as `devicectl sim`'s].",
+            help="The simulator's control socket (default: the same as `devicectl sim`'s).",
         ),
     ] = None,
 ) -> None:

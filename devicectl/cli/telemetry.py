@@ -22,7 +22,11 @@ __all__ = ["schema", "watch"]
 def schema(
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Write one <topic>.schema.json per topic into this directory."),
+        typer.Option(
+            "--out",
+            metavar="DIR",
+            help="Write one <topic>.schema.json per topic into this directory.",
+        ),
     ] = None,
 ) -> None:
     """Export the JSON Schema of every MQTT telemetry payload (docs/mqtt.md).
@@ -50,11 +54,17 @@ def schema(
 @app.command()
 def watch(
     mqtt: Annotated[
-        str, typer.Option("--mqtt", help="Broker URL, mqtt://HOST[:PORT] or mqtts://...")
+        str,
+        typer.Option("--mqtt", metavar="URL", help="Broker URL, mqtt://HOST[:PORT] or mqtts://..."),
     ] = "mqtt://127.0.0.1:1883",
-    prefix: Annotated[str, typer.Option("--prefix", help="Topic prefix.")] = DEFAULT_PREFIX,
+    prefix: Annotated[
+        str, typer.Option("--prefix", metavar="PREFIX", help="Topic prefix.")
+    ] = DEFAULT_PREFIX,
     ca: Annotated[
-        Path | None, typer.Option("--ca", help="CA file for mqtts:// (else DEVICECTL_MQTT_CA).")
+        Path | None,
+        typer.Option(
+            "--ca", metavar="FILE", help="CA file for mqtts:// (else DEVICECTL_MQTT__CA_FILE)."
+        ),
     ] = None,
     lines: Annotated[
         bool | None,

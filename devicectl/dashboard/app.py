@@ -90,9 +90,9 @@ class DashboardConfig:
     """What the dashboard needs. ``stop_username``/``stop_password`` enable the Stop button.
 
     ``mqtt_url`` may carry the subscriber's credentials (``mqtt://user:pass@host``); ``ca_file``
-    (else ``DEVICECTL_MQTT_CA``) verifies an ``mqtts://`` broker. ``allowed_hosts`` are the host
-    names (``name`` or ``name:port``) browsers may use to reach the page, besides the address it
-    is bound to.
+    (else ``DEVICECTL_MQTT__CA_FILE``) verifies an ``mqtts://`` broker. ``allowed_hosts`` are
+    the host names (``name`` or ``name:port``) browsers may use to reach the page, besides the
+    address it is bound to.
     """
 
     mqtt_url: str = "mqtt://127.0.0.1:1883"

@@ -268,6 +268,7 @@ class DemoStack:
         self.log_path = self.data_dir / "sessions.db"
         self._log: FilteringBoundLogger = log or structlog.get_logger("devicectl.demo")
         self._stack = contextlib.AsyncExitStack()
+        self._script: TreatmentScript | None = None
         self.mqtt_url: str | None = options.mqtt_url
         self.dashboard_url: str | None = None
         self.control: Path | None = None
@@ -325,11 +326,17 @@ class DemoStack:
             policy=policy,
         )
         # The dashboard first, so that it is the last thing to stop: it sees the daemon's offline.
+        # The embedded broker admits anyone on loopback, so the dashboard can be given stop
+        # credentials and shows its Stop emission button (docs/dashboard.md); a named broker's
+        # credentials are the clinic's, so there the page stays read-only.
+        stop_password = secrets.token_hex(8) if self.options.mqtt_url is None else None
         dashboard = Dashboard(
             DashboardConfig(
                 mqtt_url=self.mqtt_url,
                 title="devicectl demo",
                 limits=load_display_limits(policy),  # bars against the limits the daemon enforces
+                stop_username="demo-stop" if stop_password is not None else None,
+                stop_password=stop_password,
             ),
             log=self._log,
         )
@@ -366,6 +373,7 @@ class DemoStack:
             self.users,
             on_progress=on_progress,
         )
+        self._script = script
         try:
             record = await script.play()
         except DevicectlError as exc:
@@ -374,6 +382,39 @@ class DemoStack:
                 script.record, f"{script.progress.phase} phase failed: {exc}"
             )
         return await self._conclude(record, None)
+
+    async def conclude_interrupted(self) -> DemoResult:
+        """After Ctrl-C stopped the script: end the open session as an operator stopping early
+        would (no post-care given), then verify, export the report and write demo-result.json as
+        a finished run does, with the reason "interrupted"."""
+        script = self._script
+        daemon = self._running()
+        phase = script.progress.phase if script is not None else "start"
+        failure = f"interrupted during the {phase} phase"
+        if daemon.treatment is not None and self.control is not None and self.users is not None:
+            try:
+                async with asyncio.timeout(2.0):
+                    await InProcessControls(daemon, self.control).request(
+                        {
+                            "command": "session_end",
+                            "post_care_declined": "the demo was interrupted before the end",
+                            "auth": self.users.operator,
+                        }
+                    )
+            except (DevicectlError, TimeoutError) as exc:
+                self._log.warning("demo_session_not_ended", error=str(exc))
+        if script is None:
+            return self._finish(DemoResult(failure, self.data_dir, self.log_path))
+        return await self._conclude(script.record, failure)
+
+    def _finish(self, result: DemoResult) -> DemoResult:
+        _write_atomically(
+            self.data_dir / "demo-result.json", json.dumps(result.as_dict(), indent=1) + "\n"
+        )
+        self._log.info(
+            "demo_finished", ok=result.ok, reason=result.reason, session=result.session_id
+        )
+        return result
 
     async def _conclude(self, record: ScriptRecord, failure: str | None) -> DemoResult:
         from devicectl.sessionlog.verify import verify_log
@@ -385,12 +426,12 @@ class DemoStack:
                     await daemon.sessionlog.flush_async()
         base = DemoResult(failure, self.data_dir, self.log_path, breach=record.breach)
         if record.session_id is None:
-            return base
+            return self._finish(base)
         session_id = record.session_id
         try:
             verified = await asyncio.to_thread(verify_log, self.log_path)
         except DevicectlError as exc:
-            return replace(base, reason=failure or str(exc), session_id=session_id)
+            return self._finish(replace(base, reason=failure or str(exc), session_id=session_id))
         brk = verified.first_break
         report_path = self.data_dir / f"session-{session_id}.html"
         try:
@@ -398,10 +439,12 @@ class DemoStack:
                 _read_and_export, self.log_path, session_id, report_path
             )
         except (DevicectlError, OSError, sqlite3.Error) as exc:
-            return replace(
-                base,
-                reason=failure or f"cannot read or export session {session_id}: {exc}",
-                session_id=session_id,
+            return self._finish(
+                replace(
+                    base,
+                    reason=failure or f"cannot read or export session {session_id}: {exc}",
+                    session_id=session_id,
+                )
             )
         check = check_session(
             doc, record, verified, tolerance_pct=daemon.policy.energy_tolerance_pct
@@ -421,11 +464,7 @@ class DemoStack:
             breach=record.breach,
             extra={"dashboard": self.dashboard_url, "mqtt": self.mqtt_url},
         )
-        _write_atomically(
-            self.data_dir / "demo-result.json", json.dumps(result.as_dict(), indent=1) + "\n"
-        )
-        self._log.info("demo_finished", ok=result.ok, reason=result.reason, session=session_id)
-        return result
+        return self._finish(result)
 
 
 def _read_and_export(db: Path, session_id: int, report_path: Path) -> tuple[dict[str, Any], bool]:

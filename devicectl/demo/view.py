@@ -98,6 +98,6 @@ def closing_lines(result: DemoResult, *, dashboard_url: str | None) -> list[str]
             )
         else:
             lines.append(f"log verify: NOT intact: {result.verify_message}")
-    if dashboard_url:
-        lines.append(f"dashboard: {dashboard_url}")
+    if dashboard_url:  # only when it stays up (--keep-running): never print a dead address
+        lines.append(f"dashboard: {dashboard_url} (up until Ctrl-C)")
     return lines

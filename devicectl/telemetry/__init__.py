@@ -1,4 +1,4 @@
-"""MQTT telemetry (the contract in docs/mqtt.md): a publisher behind a durable outbox, MQTT commands
+"""MQTT telemetry (docs/mqtt.md): a publisher behind a durable outbox, MQTT commands
 (``cmd/stop`` only) and the ``devicectl watch`` fleet view.
 
 Topics and payload models live in :mod:`protocols.mqtt` (sans-I/O); this package does the I/O.

@@ -1,8 +1,10 @@
 """Telemetry configuration: broker URL, topic base, TLS material, credentials, outbox bound.
 
 Credentials and TLS files come from the config, else from the URL's user info (``mqtt://u:p@h``),
-else from the environment: ``DEVICECTL_MQTT_USERNAME``, ``DEVICECTL_MQTT_PASSWORD``,
-``DEVICECTL_MQTT_CA``, ``DEVICECTL_MQTT_CERT``, ``DEVICECTL_MQTT_KEY``.
+else from the environment, named as the daemon's settings are (``devicectl.config``):
+``DEVICECTL_MQTT__USERNAME``, ``DEVICECTL_MQTT__PASSWORD``, ``DEVICECTL_MQTT__CA_FILE``,
+``DEVICECTL_MQTT__CERT_FILE``, ``DEVICECTL_MQTT__KEY_FILE``. (The daemon reads them through its
+settings, where they rank above the config file; client commands such as ``watch`` read them here.)
 """
 
 from __future__ import annotations
@@ -116,11 +118,11 @@ class TelemetryConfig(BaseModel):
     def address(self, environ: Mapping[str, str] | None = None) -> BrokerAddress:
         env = os.environ if environ is None else environ
         parsed = parse_broker_url(self.url or "")
-        username = self.username or parsed.username or env.get("DEVICECTL_MQTT_USERNAME")
+        username = self.username or parsed.username or env.get("DEVICECTL_MQTT__USERNAME")
         password = (
             (self.password.get_secret_value() if self.password is not None else None)
             or parsed.password
-            or env.get("DEVICECTL_MQTT_PASSWORD")
+            or env.get("DEVICECTL_MQTT__PASSWORD")
         )
         return BrokerAddress(parsed.host, parsed.port, parsed.tls, username, password)
 
@@ -140,7 +142,8 @@ def tls_context_for(
 ) -> ssl.SSLContext | None:
     """A verifying client TLS context for an ``mqtts://`` URL (None for ``mqtt://``).
 
-    Files not given come from ``DEVICECTL_MQTT_CA``/``_CERT``/``_KEY``; with no CA the system's
+    Files not given come from ``DEVICECTL_MQTT__CA_FILE``/``__CERT_FILE``/``__KEY_FILE``; with
+    no CA the system's
     trust store is used. Unreadable files raise :class:`ConfigError` naming the file.
     """
     env = os.environ if environ is None else environ
@@ -152,9 +155,9 @@ def tls_context_for(
             return value
         return Path(env[var]) if env.get(var) else None
 
-    ca = pick(ca_file, "DEVICECTL_MQTT_CA")
-    cert = pick(cert_file, "DEVICECTL_MQTT_CERT")
-    key = pick(key_file, "DEVICECTL_MQTT_KEY")
+    ca = pick(ca_file, "DEVICECTL_MQTT__CA_FILE")
+    cert = pick(cert_file, "DEVICECTL_MQTT__CERT_FILE")
+    key = pick(key_file, "DEVICECTL_MQTT__KEY_FILE")
     try:
         context = ssl.create_default_context(cafile=str(ca) if ca else None)
     except (OSError, ssl.SSLError) as exc:

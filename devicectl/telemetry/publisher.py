@@ -1,4 +1,4 @@
-"""The telemetry publisher: the MQTT contract (docs/mqtt.md) over aiomqtt, behind a durable outbox.
+"""The telemetry publisher: docs/mqtt.md over paho-mqtt, behind a durable outbox.
 
     daemon ──publish_*()──▶ Outbox (SQLite, seq assigned) ──"telemetry-link"──▶ broker
            ──offer_pulse()─▶ hand-off list ──"telemetry-pulses" (100 ms)──▶ Outbox
@@ -22,17 +22,13 @@ import socket
 import ssl
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum, IntFlag
 from typing import Any, Self
 
-import aiomqtt
-import paho.mqtt.client as paho
 import structlog
-from aiomqtt.exceptions import MqttConnectError  # not re-exported by aiomqtt 2.5
-from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY, MQTT_ERR_SUCCESS
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -45,6 +41,7 @@ from devicectl.telemetry.commands import (
     classify_command,
 )
 from devicectl.telemetry.config import TelemetryConfig
+from devicectl.telemetry.connection import MqttConnection, MqttLinkError, MqttRefused, Will
 from devicectl.telemetry.outbox import Outbox, OutboxRow, OverflowReport
 from protocols.messages import INTERLOCK_NAMES, FaultCode
 from protocols.mqtt import (
@@ -561,49 +558,40 @@ class Telemetry:
         address = self._address
         return f"{address.host}:{address.port}" if address else "none (outbox only)"
 
-    def _make_client(self) -> aiomqtt.Client:
+    def _make_client(self) -> MqttConnection:
         assert self._address is not None
         availability = self._topics.topic(Stream.AVAILABILITY)
-        client = aiomqtt.Client(
+        return MqttConnection(
             self._address.host,
             self._address.port,
             username=self._address.username,
             password=self._address.password,
-            identifier=self._config.client_id,
-            protocol=aiomqtt.ProtocolVersion.V5 if self._v5 else aiomqtt.ProtocolVersion.V311,
-            will=aiomqtt.Will(
+            client_id=self._config.client_id,
+            v5=self._v5,
+            will=Will(
                 availability,
                 AVAILABILITY_OFFLINE,
                 qos=1,
                 retain=True,
                 properties=self._availability_properties(PacketTypes.WILLMESSAGE),
             ),
-            clean_session=None if self._v5 else True,
-            clean_start=MQTT_CLEAN_START_FIRST_ONLY,
             keepalive=self._config.keepalive_s,
-            tls_context=self._tls,
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-            # no limit inside paho: _deliver keeps ``in_flight`` publishes outstanding itself,
-            # and with a limit paho walks every in-flight message on each PUBACK
-            max_inflight_messages=0,
-            timeout=self._config.connect_timeout_s,  # for CONNACK; publishes get 10 s
+            tls=self._tls,
+            connect_timeout=self._config.connect_timeout_s,  # to CONNACK; publishes get 10 s
         )
-        client.pending_calls_threshold = self._config.in_flight + 50
-        return client
 
     async def _link(self) -> None:
         """Connect, deliver, reconnect with jittered exponential backoff; never raises."""
         attempt = 0
         while not self._closing.is_set():
-            client: aiomqtt.Client | None = None
+            client: MqttConnection | None = None
             fall_back = False
             try:
                 client = self._make_client()
                 async with client:
-                    client.timeout = 10
                     attempt = 0
                     await self._session(client)
-            except* aiomqtt.MqttError as group:
+            except* MqttLinkError as group:
                 error = group.exceptions[0]
                 if self._protocol_refused(error):
                     self._log.warning("mqtt_v5_refused_falling_back_to_3_1_1", error=str(error))
@@ -619,7 +607,7 @@ class Telemetry:
             finally:
                 self._connected = False
                 if client is not None:
-                    _release_failed_client(client)
+                    client.close()
             if fall_back:
                 continue
             if self._closing.is_set():
@@ -642,11 +630,9 @@ class Telemetry:
         (content type, schema, metrics expiry) for the rest of the run."""
         if not self._v5 or self._connected or self._config.protocol != "auto":
             return False
-        if not isinstance(error, MqttConnectError):  # a CONNACK's refusal
+        if not isinstance(error, MqttRefused):  # a CONNACK's refusal
             return False
-        rc = error.rc
-        value = rc if isinstance(rc, int) or rc is None else rc.value
-        return isinstance(value, int) and value in _PROTOCOL_REFUSED
+        return error.rc in _PROTOCOL_REFUSED
 
     def _note_failure(self, error: BaseException) -> None:
         _drop_frames(error)
@@ -661,7 +647,7 @@ class Telemetry:
             and self._v5
             and self._config.protocol == "auto"
             and self._counts["connects"] == 0
-            and type(error) is aiomqtt.MqttError
+            and type(error) is MqttLinkError
             and str(error) == "Operation timed out"
         ):
             # some 3.1.1-only brokers (amqtt) never answer an MQTT 5 CONNECT instead of refusing
@@ -674,7 +660,7 @@ class Telemetry:
             **extra,
         )
 
-    async def _session(self, client: aiomqtt.Client) -> None:
+    async def _session(self, client: MqttConnection) -> None:
         assert self._outbox is not None
         if self._outage:
             # connected after a failed attempt or a lost connection: everything queued until
@@ -705,34 +691,32 @@ class Telemetry:
             await self._deliver(client)
             receiver.cancel()
         # a clean close (the daemon is stopping): say so, since a clean DISCONNECT sends no Will
-        with contextlib.suppress(aiomqtt.MqttError):
+        with contextlib.suppress(MqttLinkError):
             await client.publish(
                 availability,
                 AVAILABILITY_OFFLINE,
                 qos=1,
                 retain=True,
                 properties=availability_properties,
-                timeout=1.0,
+                wait_s=1.0,
             )
         self._connected = False
 
-    async def _deliver(self, client: aiomqtt.Client) -> None:
+    async def _deliver(self, client: MqttConnection) -> None:
         """Send the outbox in order, ``in_flight`` QoS 1 publishes outstanding; return once
         closing and drained (or past the flush deadline); raise if a publish cannot be sent.
 
-        Outbox rows go straight to the paho client under aiomqtt, acknowledged through a PUBACK
-        hook (:class:`_PahoHooks`): aiomqtt's ``await publish()`` costs two tasks, an event and
-        a scan of every pending call per message, which held throughput to a fraction of paho's.
-        The window is refilled in bursts once half of it is free, and a burst is written to the
-        socket at once, by this task (see :meth:`_PahoHooks.burst`).
+        Outbox rows are published without awaiting each (``publish_nowait``), their PUBACKs
+        handed to :meth:`_on_puback`: an await per message costs a future and a loop iteration
+        each. The window is refilled in bursts once half of it is free, and a burst is written to
+        the socket at once, by this task (:meth:`MqttConnection.burst`).
         """
         assert self._outbox is not None
         outbox = self._outbox
         loop = asyncio.get_running_loop()
-        paho_client = _paho_of(client)
         awaiting: dict[int, OutboxRow] = {}  # MQTT packet id -> the outbox row it carries
         live: set[asyncio.Task[None]] = set()
-        hooks = _PahoHooks(paho_client, lambda mid, code: self._on_puback(awaiting, mid, code))
+        client.on_puback = lambda mid, code: self._on_puback(awaiting, mid, code)
         cursor = 0
         queued: deque[OutboxRow] = deque()
         window = self._config.in_flight
@@ -760,18 +744,16 @@ class Telemetry:
                 # loop wake-up and one socket write for several, instead of one each
                 if queued and len(awaiting) <= window // 2:
                     boot, historical_upto = self._boot, self._historical_upto
-                    with hooks.burst():
+                    with client.burst():
                         for _ in range(min(window - len(awaiting), len(queued))):
                             row = queued.popleft()
                             payload = row.payload
                             if row.boot != boot or row.id <= historical_upto:
                                 payload = mark_historical(payload)
                             properties = by_stream[row.stream] if v5 and payload else None
-                            info = paho_client.publish(
+                            info = client.publish_nowait(
                                 row.topic, payload, row.qos, row.retain, properties
                             )
-                            if info.rc != MQTT_ERR_SUCCESS:
-                                raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
                             if row.qos == 0:
                                 outbox.ack(row.id, len(row.payload))
                                 counts["published"] += 1
@@ -790,7 +772,7 @@ class Telemetry:
                     async with asyncio.timeout(0.05):
                         await self._wakeup.wait()
         finally:
-            hooks.remove()
+            client.on_puback = None
             for task in live:
                 task.cancel()
             outbox.flush_acks()
@@ -811,9 +793,9 @@ class Telemetry:
             self._wakeup.set()  # the sender refills once half the window is free
         return True
 
-    async def _receive(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            self._handle_command(str(message.topic), message.payload, retained=message.retain)
+    async def _receive(self, client: MqttConnection) -> None:
+        async for message in client.messages():
+            self._handle_command(message.topic, message.payload, retained=bool(message.retain))
 
     def _handle_command(self, topic: str, raw: object, *, retained: bool) -> None:
         payload = raw if isinstance(raw, bytes) else str(raw if raw is not None else "").encode()
@@ -900,14 +882,6 @@ class Telemetry:
         return properties
 
 
-def _paho_of(client: aiomqtt.Client) -> paho.Client:
-    """The paho client inside an aiomqtt 2.x client (pinned: aiomqtt>=2.5,<3)."""
-    inner = getattr(client, "_client", None)
-    if not isinstance(inner, paho.Client):
-        raise TypeError("aiomqtt changed: no paho client inside; see _paho_of")
-    return inner
-
-
 class _PackedProperties(Properties):
     """PUBLISH properties packed once: paho packs them again for every message otherwise, which
     cost about a third of a publish. Set the properties, then ``freeze()``."""
@@ -926,103 +900,10 @@ class _PackedProperties(Properties):
         return frozen if frozen is not None else super().pack()  # type: ignore[no-untyped-call]
 
 
-class _PahoHooks:
-    """Hooks on the paho client for the time of one :meth:`Telemetry._deliver`; ``remove()``
-    restores aiomqtt's own callbacks.
-
-    PUBACK: our callback sees every PUBACK first; only those it does not claim (aiomqtt's own
-    publishes) go on to aiomqtt's ``on_publish``, which would otherwise raise and swallow a
-    ``KeyError`` for each of ours.
-
-    Writes: during :meth:`burst`, paho's request to watch the socket for writability is held
-    back and the burst is written right after it, from the sending task (paho's public
-    ``loop_write()``). Through aiomqtt each burst cost a ``call_soon_threadsafe`` (a self-pipe
-    write and read), an ``add_writer``/``remove_writer`` pair and two more loop iterations.
-    Whatever the socket does not take at once is handed to aiomqtt's writer as before.
-    """
-
-    def __init__(self, client: paho.Client, on_puback: Callable[[int, int], bool]) -> None:
-        self._client = client
-        self._original_publish = client.on_publish
-        self._original_register = client.on_socket_register_write
-        self._deferring = False
-        self._deferred = False
-        original_publish = self._original_publish
-
-        def on_publish(
-            paho_client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any
-        ) -> None:
-            code = reason if isinstance(reason, int) else reason.value
-            if not on_puback(mid, code) and original_publish is not None:
-                original_publish(paho_client, userdata, mid, reason, properties)  # type: ignore[call-arg]
-
-        client.on_publish = on_publish
-        client.on_socket_register_write = self._register_write
-
-    def _register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        if self._deferring:
-            self._deferred = True  # written at the end of the burst
-        elif self._original_register is not None:
-            self._original_register(client, userdata, sock)
-
-    @contextlib.contextmanager
-    def burst(self) -> Iterator[None]:
-        """Publishes made inside are written to the socket when the block ends."""
-        self._deferring = True
-        try:
-            yield
-        finally:
-            self._deferring = False
-            if self._deferred:
-                self._deferred = False
-                self._write_now()
-
-    def _write_now(self) -> None:
-        client = self._client
-        # paho sends each packet with its own send(); corked, the burst leaves in full segments
-        # and wakes the broker once rather than once per message (what Nagle does for a plain
-        # paho client, without Nagle's wait for an ACK: uncorking pushes everything out at once)
-        setsockopt: Any = getattr(client.socket(), "setsockopt", None) if _TCP_CORK else None
-        corked = False
-        if setsockopt is not None:
-            with contextlib.suppress(OSError):
-                setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1)
-                corked = True
-        try:
-            rc = client.loop_write()
-        finally:
-            if corked:
-                with contextlib.suppress(OSError):
-                    setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 0)
-            # paho considers the socket watched since the burst's first publish; if the kernel
-            # did not take everything (or the write failed), let aiomqtt's writer finish
-            sock = client.socket()
-            if client.want_write() and sock is not None and self._original_register is not None:
-                self._original_register(client, client.user_data_get(), sock)
-        if rc != MQTT_ERR_SUCCESS:
-            raise aiomqtt.MqttCodeError(rc, "Could not send the messages")
-
-    def remove(self) -> None:
-        self._client.on_publish = self._original_publish
-        self._client.on_socket_register_write = self._original_register
-
-
 def _as_summary(summary: SessionSummary | Mapping[str, Any]) -> SessionSummary:
     if isinstance(summary, SessionSummary):
         return summary
     return SessionSummary.model_validate(summary)
-
-
-def _release_failed_client(client: aiomqtt.Client) -> None:
-    """Close what aiomqtt 2.5 leaves open after a failed attempt, now rather than at the next GC.
-
-    When no CONNACK arrives, paho's socket stays open (aiomqtt only releases its lock); paho's
-    ``_sock_close`` also unregisters it from the event loop. A no-op after a normal disconnect.
-    """
-    paho_client = getattr(client, "_client", None)
-    close = getattr(paho_client, "_sock_close", None)
-    if paho_client is not None and paho_client.socket() is not None and callable(close):
-        close()
 
 
 def _drop_frames(error: BaseException) -> None:

@@ -172,7 +172,7 @@ def test_redacted_dict_is_plain_json_values() -> None:
 
 
 def test_device_id_defaults_to_the_serial() -> None:
-    assert load_settings(None).mqtt.device_id(4242) == "laser-4242"
+    assert load_settings(None).mqtt.device_id(0x91469) == "00091469"
     assert load_settings(None, mqtt__device="room-3").mqtt.device_id(4242) == "room-3"
 
 

@@ -104,7 +104,12 @@ def test_demo_plays_the_session_as_scripted(tmp_path: Path) -> None:
     breach = re.search(r"^breach: energy_out_of_tolerance at pulse (\d+)", out, re.MULTILINE)
     assert breach is not None, out
     assert logged[1] < int(breach.group(1)) < logged[2]  # pulses before and after it
-    assert _refused(_line(out, "dashboard"))
+    # The address printed at the start says how long it lives, and is not repeated at the end:
+    # without --keep-running it closes with the demo.
+    dashboard = _line(out, "dashboard")
+    assert "--keep-running" in dashboard
+    assert out.count("dashboard: ") == 1
+    assert _refused(dashboard.split()[0])
     assert _refused(_line(out, "MQTT broker").split()[0])
     assert not list(data.glob("*.sock"))
 
@@ -130,6 +135,10 @@ def test_ctrl_c_midway_exits_promptly_and_leaves_nothing_behind(tmp_path: Path) 
             pytest.fail("the demo ended before emitting:\n" + "".join(seen))
         output = "".join(seen)
         assert (data / "control.sock").exists()
+        # The embedded broker's dashboard has the Stop emission button docs/dashboard.md shows.
+        url = _line(output, "dashboard").split()[0]
+        with urllib.request.urlopen(url + "/api/snapshot", timeout=5) as response:
+            assert json.load(response)["stop_enabled"] is True
         proc.send_signal(signal.SIGINT)
         sent = time.monotonic()
         rest, err = proc.communicate(timeout=15)
@@ -144,10 +153,16 @@ def test_ctrl_c_midway_exits_promptly_and_leaves_nothing_behind(tmp_path: Path) 
     assert took < 10, f"took {took:.1f} s to stop"
     assert "stopped: laser made safe" in rest
     assert not list(data.glob("*.sock"))
-    assert _refused(_line(output, "dashboard"))
+    assert _refused(_line(output, "dashboard").split()[0])
     assert _refused(_line(output, "MQTT broker").split()[0])
     assert verify_log(data / "sessions.db").ok
     assert not list(data.glob(".*.partial"))
+    # Interrupted, it still writes what docs/demo.md lists: the result and the report.
+    result = json.loads((data / "demo-result.json").read_text(encoding="utf-8"))
+    assert result["ok"] is False
+    assert result["reason"].startswith("interrupted during the ")
+    assert "interrupted during the " in err and str(data.resolve()) in err
+    assert (data / f"session-{result['session_id']}.html").is_file()
     with sqlite3.connect(f"file:{data / 'sessions.db'}?mode=ro", uri=True) as conn:
         events = [
             json.loads(body)["event"]
@@ -220,7 +235,9 @@ def test_keep_running_with_a_named_broker_serves_until_ctrl_c(
             pytest.fail("the demo did not keep running:\n" + "".join(seen))
         output = "".join(seen)
         assert _line(output, "MQTT broker") == mosquitto.url
-        with urllib.request.urlopen(_line(output, "dashboard") + "/api/snapshot", timeout=5) as r:
+        with urllib.request.urlopen(
+            _line(output, "dashboard").split()[0] + "/api/snapshot", timeout=5
+        ) as r:
             snapshot = json.load(r)
         assert len(snapshot["devices"]) == 1
         control = data / "control.sock"

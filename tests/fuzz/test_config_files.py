@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from devicectl.config import Settings, load_settings
 from devicectl.errors import ConfigError
 from devicectl.policy import Policy, SkinType, Zone, load_policy, parse_policy
+from protocols.bounded import printable
 
 FUZZ = settings(
     max_examples=100,
@@ -99,7 +100,9 @@ def refusal(load: Callable[[], object]) -> tuple[ConfigError | None, Any]:
 def assert_one_line(exc: ConfigError) -> None:
     message = str(exc)
     assert "\n" not in message and "\r" not in message, message
-    assert exc.key in message and exc.allowed and exc.allowed in message, message
+    # the message shows the key and the reason as printable text (control characters escaped)
+    assert printable(exc.key, 80) in message, message
+    assert exc.allowed and printable(exc.allowed, 240) in message, message
 
 
 def _numbers(value: object, where: str) -> Iterator[tuple[str, object]]:

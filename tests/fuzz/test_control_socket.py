@@ -136,7 +136,7 @@ async def test_a_checklist_with_a_wrong_type_is_named(driver: Driver) -> None:
     reply = await driver.raw((json.dumps(request) + "\n").encode())
     assert reply["ok"] is False
     assert reply["kind"] == "usage"
-    assert "checklist.pregnancy" in reply["error"]
+    assert "checklist item pregnancy" in reply["error"]
     assert (await driver.ok("status"))["session"] is None
 
 

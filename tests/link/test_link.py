@@ -384,6 +384,11 @@ async def test_connect_failures_are_logged_per_attempt_then_it_connects() -> Non
     assert len(failures) >= 3
     assert failures[0]["port"] == "memory://usb0"
     assert failures[0]["cause"] == "no device attached"
+    # Each line says that it retries, when, and for how long: `run --port /dev/ttyNOPE` does not
+    # leave the operator guessing whether it gave up.
+    assert failures[0]["retry_in_s"] >= 0
+    assert "until the device answers" in failures[0]["retrying"]
+    assert "5 s" in failures[0]["retrying"]
 
 
 async def test_vanished_port_reports_link_lost_naming_it_and_reconnects() -> None:

@@ -22,7 +22,7 @@ from devicectl.policy import (
 from devicectl.safety import check_params, compile_limits, session_limits
 from protocols.messages import Ident
 
-# The simulator's board (DESIGN.md section 3).
+# The simulator's board (docs/protocol.md).
 IDENT = Ident(
     proto=1,
     fw=(1, 0, 0),

@@ -1,4 +1,4 @@
-"""The supervisor against a deliberately simple reference model of DESIGN.md section 4.
+"""The supervisor against a deliberately simple reference model of docs/safety-model.md.
 
 The reference keeps every pulse in a list, uses the unwrapped device time, recomputes every sum
 from scratch and compares with exact integer arithmetic; it shares no code with the supervisor.

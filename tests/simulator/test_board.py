@@ -1,4 +1,4 @@
-"""The simulated board against DESIGN.md section 3, byte level, on an injected clock."""
+"""The simulated board against docs/protocol.md, byte level, on an injected clock."""
 
 from __future__ import annotations
 

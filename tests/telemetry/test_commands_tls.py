@@ -7,15 +7,14 @@ import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiomqtt
 import paho.mqtt.client as paho
 import pytest
-from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from devicectl.telemetry import CommandAction, RefusedBurst, Telemetry, classify_command
+from devicectl.telemetry.connection import MqttLinkError, MqttRefused
 from tests.brokers import Broker, free_port, make_pki
 from tests.telemetry.helpers import config, recorder, until
 
@@ -264,14 +263,14 @@ def test_only_an_explicit_protocol_refusal_means_3_1_1(tmp_path: Path) -> None:
     unsupported = ReasonCode(PacketTypes.CONNACK, identifier=0x84)
     not_authorized = ReasonCode(PacketTypes.CONNACK, identifier=0x87)
     auto = Telemetry(config("mqtt://127.0.0.1:1", tmp_path))
-    assert auto._protocol_refused(MqttConnectError(unsupported))
-    assert auto._protocol_refused(MqttConnectError(1))  # 3.1.1 "unacceptable protocol version"
-    assert not auto._protocol_refused(MqttConnectError(not_authorized))
-    assert not auto._protocol_refused(MqttConnectError(5))
-    assert not auto._protocol_refused(aiomqtt.MqttError("Operation timed out"))
-    assert not auto._protocol_refused(aiomqtt.MqttCodeError(1, "a publish failed"))
+    assert auto._protocol_refused(MqttRefused(unsupported.value, str(unsupported)))
+    assert auto._protocol_refused(MqttRefused(1, "unacceptable protocol version"))  # 3.1.1
+    assert not auto._protocol_refused(MqttRefused(not_authorized.value, str(not_authorized)))
+    assert not auto._protocol_refused(MqttRefused(5, "not authorised"))
+    assert not auto._protocol_refused(MqttLinkError("Operation timed out"))
+    assert not auto._protocol_refused(MqttLinkError("could not publish: out of memory"))
     forced = Telemetry(config("mqtt://127.0.0.1:1", tmp_path, protocol="5"))
-    assert not forced._protocol_refused(MqttConnectError(unsupported))
+    assert not forced._protocol_refused(MqttRefused(unsupported.value, str(unsupported)))
 
 
 async def test_a_publish_denied_by_the_broker_acl_is_counted_not_retried(tmp_path: Path) -> None:

@@ -266,7 +266,7 @@ def test_broker_urls() -> None:
 
 def test_credentials_come_from_the_environment_when_not_configured(tmp_path: Path) -> None:
     cfg = config("mqtt://h", tmp_path)
-    address = cfg.address({"DEVICECTL_MQTT_USERNAME": "u", "DEVICECTL_MQTT_PASSWORD": "p"})
+    address = cfg.address({"DEVICECTL_MQTT__USERNAME": "u", "DEVICECTL_MQTT__PASSWORD": "p"})
     assert (address.username, address.password) == ("u", "p")
     assert cfg.client_id == "devicectl-SN42"
 
