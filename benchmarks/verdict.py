@@ -1,4 +1,5 @@
-"""Cost of one safety verdict: SafetySupervisor.on_pulse / on_status, every rule active.
+"""Cost of one safety verdict: SafetySupervisor.on_pulse / on_status, every rule active; and of
+the treatment core's per-PULSE step (TreatmentCore.on_pulse: the verdict, the ledger, the flags).
 
 Run: ``.venv/bin/python benchmarks/verdict.py [--calls N]``. Prints a table: median and p99 of the
 per-call time (ns), measured over batches of 1,000 calls (a per-call timer would cost more than
@@ -7,7 +8,9 @@ and tracemalloc). Target (issue 3): median <= 2 µs; a plain function over float
 
 The stream is a clean 500 Hz train (the simulator's top rate): armed, energies within tolerance,
 exactly one period apart, the 1 s window holding ~500 pulses, the zone and session limits active,
-one missing pulse_no every 1,000 pulses (charged, under the limits), t_us wrapping mid-run.
+one missing pulse_no every 1,000 pulses (charged, under the limits; the clock advances a period
+for it, as the device fired it), t_us wrapping mid-run. The core runs the same stream, armed
+through its own requests and replies (50,000 pulses: the packaged policy's zone budget).
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import sys
 import time
 import tracemalloc
 
-from devicectl.policy import PulseParams, SkinType, Zone
+from devicectl.core import PULSE_STOP, ArmLaser, ChangeZone, SetParams, StartSession, TreatmentCore
+from devicectl.policy import PulseParams, SkinType, Zone, load_policy
 from devicectl.safety import Limits, SafetySupervisor, SessionLimits
+from protocols.messages import DeviceState, Ident, MessageType, StatusReport
 
 BATCH = 1_000
 U32 = 2**32
@@ -60,14 +65,39 @@ def supervisor() -> SafetySupervisor:
     return sup
 
 
+def core() -> TreatmentCore:
+    """A treatment core armed on PARAMS in the cheeks, through requests and ACKs."""
+    ident = Ident(1, (1, 0, 0), 4242, 1550, 60_000, 100, 20_000, 500_000, (120, 300, 1000, 3000))
+    treatment = TreatmentCore(load_policy(), lease_ms=1500)
+    treatment.on_connected(ident, StatusReport(DeviceState.STANDBY, 0, 0, 0, 2500, 3000, 0), 0)
+    now = 0
+    start = StartSession("OP-1", "PT-0001", SkinType.III, active_ingredient="hyaluronic acid")
+    treatment.begin(start, now)
+    treatment.session_opened(1, now)
+    treatment.begin(ChangeZone("OP-1", Zone.CHEEKS), now)
+    p = PARAMS
+    for request, command in (
+        (SetParams("OP-1", p.energy_uj, p.width_us, p.rate_mhz, p.spot_um), MessageType.SET_PARAMS),
+        (ArmLaser("OP-1"), MessageType.ARM),
+    ):
+        treatment.begin(request, now)
+        treatment.on_reply(command, True)
+        treatment.settled(command, None, now)
+    assert treatment.armed
+    return treatment
+
+
 def stream(count: int, start_no: int = 1) -> list[tuple[int, int, int]]:
     """Pulses prepared up front, so that the timed loop builds nothing."""
     t0 = U32 - count * PERIOD_US // 2  # wrap half-way
     events = []
     pulse_no = start_no
+    t_us = t0
     for i in range(count):
-        pulse_no += 2 if i % 1_000 == 999 else 1
-        events.append((pulse_no, (t0 + i * PERIOD_US) % U32, 950 + (i * 37) % 100))
+        lost = i % 1_000 == 999
+        pulse_no += 2 if lost else 1
+        t_us += 2 * PERIOD_US if lost else PERIOD_US
+        events.append((pulse_no, t_us % U32, 950 + (i * 37) % 100))
     return events
 
 
@@ -82,6 +112,22 @@ def time_batches(sup: SafetySupervisor, events: list[tuple[int, int, int]]) -> l
             if on_pulse(pulse_no, t_us, energy):
                 raise SystemExit(f"unexpected breach: {sup.last_breach}")
         per_call.append((clock() - begin) / BATCH)
+    return per_call
+
+
+def time_core(treatment: TreatmentCore, events: list[tuple[int, int, int]]) -> list[float]:
+    on_pulse = treatment.on_pulse
+    take = treatment.take_effects
+    per_call: list[float] = []
+    clock = time.perf_counter_ns
+    for start in range(0, len(events) - BATCH + 1, BATCH):
+        batch = events[start : start + BATCH]
+        begin = clock()
+        for pulse_no, t_us, energy in batch:
+            if on_pulse(pulse_no, t_us, energy) & PULSE_STOP:
+                raise SystemExit(f"unexpected breach: {treatment.latched}")
+        per_call.append((clock() - begin) / BATCH)
+        take()  # the gap records of the batch (one in 1,000 pulses)
     return per_call
 
 
@@ -158,6 +204,7 @@ def main() -> None:
     pulse = time_batches(sup, events)
     loop = time_loop_only(events)
     status = time_status(sup, calls)
+    core_pulse = time_core(core(), stream(min(calls, 50_000)))
     blocks, grown_first, grown_second = allocations(100_000)
 
     def row(name: str, samples: list[float]) -> str:
@@ -171,6 +218,7 @@ def main() -> None:
     print(row("on_pulse, every rule active", pulse))
     print(row("  loop + call of an empty function", loop))
     print(row("on_status, armed, every rule active", status))
+    print(row("TreatmentCore.on_pulse (verdict + ledger)", core_pulse))
     print()
     print("| allocations over 100,000 on_pulse calls | net |")
     print("|---|---:|")

@@ -51,6 +51,7 @@ from devicectl.errors import DevicectlError, LinkError
 from devicectl.users import (
     ACK_REASON_CODES,
     OVERRIDE_REASON_CODES,
+    READABLE,
     Actor,
     Authenticator,
     AuthRefused,
@@ -163,14 +164,14 @@ class Checklist(_Request):
 
 
 class Numbing(_Request):
-    agent: Annotated[str, Field(min_length=1, max_length=100)]
+    agent: Annotated[str, Field(min_length=1, max_length=100), READABLE]
     contact_min: Annotated[int, Field(ge=1, le=180)]
 
 
 class Ingredient(_Request):
     """The active ingredient as delivered: its name (default: the preset's), amount and lot."""
 
-    name: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    name: Annotated[str, Field(min_length=1, max_length=64), READABLE] | None = None
     amount: Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)]
     unit: Literal["ml", "mg"] = "ml"
     lot: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._/-]+$")]
@@ -214,7 +215,7 @@ class SessionEndRequest(IdentifiedRequest):
 
     command: Literal["session_end"]
     post_care: list[PostCareItem] = []
-    post_care_declined: Annotated[str, Field(min_length=10, max_length=500)] | None = None
+    post_care_declined: Annotated[str, Field(min_length=10, max_length=500), READABLE] | None = None
 
     @model_validator(mode="after")
     def _post_care_answered(self) -> Self:
@@ -235,11 +236,11 @@ class SessionNoteRequest(IdentifiedRequest):
 
     command: Literal["session_note", "session_reaction", "session_adverse_event"]
     session: Annotated[int, Field(ge=1)] | None = None
-    text: Annotated[str, Field(min_length=1, max_length=2000)] | None = None
+    text: Annotated[str, Field(min_length=1, max_length=2000), READABLE] | None = None
     erythema: Severity | None = None
     oedema: Severity | None = None
     severity: Literal["mild", "moderate", "severe", "serious"] | None = None
-    action_taken: Annotated[str, Field(min_length=1, max_length=1000)] | None = None
+    action_taken: Annotated[str, Field(min_length=1, max_length=1000), READABLE] | None = None
 
 
 class ParamsSetRequest(IdentifiedRequest):

@@ -1,20 +1,21 @@
-"""The daemon: one device link, its safety supervisor, the session log, telemetry, control.
+"""The daemon: the shell around the treatment core — it owns the tasks and the I/O, no state.
 
 Data flow (README, "Architecture")::
 
-    transport bytes ─▶ DeviceLink (codec, SEQ, retries) ─▶ Daemon._on_event ─▶ SafetySupervisor
-                                                              │ breach: link.stop_now() FIRST
-                                                              ├─▶ SessionLog.record_pulse (queue)
-                                                              └─▶ Telemetry.offer_pulse (queue)
+    transport bytes ─▶ DeviceLink (codec, SEQ, retries) ─▶ Daemon._on_event ─▶ TreatmentCore
+                                                             │ (SafetySupervisor's verdict)
+                                                             │ STOP: link.stop_now() FIRST
+                                                             ├─▶ SessionLog.record_pulse (queue)
+                                                             └─▶ TelemetrySink.offer_pulse (queue)
+    control socket ─▶ Daemon.handle ─▶ TreatmentCore.begin ─▶ effects ─▶ link / log / telemetry
 
-``_on_event`` runs synchronously inside the transport's receive callback. For a PULSE it asks the
-supervisor for a verdict and, on a breach, writes STOP before doing anything else; only then does it
-hand the pulse to the session log and telemetry (both cheap appends) and schedule the slow work of
-a breach (log records, alerts) as a task. Nothing in that path awaits, logs or validates.
-
-"Armed", for the supervisor's uncommanded-emission rule, is set at ARM's ACK and cleared at the ACK
-of STOP or DISARM, both observed synchronously in wire order (the link's ``on_reply`` hook), so
-that section 3's frame order makes the rule exact.
+Every fact of the treatment (armed, the parameters the device acknowledged, the zone, the limits
+in force, the latch, the dose ledger) lives in :class:`~devicectl.core.TreatmentCore`. The daemon
+feeds it device events in wire order (synchronously, inside the transport's receive callback) and
+operator requests one at a time (a lock queues them; the core refuses any overlap by its own
+state), and carries out the effects it returns in order — a STOP always first. For a PULSE the
+core's answer is a few flags, not a list: write STOP, carry out follow-up effects, record the
+pulse. Nothing in that path awaits, logs or validates.
 
 Shut-down (SIGTERM/SIGINT): STOP, then DISARM, record it (a session left open is marked interrupted
 at the next start), flush the log and the outbox, publish ``offline``, exit 0 — within 2 s.
@@ -28,11 +29,11 @@ import functools
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import structlog
 from structlog.typing import FilteringBoundLogger
@@ -53,139 +54,227 @@ from devicectl.control import (
     StatusRequest,
     StopRequest,
 )
-from devicectl.errors import DevicectlError, LinkError, LogUnavailable, SafetyRefusal
+from devicectl.core import (
+    ACK_COMMAND,
+    PULSE_FOLLOW,
+    PULSE_RECORD,
+    PULSE_STOP,
+    STOP,
+    AckFault,
+    Alert,
+    ArmLaser,
+    ChangeZone,
+    CloseSession,
+    DisarmLaser,
+    Effect,
+    EndSession,
+    Heartbeats,
+    Ledger,
+    LogLine,
+    OpenSession,
+    PublishSession,
+    PublishState,
+    Reconcile,
+    RecordEvent,
+    RecordGap,
+    RecordParams,
+    RecordZone,
+    Refuse,
+    Refused,
+    Reply,
+    Request,
+    Send,
+    SessionEvent,
+    SetParams,
+    StartSession,
+    TreatmentCore,
+    params_dict,
+)
+from devicectl.errors import ConfigError, DevicectlError, LinkError, LogUnavailable
 from devicectl.link import DeviceLink
 from devicectl.logs import redact_url
 from devicectl.policy import Concern, Policy, PulseParams, SkinType, Zone, load_policy_with_source
 from devicectl.privacy import published_patient
-from devicectl.safety import Breach, BreachCode, Limits, SafetySupervisor, check_params
+from devicectl.safety import Breach, BreachCode, SafetySupervisor, check_params
 from devicectl.sessionlog import LimitsInForce, SessionLog
 from devicectl.sessionlog.checkpoint import Checkpoint
 from devicectl.sessionlog.keys import key_source
-from devicectl.sessionlog.model import Override, Provenance, check_patient_ref
+from devicectl.sessionlog.model import Override, Provenance, Summary, check_patient_ref
 from devicectl.systemd import SystemdNotifier
 from devicectl.users import Actor, Authenticator, AuthRefused, UserStore
-from drivers import MemoryLink, open_serial
+from drivers import TransportFactory, open_serial
 from protocols import (
-    Arm,
     Boot,
-    ClearFault,
     DeviceState,
     Disarm,
-    FaultCode,
     FaultEvent,
     Ident,
     InputEvent,
-    Interlock,
     Message,
     MessageType,
     Pulse,
     StatusEvent,
     StatusReport,
+    fault_names,
+    interlock_names,
 )
+from protocols.mqtt import SessionEventKind, Severity
 
 if TYPE_CHECKING:
     from devicectl.telemetry.commands import RefusedBurst
 
-__all__ = ["Daemon", "run_daemon"]
+__all__ = ["Daemon", "DeviceSource", "SerialDevice", "TelemetrySink", "run_daemon"]
 
 SHUTDOWN_BUDGET_S = 1.8  # SIGTERM to exit 0 within 2 s, all included
-# The supervisor grades breaches critical/high/warning; the MQTT contract has info/warning/critical.
-_ALERT_SEVERITY = {"critical": "critical", "high": "critical", "warning": "warning", "info": "info"}
-
-
-_BACKLOGGED = frozenset({"publish_alert", "publish_session_event", "publish_checkpoint"})
 _BACKLOG_MAX = 10_000  # bounded; start-up raises a handful
 
 
-def _interlock_names(bits: int) -> list[str]:
-    return [i.name.lower() for i in Interlock if bits & i and i.name is not None]
+class TelemetrySink(Protocol):
+    """What the daemon hands to telemetry (:class:`devicectl.telemetry.Telemetry`)."""
+
+    def offer_pulse(
+        self, pulse_no: int, t_us: int, energy_uj: int, zone: str | None, session: str | None
+    ) -> None: ...
+
+    def publish_state(
+        self,
+        *,
+        state: str | DeviceState,
+        interlocks: int = 0,
+        faults: int = 0,
+        params: Mapping[str, int] | None = None,
+        armed: bool = False,
+        session: str | None = None,
+    ) -> None: ...
+
+    def publish_session(self, summary: Mapping[str, Any] | None) -> None: ...
+
+    def refresh_session(self, summary: Mapping[str, Any]) -> None: ...
+
+    def publish_session_event(
+        self, session_id: str, kind: SessionEventKind, **fields: Any
+    ) -> None: ...
+
+    def publish_alert(
+        self,
+        severity: Severity,
+        code: str,
+        message: str,
+        value: float | None = None,
+        limit: float | None = None,
+        session: str | None = None,
+    ) -> None: ...
+
+    def publish_checkpoint(self, checkpoint: Mapping[str, Any]) -> None: ...
+
+    def publish_metrics(
+        self,
+        *,
+        rate_hz: float | None = None,
+        avg_power_w: float | None = None,
+        skin_temp_c: float | None = None,
+        head_temp_c: float | None = None,
+        counters: Mapping[str, int] | None = None,
+    ) -> None: ...
 
 
-def _fault_names(bits: int) -> list[str]:
-    return [f.name.lower() for f in FaultCode if bits & f.bit]
+class DeviceSource(Protocol):
+    """Where the device link's bytes come from: a serial port, or (composed elsewhere, see
+    :mod:`devicectl.simlink`) the in-process simulator."""
+
+    control_path: Path | None  # a simulator's control socket, when there is one
+
+    async def open(
+        self, stack: contextlib.AsyncExitStack, settings: Settings, log: FilteringBoundLogger
+    ) -> tuple[TransportFactory, str]: ...
+
+    def tick(self) -> None: ...
 
 
-class _Treatment:
-    """What the daemon knows of the open session (the log holds the record)."""
+class SerialDevice:
+    """The device on ``settings.port`` (a serial port or a pty), at ``settings.baudrate``."""
 
-    __slots__ = (
-        "energy_by_zone_uj",
-        "faults",
-        "id",
-        "operator",
-        "params_preset",
-        "patient",
-        "preset",
-        "pulses",
-        "skin_type",
-        "started",
-        "zone",
-    )
+    control_path: Path | None = None
 
-    def __init__(
-        self, session_id: int, operator: str, patient: str | None, skin_type: SkinType
-    ) -> None:
-        self.id = session_id
-        self.operator = operator
-        self.patient = patient  # as published (privacy settings), never read from here else
-        self.preset: str | None = None  # the session's preset
-        self.params_preset: str | None = None  # what the parameters in force came from
-        self.skin_type = skin_type
-        self.faults = 0
-        self.zone: Zone | None = None
-        self.pulses = 0
-        self.energy_by_zone_uj: dict[str, int] = {}
-        self.started = time.time()
+    async def open(
+        self, stack: contextlib.AsyncExitStack, settings: Settings, log: FilteringBoundLogger
+    ) -> tuple[TransportFactory, str]:
+        if settings.port == "sim":
+            raise ConfigError(
+                "port", "sim", "the in-process simulator is wired in by `devicectl run`"
+            )
+        return functools.partial(open_serial, settings.port, baudrate=settings.baudrate), (
+            settings.port
+        )
+
+    def tick(self) -> None:
+        return None
 
 
 class Daemon:
-    """``async with Daemon(settings) as daemon: await daemon.wait_stopped()``."""
+    """``async with Daemon(settings, device=...) as daemon: await daemon.wait_stopped()``."""
 
     def __init__(
         self,
         settings: Settings,
         *,
+        device: DeviceSource | None = None,
         log: FilteringBoundLogger | None = None,
         notifier: SystemdNotifier | None = None,
     ) -> None:
         self.settings = settings
+        self.device: DeviceSource = device or SerialDevice()
         self._log: FilteringBoundLogger = log or structlog.get_logger("devicectl.daemon")
         self._notifier = notifier or SystemdNotifier()
         self.data_dir = Path(settings.data_dir)
         self.policy: Policy
         self.policy, self.policy_source = load_policy_with_source(settings.policy)
+        self.core = TreatmentCore(self.policy)
+        # A registered user's role, by user id (fixed at registration): the records carry it.
+        self._roles: dict[str, str] = {}
         self._stack = contextlib.AsyncExitStack()
         self._stopped = asyncio.Event()
         self._identified = asyncio.Event()
         self._telemetry_release = asyncio.Event()
+        self._turn = asyncio.Lock()  # operator requests, one at a time, in arrival order
 
         self.sessionlog: SessionLog | None = None
-        self.telemetry: Any = None
+        self.telemetry: TelemetrySink | None = None
         self.link: DeviceLink | None = None
-        self.supervisor: SafetySupervisor | None = None  # built from IDENT and the policy
-        self._pending_params: PulseParams | None = None  # a preset waiting for its zone
-        self.ident: Ident | None = None
-        self.status: StatusReport | None = None
-        self.footswitch = False
-        self.params: PulseParams | None = None
-        self.treatment: _Treatment | None = None
-        self.armed = False
-        self._arming = False  # ARM sent, ACK not yet seen
-        self._lease_ms = self.policy.lease_ms
-        self._recovered = False
-        self._params_on_device = False
-        self._gap_open_since: float | None = None
-        self._restored_latch: Breach | None = None  # from the log, until the first IDENT
         self._log_failure_reported = False
         # Alerts and session events raised before telemetry could start (it needs the device's
         # serial for its topics): handed over, in order, the moment it does.
-        self._telemetry_backlog: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
-        self.sim_control: Path | None = None
-        self.sim_runner: Any = None  # the in-process simulator's BoardRunner (port "sim")
-        self._sim_memory: Any = None  # its serial and lifetime counter (simulator.nvram)
+        self._telemetry_backlog: list[Callable[[TelemetrySink], None]] = []
         self._pulses_since_metrics = 0
         self._energy_since_metrics = 0
+        self._now_ns = 0  # the time the request in progress began
+
+    # ------------------------------------------------------------------ views of the core
+
+    @property
+    def armed(self) -> bool:
+        return self.core.armed
+
+    @property
+    def supervisor(self) -> SafetySupervisor | None:
+        return self.core.supervisor
+
+    @property
+    def ident(self) -> Ident | None:
+        return self.core.ident
+
+    @property
+    def status(self) -> StatusReport | None:
+        return self.core.status
+
+    @property
+    def treatment(self) -> Ledger | None:
+        """The open session's ledger (``.id``, ``.pulses``, ...), or None."""
+        return self.core.ledger
+
+    @property
+    def sim_control(self) -> Path | None:
+        return self.device.control_path
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -204,8 +293,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         # Entered in the reverse of the shut-down order (the stack unwinds LIFO): tasks stop, the
         # control socket closes, the laser is made safe, the link closes, telemetry flushes and
-        # says offline, the log is flushed and closed, the in-process simulator stops.
-        connect, port_name = await self._transport(stack)
+        # says offline, the log is flushed and closed, the device source (a simulator) stops.
+        connect, port_name = await self.device.open(stack, settings, self._log)
 
         checkpoints = settings.checkpoints
         self.sessionlog = SessionLog.open(
@@ -299,50 +388,10 @@ class Daemon:
             with contextlib.suppress(DevicectlError, TimeoutError):
                 async with asyncio.timeout(0.2):
                     await link.request(Disarm())
-        self.armed = False
-        if self.supervisor is not None:
-            self.supervisor.disarm()
-        self._event(
-            "daemon_stopped", "devicectl", {"session_left_open": self.treatment is not None}
-        )
-        self._publish_state()
+        self._carry_out(self.core.on_shutdown())
         if self.sessionlog is not None:  # flushed, and signed: published before "offline"
             with contextlib.suppress(DevicectlError, TimeoutError):
                 await asyncio.wait_for(self.sessionlog.checkpoint_async("shutdown"), 0.3)
-
-    async def _transport(self, stack: contextlib.AsyncExitStack) -> tuple[Any, str]:
-        port = self.settings.port
-        if port != "sim":
-            return functools.partial(open_serial, port, baudrate=self.settings.baudrate), port
-        # The in-process simulator, for engineers and the demo: a board served in this loop over
-        # an in-memory link, with its control socket beside ours so sim-control can drive it.
-        from simulator import Board, BoardRunner
-        from simulator.control import ControlServer as SimControlServer
-        from simulator.nvram import BoardMemory
-
-        self._log.warning("device_simulated", detail="port = sim: no laser is controlled")
-        memory_file = BoardMemory.load(self.data_dir / "simulator-board.json")
-        board = Board(
-            serial=memory_file.serial,
-            pulse_count=memory_file.pulse_count,
-            max_rate_mhz=round(self.settings.sim_max_rate_hz * 1000),
-        )
-        runner = await stack.enter_async_context(BoardRunner(board, log=self._log))
-        self.sim_runner = runner
-        self._sim_memory = memory_file
-        memory_file.save(board)
-        stack.callback(memory_file.save, board)  # at exit, after the laser was made safe
-
-        def accept(device: Any) -> None:
-            device.attach(on_data=runner.feed, on_lost=lambda _exc: runner.attach(None))
-            runner.attach(device.write)
-
-        self.sim_control = Path(self.settings.control).with_name(
-            Path(self.settings.control).stem + "-sim.sock"
-        )
-        await stack.enter_async_context(SimControlServer(runner, self.sim_control, log=self._log))
-        memory = MemoryLink(accept, name="sim")
-        return memory.connect, "sim"
 
     async def _run_telemetry(self) -> None:
         """Telemetry needs the device id for its topics: start once it is known, run until the
@@ -353,8 +402,8 @@ class Daemon:
         device = mqtt.device
         if device is None:
             await self._identified.wait()
-            assert self.ident is not None
-            device = f"{self.ident.serial:08X}"
+            assert self.core.ident is not None
+            device = f"{self.core.ident.serial:08X}"
         config = TelemetryConfig(
             url=mqtt.url or "",
             prefix=mqtt.prefix,
@@ -380,12 +429,9 @@ class Daemon:
             self.telemetry = telemetry
             self._publish_state()
             backlog, self._telemetry_backlog = self._telemetry_backlog, []
-            for method, args, kwargs in backlog:
-                self._telemetry(method, *args, **kwargs)
-            if self.treatment is not None:
-                telemetry.publish_session(self._session_summary())
-            else:
-                telemetry.publish_session(None)
+            for call in backlog:
+                self._telemetry(call)
+            telemetry.publish_session(self._session_summary())
             await self._telemetry_release.wait()
             self._publish_state()
         self.telemetry = None
@@ -397,126 +443,58 @@ class Daemon:
             self._notifier.watchdog()
             await asyncio.sleep(interval)
 
-    # ------------------------------------------------------------------ the hot path
+    # ------------------------------------------------------------------ device events (hot)
 
     def _on_event(self, seq: int, message: Message) -> None:
         kind = type(message)
+        core = self.core
         if kind is Pulse:
             pulse: Pulse = message  # type: ignore[assignment]
-            supervisor = self.supervisor
-            if supervisor is None:  # a pulse before IDENT: nothing can have armed the laser
+            flags = core.on_pulse(pulse.pulse_no, pulse.t_us, pulse.energy_uj)
+            if flags & PULSE_STOP:
                 self.link.stop_now()  # type: ignore[union-attr]
-                self._unsupervised_pulse(pulse)
-                return
-            if supervisor.on_pulse(pulse.pulse_no, pulse.t_us, pulse.energy_uj):
-                self.link.stop_now()  # type: ignore[union-attr]
-                self._breach()
-            self._record_pulse(pulse)
+            if flags & PULSE_FOLLOW:
+                self._carry_out(core.take_effects())
+            self._pulses_since_metrics += 1
+            self._energy_since_metrics += pulse.energy_uj
+            if flags & PULSE_RECORD:
+                self._record_pulse(pulse)
             return
         if kind is StatusEvent:
             self._on_status(message)  # type: ignore[arg-type]
         elif kind is FaultEvent:
-            self._on_device_fault(message)  # type: ignore[arg-type]
+            fault: FaultEvent = message  # type: ignore[assignment]
+            self._carry_out(core.on_fault(fault.code, fault.detail))
         elif kind is InputEvent:
-            self._on_input(message)  # type: ignore[arg-type]
+            event: InputEvent = message  # type: ignore[assignment]
+            self._carry_out(core.on_input(bool(event.footswitch), event.interlocks))
         elif kind is Boot:
-            self._on_boot(message)  # type: ignore[arg-type]
-
-    def _unsupervised_pulse(self, pulse: Pulse) -> None:
-        """A PULSE before the device identified itself: STOP was written; record the dose."""
-        self._event(
-            "uncommanded_emission",
-            "device",
-            {"pulse_no": pulse.pulse_no, "energy_uj": pulse.energy_uj},
-        )
-        self._alert(
-            "critical",
-            "uncommanded_emission",
-            f"pulse {pulse.pulse_no} before the device identified itself",
-        )
+            self._carry_out(core.on_boot(message.reason))  # type: ignore[attr-defined]
 
     def _record_pulse(self, pulse: Pulse) -> None:
-        treatment = self.treatment
-        self._pulses_since_metrics += 1
-        self._energy_since_metrics += pulse.energy_uj
-        self._charge_lost_events(pulse.pulse_no - 1)
-        if treatment is None:
-            # A pulse with no session open (uncommanded: the supervisor has stopped the laser):
-            # charged to no session at its measured energy, and accounted for like any pulse.
-            if self.sessionlog is not None:
-                self.sessionlog.record_pulse_gap(
-                    None,
-                    pulse.pulse_no,
-                    pulse.pulse_no,
-                    charged_energy_uj=pulse.energy_uj,
-                    zone="none",
-                    cause="pulse without a session",
-                )
-            return
-        zone = treatment.zone or "none"
-        treatment.pulses += 1
-        treatment.energy_by_zone_uj[zone] = treatment.energy_by_zone_uj.get(zone, 0) + (
-            pulse.energy_uj
-        )
-        now_ns = time.time_ns()
+        ledger = self.core.ledger  # PULSE_RECORD: a session is open, charged to ledger.zone_key
+        assert ledger is not None
+        session, zone = ledger.id, ledger.zone_key
         if self.sessionlog is not None:
             self.sessionlog.record_pulse(
-                treatment.id, pulse.pulse_no, pulse.t_us, now_ns, pulse.energy_uj, zone
+                session, pulse.pulse_no, pulse.t_us, time.time_ns(), pulse.energy_uj, zone
             )
         if self.telemetry is not None:
             self.telemetry.offer_pulse(
-                pulse.pulse_no, pulse.t_us, pulse.energy_uj, zone, str(treatment.id)
+                pulse.pulse_no, pulse.t_us, pulse.energy_uj, zone, str(session)
             )
 
     def _on_reply(self, command: int, reply: Message) -> None:
-        """Every command's reply, synchronously, in wire order: keeps ``armed`` exact."""
-        if reply.TYPE != MessageType.ACK:
-            if command == MessageType.ARM:
-                self._arming = False
-            return
-        supervisor = self.supervisor
-        if command == MessageType.ARM:
-            self._arming = False
-            if supervisor is None:
-                self.link.stop_now()  # type: ignore[union-attr]
-                return
-            try:
-                supervisor.arm()
-            except SafetyRefusal:  # a limit changed between check_arm and the ACK
-                self.link.stop_now()  # type: ignore[union-attr]
-                return
-            self.armed = True
-        elif command in (MessageType.STOP, MessageType.DISARM):
-            self.armed = False
-            if supervisor is not None:
-                supervisor.disarm()
-            self._publish_state()
+        """Every command's reply, synchronously, in wire order: the core flips "armed" and the
+        limits in force exactly at the ACK."""
+        self._carry_out(self.core.on_reply(command, reply.TYPE == MessageType.ACK))
 
     def _on_status(self, status: StatusReport) -> None:
-        previous, self.status = self.status, status
-        supervisor = self.supervisor
-        if supervisor is not None and supervisor.on_status(
-            status.state,
-            status.interlocks,
-            status.head_temp_cdeg,
-            status.skin_temp_cdeg,
-            status.lease_left_ms,
-        ):
-            self.link.stop_now()  # type: ignore[union-attr]
-            self._breach()
-        # Every pulse counted in a STATUS had its PULSE event written before it (section 3's
-        # order): any the log has not seen were lost on the wire, the last of a train included.
-        self._charge_lost_events(status.pulse_count)
+        self._carry_out(self.core.on_status(status))
         self._check_log()
-        if previous is None or (previous.state, previous.interlocks, previous.faults) != (
-            status.state,
-            status.interlocks,
-            status.faults,
-        ):
-            self._publish_state()  # the retained state follows the device, not only our commands
         if self.sessionlog is not None:
             self.sessionlog.record_status(
-                self.treatment.id if self.treatment else None,
+                self.core.session_id,
                 state=status.state,
                 interlocks=status.interlocks,
                 head_temp_cdeg=status.head_temp_cdeg,
@@ -524,154 +502,21 @@ class Daemon:
                 pulse_count=status.pulse_count,
             )
 
-    def _on_device_fault(self, fault: FaultEvent) -> None:
-        self.armed = False
-        if self.supervisor is not None and self.supervisor.on_device_fault(
-            fault.code, fault.detail
-        ):
-            self.link.stop_now()  # type: ignore[union-attr]
-            self._breach()  # recorded as the breach: one incident, one fault
-            return
-        self._event(
-            "device_fault", "device", {"code": _code_name(fault.code), "detail": fault.detail}
-        )
-
-    def _on_input(self, event: InputEvent) -> None:
-        self.footswitch = bool(event.footswitch)
-        self._event(
-            "input",
-            "device",
-            {
-                "footswitch": bool(event.footswitch),
-                "interlocks_open": _interlock_names(event.interlocks),
-            },
-        )
-
-    def _on_boot(self, boot: Boot) -> None:
-        was_armed = self.armed or self._arming
-        self.armed = False
-        self._arming = False
-        if self.supervisor is not None and self.supervisor.on_boot(boot.reason):
-            # A booted board is in STANDBY; STOP first all the same, as for every breach.
-            self.link.stop_now()  # type: ignore[union-attr]
-            self._breach()
-        self._params_on_device = False
-        self._event("device_boot", "device", {"reason": boot.reason, "while_armed": was_armed})
-
     def _on_link_lost(self, reason: str) -> None:
-        was_armed = self.armed or self._arming
-        self.armed = False
-        self._arming = False
-        self._gap_open_since = time.time()
-        if was_armed or (self.supervisor is not None and self.supervisor.armed):
-            # The device may still be firing under its lease: STOP, which the link keeps wanted
-            # until it is acknowledged, so it goes out right after IDENT on the next connection.
-            self.link.stop_now()  # type: ignore[union-attr]
-        if self.supervisor is not None and self.supervisor.on_link_lost():
-            self._breach()  # recorded and alerted as the breach: one incident, one fault
-        else:
-            self._event("link_lost", "devicectl", {"reason": reason, "while_armed": was_armed})
-            self._alert("warning", "link_lost", f"device link lost: {reason}")
-        self._log.error("device_link_lost", reason=reason, armed=was_armed)
+        self._carry_out(self.core.on_link_lost(reason, time.time()))
 
     async def _on_connected(self, ident: Ident, status: StatusReport) -> None:
-        self.ident = ident
-        self.status = status
-        if self.supervisor is None or self.treatment is None:
-            self.supervisor = self._new_supervisor(ident)
-        self._identified.set()
         if self.sessionlog is not None:  # checkpoints are signed for the id telemetry uses
             self.sessionlog.set_device(self.settings.mqtt.device or f"{ident.serial:08X}")
-        if not self._recovered and self.sessionlog is not None:
-            self._recovered = True
-            recovery = self.sessionlog.recover_interrupted(status.pulse_count, ident.max_energy_uj)
-            if recovery.interrupted_session is not None or recovery.unlogged_pulses:
-                self._log.warning(
-                    "session_recovered",
-                    session=recovery.interrupted_session,
-                    unlogged_pulses=recovery.unlogged_pulses,
-                    counter_mismatch=recovery.counter_mismatch,
-                )
-                self._alert(
-                    "warning",
-                    "session_interrupted",
-                    f"session {recovery.interrupted_session} was interrupted; "
-                    f"{recovery.unlogged_pulses} unlogged pulse(s) charged at maximum energy",
-                )
-            if recovery.interrupted_session is not None and recovery.summary is not None:
-                # Its subscribers saw it start: they see it end, as interrupted.
-                self._session_event(
-                    str(recovery.interrupted_session),
-                    "ended",
-                    outcome="interrupted",
-                    unlogged_pulses=recovery.unlogged_pulses,
-                    summary=_mqtt_summary(recovery.summary, None, ended=True),
-                )
-        elif self._gap_open_since is not None:
-            last = self.sessionlog.last_pulse_no() if self.sessionlog else None
-            self._event(
-                "link_restored",
-                "devicectl",
-                {
-                    "gap_s": round(time.time() - self._gap_open_since, 3),
-                    "device_pulse_count": status.pulse_count,
-                    "last_logged_pulse_no": last,
-                },
-            )
-            self._charge_gap(last, status.pulse_count, "link_gap")
-        self._gap_open_since = None
-        if self.params is not None and status.state != DeviceState.EMITTING:
-            # Params do not survive a device boot: send them again so ARM is possible.
-            with contextlib.suppress(DevicectlError):
-                await self.link.request(self.params.as_command())  # type: ignore[union-attr]
+        self._carry_out(self.core.on_connected(ident, status, time.time()))
+        self._identified.set()
         self._log.info(
             "device_connected",
-            serial=ident.serial,
+            serial=f"{ident.serial:08X}",
             fw=".".join(map(str, ident.fw)),
             pulse_count=status.pulse_count,
             state=DeviceState(status.state).name,
         )
-        self._publish_state()
-
-    def _charge_lost_events(self, up_to: int) -> None:
-        """PULSE events lost on the link (line noise, dropped frames, a link declared lost): the
-        pulses were fired, so they are recorded as unlogged and charged at the device's maximum
-        energy, as soon as a later pulse_no or pulse_count shows them missing — a PULSE that
-        arrives while a lost link is being re-established included. Not before the start-up
-        reconciliation, which accounts for the pulses fired while no daemon ran."""
-        log = self.sessionlog
-        if log is None or not self._recovered:
-            return
-        last = log.last_pulse_no()
-        if last is not None and up_to > last:
-            gap_open = self._gap_open_since is not None
-            cause = "link_gap" if gap_open else "pulse events lost on the link"
-            self._charge_gap(last, up_to, cause)
-
-    def _charge_gap(self, last: int | None, device_count: int, cause: str) -> None:
-        if last is None or device_count <= last or self.sessionlog is None or self.ident is None:
-            return
-        treatment = self.treatment
-        self.sessionlog.record_pulse_gap(
-            treatment.id if treatment else None,
-            last + 1,
-            device_count,
-            charged_energy_uj=self.ident.max_energy_uj,
-            zone=(treatment.zone if treatment and treatment.zone else "none"),
-            cause=cause,
-        )
-
-    # ------------------------------------------------------------------ breaches
-
-    def _new_supervisor(self, ident: Ident) -> SafetySupervisor:
-        """One per session (and per identified device until a session starts). A latched
-        breach outlives the supervisor that latched it: only an operator's acknowledgement
-        clears it, not ending the session, starting another, a reconnection or a restart."""
-        supervisor = SafetySupervisor.for_device(ident, self.policy)
-        previous = self.supervisor
-        supervisor.inherit_latch(previous.latched if previous else self._restored_latch)
-        self._restored_latch = None
-        return supervisor
 
     def _restore_latch(self, record: dict[str, Any] | None) -> None:
         """The breach the log says was never acknowledged (the daemon stopped, or was killed,
@@ -679,41 +524,110 @@ class Daemon:
         if record is None:
             return
         try:
-            self._restored_latch = Breach.from_record(record)
+            breach = Breach.from_record(record)
         except ValueError:
             # A breach the log holds but this version cannot read: latch it as what it was.
-            self._restored_latch = Breach(
+            breach = Breach(
                 BreachCode.DEVICE_FAULT, 0.0, 0.0, "", f"a breach the log holds: {record!r}"
             )
-        self._log.warning("breach_latch_restored", breach=self._restored_latch.message)
+        session = record.get("session")
+        self.core.restore_latch(breach, session if isinstance(session, int) else None)
+        self._log.warning("breach_latch_restored", breach=breach.message, session=session)
 
-    def _breach(self) -> None:
-        """After STOP was written: record, alert, latch (the supervisor has latched already)."""
-        self.armed = False
-        breach = self.supervisor.last_breach if self.supervisor else None
-        if breach is None:
+    # ------------------------------------------------------------------ effects
+
+    def _carry_out(self, effects: list[Effect]) -> Effect | None:
+        """Carry out the core's effects in order, a STOP first of all; return the one that asks
+        the caller to go on (Send, OpenSession, CloseSession) or ends a request (Reply, Refuse)."""
+        if STOP in effects and self.link is not None:
+            self.link.stop_now()
+        log = self.sessionlog
+        outcome: Effect | None = None
+        for effect in effects:
+            match effect:
+                case RecordEvent(session, kind, actor, detail, reason):
+                    if log is not None:
+                        log.record_event(
+                            session, kind, actor, detail, reason, role=self._roles.get(actor)
+                        )
+                case RecordGap(session, first, last, charged, zone, cause):
+                    if log is not None:
+                        log.record_pulse_gap(
+                            session, first, last, charged_energy_uj=charged, zone=zone, cause=cause
+                        )
+                case RecordZone(session, zone, actor, limit):
+                    if log is not None:
+                        log.record_zone(
+                            session,
+                            zone,
+                            actor=actor,
+                            role=self._roles.get(actor),
+                            energy_limit_uj=limit,
+                        )
+                        if self.core.chosen is not None:  # the same parameters, this zone's cap
+                            self._record_params(session, self.core.chosen, actor, zone)
+                case RecordParams(session, params, actor):
+                    if log is not None:
+                        self._record_params(session, params, actor, self.core.zone)
+                case Heartbeats(lease_ms):
+                    if self.link is not None:
+                        if lease_ms:
+                            with contextlib.suppress(LinkError):
+                                self.link.start_heartbeats(lease_ms)
+                        else:
+                            self.link.stop_heartbeats()
+                case Alert():
+                    self._alert(effect)
+                case SessionEvent(session, kind, fields):
+                    self._session_event(session, kind, fields)
+                case PublishState():
+                    self._publish_state()
+                case PublishSession():
+                    self._publish_session()
+                case LogLine("error", event, fields):
+                    self._log.error(event, **fields)
+                case LogLine("warning", event, fields):
+                    self._log.warning(event, **fields)
+                case LogLine(_, event, fields):
+                    self._log.info(event, **fields)
+                case Reconcile(count, max_energy):
+                    self._reconcile(count, max_energy)
+                case Send() | OpenSession() | CloseSession() | Reply() | Refuse():
+                    outcome = effect
+        return outcome
+
+    def _reconcile(self, device_pulse_count: int, max_energy_uj: int) -> None:
+        """First contact since start-up: the log accounts for pulses fired while no daemon ran."""
+        log = self.sessionlog
+        if log is None:
             return
-        detail = _breach_dict(breach)
-        session = self.treatment.id if self.treatment else None
-        # "breach" is what the session log counts as a fault; repeats are recorded apart.
-        self._event("breach_repeat" if breach.repeat else "breach", "devicectl", detail)
-        if breach.repeat:
-            # The same rule again since the latch (pulses already in flight when STOP was written):
-            # recorded above, but one incident raises one alert.
+        recovery = log.recover_interrupted(device_pulse_count, max_energy_uj)
+        if recovery.interrupted_session is None and not recovery.unlogged_pulses:
             return
-        if self.treatment is not None:
-            self.treatment.faults += 1
-        self._alert(
-            breach.severity.value,
-            breach.alert_code,
-            breach.message,
-            value=breach.value,
-            limit=breach.limit,
+        self._log.warning(
+            "session_recovered",
+            session=recovery.interrupted_session,
+            unlogged_pulses=recovery.unlogged_pulses,
+            counter_mismatch=recovery.counter_mismatch,
         )
-        if session is not None:
-            self._session_event(str(session), "fault", **detail)
-        self._log.error("safety_breach", **detail)
-        self._publish_state()
+        message = (
+            f"session {recovery.interrupted_session} was interrupted; "
+            f"{recovery.unlogged_pulses} unlogged pulse(s) charged at maximum energy"
+        )
+        self._telemetry(
+            lambda t: t.publish_alert("warning", "session_interrupted", message), backlog=True
+        )
+        if recovery.interrupted_session is not None and recovery.summary is not None:
+            # Its subscribers saw it start: they see it end, as interrupted.
+            self._session_event(
+                recovery.interrupted_session,
+                "ended",
+                {
+                    "outcome": "interrupted",
+                    "unlogged_pulses": recovery.unlogged_pulses,
+                    "summary": _interrupted_summary(recovery.summary),
+                },
+            )
 
     # ------------------------------------------------------------------ control requests
 
@@ -723,23 +637,242 @@ class Daemon:
                 return self.describe()
             case StopRequest():
                 return await self.stop_emission("operator")
-            case ArmRequest():
-                return await self.arm(_actor(request))
-            case DisarmRequest():
-                return await self.disarm(request.actor)
-            case ParamsSetRequest():
-                return await self.set_params(request)
             case SessionStartRequest():
-                return self.start_session(request)
+                return await self.start_session(request)
+            case ArmRequest():
+                return await self._operate(ArmLaser(self._actor(request)))
+            case DisarmRequest():
+                # Disarming needs no identity (it is always safe): without a proven one it is
+                # recorded as nobody's.
+                actor = request.actor
+                who = self._actor(request) if actor is not None else "unidentified"
+                return await self._operate(DisarmLaser(who))
+            case ParamsSetRequest():
+                rate = None if request.rate_hz is None else round(request.rate_hz * 1000)
+                preset = Concern(request.preset) if request.preset else None
+                return await self._operate(
+                    SetParams(
+                        self._actor(request),
+                        request.energy_uj,
+                        request.width_us,
+                        rate,
+                        request.spot_um,
+                        preset,
+                    )
+                )
             case SessionZoneRequest():
-                return await self.set_zone(request.zone, _actor(request))
+                return await self._operate(ChangeZone(self._actor(request), Zone(request.zone)))
             case SessionEndRequest():
-                return await self.end_session(request)
+                return await self._end_session(request)
             case FaultAckRequest():
-                return await self.acknowledge(_actor(request))
+                return await self._operate(_ack_fault(self._actor(request), request))
             case SessionNoteRequest():
                 return self.append_clinical(request)
         raise ControlError("usage", f"unknown request {request!r}")
+
+    def _actor(self, request: Any) -> str:
+        """The verified user the control layer put on ``request`` (it refuses one without);
+        their role is remembered for the records."""
+        actor = _verified(request)
+        self._roles[actor.user] = actor.role.value
+        if actor.signoff is not None:
+            self._roles[actor.signoff.user] = actor.signoff.role.value
+        return actor.user
+
+    def _record_params(
+        self, session: int, params: PulseParams, actor: str, zone: Zone | None
+    ) -> None:
+        """The parameters in force with the fluence cap they were checked against, the rule that
+        set it (skin type or zone) and the preset they are, if they are one."""
+        log, ident, ledger = self.sessionlog, self.core.ident, self.core.ledger
+        if log is None:
+            return
+        fluence_limit: dict[str, Any] | None = None
+        if ident is not None and ledger is not None and zone is not None:
+            try:
+                limits = check_params(ident, self.policy, ledger.skin_type, zone, params)
+            except DevicectlError:
+                limits = None  # not allowed in this zone: the core refuses to arm with them
+            if limits is not None:
+                fluence_limit = {
+                    "fluence_j_cm2": round(limits.fluence_j_cm2, 4),
+                    "max_fluence_j_cm2": limits.max_fluence_j_cm2,
+                    "rule": limits.fluence_rule,
+                    "skin_type": ledger.skin_type.name,
+                    "zone": zone.value,
+                    "preset": _preset_of(self.policy, params),
+                }
+        log.record_params(
+            session,
+            energy_uj=params.energy_uj,
+            width_us=params.width_us,
+            rate_mhz=params.rate_mhz,
+            spot_um=params.spot_um,
+            actor=actor,
+            role=self._roles.get(actor),
+            fluence_limit=fluence_limit,
+        )
+
+    async def start_session(self, request: SessionStartRequest) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+
+        actor = _verified(request)
+        user = self._actor(request)
+
+        def open_session(step: OpenSession) -> int:
+            log = self._require_log()
+            ident = self.core.ident
+            assert ident is not None
+            # First among the log's checks, so that a name typed by mistake is refused as such.
+            check_patient_ref(request.patient_ref, self.settings.patient_ref_pattern)
+            status = self.core.status
+            opened = log.start_session(
+                _session_info(request, ident, step.active_ingredient, actor),
+                device_pulse_count=status.pulse_count if status else None,
+                limits=LimitsInForce.from_policy(self.policy),
+                host_time_ns=self._now_ns,
+                provenance=Provenance(
+                    software_version=__version__,
+                    firmware_version=".".join(str(part) for part in ident.fw),
+                    device_serial=f"{ident.serial:08X}",
+                    policy_name=self.policy_source.name,
+                    policy_sha256=self.policy_source.sha256,
+                    time_zone=self.settings.clinic.time_zone,
+                ),
+            )
+            position = opened.position
+            extra["course"] = position.to_dict() if position is not None else None
+            extra["warnings"] = [w.message for w in opened.warnings]
+            extra["active_ingredient"] = step.active_ingredient
+            extra["preset"] = request.preset
+            return opened.session_id
+
+        privacy = self.settings.privacy
+        secret = privacy.patient_key_secret
+        start = StartSession(
+            user,
+            # what leaves the device: a keyed pseudonym, nothing, or (configured) the reference
+            published_patient(
+                request.patient_ref,
+                secret=secret.get_secret_value() if secret is not None else None,
+                publish_ref=privacy.publish_patient_ref,
+            ),
+            SkinType.parse(request.skin_type),
+            Concern(request.preset) if request.preset else None,
+            request.ingredient.name,
+            tuple(request.concerns),
+        )
+        result = await self._operate(start, open_session=open_session)
+        return result | extra
+
+    async def _operate(
+        self, request: Request, *, open_session: Callable[[OpenSession], int] | None = None
+    ) -> dict[str, Any]:
+        """One operator request, start to reply, while no other runs: the core decides, this
+        carries out (commands to the device, the log's open and close) and reports back."""
+        core = self.core
+        async with self._turn:
+            self._require_log()  # no log, no laser: never report what the log could not record
+            self._now_ns = time.time_ns()
+            outcome = self._carry_out(core.begin(request, self._now_ns))
+            try:
+                while True:
+                    match outcome:
+                        case Reply(result):
+                            return dict(result)
+                        case Refuse(error):
+                            if isinstance(error, Refused):
+                                raise ControlError(error.kind, str(error), rule=error.rule)
+                            raise error
+                        case Send(command):
+                            failure: DevicectlError | None = None
+                            try:
+                                await self._link().request(command)
+                            except DevicectlError as exc:
+                                failure = exc
+                            outcome = self._carry_out(
+                                core.settled(command.TYPE, failure, time.time_ns())
+                            )
+                        case OpenSession():
+                            assert open_session is not None
+                            try:
+                                session_id = open_session(outcome)
+                            except DevicectlError as exc:
+                                outcome = self._carry_out(core.abandon(exc))
+                            else:
+                                outcome = self._carry_out(
+                                    core.session_opened(session_id, self._now_ns)
+                                )
+                        case CloseSession(session, actor, post_care, declined):
+                            now = time.time_ns()
+                            try:
+                                self._require_log().end_session(
+                                    session,
+                                    actor=actor,
+                                    role=self._roles.get(actor),
+                                    post_care=list(post_care),
+                                    post_care_declined=declined,
+                                    host_time_ns=now,
+                                )
+                            except DevicectlError as exc:
+                                outcome = self._carry_out(core.abandon(exc))
+                            else:
+                                outcome = await self._session_closed(now)
+                        case _:
+                            raise AssertionError(f"a request ended without a reply: {outcome!r}")
+            finally:
+                if core.busy is not None:  # cancelled mid-request: the core must not stay busy
+                    self._carry_out(core.abandon(LinkError("the request was cancelled")))
+
+    async def _end_session(self, request: SessionEndRequest) -> dict[str, Any]:
+        end = EndSession(self._actor(request), tuple(request.post_care), request.post_care_declined)
+        return await self._operate(end)
+
+    async def _session_closed(self, now_ns: int) -> Effect | None:
+        """The core closes its ledger; the ``ended`` event waits for the signed checkpoint that
+        covers the session (one commit away), so that it carries it (docs/session-log.md)."""
+        effects = self.core.session_closed(now_ns)
+        ended = [e for e in effects if isinstance(e, SessionEvent) and e.kind == "ended"]
+        outcome = self._carry_out([e for e in effects if not any(e is x for x in ended)])
+        checkpoint: Checkpoint | None = None
+        log = self.sessionlog
+        if log is not None:
+            with contextlib.suppress(DevicectlError, TimeoutError):  # the end is recorded
+                checkpoint = await asyncio.wait_for(log.checkpoint_async("session_end"), 1.0)
+        wire = None if checkpoint is None else checkpoint.wire()
+        self._carry_out(
+            [SessionEvent(e.session, e.kind, {**e.fields, "checkpoint": wire}) for e in ended]
+        )
+        return outcome
+
+    def _on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """A signed checkpoint was committed (handed over from the log's writer thread)."""
+        wire = checkpoint.wire()
+        self._telemetry(lambda t: t.publish_checkpoint(wire), backlog=True)
+
+    def append_clinical(self, request: SessionNoteRequest) -> dict[str, Any]:
+        """A note, the immediate reaction or an adverse event: appended to the open session, or
+        to ``request.session`` (ended), as a record of its own; nothing is ever edited."""
+        actor = _verified(request)
+        log = self._require_log()
+        session = request.session
+        if session is None:
+            session = self.core.session_id
+            if session is None:
+                raise ControlError("usage", "no session is open: name one with --session ID")
+        kind = request.command.removeprefix("session_")
+        entry = request.model_dump(
+            exclude={"command", "session", "auth", "actor"}, exclude_none=True
+        )
+        log.record_clinical(session, kind, actor=actor.user, role=actor.role, entry=entry)
+        return {"session": session, "recorded": kind, "by": actor.user}
+
+    def _auth_refused(self, user: str | None, command: str, exc: AuthRefused) -> None:
+        """A request whose identity did not hold: audited (never the PIN)."""
+        self._carry_out([RecordEvent(
+            self.core.session_id, "auth_refused", user or "unidentified",
+            {"command": command, "rule": exc.rule},
+        )])  # fmt: skip
 
     def _link(self) -> DeviceLink:
         link = self.link
@@ -754,13 +887,14 @@ class Daemon:
         return log
 
     async def stop_emission(self, actor: str) -> dict[str, Any]:
-        """STOP now. Not connected, or not acknowledged in 1 s: the STOP stays wanted (re-sent
-        until acknowledged, first thing after IDENT on a reconnection) and the caller is told
-        the truth: it cannot be confirmed (exit 3), never "stopped"."""
-        self._event("stop", actor, {})
+        """STOP now, whatever request is in progress (never queued). Not connected, or not
+        acknowledged in 1 s: the STOP stays wanted (re-sent until acknowledged, first thing
+        after IDENT on a reconnection) and the caller is told the truth: it cannot be confirmed
+        (exit 3), never "stopped"."""
         link = self.link
         assert link is not None
         link.stop_now()
+        self._carry_out([RecordEvent(self.core.session_id, "stop", actor, {})])
         port = self.settings.port
         if not link.connected.is_set():
             raise LinkError(
@@ -776,355 +910,27 @@ class Daemon:
             ) from exc
         return {"stopped": True, "state": self._state_name()}
 
-    def start_session(self, request: SessionStartRequest) -> dict[str, Any]:
-        log = self._require_log()
-        if self.treatment is not None:
-            raise ControlError(
-                "refused", f"session {self.treatment.id} is still open: end it first"
-            )
-        ident = self.ident
-        if ident is None:
-            raise LinkError(f"the device on {self.settings.port} has not identified itself yet")
-        # First, so that a name typed by mistake is refused as such (it also seeds the course id).
-        check_patient_ref(request.patient_ref, self.settings.patient_ref_pattern)
-        preset = self.policy.presets[Concern(request.preset)] if request.preset else None
-        ingredient = request.ingredient.name or (preset.active_ingredient if preset else None)
-        if ingredient is None:
-            raise ControlError("usage", "name the active ingredient (--ingredient) or a --preset")
-        actor = _actor(request)
-        opened = log.start_session(
-            _session_info(request, ident, ingredient, actor),
-            device_pulse_count=self.status.pulse_count if self.status else None,
-            limits=LimitsInForce.from_policy(self.policy),
-            provenance=Provenance(
-                software_version=__version__,
-                firmware_version=".".join(str(part) for part in ident.fw),
-                device_serial=f"{ident.serial:08X}",
-                policy_name=self.policy_source.name,
-                policy_sha256=self.policy_source.sha256,
-                time_zone=self.settings.clinic.time_zone,
-            ),
-        )
-        skin = SkinType.parse(request.skin_type)
-        privacy = self.settings.privacy
-        secret = privacy.patient_key_secret
-        patient = published_patient(
-            request.patient_ref,
-            secret=secret.get_secret_value() if secret is not None else None,
-            publish_ref=privacy.publish_patient_ref,
-        )  # what leaves the device: a keyed pseudonym, nothing, or (configured) the reference
-        self.treatment = _Treatment(opened.session_id, actor.user, patient, skin)
-        self.treatment.preset = request.preset
-        self.supervisor = self._new_supervisor(ident)
-        self.params = None
-        self._pending_params = preset.params() if preset else None
-        self._session_event(
-            str(opened.session_id),
-            "started",
-            operator=actor.user,
-            patient=patient,
-            skin_type=request.skin_type,
-            concerns=list(request.concerns),
-        )
-        self._telemetry("publish_session", self._session_summary())
-        self._publish_state()
-        position = opened.position
-        return {
-            "session": opened.session_id,
-            "course": position.to_dict() if position is not None else None,
-            "warnings": [w.message for w in opened.warnings],
-            "active_ingredient": ingredient,
-            "preset": request.preset,
-        }
-
-    def _treatment(self) -> _Treatment:
-        if self.treatment is None:
-            raise ControlError("refused", "no session is open: `devicectl session start` first")
-        return self.treatment
-
-    async def set_zone(self, zone_name: str, actor: Actor) -> dict[str, Any]:
-        treatment = self._treatment()
-        if self.armed or self._arming:
-            raise ControlError("refused", "disarm before changing zone")
-        zone = Zone(zone_name)
-        limit_uj = round(self.policy.zone(zone).energy_j * 1e6)
-        self._require_log().record_zone(
-            treatment.id, zone, actor=actor.user, role=actor.role, energy_limit_uj=limit_uj
-        )
-        treatment.zone = zone
-        self._session_event(str(treatment.id), "zone", zone=zone.value, energy_limit_uj=limit_uj)
-        result: dict[str, Any] = {
-            "session": treatment.id,
-            "zone": zone.value,
-            "energy_limit_uj": limit_uj,
-        }
-        if self.params is None and self._pending_params is not None:
-            # The session's preset becomes the parameters once there is a zone to check them for.
-            params, self._pending_params = self._pending_params, None
-            result |= await self._apply_params(params, treatment, actor, treatment.preset)
-        elif self.params is not None:
-            try:
-                limits = self._limits(self.params)
-            except SafetyRefusal as exc:
-                result["warning"] = f"the current parameters are not allowed here: {exc}"
-            else:  # the same parameters, under this zone's cap: recorded as such
-                self._record_params(self.params, treatment, actor, treatment.params_preset, limits)
-        self._telemetry("publish_session", self._session_summary())
-        self._publish_state()
-        return result
-
-    async def set_params(self, request: ParamsSetRequest) -> dict[str, Any]:
-        treatment = self._treatment()
-        if treatment.zone is None:
-            raise ControlError("refused", "no zone chosen: `devicectl session zone ZONE` first")
-        if self.armed or self._arming:
-            raise ControlError("refused", "disarm before changing parameters")
-        base = self.params or self._pending_params
-        preset = treatment.preset if base is not None else None
-        if request.preset is not None:
-            base = self.policy.presets[Concern(request.preset)].params()
-            preset = request.preset
-        fields: dict[str, int | None] = {
-            "energy_uj": request.energy_uj,
-            "width_us": request.width_us,
-            "rate_mhz": round(request.rate_hz * 1000) if request.rate_hz is not None else None,
-            "spot_um": request.spot_um,
-        }
-        missing = [k for k, v in fields.items() if v is None]
-        if base is None and missing:
-            raise ControlError("usage", f"give {', '.join(missing)} (or --preset)")
-        values = {k: v if v is not None else getattr(base, k) for k, v in fields.items()}
-        if any(v is not None for v in fields.values()):
-            preset = f"{preset} (modified)" if preset else None
-        return await self._apply_params(PulseParams(**values), treatment, _actor(request), preset)
-
-    def _limits(self, params: PulseParams) -> Limits:
-        """Every limit checkable before emission (section 4); SafetyRefusal names the one broken."""
-        treatment = self._treatment()
-        ident = self.ident
-        if ident is None:
-            raise LinkError(f"the device on {self.settings.port} has not identified itself yet")
-        if treatment.zone is None:
-            raise ControlError("refused", "no zone chosen: `devicectl session zone ZONE` first")
-        return check_params(ident, self.policy, treatment.skin_type, treatment.zone, params)
-
-    async def _apply_params(
-        self, params: PulseParams, treatment: _Treatment, actor: Actor, preset: str | None
-    ) -> dict[str, Any]:
-        limits = self._limits(params)
-        await self._link().request(params.as_command())
-        self.params = params
-        self._params_on_device = True
-        self._record_params(params, treatment, actor, preset, limits)
-        self._session_event(str(treatment.id), "params", **_params(params))
-        self._telemetry("publish_session", self._session_summary())
-        self._publish_state()
-        return {"params": _params(params), "fluence_j_cm2": round(params.fluence_j_cm2, 3)}
-
-    def _record_params(
-        self,
-        params: PulseParams,
-        treatment: _Treatment,
-        actor: Actor,
-        preset: str | None,
-        limits: Limits,
-    ) -> None:
-        """The parameters in force with the fluence cap they were checked against."""
-        treatment.params_preset = preset
-        self._require_log().record_params(
-            treatment.id,
-            energy_uj=params.energy_uj,
-            width_us=params.width_us,
-            rate_mhz=params.rate_mhz,
-            spot_um=params.spot_um,
-            actor=actor.user,
-            role=actor.role,
-            fluence_limit={
-                "fluence_j_cm2": round(limits.fluence_j_cm2, 4),
-                "max_fluence_j_cm2": limits.max_fluence_j_cm2,
-                "rule": limits.fluence_rule,
-                "skin_type": treatment.skin_type.name,
-                "zone": treatment.zone.value if treatment.zone else None,
-                "preset": preset,
-            },
-        )
-
-    async def arm(self, actor: Actor) -> dict[str, Any]:
-        treatment = self._treatment()
-        self._require_log()
-        supervisor = self.supervisor
-        if supervisor is None:
-            raise LinkError(f"the device on {self.settings.port} has not identified itself yet")
-        if treatment.zone is None:
-            raise ControlError("refused", "no zone chosen: `devicectl session zone ZONE` first")
-        if self.params is None:
-            raise ControlError("refused", "no parameters set: `devicectl params set ...` first")
-        if self.armed or self._arming:
-            return {"armed": True, "lease_ms": self._lease_ms}
-        limits = self._limits(self.params)
-        if supervisor.zone != treatment.zone:
-            supervisor.set_zone(treatment.zone, limits)
-        else:
-            supervisor.set_params(limits)
-        supervisor.check_arm()  # latched breach, zone or session energy spent
-        link = self._link()
-        if not self._params_on_device:  # the device rebooted since: params are gone
-            await link.request(self.params.as_command())
-            self._params_on_device = True
-        self._arming = True
-        try:
-            await link.request(Arm(self._lease_ms))
-        finally:
-            self._arming = False
-        if not self.armed:  # the ACK handler refused (see _on_reply) and sent STOP
-            raise ControlError("refused", "arming was undone: a limit changed during ARM")
-        link.start_heartbeats(self._lease_ms)
-        self._event("armed", actor.user, {"lease_ms": self._lease_ms}, role=actor.role)
-        self._session_event(str(treatment.id), "armed", lease_ms=self._lease_ms)
-        self._publish_state()
-        return {"armed": True, "lease_ms": self._lease_ms}
-
-    async def disarm(self, actor: Actor | None = None) -> dict[str, Any]:
-        link = self._link()
-        link.stop_heartbeats()
-        await link.request(Disarm())
-        if actor is not None:
-            self._event("disarmed", actor.user, {}, role=actor.role)
-        else:  # disarming needs no identity: recorded as the session's operator's console
-            self._event("disarmed", self.treatment.operator if self.treatment else "console", {})
-        if self.treatment is not None:
-            self._session_event(str(self.treatment.id), "disarmed")
-        self._publish_state()
-        return {"armed": False}
-
-    async def acknowledge(self, actor: Actor) -> dict[str, Any]:
-        signoff = actor.signoff
-        if signoff is None or signoff.role != "supervisor":  # the control layer checked it too
-            raise AuthRefused("signoff.required", "a breach acknowledgement needs a supervisor")
-        supervisor = self.supervisor
-        if supervisor is None or supervisor.latched is None:
-            raise ControlError("refused", "no breach is latched: nothing to acknowledge")
-        self._require_log()
-        reason = signoff.reason
-        breach = supervisor.acknowledge(actor.user, reason)
-        assert breach is not None
-        self._event(
-            "fault_ack",
-            actor.user,
-            {
-                "breach": breach.alert_code,
-                "pulse_no": breach.pulse_no,
-                "signed_off_by": signoff.user,
-                "signed_off_role": signoff.role,
-                "reason_code": signoff.reason_code,
-            },
-            reason=reason,
-            role=actor.role,
-        )
-        link = self.link
-        device_faulted = self.status is not None and self.status.state == DeviceState.FAULT
-        if link is not None and link.connected.is_set() and device_faulted:
-            with contextlib.suppress(DevicectlError):
-                await link.request(ClearFault())
-        if self.treatment is not None:
-            self._session_event(
-                str(self.treatment.id),
-                "ack",
-                breach=breach.alert_code,
-                operator=actor.user,
-                signed_off_by=signoff.user,
-                reason_code=signoff.reason_code,
-                reason=reason,
-            )
-        self._publish_state()
-        return {
-            "acknowledged": breach.alert_code,
-            "operator": actor.user,
-            "signed_off_by": signoff.user,
-            "reason_code": signoff.reason_code,
-            "reason": reason,
-        }
-
-    async def end_session(self, request: SessionEndRequest) -> dict[str, Any]:
-        treatment = self._treatment()
-        actor = _actor(request)
-        self._require_log()  # never report an end the log could not record
-        if (self.armed or self._arming) and self.link is not None:
-            await self.disarm(actor)
-        log = self.sessionlog
-        assert log is not None
-        summary = log.end_session(
-            treatment.id,
-            actor=actor.user,
-            role=actor.role,
-            post_care=request.post_care,
-            post_care_declined=request.post_care_declined,
-        )
-        self.treatment = None
-        self.params = None
-        self._pending_params = None
-        result = summary.to_dict()
-        ended = _mqtt_summary(summary, treatment, ended=True)
-        self._telemetry("publish_session", None)
-        self._publish_state()
-        # The ended event carries the signed checkpoint covering the session (a commit away).
-        # Everything above is settled first: another request may run during this await.
-        checkpoint: Checkpoint | None = None
-        with contextlib.suppress(DevicectlError, TimeoutError):  # the end is recorded already
-            checkpoint = await asyncio.wait_for(log.checkpoint_async("session_end"), 1.0)
-        self._session_event(
-            str(treatment.id),
-            "ended",
-            summary=ended,
-            checkpoint=None if checkpoint is None else checkpoint.wire(),
-        )
-        return result
-
-    def _on_checkpoint(self, checkpoint: Checkpoint) -> None:
-        """A signed checkpoint was committed (handed over from the log's writer thread)."""
-        self._telemetry("publish_checkpoint", checkpoint.wire())
-
-    def append_clinical(self, request: SessionNoteRequest) -> dict[str, Any]:
-        """A note, the immediate reaction or an adverse event: appended to the open session, or
-        to ``request.session`` (ended), as a record of its own; nothing is ever edited."""
-        actor = _actor(request)
-        log = self._require_log()
-        session = request.session
-        if session is None:
-            if self.treatment is None:
-                raise ControlError("usage", "no session is open: name one with --session ID")
-            session = self.treatment.id
-        kind = request.command.removeprefix("session_")
-        entry = request.model_dump(
-            exclude={"command", "session", "auth", "actor"}, exclude_none=True
-        )
-        log.record_clinical(session, kind, actor=actor.user, role=actor.role, entry=entry)
-        return {"session": session, "recorded": kind, "by": actor.user}
-
-    def _auth_refused(self, user: str | None, command: str, exc: AuthRefused) -> None:
-        """A request whose identity did not hold: audited (never the PIN)."""
-        self._event("auth_refused", user or "unidentified", {"command": command, "rule": exc.rule})
-
     def _remote_stop(self) -> None:
         """``cmd/stop`` over MQTT: stopping is always safe, so it needs no authority here. Not
         connected: it goes out first thing after IDENT on the reconnection."""
         if self.link is not None:
             self.link.stop_now()
-        self._event("stop", "mqtt", {})
+        self._carry_out([RecordEvent(self.core.session_id, "stop", "mqtt", {})])
 
     def _remote_refused(self, burst: RefusedBurst) -> None:
         """A burst of ``cmd/*`` but stop: refused (telemetry raises the alert), audited here, one
         record per burst with its count."""
-        self._event("remote_command_refused", "mqtt", burst.audit_detail())
+        self._carry_out([RecordEvent(
+            self.core.session_id, "remote_command_refused", "mqtt", burst.audit_detail()
+        )])  # fmt: skip
 
     def _remote_ignored(self, command: str, payload: bytes) -> None:
         """A retained ``cmd/stop`` found at subscription: stale, not obeyed, audited all the
         same."""
-        self._event(
-            "remote_command_ignored",
-            "mqtt",
+        self._carry_out([RecordEvent(
+            self.core.session_id, "remote_command_ignored", "mqtt",
             {"command": command, "bytes": len(payload), "why": "retained: not a live request"},
-        )
+        )])  # fmt: skip
 
     def _log_failed_threadsafe(self, loop: asyncio.AbstractEventLoop, exc: LogUnavailable) -> None:
         """Called from the log's writer thread."""
@@ -1148,118 +954,116 @@ class Daemon:
         if self._log_failure_reported:
             return
         self._log_failure_reported = True
-        if self.link is not None and (self.armed or self._arming):
+        if self.link is not None and (self.core.armed or self.core.arming):
             self.link.stop_now()
-        self._alert("critical", "log_unavailable", str(exc))
+        session = self.core.session_id
+        sid = None if session is None else str(session)
+        self._telemetry(
+            lambda t: t.publish_alert("critical", "log_unavailable", str(exc), session=sid),
+            backlog=True,
+        )
         self._log.error("session_log_unavailable", error=str(exc))
 
     # ------------------------------------------------------------------ reporting
 
     def _state_name(self) -> str:
-        if self.status is None:
+        status = self.core.status
+        if status is None:
             return "unknown"
-        return DeviceState(self.status.state).name.lower()
+        return DeviceState(status.state).name.lower()
 
     def describe(self) -> dict[str, Any]:
-        status = self.status
+        core = self.core
+        status = core.status
         link = self.link
-        treatment = self.treatment
-        latched = self.supervisor.latched if self.supervisor else None
+        ledger = core.ledger
+        latched = core.latched
+        device_fault = core.device_fault
         return {
             "version": __version__,
             "connected": bool(link and link.connected.is_set()),
             "port": self.settings.port,
-            "device_serial": f"{self.ident.serial:08X}" if self.ident else None,
+            "device_serial": f"{core.ident.serial:08X}" if core.ident else None,
             "state": self._state_name(),
-            "armed": self.armed,
-            "interlocks_open": _interlock_names(status.interlocks) if status else [],
-            "faults": _fault_names(status.faults) if status else [],
+            "armed": core.armed,
+            "interlocks_open": interlock_names(status.interlocks) if status else [],
+            "faults": fault_names(status.faults) if status else [],
             "pulse_count": status.pulse_count if status else None,
             "head_temp_c": status.head_temp_cdeg / 100 if status else None,
             "skin_temp_c": status.skin_temp_cdeg / 100 if status else None,
-            "footswitch": self.footswitch,
-            "params": _params(self.params) if self.params else None,
-            "session": treatment.id if treatment else None,
-            "zone": treatment.zone.value if treatment and treatment.zone else None,
-            "session_pulses": treatment.pulses if treatment else 0,
-            "energy_by_zone_uj": dict(treatment.energy_by_zone_uj) if treatment else {},
-            "breach_latched": _breach_dict(latched) if latched else None,
+            "footswitch": core.footswitch,
+            "params": params_dict(core.chosen) if core.chosen else None,
+            "params_acknowledged": params_dict(core.acked) if core.acked else None,
+            "session": ledger.id if ledger else None,
+            "zone": core.zone.value if core.zone else None,
+            "session_pulses": ledger.pulses if ledger else 0,
+            "energy_by_zone_uj": dict(ledger.energy_by_zone_uj) if ledger else {},
+            "breach_latched": (
+                latched.as_dict() | {"session": core.latch_session, "clears_with": ACK_COMMAND}
+                if latched
+                else None
+            ),
+            "device_fault_latched": (
+                {"faults": fault_names(device_fault), "clears_with": ACK_COMMAND}
+                if device_fault
+                else None
+            ),
+            "request_in_progress": core.busy,
             "log_ok": bool(self.sessionlog and self.sessionlog.healthy),
             "sim_control": str(self.sim_control) if self.sim_control else None,
             "link": link.stats if link else {},
         }
 
-    def _event(
-        self,
-        kind: str,
-        actor: str,
-        detail: dict[str, Any],
-        reason: str | None = None,
-        *,
-        role: str | None = None,
-    ) -> None:
-        if self.sessionlog is None:
-            return
-        session = self.treatment.id if self.treatment else None
-        self.sessionlog.record_event(session, kind, actor, detail, reason, role=role)
-
-    def _alert(
-        self,
-        severity: str,
-        code: str,
-        message: str,
-        *,
-        value: float | None = None,
-        limit: float | None = None,
-    ) -> None:
-        session = str(self.treatment.id) if self.treatment else None
-        level = _ALERT_SEVERITY.get(severity, "critical")
-        self._telemetry("publish_alert", level, code, message, value, limit, session)
-
-    def _telemetry(self, method: str, *args: Any, **kwargs: Any) -> None:
+    def _telemetry(self, call: Callable[[TelemetrySink], None], *, backlog: bool = False) -> None:
         """Hand a message to telemetry. Its failure is logged and never reaches the caller:
         the laser, the supervisor and the session log do not depend on the network. Before
-        telemetry has started, alerts and session events wait for it (state and session
-        summaries are published afresh when it starts)."""
+        telemetry has started, alerts and session events (``backlog``) wait for it (state and
+        session summaries are published afresh when it starts)."""
         telemetry = self.telemetry
         if telemetry is None:
-            if method in _BACKLOGGED and self.settings.mqtt.url:
+            if backlog and self.settings.mqtt.url:
                 if len(self._telemetry_backlog) < _BACKLOG_MAX:
-                    self._telemetry_backlog.append((method, args, kwargs))
+                    self._telemetry_backlog.append(call)
                 else:
-                    self._log.error("telemetry_backlog_full", method=method, max=_BACKLOG_MAX)
+                    self._log.error("telemetry_backlog_full", max=_BACKLOG_MAX)
             return
         try:
-            getattr(telemetry, method)(*args, **kwargs)
+            call(telemetry)
         except Exception as exc:  # noqa: BLE001
-            self._log.error("telemetry_failed", method=method, error=str(exc))
+            self._log.error("telemetry_failed", error=str(exc))
 
-    def _session_event(self, session_id: str, kind: str, **fields: Any) -> None:
-        self._telemetry("publish_session_event", session_id, kind, **fields)
+    def _alert(self, alert: Alert) -> None:
+        session = None if alert.session is None else str(alert.session)
+        self._telemetry(
+            lambda t: t.publish_alert(
+                alert.severity, alert.code, alert.message, alert.value, alert.limit, session
+            ),
+            backlog=True,
+        )
+
+    def _session_event(
+        self, session: int, kind: SessionEventKind, fields: Mapping[str, Any]
+    ) -> None:
+        sid, details = str(session), dict(fields)
+        self._telemetry(lambda t: t.publish_session_event(sid, kind, **details), backlog=True)
 
     def _publish_state(self) -> None:
         if self.telemetry is None:
             return
-        status = self.status
+        core = self.core
+        status = core.status
         connected = self.link is not None and self.link.connected.is_set()
-        params = self.params
+        params = core.chosen
+        session = core.session_id
         self._telemetry(
-            "publish_state",
-            state=DeviceState(status.state) if status and connected else "UNKNOWN",
-            interlocks=status.interlocks if status else 0,
-            faults=status.faults if status else 0,
-            params=(
-                {
-                    "energy_uj": params.energy_uj,
-                    "width_us": params.width_us,
-                    "rate_mhz": params.rate_mhz,
-                    "spot_um": params.spot_um,
-                }
-                if params
-                else None
-            ),
-            armed=self.armed,
-            session=str(self.treatment.id) if self.treatment else None,
+            lambda t: t.publish_state(
+                state=DeviceState(status.state) if status and connected else "UNKNOWN",
+                interlocks=status.interlocks if status else 0,
+                faults=status.faults if status else 0,
+                params=_wire_params(params) if params else None,
+                armed=core.armed,
+                session=None if session is None else str(session),
+            )
         )
 
     async def _periodic(self) -> None:
@@ -1271,51 +1075,72 @@ class Daemon:
             elapsed, last = now - last, now
             pulses, energy = self._pulses_since_metrics, self._energy_since_metrics
             self._pulses_since_metrics = self._energy_since_metrics = 0
-            if self._sim_memory is not None:
-                try:
-                    self._sim_memory.save(self.sim_runner.board)
-                except OSError as exc:
-                    self._log.warning("simulator_memory_not_saved", error=str(exc))
+            try:
+                self.device.tick()
+            except OSError as exc:
+                self._log.warning("simulator_memory_not_saved", error=str(exc))
             if self.telemetry is None:
                 continue
-            status = self.status
-            self._telemetry(
-                "publish_metrics",
-                rate_hz=pulses / elapsed,
-                avg_power_w=energy / 1e6 / elapsed,
+            self._publish_metrics(pulses / elapsed, energy / 1e6 / elapsed)
+
+    def _publish_metrics(self, rate_hz: float, avg_power_w: float) -> None:
+        status = self.core.status
+        counters = self.link.stats if self.link else {}
+        self._telemetry(
+            lambda t: t.publish_metrics(
+                rate_hz=rate_hz,
+                avg_power_w=avg_power_w,
                 skin_temp_c=status.skin_temp_cdeg / 100 if status else None,
                 head_temp_c=status.head_temp_cdeg / 100 if status else None,
-                counters=self.link.stats if self.link else {},
+                counters=counters,
             )
-            if self.treatment is not None:
-                self._telemetry("refresh_session", self._session_summary())
+        )
+        summary = self._session_summary()
+        if summary is not None:
+            self._telemetry(lambda t: t.refresh_session(summary))
 
-    def _session_summary(self) -> dict[str, Any]:
-        treatment = self.treatment
-        assert treatment is not None
-        by_zone = dict(treatment.energy_by_zone_uj)
-        return {
-            "session": str(treatment.id),
-            "operator": treatment.operator,
-            "patient": treatment.patient,
-            "skin_type": treatment.skin_type.name,
-            "zone": treatment.zone.value if treatment.zone else None,
-            "started": datetime.fromtimestamp(treatment.started, UTC),
-            "pulses": treatment.pulses,
-            "energy_uj": sum(by_zone.values()),
-            "energy_uj_by_zone": by_zone,
-            "duration_s": round(time.time() - treatment.started, 3),
-            "faults": treatment.faults,
-        }
+    def _publish_session(self) -> None:
+        summary = self._session_summary()
+        self._telemetry(lambda t: t.publish_session(summary))
+
+    def _session_summary(self) -> dict[str, Any] | None:
+        """The live ``session`` topic: the core's ledger, in the MQTT contract's shape."""
+        core = self.core
+        return core.contract_summary(time.time_ns())
 
 
-def _actor(request: Any) -> Actor:
+def _verified(request: Any) -> Actor:
     """The verified actor the control layer put on ``request`` (it refuses one without)."""
     actor = request.actor
     if actor is None:
         raise AuthRefused("auth.required", f"{request.command} needs an identified user")
     assert isinstance(actor, Actor)
     return actor
+
+
+def _ack_fault(user: str, request: FaultAckRequest) -> AckFault:
+    """A breach acknowledgement: only with a supervisor's sign-off (the control layer checked it;
+    checked again here, where it is acted on)."""
+    signoff = _verified(request).signoff
+    if signoff is None or signoff.role != "supervisor":
+        raise AuthRefused("signoff.required", "a breach acknowledgement needs a supervisor")
+    return AckFault(
+        user,
+        signoff.reason,
+        {
+            "signed_off_by": signoff.user,
+            "signed_off_role": signoff.role.value,
+            "reason_code": signoff.reason_code,
+        },
+    )
+
+
+def _preset_of(policy: Policy, params: PulseParams) -> str | None:
+    """The policy preset these parameters are exactly, if any (else they are the operator's)."""
+    for concern, preset in policy.presets.items():
+        if preset.params() == params:
+            return concern.value
+    return None
 
 
 def _session_info(
@@ -1366,19 +1191,14 @@ def _session_info(
     return info
 
 
-def _mqtt_summary(summary: Any, treatment: _Treatment | None, *, ended: bool) -> dict[str, Any]:
-    """The session log's closing summary in the MQTT contract's shape (``SessionSummary``);
-    without the live treatment (a session a restart closed as interrupted) it has no operator,
-    patient, skin type or zone."""
+def _interrupted_summary(summary: Summary) -> dict[str, Any]:
+    """A session a restart closed as interrupted, in the MQTT contract's shape (the log's
+    summary: no operator, patient, skin type or zone survive the restart)."""
     by_zone = {str(zone): int(uj) for zone, uj in summary.energy_per_zone_uj.items()}
     return {
         "session": str(summary.session_id),
-        "operator": treatment.operator if treatment else None,
-        "patient": treatment.patient if treatment else None,
-        "skin_type": treatment.skin_type.name if treatment else None,
-        "zone": treatment.zone.value if treatment and treatment.zone else None,
         "started": datetime.fromtimestamp(summary.started_ns / 1e9, UTC),
-        "ended": datetime.fromtimestamp(summary.ended_ns / 1e9, UTC) if ended else None,
+        "ended": datetime.fromtimestamp(summary.ended_ns / 1e9, UTC),
         "pulses": summary.pulses,
         "energy_uj": sum(by_zone.values()),
         "energy_uj_by_zone": by_zone,
@@ -1388,40 +1208,25 @@ def _mqtt_summary(summary: Any, treatment: _Treatment | None, *, ended: bool) ->
     }
 
 
-def _params(params: PulseParams) -> dict[str, Any]:
+def _wire_params(params: PulseParams) -> dict[str, int]:
     return {
         "energy_uj": params.energy_uj,
         "width_us": params.width_us,
-        "rate_hz": params.rate_mhz / 1000,
+        "rate_mhz": params.rate_mhz,
         "spot_um": params.spot_um,
     }
 
 
-def _breach_dict(breach: Breach) -> dict[str, Any]:
-    return {
-        "code": breach.alert_code,
-        "severity": breach.severity.value,
-        "value": breach.value,
-        "limit": breach.limit,
-        "unit": breach.unit,
-        "detail": breach.detail,
-        "pulse_no": breach.pulse_no,
-        "message": breach.message,
-    }
-
-
-def _code_name(code: int) -> str:
-    try:
-        return FaultCode(code).name.lower()
-    except ValueError:
-        return f"fault_{code}"
-
-
-async def run_daemon(settings: Settings, *, ready: Callable[[Daemon], None] | None = None) -> int:
+async def run_daemon(
+    settings: Settings,
+    *,
+    device: DeviceSource | None = None,
+    ready: Callable[[Daemon], None] | None = None,
+) -> int:
     """Run until SIGTERM or SIGINT; 0 on a clean stop."""
     loop = asyncio.get_running_loop()
     notifier = SystemdNotifier()
-    async with Daemon(settings, notifier=notifier) as daemon:
+    async with Daemon(settings, device=device, notifier=notifier) as daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.request_stop)
         notifier.ready(f"supervising {settings.port}")

@@ -20,9 +20,9 @@ all, then :class:`~devicectl.errors.LinkLost` and a reconnect. NAK raises
 (``stale_replies``) and ignored. Retransmission is driven by loop timers, not by the caller's
 coroutine, so that :meth:`DeviceLink.stop_now` can cancel it synchronously.
 
-STOP, refining section 3. :meth:`DeviceLink.stop_now` is synchronous: it writes STOP at once, ahead
-of anything queued, and re-sends it (same SEQ) until ACKed. A command in flight at that moment is
-*abandoned*, never re-sent: the device only remembers the last command it answered, so an ARM
+STOP, refining docs/protocol.md. :meth:`DeviceLink.stop_now` is synchronous: it writes STOP at once,
+ahead of anything queued, and re-sends it (same SEQ) until ACKed. A command in flight at that moment
+is *abandoned*, never re-sent: the device only remembers the last command it answered, so an ARM
 re-sent after the STOP would be executed afresh and re-arm the laser. Its caller gets
 :class:`SupersededByStop` — it cannot know whether the device executed it before the STOP, and the
 STOP has undone it either way. Commands that were *waiting* to be sent when STOP was called are
@@ -243,7 +243,6 @@ class DeviceLink:
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._heartbeat: asyncio.Task[None] | None = None
-        self._heartbeat_lease_ms = 0
         self._closing = False
 
         self.frames_events = 0
@@ -340,7 +339,6 @@ class DeviceLink:
         self.stop_heartbeats()
         if self._tg is None or self._closing:
             raise LinkError(f"the link to {self.port} is not running")
-        self._heartbeat_lease_ms = lease_ms
         self._heartbeat = self._tg.create_task(
             self._heartbeats(lease_ms), name="device-link-heartbeat"
         )
@@ -487,7 +485,7 @@ class DeviceLink:
                 self._stop_done.set_result(None)
         if self._on_reply_hook is not None:
             # Before any later frame of this chunk is handled: the daemon's "armed" flips exactly
-            # at ARM's ACK and at the ACK of STOP or DISARM (section 4, rule 1).
+            # at ARM's ACK and at the ACK of STOP or DISARM (docs/safety-model.md, rule 1).
             try:
                 self._on_reply_hook(pending.type, reply)
             except Exception:  # noqa: BLE001 - a handler bug must not leave the laser unsupervised

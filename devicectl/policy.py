@@ -156,10 +156,6 @@ class PulseParams:
     def as_command(self) -> SetParams:
         return SetParams(self.energy_uj, self.width_us, self.rate_mhz, self.spot_um)
 
-    @classmethod
-    def from_command(cls, command: SetParams) -> PulseParams:
-        return cls(command.energy_uj, command.width_us, command.rate_mhz, command.spot_um)
-
 
 SkinTypeKey = Annotated[SkinType, BeforeValidator(SkinType.parse)]
 _STRICT = ConfigDict(frozen=True, extra="forbid")

@@ -1,4 +1,4 @@
-"""The safety supervisor: docs/safety-model.md, in one place.
+"""The safety supervisor: the rules of docs/safety-model.md, in one place.
 
 Two halves:
 
@@ -17,8 +17,11 @@ Rules on a PULSE, in this order (the first that fails is the verdict)::
 
     1 uncommanded_emission     pulse while not armed (armed = from ARM's ACK to STOP/DISARM's ACK)
     2 energy_out_of_tolerance  100·|E - setpoint| > tolerance_pct · setpoint
-    3 over_rate                interval by t_us (u32, wraps) < min_interval_pct % of the period
-    4 average_power            Σ energy of pulses with t_now - t < 1 s  >  P_max · 1 s
+    3 over_rate                interval by t_us (u32, wraps) < min_interval_pct % of the period;
+                               after k missing pulse numbers, < (k + 1) × that (k + 1 periods
+                               passed: if they do not fit, at least one interval was too short)
+    4 average_power            Σ energy of pulses with t_now - t < 1 s  >  P_max · 1 s, missing
+                               pulses counted at the device's max energy at this pulse's time
     5 zone_energy              zone total (with this pulse) > zone limit
       session_energy           session total > session limit
     6 pulse_gap                missing pulse_no charged at the device's max energy, then as 5
@@ -49,7 +52,7 @@ from devicectl.policy import (
     fluence_j_cm2,
     spot_area_cm2,
 )
-from protocols.messages import INTERLOCK_NAMES, DeviceState, FaultCode, Ident
+from protocols.messages import DeviceState, Ident, describe_fault, interlock_names
 
 __all__ = [
     "AcknowledgementRefused",
@@ -151,6 +154,7 @@ class Breach:
             "value": self.value,
             "limit": self.limit,
             "unit": self.unit,
+            "detail": self.detail,
             "pulse_no": self.pulse_no,
             "message": self.message,
         }
@@ -176,8 +180,11 @@ class Breach:
 
     @property
     def message(self) -> str:
-        """One line for a clinician: what, the value, the limit."""
+        """One line for a clinician: what, the value, the limit (a breach of state, with no
+        measure to compare, says what happened: "device_fault: the device latched ...")."""
         where = f" at pulse {self.pulse_no}" if self.pulse_no is not None else ""
+        if not self.unit and not self.limit:
+            return f"{self.alert_code}{where}: {self.detail}"
         sep = " " if self.unit else ""
         return (
             f"{self.alert_code}{where}: {self.value:g}{sep}{self.unit} "
@@ -378,6 +385,7 @@ class SafetySupervisor:
         "_session_uj",
         "_skin_max_cdeg",
         "_win_cap",
+        "_win_carry",
         "_win_e",
         "_win_head",
         "_win_len",
@@ -403,6 +411,7 @@ class SafetySupervisor:
         self._win_head = 0
         self._win_len = 0
         self._win_sum = 0
+        self._win_carry = 0  # charged to the window with the next pulse (no device time known)
         self._win_max_uj = math.floor(session.max_average_power_w * WINDOW_US)
         self._device_max_uj = session.device_max_energy_uj
         self._session_max_uj = math.floor(session.session_energy_j * 1e6)
@@ -447,9 +456,15 @@ class SafetySupervisor:
             self._missed += missing
             gap_uj = missing * self._device_max_uj
             self._gap_uj += gap_uj
+            # k pulses missing: k + 1 periods must have passed (rule 3); they count in the window
+            # at the device's maximum energy, now (rule 4).
+            min_interval = self._min_interval_us * (missing + 1)
+            charged = energy_uj + gap_uj
         else:
             missing = 0
             gap_uj = 0
+            min_interval = self._min_interval_us
+            charged = energy_uj
 
         last_t = self._last_t_us
         self._last_t_us = t_us
@@ -473,12 +488,15 @@ class SafetySupervisor:
         if n == cap:
             head = self._fold(head)
             n -= 1
+        elif not n and self._win_carry:  # lost pulses found while the window was empty
+            charged += self._win_carry
+            self._win_carry = 0
         tail = head + n
         if tail >= cap:
             tail -= cap
         win_t[tail] = t_us
-        win_e[tail] = energy_uj
-        total += energy_uj
+        win_e[tail] = charged
+        total += charged
         self._win_head = head
         self._win_len = n + 1
         self._win_sum = total
@@ -488,12 +506,12 @@ class SafetySupervisor:
         self._zone_uj = zone_uj + gap_uj
         self._session_uj = session_uj + gap_uj
 
-        # The verdict, in section 4's order.
+        # The verdict, in the order of docs/safety-model.md.
         if not self._armed:
             return self._pulse_breach(BreachCode.UNCOMMANDED_EMISSION, pulse_no, energy_uj)
         if energy_uj < self._energy_lo or energy_uj > self._energy_hi:
             return self._pulse_breach(BreachCode.ENERGY_OUT_OF_TOLERANCE, pulse_no, energy_uj)
-        if interval < self._min_interval_us:
+        if interval < min_interval:
             return self._pulse_breach(BreachCode.OVER_RATE, pulse_no, interval)
         if total > self._win_max_uj:
             return self._pulse_breach(BreachCode.AVERAGE_POWER, pulse_no, total)
@@ -552,7 +570,7 @@ class SafetySupervisor:
         self._configured = False
         self._energy_lo, self._energy_hi, self._min_interval_us = 0, _NO_LIMIT, 0
         self._last_t_us = -1
-        self._win_head = self._win_len = self._win_sum = 0
+        self._win_head = self._win_len = self._win_sum = self._win_carry = 0
         if not was_armed:
             return 0
         return self._breach(
@@ -569,13 +587,7 @@ class SafetySupervisor:
         self._armed = False
         if not was_armed:
             return 0
-        try:
-            name = FaultCode(code).name
-        except ValueError:
-            name = f"fault {code}"
-        return self._breach(
-            BreachCode.DEVICE_FAULT, code, 0, "", f"the device raised {name} (detail {detail})"
-        )
+        return self._breach(BreachCode.DEVICE_FAULT, code, 0, "", describe_fault(code, detail))
 
     # ------------------------------------------------------------ the breach path (not hot)
 
@@ -624,7 +636,7 @@ class SafetySupervisor:
         elif code is BreachCode.HEAD_OVERTEMP:
             args = (value / 100, self._session.head_temp_max_c, "°C", "handpiece temperature")
         elif code is BreachCode.INTERLOCK_OPEN:
-            names = ", ".join(n for n, bit in INTERLOCK_NAMES.items() if bit & interlocks)
+            names = ", ".join(interlock_names(interlocks))
             args = (float(value), 0.0, "", f"interlock open while armed: {names}")
         elif code is BreachCode.DEVICE_FAULT:
             args = (float(value), 0.0, "", "the device reports FAULT while armed")
@@ -746,17 +758,49 @@ class SafetySupervisor:
         self._reported = 0
         return latched
 
-    def resume(self, last_pulse_no: int, zone_energy_uj: Mapping[Zone, int] | None = None) -> None:
-        """Continue a session after a daemon restart: the device's pulse count (so later gaps
-        are charged) and the energy already delivered per zone, from the session log."""
-        self._last_pulse_no = last_pulse_no
-        if zone_energy_uj is not None:
-            self._zone_totals = dict(zone_energy_uj)
-            self._session_uj = sum(self._zone_totals.values())
-            if self._zone is not None:
-                self._zone_uj = self._zone_totals.get(self._zone, 0)
-                self._zone_totals.pop(self._zone, None)
-                self._session_uj = sum(self._zone_totals.values()) + self._zone_uj
+    def follow_on(self, last_pulse_no: int) -> None:
+        """Pulse numbers up to ``last_pulse_no`` are accounted for already (by the supervisor this
+        one replaces, or the log's reconciliation): a later gap is charged from there."""
+        self._last_pulse_no = max(self._last_pulse_no, last_pulse_no)
+
+    def charge_gap(self, first: int, last: int) -> int:
+        """Pulses ``first..last`` were fired and never seen as PULSE events (a STATUS counted
+        them, or the link was down): charge each at the device's maximum energy to the zone and
+        session budgets and to the 1 s power window, now — at the newest device time known (the
+        last pulse's), or with the next pulse when none is in the window. Returns 0, or the
+        verdict: ``pulse_gap`` if a budget is over, ``average_power`` if the window is."""
+        if last < first:
+            return 0
+        missing = last - first + 1
+        self._last_pulse_no = max(self._last_pulse_no, last)
+        gap_uj = missing * self._device_max_uj
+        self._missed += missing
+        self._gap_uj += gap_uj
+        self._zone_uj += gap_uj
+        self._session_uj += gap_uj
+        if self._win_len:
+            tail = (self._win_head + self._win_len - 1) % self._win_cap
+            self._win_e[tail] += gap_uj
+            self._win_sum += gap_uj
+        else:
+            self._win_carry += gap_uj
+        if self._zone_uj > self._zone_max_uj or self._session_uj > self._session_max_uj:
+            zone_over = self._zone_uj > self._zone_max_uj
+            total = self._zone_uj if zone_over else self._session_uj
+            limit = self._zone_max_uj if zone_over else self._session_max_uj
+            return self._breach(
+                BreachCode.PULSE_GAP, total / 1e6, limit / 1e6, "J",
+                f"{missing} missing pulse(s) charged at {self._device_max_uj} µJ each take the "
+                f"{'zone' if zone_over else 'session'} energy over its limit",
+            )  # fmt: skip
+        window = self._win_sum + self._win_carry
+        if window > self._win_max_uj:
+            return self._breach(
+                BreachCode.AVERAGE_POWER, window / 1e6, self._win_max_uj / 1e6, "W",
+                f"average power over the last 1 s, with {missing} missing pulse(s) charged at "
+                f"{self._device_max_uj} µJ each",
+            )  # fmt: skip
+        return 0
 
     # ------------------------------------------------------------ read-only views
 

@@ -36,7 +36,7 @@ from typing import Annotated, Any
 import structlog
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from devicectl.errors import DevicectlError
 
@@ -44,8 +44,11 @@ __all__ = [
     "ACK_REASON_CODES",
     "LOCKOUT_S",
     "MAX_FAILURES",
+    "MAX_WAITING_CHECKS",
     "MIN_PIN_LENGTH",
     "OVERRIDE_REASON_CODES",
+    "READABLE",
+    "RESERVED_USER_IDS",
     "USERS_FILENAME",
     "USER_ID_PATTERN",
     "Actor",
@@ -65,7 +68,13 @@ USER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{1,31}$"
 MIN_PIN_LENGTH = 6
 MAX_FAILURES = 5
 LOCKOUT_S = 300.0
+MAX_WAITING_CHECKS = 8  # PIN checks queued at once (one runs at a time: about 0.2 s each)
 _FILE_MODE = 0o600
+# The names the records give the system (and its own parts) as actors: never a user's id, or a
+# user would read as the system and the system's acts as theirs.
+RESERVED_USER_IDS = frozenset(
+    {"devicectl", "device", "mqtt", "supervisor", "operator", "unidentified", "console", "log"}
+)
 
 # Why a supervisor lets a treatment go ahead despite a contraindication answered yes.
 OVERRIDE_REASON_CODES: dict[str, str] = {
@@ -109,6 +118,25 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Text people read later (terminal, report, broker): no control characters (a line break could
+# forge a line, an escape sequence recolour or hide what follows, a direction override reverse
+# it) and not blank.
+_UNREADABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _readable(text: str) -> str:
+    if _UNREADABLE.search(text):
+        raise ValueError(
+            "control characters (line breaks, tabs, terminal escapes, direction overrides) are "
+            "not accepted in text people read"
+        )
+    if not text.strip():
+        raise ValueError("the text is blank")
+    return text
+
+
+READABLE = AfterValidator(_readable)
+
 UserId = Annotated[str, Field(pattern=USER_ID_PATTERN)]
 Pin = Annotated[str, Field(min_length=1, max_length=128)]
 
@@ -127,7 +155,7 @@ class SignOffCredentials(_Frozen):
     user: UserId | None = None
     pin: Pin | None = Field(default=None, repr=False)
     reason_code: Annotated[str, Field(min_length=1, max_length=64)]
-    reason: Annotated[str, Field(min_length=10, max_length=500)]
+    reason: Annotated[str, Field(min_length=10, max_length=500), READABLE]
 
 
 class SignOff(_Frozen):
@@ -215,6 +243,10 @@ class UserStore:
             raise UserStoreError(
                 f"user id {user_id!r} is not accepted: 2-32 letters, digits, '.', '_' or '-'"
             )
+        if user_id.casefold() in RESERVED_USER_IDS:
+            raise UserStoreError(
+                f"user id {user_id!r} is reserved: the records name the system with it"
+            )
         try:
             role = Role(role)
         except ValueError:
@@ -231,6 +263,13 @@ class UserStore:
             if user_id in users:
                 raise UserStoreError(
                     f"user {user_id} exists already (ids are never reused: records name them)"
+                )
+            # Records and reports would tell two people apart by letter case only.
+            alike = [u for u in users if u.casefold() == user_id.casefold()]
+            if alike:
+                raise UserStoreError(
+                    f"user id {user_id} differs from the registered {alike[0]} only in letter "
+                    "case: choose an id a reader cannot take for theirs"
                 )
             users[user_id] = user
         return user
@@ -318,6 +357,12 @@ class Authenticator:
         self._clock = clock
         self._log = log or structlog.get_logger("devicectl.users")
         self._failures: dict[str, tuple[int, float]] = {}  # user -> (count, last failure)
+        self._in_flight: dict[str, int] = {}  # user -> PIN checks started, not yet answered
+        # One argon2 check at a time: it is meant to take one of the two cores, not all of them
+        # (twenty requests at once ran six checks in parallel and starved every other process,
+        # `devicectl stop` included). Bounded: beyond it a request is refused, never queued.
+        self._checking = asyncio.Semaphore(1)
+        self._waiting = 0
 
     async def actor(
         self,
@@ -404,13 +449,37 @@ class Authenticator:
                 f"user {user_id} is locked for {LOCKOUT_S - (now - last):.0f} s after "
                 f"{count} wrong PINs",
             )
+        # Checks still in flight count as failures until answered: guesses sent in parallel
+        # must not all pass the test above before the first of them is counted.
+        in_flight = self._in_flight.get(user_id, 0)
+        if (count if now - last < LOCKOUT_S else 0) + in_flight >= MAX_FAILURES:
+            raise AuthRefused(
+                "auth.locked",
+                f"user {user_id} has {in_flight} PIN checks in progress after {count} wrong "
+                "PINs: try again when they are answered",
+            )
+        if self._waiting >= MAX_WAITING_CHECKS:
+            raise AuthRefused(
+                "auth.busy", f"{self._waiting} PIN checks are waiting already: try again"
+            )
+        self._in_flight[user_id] = in_flight + 1
+        self._waiting += 1
         try:
-            user = await asyncio.to_thread(self.store.verify, user_id, pin)
+            async with self._checking:
+                user = await asyncio.to_thread(self.store.verify, user_id, pin)
         except AuthRefused as exc:
             if exc.rule != "auth.unknown_user":  # bounded: only registered users are counted
+                count, last = self._failures.get(user_id, (0, 0.0))  # as it is now
+                now = self._clock()
                 self._failures[user_id] = (count + 1 if now - last < LOCKOUT_S else 1, now)
             raise
         except UserStoreError as exc:
             raise AuthRefused("auth.user_file", str(exc)) from None
+        finally:
+            self._waiting -= 1
+            if self._in_flight[user_id] > 1:
+                self._in_flight[user_id] -= 1
+            else:
+                del self._in_flight[user_id]
         self._failures.pop(user_id, None)
         return user

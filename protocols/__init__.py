@@ -49,7 +49,10 @@ from protocols.messages import (
     StatusReport,
     Stop,
     decode_message,
+    describe_fault,
     expected_length,
+    fault_names,
+    interlock_names,
 )
 
 __all__ = [
@@ -103,6 +106,9 @@ __all__ = [
     "Stop",
     "crc16",
     "decode_message",
+    "describe_fault",
     "encode_frame",
     "expected_length",
+    "fault_names",
+    "interlock_names",
 ]

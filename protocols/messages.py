@@ -57,7 +57,10 @@ __all__ = [
     "StatusReport",
     "Stop",
     "decode_message",
+    "describe_fault",
     "expected_length",
+    "fault_names",
+    "interlock_names",
 ]
 
 PROTO_VERSION = 1
@@ -125,6 +128,42 @@ class FaultCode(IntEnum):
     def bit(self) -> int:
         """This fault's bit in STATUS.faults (bit code-1)."""
         return 1 << (self.value - 1)
+
+
+def interlock_names(bits: int) -> list[str]:
+    """The open interlocks in a STATUS/INPUT bitmask, by the names above (``["door"]``)."""
+    return [name for name, bit in INTERLOCK_NAMES.items() if bits & bit]
+
+
+def fault_names(bits: int) -> list[str]:
+    """The faults in a STATUS.faults bitmask, lower-case (``["lease_expired"]``)."""
+    return [code.name.lower() for code in FaultCode if bits & code.bit]
+
+
+_FAULT_DETAIL: dict[int, str] = {
+    FaultCode.LEASE_EXPIRED: "the lease ran out (no heartbeat reached it in time)",
+    FaultCode.SHUTTER_STUCK: "emission went on after STOP or DISARM",
+}
+
+
+def describe_fault(code: int, detail: int) -> str:
+    """A FAULT event as a clinician reads it: "the device latched INTERLOCK_OPENED: door open"."""
+    try:
+        name = FaultCode(code).name
+    except ValueError:
+        return f"the device latched fault {code} (detail {detail})"
+    if code == FaultCode.INTERLOCK_OPENED:
+        opened = ", ".join(interlock_names(detail)) or "an interlock"
+        why = f"{opened} open"
+    elif code == FaultCode.OVERTEMP_HEAD:
+        why = f"handpiece head at {detail / 100:.1f} °C"
+    elif code == FaultCode.ENERGY_MONITOR:
+        why = f"its energy monitor measured {detail} µJ, outside ±50 % of the setpoint"
+    elif code == FaultCode.INTERNAL:
+        why = f"internal fault (detail {detail})"
+    else:
+        why = _FAULT_DETAIL[code]
+    return f"the device latched {name}: {why}"
 
 
 class NakReason(IntEnum):

@@ -270,30 +270,26 @@ class StreamSpec:
     retain: bool
     qos: int
     model: type[Envelope] | None  # None: not JSON (availability, commands)
-    durable: bool  # goes through the outbox (QoS 1 streams)
 
 
 STREAMS: dict[Stream, StreamSpec] = {
     s.stream: s
     for s in (
-        StreamSpec(Stream.AVAILABILITY, "availability", True, 1, None, durable=False),
-        StreamSpec(Stream.STATE, "state", True, 1, StatePayload, durable=True),
-        StreamSpec(Stream.SESSION, "session", True, 1, SessionPayload, durable=True),
+        StreamSpec(Stream.AVAILABILITY, "availability", True, 1, None),
+        StreamSpec(Stream.STATE, "state", True, 1, StatePayload),
+        StreamSpec(Stream.SESSION, "session", True, 1, SessionPayload),
         StreamSpec(
             Stream.SESSION_EVENTS,
             "sessions/{id}/events",
             False,
             1,
             SessionEventPayload,
-            durable=True,
         ),
-        StreamSpec(Stream.PULSES, "pulses", False, 1, PulseBatchPayload, durable=True),
-        StreamSpec(Stream.METRICS, "metrics", False, 0, MetricsPayload, durable=False),
-        StreamSpec(Stream.ALERTS, "alerts", False, 1, AlertPayload, durable=True),
-        StreamSpec(
-            Stream.LOG_CHECKPOINT, "log/checkpoint", True, 1, CheckpointPayload, durable=True
-        ),
-        StreamSpec(Stream.CMD, "cmd/{command}", False, 1, None, durable=False),
+        StreamSpec(Stream.PULSES, "pulses", False, 1, PulseBatchPayload),
+        StreamSpec(Stream.METRICS, "metrics", False, 0, MetricsPayload),
+        StreamSpec(Stream.ALERTS, "alerts", False, 1, AlertPayload),
+        StreamSpec(Stream.LOG_CHECKPOINT, "log/checkpoint", True, 1, CheckpointPayload),
+        StreamSpec(Stream.CMD, "cmd/{command}", False, 1, None),
     )
 }
 

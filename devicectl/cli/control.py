@@ -288,6 +288,7 @@ def run(
     from devicectl.config import load_settings
     from devicectl.daemon import run_daemon
     from devicectl.logs import configure_logging
+    from devicectl.simlink import device_for
 
     overrides: dict[str, Any] = {
         k: v
@@ -303,7 +304,7 @@ def run(
         raise typer.Exit(ExitCode.USAGE) from exc
     configure_logging(json=settings.log_json, level=settings.log_level)
     try:
-        code = asyncio.run(run_daemon(settings))
+        code = asyncio.run(run_daemon(settings, device=device_for(settings)))
     except KeyboardInterrupt:
         code = 0
     except ConfigError as exc:  # the policy file: a usage error, like a bad setting

@@ -22,6 +22,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from devicectl.cli.app import ExitCode, log_app, session_app, wants_json
 from devicectl.errors import LogUnavailable
@@ -348,12 +349,14 @@ def session_show(
     """
     with _reading("session show", db, data_dir) as conn:
         doc = export.session_document(conn, session_id, with_pulses=False, time_zone=time_zone)
-    if wants_json(as_json):
+    if wants_json(as_json):  # JSON escapes control characters itself
         typer.echo(json.dumps(doc, indent=2, default=str))
         return
+    doc = _visible(doc)  # on a terminal: free text shown as typed, never as markup or codes
     info, summary, course = doc["info"], doc["summary"], doc["info"]["course"]
     position, prov = doc["course_position"], doc["provenance"] or {}
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    # Free text (notes, reasons) is the clinician's, printed as typed: never read as markup.
+    console = Console(width=None if sys.stdout.isatty() else 160, markup=False)
 
     def when(ns: int) -> str:  # the clinic's time zone, as the report
         return export.local_time(ns, doc["time_zone"])[:16]
@@ -399,12 +402,15 @@ def session_show(
     for s in doc["signoffs"]:
         signed = s["signed_off_by"] or "nobody (older record)"
         console.print(
-            f"[bold red]{s['kind'].replace('_', ' ')}[/bold red] by {s['actor']}, signed off by "
-            f"{signed} ({s['reason_code'] or 'no code'}): {s['reason']}",
+            Text.assemble(
+                (s["kind"].replace("_", " "), "bold red"),
+                f" by {s['actor']}, signed off by {signed} ({s['reason_code'] or 'no code'}): "
+                f"{s['reason']}",
+            ),
             highlight=False,
         )
     for warning in doc["course_warnings"]:
-        console.print(f"[yellow]warning:[/yellow] {warning['message']}")
+        console.print(Text.assemble(("warning:", "yellow"), f" {warning['message']}"))
     if summary is not None:
         totals = Table(
             "pulses",
@@ -448,6 +454,27 @@ def session_show(
         for kind, rec, text in sorted(entries, key=lambda entry: entry[1]["seq"]):
             clinical.add_row(when(rec["at_ns"]), kind, who(rec), text)
         console.print(clinical)
+
+
+# Control characters shown as escapes: a line break or a terminal escape sequence typed into a
+# note must not reach the terminal (it could forge a line or recolour what follows).
+_CONTROLS = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)]} | {
+    0x09: "\\t",
+    0x0A: "\\n",
+    0x0D: "\\r",
+}
+_CONTROLS |= {code: f"\\u{code:04x}" for code in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
+
+
+def _visible(value: Any) -> Any:
+    """``value`` (a session document) with every string's control characters made visible."""
+    if isinstance(value, str):
+        return value.translate(_CONTROLS)
+    if isinstance(value, dict):
+        return {key: _visible(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_visible(item) for item in value]
+    return value
 
 
 @session_app.command("schema")

@@ -293,13 +293,13 @@ class DemoStack:
 
     async def _start(self) -> None:
         from devicectl.config import load_settings
-        from devicectl.daemon import Daemon
         from devicectl.dashboard import (
             Dashboard,
             DashboardConfig,
             DashboardServer,
             load_display_limits,
         )
+        from devicectl.simlink import compose
 
         stack = self._stack
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -342,7 +342,7 @@ class DemoStack:
         )
         server = await stack.enter_async_context(DashboardServer(dashboard, ("127.0.0.1", 0)))
         self.dashboard_url = server.url
-        self.daemon = await stack.enter_async_context(Daemon(settings, log=self._log))
+        self.daemon = await stack.enter_async_context(compose(settings, log=self._log))
         self._log.info(
             "demo_started",
             data_dir=str(self.data_dir),

@@ -234,7 +234,8 @@ def checklist_problems(checklist: Checklist) -> list[tuple[str, str]]:
 class CourseWarning:
     """Something about the course the operator should see before treating; never blocking."""
 
-    code: str  # "interval_short" | "interval_long" | "session_number" | "maintenance"
+    # "interval_short" | "interval_long" | "clock_behind" | "session_number" | "maintenance"
+    code: str
     message: str
 
 

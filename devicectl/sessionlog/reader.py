@@ -74,6 +74,7 @@ class LogState:
     # The detail of the last ``breach`` event not followed by a ``fault_ack``: a latch that
     # survives a restart (only an operator's acknowledgement clears it).
     unacknowledged_breach: dict[str, Any] | None = None
+    unacknowledged_breach_session: int | None = None  # the session it was recorded in
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,13 +160,14 @@ def log_state(conn: sqlite3.Connection) -> LogState:
         if int(sid) not in ended:
             state.open_session = int(sid)
     last_latch_event = conn.execute(
-        "SELECT body FROM records WHERE kind = 'event' "
+        "SELECT body, session_id FROM records WHERE kind = 'event' "
         "AND json_extract(body, '$.event') IN ('breach', 'fault_ack') ORDER BY seq DESC LIMIT 1"
     ).fetchone()
     if last_latch_event is not None:
         event = json.loads(last_latch_event[0])
         if event["event"] == "breach":
             state.unacknowledged_breach = dict(event["detail"])
+            state.unacknowledged_breach_session = last_latch_event[1]
     return state
 
 

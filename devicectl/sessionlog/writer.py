@@ -230,6 +230,10 @@ class SessionLog:
         self._stale_summary = stale_summary
         self._stale_zone = stale_zone
         self.unacknowledged_breach = state.unacknowledged_breach  # as the log was opened
+        # Where the unacknowledged breach was recorded (None: outside a session), if there is one.
+        self._breach: tuple[int | None] | None = (
+            None if state.unacknowledged_breach is None else (state.unacknowledged_breach_session,)
+        )
         self._last_status_ns: int | None = None
         self._closed = False
         # Writer-side state (the writer thread only, read elsewhere as plain attributes).
@@ -720,6 +724,38 @@ class SessionLog:
             )  # fmt: skip
         warnings: list[CourseWarning] = []
         where = f"course {course.course_id}"
+        # The recovery interval is the patient's: their last session that delivered pulses, in
+        # this course or another one typed for them.
+        last = max(
+            (
+                (entry.started_ns, entry.session_id, course_id)
+                for course_id, entries in self._courses.items()
+                for entry in entries
+                if entry.delivered and entry.patient_ref == info.patient_ref
+            ),
+            default=None,
+        )
+        clock_behind = last is not None and last[0] > now_ns
+        if clock_behind:
+            assert last is not None
+            warnings.append(
+                CourseWarning(
+                    "clock_behind",
+                    f"this session starts {(last[0] - now_ns) / _NS_PER_DAY:.1f} days before "
+                    f"session {last[1]} (course {last[2]}) of the same patient: the host "
+                    "clock is wrong or was set back; the interval cannot be checked",
+                )
+            )
+        elif last is not None and last[2] != course.course_id:
+            gap = (now_ns - last[0]) / _NS_PER_DAY
+            if gap < MIN_DAYS_BETWEEN_SESSIONS:
+                warnings.append(
+                    CourseWarning(
+                        "interval_short",
+                        f"only {gap:.1f} days since session {last[1]} (course {last[2]}) of the "
+                        f"same patient (at least {MIN_DAYS_BETWEEN_SESSIONS} advised)",
+                    )
+                )
         if position.kind == "maintenance":
             warnings.append(
                 CourseWarning(
@@ -728,6 +764,8 @@ class SessionLog:
                     f"this is maintenance session {position.number}",
                 )
             )
+        elif clock_behind:
+            pass  # said above: an interval from a clock set back means nothing
         elif days is not None and days < MIN_DAYS_BETWEEN_SESSIONS:
             warnings.append(
                 CourseWarning(
@@ -1012,11 +1050,23 @@ class SessionLog:
         facts (JSON values), ``reason`` the operator's why."""
         if not kind or not set(kind) <= _EVENT_KIND_CHARS or len(kind) > 64:
             raise InvalidSessionInfo("event kind", kind, "lower-case letters, digits, '_' or '.'")
+        detail = dict(detail)
+        if kind == "breach":
+            self._breach = (session_id,)
+        elif kind == "fault_ack":
+            # A latch outlives its session: acknowledged while another session is open (or
+            # none), the acknowledgement is still the breach's, recorded in the breach's session
+            # (or outside any, as the breach was) and naming where it was signed. Never in
+            # another patient's record.
+            breach, self._breach = self._breach, None
+            if breach is not None and breach[0] != session_id:
+                detail["during_session"] = session_id
+                session_id = breach[0]
         body = {
             "event": kind,
             "actor": actor,
             "role": role,
-            "detail": dict(detail),
+            "detail": detail,
             "reason": reason,
         }
         self._record(session_id, "event", body, host_time_ns)

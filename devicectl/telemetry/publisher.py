@@ -43,7 +43,7 @@ from devicectl.telemetry.commands import (
 from devicectl.telemetry.config import TelemetryConfig
 from devicectl.telemetry.connection import MqttConnection, MqttLinkError, MqttRefused, Will
 from devicectl.telemetry.outbox import Outbox, OutboxRow, OverflowReport
-from protocols.messages import INTERLOCK_NAMES, FaultCode
+from protocols.messages import fault_names, interlock_names
 from protocols.mqtt import (
     AVAILABILITY_OFFLINE,
     AVAILABILITY_ONLINE,
@@ -927,11 +927,11 @@ def _label(value: object) -> str | None:
 
 def _interlock_names(interlocks: int | Iterable[str]) -> list[str]:
     if isinstance(interlocks, int):
-        return [name for name, bit in INTERLOCK_NAMES.items() if interlocks & int(bit)]
+        return interlock_names(interlocks)
     return [str(name) for name in interlocks]
 
 
 def _fault_names(faults: int | Iterable[str]) -> list[str]:
     if isinstance(faults, IntFlag | int):
-        return [code.name for code in FaultCode if int(faults) & code.bit]
+        return [name.upper() for name in fault_names(int(faults))]  # the contract's spelling
     return [str(name) for name in faults]

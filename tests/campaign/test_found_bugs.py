@@ -66,6 +66,9 @@ async def _outage(drv: Driver) -> None:
 
 
 async def _rearm(drv: Driver) -> None:
+    # The outage's pulses are charged to the 1 s power window at the device's maximum energy
+    # (docs/safety-model.md, rule 4): re-arming sooner is refused by the first pulse.
+    await asyncio.sleep(1.1)
     await drv.ok("fault_ack", **ACK)
     await drv.ok("arm")
     start = drv.board.pulse_count

@@ -27,7 +27,7 @@ import pytest
 
 from benchmarks.faults import Campaign
 from devicectl.config import load_settings
-from devicectl.daemon import Daemon
+from devicectl.simlink import compose
 from tests.brokers import Broker, Pki
 from tests.conftest import IN_CI, require_tool
 from tests.daemon.conftest import TEST_POLICY
@@ -96,7 +96,7 @@ async def test_the_control_socket_is_0660_and_refuses_peers_without_permission(
         control=open_dir / "ctl.sock",
         policy=policy,
     )
-    async with Daemon(settings) as daemon:
+    async with compose(settings) as daemon:
         sock = Path(daemon.settings.control)
         info = os.stat(sock)
         assert stat.S_ISSOCK(info.st_mode)
@@ -236,7 +236,7 @@ async def test_telemetry_over_tls_with_credentials(
         mqtt__password=password,
         mqtt__device="laser1",
     )
-    async with Daemon(settings) as daemon:
+    async with compose(settings) as daemon:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 15
         while True:

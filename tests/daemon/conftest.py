@@ -16,6 +16,7 @@ from argon2.profiles import CHEAPEST
 
 from devicectl.config import load_settings
 from devicectl.daemon import Daemon
+from devicectl.simlink import compose
 from devicectl.users import UserStore
 from simulator.control import apply_command, parse_command
 
@@ -190,7 +191,7 @@ class Driver:
         """Apply a sim-control command, returning once the board has applied it. (Blocking for
         the simulator process: a local round trip of about a millisecond.)"""
         if self.sim_socket is None:
-            return apply_command(self.daemon.sim_runner, parse_command(words))
+            return apply_command(self.runner, parse_command(words))
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(10)
             sock.connect(str(self.sim_socket))
@@ -200,6 +201,11 @@ class Driver:
         assert reply["ok"], reply
         return reply["result"]
 
+    @property
+    def runner(self) -> Any:
+        """The in-process simulator's BoardRunner (in-memory mode only)."""
+        return self.daemon.device.runner  # type: ignore[attr-defined]
+
     def pulse_count(self) -> int:
         """The board's lifetime pulse counter: what was really emitted."""
         count: int = self.sim("status")["pulse_count"]
@@ -208,7 +214,7 @@ class Driver:
     @property
     def board(self) -> Any:
         """The in-process board (in-memory mode only)."""
-        return self.daemon.sim_runner.board
+        return self.runner.board
 
     async def until(self, predicate: Callable[[], object], timeout: float = 10.0) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
@@ -253,7 +259,7 @@ def _settings(tmp_path: Path, policy_file: Path, port: str, **overrides: Any) ->
 @pytest.fixture
 async def driver(tmp_path: Path, policy_file: Path) -> AsyncIterator[Driver]:
     """The daemon with the simulator board in its own process (in memory): fast."""
-    async with Daemon(_settings(tmp_path, policy_file, "sim")) as daemon:
+    async with compose(_settings(tmp_path, policy_file, "sim")) as daemon:
         drv = Driver(daemon)
         await drv.until(lambda: daemon.link is not None and daemon.link.connected.is_set())
         yield drv
@@ -272,7 +278,7 @@ async def pty_driver(tmp_path: Path, policy_file: Path) -> AsyncIterator[Driver]
         assert sim.stdout is not None
         port = (await asyncio.wait_for(sim.stdout.readline(), 30)).decode().strip()
         assert port.startswith("/dev/pts/"), port
-        async with Daemon(_settings(tmp_path, policy_file, port)) as daemon:
+        async with compose(_settings(tmp_path, policy_file, port)) as daemon:
             drv = Driver(daemon, sim_socket)
             await drv.until(lambda: daemon.link is not None and daemon.link.connected.is_set())
             yield drv

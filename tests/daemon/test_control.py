@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 
@@ -315,3 +316,24 @@ async def test_a_wrong_pin_never_prevents_disarming(driver: Driver) -> None:
     reply = await driver.call("disarm", auth={"user": "OP-7", "pin": "wrong-pin"})
     assert reply["ok"], reply
     assert (await driver.ok("status"))["armed"] is False
+
+
+async def test_an_unproven_disarm_is_recorded_as_nobodys_not_as_the_operators(
+    driver: Driver,
+) -> None:
+    """Disarming needs no identity, so a disarm without a proven one must not be recorded in a
+    registered user's name: it was written as the session's operator's (OP-7), whoever typed
+    it, here SUP-1 with a wrong PIN: the record named someone who never proved anything."""
+    await driver.emitting_session()
+    reply = await driver.call("disarm", auth={"user": "SUP-1", "pin": "wrong-pin"})
+    assert reply["ok"], reply
+    log = driver.daemon.sessionlog
+    assert log is not None
+    await log.flush_async()
+    conn = store.connect(log.path, readonly=True)
+    try:
+        bodies = [json.loads(row[0]) for row in conn.execute("SELECT body FROM records")]
+    finally:
+        conn.close()
+    (disarmed,) = [b for b in bodies if b.get("event") == "disarmed"]
+    assert (disarmed["actor"], disarmed["role"]) == ("unidentified", None), disarmed

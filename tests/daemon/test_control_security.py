@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from devicectl.control import ControlServer, StatusRequest
+from devicectl.control import ControlError, ControlServer, StatusRequest, parse_request
 from devicectl.errors import DevicectlError
 from tests.conftest import IN_CI
 
@@ -119,3 +119,35 @@ async def test_a_live_socket_is_not_taken_over(tmp_path: Path) -> None:
         with pytest.raises(DevicectlError, match="already listening"):
             async with ControlServer(path, _status):
                 pass
+
+
+@pytest.mark.parametrize(
+    ("request_body", "where"),
+    [
+        ({"command": "session_note", "text": "fine\x1b[8m hidden"}, "text"),
+        ({"command": "session_note", "text": "line one\r\nfault ack by SUP-2"}, "text"),
+        ({"command": "session_adverse_event", "severity": "mild", "action_taken": "a\u202eb"},
+         "action_taken"),
+        ({"command": "session_end", "post_care_declined": "           "}, "post_care_declined"),
+        ({"command": "fault_ack", "signoff": {
+            "user": "SUP-1", "pin": "123456", "reason_code": "handpiece_checked",
+            "reason": "checked\x00\x00\x00\x00"}}, "reason"),
+        ({"command": "fault_ack", "signoff": {
+            "reason_code": "handpiece_checked", "reason": " " * 12}}, "reason"),
+    ],
+)  # fmt: skip
+def test_free_text_with_control_characters_or_only_blanks_is_refused_at_the_edge(
+    request_body: dict[str, Any], where: str
+) -> None:
+    """A note or a reason is read by people (terminal, report, broker): a terminal escape, a line
+    break forging a line, a bidi override or a blank sign-off reason is refused in one line."""
+    body = {**request_body, "auth": {"user": "OP-7", "pin": "123456"}}
+    with pytest.raises(ControlError) as caught:
+        parse_request(json.dumps(body).encode())
+    assert caught.value.kind == "usage"
+    message = str(caught.value)
+    assert where in message and "\n" not in message, message
+    assert parse_request(  # the same request with plain text is accepted
+        json.dumps({"command": "session_note", "text": "patient comfortable, mild erythema"}
+                   | {"auth": body["auth"]}).encode()
+    ) is not None  # fmt: skip

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
+from typing import Any
 
-from devicectl.daemon import Daemon
+from devicectl.sessionlog import reader, store
+from devicectl.simlink import compose
 from tests.daemon.conftest import ACK, END, SESSION, Driver, _settings, driver, policy_file
 
 __all__ = ["driver", "policy_file"]  # fixtures, imported for pytest
@@ -25,21 +27,39 @@ async def _breach(drv: Driver) -> dict[str, object]:
     return latched
 
 
-async def _arm_in_a_new_session(drv: Driver) -> dict[str, object]:
-    await drv.ok(**SESSION)
-    await drv.ok("session_zone", zone="forehead")
-    return await drv.call("arm")
+def _events(drv: Driver, session: int) -> list[dict[str, Any]]:
+    """The ``event`` records of ``session`` in the daemon's log."""
+    log = drv.daemon.sessionlog
+    assert log is not None
+    log.flush()
+    conn = store.connect(log.path, readonly=True)
+    try:
+        record = reader.load_session(conn, session)
+    finally:
+        conn.close()
+    assert record is not None
+    return [r["body"] for r in record.records if r["kind"] == "event"]
 
 
-async def test_ending_the_session_and_starting_another_does_not_clear_a_latch(
-    driver: Driver,
-) -> None:
+async def test_a_latched_breach_belongs_to_its_session(driver: Driver) -> None:
+    """No new session while a breach is latched; the acknowledgement is recorded in the breach's
+    session (which has ended), and the next session cites it."""
     await _breach(driver)
     await driver.ok("session_end", **END)
-    reply = await _arm_in_a_new_session(driver)
+    reply = await driver.call(**SESSION)
     assert reply["ok"] is False and reply["rule"] == "breach_latched", reply
-    assert (await driver.ok("status"))["breach_latched"]["code"] == "energy_out_of_tolerance"
+    assert "session 1" in reply["error"], reply
+    assert (await driver.ok("status"))["breach_latched"]["session"] == 1
     await driver.ok("fault_ack", **ACK)
+    assert (await driver.ok(**SESSION))["session"] == 2
+    first = _events(driver, 1)
+    assert [e["event"] for e in first].count("fault_ack") == 1, first
+    ack = next(e for e in first if e["event"] == "fault_ack")
+    assert ack["reason"] == ACK["signoff"]["reason"], ack
+    cited = [e for e in _events(driver, 2) if e["event"] == "prior_breach_acknowledged"]
+    assert cited and cited[0]["detail"]["session"] == 1, cited
+    await driver.ok("session_zone", zone="forehead")
+    driver.sim("footswitch up")
     assert (await driver.ok("arm"))["armed"] is True
 
 
@@ -51,20 +71,24 @@ async def test_a_latch_survives_a_daemon_restart(
     await driver.daemon.__aexit__(None, None, None)  # an orderly stop while latched (the
     # fixture's own exit later finds nothing left to close)
 
-    async with Daemon(_settings(tmp_path, policy_file, "sim")) as daemon:
+    async with compose(_settings(tmp_path, policy_file, "sim")) as daemon:
         again = Driver(daemon)
         await again.until(lambda: daemon.link is not None and daemon.link.connected.is_set())
         latched = (await again.ok("status"))["breach_latched"]
         assert latched is not None and latched["code"] == "energy_out_of_tolerance", latched
-        reply = await _arm_in_a_new_session(again)
+        assert latched["session"] == 1, latched
+        reply = await again.call(**SESSION)
         assert reply["ok"] is False and reply["rule"] == "breach_latched", reply
         await again.ok("fault_ack", **ACK)
+        assert [e["event"] for e in _events(again, 1)].count("fault_ack") == 1
+        await again.ok(**SESSION)
+        await again.ok("session_zone", zone="forehead")
         assert (await again.ok("arm"))["armed"] is True
         await again.ok("disarm")
         await again.ok("session_end", **END)
 
     # Acknowledged before this stop: the next start has nothing latched.
-    async with Daemon(_settings(tmp_path, policy_file, "sim")) as daemon:
+    async with compose(_settings(tmp_path, policy_file, "sim")) as daemon:
         third = Driver(daemon)
         await third.until(lambda: daemon.link is not None and daemon.link.connected.is_set())
         assert (await third.ok("status"))["breach_latched"] is None
@@ -72,7 +96,7 @@ async def test_a_latch_survives_a_daemon_restart(
 
 async def test_stop_with_the_device_unreachable_says_so(tmp_path: Path, policy_file: Path) -> None:
     settings = _settings(tmp_path, policy_file, str(tmp_path / "no-such-tty"))
-    async with Daemon(settings) as daemon:
+    async with compose(settings) as daemon:
         reply = await Driver(daemon).call("stop")
         assert reply["ok"] is False, reply
         assert reply["kind"] == "unreachable", reply  # the CLI's exit 3

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from devicectl.daemon import Daemon
 from devicectl.privacy import patient_key
+from devicectl.simlink import compose
 from tests.brokers import Broker
 from tests.daemon.conftest import END, SESSION, Driver, _settings
 from tests.telemetry.helpers import recorder, until
@@ -51,7 +51,7 @@ async def test_what_of_the_patient_reaches_the_broker(
         tmp_path, policy_file, "sim", mqtt__url=mosquitto.url, mqtt__site="clinic1", **privacy
     )
     with recorder(mosquitto.port, client_id="dashboard") as rec:
-        async with Daemon(settings) as daemon:
+        async with compose(settings) as daemon:
             drv = Driver(daemon)
             await drv.until(lambda: daemon.telemetry is not None and daemon.telemetry.connected)
             await drv.ok(**SESSION)

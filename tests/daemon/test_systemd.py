@@ -13,6 +13,7 @@ import pytest
 
 from devicectl.config import load_settings
 from devicectl.daemon import run_daemon
+from devicectl.simlink import device_for
 from devicectl.systemd import SystemdNotifier
 
 
@@ -65,7 +66,9 @@ async def test_daemon_notifies_ready_watchdog_and_stopping(
         None, port="sim", data_dir=tmp_path / "d", control=tmp_path / "c.sock", policy=policy_file
     )
     ready = asyncio.Event()
-    task = asyncio.create_task(run_daemon(settings, ready=lambda _daemon: ready.set()))
+    task = asyncio.create_task(
+        run_daemon(settings, device=device_for(settings), ready=lambda _daemon: ready.set())
+    )
     await asyncio.wait_for(ready.wait(), 10)
     await asyncio.sleep(0.5)  # at least two watchdog pings at 0.2 s
     messages = _drain(notify_socket)

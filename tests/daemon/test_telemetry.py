@@ -17,9 +17,9 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from devicectl.daemon import Daemon
 from devicectl.sessionlog import verify_against
 from devicectl.sessionlog.keys import DeviceKey
+from devicectl.simlink import compose
 from protocols.mqtt import STREAMS, Stream, json_schemas, parse_topic
 from tests.brokers import Broker
 from tests.daemon.conftest import ACK, END, Driver, _settings
@@ -43,7 +43,7 @@ async def mqtt_driver(
     settings = _settings(
         tmp_path, policy_file, "sim", mqtt__url=mosquitto.url, mqtt__site="clinic1"
     )
-    async with Daemon(settings) as daemon:
+    async with compose(settings) as daemon:
         drv = Driver(daemon)
         await drv.until(lambda: daemon.telemetry is not None and daemon.telemetry.connected)
         yield drv
@@ -169,7 +169,7 @@ async def test_availability_goes_offline_on_a_clean_stop(
 ) -> None:
     settings = _settings(tmp_path, policy_file, "sim", mqtt__url=mosquitto.url)
     with recorder(mosquitto.port, client_id="dashboard") as rec:
-        async with Daemon(settings) as daemon:
+        async with compose(settings) as daemon:
             await Driver(daemon).until(lambda: daemon.telemetry and daemon.telemetry.connected)
             await until(lambda: rec.on("availability"), what="online")
         await until(lambda: rec.on("availability")[-1].payload == b"offline", what="offline")
@@ -204,7 +204,7 @@ async def test_signed_checkpoints_leave_the_device_and_prove_its_log(
     )  # fmt: skip
     schemas = json_schemas()
     with recorder(mosquitto.port, client_id="witness") as rec:
-        async with Daemon(settings) as daemon:
+        async with compose(settings) as daemon:
             drv = Driver(daemon)
             await drv.until(lambda: daemon.telemetry is not None and daemon.telemetry.connected)
             await drv.emitting_session(rate_hz=50.0)

@@ -13,7 +13,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from devicectl.daemon import Daemon
+from devicectl.simlink import compose
 from protocols.mqtt import STREAMS, parse_topic
 from tests.brokers import Broker
 from tests.daemon.conftest import END, Driver, _settings
@@ -89,7 +89,7 @@ async def test_a_broker_outage_mid_emission_loses_nothing_and_never_stops_the_la
         tmp_path, policy_file, "sim", mqtt__url=mosquitto.url, mqtt__site="clinic1"
     )
     with recorder(mosquitto.port, client_id="dashboard", persistent=True) as rec:
-        async with Daemon(settings) as daemon:
+        async with compose(settings) as daemon:
             drv = Driver(daemon)
             telemetry_up = lambda: daemon.telemetry is not None and daemon.telemetry.connected  # noqa: E731
             await drv.until(telemetry_up)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,11 +17,14 @@ from argon2.profiles import CHEAPEST
 
 from devicectl.users import (
     ACK_REASON_CODES,
+    MAX_FAILURES,
+    MAX_WAITING_CHECKS,
     Authenticator,
     AuthRefused,
     Credentials,
     Role,
     SignOffCredentials,
+    User,
     UserStore,
     UserStoreError,
 )
@@ -133,3 +138,94 @@ def test_users_cli_add_list_disable(tmp_path: Path) -> None:
     assert "left the clinic" in listed.stdout
     with pytest.raises(AuthRefused, match="disabled"):
         UserStore.in_data_dir(data).verify("SUP-1", "sup-pin-11")
+
+
+async def test_concurrent_wrong_pins_count_toward_the_lockout(tmp_path: Path) -> None:
+    """Guesses sent in parallel (many connections at once) must not escape the count: each
+    one read the failure count before any had been answered, and the lockout never came."""
+    store = _store(tmp_path)
+    store.add("SUP-1", "supervisor", "sup-pin-11")
+    auth = Authenticator(store)
+
+    async def guess(pin: str) -> str:
+        try:
+            await auth.actor("arm", Credentials(user="SUP-1", pin=pin), None, signoff_needed=None)
+        except AuthRefused as exc:
+            return exc.rule
+        return "ok"
+
+    rules = await asyncio.gather(*(guess(f"guess-{n:06d}") for n in range(4 * MAX_FAILURES)))
+    assert rules.count("auth.bad_pin") <= MAX_FAILURES
+    assert set(rules) == {"auth.bad_pin", "auth.locked"}
+    assert await guess("sup-pin-11") == "auth.locked"  # the right PIN, too late
+
+
+async def test_one_pin_check_runs_at_a_time_and_a_flood_is_refused_not_queued(
+    tmp_path: Path,
+) -> None:
+    """argon2 is meant to take one core of two: twenty requests at once ran six checks in
+    parallel (the default thread pool) and starved every other process, `devicectl stop`
+    included. Checks run one at a time; beyond a bounded queue a request is refused."""
+    running = peak = 0
+
+    class Counting(UserStore):
+        def verify(self, user_id: str, pin: str) -> User:
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            try:
+                time.sleep(0.01)
+                return super().verify(user_id, pin)
+            finally:
+                running -= 1
+
+    store = Counting.in_data_dir(tmp_path / "data", hasher=CHEAP)
+    store.add("OP-7", "operator", "op-pin-77")
+    auth = Authenticator(store)
+
+    async def attempt(user: str) -> str:
+        try:
+            await auth.actor(
+                "arm", Credentials(user=user, pin="0000000"), None, signoff_needed=None
+            )
+        except AuthRefused as exc:
+            return exc.rule
+        return "ok"
+
+    rules = await asyncio.gather(*(attempt(f"NOBODY-{n}") for n in range(3 * MAX_WAITING_CHECKS)))
+    assert peak == 1
+    assert rules.count("auth.unknown_user") == MAX_WAITING_CHECKS
+    assert rules.count("auth.busy") == 2 * MAX_WAITING_CHECKS
+    assert await attempt("OP-7") == "auth.bad_pin"  # answered again once the flood has passed
+
+
+def test_an_id_differing_only_in_case_from_a_registered_one_is_refused(tmp_path: Path) -> None:
+    """`op-7` beside `OP-7` would be two people whom every record, report and sign-off line
+    tells apart only by letter case: an auditor reads them as one."""
+    store = _store(tmp_path)
+    store.add("SUP-1", "supervisor", "sup-pin-11")
+    with pytest.raises(UserStoreError, match="SUP-1"):
+        store.add("sup-1", "operator", "op-pin-77")
+    store.disable("SUP-1", "left")
+    with pytest.raises(UserStoreError, match="SUP-1"):  # disabled ids stay taken, in any case
+        store.add("Sup-1", "supervisor", "sup-pin-22")
+    assert set(store.load()) == {"SUP-1"}
+
+
+def test_the_names_the_record_uses_for_the_system_cannot_be_user_ids(tmp_path: Path) -> None:
+    """Records name the system as `devicectl`, `device`, `mqtt`, `supervisor` (the safety
+    supervisor), `operator` (a STOP from the socket), `unidentified`, `console`: a user
+    registered as one of them would read as the system, and the system's acts as theirs."""
+    store = _store(tmp_path)
+    for name in (
+        "devicectl",
+        "Device",
+        "mqtt",
+        "supervisor",
+        "operator",
+        "unidentified",
+        "console",
+    ):
+        with pytest.raises(UserStoreError, match="reserved"):
+            store.add(name, "supervisor", "sup-pin-11")
+    assert store.load() == {}

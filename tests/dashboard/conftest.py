@@ -18,7 +18,6 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devicectl.config import Settings, load_settings
-from devicectl.daemon import Daemon
 from devicectl.dashboard import (
     Backoff,
     Dashboard,
@@ -26,6 +25,7 @@ from devicectl.dashboard import (
     DashboardServer,
     DisplayLimits,
 )
+from devicectl.simlink import compose
 from tests.brokers import Broker
 from tests.daemon.conftest import TEST_POLICY, Driver, add_test_users
 
@@ -141,7 +141,7 @@ async def running_daemon(
     A context manager rather than a fixture, like :func:`running_dashboard`: the test decides
     when the daemon stops (the page must see it go offline).
     """
-    async with Daemon(daemon_settings(broker, directory, site)) as daemon:
+    async with compose(daemon_settings(broker, directory, site)) as daemon:
         driver = Driver(daemon)
         await driver.until(lambda: daemon.ident is not None and daemon.link is not None)
         await driver.until(lambda: daemon.link.connected.is_set())  # type: ignore[union-attr]

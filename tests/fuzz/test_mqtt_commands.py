@@ -18,7 +18,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devicectl.config import load_settings
-from devicectl.daemon import Daemon
+from devicectl.simlink import compose
 from tests.brokers import Broker
 from tests.daemon.conftest import Driver, add_test_users, policy_file
 
@@ -63,8 +63,8 @@ async def mqtt_driver(
         mqtt__site="fuzz",
         mqtt__device="laser1",
     )
-    add_test_users(tmp_path / "data")  # the session is started by a registered operator
-    async with Daemon(settings) as daemon:
+    add_test_users(tmp_path / "data")
+    async with compose(settings) as daemon:
         drv = Driver(daemon)
         await drv.until(lambda: daemon.link is not None and daemon.link.connected.is_set())
         await drv.until(lambda: daemon.telemetry is not None)

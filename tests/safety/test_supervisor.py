@@ -249,7 +249,7 @@ def test_arming_a_spent_zone_or_session_is_refused() -> None:
 def test_missing_pulses_are_charged_at_the_device_maximum_energy() -> None:
     sup = armed(session(device_max_energy_uj=60_000))
     assert sup.on_pulse(100, 0, 10_000) == 0
-    assert sup.on_pulse(104, PERIOD, 10_000) == 0  # 101..103 missing
+    assert sup.on_pulse(104, 4 * PERIOD, 10_000) == 0  # 101..103 missing
     assert sup.missed_pulses == 3
     assert sup.gap_energy_uj == 180_000
     assert sup.zone_energy_uj(Zone.CHEEKS) == 10_000 + 10_000 + 180_000
@@ -258,13 +258,49 @@ def test_missing_pulses_are_charged_at_the_device_maximum_energy() -> None:
 def test_a_gap_that_takes_the_zone_over_its_limit_is_a_pulse_gap_breach() -> None:
     sup = armed(session(device_max_energy_uj=60_000), zone_energy_j=0.1)
     assert sup.on_pulse(1, 0, 10_000) == 0
-    assert sup.on_pulse(3, PERIOD, 10_000) == 0  # 80 mJ charged: 0.08 J
-    assert sup.on_pulse(5, 2 * PERIOD, 10_000) == BreachCode.PULSE_GAP  # 0.15 J
+    assert sup.on_pulse(3, 2 * PERIOD, 10_000) == 0  # 80 mJ charged: 0.08 J
+    assert sup.on_pulse(5, 4 * PERIOD, 10_000) == BreachCode.PULSE_GAP  # 0.15 J
     breach = sup.last_breach
     assert breach is not None and breach.limit == 0.1 and breach.value == pytest.approx(0.15)
     assert "1 missing pulse(s) charged at 60000 µJ" in breach.detail
     # what was charged stays charged: the next clean pulse is over the zone (rule 5)
-    assert sup.on_pulse(6, 3 * PERIOD, 10_000) == BreachCode.ZONE_ENERGY
+    assert sup.on_pulse(6, 5 * PERIOD, 10_000) == BreachCode.ZONE_ENERGY
+
+
+def test_missing_pulses_are_charged_to_the_power_window_when_discovered() -> None:
+    # Rule 4 counts every pulse fired: lost ones at the device's maximum, at the time seen.
+    sup = armed(session(device_max_energy_uj=60_000, max_average_power_w=0.4))
+    assert sup.on_pulse(1, 0, 10_000) == 0
+    assert sup.on_pulse(2, PERIOD, 10_000) == 0
+    assert sup.window_power_w == pytest.approx(0.02)
+    assert sup.on_pulse(10, 9 * PERIOD, 10_000) == BreachCode.AVERAGE_POWER  # 7 × 60 mJ lost
+    assert sup.window_power_w == pytest.approx(0.03 + 0.42)
+
+
+def test_over_rate_judges_a_gap_by_the_periods_it_spans() -> None:
+    # k missing pulse numbers: k + 1 periods must have passed, else one interval was too short.
+    sup = armed()
+    assert sup.on_pulse(1, 0, 10_000) == 0
+    assert sup.on_pulse(4, 3 * PERIOD, 10_000) == 0  # 3 periods for 3 intervals: fine
+    assert sup.on_pulse(7, 4 * PERIOD, 10_000) == BreachCode.OVER_RATE  # 3 intervals in 1 period
+
+
+def test_a_gap_a_status_counts_is_charged_to_budgets_and_window_now() -> None:
+    sup = armed(session(device_max_energy_uj=60_000, max_average_power_w=0.2), zone_energy_j=10)
+    assert sup.on_pulse(1, 0, 10_000) == 0
+    assert sup.charge_gap(2, 3) == 0  # 120 mJ in the window with the first: 0.13 W
+    assert sup.zone_energy_uj(Zone.CHEEKS) == 130_000
+    assert sup.missed_pulses == 2 and sup.last_pulse_no == 3
+    assert sup.charge_gap(4, 4) == 0  # 0.19 W
+    assert sup.charge_gap(5, 5) == BreachCode.AVERAGE_POWER  # 0.25 W
+    assert sup.latched is not None and sup.latched.code is BreachCode.AVERAGE_POWER
+
+
+def test_a_gap_found_with_no_pulse_in_the_window_is_charged_with_the_next_pulse() -> None:
+    sup = armed(session(device_max_energy_uj=60_000, max_average_power_w=0.1))
+    assert sup.charge_gap(1, 1) == 0
+    assert sup.on_pulse(2, 0, 10_000) == 0  # 70 mJ in the window
+    assert sup.window_power_w == pytest.approx(0.07)
 
 
 def test_the_first_pulse_seen_and_a_repeated_number_are_not_gaps() -> None:
@@ -274,13 +310,12 @@ def test_the_first_pulse_seen_and_a_repeated_number_are_not_gaps() -> None:
     assert sup.missed_pulses == 0
 
 
-def test_resume_charges_a_gap_from_the_device_pulse_count() -> None:
+def test_follow_on_charges_a_gap_from_the_pulse_number_accounted_for() -> None:
     sup = armed()
-    sup.resume(last_pulse_no=41, zone_energy_uj={Zone.CHEEKS: 70_000, Zone.NECK: 5_000})
-    assert sup.session_energy_uj == 75_000
+    sup.follow_on(41)
     assert sup.on_pulse(43, 0, 10_000) == 0
     assert sup.missed_pulses == 1
-    assert sup.zone_energy_uj(Zone.CHEEKS) == 70_000 + 10_000 + 60_000
+    assert sup.zone_energy_uj(Zone.CHEEKS) == 10_000 + 60_000
 
 
 # ---------------------------------------------------------------- STATUS rules

@@ -50,7 +50,8 @@ class Reference:
         zone_before = self.energy.get(self.zone, 0)
         session_before = sum(self.energy.values())
         self.energy[self.zone] = zone_before + e + missing * self.s.device_max_energy_uj
-        self.since_boot.append((t, e))
+        # Missing pulses count in the window at the device's maximum, at the time they are seen.
+        self.since_boot.append((t, e + missing * self.s.device_max_energy_uj))
         previous, self.previous_t = self.previous_t, t
         window = sum(ej for tj, ej in self.since_boot if t - tj < 1_000_000)
         zone_limit = self.zone_limit_j[self.zone] * 1e6 if self.zone is not None else None
@@ -63,7 +64,8 @@ class Reference:
             return self.verdict(BreachCode.ENERGY_OUT_OF_TOLERANCE)
         if (
             previous is not None
-            and (t - previous) * 100 * self.params.rate_mhz < self.s.min_interval_pct * 10**9
+            and (t - previous) * 100 * self.params.rate_mhz
+            < (missing + 1) * self.s.min_interval_pct * 10**9
         ):
             return self.verdict(BreachCode.OVER_RATE)
         if window > self.s.max_average_power_w * 1e6:

@@ -292,3 +292,30 @@ def test_session_show_names_the_breach_its_signoffs_and_the_appended_entries(
         "2 ml, lot HA-2611-07",
     ):
         assert words in text, words
+
+
+def test_session_show_prints_free_text_as_typed_never_as_markup_or_terminal_codes(
+    tmp_path: Path,
+) -> None:
+    """A note or a reason is the clinician's text: `[/oops]` made `session show` crash with a
+    traceback (rich read it as markup), `[black on black]...[/]` hid a note on the terminal, and
+    an escape sequence or a line break went to the terminal as it was (a forged line)."""
+    path = tmp_path / "sessions.db"
+    forged = "checked\r\n\x1b[32mfault ack by SUP-2, signed off by SUP-2\x1b[0m"
+    info = session_info(
+        override={
+            "signed_off_by": "SUP-1", "role": "supervisor",
+            "reason_code": "physician_clearance", "reason": forged,
+        },
+        ci_pregnancy=True,
+    )  # fmt: skip
+    with open_log(path, Clock()) as slog:
+        sid = slog.start_session(info, device_pulse_count=0).session_id
+        for text in ("all fine [/oops]", "[black on black]blister, left cheek[/]"):
+            slog.record_clinical(sid, "note", actor="OP-7", role="operator", entry={"text": text})
+    result = runner.invoke(app, ["session", "show", str(sid), "--db", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "all fine [/oops]" in result.output
+    assert "[black on black]blister, left cheek[/]" in result.output
+    assert "\x1b" not in result.output and "\r" not in result.output
+    assert "checked\\r\\n\\x1b[32mfault ack by SUP-2" in result.output

@@ -277,3 +277,63 @@ def test_a_missing_log_is_named(tmp_path: Path) -> None:
     code, text = _cli("log", "verify", "--db", str(tmp_path / "none.db"))
     assert code == 2
     assert f"no session log at {tmp_path / 'none.db'}" in text
+
+
+def test_a_breach_acknowledged_in_a_later_session_is_recorded_with_the_breach(
+    tmp_path: Path,
+) -> None:
+    """A breach latches across sessions: ended with it latched, the next patient's session was
+    opened and the acknowledgement went into *that* session's record. Its report then showed a
+    breach acknowledgement (banner included) for a breach its patient never had, and the
+    breach's own session showed it never acknowledged. It belongs to the breach's session, also
+    after the log was reopened (a restart between the breach and the acknowledgement)."""
+    path = tmp_path / "sessions.db"
+    breach = {"code": "energy_out_of_tolerance", "pulse_no": 3, "value": 1950, "limit": 1800}
+    ack = {"breach": "energy_out_of_tolerance", "pulse_no": 3, "signed_off_by": "SUP-1",
+           "signed_off_role": "supervisor", "reason_code": "handpiece_checked"}  # fmt: skip
+    clock = Clock()
+    with open_log(path, clock) as slog:
+        first = slog.start_session(session_info(patient_ref="PT-0001")).session_id
+        fill_session(slog, first, first_pulse_no=1, pulses=3, start_ns=clock.now)
+        slog.record_event(first, "breach", "devicectl", breach)
+        slog.end_session(first, actor="OP-7", role="operator")
+    clock.advance(seconds=60)
+    with open_log(path, clock) as slog:
+        second = slog.start_session(
+            session_info(patient_ref="PT-0002", course_course_id="C-0002")
+        ).session_id
+        slog.record_event(second, "fault_ack", "OP-7", ack, "energy re-measured", role="operator")
+        slog.end_session(second, actor="OP-7", role="operator")
+    conn = connect(path, readonly=True)
+    try:
+        breached, other = session_document(conn, first), session_document(conn, second)
+    finally:
+        conn.close()
+    assert [s["kind"] for s in breached["signoffs"]] == ["fault_ack"]
+    assert breached["signoffs"][0]["signed_off_by"] == "SUP-1"
+    assert other["signoffs"] == [] and other["breaches"] == []
+    (recorded,) = [e for e in breached["events"] if e["event"] == "fault_ack"]
+    assert recorded["detail"]["during_session"] == second  # where the supervisor signed it
+
+
+def test_a_breach_outside_any_session_acknowledged_during_one_stays_outside(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    breach = {"code": "device_fault", "pulse_no": None, "value": 0, "limit": 0}
+    ack = {"breach": "device_fault", "pulse_no": None, "signed_off_by": "SUP-1",
+           "signed_off_role": "supervisor", "reason_code": "cause_found_and_fixed"}  # fmt: skip
+    with open_log(tmp_path / "s.db", clock) as slog:
+        slog.record_event(None, "breach", "devicectl", breach)
+        sid = slog.start_session(session_info()).session_id
+        slog.record_event(sid, "fault_ack", "SUP-1", ack, "board replaced", role="supervisor")
+        slog.end_session(sid, actor="SUP-1", role="supervisor")
+    conn = connect(tmp_path / "s.db", readonly=True)
+    try:
+        assert session_document(conn, sid)["signoffs"] == []
+        (row,) = conn.execute(
+            "SELECT session_id, body FROM records WHERE body LIKE '%fault_ack%'"
+        ).fetchall()
+    finally:
+        conn.close()
+    assert row[0] is None and json.loads(row[1])["detail"]["during_session"] == sid

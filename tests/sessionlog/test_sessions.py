@@ -385,3 +385,32 @@ def test_consent_and_the_numbing_agent_are_required(tmp_path: Path) -> None:
             checklist_numbing_contact_min=30,
         )
         assert slog.start_session(numbed).session_id == 1
+
+
+def test_the_interval_is_the_patients_not_only_the_courses(tmp_path: Path) -> None:
+    """Typing another course id for the same patient gave a session two days after the last one
+    with no warning: the skin's recovery interval is the patient's, whatever the course."""
+    clock = Clock()
+    with open_log(tmp_path / "s.db", clock) as slog:
+        first = slog.start_session(session_info(course_course_id="FACE-2026"))
+        fill_session(slog, first.session_id, first_pulse_no=1, pulses=3, start_ns=clock.now)
+        slog.end_session(first.session_id, actor="op-anna")
+        clock.advance(days=2)
+        other = slog.start_session(session_info(course_course_id="NECK-2026"))
+    assert other.position is not None and other.position.number == 1  # its own course's first
+    assert [w.code for w in other.warnings] == ["interval_short"]
+    assert "2.0 days since session 1 (course FACE-2026)" in other.warnings[0].message
+
+
+def test_a_clock_behind_the_last_session_is_said_not_counted_as_a_short_interval(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    with open_log(tmp_path / "s.db", clock) as slog:
+        course = _Course(slog, clock)
+        course.session()
+        clock.advance(days=-3)  # the host clock was set back (or the last session is in the future)
+        behind = course.session()
+    assert [w.code for w in behind.warnings] == ["clock_behind"]
+    assert "3.0 days before session 1" in behind.warnings[0].message
+    assert "-3.0" not in behind.warnings[0].message
