@@ -189,6 +189,8 @@ class MqttSettings(BaseModel):
     password: SecretStr | None = None
     outbox_max_bytes: int = Field(default=64 * 1024 * 1024, ge=65536, le=2**40, strict=True)
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    # Ask the fleet recorder for the patient's course at session start (docs/recorder.md).
+    course_from_recorder: bool = Field(default=False, strict=True)
 
     @field_validator("url")
     @classmethod

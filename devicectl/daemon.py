@@ -95,6 +95,7 @@ from devicectl.link import DeviceLink
 from devicectl.logs import redact_url
 from devicectl.policy import Concern, Policy, PulseParams, SkinType, Zone, load_policy_with_source
 from devicectl.privacy import published_patient
+from devicectl.recorder.course_client import ask_course, merge_warnings
 from devicectl.safety import Breach, BreachCode, SafetySupervisor, check_params
 from devicectl.sessionlog import LimitsInForce, SessionLog
 from devicectl.sessionlog.checkpoint import Checkpoint
@@ -122,6 +123,7 @@ from protocols.mqtt import SessionEventKind, Severity
 
 if TYPE_CHECKING:
     from devicectl.telemetry.commands import RefusedBurst
+    from devicectl.telemetry.config import TelemetryConfig
 
 __all__ = ["Daemon", "DeviceSource", "SerialDevice", "TelemetrySink", "run_daemon"]
 
@@ -131,6 +133,9 @@ _BACKLOG_MAX = 10_000  # bounded; start-up raises a handful
 
 class TelemetrySink(Protocol):
     """What the daemon hands to telemetry (:class:`devicectl.telemetry.Telemetry`)."""
+
+    @property
+    def config(self) -> TelemetryConfig: ...
 
     def offer_pulse(
         self, pulse_no: int, t_us: int, energy_uj: int, zone: str | None, session: str | None
@@ -740,23 +745,31 @@ class Daemon:
                     time_zone=self.settings.clinic.time_zone,
                 ),
             )
+            log.record_event(opened.session_id, "course_source", user, course.record())
             position = opened.position
             extra["course"] = position.to_dict() if position is not None else None
-            extra["warnings"] = [w.message for w in opened.warnings]
+            extra["warnings"] = merge_warnings(opened.warnings, course)
+            extra["course_source"] = course.source
             extra["active_ingredient"] = step.active_ingredient
             extra["preset"] = request.preset
             return opened.session_id
 
         privacy = self.settings.privacy
         secret = privacy.patient_key_secret
+        # what leaves the device: a keyed pseudonym, nothing, or (configured) the reference
+        patient = published_patient(
+            request.patient_ref,
+            secret=secret.get_secret_value() if secret is not None else None,
+            publish_ref=privacy.publish_patient_ref,
+        )
+        # The course across the fleet, from the recorder (1 s at most, asked before the request
+        # takes its turn; an unreachable recorder never blocks a treatment: the log's own then).
+        telemetry = self.telemetry if self.settings.mqtt.course_from_recorder else None
+        fleet = telemetry.config if telemetry is not None else None
+        course = await ask_course(fleet, patient, request.course_planned)
         start = StartSession(
             user,
-            # what leaves the device: a keyed pseudonym, nothing, or (configured) the reference
-            published_patient(
-                request.patient_ref,
-                secret=secret.get_secret_value() if secret is not None else None,
-                publish_ref=privacy.publish_patient_ref,
-            ),
+            patient,
             SkinType.parse(request.skin_type),
             Concern(request.preset) if request.preset else None,
             request.ingredient.name,

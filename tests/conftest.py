@@ -80,4 +80,4 @@ def no_leaks() -> Iterator[None]:
         pytest.fail("test left behind: " + ", ".join(leaks))
 
 
-pytest_plugins = ["tests.brokers"]
+pytest_plugins = ["tests.brokers", "tests.postgres"]

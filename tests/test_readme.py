@@ -139,7 +139,7 @@ def daemon(walkthrough_dir: Path) -> Iterator[subprocess.Popen[str]]:
     *registrations, line = logical_lines(walkthrough_blocks()[0])
     env = _environment()
     for registration in registrations:  # `users add ID ...`: the PIN, typed twice
-        pin = PINS[registration.split()[2]]
+        pin = PINS[registration.split()[3]]
         assert _typed_at_a_terminal(registration, walkthrough_dir, env, f"{pin}\n{pin}\n") == 0
     proc = subprocess.Popen(
         shlex.split(line),

@@ -5,6 +5,7 @@ from devicectl.cli import (
     dashboard,  # noqa: F401
     demo,  # noqa: F401
     logkey,  # noqa: F401
+    recorder,  # noqa: F401
     records,  # noqa: F401
     reference,  # noqa: F401
     sim,  # noqa: F401

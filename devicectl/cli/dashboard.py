@@ -101,6 +101,16 @@ def dashboard(
             "--max-devices", metavar="N", help="Devices tracked (the least recently heard goes)."
         ),
     ] = 500,
+    history_db: Annotated[
+        str | None,
+        typer.Option(
+            "--history-db",
+            metavar="URL",
+            envvar="DEVICECTL_RECORDER_DB",
+            help="The fleet recorder's database (postgresql://... or sqlite:///...): serves the "
+            "session history at /history.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the clinic dashboard: every device live, alerts impossible to miss.
 
@@ -136,6 +146,7 @@ def dashboard(
             allowed_hosts=tuple(allow_host or ()),
             max_browsers=max_browsers,
             max_devices=max_devices,
+            history_db=history_db,
         )
         server = DashboardServer(Dashboard(config), address)
     except ConfigError as exc:

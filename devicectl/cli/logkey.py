@@ -52,8 +52,20 @@ def _chain_key(db: Path) -> tuple[str, str] | None:
         conn.close()
     if row is None:
         return None
-    body = json.loads(row[0])
-    return str(body["key_id"]), str(body["public_key"])
+    try:
+        body = json.loads(row[0])
+    except (ValueError, TypeError, RecursionError):
+        body = None
+    fields = [
+        body.get(name) if isinstance(body, dict) else None for name in ("key_id", "public_key")
+    ]
+    if not all(
+        isinstance(value, str) and value.isascii() and value.isprintable() for value in fields
+    ):
+        raise LogUnavailable(
+            f"the last log_key record in {db} is malformed (see devicectl log verify)"
+        )
+    return str(fields[0]), str(fields[1])
 
 
 @log_app.command("key")

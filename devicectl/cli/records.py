@@ -124,6 +124,25 @@ KeyOption = Annotated[
 ]
 
 
+def _recorder_checkpoints(db_url: str, device: str | None) -> list[dict[str, object] | str]:
+    """The fleet recorder's archived checkpoints, named by where they came from."""
+    from devicectl.errors import ConfigError
+    from devicectl.recorder import StoreUnavailable, load_witnessed_checkpoints
+    from devicectl.recorder.store import describe_url
+
+    try:
+        found = load_witnessed_checkpoints(db_url, device)
+    except ConfigError as exc:
+        raise _fail("log verify", str(exc), ExitCode.USAGE) from None
+    except StoreUnavailable as exc:
+        raise _fail("log verify", str(exc), ExitCode.UNREACHABLE) from None
+    where = describe_url(db_url)
+    return [
+        {**c, "_source": f"recorder {where}: {c.get('device')} log_seq {c.get('log_seq')}"}
+        for c in found
+    ]
+
+
 @log_app.command("verify")
 def verify(
     db: DbOption = None,
@@ -133,6 +152,16 @@ def verify(
     device: Annotated[
         str | None,
         typer.Option("--device", help="Use only this device id's checkpoints from the files."),
+    ] = None,
+    witness: Annotated[
+        str | None,
+        typer.Option(
+            "--witness",
+            metavar="DB_URL",
+            envvar="DEVICECTL_RECORDER_DB",
+            help="Also prove the log against the checkpoints the fleet recorder archived "
+            "(postgresql://... or sqlite:///...; with --device, only that device's).",
+        ),
     ] = None,
 ) -> None:
     """Walk the hash chain, check every stored checkpoint's signature and the key history, and
@@ -175,14 +204,25 @@ def verify(
                 witnessed.append(f"{file}: {found}")
             else:
                 witnessed.append({**found, "_source": f"{file.name} line {number}"})
+    if witness is not None:
+        witnessed += _recorder_checkpoints(witness, device)
     try:
         result = verify_against(path, witnessed, enrolled, device=device)
     except LogUnavailable as exc:
         raise _fail("log verify", str(exc), ExitCode.REFUSED) from None
-    for line in _verdict(path, result, given=bool(checkpoints)):
-        typer.echo(line)
+    for line in _verdict(path, result, given=bool(checkpoints) or witness is not None):
+        typer.echo(_printable(line))
     if not result.ok:
         raise typer.Exit(int(ExitCode.REFUSED))
+
+
+def _printable(line: str) -> str:
+    """A verdict line as a terminal shows it as is. Its text comes partly from the file and the
+    captures (device ids, key records), which whoever wrote them could fill with escape sequences
+    or carriage returns that redraw the verdict: those are shown escaped."""
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in line)
 
 
 def _verdict(path: Path, result: VerifyReport, *, given: bool) -> list[str]:
@@ -228,8 +268,8 @@ def _verdict(path: Path, result: VerifyReport, *, given: bool) -> list[str]:
         proof = result.proven_by
         if proof is not None and result.proven_seq is not None:
             lines.append(
-                f"PROVEN: records 1..{result.proven_seq} are exactly those the device signed at "
-                f"{proof.time} (key {proof.key_id}, {proof.source})"
+                f"PROVEN: records 1..{result.proven_seq} are exactly those device {proof.device} "
+                f"signed at {proof.time} (key {proof.key_id}, {proof.source})"
             )
     lines.extend(f"cannot rule out: {text}" for text in result.cannot_rule_out())
     return lines

@@ -51,6 +51,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from structlog.typing import FilteringBoundLogger
 
 from devicectl.dashboard.fleet import Fleet, json_text
+from devicectl.dashboard.history import history_mount
 from devicectl.dashboard.hub import Resync, UpdateHub
 from devicectl.dashboard.limits import DisplayLimits, load_display_limits
 from devicectl.dashboard.mqtt import (
@@ -111,6 +112,7 @@ class DashboardConfig:
     browser_queue: int = 1000
     send_timeout_s: float = 10.0
     coalesce_s: float = 0.05  # updates to a page are sent at most this often (an alarm included)
+    history_db: str | None = None  # the recorder's database: serves /history (history.py)
 
     def __post_init__(self) -> None:
         if (self.stop_username is None) != (self.stop_password is None):
@@ -477,6 +479,7 @@ def create_app(dashboard: Dashboard) -> Starlette:
             Route("/api/snapshot", snapshot),
             Route("/healthz", healthz),
             Route("/api/devices/{site}/{device}/stop", stop, methods=["POST"]),
+            *([history_mount(config.history_db)] if config.history_db else []),
             Mount(
                 "/static",
                 StaticFiles(packages=[("devicectl.dashboard", "static")]),

@@ -271,6 +271,7 @@ class DemoStack:
         self._script: TreatmentScript | None = None
         self.mqtt_url: str | None = options.mqtt_url
         self.dashboard_url: str | None = None
+        self.recorder_db: str | None = None
         self.control: Path | None = None
         self.daemon: Daemon | None = None
         self.users: DemoUsers | None = None
@@ -299,6 +300,7 @@ class DemoStack:
             DashboardServer,
             load_display_limits,
         )
+        from devicectl.recorder import Recorder, RecorderConfig
         from devicectl.simlink import compose
 
         stack = self._stack
@@ -325,6 +327,13 @@ class DemoStack:
             sim_max_rate_hz=max(500.0, self.options.speed_hz),
             policy=policy,
         )
+        # The fleet recorder on its embedded store, before the daemon so it records all of it.
+        self.recorder_db = f"sqlite:///{self.data_dir / 'recorder.sqlite'}"
+        recorder = RecorderConfig(
+            self.mqtt_url, self.recorder_db, client_id="devicectl-demo-recorder",
+            protocol="3.1.1" if self.options.mqtt_url is None else "5",
+        )  # fmt: skip
+        await stack.enter_async_context(Recorder(recorder, log=self._log))
         # The dashboard first, so that it is the last thing to stop: it sees the daemon's offline.
         # The embedded broker admits anyone on loopback, so the dashboard can be given stop
         # credentials and shows its Stop emission button (docs/dashboard.md); a named broker's
@@ -337,6 +346,7 @@ class DemoStack:
                 limits=load_display_limits(policy),  # bars against the limits the daemon enforces
                 stop_username="demo-stop" if stop_password is not None else None,
                 stop_password=stop_password,
+                history_db=self.recorder_db,
             ),
             log=self._log,
         )
@@ -462,7 +472,12 @@ class DemoStack:
             verified_pulses=verified.pulses,
             verify_message=brk.message if brk else None,
             breach=record.breach,
-            extra={"dashboard": self.dashboard_url, "mqtt": self.mqtt_url},
+            extra={
+                "dashboard": self.dashboard_url,
+                "mqtt": self.mqtt_url,
+                "history": f"{self.dashboard_url}/history",
+                "recorder_db": self.recorder_db,
+            },
         )
         return self._finish(result)
 

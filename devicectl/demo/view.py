@@ -100,4 +100,5 @@ def closing_lines(result: DemoResult, *, dashboard_url: str | None) -> list[str]
             lines.append(f"log verify: NOT intact: {result.verify_message}")
     if dashboard_url:  # only when it stays up (--keep-running): never print a dead address
         lines.append(f"dashboard: {dashboard_url} (up until Ctrl-C)")
+        lines.append(f"history: {dashboard_url}/history")
     return lines

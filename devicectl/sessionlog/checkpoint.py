@@ -199,13 +199,14 @@ def external_checkpoints(lines: Iterable[str]) -> Iterator[tuple[int, dict[str, 
     text_lines = list(lines)
     whole = "".join(text_lines).strip()
     if whole.startswith(("{", "[")):
-        try:
-            document = json.loads(whole)
-        except ValueError:
-            pass
-        else:
-            for found in _candidates(document, None):
-                yield 1, found
+        document = _parsed(whole)
+        if not isinstance(document, _Unreadable):
+            found_in = _found_in(document, None)
+            if isinstance(found_in, _Unreadable):
+                yield 1, f"line 1 {found_in.why}"
+            else:
+                for found in found_in:
+                    yield 1, found
             return
     for number, raw in enumerate(text_lines, start=1):
         line = raw.strip()
@@ -220,11 +221,36 @@ def external_checkpoints(lines: Iterable[str]) -> Iterator[tuple[int, dict[str, 
             line = line.strip()
             if not line:
                 continue  # an empty retained message (a cleared topic)
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
+        value = _parsed(line)
+        found_in = value if isinstance(value, _Unreadable) else _found_in(value, topic_device)
+        if isinstance(found_in, _Unreadable):
             if "log_seq" in line:
-                yield number, f"line {number} is not JSON ({exc.msg})"
+                yield number, f"line {number} {found_in.why}"
             continue
-        for found in _candidates(value, topic_device):
+        for found in found_in:
             yield number, found
+
+
+@dataclass(frozen=True, slots=True)
+class _Unreadable:
+    why: str
+
+
+def _parsed(text: str) -> Any:
+    """JSON text as a value, or why it cannot be read: not JSON, nested too deeply for the
+    parser, an integer too long to convert (a capture is outside input, never trusted)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        return _Unreadable(f"is not JSON ({exc.msg})")
+    except ValueError:  # an integer beyond Python's conversion limit
+        return _Unreadable("holds an integer too long to be one a device signs")
+    except RecursionError:
+        return _Unreadable("is nested too deeply to read")
+
+
+def _found_in(value: Any, device: str | None) -> list[dict[str, Any]] | _Unreadable:
+    try:
+        return list(_candidates(value, device))
+    except RecursionError:
+        return _Unreadable("is nested too deeply to read")

@@ -26,6 +26,7 @@ import binascii
 import contextlib
 import os
 import stat
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from hashlib import sha256
@@ -163,27 +164,58 @@ def key_source(configured: Path | None, data_dir: Path, environ: Mapping[str, st
     return KeySource(data_dir / KEY_FILENAME, "data_dir")
 
 
-def _read(path: Path) -> DeviceKey:
+def _read(path: Path, *, staged: bool = False) -> DeviceKey:
+    """The key in the regular file at ``path``; never blocks on a FIFO or a device. A ``staged``
+    key (a rotation waiting for the daemon) must also be this service's own file, not a symlink,
+    and closed to group and others: whoever else could have written it could have planted a key
+    they hold, which the daemon would otherwise introduce as a properly signed rotation."""
+    what = "next signing key" if staged else "signing key"
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_NOFOLLOW if staged else 0)
     try:
-        data = path.read_bytes()
+        fd = os.open(path, flags)
     except OSError as exc:
-        raise SigningKeyError(f"signing key {path} cannot be read: {exc.strerror or exc}") from None
-    return DeviceKey.from_pem(data, f"signing key {path}")
+        why = "it is a symlink" if staged and path.is_symlink() else exc.strerror or str(exc)
+        raise SigningKeyError(f"{what} {path} cannot be read: {why}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SigningKeyError(f"{what} {path} is not a regular file")
+        if staged and info.st_uid != os.geteuid():
+            raise SigningKeyError(
+                f"{what} {path} is owned by uid {info.st_uid}, not by this service (uid "
+                f"{os.geteuid()}): not introduced; remove it and stage one with "
+                "`devicectl log rotate-key`"
+            )
+        if staged and info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise SigningKeyError(
+                f"{what} {path} has mode {stat.S_IMODE(info.st_mode):04o}: others could have "
+                "written or read it, so it is not introduced; remove it and stage one with "
+                "`devicectl log rotate-key`"
+            )
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            data = file.read()
+    except OSError as exc:
+        raise SigningKeyError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    return DeviceKey.from_pem(data, f"{what} {path}")
 
 
 def _write_new(path: Path, key: DeviceKey) -> None:
     """Write ``key`` to ``path`` (mode 0600) unless a file is there already; never a partial file
     at ``path``: written to a temporary name, synced, then linked into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A fresh, unpredictable name created exclusively (never a planted file or symlink that the
+    # key, or root's truncation, would be written through).
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
-        os.fchmod(fd, 0o600)  # whatever the umask
-        os.write(fd, key.to_pem())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            os.write(fd, key.to_pem())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.link(tmp, path)  # fails if a key appeared meanwhile: that one wins
     finally:
         tmp.unlink()
@@ -223,8 +255,11 @@ def load_or_create(source: KeySource) -> tuple[DeviceKey, bool]:
 
 
 def load_pending(source: KeySource) -> DeviceKey | None:
-    """A staged rotation's new key, if one waits."""
-    return _read(source.pending) if source.pending.is_file() else None
+    """A staged rotation's new key, if one waits; :class:`SigningKeyError` if the file there is
+    not one this service staged (another owner, open to others, a symlink, not a key)."""
+    if not os.path.lexists(source.pending):
+        return None
+    return _read(source.pending, staged=True)
 
 
 def stage_rotation(source: KeySource) -> DeviceKey:
@@ -246,7 +281,7 @@ def stage_rotation(source: KeySource) -> DeviceKey:
     try:
         _write_new(source.pending, key)
     except FileExistsError:
-        return _read(source.pending)
+        return _read(source.pending, staged=True)
     except OSError as exc:
         raise SigningKeyError(
             f"next signing key {source.pending} cannot be written: {exc.strerror or exc}"

@@ -133,6 +133,7 @@ class Witness:
     status: str  # "confirmed" | "contradicted" | "ignored"
     message: str
     problem: str | None = None  # a contradiction's Finding.problem
+    device: str | None = None  # the device id it was signed for
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,6 +428,15 @@ class _Signatures:
                 self._key(seq, data)
             else:
                 self._checkpoint(seq, Checkpoint.from_mapping(data, record_seq=seq), prev)
+        except RecursionError:
+            self.findings.append(
+                Finding(
+                    seq,
+                    "checkpoint_malformed",
+                    f"record {seq} ({kind}) is malformed: "
+                    "its body is nested too deeply to be one the writer stores",
+                )
+            )
         except (ValueError, KeyError, TypeError, binascii.Error) as exc:
             self.findings.append(
                 Finding(seq, "checkpoint_malformed", f"record {seq} ({kind}) is malformed: {exc}")
@@ -561,7 +571,8 @@ def verify_against(
     it is none of those). Without it, signatures are checked against the keys the log names
     itself. ``device`` (the id the device publishes under) picks this device's checkpoints from a
     capture of many; by default, the devices the log's own checkpoints name (all, if it holds
-    none). Raises :class:`LogUnavailable` if the file cannot be read.
+    none or if no witness names one of them). Raises :class:`LogUnavailable` if the file cannot
+    be read.
     """
     if isinstance(key, str):
         key = parse_public_key(key)
@@ -611,6 +622,13 @@ def verify_against(
                 if entry.key_id not in trusted
             )
     devices = {device} if device is not None else signatures.devices
+    if device is None and not any(
+        isinstance(c, Checkpoint) and c.device in devices for _, c in parsed
+    ):
+        # None of the witnesses is of a device the log names. The log's device ids are its own
+        # word: whoever re-signed it with a key of their own could name a device no capture
+        # holds, so every witness is judged (a foreign one is then witness_key_unknown).
+        devices = set()
     end = base.records if base.first_break is not None else base.head_seq
     results: list[Witness] = []
     confirmed: list[Witness] = []
@@ -624,16 +642,9 @@ def verify_against(
         if results[-1].status == "confirmed":
             confirmed.append(results[-1])
     proven_by = max(confirmed, key=lambda w: w.log_seq or 0, default=None)
+    # Not the witnessed checkpoint's own record after it: when it was written, why, and for which
+    # session are not signed, so nothing outside the device vouches for that record either.
     proven_seq = None if proven_by is None else proven_by.log_seq
-    if proven_by is not None and proven_seq is not None:
-        # the witnessed checkpoint's own record, when the log holds exactly that checkpoint
-        for source, found in parsed:
-            if (
-                source == proven_by.source
-                and isinstance(found, Checkpoint)
-                and signatures.stored.get(proven_seq) == found.signature
-            ):
-                proven_seq += 1
     contradicted = sorted(
         (w for w in results if w.status == "contradicted"), key=lambda w: w.log_seq or 0
     )
@@ -675,7 +686,14 @@ def _judge(
 
     def result(status: str, message: str, problem: str | None = None) -> Witness:
         return Witness(
-            source, witness.log_seq, witness.time, witness.key_id, status, message, problem
+            source,
+            witness.log_seq,
+            witness.time,
+            witness.key_id,
+            status,
+            message,
+            problem,
+            witness.device,
         )
 
     name = f"the checkpoint witnessed at {witness.time} (record {witness.log_seq}, {source})"
@@ -685,7 +703,11 @@ def _judge(
     raw = signatures.known.get(witness.key_id)
     if enrolled is not None and key_id_of(enrolled) == witness.key_id:
         raw = enrolled
-    if trusted is not None and witness.key_id not in trusted and raw is not enrolled:
+    # A key of the log's history the enrolled key never vouched for proves nothing. A key the log
+    # does not contain at all is still a contradiction with the enrolled key: it may be the
+    # device's own later key, introduced by a rotation the log no longer holds (cut before it).
+    outside_trust = trusted is not None and witness.key_id not in trusted
+    if outside_trust and raw is not None and raw is not enrolled:
         return result(
             "ignored", f"{name} is signed by key {witness.key_id}, not the enrolled key's: not used"
         )
@@ -697,11 +719,17 @@ def _judge(
         if not witness.signature_valid_with(own):
             return result("ignored", f"{name} has a signature that does not verify: not evidence")
         known = ", ".join(signatures.known) or "none"
+        tell = (
+            "if it is a key this device rotated to, the log was cut before the rotation that "
+            "introduced it"
+            if enrolled is not None
+            else "give --key to tell"
+        )
         return result(
             "contradicted",
             f"{name} was signed by key {witness.key_id}, which this log's key history ({known}) "
             "does not contain: the log's key was replaced and its checkpoints re-signed, or the "
-            "checkpoint is not this device's (give --key to tell)",
+            f"checkpoint is not this device's ({tell})",
             "witness_key_unknown",
         )
     if not witness.signature_valid_with(raw):

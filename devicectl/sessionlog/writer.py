@@ -132,18 +132,36 @@ class _SigningState:
     last_checkpoint_seq: int
 
 
+class _BrokenRecord(ValueError):
+    """A stored record the writer never wrote (its body is not what it stores)."""
+
+
+def _last_field(conn: sqlite3.Connection, kind: str, name: str) -> tuple[int, str] | None:
+    """(seq, the text field ``name``) of the last record of ``kind``; :class:`_BrokenRecord` when
+    its body is not a JSON object holding that text (anyone who can write the file can append
+    such a record; the writer never stores one)."""
+    row = conn.execute(
+        "SELECT seq, body FROM records WHERE kind = ? ORDER BY seq DESC LIMIT 1", (kind,)
+    ).fetchone()
+    if row is None:
+        return None
+    try:
+        body = json.loads(row[1])
+    except (ValueError, TypeError, RecursionError):
+        body = None
+    value = body.get(name) if isinstance(body, dict) else None
+    if not isinstance(value, str):
+        raise _BrokenRecord(f"record {row[0]} ({kind}) is malformed: no {name} in its body")
+    return int(row[0]), value
+
+
 def _signing_state(conn: sqlite3.Connection) -> _SigningState:
-    key = conn.execute(
-        "SELECT body FROM records WHERE kind = ? ORDER BY seq DESC LIMIT 1", (KEY_KIND,)
-    ).fetchone()
-    last = conn.execute(
-        "SELECT seq, body FROM records WHERE kind = ? ORDER BY seq DESC LIMIT 1",
-        (CHECKPOINT_KIND,),
-    ).fetchone()
+    key = _last_field(conn, KEY_KIND, "key_id")
+    last = _last_field(conn, CHECKPOINT_KIND, "device")
     return _SigningState(
-        key_id=None if key is None else json.loads(key[0]).get("key_id"),
-        device=None if last is None else json.loads(last[1]).get("device"),
-        last_checkpoint_seq=0 if last is None else int(last[0]),
+        key_id=None if key is None else key[1],
+        device=None if last is None else last[1],
+        last_checkpoint_seq=0 if last is None else last[0],
     )
 
 
@@ -332,6 +350,11 @@ class SessionLog:
         except sqlite3.Error as exc:
             conn.close()
             raise LogUnavailable(f"session log {path} cannot be written: {exc}") from exc
+        except _BrokenRecord as exc:
+            conn.close()
+            raise LogUnavailable(
+                f"session log {path} cannot be used: {exc} (see devicectl log verify)"
+            ) from None
         self = cls(
             path,
             conn,

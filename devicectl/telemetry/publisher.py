@@ -244,6 +244,11 @@ class Telemetry:
             self._log.info("telemetry_stopped", outbox_depth=self._outbox.depth)
 
     @property
+    def config(self) -> TelemetryConfig:
+        """The broker, credentials and topics in use (the recorder's course client reuses them)."""
+        return self._config
+
+    @property
     def connected(self) -> bool:
         return self._connected
 

@@ -69,19 +69,8 @@ from protocols.messages import (
 )
 from protocols.messages import SetParams as SetParamsCommand
 from tests.core.helpers import IDENT
+from tests.sessionlog.helpers import session_info
 
-CHECKLIST = {
-    "consultation_done": True,
-    "area_cleaned": True,
-    "numbing_applied": False,
-    "contraindications": {
-        "recent_sun_exposure_or_tan": False,
-        "photosensitising_medication": False,
-        "active_skin_infection_or_inflammation": False,
-        "pregnancy": False,
-        "allergy_to_active_ingredient": False,
-    },
-}
 NOW = 1_800_000_000_000_000_000
 ENERGIES = st.sampled_from([2_000, 5_000, 6_000, 8_000])
 ZONES = st.sampled_from([Zone.FOREHEAD, Zone.PERIORBITAL, Zone.CHEEKS])
@@ -176,16 +165,7 @@ class CoreMachine(RuleBasedStateMachine):
                     self.finish(effect)
 
     def session_info(self, ingredient: str) -> dict[str, Any]:
-        return {
-            "device_serial": f"{IDENT.serial:08X}",
-            "operator": "OP-7",
-            "patient_ref": "PT-0042",
-            "skin_type": "III",
-            "concerns": ["fine_lines"],
-            "course": {"course_id": "PT-0042", "session_number": 1, "planned_sessions": 4},
-            "checklist": CHECKLIST,
-            "active_ingredient": ingredient,
-        }
+        return session_info(device_serial=f"{IDENT.serial:08X}", active_ingredient=ingredient)
 
     def finish(self, outcome: Reply | Refuse) -> None:
         if isinstance(self.asked, ArmLaser) and isinstance(outcome, Refuse):

@@ -17,7 +17,7 @@ import pytest
 
 from devicectl.sessionlog import reader, store
 from devicectl.simlink import compose
-from tests.daemon.conftest import ACK, SESSION, Driver, _settings, driver, policy_file
+from tests.daemon.conftest import ACK, END, SESSION, Driver, _settings, driver, policy_file
 
 __all__ = ["driver", "policy_file"]  # fixtures, imported for pytest
 
@@ -133,7 +133,7 @@ async def test_5_a_breach_belongs_to_its_session_and_refusals_are_audited(
     assert not refused_arm["ok"] and refused_arm["rule"] == "breach_latched"
     refused_params = await driver.call("params_set", energy_uj=90_000)
     assert not refused_params["ok"]
-    await driver.ok("session_end", post_care=[])
+    await driver.ok("session_end", **END)
     refused_start = await driver.call(**SESSION)
     assert not refused_start["ok"] and refused_start["rule"] == "breach_latched", refused_start
     await driver.ok("fault_ack", **ACK)

@@ -220,8 +220,13 @@ def test_an_untouched_log_is_proven_up_to_its_newest_witnessed_checkpoint(
     report = verify_against(path, witnessed, key.public_raw)
     assert report.ok, report.findings
     assert report.witnessed == 4
-    assert report.proven_seq == report.head_seq  # the newest checkpoint is the last record
-    assert report.cannot_rule_out() == []
+    # the newest checkpoint is the last record: its time and reason are not signed
+    assert report.proven_seq == report.head_seq - 1
+    assert report.cannot_rule_out() == [
+        f"records {report.head_seq}..{report.head_seq} come after record {report.head_seq - 1}, "
+        "the last one a witnessed checkpoint covers: nothing outside the device vouches for them, "
+        "so they could have been altered or removed without a trace"
+    ]
 
 
 def test_a_change_after_the_newest_witnessed_checkpoint_is_not_proven_and_is_said(
@@ -234,9 +239,9 @@ def test_a_change_after_the_newest_witnessed_checkpoint_is_not_proven_and_is_sai
     rewrite(path, _edit_energy(edit_at), key=key)
     report = verify_against(path, early, key.public_raw)
     assert report.ok  # nothing witnessed covers it: nothing can contradict it
-    assert report.proven_seq == last + 1
+    assert report.proven_seq == last
     [unproven] = report.cannot_rule_out()
-    assert f"records {last + 2}..{report.head_seq}" in unproven
+    assert f"records {last + 1}..{report.head_seq}" in unproven
 
 
 # ── every tampering from the issue, caught once a covering checkpoint was witnessed ─────────
@@ -267,7 +272,7 @@ def test_a_truncated_tail_with_a_copied_head_is_caught_and_named(
     message = next(f.message for f in truncated if f.seq == newest["log_seq"])
     assert newest["time"] in message
     assert f"records {keep + 1}..{newest['log_seq']}" in message
-    assert report.proven_seq == witnessed[1]["log_seq"] + 1  # the part left is still proven
+    assert report.proven_seq == witnessed[1]["log_seq"]  # the part left is still proven
 
 
 def test_a_recomputed_chain_is_caught_by_its_own_checkpoints_without_the_key(
@@ -377,7 +382,7 @@ def test_a_rotated_key_is_introduced_by_the_old_one_and_trusted_through_it(
         (old_id, False),
         (new.key_id, True),
     ]
-    assert report.proven_seq == report.head_seq
+    assert report.proven_seq == report.head_seq - 1
 
 
 # ── inputs as captured off the device ────────────────────────────────────────────────────────
@@ -472,7 +477,7 @@ def test_detection_exactly_when_a_witnessed_checkpoint_covers_the_change(
         assert all(f.problem in {"truncated", "altered"} for f in report.findings)
     else:
         newest = max((w["log_seq"] for w in witnessed), default=None)
-        assert report.proven_seq == (None if newest is None else newest + 1)
+        assert report.proven_seq == newest
 
 
 # ── the report ───────────────────────────────────────────────────────────────────────────────
@@ -499,9 +504,9 @@ def test_the_report_shows_the_checkpoint_and_its_json_proves_the_session(
         assert text in page
     lines = (tmp_path / "session-2.json").read_text().splitlines(keepends=True)
     found = [item for _, item in external_checkpoints(lines)]
-    proved = verify_against(path, found, key.public_raw)  # type: ignore[arg-type]
+    proved = verify_against(path, found, key.public_raw)
     assert proved.ok
-    assert proved.proven_seq == checkpoint["record_seq"]
+    assert proved.proven_seq == checkpoint["log_seq"]
 
 
 def test_a_session_with_no_checkpoint_yet_says_so_in_its_report(tmp_path: Path) -> None:
@@ -556,8 +561,10 @@ def test_log_verify_proves_against_a_capture_and_names_what_contradicts_it(
         "log", "verify", "--db", str(path), "--checkpoints", str(capture), "--key", key.public_b64
     )
     assert code == 0, text
-    assert f"PROVEN: records 1..{witnessed[-1]['log_seq'] + 1}" in text
-    assert "cannot rule out" not in text
+    assert f"PROVEN: records 1..{witnessed[-1]['log_seq']}" in text
+    own = witnessed[-1]["log_seq"] + 1  # the newest checkpoint's own record, the last one
+    assert text.count("cannot rule out") == 1
+    assert f"cannot rule out: records {own}..{own} come after" in text
     keep = witnessed[2]["log_seq"] - 5
     truncate_with_copied_head(path, keep)
     code, text = _cli(
