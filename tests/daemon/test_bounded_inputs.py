@@ -72,8 +72,8 @@ def test_300_long_named_commands_barely_grow_the_logs(rig: Rig, mosquitto: Broke
 
 def test_stop_gets_in_with_the_daemon_at_a_low_open_files_limit(rig: Rig) -> None:
     """At a low open-files limit, far more idle control connections than it could hold: the
-    daemon stays under its limit, answers the rest at once, and ``devicectl stop`` stops the
-    laser; the log says so in a few lines, no traceback."""
+    daemon stays under its limit (serving 40 at 160 open files), answers the rest at once, and
+    ``devicectl stop`` stops the laser; the log says so in one line, no traceback."""
     rig.start_daemon(open_files_limit=160)
     rig.emit()
     with ExitStack() as stack:
@@ -92,16 +92,12 @@ def test_stop_gets_in_with_the_daemon_at_a_low_open_files_limit(rig: Rig) -> Non
         )
         assert stop.returncode == 0, stop.stderr
         _wait(lambda: not rig.sim_status()["emitting"], what="emission stopped")
-        busy = subprocess.run(
-            [*DEVICECTL, "status", "--control", str(rig.control)],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert busy.returncode == 3 and "maximum of" in busy.stderr, busy.stderr
         assert held == 300
     log = (rig.tmp / "daemon.log").read_text()
     assert "Traceback" not in log and "out of system resource" not in log
-    assert log.count("control_busy") <= 3, log.count("control_busy")
+    # the cap fitted to the limit, the rest answered "busy" at once: said once per episode (a
+    # slot freed by a client that just left starts another), not once per connection
+    busy = [json.loads(line) for line in log.splitlines() if '"control_busy"' in line]
+    assert 1 <= len(busy) <= 3, busy
+    assert all(b["max_clients"] == 40 for b in busy), busy
     assert len(log) < 100_000
