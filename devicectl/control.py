@@ -27,6 +27,7 @@ import contextlib
 import grp
 import json
 import os
+import resource
 import socket
 import stat
 import struct
@@ -59,6 +60,8 @@ from devicectl.users import (
 )
 
 __all__ = [
+    "IDLE_TIMEOUT_S",
+    "MAX_CLIENTS",
     "MAX_REQUEST_BYTES",
     "ControlError",
     "ControlRequest",
@@ -66,6 +69,8 @@ __all__ = [
     "DaemonUnreachable",
     "IdentifiedRequest",
     "call_daemon",
+    "client_cap",
+    "stop_socket_path",
 ]
 
 MAX_REQUEST_BYTES = 64 * 1024
@@ -371,6 +376,29 @@ def parse_request(line: bytes) -> Any:
 
 # ---------------------------------------------------------------- server
 
+MAX_CLIENTS = 64  # control connections served at once, at most (see ControlServer)
+IDLE_TIMEOUT_S = 60.0  # a connection with no request for this long is closed
+STOP_LANE_CLIENTS = 8  # connections on the stop socket at once
+STOP_REQUEST_TIMEOUT_S = 1.0  # a stop-socket connection must send its request within this
+_FD_RESERVE = 64  # file descriptors kept for the rest of the daemon (log, outbox, port, broker)
+_BACKLOG = 128
+_ACCEPT_BACKOFF_S = (0.05, 1.0)  # first and longest pause after a failed accept()
+_ACCEPT_QUIET_S = 10.0  # accept() failures this far apart are separate episodes
+
+
+def stop_socket_path(control: Path) -> Path:
+    """The socket beside ``control`` accepting only ``stop``: ``ctl.sock`` -> ``ctl-stop.sock``."""
+    return control.with_name(f"{control.stem}-stop.sock")
+
+
+def client_cap(max_clients: int = MAX_CLIENTS) -> int:
+    """``max_clients``, lowered so that every control connection and the stop lane together
+    leave the daemon at least half its open-file limit beyond a fixed reserve."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return max_clients
+    return max(1, min(max_clients, (soft - _FD_RESERVE) // 2 - STOP_LANE_CLIENTS))
+
 
 class ControlServer:
     """Serves the control socket; each request is handed to ``handler`` and answered.
@@ -379,6 +407,17 @@ class ControlServer:
     checked after creation, in a directory nobody else may replace it in. With ``group`` set, the
     socket belongs to that group and every connection's peer (SO_PEERCRED) must be root, the
     daemon's own user, or a member of the group; anyone else is refused and the refusal audited.
+
+    Bounded whatever connects: at most ``max_clients`` connections are served at once (lowered
+    by :func:`client_cap` to fit the open-file limit), one more is answered at once with an
+    error saying so and closed; a connection idle for ``idle_timeout_s`` is closed. STOP has a
+    lane of its own that a full main socket cannot block: the socket :func:`stop_socket_path`
+    (same owner, group and mode) accepts only ``{"command": "stop"}``, at most
+    ``STOP_LANE_CLIENTS`` at once, each given ``STOP_REQUEST_TIMEOUT_S`` to send it;
+    ``devicectl stop`` uses it. Both sockets are accepted from by a loop of our own (not
+    ``asyncio.start_unix_server``), so an ``accept()`` that fails for want of a resource
+    (EMFILE, ENFILE, ENOBUFS, ENOMEM) is logged once per episode (and every 10 s while it
+    lasts) and retried after a growing pause, never in a tight loop.
     """
 
     def __init__(
@@ -389,40 +428,83 @@ class ControlServer:
         group: str | None = None,
         authenticator: Authenticator | None = None,
         log: Any = None,
+        max_clients: int = MAX_CLIENTS,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+        stop_path: Path | None = None,
     ) -> None:
         self.path = path
+        self.stop_path = stop_path if stop_path is not None else stop_socket_path(path)
         self._handler = handler
         self._authenticator = authenticator
         self._gid = grp.getgrnam(group).gr_gid if group is not None else None
         self.refused_peers = 0
+        self.max_clients = client_cap(max_clients)
+        self.idle_timeout_s = idle_timeout_s
+        self.turned_away = 0  # connections answered "busy" at the cap
         self._log = log or structlog.get_logger("devicectl.control")
-        self._server: asyncio.Server | None = None
+        self._sockets: list[socket.socket] = []
+        self._acceptors: list[asyncio.Task[None]] = []
         self._clients: set[asyncio.Task[None]] = set()
+        self._stop_clients: set[asyncio.Task[None]] = set()
+        self._stop_slot = asyncio.Event()  # set whenever the stop lane has room
+        self._stop_slot.set()
+        self._busy_since_admit = 0  # turned away since the last connection was admitted
+
+    @property
+    def clients(self) -> int:
+        """Connections being served on the main socket."""
+        return len(self._clients)
 
     async def __aenter__(self) -> ControlServer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _check_directory(self.path.parent)
-        if self.path.exists() or self.path.is_symlink():
-            if not stat.S_ISSOCK(self.path.lstat().st_mode):
-                raise DevicectlError(f"control socket path {self.path} exists and is not a socket")
-            if _socket_alive(self.path):
-                raise DevicectlError(f"another daemon is already listening on {self.path}")
-            self.path.unlink()
+        _check_directory(self.stop_path.parent)
+        for path in (self.path, self.stop_path):
+            if path.exists() or path.is_symlink():
+                if not stat.S_ISSOCK(path.lstat().st_mode):
+                    raise DevicectlError(f"control socket path {path} exists and is not a socket")
+                if _socket_alive(path):
+                    raise DevicectlError(f"another daemon is already listening on {path}")
+                path.unlink()
+        try:
+            main = self._listen(self.path)
+            stop = self._listen(self.stop_path)
+        except BaseException:
+            self._close_sockets()
+            for path in (self.path, self.stop_path):
+                if path.is_socket():
+                    path.unlink()
+            raise
+        self._acceptors = [
+            asyncio.create_task(self._accept(main, self._admit), name="control-accept"),
+            asyncio.create_task(self._accept(stop, self._admit_stop), name="control-accept-stop"),
+        ]
+        self._log.info(
+            "control_listening",
+            path=str(self.path),
+            stop_path=str(self.stop_path),
+            mode=oct(SOCKET_MODE),
+            gid=self._gid,
+            max_clients=self.max_clients,
+            idle_timeout_s=self.idle_timeout_s,
+        )
+        return self
+
+    def _listen(self, path: Path) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sockets.append(sock)
         old_umask = os.umask(0o117)  # create the socket 0660 atomically, never world-writable
         try:
-            self._server = await asyncio.start_unix_server(
-                self._serve_client, path=str(self.path), limit=MAX_REQUEST_BYTES
-            )
+            sock.bind(str(path))
         finally:
             os.umask(old_umask)
         if self._gid is not None:
-            os.chown(self.path, -1, self._gid)
-        os.chmod(self.path, SOCKET_MODE)
-        _check_socket(self.path, self._gid)
-        self._log.info(
-            "control_listening", path=str(self.path), mode=oct(SOCKET_MODE), gid=self._gid
-        )
-        return self
+            os.chown(path, -1, self._gid)
+        os.chmod(path, SOCKET_MODE)
+        _check_socket(path, self._gid)
+        sock.listen(_BACKLOG)
+        sock.setblocking(False)
+        return sock
 
     async def __aexit__(
         self,
@@ -430,30 +512,145 @@ class ControlServer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._server is not None:
-            self._server.close()
-            for task in list(self._clients):
-                task.cancel()
-            await asyncio.gather(*self._clients, return_exceptions=True)
-            await self._server.wait_closed()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        for task in self._acceptors:
+            task.cancel()
+        await asyncio.gather(*self._acceptors, return_exceptions=True)
+        self._close_sockets()
+        clients = [*self._clients, *self._stop_clients]
+        for task in clients:
+            task.cancel()
+        await asyncio.gather(*clients, return_exceptions=True)
+        for path in (self.path, self.stop_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def _close_sockets(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = []
+
+    async def _accept(
+        self, listener: socket.socket, admit: Callable[[socket.socket], Awaitable[None]]
+    ) -> None:
+        """Accept connections for ever; ``admit`` decides what becomes of each.
+
+        An episode of failures (each less than ``_ACCEPT_QUIET_S`` after the previous one) is
+        logged when it starts, every ``_ACCEPT_QUIET_S`` while it lasts, and at the first
+        accept after it ended: a handful of lines, however long it lasts."""
+        loop = asyncio.get_running_loop()
+        first_pause, longest = _ACCEPT_BACKOFF_S
+        pause = first_pause
+        failed = 0  # in this episode
+        last_failure = reported = 0.0
+        while True:
+            try:
+                conn, _address = await loop.sock_accept(listener)
+            except OSError as exc:  # out of a resource: the connection waits in the backlog
+                now = loop.time()
+                if failed and now - last_failure >= _ACCEPT_QUIET_S:
+                    self._accept_recovered(listener, failed)
+                    failed = 0
+                if not failed or now - reported >= _ACCEPT_QUIET_S:
+                    self._log.error(
+                        "control_accept_failed" if not failed else "control_accept_failing",
+                        path=listener.getsockname(),
+                        error=exc.strerror or repr(exc),
+                        failures=failed + 1,
+                        retry_s=pause,
+                    )
+                    reported = now
+                failed += 1
+                last_failure = now
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, longest)
+                continue
+            pause = first_pause
+            if failed and loop.time() - last_failure >= _ACCEPT_QUIET_S:
+                self._accept_recovered(listener, failed)
+                failed = 0
+            await admit(conn)
+
+    def _accept_recovered(self, listener: socket.socket, failures: int) -> None:
+        self._log.warning(
+            "control_accept_recovered", path=listener.getsockname(), failures=failures
+        )
+
+    async def _admit(self, conn: socket.socket) -> None:
+        if len(self._clients) >= self.max_clients:
+            self._turn_away(conn)
+            return
+        if self._busy_since_admit:
+            self._log.info("control_busy_ended", turned_away=self._busy_since_admit)
+            self._busy_since_admit = 0
+        self._start(conn, self._clients, self._serve_client, "control-client")
+
+    async def _admit_stop(self, conn: socket.socket) -> None:
+        self._start(conn, self._stop_clients, self._serve_stop, "control-stop-client")
+        if len(self._stop_clients) >= STOP_LANE_CLIENTS:
+            # wait for room before accepting more: the rest wait in the kernel's backlog, and
+            # each connection here is gone within STOP_REQUEST_TIMEOUT_S
+            self._stop_slot.clear()
+            await self._stop_slot.wait()
+
+    def _start(
+        self,
+        conn: socket.socket,
+        lane: set[asyncio.Task[None]],
+        serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+        name: str,
+    ) -> None:
+        async def run() -> None:
+            try:
+                reader, writer = await asyncio.open_unix_connection(
+                    sock=conn, limit=MAX_REQUEST_BYTES
+                )
+            except OSError:
+                conn.close()
+                return
+            await serve(reader, writer)
+
+        task = asyncio.create_task(run(), name=name)
+        lane.add(task)
+        task.add_done_callback(lambda done: self._finished(lane, done))
+
+    def _finished(self, lane: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
+        lane.discard(task)
+        if lane is self._stop_clients and len(lane) < STOP_LANE_CLIENTS:
+            self._stop_slot.set()
+
+    def _turn_away(self, conn: socket.socket) -> None:
+        """At the cap: say so in one line and close, without reading (never blocks)."""
+        self.turned_away += 1
+        if not self._busy_since_admit:
+            self._log.warning(
+                "control_busy", max_clients=self.max_clients, stop_path=str(self.stop_path)
+            )
+        self._busy_since_admit += 1
+        reply = _reply_error(
+            "unreachable",
+            f"the daemon is already serving its maximum of {self.max_clients} control "
+            f"connections; try again (a stop still gets through on {self.stop_path})",
+        )
+        with contextlib.suppress(OSError):
+            conn.send(reply)
+        conn.close()
 
     async def _serve_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._clients.add(task)
         try:
-            refusal = self._refuse_peer(writer)
-            if refusal is not None:
-                writer.write(_reply_error("refused", refusal))
-                await writer.drain()
+            if await self._refused_peer(reader, writer):
                 return
             while True:
                 try:
-                    line = await reader.readline()
+                    async with asyncio.timeout(self.idle_timeout_s):
+                        line = await reader.readline()
+                except TimeoutError:
+                    writer.write(
+                        _reply_error("usage", f"no request for {self.idle_timeout_s:g} s: closed")
+                    )
+                    await writer.drain()
+                    return
                 except ValueError:  # a line longer than the limit
                     writer.write(_reply_error("usage", "request too long"))
                     await writer.drain()
@@ -467,15 +664,65 @@ class ControlServer:
         except (ConnectionError, asyncio.IncompleteReadError):
             return
         except asyncio.CancelledError:
-            # Only the server cancels its clients, when it closes: end normally. A cancelled
-            # task would make Python 3.11's stream callback (task.exception()) raise and log a
-            # traceback, e.g. for a client whose PIN was being checked at shut-down.
+            # Only the server cancels its clients, when it closes: end normally, e.g. a client
+            # whose PIN was being checked at shut-down.
             return
         finally:
-            self._clients.discard(task)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    async def _serve_stop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The stop lane: one request, which must be ``stop``, within STOP_REQUEST_TIMEOUT_S."""
+        try:
+            if await self._refused_peer(reader, writer):
+                return
+            try:
+                async with asyncio.timeout(STOP_REQUEST_TIMEOUT_S):
+                    line = await reader.readline()
+            except (TimeoutError, ValueError):
+                writer.write(_reply_error("usage", "no stop request in time: closed"))
+                await writer.drain()
+                return
+            if not line.strip():
+                return
+            try:
+                request = parse_request(line)
+            except ControlError as exc:
+                writer.write(_reply_error(exc.kind, str(exc)))
+            else:
+                if isinstance(request, StopRequest):
+                    writer.write(await self._answer(line))
+                else:
+                    writer.write(
+                        _reply_error(
+                            "usage",
+                            f"{self.stop_path} accepts only stop; use {self.path} for "
+                            f"{request.command!r}",
+                        )
+                    )
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _refused_peer(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        """Answer a peer that may not use the socket (after its request, so that it reads the
+        answer rather than a broken pipe); True when refused."""
+        refusal = self._refuse_peer(writer)
+        if refusal is None:
+            return False
+        with contextlib.suppress(TimeoutError, ValueError):
+            async with asyncio.timeout(STOP_REQUEST_TIMEOUT_S):
+                await reader.readline()
+        writer.write(_reply_error("refused", refusal))
+        await writer.drain()
+        return True
 
     def _refuse_peer(self, writer: asyncio.StreamWriter) -> str | None:
         """Why this connection's peer may not use the socket, or None when it may."""
@@ -609,7 +856,9 @@ def call_daemon(path: Path, request: dict[str, Any], *, timeout: float = 10.0) -
         except OSError as exc:
             raise DaemonUnreachable(path, exc.strerror or str(exc)) from exc
         try:
-            sock.sendall((json.dumps(request) + "\n").encode())
+            # answered and closed before reading (at its connection cap): read why all the same
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall((json.dumps(request) + "\n").encode())
             with sock.makefile("rb") as stream:
                 line = stream.readline(MAX_REQUEST_BYTES * 16)
         except TimeoutError as exc:

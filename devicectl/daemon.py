@@ -122,6 +122,7 @@ from protocols import (
 from protocols.mqtt import SessionEventKind, Severity
 
 if TYPE_CHECKING:
+    from devicectl.telemetry.commands import RefusedBurst
     from devicectl.telemetry.config import TelemetryConfig
 
 __all__ = ["Daemon", "DeviceSource", "SerialDevice", "TelemetrySink", "run_daemon"]
@@ -929,11 +930,11 @@ class Daemon:
             self.link.stop_now()
         self._carry_out([RecordEvent(self.core.session_id, "stop", "mqtt", {})])
 
-    def _remote_refused(self, command: str, payload: bytes) -> None:
-        """Any ``cmd/*`` but stop: refused (telemetry has raised the alert), audited here."""
+    def _remote_refused(self, burst: RefusedBurst) -> None:
+        """A burst of ``cmd/*`` but stop: refused (telemetry raises the alert), audited here, one
+        record per burst with its count."""
         self._carry_out([RecordEvent(
-            self.core.session_id, "remote_command_refused", "mqtt",
-            {"command": command, "bytes": len(payload)},
+            self.core.session_id, "remote_command_refused", "mqtt", burst.audit_detail()
         )])  # fmt: skip
 
     def _remote_ignored(self, command: str, payload: bytes) -> None:

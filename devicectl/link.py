@@ -718,6 +718,17 @@ class DeviceLink:
         due = self._clock() + interval
         while True:
             await self._sleep(max(0.0, due - self._clock()))
+            late = self._clock() - due
+            if late > interval / 4:
+                # said long before the lease could run down to its "nearly out" margin: a busy
+                # host, not the device, when this precedes a lease_nearly_out breach
+                self._log.warning(
+                    "heartbeat_late",
+                    port=self.port,
+                    late_ms=round(late * 1000, 1),
+                    interval_ms=round(interval * 1000, 1),
+                    lease_ms=lease_ms,
+                )
             due += interval
             try:
                 await self.request(Heartbeat(lease_ms))

@@ -7,6 +7,13 @@ every line starts with its syslog priority (``<4>`` for a warning, sd-daemon(3))
 Components take a logger as a parameter (``log: BoundLogger``) defaulting to
 ``structlog.get_logger("devicectl.<component>")``; nothing logs through the root logger, nothing
 prints, and nothing logs in the per-pulse path.
+
+Whatever arrives, the log stays bounded (:class:`EventRateLimit`): each kind of event (its name)
+has a token bucket, 20 at once and 5 a second after that; the ones over are dropped and counted,
+and the next event that is logged carries ``suppressed={kind: count}``. The safety events in
+:data:`ALWAYS_LOGGED` (a breach above all) are never held back: each is bounded by what causes
+it (a breach latches, a lost link reconnects with a back-off). Every string value is cut to
+:data:`MAX_VALUE_CHARS` with a marker, tracebacks included.
 """
 
 from __future__ import annotations
@@ -15,15 +22,44 @@ import logging
 import os
 import re
 import sys
-from collections.abc import MutableMapping
+import threading
+import time
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
 
-__all__ = ["JournalPriority", "configure_logging", "redact", "redact_url", "stderr_is_journal"]
+__all__ = [
+    "ALWAYS_LOGGED",
+    "MAX_VALUE_CHARS",
+    "EventRateLimit",
+    "JournalPriority",
+    "cap_values",
+    "configure_logging",
+    "redact",
+    "redact_url",
+    "stderr_is_journal",
+]
+
+# Never rate-limited: a breach must always be logged; the others are what an engineer needs to
+# place it (the link and the log failing, the latch restored). Each is bounded by its cause (a
+# breach latches, a lost link reconnects with a back-off). A STOP over MQTT is not among them:
+# anyone allowed to publish it can send thousands a second (each is obeyed and audited).
+ALWAYS_LOGGED = frozenset(
+    {
+        "safety_breach",
+        "breach_latch_restored",
+        "device_link_lost",
+        "session_log_unavailable",
+        "shutdown_over_budget",
+    }
+)
+MAX_VALUE_CHARS = 4000
+_MAX_KINDS = 1000  # distinct event names tracked; any beyond share one bucket
 
 _SECRET_KEYS = frozenset({"password", "passwd", "secret", "token", "key_password"})
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+# The scheme's length is bounded so that a long run of letters costs linear time, not quadratic.
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]{0,30}://)[^/@\s]+@", re.IGNORECASE)
 
 
 def redact_url(text: str) -> str:
@@ -39,6 +75,88 @@ def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mutable
         elif isinstance(value, str) and "@" in value:
             event[key] = redact_url(value)
     return event
+
+
+class EventRateLimit:
+    """A structlog processor: at most ``burst`` events of one kind at once, ``per_s`` a second
+    after that; those over are dropped and counted, and the counts ride on the next event
+    logged as ``suppressed={kind: count}``. Thread-safe (the log writer thread logs too)."""
+
+    def __init__(
+        self,
+        *,
+        per_s: float = 5.0,
+        burst: int = 20,
+        always: frozenset[str] = ALWAYS_LOGGED,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.per_s, self.burst, self.always, self._clock = per_s, burst, always, clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # kind -> (tokens, at)
+        self._suppressed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(
+        self, _logger: Any, _name: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        kind = str(event.get("event"))
+        with self._lock:
+            if kind not in self.always:
+                if kind not in self._buckets and len(self._buckets) >= _MAX_KINDS:
+                    kind = "(other)"
+                now = self._clock()
+                tokens, at = self._buckets.get(kind, (float(self.burst), now))
+                tokens = min(float(self.burst), tokens + (now - at) * self.per_s)
+                if tokens < 1.0:
+                    self._buckets[kind] = (tokens, now)
+                    self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+                    raise structlog.DropEvent
+                self._buckets[kind] = (tokens - 1.0, now)
+            if self._suppressed:
+                event["suppressed"] = self._suppressed
+                self._suppressed = {}
+        return event
+
+
+def cap_values(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Cut every string value to :data:`MAX_VALUE_CHARS`, saying how much was cut."""
+    for key, value in event.items():
+        if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
+            event[key] = f"{value[:MAX_VALUE_CHARS]}...[{len(value) - MAX_VALUE_CHARS} more chars]"
+    return event
+
+
+class _LibraryLogLimit(logging.Filter):
+    """The same bound for the libraries' own logging (asyncio, aiomqtt, paho): per logger and
+    message, through the structlog limiter, so that what is held back is counted there too."""
+
+    def __init__(self, limit: EventRateLimit) -> None:
+        super().__init__()
+        self._limit = limit
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = f"{record.name}: {record.msg}"[:200]
+        try:
+            event = self._limit(None, record.levelname.lower(), {"event": kind})
+        except structlog.DropEvent:
+            return False
+        held = event.get("suppressed")
+        if held:
+            record.msg = f"{record.getMessage()} (held back meanwhile: {held})"
+            record.args = ()
+        return True
+
+
+class _LibraryLogFormat(logging.Formatter):
+    """One line per record at most ~2 x MAX_VALUE_CHARS, credentials in URLs hidden."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = redact_url(super().format(record))
+        limit = 2 * MAX_VALUE_CHARS
+        if len(text) > limit:
+            text = f"{text[:limit]}...[{len(text) - limit} more chars]"
+        return text
 
 
 # structlog method name -> syslog priority (sd-daemon(3): "<N>" prefixes on stderr lines)
@@ -79,7 +197,20 @@ class JournalPriority:
 
 
 def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
-    """Configure structlog once per process. ``json=None`` picks JSON unless stderr is a tty."""
+    """Configure structlog once per process. ``json=None`` picks JSON unless stderr is a tty.
+
+    The libraries' own ``logging`` records (warnings and above) go to stderr as well, under the
+    same rate limit."""
+    limit = EventRateLimit()
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if any(isinstance(f, _LibraryLogLimit) for f in handler.filters):
+            root.removeHandler(handler)  # configured again: one handler, the new limiter
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.addFilter(_LibraryLogLimit(limit))
+    handler.setFormatter(_LibraryLogFormat("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
     if json is None:
         json = not sys.stderr.isatty()
     renderer: Any = (
@@ -92,10 +223,12 @@ def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            limit,  # first: an event held back costs nothing more
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             redact,  # after the traceback is rendered: it may quote a URL too
+            cap_values,  # after redact: a cut URL could hide its credentials from it
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

@@ -30,7 +30,7 @@ from devicectl.cli.app import (
     session_app,
     wants_json,
 )
-from devicectl.control import ControlError, DaemonUnreachable, call_daemon
+from devicectl.control import ControlError, DaemonUnreachable, call_daemon, stop_socket_path
 from devicectl.errors import ConfigError, DevicectlError
 
 __all__: list[str] = []
@@ -379,9 +379,14 @@ def disarm(user: UserOpt = None, control: ControlOpt = None, as_json: JsonOpt = 
 def stop(control: ControlOpt = None, as_json: JsonOpt = False) -> None:
     """Stop emission at once (always allowed).
 
+    Goes through the daemon's stop-only socket beside the control socket, which a control
+    socket full of other connections cannot block (the control socket itself when there is none).
+
     Example: devicectl stop
     """
-    _show(_call(control, {"command": "stop"}), as_json)
+    path = _control_path(control)
+    stop_path = stop_socket_path(path)
+    _show(_call(stop_path if stop_path.exists() else path, {"command": "stop"}), as_json)
 
 
 @fault_app.command("ack")

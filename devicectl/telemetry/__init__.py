@@ -4,7 +4,13 @@
 Topics and payload models live in :mod:`protocols.mqtt` (sans-I/O); this package does the I/O.
 """
 
-from devicectl.telemetry.commands import CommandAction, CommandDecision, classify_command
+from devicectl.telemetry.commands import (
+    CommandAction,
+    CommandDecision,
+    CommandRefusals,
+    RefusedBurst,
+    classify_command,
+)
 from devicectl.telemetry.config import BrokerAddress, TelemetryConfig, parse_broker_url
 from devicectl.telemetry.outbox import Outbox, OutboxRow, OverflowReport
 from devicectl.telemetry.publisher import Telemetry, TelemetryStats
@@ -14,11 +20,13 @@ __all__ = [
     "BrokerAddress",
     "CommandAction",
     "CommandDecision",
+    "CommandRefusals",
     "DeviceView",
     "FleetView",
     "Outbox",
     "OutboxRow",
     "OverflowReport",
+    "RefusedBurst",
     "Telemetry",
     "TelemetryConfig",
     "TelemetryStats",

@@ -3,8 +3,9 @@
     daemon ──publish_*()──▶ Outbox (SQLite, seq assigned) ──"telemetry-link"──▶ broker
            ──offer_pulse()─▶ hand-off list ──"telemetry-pulses" (100 ms)──▶ Outbox
            ──publish_metrics()─▶ live queue (QoS 0, dropped while offline) ──▶ broker
-    broker ──{base}/cmd/#──▶ "telemetry-commands" ──▶ on_stop() | on_refused_command() + alert
-                                                        | on_ignored_command() (retained stop)
+    broker ──{base}/cmd/#──▶ "telemetry-commands" ──▶ on_stop() | on_ignored_command() (retained)
+                                                        | CommandRefusals ──(one per burst)──▶
+                                                          on_refused_command() + alert
 
 None of the ``publish_*``/``offer_pulse`` methods awaits or touches the network, so the broker
 going away never slows or fails the caller. One connection at a time; QoS 1 publishes are
@@ -32,7 +33,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from devicectl import __version__
-from devicectl.telemetry.commands import CommandAction, classify_command
+from devicectl.telemetry.commands import (
+    CommandAction,
+    CommandRefusals,
+    RefusedBurst,
+    cap_name,
+    classify_command,
+)
 from devicectl.telemetry.config import TelemetryConfig
 from devicectl.telemetry.connection import MqttConnection, MqttLinkError, MqttRefused, Will
 from devicectl.telemetry.outbox import Outbox, OutboxRow, OverflowReport
@@ -105,9 +112,11 @@ class Telemetry:
     """MQTT telemetry for one device; an async context manager owning its tasks.
 
     ``on_stop()`` is called (synchronously, on the event loop) for a live ``cmd/stop``;
-    ``on_refused_command(command, payload)`` for every other ``cmd/*``, retained or not, which
-    is also refused with an ``alerts`` message; ``on_ignored_command(command, payload)`` for a
-    retained ``cmd/stop``, stale and not obeyed. ``command`` is the topic below ``{base}/cmd/``,
+    ``on_refused_command(burst)`` once per burst of other ``cmd/*`` messages, retained or not
+    (:class:`~devicectl.telemetry.commands.CommandRefusals`: at most one report per
+    ``refusal_window_s``, with the count and the first names, capped), which is also refused
+    with one ``alerts`` message; ``on_ignored_command(command, payload)`` for a retained
+    ``cmd/stop``, stale and not obeyed. ``command`` is the topic below ``{base}/cmd/``,
     ``payload`` at most its first 256 bytes. On exit: pending pulses are batched, the outbox is
     flushed for at most ``flush_timeout_s``, ``offline`` is published (retained) and the
     connection closed.
@@ -118,8 +127,9 @@ class Telemetry:
         config: TelemetryConfig,
         *,
         on_stop: Callable[[], None] | None = None,
-        on_refused_command: Callable[[str, bytes], None] | None = None,
+        on_refused_command: Callable[[RefusedBurst], None] | None = None,
         on_ignored_command: Callable[[str, bytes], None] | None = None,
+        refusal_window_s: float = 1.0,
         log: Any = None,
         clock: Callable[[], datetime] = _utc_now,
         daemon_version: str = __version__,
@@ -131,6 +141,8 @@ class Telemetry:
         self._on_stop = on_stop
         self._on_refused_command = on_refused_command
         self._on_ignored_command = on_ignored_command
+        self._refusals = CommandRefusals(refusal_window_s)
+        self._refusal_report: asyncio.TimerHandle | None = None
         self._log = log if log is not None else structlog.get_logger("devicectl.telemetry")
         self._clock = clock
         self._daemon_version = daemon_version
@@ -201,6 +213,7 @@ class Telemetry:
         loop = asyncio.get_running_loop()
         for task in self._helpers:
             task.cancel()
+        self._report_refusals()  # a burst still open
         try:
             self._flush_pulses()
         except Exception as exc:  # noqa: BLE001 - still flush and say offline
@@ -803,7 +816,10 @@ class Telemetry:
             return
         if decision.action is CommandAction.IGNORE:
             self._log.info(
-                "mqtt_command_ignored", topic=topic, reason=decision.reason, bytes=len(payload)
+                "mqtt_command_ignored",
+                topic=cap_name(topic),
+                reason=decision.reason,
+                bytes=len(payload),
             )
             if decision.ours:
                 self._counts["commands_ignored"] += 1
@@ -814,24 +830,35 @@ class Telemetry:
                         self._log.error("mqtt_audit_callback_failed", error=repr(exc))
             return
         self._counts["commands_refused"] += 1
+        # aggregated: a flood costs one log line, one audit record and one alert per burst
+        loop = asyncio.get_running_loop()
+        if self._refusals.add(decision.command, len(payload), retained=retained, now=loop.time()):
+            self._refusal_report = loop.call_at(
+                loop.time() + self._refusals.window_s, self._report_refusals
+            )
+
+    def _report_refusals(self) -> None:
+        """Report the burst of refused commands: its window has passed, or telemetry is closing."""
+        if self._refusal_report is not None:
+            self._refusal_report.cancel()
+            self._refusal_report = None
+        burst = self._refusals.take()
+        if burst is None:
+            return
         self._log.warning(
-            "mqtt_command_refused",
-            topic=topic,
-            command=decision.command,
-            bytes=len(payload),
-            retained=retained,
+            "mqtt_commands_refused",
+            count=burst.count,
+            commands=list(burst.commands),
+            unlisted=burst.unlisted,
+            retained=burst.retained,
+            bytes=burst.payload_bytes,
         )
         if self._on_refused_command is not None:
             try:
-                self._on_refused_command(decision.command, payload[:256])
+                self._on_refused_command(burst)
             except Exception as exc:  # noqa: BLE001 - the audit hook must not kill telemetry
                 self._log.error("mqtt_audit_callback_failed", error=repr(exc))
-        self.publish_alert(
-            "warning",
-            "command_refused",
-            f"MQTT command {decision.command!r} refused: only cmd/stop is accepted"
-            + (" (a retained message on the broker: clear it)" if retained else ""),
-        )
+        self.publish_alert("warning", "command_refused", burst.message())
 
     def _availability_properties(self, packet_type: int) -> Properties | None:
         """MQTT 5 properties of ``online``/``offline`` (a PUBLISH or the Last Will): the payload

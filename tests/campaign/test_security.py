@@ -192,6 +192,8 @@ def test_the_example_unit_runs_unprivileged_and_hardened() -> None:
     for key, value in expected.items():
         assert unit.get(key) == [value], (key, unit.get(key))
     assert "WatchdogSec" in unit
+    # open files above systemd's default 1,024: the control socket's cap keeps half of them free
+    assert int(unit["LimitNOFILE"][0]) >= 1024, unit.get("LimitNOFILE")
     # Secrets come from a root-owned file, never from the unit itself.
     assert not any("PASSWORD" in e.upper() for e in unit.get("Environment", []))
     assert unit.get("EnvironmentFile"), "no EnvironmentFile for the MQTT credentials"

@@ -105,7 +105,7 @@ CHECKLIST = {
     "allergy_to_active_ingredient": False,
 }
 
-SESSION = {
+SESSION: dict[str, Any] = {
     "command": "session_start",
     "patient_ref": "PT-0042",
     "skin_type": "III",

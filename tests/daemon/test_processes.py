@@ -75,7 +75,9 @@ class Rig:
         self.port = self.sim.stdout.readline().strip()
         assert self.port.startswith("/dev/pts/"), self.port
 
-    def start_daemon(self, file_size_limit: int | None = None) -> None:
+    def start_daemon(
+        self, file_size_limit: int | None = None, open_files_limit: int | None = None
+    ) -> None:
         args = ["run", "--config", str(self.config), "--port", self.port]
         args += ["--data-dir", str(self.data), "--control", str(self.control)]
 
@@ -83,6 +85,8 @@ class Rig:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             if file_size_limit is not None:
                 resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+            if open_files_limit is not None:  # as systemd's LimitNOFILE= would set it
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files_limit, open_files_limit))
 
         with (self.tmp / "daemon.log").open("a") as log:
             self.daemon = subprocess.Popen(

@@ -243,6 +243,36 @@ async def test_heartbeats_every_third_of_the_lease_and_end_with_stop() -> None:
     assert all(b == Heartbeat(300) for b in beats)
 
 
+async def test_a_late_heartbeat_is_logged_with_its_lateness() -> None:
+    """A host too busy to wake on time says so, before the lease can run low."""
+    device = FakeDevice()
+    now = [0.0]
+    oversleep = [0.0]
+
+    def clock() -> float:
+        return now[0]
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds + oversleep[0]  # a virtual clock; the host wakes late when asked
+        oversleep[0] = 0.0
+        await asyncio.sleep(0)
+
+    with capture_logs() as logs:
+        async with running(device, clock=clock, sleep=sleep) as (link, _):
+            await link.request(Arm(300))
+            link.start_heartbeats(300)  # every 100 ms
+            await until(lambda: len(device.commands(Heartbeat.TYPE)) >= 2)
+            oversleep[0] = 0.040  # 40 ms late: more than a quarter of the interval
+            sent = len(device.commands(Heartbeat.TYPE))
+            await until(lambda: len(device.commands(Heartbeat.TYPE)) >= sent + 3)
+            link.stop_now()
+            await link.stop()
+    late = [e for e in logs if e["event"] == "heartbeat_late"]
+    assert len(late) == 1, late
+    assert late[0]["late_ms"] == pytest.approx(40.0)
+    assert (late[0]["interval_ms"], late[0]["lease_ms"]) == (100.0, 300)
+
+
 async def test_heartbeats_end_when_the_device_refuses_them() -> None:
     device = FakeDevice()  # STANDBY: HEARTBEAT gets NAK BAD_STATE
     async with running(device) as (link, _):

@@ -140,3 +140,19 @@ def config(url: str | None, data_dir: Path, **overrides: Any) -> TelemetryConfig
     }
     values.update(overrides)
     return TelemetryConfig(**values)
+
+
+def flood_commands(host: str, port: int, base: str, count: int, name_chars: int) -> None:
+    """Publish ``count`` QoS 1 messages to ``{base}/cmd/<name_chars characters>``, each name
+    different, pipelined; return once the broker has acknowledged them all."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    client.connect(host, port)
+    try:
+        sent = [
+            client.publish(f"{base}/cmd/{i:06d}" + "x" * (name_chars - 6), b"{}", qos=1)
+            for i in range(count)
+        ]
+        while not all(info.is_published() for info in sent):
+            client.loop(0.05)
+    finally:
+        client.disconnect()

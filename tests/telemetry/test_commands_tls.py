@@ -13,7 +13,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from devicectl.telemetry import CommandAction, Telemetry, classify_command
+from devicectl.telemetry import CommandAction, RefusedBurst, Telemetry, classify_command
 from devicectl.telemetry.connection import MqttLinkError, MqttRefused
 from tests.brokers import Broker, free_port, make_pki
 from tests.telemetry.helpers import config, recorder, until
@@ -51,12 +51,13 @@ async def test_stop_calls_back_and_other_commands_are_refused(
     mosquitto: Broker, tmp_path: Path
 ) -> None:
     stops: list[str] = []
-    refused: list[tuple[str, bytes]] = []
+    refused: list[RefusedBurst] = []
     with recorder(mosquitto.port, topic=f"{BASE}/alerts") as rec:
         async with Telemetry(
             config(mosquitto.url, tmp_path),
             on_stop=lambda: stops.append("stop"),
-            on_refused_command=lambda command, payload: refused.append((command, payload)),
+            on_refused_command=refused.append,
+            refusal_window_s=0.3,
         ) as tm:
             await until(lambda: tm.connected)
             _send(mosquitto.port, f"{BASE}/cmd/stop", b"")
@@ -67,13 +68,17 @@ async def test_stop_calls_back_and_other_commands_are_refused(
             for junk in (b"\xff\xfe\x00garbage", b"{" * 5000, "é".encode() * 100):
                 _send(mosquitto.port, f"{BASE}/cmd/stop", junk)
                 _send(mosquitto.port, f"{BASE}/cmd/set/params", junk)
-            await until(lambda: len(stops) == 4 and len(refused) == 4, what="all commands")
-            await until(lambda: len(rec.on("alerts")) == 4, what="refusal alerts")
+            await until(
+                lambda: len(stops) == 4 and sum(b.count for b in refused) == 4,
+                what="all commands",
+            )
+            # one alert per burst of refusals, each burst audited once
+            await until(lambda: len(rec.on("alerts")) == len(refused), what="refusal alerts")
             assert tm.connected
             assert tm.stats.commands_refused == 4
             assert tm.stats.commands_stop == 4
-    assert refused[0] == ("arm", b'{"lease_ms": 5000}')
-    assert [c for c, _p in refused[1:]] == ["set/params"] * 3
+    assert (refused[0].count, refused[0].commands, refused[0].payload_bytes) == (1, ("arm",), 18)
+    assert all(b.commands == ("set/params",) for b in refused[1:]), refused
     alert = rec.on("alerts")[0].json()
     assert alert["code"] == "command_refused"
     assert "arm" in alert["message"]
@@ -83,7 +88,7 @@ async def test_a_retained_stop_is_not_obeyed_but_audited_as_ignored(
     mosquitto: Broker, tmp_path: Path
 ) -> None:
     stops: list[int] = []
-    refused: list[tuple[str, bytes]] = []
+    refused: list[RefusedBurst] = []
     ignored: list[tuple[str, bytes]] = []
     # not empty: an empty retained publish would only clear the topic, leaving nothing retained
     _send(mosquitto.port, f"{BASE}/cmd/stop", b"stale", retain=True)
@@ -91,7 +96,7 @@ async def test_a_retained_stop_is_not_obeyed_but_audited_as_ignored(
         async with Telemetry(
             config(mosquitto.url, tmp_path),
             on_stop=lambda: stops.append(1),
-            on_refused_command=lambda command, payload: refused.append((command, payload)),
+            on_refused_command=refused.append,
             on_ignored_command=lambda command, payload: ignored.append((command, payload)),
         ) as tm:
             await until(lambda: tm.connected)
@@ -110,7 +115,7 @@ async def test_a_retained_command_other_than_stop_is_refused_audited_and_alerted
 ) -> None:
     """A retained ``cmd/arm`` found at subscription is not dropped silently: it is refused like
     a live one (audit callback, alert), and nothing is obeyed."""
-    refused: list[tuple[str, bytes]] = []
+    refused: list[RefusedBurst] = []
     stops: list[int] = []
     _send(mosquitto.port, f"{BASE}/cmd/arm", b'{"lease_ms": 5000}', retain=True)
     try:
@@ -118,7 +123,8 @@ async def test_a_retained_command_other_than_stop_is_refused_audited_and_alerted
             async with Telemetry(
                 config(mosquitto.url, tmp_path),
                 on_stop=lambda: stops.append(1),
-                on_refused_command=lambda command, payload: refused.append((command, payload)),
+                on_refused_command=refused.append,
+                refusal_window_s=0.1,
             ) as tm:
                 await until(lambda: tm.connected)
                 await until(lambda: len(refused) == 1, what="the refusal audit callback")
@@ -126,7 +132,7 @@ async def test_a_retained_command_other_than_stop_is_refused_audited_and_alerted
                 assert tm.stats.commands_refused == 1
     finally:
         _send(mosquitto.port, f"{BASE}/cmd/arm", b"", retain=True)  # clear (empty retained)
-    assert refused == [("arm", b'{"lease_ms": 5000}')]
+    assert [(b.count, b.commands, b.retained) for b in refused] == [(1, ("arm",), 1)]
     assert stops == []
     alert = rec.on("alerts")[0].json()
     assert alert["code"] == "command_refused"

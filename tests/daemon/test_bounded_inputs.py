@@ -1,0 +1,103 @@
+"""The reproductions of issue 11 against the daemon as a process, emitting: whatever arrives on
+MQTT or the control socket costs a bounded amount of disk and log, and a STOP still gets in."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from tests.brokers import Broker
+from tests.daemon.test_processes import DEVICECTL, Rig, _wait
+from tests.telemetry.helpers import flood_commands
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    rig = Rig(tmp_path)
+    try:
+        rig.start_sim()
+        yield rig
+    finally:
+        rig.stop()
+
+
+def _log_bytes(data: Path) -> int:
+    """The session log on disk, its write-ahead log included."""
+    return sum(p.stat().st_size for p in data.glob("sessions.db*"))
+
+
+def _refused(data: Path) -> list[int]:
+    """The counts of the session log's ``remote_command_refused`` records."""
+    conn = sqlite3.connect(f"{(data / 'sessions.db').resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT body FROM records WHERE kind = 'event'").fetchall()
+    finally:
+        conn.close()
+    events = [json.loads(body) for (body,) in rows]
+    return [e["detail"]["count"] for e in events if e["event"] == "remote_command_refused"]
+
+
+def test_300_long_named_commands_barely_grow_the_logs(rig: Rig, mosquitto: Broker) -> None:
+    """300 ``cmd/<60,000 characters>`` once grew the session log by 18.5 MB and the daemon's log
+    by 36 MB: now a few aggregated records. (Not emitting, so that the files' growth is the
+    flood's alone: the daemon's work per refusal does not depend on it.)"""
+    rig.config.write_text(
+        rig.config.read_text() + f'[mqtt]\nurl = "{mosquitto.url}"\nsite = "flood"\n'
+    )
+    rig.start_daemon()
+    base = f"lasers/flood/{rig.call('status')['device_serial']}"
+    _wait(lambda: "mqtt_connected" in (rig.tmp / "daemon.log").read_text(), what="telemetry")
+    log_before, daemon_log_before = _log_bytes(rig.data), (rig.tmp / "daemon.log").stat().st_size
+    flood_commands(mosquitto.host, mosquitto.port, base, 300, 60_000)
+    # every refusal audited, in one record per burst (a burst: one second at most)
+    _wait(lambda: sum(_refused(rig.data)) == 300, what="the flood audited")
+    assert len(_refused(rig.data)) <= 10, _refused(rig.data)
+    assert not rig.call("status")["armed"]
+    grown = _log_bytes(rig.data) - log_before
+    daemon_log_grown = (rig.tmp / "daemon.log").stat().st_size - daemon_log_before
+    assert grown < 1_000_000, grown
+    assert daemon_log_grown < 100_000, daemon_log_grown
+    refusals = (rig.tmp / "daemon.log").read_text().count("mqtt_commands_refused")
+    assert 1 <= refusals <= 10, refusals
+
+
+def test_stop_gets_in_with_the_daemon_at_a_low_open_files_limit(rig: Rig) -> None:
+    """At a low open-files limit, far more idle control connections than it could hold: the
+    daemon stays under its limit (serving 40 at 160 open files), answers the rest at once, and
+    ``devicectl stop`` stops the laser; the log says so in one line, no traceback."""
+    rig.start_daemon(open_files_limit=160)
+    rig.emit()
+    with ExitStack() as stack:
+        held = 0
+        for _ in range(300):
+            sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            sock.connect(str(rig.control))  # blocking: waits while the backlog is full
+            held += 1
+        assert rig.sim_status()["emitting"]
+        stop = subprocess.run(
+            [*DEVICECTL, "stop", "--control", str(rig.control)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert stop.returncode == 0, stop.stderr
+        _wait(lambda: not rig.sim_status()["emitting"], what="emission stopped")
+        assert held == 300
+    log = (rig.tmp / "daemon.log").read_text()
+    assert "Traceback" not in log and "out of system resource" not in log
+    # the cap fitted to the limit, the rest answered "busy" at once: said once per episode (a
+    # slot freed by a client that just left starts another), not once per connection
+    busy = [json.loads(line) for line in log.splitlines() if '"control_busy"' in line]
+    assert 1 <= len(busy) <= 3, busy
+    assert all(b["max_clients"] == 40 for b in busy), busy
+    assert len(log) < 100_000
