@@ -164,10 +164,18 @@ def _refuse_renamed_variables(environ: Mapping[str, str]) -> None:
             )
 
 
+def _expand_user(value: Path) -> Path:
+    """``~`` and ``~user`` expanded; an unknown user is a refusal, not a RuntimeError."""
+    try:
+        return value.expanduser()
+    except RuntimeError:
+        raise ValueError(f"a path whose ~user exists (no home directory for {value})") from None
+
+
 def _existing_file(value: Path | None, key: str) -> Path | None:
     if value is None:
         return None
-    path = value.expanduser()
+    path = _expand_user(value)
     if not path.is_file():
         raise _Refused(key, str(value), "an existing, readable file")
     return path
@@ -382,7 +390,7 @@ class CheckpointSettings(BaseModel):
     @field_validator("key_file")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
+        return _expand_user(value) if value is not None else None
 
 
 _FILE_VALUES: ContextVar[dict[str, Any] | None] = ContextVar("devicectl_config_file", default=None)
@@ -450,7 +458,7 @@ class Settings(BaseSettings):
     @field_validator("control", "data_dir", "session_log")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
+        return _expand_user(value) if value is not None else None
 
     @property
     def session_log_path(self) -> Path:
@@ -564,7 +572,9 @@ def _read_file(path: Path) -> dict[str, Any]:
     if not str(path).strip() or str(path) == ".":
         raise ConfigError("config", str(path), "a TOML file path (an empty one is refused)")
     try:
-        data = path.expanduser().read_bytes()
+        data = _expand_user(path).read_bytes()
+    except ValueError as exc:
+        raise ConfigError("config", str(path), str(exc)) from None
     except OSError as exc:
         raise ConfigError("config", str(path), f"a readable TOML file ({exc.strerror})") from None
     try:

@@ -129,6 +129,8 @@ __all__ = ["Daemon", "DeviceSource", "SerialDevice", "TelemetrySink", "run_daemo
 
 SHUTDOWN_BUDGET_S = 1.8  # SIGTERM to exit 0 within 2 s, all included
 _BACKLOG_MAX = 10_000  # bounded; start-up raises a handful
+_AUTH_AUDIT_BURST = 20  # refused identities recorded at once, then ...
+_AUTH_AUDIT_PER_S = 2.0  # ... this many a second
 
 
 class TelemetrySink(Protocol):
@@ -253,6 +255,8 @@ class Daemon:
         self._pulses_since_metrics = 0
         self._energy_since_metrics = 0
         self._now_ns = 0  # the time the request in progress began
+        self._auth_audit = (float(_AUTH_AUDIT_BURST), 0.0)  # refused identities: tokens, when
+        self._auth_held_back = 0
 
     # ------------------------------------------------------------------ views of the core
 
@@ -881,10 +885,23 @@ class Daemon:
         return {"session": session, "recorded": kind, "by": actor.user}
 
     def _auth_refused(self, user: str | None, command: str, exc: AuthRefused) -> None:
-        """A request whose identity did not hold: audited (never the PIN)."""
+        """A request whose identity did not hold: audited (never the PIN), at most
+        :data:`_AUTH_AUDIT_BURST` at once and :data:`_AUTH_AUDIT_PER_S` a second after that, so
+        that a local flood cannot fill the disk (no log, no laser); those held back are counted
+        on the next one recorded."""
+        now = time.monotonic()
+        tokens, at = self._auth_audit
+        tokens = min(float(_AUTH_AUDIT_BURST), tokens + (now - at) * _AUTH_AUDIT_PER_S)
+        if tokens < 1.0:
+            self._auth_audit = (tokens, now)
+            self._auth_held_back += 1
+            return
+        self._auth_audit = (tokens - 1.0, now)
+        detail: dict[str, Any] = {"command": command, "rule": exc.rule}
+        if self._auth_held_back:
+            detail["held_back_before"], self._auth_held_back = self._auth_held_back, 0
         self._carry_out([RecordEvent(
-            self.core.session_id, "auth_refused", user or "unidentified",
-            {"command": command, "rule": exc.rule},
+            self.core.session_id, "auth_refused", user or "unidentified", detail,
         )])  # fmt: skip
 
     def _link(self) -> DeviceLink:

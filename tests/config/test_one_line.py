@@ -18,6 +18,8 @@ from devicectl.cli import (
     app,
     commands,  # noqa: F401 - registers every command, as the script does
 )
+from devicectl.config import load_settings
+from devicectl.errors import ConfigError
 
 LINE_MAX = 400
 DEVICECTL = str(Path(sys.executable).parent / "devicectl")
@@ -180,3 +182,11 @@ def test_error_lines_stay_short_whatever_the_input(tmp_path: Path, clean_env: No
     big = tmp_path / "big.toml"
     big.write_text(f'port = "{"y" * 13_000_000}"\n')
     one_line(run(["config", "show", "--config", str(big)]), "config", "bytes, over")
+
+
+@pytest.mark.parametrize("key", ["policy", "data_dir", "control"])
+def test_a_home_directory_that_does_not_exist_is_one_line(key: str) -> None:
+    """``~0`` names a user with no home directory: pathlib raises RuntimeError; refused instead."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, **{key: "~0"})
+    assert "\n" not in str(caught.value) and key in str(caught.value)

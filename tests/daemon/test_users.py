@@ -15,6 +15,7 @@ import pytest
 from argon2 import PasswordHasher
 from argon2.profiles import CHEAPEST
 
+from devicectl.sessionlog import store
 from devicectl.users import (
     ACK_REASON_CODES,
     MAX_FAILURES,
@@ -28,6 +29,7 @@ from devicectl.users import (
     UserStore,
     UserStoreError,
 )
+from tests.daemon.conftest import Driver
 
 DEVICECTL = [sys.executable, "-c", "from devicectl.cli import main; main()"]
 CHEAP = PasswordHasher.from_parameters(CHEAPEST)
@@ -229,3 +231,36 @@ def test_the_names_the_record_uses_for_the_system_cannot_be_user_ids(tmp_path: P
         with pytest.raises(UserStoreError, match="reserved"):
             store.add(name, "supervisor", "sup-pin-11")
     assert store.load() == {}
+
+
+def _audited_refusals(drv: Driver) -> list[dict[str, object]]:
+    """The ``auth_refused`` audit records the daemon's log holds (no session is open)."""
+    log = drv.daemon.sessionlog
+    assert log is not None
+    log.flush()
+    conn = store.connect(log.path, readonly=True)
+    try:
+        rows = conn.execute("SELECT body FROM records WHERE kind = 'event'").fetchall()
+    finally:
+        conn.close()
+    bodies = [json.loads(row[0]) for row in rows]
+    return [b for b in bodies if b["event"] == "auth_refused"]
+
+
+async def test_a_flood_of_refused_identities_is_audited_within_a_bound(driver: Driver) -> None:
+    """An unidentified local client cannot fill the disk with audit records (a full disk stops
+    the laser): after a burst they are recorded at a bounded rate, the rest counted."""
+    nobody = {"user": "NOBODY-1", "pin": "000000"}
+    started = time.monotonic()
+    replies = []
+    for _ in range(6):  # 300 refusals, 50 at once (most refused as busy: no PIN check queued)
+        replies += await asyncio.gather(*(driver.call("arm", auth=nobody) for _ in range(50)))
+    elapsed = time.monotonic() - started
+    assert all(r["rule"].startswith("auth.") for r in replies), replies
+    refusals = _audited_refusals(driver)
+    assert 20 <= len(refusals) <= 20 + 2 * elapsed + 1, (len(refusals), elapsed)
+    await asyncio.sleep(1.0)  # a token comes back: the next refusal carries what is left
+    await driver.call("arm", auth=nobody)
+    audited = _audited_refusals(driver)
+    held = sum(r["detail"].get("held_back_before", 0) for r in audited)  # type: ignore[attr-defined]
+    assert len(audited) + held == 301, (len(audited), held)  # every refusal accounted for
