@@ -35,6 +35,7 @@ _INFO = {
     "course": {"course_id": "C-BENCH", "session_number": 1, "planned_sessions": 4},
     "checklist": {
         "consultation_done": True,
+        "consent_given": True,
         "area_cleaned": True,
         "numbing_applied": False,
         "contraindications": dict.fromkeys(
@@ -49,6 +50,9 @@ _INFO = {
         ),
     },
     "active_ingredient": "hyaluronic acid",
+    "ingredient_amount": 2.0,
+    "ingredient_unit": "ml",
+    "ingredient_lot": "HA-BENCH",
 }
 
 

@@ -268,12 +268,13 @@ def run(
             "--mqtt", metavar="URL", help="MQTT broker: mqtt://HOST[:PORT] or mqtts://..."
         ),
     ] = None,
+    # Paths as typed (str): typer would turn an empty one into ".", which the settings refuse.
     control: Annotated[
-        Path | None,
+        str | None,
         typer.Option("--control", metavar="SOCK", help="Where to serve the control socket."),
     ] = None,
     data_dir: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--data-dir", metavar="DIR", help="Where the session log, outbox and state live."
         ),

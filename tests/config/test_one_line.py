@@ -147,6 +147,11 @@ def test_an_empty_data_dir_is_refused_not_the_current_directory(clean_env: None)
     one_line(run(["config", "show"], env={"DEVICECTL_DATA_DIR": ""}), "data_dir", "empty")
 
 
+@pytest.mark.parametrize("flag", ["--data-dir", "--control"])
+def test_an_empty_path_flag_of_run_is_refused(clean_env: None, flag: str) -> None:
+    one_line(run(["run", "--port", "sim", flag, ""]), flag.removeprefix("--").replace("-", "_"))
+
+
 def test_an_empty_policy_path_is_refused(clean_env: None) -> None:
     one_line(run(["config", "show"], env={"DEVICECTL_POLICY": ""}), "policy", "empty")
     one_line(run(["dashboard", "--policy", ""]), "--policy", "empty")
