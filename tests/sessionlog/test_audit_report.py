@@ -302,7 +302,7 @@ def test_session_show_names_the_breach_its_signoffs_and_the_appended_entries(
 
 
 def test_session_show_prints_free_text_as_typed_never_as_markup_or_terminal_codes(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A note or a reason is the clinician's text: `[/oops]` made `session show` crash with a
     traceback (rich read it as markup), `[black on black]...[/]` hid a note on the terminal, and
@@ -320,6 +320,10 @@ def test_session_show_prints_free_text_as_typed_never_as_markup_or_terminal_code
         sid = slog.start_session(info, device_pulse_count=0).session_id
         for text in ("all fine [/oops]", "[black on black]blister, left cheek[/]"):
             slog.record_clinical(sid, "note", actor="OP-7", role="operator", entry={"text": text})
+    piped = runner.invoke(app, ["session", "show", str(sid), "--db", str(path)])
+    assert "\x1b" not in piped.output and "\r" not in piped.output  # JSON escapes them itself
+    # On a terminal (CliRunner's output never is one): the readable summary.
+    monkeypatch.setattr("devicectl.cli.records.wants_json", lambda as_json: as_json)
     result = runner.invoke(app, ["session", "show", str(sid), "--db", str(path)])
     assert result.exit_code == 0, result.output
     assert "all fine [/oops]" in result.output
