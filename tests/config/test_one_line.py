@@ -35,8 +35,17 @@ def one_line(result_text: str, *names: str) -> str:
     return text
 
 
+def _runner() -> CliRunner:
+    """stdout and stderr apart: click 8.2 keeps them apart itself and no longer takes
+    ``mix_stderr``; older clicks (the floors' typer pins one) need it said."""
+    try:
+        return CliRunner(mix_stderr=False)  # type: ignore[call-arg]
+    except TypeError:
+        return CliRunner()
+
+
 def run(args: list[str], env: dict[str, str] | None = None) -> str:
-    result = CliRunner().invoke(app, args, env=env, catch_exceptions=False)
+    result = _runner().invoke(app, args, env=env, catch_exceptions=False)
     assert result.exit_code == 2, result.output
     return result.stderr
 
