@@ -821,6 +821,14 @@ class TreatmentCore:
         self._out.append(Refuse(error))
         return self.take_effects()
 
+    def on_stop_requested(self) -> None:
+        """A STOP the core did not decide was written (the operator's, a remote one, the log
+        failing): a request in progress must not arm after it. An ARM in flight is superseded by
+        the link; this covers the ARM not yet sent (``arm``'s SET_PARAMS had its ACK)."""
+        step = self._step
+        if step is not None:
+            step.stopped = True
+
     def on_shutdown(self) -> list[Effect]:
         """The daemon is stopping (STOP and DISARM were sent): nothing stays armed here."""
         self.armed = self.arming = False
@@ -970,6 +978,10 @@ class TreatmentCore:
                 return self._fail(failure)
             step.stage = "arm"
         if step.stage == "arm":
+            if step.stopped:
+                return self._fail_refused(
+                    request, Refused("stopped", "a STOP came while arming: the laser is not armed")
+                )
             try:
                 self._check_arm(request)
                 supervisor = self.supervisor
@@ -1353,6 +1365,7 @@ class _Step:
     sent: int | None = None  # the command TYPE awaiting its outcome
     faults: list[str] = field(default_factory=list)  # the device's, when an ack began
     result: dict[str, object] = field(default_factory=dict)
+    stopped: bool = False  # a STOP was written since the request began: it must not arm
 
 
 class _NotIdentified(LinkError):

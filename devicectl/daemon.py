@@ -924,6 +924,7 @@ class Daemon:
         link = self.link
         assert link is not None
         link.stop_now()
+        self.core.on_stop_requested()
         self._carry_out([RecordEvent(self.core.session_id, "stop", actor, {})])
         port = self.settings.port
         if not link.connected.is_set():
@@ -945,6 +946,7 @@ class Daemon:
         connected: it goes out first thing after IDENT on the reconnection."""
         if self.link is not None:
             self.link.stop_now()
+        self.core.on_stop_requested()
         self._carry_out([RecordEvent(self.core.session_id, "stop", "mqtt", {})])
 
     def _remote_refused(self, burst: RefusedBurst) -> None:
@@ -984,6 +986,7 @@ class Daemon:
         if self._log_failure_reported:
             return
         self._log_failure_reported = True
+        self.core.on_stop_requested()  # an arm whose ARM is not sent yet does not send it
         if self.link is not None and (self.core.armed or self.core.arming):
             self.link.stop_now()
         session = self.core.session_id

@@ -1,0 +1,44 @@
+"""Adversarial review of the treatment core (issue 10), on the daemon with its simulator: each
+test replays an ordering of requests, replies and faults that left the laser armed or the core
+wedged before it was fixed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from devicectl.link import DeviceLink
+from protocols import Command, MessageType
+from tests.daemon.conftest import SESSION, Driver, driver, policy_file
+
+__all__ = ["driver", "policy_file"]  # fixtures, imported for pytest
+
+
+async def test_a_stop_between_arms_set_params_and_its_arm_leaves_the_laser_disarmed(
+    driver: Driver, monkeypatch: Any
+) -> None:
+    """After a reboot `arm` sends SET_PARAMS, then ARM. An operator's STOP answered between the
+    two (its handler runs before the arm's task resumes) must not be followed by an ARM: the
+    operator was told "stopped", and the laser armed after it."""
+    await driver.ok(**SESSION)
+    await driver.ok("session_zone", zone="forehead")
+    await driver.ok("params_set", energy_uj=2000, width_us=500, rate_hz=50.0, spot_um=300)
+    link = driver.daemon.link
+    assert link is not None
+    driver.sim("reboot")
+    await driver.until(lambda: driver.daemon.core.acked is None and link.connected.is_set())
+
+    request = DeviceLink.request
+    stopped: list[dict[str, Any]] = []
+
+    async def stop_after_set_params(self: DeviceLink, command: Command) -> Any:
+        reply = await request(self, command)
+        if command.TYPE == MessageType.SET_PARAMS and not stopped:
+            stopped.append(await driver.ok("stop"))
+        return reply
+
+    monkeypatch.setattr(DeviceLink, "request", stop_after_set_params)
+    arm = await driver.call("arm")
+    assert stopped and stopped[0]["stopped"] is True
+    assert not arm["ok"], arm
+    assert not driver.daemon.core.armed
+    assert driver.sim("status")["state"] == "STANDBY"
