@@ -1412,7 +1412,9 @@ _PARAMS = _Need(
 )
 _DISARMED = _Need(
     "disarm_first",
-    lambda c: not (c.armed or c.arming),
+    # The device may fire until STOP's or DISARM's ACK (the supervisor is armed until then), a
+    # link lost while armed included: those pulses belong to the zone and parameters in force.
+    lambda c: not (c.armed or c.arming or (c.supervisor is not None and c.supervisor.armed)),
     lambda c, r: (
         "disarm before changing zone: a new zone's limits and budget apply from the next arming"
         if isinstance(r, ChangeZone)

@@ -1,0 +1,34 @@
+"""Adversarial review of the treatment core (issue 10): orderings of requests, replies and
+faults that charged a dose to the wrong zone or left the laser armed, each failing before its
+fix."""
+
+from __future__ import annotations
+
+from devicectl.core import ChangeZone, Refused, Reply
+from devicectl.policy import PulseParams, Zone
+from protocols.messages import DeviceState, MessageType
+from tests.core.helpers import IDENT, NOW, PERIOD_US, armed, refusal, status
+
+
+def test_a_zone_change_while_the_device_may_still_fire_is_refused() -> None:
+    """The link is lost while armed: the device may go on firing under its lease until the STOP
+    sent after the next IDENT is acknowledged, on the handpiece's zone. A zone change in that
+    time (it needs no device) charged the pulses found on reconnection to the new zone, and
+    judged them against its budget, not the forehead's."""
+    core = armed(Zone.FOREHEAD, PulseParams(8_000, 1_000, 10_000, 300))
+    for i in range(3):
+        core.on_pulse(1 + i, i * PERIOD_US, 8_000)
+    core.on_link_lost("no STATUS for 3 periods", 10.0)
+    assert core.supervisor is not None and core.supervisor.armed  # until STOP's ACK
+    error = refusal(core.begin(ChangeZone("OP-7", Zone.PERIORBITAL), NOW))
+    assert isinstance(error, Refused) and error.rule == "disarm_first", error
+    # On reconnection the device counts 8: pulses 4..8 were fired on the forehead.
+    core.on_connected(IDENT, status(8, DeviceState.EMITTING, lease_left_ms=500), 11.0)
+    assert core.ledger is not None
+    by_zone = core.ledger.energy_by_zone_uj
+    assert by_zone == {"forehead": 3 * 8_000 + 5 * IDENT.max_energy_uj}, by_zone
+    core.on_reply(MessageType.STOP, True)
+    assert not core.supervisor.armed
+    # Once the device cannot fire, the zone changes.
+    core.take_effects()
+    assert isinstance(core.begin(ChangeZone("OP-7", Zone.PERIORBITAL), NOW)[-1], Reply)
