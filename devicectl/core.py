@@ -169,6 +169,8 @@ class SetParams:
 @dataclass(frozen=True, slots=True)
 class ArmLaser:
     actor: str
+    # TreatmentCore.stops when the request arrived (None: now): a STOP written since refuses it
+    stops_seen: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,6 +504,7 @@ class TreatmentCore:
         self.ledger: Ledger | None = None
         self.latch_session: int | None = None
         self.busy: str | None = None  # the operator request between its request and its reply
+        self.stops = 0  # STOPs written that the core did not decide (on_stop_requested)
         self._restored_latch: Breach | None = None  # from the log, until a supervisor takes it
         self._preset: PulseParams | None = None  # a session's preset, waiting for its zone
         self._sent: PulseParams | None = None  # SET_PARAMS in flight
@@ -824,7 +827,9 @@ class TreatmentCore:
     def on_stop_requested(self) -> None:
         """A STOP the core did not decide was written (the operator's, a remote one, the log
         failing): a request in progress must not arm after it. An ARM in flight is superseded by
-        the link; this covers the ARM not yet sent (``arm``'s SET_PARAMS had its ACK)."""
+        the link; this covers the ARM not yet sent (``arm``'s SET_PARAMS had its ACK), and an
+        ``arm`` made before the STOP and still waiting its turn (:attr:`ArmLaser.stops_seen`)."""
+        self.stops += 1
         step = self._step
         if step is not None:
             step.stopped = True
@@ -857,6 +862,9 @@ class TreatmentCore:
             return _Step(request, stage="disarm" if live else "close")
         if isinstance(request, SetParams):
             return _Step(request, params=self._resolve_params(request))
+        if isinstance(request, ArmLaser):
+            seen = request.stops_seen
+            return _Step(request, stopped=seen is not None and seen != self.stops)
         return _Step(request)
 
     def _require(self, request: Request) -> None:
@@ -965,6 +973,10 @@ class TreatmentCore:
         self, step: _Step, request: ArmLaser, failure: DevicectlError | None
     ) -> list[Effect]:
         if step.stage == "start":
+            if step.stopped:
+                return self._fail_refused(
+                    request, Refused("stopped", "a STOP came after this arm: not armed")
+                )
             if self.armed or self.arming:
                 return self._finish({"armed": True, "lease_ms": self.lease_ms})
             chosen = self._check_arm(request)

@@ -649,7 +649,9 @@ class Daemon:
             case SessionStartRequest():
                 return await self.start_session(request)
             case ArmRequest():
-                return await self._operate(ArmLaser(self._actor(request)))
+                # A STOP answered while this waits its turn refuses it: it came after the arm.
+                stops = self.core.stops
+                return await self._operate(ArmLaser(self._actor(request), stops))
             case DisarmRequest():
                 # Disarming needs no identity (it is always safe): without a proven one it is
                 # recorded as nobody's.

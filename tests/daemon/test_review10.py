@@ -4,6 +4,7 @@ wedged before it was fixed."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from devicectl.link import DeviceLink
@@ -42,3 +43,28 @@ async def test_a_stop_between_arms_set_params_and_its_arm_leaves_the_laser_disar
     assert not arm["ok"], arm
     assert not driver.daemon.core.armed
     assert driver.sim("status")["state"] == "STANDBY"
+
+
+async def test_an_arm_queued_before_a_stop_does_not_arm_after_it(driver: Driver) -> None:
+    """`arm` on one connection waits its turn behind a slow `params_set`; `stop` on another is
+    answered "stopped" meanwhile. The queued arm then armed the laser after the STOP: a request
+    made before a STOP must not undo it."""
+    await driver.ok(**SESSION)
+    await driver.ok("session_zone", zone="forehead")
+    await driver.ok("params_set", energy_uj=2000, width_us=500, rate_hz=50.0, spot_um=300)
+    driver.sim("fault slow-replies 45")
+    params = asyncio.create_task(driver.call("params_set", energy_uj=2500))
+    await driver.until(lambda: driver.daemon.core.busy == "params_set")
+    arm = asyncio.create_task(driver.call("arm"))
+    await asyncio.sleep(0.01)
+    stop = await driver.ok("stop")
+    assert stop["stopped"] is True
+    await params
+    armed = await arm
+    driver.sim("clear-faults")
+    assert not armed["ok"] and armed["rule"] == "stopped", armed
+    assert not driver.daemon.core.armed
+    assert driver.sim("status")["state"] == "STANDBY"
+    assert driver.daemon.core.busy is None
+    # A STOP is not remembered beyond the requests made before it.
+    assert (await driver.ok("arm"))["armed"] is True
