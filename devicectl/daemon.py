@@ -349,6 +349,7 @@ class Daemon:
                 group=settings.control_group,
                 authenticator=authenticator,
                 log=self._log,
+                received=lambda: self.core.stops,
             )
         )
         tasks = await stack.enter_async_context(asyncio.TaskGroup())
@@ -649,8 +650,9 @@ class Daemon:
             case SessionStartRequest():
                 return await self.start_session(request)
             case ArmRequest():
-                # A STOP answered while this waits its turn refuses it: it came after the arm.
-                stops = self.core.stops
+                # A STOP answered since the request was read (its PIN checked, its turn awaited)
+                # refuses it: the STOP came after the arm.
+                stops = self.core.stops if request.received is None else request.received
                 return await self._operate(ArmLaser(self._actor(request), stops))
             case DisarmRequest():
                 # Disarming needs no identity (it is always safe): without a proven one it is

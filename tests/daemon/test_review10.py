@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 from devicectl.link import DeviceLink
+from devicectl.users import Authenticator
 from protocols import Command, MessageType
 from tests.daemon.conftest import SESSION, Driver, driver, policy_file
 
@@ -68,3 +69,32 @@ async def test_an_arm_queued_before_a_stop_does_not_arm_after_it(driver: Driver)
     assert driver.daemon.core.busy is None
     # A STOP is not remembered beyond the requests made before it.
     assert (await driver.ok("arm"))["armed"] is True
+
+
+async def test_an_arm_whose_pin_is_checked_when_a_stop_is_answered_does_not_arm(
+    driver: Driver, monkeypatch: Any
+) -> None:
+    """A PIN takes a while to verify (argon2): an `arm` read before a `stop` and verified after
+    it armed the laser after the operator had been told "stopped"."""
+    await driver.ok(**SESSION)
+    await driver.ok("session_zone", zone="forehead")
+    await driver.ok("params_set", energy_uj=2000, width_us=500, rate_hz=50.0, spot_um=300)
+    checking, release = asyncio.Event(), asyncio.Event()
+    actor = Authenticator.actor
+
+    async def slow_actor(self: Authenticator, command: str, *args: Any, **kwargs: Any) -> Any:
+        if command == "arm":
+            checking.set()
+            await release.wait()
+        return await actor(self, command, *args, **kwargs)
+
+    monkeypatch.setattr(Authenticator, "actor", slow_actor)
+    arm = asyncio.create_task(driver.call("arm"))
+    await asyncio.wait_for(checking.wait(), 10)
+    assert (await driver.ok("stop"))["stopped"] is True
+    release.set()
+    armed = await arm
+    assert not armed["ok"] and armed["rule"] == "stopped", armed
+    assert not driver.daemon.core.armed
+    assert driver.sim("status")["state"] == "STANDBY"
+    assert (await driver.ok("arm"))["armed"] is True  # one made after the STOP arms
