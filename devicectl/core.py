@@ -1010,6 +1010,10 @@ class TreatmentCore:
         if not self.armed:
             if failure is not None:
                 return self._fail(failure)
+            if step.stopped:  # armed, then the operator's STOP was acknowledged
+                return self._fail_refused(
+                    request, Refused("stopped", "a STOP came while arming: not armed")
+                )
             return self._fail_refused(
                 request, Refused("arm_undone", "arming was undone: a limit changed during ARM")
             )

@@ -4,10 +4,19 @@ fix."""
 
 from __future__ import annotations
 
-from devicectl.core import ChangeZone, Refused, Reply
+from devicectl.core import ArmLaser, ChangeZone, Refused, Reply, Send
 from devicectl.policy import PulseParams, Zone
 from protocols.messages import DeviceState, MessageType
-from tests.core.helpers import IDENT, NOW, PERIOD_US, armed, refusal, status
+from tests.core.helpers import (
+    IDENT,
+    NOW,
+    PERIOD_US,
+    armed,
+    connected,
+    ready,
+    refusal,
+    status,
+)
 
 
 def test_a_zone_change_while_the_device_may_still_fire_is_refused() -> None:
@@ -32,3 +41,19 @@ def test_a_zone_change_while_the_device_may_still_fire_is_refused() -> None:
     # Once the device cannot fire, the zone changes.
     core.take_effects()
     assert isinstance(core.begin(ChangeZone("OP-7", Zone.PERIORBITAL), NOW)[-1], Reply)
+
+
+def test_an_arm_stopped_between_its_ack_and_its_reply_says_it_was_stopped() -> None:
+    """ARM's ACK, then the operator's STOP and its ACK, then the arm's reply: refused as stopped,
+    not as "a limit changed during ARM" (which sends the operator looking for a limit)."""
+    core = connected()
+    ready(core)
+    effects = core.begin(ArmLaser("OP-7"), NOW)
+    assert isinstance(effects[-1], Send) and effects[-1].command.TYPE == MessageType.ARM
+    core.on_reply(MessageType.ARM, True)
+    assert core.armed
+    core.on_stop_requested()
+    core.on_reply(MessageType.STOP, True)
+    error = refusal(core.settled(MessageType.ARM, None, NOW))
+    assert isinstance(error, Refused) and error.rule == "stopped", error
+    assert not core.armed and core.busy is None
