@@ -709,6 +709,9 @@ class TreatmentCore:
             self._last_no = status.pulse_count
             self.supervisor.follow_on(status.pulse_count)
         elif self._gap_open_since is not None:
+            # The device may have rebooted unseen while the link was down (no parameters then):
+            # ``arm`` sends them again rather than an ARM the device would refuse.
+            self.acked = None
             self._record(
                 "link_restored",
                 "devicectl",

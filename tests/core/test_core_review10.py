@@ -57,3 +57,17 @@ def test_an_arm_stopped_between_its_ack_and_its_reply_says_it_was_stopped() -> N
     error = refusal(core.settled(MessageType.ARM, None, NOW))
     assert isinstance(error, Refused) and error.rule == "stopped", error
     assert not core.armed and core.busy is None
+
+
+def test_after_a_lost_link_arm_sends_the_parameters_again() -> None:
+    """The device may have rebooted while the link was down (its BOOT event lost with the link):
+    it then holds no parameters. `arm` sent ARM on the strength of the parameters acknowledged
+    before the outage, and the device refused it (NOT_CONFIGURED) on every try."""
+    core = connected()
+    ready(core)
+    assert core.acked is not None
+    core.on_link_lost("no STATUS for 3 periods", 10.0)
+    core.on_connected(IDENT, status(0), 12.0)
+    effects = core.begin(ArmLaser("OP-7"), NOW)
+    assert isinstance(effects[-1], Send), effects
+    assert effects[-1].command.TYPE == MessageType.SET_PARAMS, effects[-1]
