@@ -883,7 +883,7 @@ class Daemon:
                 raise ControlError("usage", "no session is open: name one with --session ID")
         kind = request.command.removeprefix("session_")
         entry = request.model_dump(
-            exclude={"command", "session", "auth", "actor"}, exclude_none=True
+            exclude={"command", "session", "auth", "actor", "received"}, exclude_none=True
         )
         log.record_clinical(session, kind, actor=actor.user, role=actor.role, entry=entry)
         return {"session": session, "recorded": kind, "by": actor.user}

@@ -5,9 +5,11 @@ wedged before it was fixed."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from devicectl.link import DeviceLink
+from devicectl.sessionlog import reader, store
 from devicectl.users import Authenticator
 from protocols import Command, MessageType
 from tests.daemon.conftest import SESSION, Driver, driver, policy_file
@@ -98,3 +100,22 @@ async def test_an_arm_whose_pin_is_checked_when_a_stop_is_answered_does_not_arm(
     assert not driver.daemon.core.armed
     assert driver.sim("status")["state"] == "STANDBY"
     assert (await driver.ok("arm"))["armed"] is True  # one made after the STOP arms
+
+
+async def test_a_clinical_note_records_what_was_written_and_nothing_the_daemon_set(
+    driver: Driver,
+) -> None:
+    await driver.ok(**SESSION)
+    await driver.ok("session_note", text="patient comfortable")
+    log = driver.daemon.sessionlog
+    assert log is not None
+    log.flush()
+    conn = store.connect(log.path, readonly=True)
+    try:
+        record = reader.load_session(conn, 1)
+    finally:
+        conn.close()
+    assert record is not None
+    notes = [r["body"] for r in record.records if r["kind"] == "note"]
+    assert notes, [r["kind"] for r in record.records]
+    assert "received" not in json.dumps(notes), notes
