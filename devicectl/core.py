@@ -1010,13 +1010,14 @@ class TreatmentCore:
             self._out.append(Send(Arm(self.lease_ms)))
             return self.take_effects()
         # stage "arming": ARM has its outcome (the ACK itself came through on_reply)
+        if step.stopped and failure is None:
+            # ARM's ACK, then a STOP the core did not decide (acknowledged, or on its way)
+            return self._fail_refused(
+                request, Refused("stopped", "a STOP came while arming: not armed")
+            )
         if not self.armed:
             if failure is not None:
                 return self._fail(failure)
-            if step.stopped:  # armed, then the operator's STOP was acknowledged
-                return self._fail_refused(
-                    request, Refused("stopped", "a STOP came while arming: not armed")
-                )
             return self._fail_refused(
                 request, Refused("arm_undone", "arming was undone: a limit changed during ARM")
             )

@@ -71,3 +71,15 @@ def test_after_a_lost_link_arm_sends_the_parameters_again() -> None:
     effects = core.begin(ArmLaser("OP-7"), NOW)
     assert isinstance(effects[-1], Send), effects
     assert effects[-1].command.TYPE == MessageType.SET_PARAMS, effects[-1]
+
+
+def test_an_arm_stopped_before_the_stop_is_acknowledged_is_refused_too() -> None:
+    core = connected()
+    ready(core)
+    core.begin(ArmLaser("OP-7"), NOW)
+    core.on_reply(MessageType.ARM, True)
+    core.on_stop_requested()  # STOP written; its ACK still on the way
+    error = refusal(core.settled(MessageType.ARM, None, NOW))
+    assert isinstance(error, Refused) and error.rule == "stopped", error
+    core.on_reply(MessageType.STOP, True)
+    assert not core.armed and core.busy is None
