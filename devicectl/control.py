@@ -16,7 +16,9 @@ Who asks: every request that changes a treatment (an :class:`IdentifiedRequest`)
 a registered user's id and PIN, and, for a contraindication override or a breach acknowledgement,
 a supervisor's ``signoff``. The server checks them here, at the edge
 (:class:`~devicectl.users.Authenticator`), and hands the daemon the request with its verified
-``actor`` in place of the secrets; a request that arrives with an ``actor`` of its own is refused.
+``actor`` in place of the secrets, and ``received`` (the daemon's count of STOPs when its line was
+read, so that an ``arm`` read before a ``stop`` never arms after it); a request that arrives with
+an ``actor`` or ``received`` of its own is refused.
 ``stop`` and ``disarm`` make the laser safer and never wait for a PIN; ``status`` only reads.
 """
 
@@ -131,6 +133,9 @@ class IdentifiedRequest(_Request):
 
     auth: Credentials | None = None
     actor: Actor | None = None
+    # ControlServer's ``received()`` when the line was read (before the PIN was checked): set by
+    # the server, never sent
+    received: int | None = None
 
     def signoff_needed(self) -> tuple[str, dict[str, str]] | None:
         """Why this request needs a supervisor's sign-off and the reason codes it may give, or
@@ -368,6 +373,8 @@ def parse_request(line: bytes) -> Any:
         raise ControlError(
             "usage", "invalid request: actor: set by the daemon from `auth`, never sent"
         )
+    if "received" in data:
+        raise ControlError("usage", "invalid request: received: set by the daemon, never sent")
     try:
         return _REQUEST.validate_python(data)
     except ValidationError as exc:
@@ -431,10 +438,13 @@ class ControlServer:
         max_clients: int = MAX_CLIENTS,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         stop_path: Path | None = None,
+        received: Callable[[], int] | None = None,
     ) -> None:
         self.path = path
         self.stop_path = stop_path if stop_path is not None else stop_socket_path(path)
         self._handler = handler
+        # taken when a request's line is read, put on an identified request as ``received``
+        self._received = received
         self._authenticator = authenticator
         self._gid = grp.getgrnam(group).gr_gid if group is not None else None
         self.refused_peers = 0
@@ -740,7 +750,10 @@ class ControlServer:
 
     async def _answer(self, line: bytes) -> bytes:
         try:
+            received = self._received() if self._received is not None else None
             request = await self._identify(parse_request(line))
+            if received is not None and isinstance(request, IdentifiedRequest):
+                request = request.model_copy(update={"received": received})
             result = await self._handler(request)
         except ControlError as exc:
             return _reply_error(exc.kind, str(exc), **exc.facts)

@@ -169,6 +169,8 @@ class SetParams:
 @dataclass(frozen=True, slots=True)
 class ArmLaser:
     actor: str
+    # TreatmentCore.stops when the request arrived (None: now): a STOP written since refuses it
+    stops_seen: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,6 +504,7 @@ class TreatmentCore:
         self.ledger: Ledger | None = None
         self.latch_session: int | None = None
         self.busy: str | None = None  # the operator request between its request and its reply
+        self.stops = 0  # STOPs written that the core did not decide (on_stop_requested)
         self._restored_latch: Breach | None = None  # from the log, until a supervisor takes it
         self._preset: PulseParams | None = None  # a session's preset, waiting for its zone
         self._sent: PulseParams | None = None  # SET_PARAMS in flight
@@ -706,6 +709,9 @@ class TreatmentCore:
             self._last_no = status.pulse_count
             self.supervisor.follow_on(status.pulse_count)
         elif self._gap_open_since is not None:
+            # The device may have rebooted unseen while the link was down (no parameters then):
+            # ``arm`` sends them again rather than an ARM the device would refuse.
+            self.acked = None
             self._record(
                 "link_restored",
                 "devicectl",
@@ -821,6 +827,16 @@ class TreatmentCore:
         self._out.append(Refuse(error))
         return self.take_effects()
 
+    def on_stop_requested(self) -> None:
+        """A STOP the core did not decide was written (the operator's, a remote one, the log
+        failing): a request in progress must not arm after it. An ARM in flight is superseded by
+        the link; this covers the ARM not yet sent (``arm``'s SET_PARAMS had its ACK), and an
+        ``arm`` made before the STOP and still waiting its turn (:attr:`ArmLaser.stops_seen`)."""
+        self.stops += 1
+        step = self._step
+        if step is not None:
+            step.stopped = True
+
     def on_shutdown(self) -> list[Effect]:
         """The daemon is stopping (STOP and DISARM were sent): nothing stays armed here."""
         self.armed = self.arming = False
@@ -849,6 +865,9 @@ class TreatmentCore:
             return _Step(request, stage="disarm" if live else "close")
         if isinstance(request, SetParams):
             return _Step(request, params=self._resolve_params(request))
+        if isinstance(request, ArmLaser):
+            seen = request.stops_seen
+            return _Step(request, stopped=seen is not None and seen != self.stops)
         return _Step(request)
 
     def _require(self, request: Request) -> None:
@@ -957,6 +976,10 @@ class TreatmentCore:
         self, step: _Step, request: ArmLaser, failure: DevicectlError | None
     ) -> list[Effect]:
         if step.stage == "start":
+            if step.stopped:
+                return self._fail_refused(
+                    request, Refused("stopped", "a STOP came after this arm: not armed")
+                )
             if self.armed or self.arming:
                 return self._finish({"armed": True, "lease_ms": self.lease_ms})
             chosen = self._check_arm(request)
@@ -970,6 +993,10 @@ class TreatmentCore:
                 return self._fail(failure)
             step.stage = "arm"
         if step.stage == "arm":
+            if step.stopped:
+                return self._fail_refused(
+                    request, Refused("stopped", "a STOP came while arming: the laser is not armed")
+                )
             try:
                 self._check_arm(request)
                 supervisor = self.supervisor
@@ -983,6 +1010,11 @@ class TreatmentCore:
             self._out.append(Send(Arm(self.lease_ms)))
             return self.take_effects()
         # stage "arming": ARM has its outcome (the ACK itself came through on_reply)
+        if step.stopped and failure is None:
+            # ARM's ACK, then a STOP the core did not decide (acknowledged, or on its way)
+            return self._fail_refused(
+                request, Refused("stopped", "a STOP came while arming: not armed")
+            )
         if not self.armed:
             if failure is not None:
                 return self._fail(failure)
@@ -1353,6 +1385,7 @@ class _Step:
     sent: int | None = None  # the command TYPE awaiting its outcome
     faults: list[str] = field(default_factory=list)  # the device's, when an ack began
     result: dict[str, object] = field(default_factory=dict)
+    stopped: bool = False  # a STOP was written since the request began: it must not arm
 
 
 class _NotIdentified(LinkError):
@@ -1399,7 +1432,9 @@ _PARAMS = _Need(
 )
 _DISARMED = _Need(
     "disarm_first",
-    lambda c: not (c.armed or c.arming),
+    # The device may fire until STOP's or DISARM's ACK (the supervisor is armed until then), a
+    # link lost while armed included: those pulses belong to the zone and parameters in force.
+    lambda c: not (c.armed or c.arming or (c.supervisor is not None and c.supervisor.armed)),
     lambda c, r: (
         "disarm before changing zone: a new zone's limits and budget apply from the next arming"
         if isinstance(r, ChangeZone)

@@ -349,6 +349,7 @@ class Daemon:
                 group=settings.control_group,
                 authenticator=authenticator,
                 log=self._log,
+                received=lambda: self.core.stops,
             )
         )
         tasks = await stack.enter_async_context(asyncio.TaskGroup())
@@ -649,7 +650,10 @@ class Daemon:
             case SessionStartRequest():
                 return await self.start_session(request)
             case ArmRequest():
-                return await self._operate(ArmLaser(self._actor(request)))
+                # A STOP answered since the request was read (its PIN checked, its turn awaited)
+                # refuses it: the STOP came after the arm.
+                stops = self.core.stops if request.received is None else request.received
+                return await self._operate(ArmLaser(self._actor(request), stops))
             case DisarmRequest():
                 # Disarming needs no identity (it is always safe): without a proven one it is
                 # recorded as nobody's.
@@ -879,7 +883,7 @@ class Daemon:
                 raise ControlError("usage", "no session is open: name one with --session ID")
         kind = request.command.removeprefix("session_")
         entry = request.model_dump(
-            exclude={"command", "session", "auth", "actor"}, exclude_none=True
+            exclude={"command", "session", "auth", "actor", "received"}, exclude_none=True
         )
         log.record_clinical(session, kind, actor=actor.user, role=actor.role, entry=entry)
         return {"session": session, "recorded": kind, "by": actor.user}
@@ -924,6 +928,7 @@ class Daemon:
         link = self.link
         assert link is not None
         link.stop_now()
+        self.core.on_stop_requested()
         self._carry_out([RecordEvent(self.core.session_id, "stop", actor, {})])
         port = self.settings.port
         if not link.connected.is_set():
@@ -945,6 +950,7 @@ class Daemon:
         connected: it goes out first thing after IDENT on the reconnection."""
         if self.link is not None:
             self.link.stop_now()
+        self.core.on_stop_requested()
         self._carry_out([RecordEvent(self.core.session_id, "stop", "mqtt", {})])
 
     def _remote_refused(self, burst: RefusedBurst) -> None:
@@ -984,6 +990,7 @@ class Daemon:
         if self._log_failure_reported:
             return
         self._log_failure_reported = True
+        self.core.on_stop_requested()  # an arm whose ARM is not sent yet does not send it
         if self.link is not None and (self.core.armed or self.core.arming):
             self.link.stop_now()
         session = self.core.session_id

@@ -159,15 +159,17 @@ def log_state(conn: sqlite3.Connection) -> LogState:
         state.courses.setdefault(course["course_id"], []).append(entry)
         if int(sid) not in ended:
             state.open_session = int(sid)
-    last_latch_event = conn.execute(
+    # The latched breach: the first since the last acknowledgement (later ones, recorded while it
+    # was latched, did not replace it in the supervisor).
+    latched = conn.execute(
         "SELECT body, session_id FROM records WHERE kind = 'event' "
-        "AND json_extract(body, '$.event') IN ('breach', 'fault_ack') ORDER BY seq DESC LIMIT 1"
+        "AND json_extract(body, '$.event') = 'breach' AND seq > coalesce(("
+        "SELECT max(seq) FROM records WHERE kind = 'event' "
+        "AND json_extract(body, '$.event') = 'fault_ack'), -1) ORDER BY seq LIMIT 1"
     ).fetchone()
-    if last_latch_event is not None:
-        event = json.loads(last_latch_event[0])
-        if event["event"] == "breach":
-            state.unacknowledged_breach = dict(event["detail"])
-            state.unacknowledged_breach_session = last_latch_event[1]
+    if latched is not None:
+        state.unacknowledged_breach = dict(json.loads(latched[0])["detail"])
+        state.unacknowledged_breach_session = latched[1]
     return state
 
 

@@ -1075,7 +1075,8 @@ class SessionLog:
             raise InvalidSessionInfo("event kind", kind, "lower-case letters, digits, '_' or '.'")
         detail = dict(detail)
         if kind == "breach":
-            self._breach = (session_id,)
+            if self._breach is None:  # the first since the last acknowledgement is the latched one
+                self._breach = (session_id,)
         elif kind == "fault_ack":
             # A latch outlives its session: acknowledged while another session is open (or
             # none), the acknowledgement is still the breach's, recorded in the breach's session
