@@ -440,7 +440,9 @@ class CoreMachine(RuleBasedStateMachine):
 
 
 def test_the_core_under_random_interleavings(tmp_path: Path) -> None:
-    with SessionLog.open(tmp_path / "sessions.db", synchronous="OFF") as log:
+    # The log is the core's reference for the totals, not under test here: a machine loaded by
+    # other work must not make a commit look stalled (2 s by default) and change the run.
+    with SessionLog.open(tmp_path / "sessions.db", synchronous="OFF", stall_timeout_s=120.0) as log:
         CoreMachine.log = log
         CoreMachine.seen.clear()
         run_state_machine_as_test(
