@@ -81,3 +81,14 @@ def no_leaks() -> Iterator[None]:
 
 
 pytest_plugins = ["tests.brokers", "tests.postgres"]
+
+
+# A test that starts a real service (a broker, a PostgreSQL cluster) is a system test whatever its
+# module says, so the fast lane (`-m "not system"`) never waits for one.
+_SERVICE_FIXTURES = frozenset({"mosquitto", "pki", "postgres_cluster", "postgres_url"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.system)

@@ -30,6 +30,8 @@ from tests.daemon.conftest import (
     add_test_users,
 )
 
+pytestmark = pytest.mark.system  # daemons and simulators as processes on real ptys
+
 DEVICECTL = [sys.executable, "-c", "from devicectl.cli import main; main()"]
 # The CLI as an operator's script runs it: identified, the PIN in the environment.
 CLI_ENV = {**os.environ, "DEVICECTL_USER": OPERATOR["user"], "DEVICECTL_PIN": OPERATOR["pin"]}
