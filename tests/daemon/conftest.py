@@ -16,6 +16,7 @@ from argon2.profiles import CHEAPEST
 
 from devicectl.config import load_settings
 from devicectl.daemon import Daemon
+from devicectl.sessionlog import reader, store
 from devicectl.simlink import compose
 from devicectl.users import UserStore
 from simulator.control import apply_command, parse_command
@@ -286,3 +287,17 @@ async def pty_driver(tmp_path: Path, policy_file: Path) -> AsyncIterator[Driver]
         if sim.returncode is None:
             sim.terminate()
         await sim.wait()
+
+
+def session_events(drv: Driver, session: int) -> list[dict[str, Any]]:
+    """The ``event`` records of ``session`` in the daemon's log (flushed first)."""
+    log = drv.daemon.sessionlog
+    assert log is not None
+    log.flush()
+    conn = store.connect(log.path, readonly=True)
+    try:
+        record = reader.load_session(conn, session)
+    finally:
+        conn.close()
+    assert record is not None
+    return [r["body"] for r in record.records if r["kind"] == "event"]

@@ -7,11 +7,18 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
-from typing import Any
 
-from devicectl.sessionlog import reader, store
 from devicectl.simlink import compose
-from tests.daemon.conftest import ACK, END, SESSION, Driver, _settings, driver, policy_file
+from tests.daemon.conftest import (
+    ACK,
+    END,
+    SESSION,
+    Driver,
+    _settings,
+    driver,
+    policy_file,
+    session_events,
+)
 
 __all__ = ["driver", "policy_file"]  # fixtures, imported for pytest
 
@@ -27,20 +34,6 @@ async def _breach(drv: Driver) -> dict[str, object]:
     return latched
 
 
-def _events(drv: Driver, session: int) -> list[dict[str, Any]]:
-    """The ``event`` records of ``session`` in the daemon's log."""
-    log = drv.daemon.sessionlog
-    assert log is not None
-    log.flush()
-    conn = store.connect(log.path, readonly=True)
-    try:
-        record = reader.load_session(conn, session)
-    finally:
-        conn.close()
-    assert record is not None
-    return [r["body"] for r in record.records if r["kind"] == "event"]
-
-
 async def test_a_latched_breach_belongs_to_its_session(driver: Driver) -> None:
     """No new session while a breach is latched; the acknowledgement is recorded in the breach's
     session (which has ended), and the next session cites it."""
@@ -52,11 +45,11 @@ async def test_a_latched_breach_belongs_to_its_session(driver: Driver) -> None:
     assert (await driver.ok("status"))["breach_latched"]["session"] == 1
     await driver.ok("fault_ack", **ACK)
     assert (await driver.ok(**SESSION))["session"] == 2
-    first = _events(driver, 1)
+    first = session_events(driver, 1)
     assert [e["event"] for e in first].count("fault_ack") == 1, first
     ack = next(e for e in first if e["event"] == "fault_ack")
     assert ack["reason"] == ACK["signoff"]["reason"], ack
-    cited = [e for e in _events(driver, 2) if e["event"] == "prior_breach_acknowledged"]
+    cited = [e for e in session_events(driver, 2) if e["event"] == "prior_breach_acknowledged"]
     assert cited and cited[0]["detail"]["session"] == 1, cited
     await driver.ok("session_zone", zone="forehead")
     driver.sim("footswitch up")
@@ -80,7 +73,7 @@ async def test_a_latch_survives_a_daemon_restart(
         reply = await again.call(**SESSION)
         assert reply["ok"] is False and reply["rule"] == "breach_latched", reply
         await again.ok("fault_ack", **ACK)
-        assert [e["event"] for e in _events(again, 1)].count("fault_ack") == 1
+        assert [e["event"] for e in session_events(again, 1)].count("fault_ack") == 1
         await again.ok(**SESSION)
         await again.ok("session_zone", zone="forehead")
         assert (await again.ok("arm"))["armed"] is True

@@ -15,9 +15,17 @@ from typing import Any
 
 import pytest
 
-from devicectl.sessionlog import reader, store
 from devicectl.simlink import compose
-from tests.daemon.conftest import ACK, END, SESSION, Driver, _settings, driver, policy_file
+from tests.daemon.conftest import (
+    ACK,
+    END,
+    SESSION,
+    Driver,
+    _settings,
+    driver,
+    policy_file,
+    session_events,
+)
 
 __all__ = ["driver", "policy_file"]  # fixtures, imported for pytest
 
@@ -30,19 +38,6 @@ async def _two(
     await asyncio.sleep(gap_s)
     b = asyncio.create_task(drv.call(**second))
     return await a, await b
-
-
-def _events(drv: Driver, session: int) -> list[dict[str, Any]]:
-    log = drv.daemon.sessionlog
-    assert log is not None
-    log.flush()
-    conn = store.connect(log.path, readonly=True)
-    try:
-        record = reader.load_session(conn, session)
-    finally:
-        conn.close()
-    assert record is not None
-    return [r["body"] for r in record.records if r["kind"] == "event"]
 
 
 async def _latched_and_stopped(drv: Driver, code: str, timeout: float = 8.0) -> None:
@@ -99,7 +94,7 @@ async def test_2_session_zone_racing_arm_after_a_reboot_is_refused(driver: Drive
     supervisor = driver.daemon.core.supervisor
     assert supervisor is not None and supervisor.zone is not None
     assert supervisor.zone.value == "forehead"  # the limits in force are the zone charged
-    refused = [e for e in _events(driver, 1) if e["event"] == "refused"]
+    refused = [e for e in session_events(driver, 1) if e["event"] == "refused"]
     assert refused and refused[-1]["detail"]["command"] == "session_zone", refused
     # Without the race: a zone whose cap the parameters break is taken, arming is refused.
     await driver.ok("disarm")
@@ -138,12 +133,12 @@ async def test_5_a_breach_belongs_to_its_session_and_refusals_are_audited(
     assert not refused_start["ok"] and refused_start["rule"] == "breach_latched", refused_start
     await driver.ok("fault_ack", **ACK)
     second = (await driver.ok(**SESSION))["session"]
-    first = _events(driver, 1)
+    first = session_events(driver, 1)
     kinds = [e["event"] for e in first]
     assert kinds.count("breach") == 1 and kinds.count("fault_ack") == 1, kinds
     audited = [e["detail"]["command"] for e in first if e["event"] == "refused"]
     assert audited[:2] == ["arm", "params_set"], audited
-    cited = [e for e in _events(driver, second) if e["event"] == "prior_breach_acknowledged"]
+    cited = [e for e in session_events(driver, second) if e["event"] == "prior_breach_acknowledged"]
     assert cited and cited[0]["detail"]["session"] == 1, cited
 
 
@@ -219,7 +214,7 @@ async def test_4_a_restarted_daemon_recovers_a_board_latched_by_a_crash(
             armed = await again.ok("arm")  # the footswitch is still held since the crash
             assert armed["armed"] is True
             assert "press it again" in armed["note"]
-            records = [e for e in _events(again, 2) if e["event"] == "fault_ack"]
+            records = [e for e in session_events(again, 2) if e["event"] == "fault_ack"]
             assert records and records[0]["actor"] == "OP-7", records
             assert records[0]["reason"] == ACK["signoff"]["reason"]
             assert records[0]["detail"]["signed_off_by"] == "SUP-1", records
