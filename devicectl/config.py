@@ -72,6 +72,7 @@ __all__ = [
     "LogLevel",
     "MqttSettings",
     "PrivacySettings",
+    "RealtimeSettings",
     "Settings",
     "default_config_file",
     "default_control_socket",
@@ -393,6 +394,38 @@ class CheckpointSettings(BaseModel):
         return _expand_user(value) if value is not None else None
 
 
+class RealtimeSettings(BaseModel):
+    """The ``[realtime]`` table: how `devicectl run` asks for the CPU before anything else
+    (devicectl/realtime.py, docs/reliability.md). Each is best effort: what the system refuses is
+    logged once, with the unit setting that grants it, and the daemon runs on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    priority: int = Field(
+        default=40,
+        ge=0,
+        le=99,
+        strict=True,
+        description="SCHED_FIFO priority of the daemon's process (0: ordinary scheduling); "
+        "needs LimitRTPRIO (or CAP_SYS_NICE)",
+    )
+    lock_memory: bool = Field(
+        default=True,
+        strict=True,
+        description="mlockall the daemon's memory when the memory-lock limit is unlimited "
+        "(LimitMEMLOCK=infinity) or the daemon runs as root",
+    )
+    switch_interval_ms: float = Field(
+        default=0.5,
+        ge=0.05,
+        le=10,
+        strict=True,
+        allow_inf_nan=False,
+        description="the interpreter's thread switch interval: the longest the safety loop "
+        "waits for the log writer thread to let go of the interpreter",
+    )
+
+
 _FILE_VALUES: ContextVar[dict[str, Any] | None] = ContextVar("devicectl_config_file", default=None)
 
 
@@ -428,6 +461,7 @@ class Settings(BaseSettings):
     status_period_ms: int = Field(default=100, ge=10, le=10000, strict=True)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings)
+    realtime: RealtimeSettings = Field(default_factory=RealtimeSettings)
     log_level: LogLevel = "info"
     log_json: bool | None = Field(default=None, strict=True)
     patient_ref_pattern: str = r"^[A-Z0-9-]{4,32}$"

@@ -286,9 +286,12 @@ def run(
     """
     import asyncio
 
+    import structlog
+
     from devicectl.config import load_settings
     from devicectl.daemon import run_daemon
     from devicectl.logs import configure_logging
+    from devicectl.realtime import enter_realtime
     from devicectl.simlink import device_for
 
     overrides: dict[str, Any] = {
@@ -304,6 +307,13 @@ def run(
         _err.print(f"error: {exc}")
         raise typer.Exit(ExitCode.USAGE) from exc
     configure_logging(json=settings.log_json, level=settings.log_level)
+    # This process is the daemon's: the safety loop asks for the CPU before anything else.
+    enter_realtime(
+        settings.realtime.priority,
+        lock_memory=settings.realtime.lock_memory,
+        switch_interval_s=settings.realtime.switch_interval_ms / 1000,
+        log=structlog.get_logger("devicectl.daemon"),
+    )
     try:
         code = asyncio.run(run_daemon(settings, device=device_for(settings)))
     except KeyboardInterrupt:

@@ -194,6 +194,12 @@ def test_the_example_unit_runs_unprivileged_and_hardened() -> None:
     assert "WatchdogSec" in unit
     # open files above systemd's default 1,024: the control socket's cap keeps half of them free
     assert int(unit["LimitNOFILE"][0]) >= 1024, unit.get("LimitNOFILE")
+    # the safety loop's SCHED_FIFO (priority 40 by default) and locked memory, granted by limits
+    # rather than capabilities, and not refused by the sandbox
+    assert int(unit["LimitRTPRIO"][0]) >= 40, unit.get("LimitRTPRIO")
+    assert unit["LimitMEMLOCK"] == ["infinity"], unit.get("LimitMEMLOCK")
+    assert "RestrictRealtime" not in unit
+    assert not any("@resources" in f for f in unit["SystemCallFilter"] if f.startswith("~"))
     # Secrets come from a root-owned file, never from the unit itself.
     assert not any("PASSWORD" in e.upper() for e in unit.get("Environment", []))
     assert unit.get("EnvironmentFile"), "no EnvironmentFile for the MQTT credentials"

@@ -1,0 +1,116 @@
+"""Real-time scheduling for the daemon's process: the safety loop runs before anything else.
+
+The daemon's process holds the device link, the treatment core, the STOP path and the heartbeat
+(its event loop), the session log's writer and the control socket; MQTT telemetry runs in a
+process of its own (:mod:`devicectl.telemetry.process`), so nothing a broker or a flood of
+messages does takes this process's CPU. :func:`enter_realtime` asks the kernel for
+
+* ``SCHED_FIFO`` at ``priority`` for the process's threads (inherited by the threads it starts
+  afterwards: the log writer too, so that a thread holding the interpreter's lock is never
+  preempted by an ordinary process while the loop waits for it). A process of ours started later
+  (the telemetry worker) is given ``SCHED_OTHER`` back at spawn;
+* ``mlockall(MCL_CURRENT | MCL_FUTURE)`` when the memory-lock limit allows all of it (a page
+  fault on a swapped-out page would cost milliseconds): unlimited, or root;
+* a short interpreter switch interval (:func:`sys.setswitchinterval`), so that the loop waits at
+  most that long for the interpreter's lock when the log writer holds it.
+
+Each one is best effort: what the system refuses is logged once, with the reason and the unit
+setting that grants it (``LimitRTPRIO``, ``LimitMEMLOCK``; examples/devicectl.service), and the
+daemon runs on. Measured in docs/reliability.md ("Where the safety loop should run").
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import resource
+import sys
+from dataclasses import dataclass
+
+from structlog.typing import FilteringBoundLogger
+
+__all__ = ["RealtimeReport", "enter_realtime", "ordinary_scheduler"]
+
+_MCL_CURRENT = 1
+_MCL_FUTURE = 2
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeReport:
+    """What :func:`enter_realtime` obtained; ``None`` reasons mean granted."""
+
+    priority: int  # the SCHED_FIFO priority in force, 0 if none
+    fifo_refused: str | None
+    memory_locked: bool
+    lock_refused: str | None
+    switch_interval_s: float
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "priority": self.priority,
+            "fifo_refused": self.fifo_refused,
+            "memory_locked": self.memory_locked,
+            "lock_refused": self.lock_refused,
+            "switch_interval_ms": round(self.switch_interval_s * 1000, 3),
+        }
+
+
+def enter_realtime(
+    priority: int,
+    *,
+    lock_memory: bool,
+    switch_interval_s: float,
+    log: FilteringBoundLogger,
+) -> RealtimeReport:
+    """Ask for each; log one line saying what was granted and, for what was not, why."""
+    sys.setswitchinterval(switch_interval_s)
+    fifo_refused = _enter_fifo(priority) if priority > 0 else "disabled by realtime.priority = 0"
+    granted = 0 if fifo_refused else priority
+    lock_refused = _lock_memory() if lock_memory else "disabled by realtime.lock_memory"
+    report = RealtimeReport(
+        granted, fifo_refused, lock_refused is None, lock_refused, sys.getswitchinterval()
+    )
+    if fifo_refused is None and lock_refused is None:
+        log.info("realtime", **report.as_dict())
+    else:
+        log.warning("realtime_partly_refused", **report.as_dict())
+    return report
+
+
+def ordinary_scheduler() -> tuple[int, os.sched_param]:
+    """The scheduling a child process of ours is given at spawn (``os.posix_spawn``'s
+    ``scheduler``): ordinary time sharing, whatever this process runs under."""
+    return os.SCHED_OTHER, os.sched_param(0)
+
+
+def _enter_fifo(priority: int) -> str | None:
+    if not hasattr(os, "sched_setscheduler"):
+        return "this system has no POSIX real-time scheduling"
+    try:
+        top = os.sched_get_priority_max(os.SCHED_FIFO)
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(min(priority, top)))
+    except PermissionError:
+        soft, _ = resource.getrlimit(resource.RLIMIT_RTPRIO)
+        return (
+            f"not permitted (RLIMIT_RTPRIO is {soft}, below {priority}, and no CAP_SYS_NICE): "
+            f"set LimitRTPRIO={priority} in the unit"
+        )
+    except OSError as exc:
+        return f"refused by the kernel: {exc.strerror or exc}"
+    return None
+
+
+def _lock_memory() -> str | None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft != resource.RLIM_INFINITY and os.geteuid() != 0:
+        # MCL_FUTURE under a finite limit would turn a later allocation into a failure.
+        return f"RLIMIT_MEMLOCK is {soft} bytes, not unlimited: set LimitMEMLOCK=infinity"
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return "no C library to call mlockall in"
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    if libc.mlockall(_MCL_CURRENT | _MCL_FUTURE) != 0:
+        errno = ctypes.get_errno()
+        return f"mlockall failed: {os.strerror(errno)}"
+    return None

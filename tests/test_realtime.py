@@ -1,0 +1,85 @@
+"""devicectl/realtime.py: what `devicectl run` asks of the scheduler, in a process of its own (the
+test process must not become real-time)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import IN_CI
+
+PROBE = """
+import json, os, sys, structlog
+from devicectl.realtime import enter_realtime
+lines = []
+structlog.configure(processors=[lambda _l, _m, event: lines.append(event) or ""])
+report = enter_realtime(int(sys.argv[1]), lock_memory=sys.argv[2] == "1",
+                        switch_interval_s=0.0005, log=structlog.get_logger())
+print(json.dumps({"report": report.as_dict(), "policy": os.sched_getscheduler(0),
+                  "switch": sys.getswitchinterval(), "events": [e["event"] for e in lines]}))
+"""
+
+
+def probe(priority: int, *, lock: bool, rtprio: int | None = None) -> dict[str, object]:
+    def limit() -> None:
+        if rtprio is not None:
+            resource.setrlimit(resource.RLIMIT_RTPRIO, (rtprio, rtprio))
+
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(priority), "1" if lock else "0"],
+        capture_output=True, text=True, timeout=60, check=True, preexec_fn=limit,
+    )  # fmt: skip
+    result: dict[str, object] = json.loads(out.stdout)
+    return result
+
+
+def test_disabled_means_ordinary_scheduling_and_says_so() -> None:
+    result = probe(0, lock=False)
+    report = result["report"]
+    assert isinstance(report, dict)
+    assert result["policy"] == os.SCHED_OTHER
+    assert report["priority"] == 0
+    assert report["fifo_refused"] == "disabled by realtime.priority = 0"
+    assert result["switch"] == pytest.approx(0.0005)
+    assert result["events"] == ["realtime_partly_refused"]
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 and not IN_CI, reason="granting SCHED_FIFO needs root (CI runs as root)"
+)
+def test_granted_as_root() -> None:
+    result = probe(40, lock=True)
+    report = result["report"]
+    assert isinstance(report, dict)
+    assert result["policy"] == os.SCHED_FIFO
+    assert report == {
+        "priority": 40,
+        "fifo_refused": None,
+        "memory_locked": True,
+        "lock_refused": None,
+        "switch_interval_ms": 0.5,
+    }
+    assert result["events"] == ["realtime"]
+
+
+def test_refused_names_the_unit_setting_that_grants_it() -> None:
+    """A 0 RLIMIT_RTPRIO and no CAP_SYS_NICE (dropped from the bounding set with util-linux's
+    setpriv when running as root), as a unit without LimitRTPRIO gives."""
+    command = [sys.executable, "-c", PROBE, "40", "1"]
+    if os.geteuid() == 0:
+        command = ["setpriv", "--bounding-set=-sys_nice,-ipc_lock", *command]
+    out = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, check=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0)),
+    )  # fmt: skip
+    result = json.loads(out.stdout)
+    report = result["report"]
+    assert result["policy"] == os.SCHED_OTHER
+    assert report["priority"] == 0
+    assert "set LimitRTPRIO=40 in the unit" in report["fifo_refused"]
+    assert result["events"] == ["realtime_partly_refused"]
