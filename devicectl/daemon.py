@@ -406,7 +406,8 @@ class Daemon:
     async def _run_telemetry(self) -> None:
         """Telemetry needs the device id for its topics: start once it is known, run until the
         daemon lets go of it (after the laser was made safe), then flush and say offline."""
-        from devicectl.telemetry import Telemetry, TelemetryConfig
+        from devicectl.telemetry.config import TelemetryConfig
+        from devicectl.telemetry.process import TelemetryProcess
 
         mqtt = self.settings.mqtt
         device = mqtt.device
@@ -429,12 +430,16 @@ class Daemon:
             protocol=mqtt.protocol,
             flush_timeout_s=0.6,
         )
-        async with Telemetry(
+        # In a process of its own: nothing MQTT does (a flood of commands, a replay, TLS) takes
+        # this process's time, which is the safety loop's (devicectl/realtime.py).
+        async with TelemetryProcess(
             config,
             on_stop=self._remote_stop,
             on_refused_command=self._remote_refused,
             on_ignored_command=self._remote_ignored,
+            on_restart=self._telemetry_restarted,
             log=self._log,
+            log_level=self.settings.log_level,
         ) as telemetry:
             self.telemetry = telemetry
             self._publish_state()
@@ -445,6 +450,12 @@ class Daemon:
             await self._telemetry_release.wait()
             self._publish_state()
         self.telemetry = None
+
+    def _telemetry_restarted(self) -> None:
+        """A new telemetry worker: its retained state and session afresh (alerts and events not
+        taken by the last one were sent to it again)."""
+        self._publish_state()
+        self._publish_session()
 
     async def _watchdog(self) -> None:
         interval = self._notifier.watchdog_interval_s

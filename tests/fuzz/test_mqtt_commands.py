@@ -119,6 +119,12 @@ async def test_random_commands_never_crash_and_only_a_live_stop_stops(
                 retain=rng.random() < 0.2,  # delivered live all the same: refused like the rest
             ).wait_for_publish(5)
 
+    # Subscribed (telemetry runs in a process of its own, which connects and subscribes in its
+    # own time): the stale retained stop has been found and ignored.
+    for _ in range(500):
+        if any(e["event"] == "remote_command_ignored" for e in await remote_events()):
+            break
+        await asyncio.sleep(0.02)
     # From a thread: the daemon (and its in-process board) share this test's event loop.
     await asyncio.to_thread(flood)
 

@@ -1,0 +1,404 @@
+"""MQTT telemetry in a process of its own: nothing MQTT does can take the safety loop's time.
+
+    daemon process (safety loop, SCHED_FIFO when granted)      worker process (SCHED_OTHER)
+      publish_*() / offer_pulse() ──frames──▶ socketpair ──▶  Telemetry: outbox, paho, cmd/#
+      on_stop() / on_refused_command() ◀──── replies ─────────  (devicectl.telemetry.worker)
+
+A flood of ``cmd/*`` messages, a broker outage's replay, TLS handshakes and the outbox's SQLite
+all run in the worker; the daemon's loop only writes frames to a local socket, never waits for
+the worker, and reads back a stop, a refused burst once a second at most, and counters.
+
+Frames are a 4-byte big-endian length and a payload: daemon → worker a pickled ``(method, args,
+kwargs)`` (the worker only runs :data:`CALLS`); worker → daemon a JSON object, bounded
+(:data:`MAX_REPLY_BYTES`) and parsed as untrusted (the worker handles what a broker sends).
+
+Nothing is lost to the hand-off: the worker acknowledges each frame once :class:`Telemetry` has
+taken it (QoS 1 messages are then in its durable outbox), and the daemon keeps every frame not yet
+acknowledged (bounded: :data:`PENDING_MAX_FRAMES`; beyond, the oldest are dropped and counted, as
+the outbox does). If the worker dies it is started again (1 s, then up to 10 s apart), the
+unacknowledged frames are sent again and the retained state and session re-published
+(``on_restart``). The worker ignores SIGINT and SIGTERM: it ends when the daemon says so (after the
+laser is made safe: pending pulses batched, the outbox flushed, ``offline`` published), or when
+the daemon's end of the socket closes (a daemon killed: it flushes and exits on its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import pickle
+import socket
+import struct
+import sys
+from collections import deque
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any, Final, Self
+
+import structlog
+from structlog.typing import FilteringBoundLogger
+
+from devicectl.realtime import ordinary_scheduler
+from devicectl.telemetry.commands import RefusedBurst
+from devicectl.telemetry.config import TelemetryConfig
+from devicectl.telemetry.publisher import TelemetryStats
+from protocols.messages import DeviceState
+from protocols.mqtt import SessionEventKind, Severity
+
+__all__ = ["CALLS", "MAX_REPLY_BYTES", "PENDING_MAX_FRAMES", "TelemetryProcess"]
+
+HEADER: Final = struct.Struct(">I")
+MAX_REPLY_BYTES: Final = 64 * 1024  # worker → daemon: a stats object or a refused burst
+MAX_CALL_BYTES: Final = 64 * 1024 * 1024  # daemon → worker: a checkpoint, a batch of pulses
+PENDING_MAX_FRAMES: Final = 20_000
+WRITE_BUFFER_MAX_BYTES: Final = 32 * 1024 * 1024  # unread by the worker: it is hung
+# What the worker may be asked to do: Telemetry's publishing methods, and pulses by the batch.
+CALLS: Final = frozenset(
+    {
+        "offer_pulses",
+        "publish_state",
+        "publish_session",
+        "refresh_session",
+        "publish_session_event",
+        "publish_alert",
+        "publish_checkpoint",
+        "publish_metrics",
+    }
+)
+_RESTART_DELAYS_S = (1.0, 2.0, 5.0, 10.0)
+_LOG_LEVELS = frozenset({"debug", "info", "warning", "error", "critical"})
+
+
+class TelemetryProcess:
+    """The daemon's telemetry sink (``TelemetrySink``), run in a worker process.
+
+    ``async with TelemetryProcess(config, ...) as telemetry:`` starts the worker; leaving the
+    block asks it to flush and say ``offline`` (at most ``config.flush_timeout_s`` plus its
+    start-up), then waits for it to exit, and kills it if it does not within ``exit_budget_s``.
+    """
+
+    def __init__(
+        self,
+        config: TelemetryConfig,
+        *,
+        on_stop: Callable[[], None],
+        on_refused_command: Callable[[RefusedBurst], None],
+        on_ignored_command: Callable[[str, bytes], None],
+        on_restart: Callable[[], None] | None = None,
+        log: FilteringBoundLogger | None = None,
+        log_level: str = "info",
+        exit_budget_s: float = 3.0,
+    ) -> None:
+        self._config = config
+        self._on_stop = on_stop
+        self._on_refused = on_refused_command
+        self._on_ignored = on_ignored_command
+        self._on_restart = on_restart
+        self._log: FilteringBoundLogger = log or structlog.get_logger("devicectl.telemetry")
+        self._start_frame = _frame(("start", (config, log_level), {}))
+        self._exit_budget_s = exit_budget_s
+        self._pending: deque[tuple[int, bytes]] = deque()  # (number, frame), not acknowledged
+        self._sent = 0  # frames numbered so far
+        self._dropped = 0
+        self._pulses: list[tuple[int, int, int, str | None, str | None]] = []
+        self._pulse_flush: asyncio.Handle | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._stats: TelemetryStats | None = None
+        self._pid: int | None = None
+        self._restarts = 0
+        self._closing = False
+        self._done: asyncio.Event = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+
+    # -- the sink ---------------------------------------------------------------------------
+
+    @property
+    def config(self) -> TelemetryConfig:
+        return self._config
+
+    @property
+    def stats(self) -> TelemetryStats | None:
+        """The worker's counters, as it last reported them (every change, within 0.1 s)."""
+        return self._stats
+
+    @property
+    def connected(self) -> bool:
+        return self._stats is not None and self._stats.connected
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    @property
+    def restarts(self) -> int:
+        return self._restarts
+
+    @property
+    def dropped(self) -> int:
+        """Frames dropped because the worker was away too long (the oldest first)."""
+        return self._dropped
+
+    def offer_pulse(
+        self, pulse_no: int, t_us: int, energy_uj: int, zone: str | None, session: str | None
+    ) -> None:
+        """Hot: one append; the pulses of a loop iteration leave as one frame."""
+        self._pulses.append((pulse_no, t_us, energy_uj, zone, session))
+        if self._pulse_flush is None:
+            self._pulse_flush = asyncio.get_running_loop().call_soon(self._flush_pulses)
+
+    def publish_state(
+        self,
+        *,
+        state: str | DeviceState,
+        interlocks: int = 0,
+        faults: int = 0,
+        params: Mapping[str, int] | None = None,
+        armed: bool = False,
+        session: str | None = None,
+    ) -> None:
+        self._call(
+            "publish_state",
+            state=state,
+            interlocks=interlocks,
+            faults=faults,
+            params=dict(params) if params is not None else None,
+            armed=armed,
+            session=session,
+        )
+
+    def publish_session(self, summary: Mapping[str, Any] | None) -> None:
+        self._call("publish_session", dict(summary) if summary is not None else None)
+
+    def refresh_session(self, summary: Mapping[str, Any]) -> None:
+        self._call("refresh_session", dict(summary))
+
+    def publish_session_event(self, session_id: str, kind: SessionEventKind, **fields: Any) -> None:
+        self._call("publish_session_event", session_id, kind, **fields)
+
+    def publish_alert(
+        self,
+        severity: Severity,
+        code: str,
+        message: str,
+        value: float | None = None,
+        limit: float | None = None,
+        session: str | None = None,
+    ) -> None:
+        self._call("publish_alert", severity, code, message, value, limit, session)
+
+    def publish_checkpoint(self, checkpoint: Mapping[str, Any]) -> None:
+        self._call("publish_checkpoint", dict(checkpoint))
+
+    def publish_metrics(self, **fields: Any) -> None:
+        self._call("publish_metrics", **fields)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self._spawn()
+        self._runner = asyncio.get_running_loop().create_task(self._run(), name="telemetry-process")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._flush_pulses()
+        self._closing = True
+        if self._writer is not None:
+            self._write(_frame(("close", (), {})))
+        budget = self._config.flush_timeout_s + self._exit_budget_s
+        assert self._runner is not None
+        try:
+            async with asyncio.timeout(budget):
+                await self._done.wait()
+        except TimeoutError:
+            self._log.error("telemetry_process_unresponsive", pid=self._pid, waited_s=budget)
+            self._kill()
+        finally:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        if self._pending:
+            self._log.error(
+                "telemetry_frames_lost",
+                count=len(self._pending),
+                cause="the telemetry worker did not take them before it exited",
+            )
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> None:
+        self._flush_pulses()  # pulses stay in order with the messages around them
+        self._queue(_frame((method, args, kwargs)))
+
+    def _flush_pulses(self) -> None:
+        self._pulse_flush = None
+        if self._pulses:
+            pulses, self._pulses = self._pulses, []
+            self._queue(_frame(("offer_pulses", (pulses,), {})))
+
+    def _queue(self, frame: bytes) -> None:
+        self._sent += 1
+        self._pending.append((self._sent, frame))
+        if len(self._pending) > PENDING_MAX_FRAMES:
+            self._pending.popleft()
+            self._dropped += 1
+            if self._dropped == 1 or self._dropped % 1000 == 0:
+                self._log.error(
+                    "telemetry_frames_dropped",
+                    dropped=self._dropped,
+                    cause=f"the telemetry worker took none of the last {PENDING_MAX_FRAMES}",
+                )
+        if self._writer is not None:
+            self._write(frame)
+
+    def _write(self, frame: bytes) -> None:
+        writer = self._writer
+        assert writer is not None
+        try:
+            writer.write(frame)
+        except (ConnectionError, RuntimeError):
+            self._writer = None  # the runner sees the worker go and starts another
+            return
+        if writer.transport.get_write_buffer_size() > WRITE_BUFFER_MAX_BYTES:
+            # Alive but not reading: a hung worker. Started afresh, it is sent what is pending.
+            self._log.error(
+                "telemetry_process_hung",
+                pid=self._pid,
+                buffered=writer.transport.get_write_buffer_size(),
+            )
+            self._writer = None
+            writer.transport.abort()
+            self._kill()
+
+    async def _spawn(self) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            os.set_inheritable(theirs.fileno(), True)
+            self._pid = os.posix_spawn(  # noqa: ASYNC221 - fork+exec, returns at once
+                sys.executable,
+                [sys.executable, "-m", "devicectl.telemetry.worker", str(theirs.fileno())],
+                dict(os.environ),
+                scheduler=ordinary_scheduler(),
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        self._reader, self._writer = reader, writer
+        self._write(self._start_frame)
+        for _, frame in self._pending:  # what the last worker had not taken
+            self._write(frame)
+        self._log.info("telemetry_process_started", pid=self._pid, resent=len(self._pending))
+
+    async def _run(self) -> None:
+        while True:
+            code = await self._serve_worker()
+            if self._closing:
+                self._done.set()
+                return
+            delay = _RESTART_DELAYS_S[min(self._restarts, len(_RESTART_DELAYS_S) - 1)]
+            self._restarts += 1
+            self._log.error(
+                "telemetry_process_exited",
+                pid=self._pid,
+                exit=code,
+                restart_in_s=delay,
+                unacknowledged=len(self._pending),
+            )
+            self._stats = None
+            await asyncio.sleep(delay)
+            if self._closing:
+                self._done.set()
+                return
+            try:
+                await self._spawn()
+            except OSError as exc:
+                self._log.error("telemetry_process_not_started", error=str(exc))
+                continue
+            if self._on_restart is not None:
+                self._on_restart()
+
+    async def _serve_worker(self) -> int | str:
+        """Read the worker's replies until it goes; its exit status."""
+        reader = self._reader
+        try:
+            while True:
+                header = await reader.readexactly(HEADER.size)
+                (size,) = HEADER.unpack(header)
+                if size > MAX_REPLY_BYTES:
+                    self._log.error("telemetry_reply_too_large", size=size)
+                    break
+                self._on_reply(await reader.readexactly(size))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+        return await self._reap()
+
+    def _on_reply(self, raw: bytes) -> None:
+        try:
+            reply = json.loads(raw)
+            if isinstance(reply, dict) and len(reply) == 1:
+                ((kind, body),) = reply.items()
+                if self._dispatch(kind, body):
+                    return
+            error = f"not a known one-key object: {raw[:60]!r}"
+        except (ValueError, TypeError, KeyError) as exc:
+            error = str(exc)[:200]
+        self._log.error("telemetry_reply_unreadable", error=error)
+
+    def _dispatch(self, kind: str, body: Any) -> bool:
+        if kind == "ack":
+            acked = int(body)
+            while self._pending and self._pending[0][0] <= acked:
+                self._pending.popleft()
+        elif kind == "stats":
+            self._stats = TelemetryStats(**body)
+        elif kind == "stop":
+            self._on_stop()
+        elif kind == "refused":
+            self._on_refused(RefusedBurst(**(body | {"commands": tuple(body["commands"])})))
+        elif kind == "ignored":
+            command, payload = body
+            self._on_ignored(str(command), bytes.fromhex(payload))
+        elif kind == "log":
+            level = body.pop("level")
+            if level not in _LOG_LEVELS:
+                return False
+            getattr(self._log, level)(str(body.pop("event", "?")), worker=self._pid, **body)
+        else:
+            return False
+        return True
+
+    async def _reap(self) -> int | str:
+        pid = self._pid
+        if pid is None:
+            return "never started"
+        loop = asyncio.get_running_loop()
+        for _ in range(200):  # the socket closes as the worker exits: 2 s at most
+            done, status = os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 - never blocks
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            await asyncio.sleep(0.01)
+        self._kill()
+        _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
+        return os.waitstatus_to_exitcode(status)
+
+    def _kill(self) -> None:
+        if self._pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, 9)
+
+
+def _frame(call: tuple[str, tuple[Any, ...], dict[str, Any]]) -> bytes:
+    body = pickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL)
+    return HEADER.pack(len(body)) + body

@@ -1,0 +1,211 @@
+"""Telemetry in a worker process (devicectl.telemetry.process): what crosses, what survives.
+
+A real mosquitto, a real worker process, a plain paho subscriber: messages get through in order,
+a killed worker is started again and what it had not taken is sent again, ``cmd/stop`` and
+refused bursts come back to the daemon's side, SIGTERM does not end the worker (the daemon does),
+and a killed daemon leaves no worker behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import psutil
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from devicectl.telemetry.commands import RefusedBurst
+from devicectl.telemetry.process import TelemetryProcess
+from protocols.messages import DeviceState
+from tests.brokers import Broker
+from tests.telemetry.helpers import config, recorder, until
+
+pytestmark = pytest.mark.system
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Calls:
+    def __init__(self) -> None:
+        self.stops = 0
+        self.refused: list[RefusedBurst] = []
+        self.ignored: list[tuple[str, bytes]] = []
+        self.restarts = 0
+
+    def process(self, url: str, data_dir: Path) -> TelemetryProcess:
+        def restarted() -> None:
+            self.restarts += 1
+
+        return TelemetryProcess(
+            config(url, data_dir, flush_timeout_s=0.6),
+            on_stop=self._stop,
+            on_refused_command=self.refused.append,
+            on_ignored_command=lambda c, p: self.ignored.append((c, p)),
+            on_restart=restarted,
+        )
+
+    def _stop(self) -> None:
+        self.stops += 1
+
+
+def _publish(port: int, topics: list[str], payload: bytes) -> None:
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    for info in [client.publish(topic, payload, qos=1) for topic in topics]:
+        info.wait_for_publish(5)
+    client.disconnect()
+    client.loop_stop()
+
+
+async def test_messages_cross_in_order_and_stats_come_back(tmp_path: Path) -> None:
+    calls = Calls()
+    with Broker(tmp_path / "broker") as broker, recorder(broker.port) as rec:
+        async with calls.process(broker.url, tmp_path / "data") as tm:
+            await until(lambda: tm.connected, what="the worker connected")
+            assert tm.pid is not None and tm.pid != os.getpid()
+            tm.publish_state(state=DeviceState.EMITTING, armed=True, session="7")
+            for n in range(1, 301):
+                tm.offer_pulse(n, n * 5000, 2000, "forehead", "7")
+                if n % 100 == 0:
+                    tm.publish_alert("warning", "tick", f"after pulse {n}")
+                    await asyncio.sleep(0)
+            await until(lambda: len(rec.on("alerts")) == 3, what="three alerts")
+            await until(
+                lambda: sum(len(m.json()["pulses"]) for m in rec.on("pulses")) == 300,
+                what="300 pulses",
+            )
+        pulses = [p[0] for m in rec.on("pulses") for p in m.json()["pulses"]]
+        assert pulses == list(range(1, 301))
+        assert [m.json()["message"] for m in rec.on("alerts")] == [
+            "after pulse 100",
+            "after pulse 200",
+            "after pulse 300",
+        ]
+        states = [m.json() for m in rec.on("state") if m.payload]
+        assert states[-1]["state"] == "EMITTING" and states[-1]["armed"] is True
+        # leaving the block: flushed, offline, and the worker gone
+        availability = [m.payload for m in rec.on("availability")]
+        assert availability[-1] == b"offline"
+        assert not psutil.pid_exists(tm.pid) or psutil.Process(tm.pid).status() == "zombie"
+
+
+async def test_a_killed_worker_is_started_again_and_nothing_is_lost(tmp_path: Path) -> None:
+    calls = Calls()
+    with Broker(tmp_path / "broker") as broker, recorder(broker.port) as rec:
+        async with calls.process(broker.url, tmp_path / "data") as tm:
+            await until(lambda: tm.connected, what="the worker connected")
+            first = tm.pid
+            assert first is not None
+            os.kill(first, signal.SIGKILL)
+            # published while the worker is dead or not yet back: held, then sent again
+            for n in range(5):
+                tm.publish_alert("critical", "over_rate", f"alert {n}")
+            await until(lambda: tm.restarts == 1 and tm.connected, timeout=15, what="restart")
+            assert tm.pid != first
+            await until(lambda: len(rec.on("alerts")) >= 5, what="the five alerts")
+            assert calls.restarts == 1  # the daemon re-publishes its retained state then
+        messages = [m.json()["message"] for m in rec.on("alerts")]
+        assert messages == [f"alert {n}" for n in range(5)]
+
+
+async def test_stop_and_refused_commands_come_back_to_the_daemon(tmp_path: Path) -> None:
+    calls = Calls()
+    with Broker(tmp_path / "broker") as broker:
+        async with calls.process(broker.url, tmp_path / "data") as tm:
+            await until(lambda: tm.connected, what="the worker connected")
+            base = tm.config.topics.base
+            _publish(broker.port, [f"{base}/cmd/stop"], b"{}")
+            await until(lambda: calls.stops == 1, what="cmd/stop reaching the daemon")
+            _publish(broker.port, [f"{base}/cmd/arm-{n}" for n in range(20)], b"{}")
+            await until(lambda: calls.refused, what="a refused burst")
+        total = sum(burst.count for burst in calls.refused)
+        assert total == 20
+        assert calls.refused[0].commands[0] == "arm-0"
+
+
+async def test_sigterm_does_not_end_the_worker(tmp_path: Path) -> None:
+    """systemd's stop reaches every process of the unit; telemetry must outlive it until the
+    daemon has made the laser safe and says so."""
+    calls = Calls()
+    with Broker(tmp_path / "broker") as broker, recorder(broker.port) as rec:
+        async with calls.process(broker.url, tmp_path / "data") as tm:
+            await until(lambda: tm.connected, what="the worker connected")
+            assert tm.pid is not None
+            os.kill(tm.pid, signal.SIGTERM)
+            os.kill(tm.pid, signal.SIGINT)
+            await asyncio.sleep(0.3)
+            assert tm.restarts == 0
+            tm.publish_alert("warning", "late", "after SIGTERM")
+            await until(lambda: rec.on("alerts"), what="an alert after SIGTERM")
+
+
+def realtime_permitted(priority: int) -> bool:
+    soft, _ = resource.getrlimit(resource.RLIMIT_RTPRIO)
+    return os.geteuid() == 0 or soft == resource.RLIM_INFINITY or soft >= priority
+
+
+def test_a_killed_daemon_leaves_no_worker(tmp_path: Path) -> None:
+    """kill -9 of the daemon: its worker sees the socket close, flushes and exits on its own."""
+    with Broker(tmp_path / "broker") as broker:
+        env = dict(os.environ)  # the default [realtime]: SCHED_FIFO where the system allows
+        daemon = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from devicectl.cli import main; main()",
+                "run",
+                "--port",
+                "sim",
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--control",
+                str(tmp_path / "control.sock"),
+                "--mqtt",
+                broker.url,
+            ],
+            cwd=REPO,
+            env=env,
+            stderr=(tmp_path / "daemon.log").open("w"),
+        )
+        try:
+            deadline = time.monotonic() + 30
+            workers: list[psutil.Process] = []
+            while not workers:
+                assert time.monotonic() < deadline, "no telemetry worker started"
+                assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()
+                workers = psutil.Process(daemon.pid).children()
+                time.sleep(0.05)
+            worker = workers[0]
+            while "mqtt_connected" not in (tmp_path / "daemon.log").read_text():
+                assert time.monotonic() < deadline, "the worker did not connect"
+                time.sleep(0.05)
+            assert "devicectl.telemetry.worker" in " ".join(worker.cmdline())
+            # the worker never runs real-time, whatever the daemon was granted
+            assert os.sched_getscheduler(worker.pid) == os.SCHED_OTHER
+            if realtime_permitted(40):
+                assert os.sched_getscheduler(daemon.pid) == os.SCHED_FIFO
+            daemon.kill()
+            daemon.wait(10)
+            worker.wait(10)  # raises TimeoutExpired if it lingers
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+            daemon.wait(10)
+    log = (tmp_path / "daemon.log").read_text()
+    assert "Traceback" not in log, log
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    started = [line for line in lines if line["event"] == "telemetry_process_started"]
+    assert started and started[0]["pid"] == worker.pid
+    # the worker's own lines are the daemon's, in its format, naming the worker
+    connected = [line for line in lines if line["event"] == "mqtt_connected"]
+    assert connected and connected[0]["worker"] == worker.pid, lines
