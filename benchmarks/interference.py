@@ -518,6 +518,19 @@ def print_table(results: dict[str, dict[str, dict[str, Any]]], trees: list[str])
             )
 
 
+def board_realtime(priority: int) -> None:
+    """A real board is a microcontroller that no host load delays: its stand-in here (the
+    simulator and the measuring, in this process) runs under SCHED_FIFO above the daemon's own
+    priority, with SCHED_RESET_ON_FORK so that the daemon and the loads it starts do not inherit
+    it (the daemon asks for its own: devicectl/realtime.py)."""
+    if priority <= 0:
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(priority))
+    except OSError as exc:
+        print(f"board not real-time ({exc}): its own delays count in STOP", file=sys.stderr)
+
+
 async def main_async(args: argparse.Namespace, trees: dict[str, Path]) -> None:
     rows = args.rows.split(",") if args.rows else list(ROWS)
     results: dict[str, dict[str, dict[str, Any]]] = {}
@@ -551,8 +564,16 @@ def main() -> None:
         "--tree", action="append", help="NAME=PATH: run the daemon from that source tree"
     )
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--board-priority",
+        type=int,
+        default=60,
+        help="SCHED_FIFO priority of this process, the board's stand-in (0: none); what it "
+        "starts (daemon, loads) runs under ordinary scheduling",
+    )
     args = parser.parse_args()
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))  # the board
+    board_realtime(args.board_priority)
     trees: dict[str, Path] = {}
     for item in args.tree or [f"this={REPO}"]:
         name, _, path = item.partition("=")
