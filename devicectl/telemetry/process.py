@@ -17,7 +17,9 @@ taken it (QoS 1 messages are then in its durable outbox), and the daemon keeps e
 acknowledged (bounded: :data:`PENDING_MAX_FRAMES`; beyond, the oldest are dropped and counted, as
 the outbox does). If the worker dies it is started again (1 s, then up to 10 s apart), the
 unacknowledged frames are sent again and the retained state and session re-published
-(``on_restart``). The worker ignores SIGINT and SIGTERM: it ends when the daemon says so (after the
+(``on_restart``). A worker alive but not taking frames (stopped, deadlocked: none taken for
+:data:`HUNG_AFTER_S`, or :data:`WRITE_BUFFER_MAX_BYTES` unread) is killed and started again.
+The worker ignores SIGINT and SIGTERM: it ends when the daemon says so (after the
 laser is made safe: pending pulses batched, the outbox flushed, ``offline`` published), or when
 the daemon's end of the socket closes (a daemon killed: it flushes and exits on its own).
 """
@@ -54,6 +56,7 @@ MAX_REPLY_BYTES: Final = 64 * 1024  # worker → daemon: a stats object or a ref
 MAX_CALL_BYTES: Final = 64 * 1024 * 1024  # daemon → worker: a checkpoint, a batch of pulses
 PENDING_MAX_FRAMES: Final = 20_000
 WRITE_BUFFER_MAX_BYTES: Final = 32 * 1024 * 1024  # unread by the worker: it is hung
+HUNG_AFTER_S: Final = 5.0  # frames waiting and none taken for this long: it is hung
 # What the worker may be asked to do: Telemetry's publishing methods, and pulses by the batch.
 CALLS: Final = frozenset(
     {
@@ -111,6 +114,8 @@ class TelemetryProcess:
         self._closing = False
         self._done: asyncio.Event = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._progress_at = 0.0  # when the worker last took a frame, or frames began waiting
 
     # -- the sink ---------------------------------------------------------------------------
 
@@ -198,7 +203,9 @@ class TelemetryProcess:
 
     async def __aenter__(self) -> Self:
         await self._spawn()
-        self._runner = asyncio.get_running_loop().create_task(self._run(), name="telemetry-process")
+        loop = asyncio.get_running_loop()
+        self._runner = loop.create_task(self._run(), name="telemetry-process")
+        self._watcher = loop.create_task(self._watch(), name="telemetry-process-watch")
         return self
 
     async def __aexit__(
@@ -220,9 +227,11 @@ class TelemetryProcess:
             self._log.error("telemetry_process_unresponsive", pid=self._pid, waited_s=budget)
             self._kill()
         finally:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
+            for task in (self._runner, self._watcher):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
         if self._pending:
             self._log.error(
                 "telemetry_frames_lost",
@@ -243,6 +252,8 @@ class TelemetryProcess:
             self._queue(_frame(("offer_pulses", (pulses,), {})))
 
     def _queue(self, frame: bytes) -> None:
+        if not self._pending:
+            self._progress_at = asyncio.get_running_loop().time()
         self._sent += 1
         self._pending.append((self._sent, frame))
         if len(self._pending) > PENDING_MAX_FRAMES:
@@ -266,15 +277,26 @@ class TelemetryProcess:
             self._writer = None  # the runner sees the worker go and starts another
             return
         if writer.transport.get_write_buffer_size() > WRITE_BUFFER_MAX_BYTES:
-            # Alive but not reading: a hung worker. Started afresh, it is sent what is pending.
-            self._log.error(
-                "telemetry_process_hung",
-                pid=self._pid,
-                buffered=writer.transport.get_write_buffer_size(),
-            )
-            self._writer = None
+            self._hung(f"{writer.transport.get_write_buffer_size()} bytes it has not read")
+
+    def _hung(self, why: str) -> None:
+        """Alive but not taking what it is sent (stopped, deadlocked): killed, and the runner
+        starts another, which is sent what is pending."""
+        writer, self._writer = self._writer, None
+        self._log.error("telemetry_process_hung", pid=self._pid, why=why)
+        if writer is not None:
             writer.transport.abort()
-            self._kill()
+        self._kill()
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            if self._writer is None or not self._pending:
+                continue
+            waited = loop.time() - self._progress_at
+            if waited > HUNG_AFTER_S:
+                self._hung(f"no frame taken for {waited:.1f} s, {len(self._pending)} waiting")
 
     async def _spawn(self) -> None:
         ours, theirs = socket.socketpair()
@@ -293,6 +315,7 @@ class TelemetryProcess:
             theirs.close()
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         self._reader, self._writer = reader, writer
+        self._progress_at = asyncio.get_running_loop().time()
         self._write(self._start_frame)
         for _, frame in self._pending:  # what the last worker had not taken
             self._write(frame)
@@ -361,6 +384,7 @@ class TelemetryProcess:
             acked = int(body)
             while self._pending and self._pending[0][0] <= acked:
                 self._pending.popleft()
+                self._progress_at = asyncio.get_running_loop().time()
         elif kind == "stats":
             self._stats = TelemetryStats(**body)
         elif kind == "stop":

@@ -209,3 +209,21 @@ def test_a_killed_daemon_leaves_no_worker(tmp_path: Path) -> None:
     # the worker's own lines are the daemon's, in its format, naming the worker
     connected = [line for line in lines if line["event"] == "mqtt_connected"]
     assert connected and connected[0]["worker"] == worker.pid, lines
+
+
+async def test_a_stopped_worker_is_replaced_and_nothing_is_lost(tmp_path: Path) -> None:
+    """SIGSTOP: alive, holding its socket, taking nothing. Seen as hung within seconds, killed,
+    started again, and sent what it had not taken."""
+    calls = Calls()
+    with Broker(tmp_path / "broker") as broker, recorder(broker.port) as rec:
+        async with calls.process(broker.url, tmp_path / "data") as tm:
+            await until(lambda: tm.connected, what="the worker connected")
+            first = tm.pid
+            assert first is not None
+            os.kill(first, signal.SIGSTOP)
+            for n in range(3):
+                tm.publish_alert("critical", "over_rate", f"alert {n}")
+            await until(lambda: tm.restarts == 1 and tm.connected, timeout=30, what="replaced")
+            assert tm.pid != first
+            await until(lambda: len(rec.on("alerts")) >= 3, what="the three alerts")
+        assert [m.json()["message"] for m in rec.on("alerts")] == [f"alert {n}" for n in range(3)]
