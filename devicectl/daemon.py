@@ -131,6 +131,7 @@ SHUTDOWN_BUDGET_S = 1.8  # SIGTERM to exit 0 within 2 s, all included
 _BACKLOG_MAX = 10_000  # bounded; start-up raises a handful
 _AUTH_AUDIT_BURST = 20  # refused identities recorded at once, then ...
 _AUTH_AUDIT_PER_S = 2.0  # ... this many a second
+_STOP_AUDIT_WINDOW_S = 1.0  # live MQTT stops: at most one audit record per window, with a count
 
 
 class TelemetrySink(Protocol):
@@ -257,6 +258,9 @@ class Daemon:
         self._now_ns = 0  # the time the request in progress began
         self._auth_audit = (float(_AUTH_AUDIT_BURST), 0.0)  # refused identities: tokens, when
         self._auth_held_back = 0
+        self._stop_audited_at = -_STOP_AUDIT_WINDOW_S  # live MQTT stops: audited once a second
+        self._stops_held = 0
+        self._stop_audit: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ views of the core
 
@@ -398,6 +402,9 @@ class Daemon:
             with contextlib.suppress(DevicectlError, TimeoutError):
                 async with asyncio.timeout(0.2):
                     await link.request(Disarm())
+        if self._stop_audit is not None:  # live MQTT stops held for their audit record
+            self._stop_audit.cancel()
+            self._audit_held_stops()
         self._carry_out(self.core.on_shutdown())
         if self.sessionlog is not None:  # flushed, and signed: published before "offline"
             with contextlib.suppress(DevicectlError, TimeoutError):
@@ -956,13 +963,33 @@ class Daemon:
             ) from exc
         return {"stopped": True, "state": self._state_name()}
 
-    def _remote_stop(self) -> None:
-        """``cmd/stop`` over MQTT: stopping is always safe, so it needs no authority here. Not
-        connected: it goes out first thing after IDENT on the reconnection."""
+    def _remote_stop(self, count: int = 1) -> None:
+        """``count`` live ``cmd/stop`` over MQTT (the worker hands over a burst as one): stopping
+        is always safe, so it needs no authority here. Not connected: it goes out first thing
+        after IDENT on the reconnection. Every one is obeyed; the audit is one record per second
+        at most, with the count, so a flood of stops cannot fill the log."""
         if self.link is not None:
             self.link.stop_now()
         self.core.on_stop_requested()
-        self._carry_out([RecordEvent(self.core.session_id, "stop", "mqtt", {})])
+        now = time.monotonic()
+        if self._stop_audit is None and now - self._stop_audited_at >= _STOP_AUDIT_WINDOW_S:
+            self._stop_audited_at = now
+            detail = {"count": count} if count > 1 else {}
+            self._carry_out([RecordEvent(self.core.session_id, "stop", "mqtt", detail)])
+            return
+        self._stops_held += count
+        if self._stop_audit is None:
+            self._stop_audit = asyncio.get_running_loop().call_at(
+                asyncio.get_running_loop().time()
+                + max(0.0, self._stop_audited_at + _STOP_AUDIT_WINDOW_S - now),
+                self._audit_held_stops,
+            )
+
+    def _audit_held_stops(self) -> None:
+        self._stop_audit = None
+        held, self._stops_held = self._stops_held, 0
+        self._stop_audited_at = time.monotonic()
+        self._carry_out([RecordEvent(self.core.session_id, "stop", "mqtt", {"count": held})])
 
     def _remote_refused(self, burst: RefusedBurst) -> None:
         """A burst of ``cmd/*`` but stop: refused (telemetry raises the alert), audited here, one

@@ -86,7 +86,7 @@ class TelemetryProcess:
         self,
         config: TelemetryConfig,
         *,
-        on_stop: Callable[[], None],
+        on_stop: Callable[[int], None],
         on_refused_command: Callable[[RefusedBurst], None],
         on_ignored_command: Callable[[str, bytes], None],
         on_restart: Callable[[], None] | None = None,
@@ -388,7 +388,10 @@ class TelemetryProcess:
         elif kind == "stats":
             self._stats = TelemetryStats(**body)
         elif kind == "stop":
-            self._on_stop()
+            count = int(body)
+            if count < 1:
+                return False
+            self._on_stop(count)
         elif kind == "refused":
             self._on_refused(RefusedBurst(**(body | {"commands": tuple(body["commands"])})))
         elif kind == "ignored":

@@ -31,6 +31,7 @@ from devicectl.telemetry.publisher import Telemetry
 
 _STATS_EVERY_S = 0.1
 _ACK_EVERY_S = 0.02
+STOP_WINDOW_S = 0.02
 
 
 class _Worker:
@@ -39,6 +40,8 @@ class _Worker:
         self._writer = writer
         self._taken = 0
         self._ack: asyncio.TimerHandle | None = None
+        self._stops = 0  # live cmd/stop not yet handed to the daemon
+        self._stop_window: asyncio.TimerHandle | None = None
         self._log = structlog.get_logger("devicectl.telemetry")
 
     def send(self, kind: str, body: Any) -> None:
@@ -69,7 +72,7 @@ class _Worker:
         self._log = structlog.get_logger("devicectl.telemetry")
         telemetry = Telemetry(
             config,
-            on_stop=lambda: self.send("stop", True),
+            on_stop=self._stop,
             on_refused_command=self._refused,
             on_ignored_command=lambda command, payload: self.send(
                 "ignored", [command, payload.hex()]
@@ -143,6 +146,24 @@ class _Worker:
         libraries = logging.getLogger()
         libraries.handlers[:] = [_ForwardLibraryLogs()]
         libraries.setLevel(logging.WARNING)
+
+    def _stop(self) -> None:
+        """A live ``cmd/stop``. The first of a burst goes to the daemon at once; those that
+        follow within :data:`STOP_WINDOW_S` go as one, with their count, at the window's end: every
+        stop is followed by a STOP within that window, and a flood of them costs the safety loop
+        at most one message per window."""
+        self._stops += 1
+        if self._stop_window is None:
+            self._hand_over_stops()
+
+    def _hand_over_stops(self) -> None:
+        self._stop_window = None
+        if self._stops:
+            self.send("stop", self._stops)
+            self._stops = 0
+            self._stop_window = asyncio.get_running_loop().call_later(
+                STOP_WINDOW_S, self._hand_over_stops
+            )
 
     def _refused(self, burst: RefusedBurst) -> None:
         self.send("refused", dataclasses.asdict(burst))

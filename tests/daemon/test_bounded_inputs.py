@@ -16,7 +16,7 @@ import pytest
 
 from tests.brokers import Broker
 from tests.daemon.test_processes import DEVICECTL, Rig, _wait
-from tests.telemetry.helpers import flood_commands
+from tests.telemetry.helpers import flood_commands, stop_flood
 
 pytestmark = pytest.mark.system
 
@@ -141,3 +141,37 @@ def test_a_command_flood_does_not_delay_the_stop_of_a_breach(
         assert fired - latched["pulse_no"] <= 1, (fired, latched)
     finally:
         rig.stop()
+
+
+def _mqtt_stops(data: Path) -> list[int]:
+    """The counts of the session log's ``stop`` records by MQTT (1 when not given)."""
+    conn = sqlite3.connect(f"{(data / 'sessions.db').resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT body FROM records WHERE kind = 'event'").fetchall()
+    finally:
+        conn.close()
+    events = [json.loads(body) for (body,) in rows]
+    return [
+        e["detail"].get("count", 1)
+        for e in events
+        if e["event"] == "stop" and e.get("actor") == "mqtt"
+    ]
+
+
+def test_a_flood_of_live_stops_stops_the_laser_and_is_audited_in_a_few_records(
+    rig: Rig, mosquitto: Broker
+) -> None:
+    """Every live ``cmd/stop`` is obeyed, but 3,000 of them cost a few audit records with their
+    count, not 3,000 (the log cannot be pruned: a flood must not fill the disk)."""
+    rig.config.write_text(
+        rig.config.read_text() + f'[mqtt]\nurl = "{mosquitto.url}"\nsite = "flood"\n'
+    )
+    rig.start_daemon()
+    base = f"lasers/flood/{rig.call('status')['device_serial']}"
+    _wait(lambda: "mqtt_connected" in (rig.tmp / "daemon.log").read_text(), what="telemetry")
+    rig.emit()
+    stop_flood(mosquitto.host, mosquitto.port, base, 3_000)
+    _wait(lambda: not rig.sim_status()["emitting"], what="emission stopped")
+    _wait(lambda: sum(_mqtt_stops(rig.data)) == 3_000, what="every stop audited")
+    assert len(_mqtt_stops(rig.data)) <= 12, _mqtt_stops(rig.data)
+    assert not rig.call("status")["armed"]

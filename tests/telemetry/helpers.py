@@ -156,3 +156,16 @@ def flood_commands(host: str, port: int, base: str, count: int, name_chars: int)
             client.loop(0.05)
     finally:
         client.disconnect()
+
+
+def stop_flood(host: str, port: int, base: str, count: int) -> None:
+    """Publish ``count`` live QoS 1 ``{base}/cmd/stop`` messages, pipelined; return once the
+    broker has acknowledged them all."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    client.connect(host, port)
+    try:
+        sent = [client.publish(f"{base}/cmd/stop", b"{}", qos=1) for _ in range(count)]
+        while not all(info.is_published() for info in sent):
+            client.loop(0.05)
+    finally:
+        client.disconnect()

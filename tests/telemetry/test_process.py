@@ -53,8 +53,8 @@ class Calls:
             on_restart=restarted,
         )
 
-    def _stop(self) -> None:
-        self.stops += 1
+    def _stop(self, count: int) -> None:
+        self.stops += count
 
 
 def _publish(port: int, topics: list[str], payload: bytes) -> None:
