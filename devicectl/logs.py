@@ -18,6 +18,7 @@ it (a breach latches, a lost link reconnects with a back-off). Every string valu
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -34,6 +35,7 @@ __all__ = [
     "MAX_VALUE_CHARS",
     "EventRateLimit",
     "JournalPriority",
+    "QueuedStream",
     "cap_values",
     "configure_logging",
     "redact",
@@ -196,17 +198,103 @@ class JournalPriority:
         return "\n".join(prefix + line for line in text.split("\n"))
 
 
-def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
+class QueuedStream:
+    """A text stream for log lines that never blocks its writer: complete lines go to a bounded
+    buffer, and a thread of its own writes them to ``stream``. The daemon logs through one, so
+    that a journal (or a terminal, or a pipe) that stops reading cannot stall the safety loop.
+
+    Beyond ``max_bytes`` waiting, lines are dropped whole and counted; once there is room again a
+    ``log_lines_dropped`` line says how many. The thread starts at the first line: after
+    :func:`devicectl.realtime.enter_realtime`, whose scheduling it then shares (a thread holding
+    the interpreter's lock must not be preempted by an ordinary process). :meth:`close` (also
+    at exit) writes what is waiting, for at most a second."""
+
+    def __init__(self, stream: Any, *, max_bytes: int = 1 << 20) -> None:
+        self._stream = stream
+        self._max = max_bytes
+        self._line: list[str] = []
+        self._waiting: list[str] = []
+        self._size = 0
+        self._dropped = 0
+        self._closed = False
+        self._ready = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def write(self, text: str) -> int:
+        self._line.append(text)
+        if text.endswith("\n"):
+            self._commit()
+        return len(text)
+
+    def flush(self) -> None:
+        if self._line:
+            self._commit()
+
+    def isatty(self) -> bool:
+        return bool(self._stream.isatty())
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped
+
+    def _commit(self) -> None:
+        line = "".join(self._line)
+        self._line.clear()
+        with self._ready:
+            if self._size + len(line) > self._max:
+                self._dropped += line.count("\n") or 1
+                return
+            self._waiting.append(line)
+            self._size += len(line)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+                self._thread.start()
+                atexit.register(self.close)
+            self._ready.notify()
+
+    def _run(self) -> None:
+        reported = 0
+        while True:
+            with self._ready:
+                while not self._waiting and not self._closed:
+                    self._ready.wait()
+                lines, self._waiting, self._size = self._waiting, [], 0
+                dropped = self._dropped
+                closing = self._closed
+            if dropped != reported:
+                lines.append(f'{{"event": "log_lines_dropped", "count": {dropped - reported}}}\n')
+                reported = dropped
+            try:
+                self._stream.write("".join(lines))
+                self._stream.flush()
+            except (OSError, ValueError):
+                return  # stderr closed: nowhere left to say it
+            if closing:
+                return
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(1.0)
+
+
+def configure_logging(
+    *, json: bool | None = None, level: str = "info", queued: bool = False
+) -> None:
     """Configure structlog once per process. ``json=None`` picks JSON unless stderr is a tty.
+    ``queued``: lines go through a :class:`QueuedStream` (the daemon's: never blocks).
 
     The libraries' own ``logging`` records (warnings and above) go to stderr as well, under the
     same rate limit."""
+    stderr: Any = QueuedStream(sys.stderr) if queued else sys.stderr
     limit = EventRateLimit()
     root = logging.getLogger()
     for handler in root.handlers:
         if any(isinstance(f, _LibraryLogLimit) for f in handler.filters):
             root.removeHandler(handler)  # configured again: one handler, the new limiter
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stderr)
     handler.setLevel(logging.WARNING)
     handler.addFilter(_LibraryLogLimit(limit))
     handler.setFormatter(_LibraryLogFormat("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -234,6 +322,6 @@ def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stderr),
         cache_logger_on_first_use=False,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +17,7 @@ from devicectl.logs import (
     ALWAYS_LOGGED,
     MAX_VALUE_CHARS,
     EventRateLimit,
+    QueuedStream,
     cap_values,
     configure_logging,
 )
@@ -116,3 +118,32 @@ def test_the_libraries_logging_is_bounded_too(capsys: pytest.CaptureFixture[str]
     assert len(lines) <= 20 + 5 * elapsed + 2, (len(lines), elapsed)
     assert all(len(line) < 2 * MAX_VALUE_CHARS + 100 for line in err.splitlines())
     assert "mqtt://***@broker" in err and "secret" not in err
+
+
+def test_a_queued_stream_never_blocks_on_a_reader_that_stopped_reading() -> None:
+    """The daemon's log goes through a QueuedStream: a pipe nobody reads (a stalled journal)
+    fills, and the writer goes on at once; lines beyond the bound are dropped whole and
+    counted, and said so once the reader is back."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    stream = QueuedStream(os.fdopen(write_fd, "w"), max_bytes=64 * 1024)
+    line = '{"event": "tick", "n": %d, "pad": "' + "x" * 200 + '"}\n'
+    started = time.monotonic()
+    for n in range(20_000):  # ~4.5 MB, far beyond a pipe's 64 KiB and the bound
+        stream.write(line % n)
+    assert time.monotonic() - started < 5  # a generous bound: it would block forever
+    assert stream.dropped > 0
+    received = b""
+    deadline = time.monotonic() + 10
+    while b"log_lines_dropped" not in received and time.monotonic() < deadline:
+        try:
+            received += os.read(read_fd, 1 << 16)
+        except BlockingIOError:
+            stream.write(line % -1)  # one more line: the notice goes out with it
+            time.sleep(0.01)
+    stream.close()
+    os.close(read_fd)
+    lines = received.decode().split("\n")[:-1]  # the last may be cut by the read
+    notice = [json.loads(x) for x in lines if "log_lines_dropped" in x]
+    assert notice and notice[0]["count"] > 0
+    assert all(x.startswith("{") and x.endswith("}") for x in lines)  # whole lines only

@@ -306,7 +306,8 @@ def run(
     except DevicectlError as exc:
         _err.print(f"error: {exc}")
         raise typer.Exit(ExitCode.USAGE) from exc
-    configure_logging(json=settings.log_json, level=settings.log_level)
+    # queued: a journal that stops reading never stalls the safety loop
+    configure_logging(json=settings.log_json, level=settings.log_level, queued=True)
     # This process is the daemon's: the safety loop asks for the CPU before anything else.
     enter_realtime(
         settings.realtime.priority,
