@@ -95,6 +95,7 @@ from devicectl.link import DeviceLink
 from devicectl.logs import redact_url
 from devicectl.policy import Concern, Policy, PulseParams, SkinType, Zone, load_policy_with_source
 from devicectl.privacy import published_patient
+from devicectl.realtime import scheduling
 from devicectl.recorder.course_client import ask_course, merge_warnings
 from devicectl.safety import Breach, BreachCode, SafetySupervisor, check_params
 from devicectl.sessionlog import LimitsInForce, SessionLog
@@ -124,6 +125,7 @@ from protocols.mqtt import SessionEventKind, Severity
 if TYPE_CHECKING:
     from devicectl.telemetry.commands import RefusedBurst
     from devicectl.telemetry.config import TelemetryConfig
+    from devicectl.telemetry.process import TelemetryProcess
 
 __all__ = ["Daemon", "DeviceSource", "SerialDevice", "TelemetrySink", "run_daemon"]
 
@@ -248,6 +250,7 @@ class Daemon:
 
         self.sessionlog: SessionLog | None = None
         self.telemetry: TelemetrySink | None = None
+        self._worker: TelemetryProcess | None = None  # the same, as the worker process it is
         self.link: DeviceLink | None = None
         self._log_failure_reported = False
         # Alerts and session events raised before telemetry could start (it needs the device's
@@ -448,7 +451,7 @@ class Daemon:
             log=self._log,
             log_level=self.settings.log_level,
         ) as telemetry:
-            self.telemetry = telemetry
+            self.telemetry = self._worker = telemetry
             self._publish_state()
             backlog, self._telemetry_backlog = self._telemetry_backlog, []
             for call in backlog:
@@ -456,7 +459,7 @@ class Daemon:
             telemetry.publish_session(self._session_summary())
             await self._telemetry_release.wait()
             self._publish_state()
-        self.telemetry = None
+        self.telemetry = self._worker = None
 
     def _telemetry_restarted(self) -> None:
         """A new telemetry worker: its retained state and session afresh (alerts and events not
@@ -1087,6 +1090,23 @@ class Daemon:
             "log_ok": bool(self.sessionlog and self.sessionlog.healthy),
             "sim_control": str(self.sim_control) if self.sim_control else None,
             "link": link.stats if link else {},
+            "realtime": scheduling(),
+            "telemetry": self._telemetry_view(),
+        }
+
+    def _telemetry_view(self) -> dict[str, Any] | None:
+        """The telemetry worker, as `status` shows it (None: no broker configured)."""
+        if not self.settings.mqtt.url:
+            return None
+        telemetry = self._worker
+        if telemetry is None:
+            return {"running": False}
+        return {
+            "running": True,
+            "worker_pid": telemetry.pid,
+            "restarts": telemetry.restarts,
+            "connected": telemetry.connected,
+            "frames_dropped": telemetry.dropped,
         }
 
     def _telemetry(self, call: Callable[[TelemetrySink], None], *, backlog: bool = False) -> None:

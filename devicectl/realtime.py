@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from structlog.typing import FilteringBoundLogger
 
-__all__ = ["RealtimeReport", "enter_realtime", "ordinary_scheduler"]
+__all__ = ["RealtimeReport", "enter_realtime", "ordinary_scheduler", "scheduling"]
 
 _MCL_CURRENT = 1
 _MCL_FUTURE = 2
@@ -76,6 +76,25 @@ def enter_realtime(
     else:
         log.warning("realtime_partly_refused", **report.as_dict())
     return report
+
+
+def scheduling() -> dict[str, object]:
+    """How this process runs now (``devicectl status``): policy, priority, memory locked."""
+    policy = os.sched_getscheduler(0)
+    locked_kib = 0
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmLck:"):
+                    locked_kib = int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return {
+        "policy": "fifo" if policy == os.SCHED_FIFO else "ordinary",
+        "priority": os.sched_getparam(0).sched_priority,
+        "memory_locked_kib": locked_kib,
+        "switch_interval_ms": round(sys.getswitchinterval() * 1000, 3),
+    }
 
 
 def ordinary_scheduler() -> tuple[int, os.sched_param]:

@@ -242,6 +242,26 @@ def status_panel(status: dict[str, Any]) -> Panel:
             f"{counters.get('frames', 0):,} frames, {counters.get('dropped', 0)} dropped, "
             f"{counters.get('retries', 0)} retries, {counters.get('reconnects', 0)} reconnects",
         )
+    realtime = status.get("realtime") or {}
+    if realtime:
+        grid.add_row(
+            "scheduling",
+            f"SCHED_FIFO {realtime.get('priority')}"
+            if realtime.get("policy") == "fifo"
+            else "[yellow]ordinary (not real-time: see the daemon's realtime log line)[/]",
+        )
+    telemetry = status.get("telemetry")
+    if telemetry is not None:
+        grid.add_row(
+            "telemetry",
+            (
+                f"worker {telemetry.get('worker_pid')}, "
+                + ("connected" if telemetry.get("connected") else "[yellow]not connected[/]")
+                + f", {telemetry.get('restarts', 0)} restarts"
+            )
+            if telemetry.get("running")
+            else "[yellow]not running[/]",
+        )
     if status.get("sim_control"):
         grid.add_row("simulator", f"devicectl sim-control --socket {status['sim_control']} ...")
     return Panel(grid, title=f"devicectl {status.get('version', '')}".strip(), expand=False)

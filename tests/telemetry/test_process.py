@@ -23,6 +23,7 @@ import psutil
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from devicectl.control import call_daemon
 from devicectl.telemetry.commands import RefusedBurst
 from devicectl.telemetry.process import TelemetryProcess
 from protocols.messages import DeviceState
@@ -190,6 +191,15 @@ def test_a_killed_daemon_leaves_no_worker(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, "the worker did not connect"
                 time.sleep(0.05)
             assert "devicectl.telemetry.worker" in " ".join(worker.cmdline())
+            status = call_daemon(tmp_path / "control.sock", {"command": "status"})
+            assert status["telemetry"]["worker_pid"] == worker.pid, status["telemetry"]
+            while not status["telemetry"]["connected"]:  # its counters follow within 0.1 s
+                assert time.monotonic() < deadline, status["telemetry"]
+                time.sleep(0.05)
+                status = call_daemon(tmp_path / "control.sock", {"command": "status"})
+            if realtime_permitted(40):
+                assert status["realtime"]["policy"] == "fifo", status["realtime"]
+                assert status["realtime"]["priority"] == 40
             # the worker never runs real-time, whatever the daemon was granted
             assert os.sched_getscheduler(worker.pid) == os.SCHED_OTHER
             if realtime_permitted(40):
