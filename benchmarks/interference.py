@@ -26,6 +26,12 @@ frame written to the pty → the STOP frame arriving back), p50/p99/max; pulses 
 after that first bad one, before the STOP arrived (the most in any breach); PULSE handling lag
 (the board writing a PULSE → the daemon's host timestamp of it in its session log), p50/p99/max.
 
+The board's stand-in (this process) runs SCHED_FIFO 60 where permitted (``--board-priority``),
+above the daemon's own 40, so that host load delays the daemon, not the "microcontroller".
+``--tty-workers-fifo PRIO`` also raises the kernel's worker threads, which carry every byte
+between a serial port or pty and its reader (the tty layer's flip buffers): measured, they are
+what is left of the delay once the daemon is real-time (docs/reliability.md).
+
 ``--tree NAME=PATH`` (repeatable) runs the daemon from another source tree (for instance
 ``git archive main`` unpacked somewhere) with the rows interleaved, so designs are compared in
 one run on the same machine; the default is this checkout. Run:
@@ -43,6 +49,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import concurrent.futures
 import itertools
 import json
 import os
@@ -525,19 +533,79 @@ def board_realtime(priority: int) -> None:
     it (the daemon asks for its own: devicectl/realtime.py)."""
     if priority <= 0:
         return
+    policy = os.SCHED_FIFO | os.SCHED_RESET_ON_FORK
     try:
-        os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(priority))
+        os.sched_setscheduler(0, policy, os.sched_param(priority))
     except OSError as exc:
         print(f"board not real-time ({exc}): its own delays count in STOP", file=sys.stderr)
+        return
+    # Threads are created with ordinary scheduling (SCHED_RESET_ON_FORK covers them too): the
+    # control requests' threads would hold the interpreter's lock while preempted, and the
+    # board wait for it. They raise themselves, and the board waits at most 0.5 ms for the lock.
+    sys.setswitchinterval(0.0005)
+    BOARD_THREADS.append(lambda: os.sched_setscheduler(0, policy, os.sched_param(priority)))
+
+
+BOARD_THREADS: list[Any] = []  # initializers of this process's worker threads
+
+
+def kernel_workers() -> list[int]:
+    """The kernel's worker threads (kworker/*), which run the tty layer's flip-buffer work:
+    every byte between a serial port (or a pty) and its reader passes through one."""
+    pids = []
+    for task in Path("/proc").iterdir():
+        if task.name.isdigit():
+            try:
+                if (task / "comm").read_text().startswith("kworker/"):
+                    pids.append(int(task.name))
+            except OSError:
+                continue
+    return pids
+
+
+def raise_kernel_workers(priority: int) -> int:
+    """SCHED_FIFO ``priority`` for the kernel's worker threads that exist now (new ones start
+    ordinary: called again before each row); how many. Root only; undone by
+    :func:`lower_kernel_workers`."""
+    raised = 0
+    for pid in kernel_workers():
+        try:
+            os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(priority))
+            raised += 1
+        except OSError:
+            continue
+    return raised
+
+
+def lower_kernel_workers() -> None:
+    for pid in kernel_workers():
+        try:
+            if os.sched_getscheduler(pid) == os.SCHED_FIFO:
+                os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
+        except OSError:
+            continue
+
+
+def board_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The default executor of the board's loop: its threads share the board's scheduling."""
+
+    def initialize() -> None:
+        for initializer in BOARD_THREADS:
+            initializer()
+
+    return concurrent.futures.ThreadPoolExecutor(max_workers=4, initializer=initialize)
 
 
 async def main_async(args: argparse.Namespace, trees: dict[str, Path]) -> None:
+    asyncio.get_running_loop().set_default_executor(board_executor())
     rows = args.rows.split(",") if args.rows else list(ROWS)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="devicectl-interference-") as directory:
         for row in rows:
             for name, tree in trees.items():
                 print(f"... {row} ({name})", file=sys.stderr, flush=True)
+                if args.tty_workers_fifo:
+                    raise_kernel_workers(args.tty_workers_fifo)
                 try:
                     results.setdefault(row, {})[name] = await run_row(
                         row, tree, quick=args.quick, tmp=Path(directory)
@@ -571,9 +639,19 @@ def main() -> None:
         help="SCHED_FIFO priority of this process, the board's stand-in (0: none); what it "
         "starts (daemon, loads) runs under ordinary scheduling",
     )
+    parser.add_argument(
+        "--tty-workers-fifo",
+        type=int,
+        default=0,
+        metavar="PRIO",
+        help="raise the kernel's worker threads (which carry every serial byte) to SCHED_FIFO "
+        "PRIO for the run, as a device image may; root only; restored at exit",
+    )
     args = parser.parse_args()
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))  # the board
     board_realtime(args.board_priority)
+    if args.tty_workers_fifo:
+        atexit.register(lower_kernel_workers)
     trees: dict[str, Path] = {}
     for item in args.tree or [f"this={REPO}"]:
         name, _, path = item.partition("=")
