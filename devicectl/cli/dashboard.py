@@ -93,7 +93,13 @@ def dashboard(
         ),
     ] = None,
     max_browsers: Annotated[
-        int, typer.Option("--max-browsers", metavar="N", help="Open pages served at once.")
+        int,
+        typer.Option(
+            "--max-browsers",
+            metavar="N",
+            help="Open pages served at once; when full, a page that does not show it reads "
+            "makes room for a new one.",
+        ),
     ] = 100,
     max_browsers_per_address: Annotated[
         int,

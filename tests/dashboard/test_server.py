@@ -457,6 +457,7 @@ def test_bad_arguments_exit_2_with_one_line() -> None:
         (["dashboard", "--mqtt", "http://broker"], "mqtt://HOST"),
         (["dashboard", "--listen", "8080"], "HOST:PORT"),
         (["dashboard", "--stop-username", "staff"], "--stop-password"),
+        (["dashboard", "--max-browsers-per-address", "0"], "max_browsers_per_address"),
         (["dashboard", "--policy", "/nonexistent/policy.toml"], "a readable TOML file"),
     ):
         result = runner.invoke(app, args)
