@@ -348,6 +348,8 @@ class _EventStream:
         try:
             async with dashboard.hub.subscribe() as subscription:
                 slot.end = subscription.end
+                if slot not in dashboard.pages:  # evicted before it could be told
+                    subscription.end("evicted: a new page needed room")
                 await self._serve(receive, send, slot, subscription)
         finally:
             dashboard.pages.release(slot)
