@@ -6,7 +6,8 @@ absorbed the quiet stream. Here 120 raw sockets with the smallest receive buffer
 allows, from six addresses, ask for the stream and never read a byte, against the real uvicorn
 server; then a real Chromium page opens, must be served, and must show a real FAULT and critical
 alert published to a real mosquitto; ``/healthz`` must say the pages are saturated; and the
-sockets that never read are dropped while the page, which answers its pings, is kept.
+sockets that never read are dropped while the page, which answers its pings, is kept. And a page
+refused because every slot holds a page that reads says so, and gets in by itself once one leaves.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from playwright.async_api import async_playwright, expect
 
 from tests.brokers import Broker
 from tests.dashboard.conftest import (
+    EventStream,
     FakeDevice,
     dashboard_config,
     http,
@@ -102,3 +104,32 @@ async def test_idle_streams_never_keep_an_alarm_off_a_new_page(
         for sock in idle:
             sock.close()
         device.close()
+
+
+async def test_a_page_refused_by_a_full_house_of_readers_gets_in_once_one_leaves(
+    mosquitto: Broker, tmp_path: Path
+) -> None:
+    config = dashboard_config(mosquitto, max_browsers=1)
+    async with running_dashboard(config) as server, async_playwright() as pw:
+        context = await launch(pw, tmp_path / "chromium-profile")
+        reader = EventStream(server.url)
+        following: asyncio.Task[None] | None = None
+        try:
+            assert await reader.open() == 200
+            following = asyncio.create_task(reader.follow())
+            async with asyncio.timeout(15):
+                while reader.pings < 1:  # noqa: ASYNC110 - it has shown that it reads
+                    await asyncio.sleep(0.02)
+            page = await context.new_page()
+            await page.goto(server.url)
+            # Refused (the one slot reads): the page says so, and keeps trying by itself.
+            await expect(page.get_by_test_id("stream")).to_have_text("page: reconnecting…")
+            assert server.dashboard.pages.refused >= 1
+            await reader.close()
+            await expect(page.get_by_test_id("stream")).to_have_text("page: live")
+            await expect(page.get_by_test_id("pages")).to_contain_text("refused")
+        finally:
+            await reader.close()
+            if following is not None:
+                await asyncio.gather(following, return_exceptions=True)
+            await context.close()
