@@ -8,15 +8,20 @@ random token, which only a client that read it can know, and the page answers wi
 
 Admission never favours a stream that has not proved it reads over a new page: when the page cap
 (``max_pages``) or the cap per client address (``max_per_address``) is reached, the stream with
-the oldest sign of life among those not proven is evicted to make room. Only when every stream in
-the way is proven to read is the new page refused (the caller answers 503, and ``/healthz`` says
-so). Streams from one address can never take more than ``max_per_address`` slots.
+the oldest sign of life among those not proven is evicted to make room. When every stream in the
+way reads, the page cap is shared fairly between addresses: a page from an address holding at
+least two pages fewer than the address holding the most takes the place of that address's least
+recently active page. Otherwise the new page is refused (the caller answers 503, and ``/healthz``
+says so). Streams from one address can never take more than ``max_per_address`` slots, so holding
+every slot with streams that read takes ``max_pages`` addresses, not ``max_pages /
+max_per_address``.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,8 +91,9 @@ class PageSlots:
         return slot in self._slots
 
     def admit(self, address: str, now: float) -> Slot | Refused:
-        """A slot for a new stream from ``address``, evicting unproven streams if needed."""
-        victims: list[Slot] = []
+        """A slot for a new stream from ``address``, evicting streams if needed (see above)."""
+        not_reading = "evicted: a new page needed room, and this one did not show that it reads"
+        victims: list[tuple[Slot, str]] = []
         mine = [s for s in self._slots if s.address == address]
         if len(mine) >= self.max_per_address:
             victim = self._least_alive(mine, now)
@@ -95,19 +101,24 @@ class PageSlots:
                 return self._refuse(
                     f"too many open pages from {address} (at most {self.max_per_address})", now
                 )
-            victims.append(victim)
+            victims.append((victim, not_reading))
         if len(self._slots) - len(victims) >= self.max_pages:
             self._last_full = now
-            others = [s for s in self._slots if s not in victims]
+            others = [s for s in self._slots if s not in [v for v, _ in victims]]
             victim = self._least_alive(others, now)
-            if victim is None:
-                return self._refuse(f"too many open pages (at most {self.max_pages})", now)
-            victims.append(victim)
-        for victim in victims:
+            if victim is not None:
+                victims.append((victim, not_reading))
+            else:
+                victim = self._fair_share(others, address)
+                if victim is None:
+                    return self._refuse(f"too many open pages (at most {self.max_pages})", now)
+                victims.append((victim, "evicted: a page from an address with fewer pages open "
+                                        "needed room"))  # fmt: skip
+        for victim, reason in victims:
             self.evicted += 1
             self._remove(victim)
             if victim.end is not None:
-                victim.end("evicted: it did not show that it reads, and a new page needed room")
+                victim.end(reason)
         slot = Slot(address, now)
         self._slots.append(slot)
         if len(self._slots) >= self.max_pages:
@@ -174,7 +185,9 @@ class PageSlots:
         else:
             detail = ""
         if self.evicted or self.dropped:
-            detail += f"; {self.evicted + self.dropped} dropped for not reading"
+            detail += (
+                f"; {self.evicted} evicted to make room, {self.dropped} dropped for not reading"
+            )
         if self.refused:
             detail += f"; {self.refused} refused"
         return {
@@ -187,6 +200,20 @@ class PageSlots:
             "refused": self.refused,
             "detail": detail,
         }
+
+    @staticmethod
+    def _fair_share(slots: list[Slot], address: str) -> Slot | None:
+        """The least recently active stream of the address holding the most, if that is at
+        least two more than ``address`` holds (one fewer could only swap the two back and
+        forth)."""
+        held = Counter(s.address for s in slots)
+        if not held:
+            return None
+        top = max(held.values())
+        if held[address] > top - 2:
+            return None
+        crowded = [s for s in slots if held[s.address] == top]
+        return min(crowded, key=Slot.last_sign_of_life)
 
     def _least_alive(self, slots: list[Slot], now: float) -> Slot | None:
         unproven = [s for s in slots if not s.proven(now, self.ack_timeout_s)]

@@ -224,7 +224,26 @@ def test_one_address_makes_room_among_its_own_streams_only() -> None:
     assert pages.evicted == 1
     assert not pages.saturated(3)  # one address churning its own slots does not fill the page cap
     status = pages.status(3)
-    assert status["detail"] == "3 of 10 pages open; 1 dropped for not reading"
+    assert status["detail"] == (
+        "3 of 10 pages open; 1 evicted to make room, 0 dropped for not reading"
+    )
+
+
+def test_when_every_stream_reads_the_page_cap_is_shared_fairly_between_addresses() -> None:
+    pages = slots(max_pages=4, max_per_address=4)
+    crowd = [admitted(pages, "10.0.0.1", n) for n in range(3)]
+    tablet = admitted(pages, "10.0.0.2", 3)
+    for n, slot in enumerate([*crowd, tablet]):
+        answer(pages, slot, 10 + n)
+    # An address with no page takes the place of the crowded address's least recently active one.
+    newcomer = admitted(pages, "10.0.0.3", 20)
+    assert crowd[0] not in pages and newcomer in pages and tablet in pages
+    answer(pages, newcomer, 20)
+    # The crowded address, one page fewer, cannot take it back (it would swap for ever) ...
+    assert isinstance(pages.admit("10.0.0.1", 21), Refused)
+    # ... nor can the tablet take a page from an address holding only one more than it.
+    assert isinstance(pages.admit("10.0.0.2", 22), Refused)
+    assert (pages.open, pages.evicted, pages.refused) == (4, 1, 2)
 
 
 def test_a_ping_left_unanswered_too_long_is_overdue_however_many_pings_follow() -> None:
