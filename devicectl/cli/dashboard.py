@@ -93,8 +93,23 @@ def dashboard(
         ),
     ] = None,
     max_browsers: Annotated[
-        int, typer.Option("--max-browsers", metavar="N", help="Open pages served at once.")
+        int,
+        typer.Option(
+            "--max-browsers",
+            metavar="N",
+            help="Open pages served at once; when full, a page that does not show it reads "
+            "makes room for a new one.",
+        ),
     ] = 100,
+    max_browsers_per_address: Annotated[
+        int,
+        typer.Option(
+            "--max-browsers-per-address",
+            metavar="N",
+            help="Open pages served at once to one client address (behind a reverse proxy every "
+            "page has the proxy's address: raise it to --max-browsers).",
+        ),
+    ] = 20,
     max_devices: Annotated[
         int,
         typer.Option(
@@ -145,6 +160,7 @@ def dashboard(
             title=title,
             allowed_hosts=tuple(allow_host or ()),
             max_browsers=max_browsers,
+            max_browsers_per_address=max_browsers_per_address,
             max_devices=max_devices,
             history_db=history_db,
         )

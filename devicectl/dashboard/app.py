@@ -3,10 +3,14 @@
 Routes:
     GET  /                                   the page (static, no CDN, no build step)
     GET  /static/...                         its script and style sheet
-    GET  /events                             SSE: ``snapshot`` on connect, then ``delta`` lists
+    GET  /events                             SSE: ``snapshot`` on connect, then ``delta`` lists;
+                                             a ``ping`` token the page must answer, a ``bye``
+                                             with the reason when the stream is ended
+    POST /events/ack                         ``{"token": ...}``: the page read that ping
     GET  /api/snapshot                       the whole view as JSON
     GET  /healthz                            the telemetry reader's liveness, the broker link,
-                                             device and browser counts; 503 unless reading
+                                             device and page counts; 503 unless reading, or
+                                             while the page cap is full (``pages.saturated``)
     POST /api/devices/{site}/{device}/stop   ``{"confirm": true, "site": ..., "device": ...}`` →
                                              ``cmd/stop`` to that device; 403 unless the
                                              dashboard has stop credentials
@@ -18,9 +22,12 @@ rebinding, can neither stop a laser nor read the view. Every response is ``Cache
 no-store``, ``X-Frame-Options: DENY`` and under a strict content security policy.
 
 Resources are capped so that no number of clients or devices can keep an alarm off the screen:
-``max_browsers`` event streams (more get 503 and retry), each with a bounded queue and a send
-timeout (a browser that does not read is dropped, and reconnects to a fresh snapshot), and the
-view itself is bounded (:class:`~devicectl.dashboard.fleet.Fleet`).
+``max_browsers`` event streams, at most ``max_browsers_per_address`` from one client address, each
+of which must prove that it reads by answering a ping within ``ack_timeout_s`` (else it is
+dropped) and, when a new page needs room, the stream not proven to read is evicted rather than the
+new page refused (:mod:`~devicectl.dashboard.pages`). Each stream has a bounded queue and a send
+timeout, and a fixed, small kernel send buffer (:mod:`~devicectl.dashboard.server`); the view
+itself is bounded (:class:`~devicectl.dashboard.fleet.Fleet`).
 
 The MQTT subscriber runs in the app's lifespan, as a named task of a TaskGroup.
 """
@@ -50,9 +57,9 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from structlog.typing import FilteringBoundLogger
 
-from devicectl.dashboard.fleet import Fleet, json_text
+from devicectl.dashboard.fleet import Fleet, Update, json_text
 from devicectl.dashboard.history import history_mount
-from devicectl.dashboard.hub import Resync, UpdateHub
+from devicectl.dashboard.hub import Goodbye, Resync, Subscription, UpdateHub
 from devicectl.dashboard.limits import DisplayLimits, load_display_limits
 from devicectl.dashboard.mqtt import (
     Backoff,
@@ -61,6 +68,7 @@ from devicectl.dashboard.mqtt import (
     display_url,
     publish_stop,
 )
+from devicectl.dashboard.pages import PageSlots, Refused, Slot
 from devicectl.errors import ConfigError
 from devicectl.telemetry.config import BrokerAddress, parse_broker_url, tls_context_for
 from protocols.bounded import BoundedInputError, loads_json
@@ -104,13 +112,15 @@ class DashboardConfig:
     # The bars' limits; by default the packaged policy's (pass the clinic's: load_display_limits).
     limits: DisplayLimits = field(default_factory=load_display_limits)
     title: str = "Clinic lasers"
-    keepalive_s: float = 15.0
+    keepalive_s: float = 5.0  # a ping to every page this often; it must answer it
     backoff: Backoff = field(default_factory=Backoff)
     allowed_hosts: tuple[str, ...] = ()
     max_browsers: int = 100
+    max_browsers_per_address: int = 20
     max_devices: int = 500
     browser_queue: int = 1000
     send_timeout_s: float = 10.0
+    ack_timeout_s: float = 20.0  # a page that leaves a ping unanswered this long is dropped
     coalesce_s: float = 0.05  # updates to a page are sent at most this often (an alarm included)
     history_db: str | None = None  # the recorder's database: serves /history (history.py)
 
@@ -128,13 +138,19 @@ class DashboardConfig:
                 raise ConfigError("--allow-host", host, "a host name or address, HOST[:PORT]")
         for name, value in (
             ("max_browsers", self.max_browsers),
+            ("max_browsers_per_address", self.max_browsers_per_address),
             ("max_devices", self.max_devices),
             ("browser_queue", self.browser_queue),
         ):
             if not 1 <= value <= 1_000_000:
                 raise ConfigError(name, value, "an integer from 1 to 1000000")
-        if not (math.isfinite(self.send_timeout_s) and self.send_timeout_s > 0):
-            raise ConfigError("send_timeout_s", self.send_timeout_s, "a positive number (s)")
+        for name, seconds in (
+            ("send_timeout_s", self.send_timeout_s),
+            ("keepalive_s", self.keepalive_s),
+            ("ack_timeout_s", self.ack_timeout_s),
+        ):
+            if not (math.isfinite(seconds) and seconds > 0):
+                raise ConfigError(name, seconds, "a positive number (s)")
         if not (math.isfinite(self.coalesce_s) and 0 <= self.coalesce_s <= 0.5):
             raise ConfigError("coalesce_s", self.coalesce_s, "from 0 to 0.5 (s)")
 
@@ -203,6 +219,11 @@ class Dashboard:
         self.log: FilteringBoundLogger = log or structlog.get_logger("devicectl.dashboard")
         self.fleet = Fleet(config.prefix, limits=config.limits, max_devices=config.max_devices)
         self.hub = UpdateHub(self.snapshot, queue_size=config.browser_queue)
+        self.pages = PageSlots(
+            max_pages=config.max_browsers,
+            max_per_address=config.max_browsers_per_address,
+            ack_timeout_s=config.ack_timeout_s,
+        )
         self.subscriber = TelemetrySubscriber(
             self.address,
             self.tls,
@@ -214,7 +235,7 @@ class Dashboard:
         )
         # Set by DashboardServer once bound; until then only the configured names are allowed.
         self.allowed_hosts = frozenset(h.lower() for h in config.allowed_hosts)
-        self._snapshot_cache: tuple[int, str] = (-1, "")
+        self._snapshot_cache: tuple[tuple[int, int, bool], str] = ((-1, -1, False), "")
 
     def serve_on(self, listen: tuple[str, int]) -> None:
         """The address the page is served on: the Host/Origin allow-list follows from it."""
@@ -226,12 +247,18 @@ class Dashboard:
             "title": self.config.title,
             "broker_url": display_url(self.address),
             "stop_enabled": self.config.stop_enabled,
+            "pages": self.pages_status(),
         }
+
+    def pages_status(self) -> dict[str, Any]:
+        """Open pages, the caps, and how many were evicted, dropped or refused."""
+        return self.pages.status(time.monotonic())
 
     def snapshot_text(self) -> str:
         """The snapshot as JSON, made once per change of the view however many pages ask."""
-        if self._snapshot_cache[0] != self.fleet.version:
-            self._snapshot_cache = (self.fleet.version, json_text(self.snapshot()))
+        key = (self.fleet.version, self.pages.version, self.pages.saturated(time.monotonic()))
+        if self._snapshot_cache[0] != key:
+            self._snapshot_cache = (key, json_text(self.snapshot()))
         return self._snapshot_cache[1]
 
 
@@ -298,51 +325,69 @@ class _EventStream:
     """``GET /events``: Server-Sent Events for one browser, within the dashboard's caps.
 
     A raw ASGI app rather than a StreamingResponse so that every piece it sends is awaited under
-    ``send_timeout_s``: a browser whose connection does not drain (a tablet asleep, a hostile
-    client that never reads) is dropped instead of holding a snapshot in a socket buffer.
+    ``send_timeout_s`` (a browser whose connection does not drain is dropped instead of holding
+    a snapshot in a socket buffer), and so that the stream can send pings and end itself: a
+    stream that does not answer its pings is dropped, one evicted to make room for a new page is
+    told so (``event: bye``) and ended. The connection is closed after the stream ends.
     """
 
     def __init__(self, dashboard: Dashboard) -> None:
         self.dashboard = dashboard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        hub, config = self.dashboard.hub, self.dashboard.config
-        if hub.browsers >= config.max_browsers:
-            busy = _JSON(
-                {"error": f"too many open pages (at most {config.max_browsers})"},
-                status_code=503,
-                headers={"retry-after": "5"},
-            )
+        dashboard = self.dashboard
+        client = scope.get("client")
+        address = str(client[0]) if client else "unknown"
+        admitted = dashboard.pages.admit(address, time.monotonic())
+        if isinstance(admitted, Refused):
+            dashboard.log.warning("page_refused", reason=admitted.reason, client=address)
+            busy = _JSON({"error": admitted.reason}, status_code=503, headers={"retry-after": "5"})
             await busy(scope, receive, send)
             return
-        async with hub.subscribe() as subscription:
-            await self._send(
-                send,
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"text/event-stream; charset=utf-8"),
-                        (b"x-accel-buffering", b"no"),
-                    ],
-                },
+        slot = admitted
+        try:
+            async with dashboard.hub.subscribe() as subscription:
+                slot.end = subscription.end
+                if slot not in dashboard.pages:  # evicted before it could be told
+                    subscription.end("evicted: a new page needed room")
+                await self._serve(receive, send, slot, subscription)
+        finally:
+            dashboard.pages.release(slot)
+
+    async def _serve(
+        self, receive: Receive, send: Send, slot: Slot, subscription: Subscription
+    ) -> None:
+        await self._send(
+            send,
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"x-accel-buffering", b"no"),
+                    (b"connection", b"close"),
+                ],
+            },
+        )
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                watcher = tasks.create_task(self._disconnected(receive), name="sse-disconnect")
+                streamer = tasks.create_task(
+                    self._stream(send, slot, subscription), name="sse-stream"
+                )
+                done, _ = await asyncio.wait(
+                    (watcher, streamer), return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in (watcher, streamer):
+                    if task not in done:
+                        task.cancel()
+        except* TimeoutError:
+            self.dashboard.pages.drop(slot)
+            self.dashboard.log.warning(
+                "browser_dropped", reason="its connection does not drain", client=slot.address
             )
-            try:
-                async with asyncio.TaskGroup() as tasks:
-                    watcher = tasks.create_task(self._disconnected(receive), name="sse-disconnect")
-                    streamer = tasks.create_task(
-                        self._stream(send, subscription), name="sse-stream"
-                    )
-                    done, _ = await asyncio.wait(
-                        (watcher, streamer), return_when=asyncio.FIRST_COMPLETED
-                    )
-                    for task in (watcher, streamer):
-                        if task not in done:
-                            task.cancel()
-            except* TimeoutError:
-                self.dashboard.log.warning("browser_dropped", reason="not reading its stream")
-            except* OSError:
-                pass  # the connection went away under us: nothing to tell it
+        except* OSError:
+            pass  # the connection went away under us: nothing to tell it
 
     async def _send(self, send: Send, message: Message) -> None:
         await asyncio.wait_for(send(message), self.dashboard.config.send_timeout_s)
@@ -353,29 +398,56 @@ class _EventStream:
             chunk = data[start : start + _SSE_CHUNK]
             await self._send(send, {"type": "http.response.body", "body": chunk, "more_body": True})
 
+    async def _goodbye(self, send: Send, reason: str) -> None:
+        await self._text(send, _sse("bye", json_text({"reason": reason})))
+        await self._send(send, {"type": "http.response.body", "body": b""})
+
     @staticmethod
     async def _disconnected(receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
 
-    async def _stream(self, send: Send, subscription: Any) -> None:
-        dashboard, config = self.dashboard, self.dashboard.config
-        await self._text(send, "retry: 2000\n" + _sse("snapshot", dashboard.snapshot_text()))
+    async def _stream(self, send: Send, slot: Slot, subscription: Subscription) -> None:
+        dashboard, config, pages = self.dashboard, self.dashboard.config, self.dashboard.pages
+        now = time.monotonic()
+        first = _sse("snapshot", dashboard.snapshot_text())
+        token = json_text(pages.ping(slot, now))
+        await self._text(send, "retry: 2000\n" + first + _sse("ping", token))
+        next_ping = now + config.keepalive_s
         while True:
+            now = time.monotonic()
+            if now >= next_ping:
+                # Checked here, not only when idle: a stream kept busy by updates is pinged too.
+                if pages.overdue(slot, now):
+                    pages.drop(slot)
+                    dashboard.log.warning(
+                        "browser_dropped", reason="it does not read", client=slot.address
+                    )
+                    await self._goodbye(send, "dropped: this page did not answer its pings")
+                    return
+                await self._text(send, _sse("ping", json_text(pages.ping(slot, now))))
+                next_ping = now + config.keepalive_s
             try:
-                item = await asyncio.wait_for(subscription.next(), config.keepalive_s)
+                item = await asyncio.wait_for(subscription.next(), max(next_ping - now, 0.001))
             except TimeoutError:
-                await self._text(send, ": keepalive\n\n")  # also how a vanished browser is noticed
                 continue
+            if isinstance(item, Goodbye):
+                dashboard.log.warning("browser_evicted", reason=item.reason, client=slot.address)
+                await self._goodbye(send, item.reason)
+                return
             if item is not None and not isinstance(item, Resync) and config.coalesce_s > 0:
                 # Let a burst gather: one write per page per interval, not one per message.
                 await asyncio.sleep(config.coalesce_s)
             batch: list[str] = []
-            while item is not None and not isinstance(item, Resync):
+            while isinstance(item, Update):
                 batch.append(item.encoded)
                 if subscription.queue.empty() or len(batch) >= _MAX_UPDATES_PER_EVENT:
                     break
-                item = subscription.queue.get_nowait()
+                queued = subscription.queue.get_nowait()
+                if isinstance(queued, Goodbye):
+                    subscription.queue.put_nowait(queued)  # after this batch
+                    break
+                item = queued
             if batch:
                 await self._text(send, _sse("delta", "[" + ",".join(batch) + "]"))
             if item is None:
@@ -395,11 +467,13 @@ def create_app(dashboard: Dashboard) -> Starlette:
             subscriber = tasks.create_task(
                 dashboard.subscriber.run(), name="dashboard-mqtt-subscriber"
             )
+            reporter = tasks.create_task(_report_pages(dashboard), name="dashboard-pages")
             try:
                 yield
             finally:
                 hub.close()
                 subscriber.cancel()
+                reporter.cancel()
 
     async def index(_request: Request) -> Response:
         page = resources.files("devicectl.dashboard").joinpath("static/index.html")
@@ -410,17 +484,31 @@ def create_app(dashboard: Dashboard) -> Starlette:
 
     async def healthz(_request: Request) -> Response:
         reader = dashboard.subscriber.health()
-        healthy = reader["running"] and reader["connected"]
+        reading = reader["running"] and reader["connected"]
+        pages = dashboard.pages_status()
+        healthy = reading and not pages["saturated"]
         return _JSON(
             {
                 "ok": healthy,
                 "reader": reader,
-                "broker_connected": reader["running"] and reader["connected"],
+                "broker_connected": reading,
                 "devices": fleet.device_count,
-                "browsers": hub.browsers,
+                "browsers": pages["open"],
+                "pages": pages,
             },
             status_code=200 if healthy else 503,
         )
+
+    async def ack(request: Request) -> Response:
+        if not request.headers.get("content-type", "").startswith("application/json"):
+            return _JSON({"error": 'send a JSON body {"token": ...}'}, status_code=415)
+        body = await _bounded_body(request)
+        token = body.get("token") if isinstance(body, dict) else None
+        if not isinstance(token, str) or not dashboard.pages.ack(token, time.monotonic()):
+            return _JSON(
+                {"error": "no open stream is waiting for that ping: reconnect"}, status_code=404
+            )
+        return Response(status_code=204)
 
     async def stop(request: Request) -> Response:
         site, device = request.path_params["site"], request.path_params["device"]
@@ -476,6 +564,7 @@ def create_app(dashboard: Dashboard) -> Starlette:
         routes=[
             Route("/", index),
             Route("/events", _EventStream(dashboard)),
+            Route("/events/ack", ack, methods=["POST"]),
             Route("/api/snapshot", snapshot),
             Route("/healthz", healthz),
             Route("/api/devices/{site}/{device}/stop", stop, methods=["POST"]),
@@ -491,6 +580,18 @@ def create_app(dashboard: Dashboard) -> Starlette:
     app.add_middleware(_GuardMiddleware, dashboard=dashboard)
     app.state.dashboard = dashboard
     return app
+
+
+async def _report_pages(dashboard: Dashboard, every_s: float = 1.0) -> None:
+    """Tell every page when the page counts change (at most once a second, whatever the churn)."""
+    shown: dict[str, Any] | None = None
+    while True:
+        status = dashboard.pages_status()
+        if status != shown:
+            if shown is not None:
+                dashboard.hub.publish([Update({"op": "pages", "pages": status})])
+            shown = status
+        await asyncio.sleep(every_s)
 
 
 async def _bounded_body(request: Request) -> Any:

@@ -3,8 +3,9 @@
 Each browser stream owns a bounded queue. A browser that falls behind (a tablet asleep with the tab
 open) is not allowed to hold memory or slow the others: its queue is dropped and the stream sends a
 fresh snapshot instead, which is always correct because updates only describe the latest view.
-A browser whose connection does not drain at all is dropped by the event stream's send timeout
-(:mod:`.app`), and the number of browsers is capped there too.
+A browser whose connection does not drain is dropped by the event stream's send timeout
+(:mod:`.app`); one that does not read at all, and the caps on browsers, are :mod:`.pages`' job.
+A stream told to end (evicted, not reading) gets a :class:`Goodbye` ahead of anything queued.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from devicectl.dashboard.fleet import Update
 
-__all__ = ["Resync", "Subscription", "UpdateHub"]
+__all__ = ["Goodbye", "Resync", "Subscription", "UpdateHub"]
 
 
 class Resync:
@@ -27,16 +28,30 @@ class Resync:
 _RESYNC = Resync()
 
 
+@dataclass(frozen=True, slots=True)
+class Goodbye:
+    """Queued to end one browser's stream, saying why."""
+
+    reason: str
+
+
 @dataclass(eq=False, slots=True)
 class Subscription:
     """One browser's queue. ``closed`` once the hub shuts down."""
 
-    queue: asyncio.Queue[Update | Resync | None]
+    queue: asyncio.Queue[Update | Resync | Goodbye | None]
     closed: bool = field(default=False)
+    ending: bool = field(default=False)  # told to end: nothing more is queued for it
 
-    async def next(self) -> Update | Resync | None:
-        """The next update, a Resync, or None once the hub is closed."""
+    async def next(self) -> Update | Resync | Goodbye | None:
+        """The next update, a Resync, a Goodbye, or None once the hub is closed."""
         return await self.queue.get()
+
+    def end(self, reason: str) -> None:
+        """End this stream: whatever was queued is dropped, the browser is told why."""
+        self.ending = True
+        _drain(self.queue)
+        self.queue.put_nowait(Goodbye(reason))
 
 
 class UpdateHub:
@@ -54,6 +69,8 @@ class UpdateHub:
 
     def publish(self, updates: list[Update]) -> None:
         for subscription in self._subscriptions:
+            if subscription.ending:
+                continue
             for update in updates:
                 try:
                     subscription.queue.put_nowait(update)
@@ -85,6 +102,6 @@ class UpdateHub:
             subscription.queue.put_nowait(None)
 
 
-def _drain(queue: asyncio.Queue[Update | Resync | None]) -> None:
+def _drain(queue: asyncio.Queue[Update | Resync | Goodbye | None]) -> None:
     while not queue.empty():
         queue.get_nowait()

@@ -3,7 +3,10 @@
 :class:`DashboardServer` is an async context manager owning a TaskGroup with one named task, the
 uvicorn server. It binds the listening socket itself, so that a port in use is a one-line
 :class:`~devicectl.errors.ConfigError` rather than uvicorn's ``sys.exit``, and so that port 0 works
-(tests; :attr:`DashboardServer.url` names the port the system chose). Signals are left to the
+(tests; :attr:`DashboardServer.url` names the port the system chose), and so that every
+connection gets a fixed kernel send buffer (``SEND_BUFFER``, inherited from the listening socket):
+what a client that does not read can make the kernel hold for it is bounded, and a stream that
+does not drain fills it and meets the send timeout soon. Signals are left to the
 caller: the CLI stops on SIGINT/SIGTERM by leaving the context, which ends every browser's event
 stream first, so shutdown never waits on an open page.
 """
@@ -22,7 +25,12 @@ import uvicorn
 from devicectl.dashboard.app import Dashboard, create_app
 from devicectl.errors import ConfigError
 
-__all__ = ["DashboardServer", "parse_listen"]
+__all__ = ["SEND_BUFFER", "DashboardServer", "parse_listen"]
+
+# Per connection (Linux doubles it for bookkeeping); autotuning would grow it to megabytes on a
+# client that never reads. A page's updates are small: a snapshot of hundreds of kilobytes still
+# goes out at the LAN's speed through a window this size.
+SEND_BUFFER = 64 * 1024
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -71,6 +79,7 @@ class DashboardServer:
             raise ConfigError(
                 "--listen", f"{host}:{port}", f"a free local address ({exc})"
             ) from exc
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         sock.setblocking(False)
         return sock
 

@@ -1,4 +1,5 @@
-"""The dashboard's small parts: topic and payload reading, browser fan-out, backoff, limits."""
+"""The dashboard's small parts: topic and payload reading, browser fan-out, page admission,
+backoff, limits."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from devicectl.dashboard.contract import (
     read_session,
     read_status,
 )
-from devicectl.dashboard.hub import Resync
+from devicectl.dashboard.hub import Goodbye, Resync
+from devicectl.dashboard.pages import PageSlots, Refused, Slot
 from devicectl.dashboard.server import parse_listen
 from devicectl.errors import ConfigError
 
@@ -147,6 +149,114 @@ async def test_closing_the_hub_ends_every_stream() -> None:
         assert seen[-1] is None
     async with hub.subscribe() as late:
         assert await asyncio.wait_for(late.next(), 1) is None
+
+
+async def test_a_stream_told_to_end_gets_nothing_more_than_why() -> None:
+    hub = UpdateHub(dict, queue_size=3)
+    async with hub.subscribe() as browser:
+        hub.publish([update(1), update(2)])
+        browser.end("evicted")
+        hub.publish([update(3), update(4), update(5), update(6)])  # would overflow: not queued
+        assert await browser.next() == Goodbye("evicted")
+        assert browser.queue.empty()
+
+
+def slots(max_pages: int = 3, max_per_address: int = 2) -> PageSlots:
+    return PageSlots(max_pages=max_pages, max_per_address=max_per_address, ack_timeout_s=10.0)
+
+
+def admitted(pages: PageSlots, address: str, now: float) -> Slot:
+    slot = pages.admit(address, now)
+    assert isinstance(slot, Slot), slot
+    return slot
+
+
+def answer(pages: PageSlots, slot: Slot, now: float) -> None:
+    assert pages.ack(pages.ping(slot, now), now + 0.01)
+
+
+def test_a_new_page_evicts_the_stream_with_the_oldest_sign_of_life_not_proven_to_read() -> None:
+    pages = slots()
+    ended: list[str] = []
+    reads = admitted(pages, "10.0.0.1", 0)
+    answer(pages, reads, 0)
+    idle_old = admitted(pages, "10.0.0.2", 1)
+    idle_old.end = ended.append
+    idle_new = admitted(pages, "10.0.0.3", 2)
+    idle_new.end = lambda reason: ended.append("wrong one")
+    pages.ping(idle_old, 1)
+    pages.ping(idle_new, 2)
+    assert pages.saturated(3)  # full: the next page will need room
+    newcomer = admitted(pages, "10.0.0.4", 3)
+    assert len(ended) == 1
+    assert "evicted" in ended[0]
+    assert (pages.open, pages.evicted) == (3, 1)
+    assert idle_old not in pages and idle_new in pages and reads in pages
+    assert pages.ack(next(iter(idle_new.tokens)), 3)  # the one still open can answer
+    assert not pages.ack(next(iter(idle_old.tokens), "gone"), 3)  # the evicted one cannot
+    # Now every open stream has answered, except the newcomer: it is the one to make room.
+    newest = admitted(pages, "10.0.0.5", 4)
+    assert newcomer not in pages and newest in pages and reads in pages
+    assert pages.evicted == 2
+
+
+def test_when_every_stream_reads_a_new_page_is_refused_and_saturation_is_reported() -> None:
+    pages = slots(max_pages=2)
+    for n, address in enumerate(("10.0.0.1", "10.0.0.2")):
+        answer(pages, admitted(pages, address, n), n)
+    refused = pages.admit("10.0.0.3", 5)
+    assert isinstance(refused, Refused)
+    assert "at most 2" in refused.reason
+    status = pages.status(5)
+    assert (status["saturated"], status["refused"], status["open"]) == (True, 1, 2)
+    assert "pages full" in status["detail"]
+
+
+def test_one_address_makes_room_among_its_own_streams_only() -> None:
+    pages = slots(max_pages=10, max_per_address=2)
+    other = admitted(pages, "10.0.0.9", 0)
+    first = admitted(pages, "10.0.0.1", 1)
+    first.end = lambda reason: None
+    admitted(pages, "10.0.0.1", 2)
+    admitted(pages, "10.0.0.1", 3)  # evicts `first`, its address's oldest, not `other`
+    assert pages.open == 3
+    assert first not in pages and other in pages
+    assert pages.evicted == 1
+    assert not pages.saturated(3)  # one address churning its own slots does not fill the page cap
+    status = pages.status(3)
+    assert status["detail"] == (
+        "3 of 10 pages open; 1 evicted to make room, 0 dropped for not reading"
+    )
+
+
+def test_when_every_stream_reads_the_page_cap_is_shared_fairly_between_addresses() -> None:
+    pages = slots(max_pages=4, max_per_address=4)
+    crowd = [admitted(pages, "10.0.0.1", n) for n in range(3)]
+    tablet = admitted(pages, "10.0.0.2", 3)
+    for n, slot in enumerate([*crowd, tablet]):
+        answer(pages, slot, 10 + n)
+    # An address with no page takes the place of the crowded address's least recently active one.
+    newcomer = admitted(pages, "10.0.0.3", 20)
+    assert crowd[0] not in pages and newcomer in pages and tablet in pages
+    answer(pages, newcomer, 20)
+    # The crowded address, one page fewer, cannot take it back (it would swap for ever) ...
+    assert isinstance(pages.admit("10.0.0.1", 21), Refused)
+    # ... nor can the tablet take a page from an address holding only one more than it.
+    assert isinstance(pages.admit("10.0.0.2", 22), Refused)
+    assert (pages.open, pages.evicted, pages.refused) == (4, 1, 2)
+
+
+def test_a_ping_left_unanswered_too_long_is_overdue_however_many_pings_follow() -> None:
+    pages = PageSlots(max_pages=5, max_per_address=5, ack_timeout_s=2.0)
+    slot = admitted(pages, "10.0.0.1", 0)
+    for second in range(5):
+        pages.ping(slot, second)
+        assert pages.overdue(slot, second) == (second > 2)
+    answer(pages, slot, 5)  # answering the last ping clears every earlier one
+    assert not pages.overdue(slot, 5.5)
+    assert not pages.ack("a token never sent", 6)
+    pages.drop(slot)
+    assert (pages.open, pages.dropped) == (0, 1)
 
 
 def test_backoff_grows_with_jitter_up_to_its_cap() -> None:

@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,51 +27,17 @@ from devicectl.errors import ConfigError
 from tests.brokers import Broker
 from tests.conftest import require_tool
 from tests.dashboard.conftest import (
+    EventStream,
     FakeDevice,
     dashboard_config,
+    http,
+    never_reading_stream,
     running_dashboard,
     wait_until_subscribed,
 )
 
 pytestmark = pytest.mark.system
 CONFIRM = {"confirm": True, "site": "clinic-a", "device": "laser-01"}
-
-
-async def http(
-    base: str, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 request on its own connection (the suite has no HTTP client library)."""
-    parts = urlsplit(base)
-    assert parts.hostname is not None
-    assert parts.port is not None
-    data = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    head = {"host": parts.netloc, "connection": "close", "content-length": str(len(data))}
-    head |= headers or {}
-    if body is not None and not isinstance(body, bytes):
-        head.setdefault("content-type", "application/json")
-    request = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items())
-    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-    try:
-        writer.write(request.encode() + b"\r\n" + data)
-        raw = await reader.read()
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    header_block, _, content = raw.partition(b"\r\n\r\n")
-    status_line, *lines = header_block.decode().split("\r\n")
-    fields = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    return int(status_line.split()[1]), fields, content
-
-
-async def read_sse_event(reader: asyncio.StreamReader) -> tuple[str, Any]:
-    """The next ``event:``/``data:`` pair, skipping comments and ``retry:``."""
-    event = ""
-    while True:
-        line = (await reader.readline()).decode().rstrip("\r\n")
-        if line.startswith("event: "):
-            event = line[len("event: ") :]
-        elif line.startswith("data: ") and event:
-            return event, json.loads(line[len("data: ") :])
 
 
 async def test_page_assets_health_and_read_only_stop(
@@ -108,26 +74,20 @@ async def test_event_stream_sends_a_snapshot_then_deltas(
 ) -> None:
     await fake_device.raw("availability", b"online", retain=True)
     async with running_dashboard(dashboard_config(mosquitto)) as server:
-        parts = urlsplit(server.url)
-        assert parts.hostname is not None
-        assert parts.port is not None
-        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        stream = EventStream(server.url)
         try:
-            writer.write(
-                f"GET /events HTTP/1.1\r\nhost: {urlsplit(server.url).netloc}\r\n\r\n".encode()
-            )
-            status_line = await reader.readline()
-            assert b" 200 " in status_line
+            assert await stream.open() == 200
             async with asyncio.timeout(10):
-                event, snapshot = await read_sse_event(reader)
+                event, snapshot = await stream.next_event()
                 assert event == "snapshot"
                 assert snapshot["stop_enabled"] is False
                 assert snapshot["broker"]["connected"] is True
+                assert snapshot["pages"]["open"] == 1
                 if not snapshot["devices"]:  # the retained message may still be on its way
-                    event, _ = await read_sse_event(reader)
+                    event, _ = await stream.next_event()
                 await fake_device.send("alerts", severity="critical", code="X", message="breach")
                 while True:
-                    event, data = await read_sse_event(reader)
+                    event, data = await stream.next_event()
                     assert event == "delta"
                     alerts = [op["alert"] for op in data if op["op"] == "alert"]
                     if alerts:
@@ -135,15 +95,16 @@ async def test_event_stream_sends_a_snapshot_then_deltas(
             assert alerts[0]["code"] == "X"
             assert alerts[0]["key"] == "clinic-a/laser-01"
             assert server.dashboard.hub.browsers == 1
+            assert stream.pings >= 1  # and answered: a page that reads is kept
         finally:
-            writer.close()
-            await writer.wait_closed()
+            await stream.close()
         # A closed tab is noticed and its queue dropped.
         for _ in range(250):
             if server.dashboard.hub.browsers == 0:
                 break
             await asyncio.sleep(0.02)
         assert server.dashboard.hub.browsers == 0
+        assert server.dashboard.pages.open == 0
 
 
 async def test_stop_is_confirmed_guarded_and_delivered(
@@ -250,25 +211,104 @@ async def test_allowed_hosts_default_to_the_bound_address_and_can_be_added(
             assert status == 403, host
 
 
-async def test_event_streams_are_capped(mosquitto: Broker) -> None:
+async def wait_for(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110 - polling the dashboard's own counters
+            await asyncio.sleep(0.02)
+
+
+async def test_a_full_house_of_reading_pages_refuses_and_healthz_says_so(
+    mosquitto: Broker,
+) -> None:
     async with running_dashboard(dashboard_config(mosquitto, max_browsers=2)) as server:
-        parts = urlsplit(server.url)
-        assert parts.hostname is not None
-        assert parts.port is not None
-        streams = []
+        status, _, content = await http(server.url, "GET", "/healthz")
+        assert (status, json.loads(content)["pages"]["saturated"]) == (200, False)
+        readers = [EventStream(server.url) for _ in range(2)]
+        follows = []
         try:
-            for _ in range(2):
-                reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-                streams.append(writer)
-                writer.write(f"GET /events HTTP/1.1\r\nhost: {parts.netloc}\r\n\r\n".encode())
-                assert b" 200 " in await reader.readline()
-            status, headers, _ = await http(server.url, "GET", "/events")
+            for page in readers:
+                assert await page.open() == 200
+                follows.append(asyncio.create_task(page.follow()))
+            await wait_for(lambda: all(page.pings >= 1 for page in readers))
+            # Both pages showed that they read: the third is refused, not given their room.
+            status, headers, content = await http(server.url, "GET", "/events")
             assert status == 503
             assert headers["retry-after"] == "5"
+            assert "too many open pages" in json.loads(content)["error"]
+            status, _, content = await http(server.url, "GET", "/healthz")
+            health = json.loads(content)
+            assert status == 503
+            assert health["ok"] is False
+            assert health["reader"]["running"] is True  # the reader is fine; the pages are not
+            assert health["pages"] | {"detail": ""} == {
+                "open": 2, "max": 2, "max_per_address": 20, "saturated": True, "evicted": 0,
+                "dropped": 0, "refused": 1, "detail": "",
+            }  # fmt: skip
+            assert "pages full" in health["pages"]["detail"]
+            assert all(not task.done() for task in follows)  # the readers were left alone
         finally:
-            for writer in streams:
-                writer.close()
-                await writer.wait_closed()
+            for page in readers:
+                await page.close()
+            await asyncio.gather(*follows, return_exceptions=True)
+
+
+async def test_one_address_cannot_take_every_page(mosquitto: Broker) -> None:
+    config = dashboard_config(mosquitto, max_browsers=10, max_browsers_per_address=3)
+    async with running_dashboard(config) as server:
+        pages = server.dashboard.pages
+        hostile = [never_reading_stream(server.url, "127.0.0.2") for _ in range(8)]
+        readers: list[EventStream] = []
+        follows: list[asyncio.Task[None]] = []
+        try:
+            await wait_for(lambda: pages.evicted == 5)
+            assert pages.open == 3  # the address's own streams made room for each other
+            # Pages from other addresses get in; a fourth from one address that already has
+            # three pages that read is refused (they are not evicted for it).
+            for source in ("127.0.0.3", "127.0.0.4", "127.0.0.4", "127.0.0.4"):
+                page = EventStream(server.url, source=source)
+                readers.append(page)
+                assert await page.open() == 200
+                follows.append(asyncio.create_task(page.follow()))
+            await wait_for(lambda: all(page.pings >= 1 for page in readers))
+            assert pages.open == 7
+            extra = EventStream(server.url, source="127.0.0.4")
+            assert await extra.open() == 503
+            await extra.close()
+            assert (pages.open, pages.refused) == (7, 1)
+            assert all(not task.done() for task in follows)
+        finally:
+            for sock in hostile:
+                sock.close()
+            for page in readers:
+                await page.close()
+            await asyncio.gather(*follows, return_exceptions=True)
+
+
+async def test_pages_that_do_not_answer_their_pings_are_dropped(mosquitto: Broker) -> None:
+    config = dashboard_config(mosquitto, keepalive_s=0.2, ack_timeout_s=1.0)
+    async with running_dashboard(config) as server:
+        mute = EventStream(server.url, answers=False)  # reads everything, never answers
+        reader = EventStream(server.url)
+        try:
+            assert await mute.open() == 200
+            assert await reader.open() == 200
+            async with asyncio.timeout(15):
+                following = asyncio.create_task(reader.follow())
+                while True:
+                    event, data = await mute.next_event()
+                    if event in ("bye", ""):
+                        break
+            assert event == "bye"
+            assert "did not answer its pings" in data["reason"]
+            assert await mute.next_event() == ("", None)  # and the connection is closed
+            assert server.dashboard.pages.dropped == 1
+            assert server.dashboard.pages.open == 1
+            assert reader.pings >= 3  # the page that answers is kept, pinged all along
+            assert not following.done()
+        finally:
+            await mute.close()
+            await reader.close()
+            await asyncio.gather(following, return_exceptions=True)
 
 
 async def test_a_browser_that_does_not_read_is_dropped(mosquitto: Broker) -> None:
@@ -417,6 +457,7 @@ def test_bad_arguments_exit_2_with_one_line() -> None:
         (["dashboard", "--mqtt", "http://broker"], "mqtt://HOST"),
         (["dashboard", "--listen", "8080"], "HOST:PORT"),
         (["dashboard", "--stop-username", "staff"], "--stop-password"),
+        (["dashboard", "--max-browsers-per-address", "0"], "max_browsers_per_address"),
         (["dashboard", "--policy", "/nonexistent/policy.toml"], "a readable TOML file"),
     ):
         result = runner.invoke(app, args)

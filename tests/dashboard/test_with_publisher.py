@@ -14,8 +14,7 @@ import pytest
 
 from devicectl.telemetry import Telemetry, TelemetryConfig
 from tests.brokers import Broker
-from tests.dashboard.conftest import dashboard_config, running_dashboard
-from tests.dashboard.test_server import http
+from tests.dashboard.conftest import dashboard_config, http, running_dashboard
 
 pytestmark = pytest.mark.system
 

@@ -17,6 +17,7 @@ const view = {
   stopEnabled: false,
   seenAlertIds: new Set(),  // acknowledged on this screen
   invalid: { count: 0, last: null },  // messages whose topic ids are not ids: never a device
+  pages: { saturated: false, detail: "" },  // the dashboard's open pages, when worth telling
 };
 const cards = new Map();    // key → { root, body, stopResult, stopButton }
 const dirty = new Set();
@@ -84,6 +85,7 @@ function reset(snapshot) {
   view.alerts = snapshot.alerts.slice(0, MAX_ALERTS);
   view.broker = snapshot.broker;
   view.invalid = snapshot.invalid || { count: 0, last: null };
+  view.pages = snapshot.pages || { saturated: false, detail: "" };
   view.stopEnabled = Boolean(snapshot.stop_enabled);
   document.getElementById("title").textContent = snapshot.title || "Clinic lasers";
   document.title = snapshot.title || "Clinic lasers";
@@ -155,6 +157,10 @@ function apply(op) {
       if (card) { card.root.remove(); cards.delete(op.key); }
       break;
     }
+    case "pages":
+      view.pages = op.pages;
+      chromeDirty = true;
+      break;
     case "invalid":
       view.invalid = op.invalid;
       chromeDirty = true;
@@ -386,6 +392,11 @@ function renderChrome() {
   broker.className = `pill ${view.broker.connected ? "good" : "bad"}`;
   broker.title = view.broker.detail || "";
 
+  const pages = document.getElementById("pages");
+  pages.hidden = !view.pages.detail;
+  pages.textContent = view.pages.detail || "";
+  pages.className = `pill ${view.pages.saturated ? "bad" : "warn"}`;
+
   const list = document.getElementById("alert-list");
   list.replaceChildren(...view.alerts.map((a) => el("li", { class: a.severity, "data-id": a.id },
     el("span", { class: "when" }, clock(a.ts)),
@@ -470,16 +481,33 @@ function connect() {
     reset(JSON.parse(event.data));
     stream.textContent = "page: live";
     stream.className = "pill good";
+    stream.title = "";
     scheduleRender();
   });
   source.addEventListener("delta", (event) => {
     for (const op of JSON.parse(event.data)) apply(op);
     scheduleRender();
   });
-  source.addEventListener("error", () => {
-    // EventSource reconnects by itself; the next snapshot replaces everything.
+  // The dashboard drops a stream that does not show it reads: answer every ping with its token.
+  source.addEventListener("ping", (event) => {
+    fetch("/events/ack", { method: "POST", headers: { "content-type": "application/json" },
+      body: JSON.stringify({ token: JSON.parse(event.data) }) }).catch(() => {});
+  });
+  source.addEventListener("bye", (event) => {
+    // The dashboard ended this stream (evicted, or not reading): EventSource reconnects.
     stream.textContent = "page: reconnecting…";
     stream.className = "pill bad";
+    stream.title = JSON.parse(event.data).reason || "";
+  });
+  source.addEventListener("error", () => {
+    stream.textContent = "page: reconnecting…";
+    stream.className = "pill bad";
+    if (source.readyState === EventSource.CLOSED) {
+      // Refused (every page slot held by pages that read): EventSource gives up; try again.
+      stream.title = "the dashboard has no room for another page right now";
+      setTimeout(connect, 5000);
+    }
+    // Otherwise EventSource reconnects by itself; the next snapshot replaces everything.
   });
 }
 
