@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 import psutil
@@ -227,3 +228,56 @@ async def test_a_stopped_worker_is_replaced_and_nothing_is_lost(tmp_path: Path) 
             assert tm.pid != first
             await until(lambda: len(rec.on("alerts")) >= 3, what="the three alerts")
         assert [m.json()["message"] for m in rec.on("alerts")] == [f"alert {n}" for n in range(3)]
+
+
+async def test_leaving_while_the_worker_is_down_still_delivers_what_was_pending(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM to the daemon while its worker waits to be restarted (it died a moment before):
+    the alerts and session events published meanwhile are handed to a worker started at once,
+    which puts them in the durable outbox (the next run delivers them), not dropped as "frames
+    lost"; and no SIGKILL goes to the dead worker's recycled pid."""
+    calls = Calls()
+    with Broker(tmp_path / "broker") as broker, recorder(broker.port) as rec:
+        async with calls.process(broker.url, tmp_path / "data") as tm:
+            await until(lambda: tm.connected, what="the worker connected")
+            first = tm.pid
+            assert first is not None
+            os.kill(first, signal.SIGKILL)
+            await until(lambda: tm.restarts == 1, what="the worker's death seen")
+            assert tm.pid == first  # waiting out the restart delay: no worker runs
+            tm.publish_alert("critical", "over_rate", "raised just before the shut-down")
+        assert calls.restarts == 0  # not a restart: the daemon is leaving
+        async with calls.process(broker.url, tmp_path / "data") as tm:  # the next run
+            await until(lambda: rec.on("alerts"), what="the alert, from the outbox")
+        assert [m.json()["message"] for m in rec.on("alerts")] == [
+            "raised just before the shut-down"
+        ]
+
+
+async def test_a_worker_that_cannot_be_started_is_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """posix_spawn refused once (no memory, no process slot): telemetry is tried again at the
+    next delay, rather than its supervising task ending and telemetry staying down for good."""
+    calls = Calls()
+    real_spawn = os.posix_spawn
+    refusals = [OSError(11, "Resource temporarily unavailable")]
+
+    def spawn(*args: Any, **kwargs: Any) -> int:
+        if refusals:
+            raise refusals.pop()
+        return real_spawn(*args, **kwargs)
+
+    with Broker(tmp_path / "broker") as broker, recorder(broker.port) as rec:
+        async with calls.process(broker.url, tmp_path / "data") as tm:
+            await until(lambda: tm.connected, what="the worker connected")
+            first = tm.pid
+            assert first is not None
+            monkeypatch.setattr(os, "posix_spawn", spawn)
+            os.kill(first, signal.SIGKILL)
+            tm.publish_alert("critical", "over_rate", "while no worker could start")
+            await until(lambda: not refusals, timeout=15, what="the refused start")
+            await until(lambda: tm.connected and tm.pid != first, timeout=15, what="a worker")
+            await until(lambda: rec.on("alerts"), what="the alert")
+        assert [m.json()["message"] for m in rec.on("alerts")] == ["while no worker could start"]
