@@ -310,7 +310,9 @@ class TelemetryProcess:
             os.set_inheritable(theirs.fileno(), True)
             self._pid = os.posix_spawn(  # noqa: ASYNC221 - fork+exec, returns at once
                 sys.executable,
-                [sys.executable, "-m", "devicectl.telemetry.worker", str(theirs.fileno())],
+                # -P: not the current directory first on sys.path, where anyone may have left a
+                # json.py or structlog.py that would run with our MQTT credentials
+                [sys.executable, "-P", "-m", "devicectl.telemetry.worker", str(theirs.fileno())],
                 dict(os.environ),
                 scheduler=ordinary_scheduler(),
             )

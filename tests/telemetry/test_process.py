@@ -306,3 +306,23 @@ async def test_a_stop_sent_while_the_worker_is_hung_is_obeyed_by_its_replacement
             _publish(broker.port, [f"{tm.config.topics.base}/cmd/stop"], b"{}")
             await until(lambda: tm.restarts == 1 and tm.connected, timeout=30, what="replaced")
             await until(lambda: calls.stops == 1, timeout=5, what="the stop sent meanwhile")
+
+
+async def test_the_worker_never_imports_from_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`devicectl run` started from a shared directory (/tmp, a USB stick): a structlog.py left
+    there by anyone must not run in the worker, which holds the broker's credentials."""
+    planted = tmp_path / "cwd"
+    planted.mkdir()
+    marker = tmp_path / "ran"
+    (planted / "structlog.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nraise SystemExit(3)\n"
+    )
+    monkeypatch.chdir(planted)
+    calls = Calls()
+    with Broker(tmp_path / "broker") as broker:
+        async with calls.process(broker.url, tmp_path / "data") as tm:
+            await until(lambda: tm.connected, what="the worker connected")
+            assert tm.restarts == 0
+    assert not marker.exists()
