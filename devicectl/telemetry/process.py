@@ -106,6 +106,7 @@ class TelemetryProcess:
         self._exit_budget_s = exit_budget_s
         self._pending: deque[tuple[int, bytes]] = deque()  # (number, frame), not acknowledged
         self._sent = 0  # frames numbered so far
+        self._ack_offset = 0  # the current worker's count of frames taken, to our numbers
         self._dropped = 0
         self._pulses: list[tuple[int, int, int, str | None, str | None]] = []
         self._pulse_flush: asyncio.Handle | None = None
@@ -322,6 +323,10 @@ class TelemetryProcess:
         finally:
             theirs.close()
         self._reaped = False
+        # The worker counts the frames it took, its start frame first; ours are numbered across
+        # workers: its count k acknowledges our frame number k + offset.
+        first = self._pending[0][0] if self._pending else self._sent + 1
+        self._ack_offset = first - 2
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         self._reader, self._writer = reader, writer
         self._progress_at = asyncio.get_running_loop().time()
@@ -409,7 +414,7 @@ class TelemetryProcess:
 
     def _dispatch(self, kind: str, body: Any) -> bool:
         if kind == "ack":
-            acked = int(body)
+            acked = int(body) + self._ack_offset
             while self._pending and self._pending[0][0] <= acked:
                 self._pending.popleft()
                 self._progress_at = asyncio.get_running_loop().time()

@@ -24,6 +24,7 @@ import psutil
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from devicectl.telemetry import process
 from devicectl.telemetry.commands import RefusedBurst
 from devicectl.telemetry.process import TelemetryProcess
 from protocols.messages import DeviceState
@@ -326,3 +327,30 @@ async def test_the_worker_never_imports_from_the_current_directory(
             await until(lambda: tm.connected, what="the worker connected")
             assert tm.restarts == 0
     assert not marker.exists()
+
+
+async def test_after_a_restart_the_new_worker_is_not_taken_for_hung_nor_sent_everything_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restarted worker counts the frames it takes from 1; the daemon numbers them across
+    workers. Its acknowledgements must still clear what it took, or the daemon keeps them
+    pending, kills the healthy worker as hung and sends them again, every few seconds."""
+    monkeypatch.setattr(process, "HUNG_AFTER_S", 2.0)
+    calls = Calls()
+    with Broker(tmp_path / "broker") as broker, recorder(broker.port) as rec:
+        async with calls.process(broker.url, tmp_path / "data") as tm:
+            await until(lambda: tm.connected, what="the worker connected")
+            for n in range(30):
+                tm.publish_alert("warning", "tick", f"before {n}")
+            await until(lambda: len(rec.on("alerts")) >= 30, what="the first alerts")
+            await asyncio.sleep(0.5)  # their acknowledgements back (else resent: at least once)
+            assert tm.pid is not None
+            os.kill(tm.pid, signal.SIGKILL)
+            await until(lambda: tm.restarts == 1 and tm.connected, timeout=15, what="restart")
+            for n in range(5):
+                tm.publish_alert("warning", "tick", f"after {n}")
+            await until(lambda: len(rec.on("alerts")) >= 35, what="the later alerts")
+            await asyncio.sleep(5.0)  # over twice HUNG_AFTER_S: ample to be taken for hung
+            assert tm.restarts == 1
+        expected = [f"before {n}" for n in range(30)] + [f"after {n}" for n in range(5)]
+        assert [m.json()["message"] for m in rec.on("alerts")] == expected
