@@ -102,7 +102,8 @@ class TelemetryProcess:
         self._on_ignored = on_ignored_command
         self._on_restart = on_restart
         self._log: FilteringBoundLogger = log or structlog.get_logger("devicectl.telemetry")
-        self._start_frame = _frame(("start", (config, log_level), {}))
+        self._log_level = log_level
+        self._boot: int | None = None  # this run's, once the first worker reported it
         self._exit_budget_s = exit_budget_s
         self._pending: deque[tuple[int, bytes]] = deque()  # (number, frame), not acknowledged
         self._sent = 0  # frames numbered so far
@@ -330,7 +331,11 @@ class TelemetryProcess:
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         self._reader, self._writer = reader, writer
         self._progress_at = asyncio.get_running_loop().time()
-        self._write(self._start_frame)
+        # a worker started again is the same daemon run: the same boot (docs/mqtt.md)
+        config = self._config
+        if self._boot is not None:
+            config = config.model_copy(update={"resume_boot": self._boot})
+        self._write(_frame(("start", (config, self._log_level), {})))
         for _, frame in self._pending:  # what the last worker had not taken
             self._write(frame)
         self._log.info("telemetry_process_started", pid=self._pid, resent=len(self._pending))
@@ -420,6 +425,7 @@ class TelemetryProcess:
                 self._progress_at = asyncio.get_running_loop().time()
         elif kind == "stats":
             self._stats = TelemetryStats(**body)
+            self._boot = self._stats.boot or self._boot
         elif kind == "stop":
             self._on_stop()
         elif kind == "refused":

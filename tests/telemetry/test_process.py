@@ -354,3 +354,29 @@ async def test_after_a_restart_the_new_worker_is_not_taken_for_hung_nor_sent_eve
             assert tm.restarts == 1
         expected = [f"before {n}" for n in range(30)] + [f"after {n}" for n in range(5)]
         assert [m.json()["message"] for m in rec.on("alerts")] == expected
+
+
+async def test_a_restarted_worker_keeps_the_daemon_runs_boot(tmp_path: Path) -> None:
+    """``boot`` is the daemon's start counter (docs/mqtt.md): a worker started again within the
+    same run must not look to dashboards like a restart of the daemon ("counters reset")."""
+    calls = Calls()
+    with Broker(tmp_path / "broker") as broker, recorder(broker.port) as rec:
+        async with calls.process(broker.url, tmp_path / "data") as tm:
+            await until(lambda: tm.connected, what="the worker connected")
+            tm.publish_alert("warning", "tick", "before")
+            await until(lambda: rec.on("alerts"), what="the first alert")
+            await asyncio.sleep(0.5)  # its acknowledgement back (else resent: at least once)
+            assert tm.pid is not None
+            os.kill(tm.pid, signal.SIGKILL)
+            await until(lambda: tm.restarts == 1 and tm.connected, timeout=15, what="restart")
+            tm.publish_alert("warning", "tick", "after")
+            await until(lambda: len(rec.on("alerts")) >= 2, what="the second alert")
+        alerts = [m.json() for m in rec.on("alerts")]
+        assert [a["message"] for a in alerts] == ["before", "after"]
+        assert alerts[0]["boot"] == alerts[1]["boot"]
+        assert alerts[1]["seq"] == alerts[0]["seq"] + 1
+        assert "historical" not in alerts[1]
+        async with calls.process(broker.url, tmp_path / "data") as tm:  # the next run
+            tm.publish_alert("warning", "tick", "next run")
+            await until(lambda: len(rec.on("alerts")) >= 3, what="the next run's alert")
+        assert rec.on("alerts")[2].json()["boot"] == alerts[0]["boot"] + 1
