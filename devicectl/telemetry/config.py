@@ -92,6 +92,12 @@ class TelemetryConfig(BaseModel):
     backoff_max_s: float = Field(default=30.0, gt=0)
     batch_interval_s: float = Field(default=0.1, gt=0, le=1.0)
     handoff_capacity: int = Field(default=50_000, ge=100)
+    resume_boot: int | None = Field(
+        default=None,
+        ge=1,
+        description="The boot of this daemon run, for a telemetry worker started again within it "
+        "(devicectl.telemetry.process): the same run, not a new start; None: a new boot.",
+    )
 
     @property
     def topics(self) -> TopicBase:

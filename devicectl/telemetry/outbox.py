@@ -143,6 +143,14 @@ class Outbox:
             self._refused(exc)
         return seq
 
+    def resume_boot(self, boot: int) -> int:
+        """This run's boot, already counted by :meth:`start_boot` (a telemetry worker started
+        again within the same daemon run); returns it."""
+        if not 1 <= boot <= self._counters.get("boot", 0):
+            raise ConfigError("telemetry.resume_boot", boot, "a boot already started")
+        self.boot = boot
+        return boot
+
     def peek_seq(self, topic: str) -> int:
         """The last seq assigned on ``topic`` (0 if none)."""
         return self._counters.get("seq:" + topic, 0)

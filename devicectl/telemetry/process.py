@@ -17,8 +17,10 @@ taken it (QoS 1 messages are then in its durable outbox), and the daemon keeps e
 acknowledged (bounded: :data:`PENDING_MAX_FRAMES`; beyond, the oldest are dropped and counted, as
 the outbox does). If the worker dies it is started again (1 s, then up to 10 s apart), the
 unacknowledged frames are sent again and the retained state and session re-published
-(``on_restart``). A worker alive but not taking frames (stopped, deadlocked: none taken for
-:data:`HUNG_AFTER_S`, or :data:`WRITE_BUFFER_MAX_BYTES` unread) is killed and started again.
+(``on_restart``); if the block is left while none runs, one is started at once to take what is
+pending (a session's end, alerts) and close. A worker alive but not taking frames (stopped,
+deadlocked: none taken for :data:`HUNG_AFTER_S`, or :data:`WRITE_BUFFER_MAX_BYTES` unread) is
+killed and started again.
 The worker ignores SIGINT and SIGTERM: it ends when the daemon says so (after the
 laser is made safe: pending pulses batched, the outbox flushed, ``offline`` published), or when
 the daemon's end of the socket closes (a daemon killed: it flushes and exits on its own).
@@ -100,10 +102,12 @@ class TelemetryProcess:
         self._on_ignored = on_ignored_command
         self._on_restart = on_restart
         self._log: FilteringBoundLogger = log or structlog.get_logger("devicectl.telemetry")
-        self._start_frame = _frame(("start", (config, log_level), {}))
+        self._log_level = log_level
+        self._boot: int | None = None  # this run's, once the first worker reported it
         self._exit_budget_s = exit_budget_s
         self._pending: deque[tuple[int, bytes]] = deque()  # (number, frame), not acknowledged
         self._sent = 0  # frames numbered so far
+        self._ack_offset = 0  # the current worker's count of frames taken, to our numbers
         self._dropped = 0
         self._pulses: list[tuple[int, int, int, str | None, str | None]] = []
         self._pulse_flush: asyncio.Handle | None = None
@@ -112,6 +116,9 @@ class TelemetryProcess:
         self._pid: int | None = None
         self._restarts = 0
         self._closing = False
+        self._closing_event: asyncio.Event = asyncio.Event()
+        self._reaped = True  # no worker process of ours to signal
+        self._handed_over = False  # a worker started while leaving, for what was pending
         self._done: asyncio.Event = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -216,6 +223,7 @@ class TelemetryProcess:
     ) -> None:
         self._flush_pulses()
         self._closing = True
+        self._closing_event.set()
         if self._writer is not None:
             self._write(_frame(("close", (), {})))
         budget = self._config.flush_timeout_s + self._exit_budget_s
@@ -304,7 +312,9 @@ class TelemetryProcess:
             os.set_inheritable(theirs.fileno(), True)
             self._pid = os.posix_spawn(  # noqa: ASYNC221 - fork+exec, returns at once
                 sys.executable,
-                [sys.executable, "-m", "devicectl.telemetry.worker", str(theirs.fileno())],
+                # -P: not the current directory first on sys.path, where anyone may have left a
+                # json.py or structlog.py that would run with our MQTT credentials
+                [sys.executable, "-P", "-m", "devicectl.telemetry.worker", str(theirs.fileno())],
                 dict(os.environ),
                 scheduler=ordinary_scheduler(),
             )
@@ -313,10 +323,19 @@ class TelemetryProcess:
             raise
         finally:
             theirs.close()
+        self._reaped = False
+        # The worker counts the frames it took, its start frame first; ours are numbered across
+        # workers: its count k acknowledges our frame number k + offset.
+        first = self._pending[0][0] if self._pending else self._sent + 1
+        self._ack_offset = first - 2
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         self._reader, self._writer = reader, writer
         self._progress_at = asyncio.get_running_loop().time()
-        self._write(self._start_frame)
+        # a worker started again is the same daemon run: the same boot (docs/mqtt.md)
+        config = self._config
+        if self._boot is not None:
+            config = config.model_copy(update={"resume_boot": self._boot})
+        self._write(_frame(("start", (config, self._log_level), {})))
         for _, frame in self._pending:  # what the last worker had not taken
             self._write(frame)
         self._log.info("telemetry_process_started", pid=self._pid, resent=len(self._pending))
@@ -324,30 +343,49 @@ class TelemetryProcess:
     async def _run(self) -> None:
         while True:
             code = await self._serve_worker()
-            if self._closing:
+            if self._closing and not self._pending:
                 self._done.set()
                 return
-            delay = _RESTART_DELAYS_S[min(self._restarts, len(_RESTART_DELAYS_S) - 1)]
-            self._restarts += 1
+            self._stats = None
             self._log.error(
                 "telemetry_process_exited",
                 pid=self._pid,
                 exit=code,
-                restart_in_s=delay,
+                restart_in_s=0 if self._closing else self._restart_delay(),
                 unacknowledged=len(self._pending),
             )
-            self._stats = None
-            await asyncio.sleep(delay)
-            if self._closing:
+            if not await self._respawn():
                 self._done.set()
                 return
+            if self._closing:  # frames the last worker had not taken: this one takes them
+                self._write(_frame(("close", (), {})))
+            elif self._on_restart is not None:
+                self._on_restart()
+
+    def _restart_delay(self) -> float:
+        return _RESTART_DELAYS_S[min(self._restarts, len(_RESTART_DELAYS_S) - 1)]
+
+    async def _respawn(self) -> bool:
+        """Start a worker again after the restart delay, or at once when the block is left
+        meanwhile (what the last one had not taken: alerts, a session's end, must still reach
+        the outbox); False when leaving with nothing to hand over."""
+        while True:
+            if not self._closing:
+                delay = self._restart_delay()
+                self._restarts += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing_event.wait(), delay)
+            if self._closing and (not self._pending or self._handed_over):
+                return False  # once at most: a worker that dies at every start takes no more
+            self._handed_over = self._closing
             try:
                 await self._spawn()
-            except OSError as exc:
+            except OSError as exc:  # tried again after the next delay (none when closing)
                 self._log.error("telemetry_process_not_started", error=str(exc))
+                if self._closing:
+                    return False
                 continue
-            if self._on_restart is not None:
-                self._on_restart()
+            return True
 
     async def _serve_worker(self) -> int | str:
         """Read the worker's replies until it goes; its exit status."""
@@ -381,12 +419,13 @@ class TelemetryProcess:
 
     def _dispatch(self, kind: str, body: Any) -> bool:
         if kind == "ack":
-            acked = int(body)
+            acked = int(body) + self._ack_offset
             while self._pending and self._pending[0][0] <= acked:
                 self._pending.popleft()
                 self._progress_at = asyncio.get_running_loop().time()
         elif kind == "stats":
             self._stats = TelemetryStats(**body)
+            self._boot = self._stats.boot or self._boot
         elif kind == "stop":
             count = int(body)
             if count < 1:
@@ -408,20 +447,23 @@ class TelemetryProcess:
 
     async def _reap(self) -> int | str:
         pid = self._pid
-        if pid is None:
+        if pid is None or self._reaped:
             return "never started"
         loop = asyncio.get_running_loop()
         for _ in range(200):  # the socket closes as the worker exits: 2 s at most
             done, status = os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 - never blocks
             if done:
+                self._reaped = True
                 return os.waitstatus_to_exitcode(status)
             await asyncio.sleep(0.01)
         self._kill()
         _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
+        self._reaped = True
         return os.waitstatus_to_exitcode(status)
 
     def _kill(self) -> None:
-        if self._pid is not None:
+        """SIGKILL to the worker, never to a process id already reaped (it may be another's)."""
+        if self._pid is not None and not self._reaped:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self._pid, 9)
 

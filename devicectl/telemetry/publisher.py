@@ -186,7 +186,8 @@ class Telemetry:
 
     async def __aenter__(self) -> Self:
         self._outbox = Outbox(self._config.outbox_path, max_bytes=self._config.outbox_max_bytes)
-        self._boot = self._outbox.start_boot()
+        resume = self._config.resume_boot
+        self._boot = self._outbox.resume_boot(resume) if resume else self._outbox.start_boot()
         self._running = True
         self._log.info(
             "telemetry_starting",
