@@ -34,6 +34,7 @@ from typing import Any, Self
 import paho.mqtt.client as paho
 from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY, MQTT_ERR_SUCCESS
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from devicectl.errors import DevicectlError
@@ -96,8 +97,12 @@ class MqttConnection:
         keepalive: int = 60,
         connect_timeout: float = 10.0,
         on_puback: Callable[[int, int], bool] | None = None,
+        clean_start: bool = True,
+        session_expiry_s: int = 0,
     ) -> None:
         self._host, self._port, self._keepalive = host, port, keepalive
+        self._clean_start = clean_start
+        self._session_expiry_s = session_expiry_s
         self._v5 = v5
         self._connect_timeout = connect_timeout
         self.on_puback = on_puback
@@ -105,7 +110,7 @@ class MqttConnection:
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-            clean_session=None if v5 else True,
+            clean_session=None if v5 else clean_start,
         )
         # No limit inside paho: the publisher keeps its own window of publishes in flight, and
         # with a limit paho walks every in-flight message on each PUBACK.
@@ -165,12 +170,15 @@ class MqttConnection:
         self._loop, self._loop_thread = loop, threading.get_ident()
         self._connack = loop.create_future()
         self._lost = loop.create_future()
+        options: dict[str, Any] = {"clean_start": MQTT_CLEAN_START_FIRST_ONLY}
+        if self._v5:  # 3.1.1: clean_session, given to the client
+            options["clean_start"] = self._clean_start
+            if self._session_expiry_s:
+                properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                properties.SessionExpiryInterval = self._session_expiry_s
+                options["properties"] = properties
         connect = functools.partial(
-            self.client.connect,
-            self._host,
-            self._port,
-            self._keepalive,
-            clean_start=MQTT_CLEAN_START_FIRST_ONLY,
+            self.client.connect, self._host, self._port, self._keepalive, **options
         )
         connack = self._connack
 

@@ -73,6 +73,10 @@ __all__ = ["Telemetry", "TelemetryStats"]
 # MQTT 5 "Unsupported Protocol Version" (0x84) and 3.1.1 "unacceptable protocol version" (1).
 _PROTOCOL_REFUSED = frozenset({0x84, 1})
 _MAX_PULSES_PER_BATCH = 1000
+# How long the broker keeps this device's session (its cmd/# subscription and the stops queued
+# on it) while no worker is connected: longer than a worker's replacement (~6 s when hung), short
+# enough that a stop is never obeyed long after it was sent.
+COMMAND_SESSION_EXPIRY_S = 30
 _TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)  # Linux
 
 
@@ -584,6 +588,12 @@ class Telemetry:
             keepalive=self._config.keepalive_s,
             tls=self._tls,
             connect_timeout=self._config.connect_timeout_s,  # to CONNACK; publishes get 10 s
+            # One MQTT session for the daemon's run: a cmd/stop the broker accepted while this
+            # worker was reconnecting, or while an earlier worker of the run was hung or being
+            # replaced, is delivered when the session resumes. A new run starts clean: a stop
+            # from before it is not a live request.
+            clean_start=self._config.resume_boot is None and not self._counts["connects"],
+            session_expiry_s=COMMAND_SESSION_EXPIRY_S,
         )
 
     async def _link(self) -> None:

@@ -281,12 +281,6 @@ async def test_a_worker_that_cannot_be_started_is_tried_again(
         assert [m.json()["message"] for m in rec.on("alerts")] == ["while no worker could start"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review-11: a live cmd/stop sent while the worker is stopped, restarting or starting "
-    "is acknowledged by the broker and lost (clean session per worker); fix: an MQTT 5 session "
-    "kept across the workers of one daemon run (clean start for the first only)",
-)
 async def test_a_stop_sent_while_the_worker_is_hung_is_obeyed_by_its_replacement(
     tmp_path: Path,
 ) -> None:
@@ -377,3 +371,19 @@ async def test_a_restarted_worker_keeps_the_daemon_runs_boot(tmp_path: Path) -> 
             tm.publish_alert("warning", "tick", "next run")
             await until(lambda: len(rec.on("alerts")) >= 3, what="the next run's alert")
         assert rec.on("alerts")[2].json()["boot"] == alerts[0]["boot"] + 1
+
+
+async def test_a_stop_queued_for_an_earlier_run_is_not_obeyed_by_the_next(tmp_path: Path) -> None:
+    """The broker keeps a run's session (and stops queued on it) for 30 s after it ends; the next
+    daemon run starts a clean session: a stop sent while no daemon ran is not a live request."""
+    calls = Calls()
+    with Broker(tmp_path / "broker") as broker:
+        async with calls.process(broker.url, tmp_path / "data") as tm:
+            await until(lambda: tm.connected, what="the first run connected")
+            base = tm.config.topics.base
+        _publish(broker.port, [f"{base}/cmd/stop"], b"{}")  # between the runs
+        async with calls.process(broker.url, tmp_path / "data") as tm:
+            await until(lambda: tm.connected, what="the second run connected")
+            _publish(broker.port, [f"{base}/cmd/arm"], b"{}")  # after the stop, in order
+            await until(lambda: calls.refused, what="the later command seen")
+        assert calls.stops == 0
