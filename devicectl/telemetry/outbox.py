@@ -27,6 +27,8 @@ Writes are synchronous on the caller's thread: an insert and commit in WAL mode 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import sqlite3
 from collections import deque
 from collections.abc import Callable
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from devicectl.errors import ConfigError
+from devicectl.errors import ConfigError, DevicectlError
 
 __all__ = ["Outbox", "OutboxRow", "OverflowReport"]
 
@@ -80,16 +82,22 @@ class OverflowReport:
     still_over: bool
 
 
+class OutboxBusy(DevicectlError):
+    """Another process holds this outbox (an earlier telemetry worker still flushing)."""
+
+
 class Outbox:
-    """SQLite outbox, seq and boot counters. One per data dir; not thread-safe (one event loop)."""
+    """SQLite outbox, seq and boot counters. One per data dir, held by one process at a time (an
+    exclusive lock on ``<outbox>.lock``: two writers would reuse row ids and seqs); not
+    thread-safe (one event loop)."""
 
     def __init__(self, path: Path, *, max_bytes: int = 64 * 1024 * 1024) -> None:
         if max_bytes < 4096:
             raise ConfigError("telemetry.outbox_max_bytes", max_bytes, "at least 4096 bytes")
         self.path = path
         self.max_bytes = max_bytes
+        self._lock_fd = _hold(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -98,6 +106,7 @@ class Outbox:
             self._db.execute("PRAGMA wal_autocheckpoint=0")
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
+            os.close(self._lock_fd)
             raise ConfigError(
                 "telemetry.data_dir", str(path.parent), f"a writable dir ({exc})"
             ) from exc
@@ -417,3 +426,25 @@ class Outbox:
         with contextlib.suppress(sqlite3.Error):
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._db.close()
+        os.close(self._lock_fd)  # the lock goes with it
+
+
+def _hold(path: Path) -> int:
+    """Take ``<path>.lock`` exclusively, or raise :class:`OutboxBusy` (or ConfigError: no dir)."""
+    lock = path.with_name(path.name + ".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ConfigError(
+            "telemetry.data_dir", str(path.parent), f"a writable dir ({exc})"
+        ) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutboxBusy(
+            f"the telemetry outbox {path} is held by another process (an earlier telemetry "
+            "worker still flushing?)"
+        ) from None
+    return fd

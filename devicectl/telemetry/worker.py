@@ -26,6 +26,7 @@ from typing import Any
 import structlog
 
 from devicectl.telemetry.commands import RefusedBurst
+from devicectl.telemetry.outbox import OutboxBusy
 from devicectl.telemetry.process import CALLS, HEADER, MAX_CALL_BYTES
 from devicectl.telemetry.publisher import Telemetry
 
@@ -79,12 +80,17 @@ class _Worker:
             ),
             log=self._log,
         )
-        async with telemetry:
-            stats = asyncio.get_running_loop().create_task(self._report(telemetry))
-            try:
-                await self._serve(telemetry)
-            finally:
-                stats.cancel()
+        try:
+            async with telemetry:
+                stats = asyncio.get_running_loop().create_task(self._report(telemetry))
+                try:
+                    await self._serve(telemetry)
+                finally:
+                    stats.cancel()
+        except OutboxBusy as exc:  # the daemon starts another worker a little later
+            self._log.error("telemetry_outbox_busy", error=str(exc))
+            await self._drain()
+            return 3
         self.send("stats", dataclasses.asdict(telemetry.stats))
         await self._drain()
         return 0

@@ -9,6 +9,7 @@ and a killed daemon leaves no worker behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -27,6 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from devicectl.control import call_daemon
 from devicectl.telemetry import process
 from devicectl.telemetry.commands import RefusedBurst
+from devicectl.telemetry.outbox import Outbox, OutboxBusy
 from devicectl.telemetry.process import TelemetryProcess
 from protocols.messages import DeviceState
 from tests.brokers import Broker
@@ -387,3 +389,25 @@ async def test_a_stop_queued_for_an_earlier_run_is_not_obeyed_by_the_next(tmp_pa
             _publish(broker.port, [f"{base}/cmd/arm"], b"{}")  # after the stop, in order
             await until(lambda: calls.refused, what="the later command seen")
         assert calls.stops == 0
+
+
+async def test_a_worker_waits_for_the_outbox_an_earlier_one_still_holds(tmp_path: Path) -> None:
+    """An earlier worker still flushing (here: this test holding the outbox) keeps a new one
+    out, since two writers would reuse row ids and seqs: the new one says so in one line and is
+    started again until the outbox is free; nothing handed over meanwhile is lost."""
+    data = tmp_path / "data"
+    held = Outbox(data / "telemetry-outbox.sqlite")
+    calls = Calls()
+    with Broker(tmp_path / "broker") as broker, recorder(broker.port) as rec:
+        async with calls.process(broker.url, data) as tm:
+            tm.publish_alert("warning", "tick", "while the outbox was held")
+            await until(lambda: tm.restarts >= 1, what="the refused worker started again")
+            assert not rec.on("alerts")
+            held.close()
+            await until(lambda: rec.on("alerts"), timeout=20, what="the alert, once free")
+        assert [m.json()["message"] for m in rec.on("alerts")] == ["while the outbox was held"]
+    with (
+        contextlib.closing(Outbox(data / "telemetry-outbox.sqlite")),
+        pytest.raises(OutboxBusy, match="held by another process"),
+    ):
+        Outbox(data / "telemetry-outbox.sqlite")
