@@ -185,6 +185,8 @@ class TelemetrySink(Protocol):
         skin_temp_c: float | None = None,
         head_temp_c: float | None = None,
         counters: Mapping[str, int] | None = None,
+        log_commits_per_s: int | None = None,
+        log_commit_p99_ms: float | None = None,
     ) -> None: ...
 
 
@@ -323,6 +325,7 @@ class Daemon:
             checkpoint_every=checkpoints.every_records,
             checkpoint_interval_s=checkpoints.interval_s,
             idle_checkpoint_interval_s=checkpoints.idle_interval_s,
+            commit_interval_s=settings.log_commit_interval_ms / 1000,
         )
         stack.callback(self.sessionlog.close)
         self._restore_latch(self.sessionlog.unacknowledged_breach)
@@ -1088,6 +1091,7 @@ class Daemon:
             ),
             "request_in_progress": core.busy,
             "log_ok": bool(self.sessionlog and self.sessionlog.healthy),
+            "log_commits": self.sessionlog.commit_stats() if self.sessionlog else None,
             "sim_control": str(self.sim_control) if self.sim_control else None,
             "link": link.stats if link else {},
             "realtime": scheduling(),
@@ -1181,6 +1185,7 @@ class Daemon:
     def _publish_metrics(self, rate_hz: float, avg_power_w: float) -> None:
         status = self.core.status
         counters = self.link.stats if self.link else {}
+        commits = self.sessionlog.commit_stats() if self.sessionlog else {}
         self._telemetry(
             lambda t: t.publish_metrics(
                 rate_hz=rate_hz,
@@ -1188,6 +1193,8 @@ class Daemon:
                 skin_temp_c=status.skin_temp_cdeg / 100 if status else None,
                 head_temp_c=status.head_temp_cdeg / 100 if status else None,
                 counters=counters,
+                log_commits_per_s=commits.get("commits_per_s"),
+                log_commit_p99_ms=commits.get("commit_delay_p99_ms"),
             )
         )
         summary = self._session_summary()
