@@ -250,6 +250,7 @@ class SessionLog:
         self._commit_interval_s = commit_interval_s
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._put = self._queue.put
+        self._held: list[tuple[int, int, int, int, int, str]] = []  # record_pulse_held's, in order
         # Caller-side state (the daemon's thread only).
         self._courses = state.courses
         self._next_session_id = state.next_session_id
@@ -420,8 +421,8 @@ class SessionLog:
         if self._closed:
             return
         self._closed = True
-        self._put(_Marker(done=_nothing, checkpoint="shutdown"))
-        self._put(_Marker(done=lambda: None, stop=True))
+        self._put_in_order(_Marker(done=_nothing, checkpoint="shutdown"))
+        self._put_in_order(_Marker(done=lambda: None, stop=True))
         self._thread.join()
         self._log.info("session_log_closed", path=str(self.path), records=self._seq)
 
@@ -479,7 +480,7 @@ class SessionLog:
         if self._closed or not self._thread.is_alive():
             self.check()
             raise LogUnavailable(f"session log {self.path} is closed")
-        self._put(marker)
+        self._put_in_order(marker)
 
     # ── signed checkpoints ───────────────────────────────────────────────────────────────────
 
@@ -509,7 +510,7 @@ class SessionLog:
             # introduced at the first checkpoint, asked for now, signed by ``key`` (deferred,
             # like any checkpoint, until the device id is known)
             self._next_key = pending
-            self._put(_Marker(done=_nothing, checkpoint="key_rotation"))
+            self._put_in_order(_Marker(done=_nothing, checkpoint="key_rotation"))
 
     def _introduce(self, key: keys.DeviceKey, how: str, previous: str | None) -> None:
         body = {
@@ -879,7 +880,7 @@ class SessionLog:
             "note": note,
         }
         self._record(session_id, "session_ended", body, now)
-        self._put(_Marker(done=_nothing, checkpoint="session_end"))
+        self._put_in_order(_Marker(done=_nothing, checkpoint="session_end"))
         self._live = None
         self._mark_delivered(session_id, summary)
         self._log.info("session_ended", session_id=session_id, pulses=live.pulses)
@@ -1005,7 +1006,39 @@ class SessionLog:
     ) -> None:
         """One PULSE event. Constant time, no I/O, no hashing, never raises: a queue append and
         the live totals. Committed within one group commit."""
-        self._put((session_id, pulse_no, t_us, host_time_ns, energy_uj, zone))
+        self._put_in_order((session_id, pulse_no, t_us, host_time_ns, energy_uj, zone))
+        self._count_pulse(session_id, pulse_no, energy_uj, zone)
+
+    def record_pulse_held(
+        self,
+        session_id: int,
+        pulse_no: int,
+        t_us: int,
+        host_time_ns: int,
+        energy_uj: int,
+        zone: str,
+    ) -> None:
+        """:meth:`record_pulse`, held back with the others of the same received chunk until
+        :meth:`release_pulses` hands them to the writer in one piece (one queue hand-off per chunk,
+        not per pulse). Anything else recorded meanwhile releases them first: the chain's order
+        is the order of the calls. The caller must call :meth:`release_pulses` at the chunk's end
+        (the stall deadline starts once the writer holds them)."""
+        self._held.append((session_id, pulse_no, t_us, host_time_ns, energy_uj, zone))
+        self._count_pulse(session_id, pulse_no, energy_uj, zone)
+
+    def release_pulses(self) -> None:
+        """Hand the pulses held by :meth:`record_pulse_held` to the writer. Cheap when none are."""
+        held = self._held
+        if held:
+            self._held = []
+            self._put(held)
+
+    def _put_in_order(self, item: object) -> None:
+        if self._held:
+            self.release_pulses()
+        self._put(item)
+
+    def _count_pulse(self, session_id: int, pulse_no: int, energy_uj: int, zone: str) -> None:
         self._last_pulse_no = pulse_no
         live = self._live
         if live is not None and live.session_id == session_id:
@@ -1175,7 +1208,9 @@ class SessionLog:
                 "counter_mismatch": mismatch,
             }
             self._record(stale, "recovery", body, now)
-            self._put(_Marker(done=_nothing, checkpoint="session_end"))  # witnessed at once
+            self._put_in_order(
+                _Marker(done=_nothing, checkpoint="session_end")
+            )  # witnessed at once
         self._last_pulse_no = device_pulse_count
         self._stale_session = self._stale_summary = None
         if stale is not None or unlogged or mismatch:
@@ -1196,7 +1231,7 @@ class SessionLog:
                 "session_id", session_id, f"a session id (from {MIN_SESSION_ID}) or None"
             )
         at = self._clock() if at_ns is None else at_ns
-        self._put(_Record(session_id, kind, at, _canonical_json(body)))
+        self._put_in_order(_Record(session_id, kind, at, _canonical_json(body)))
 
     # ── the writer thread ────────────────────────────────────────────────────────────────────
 
@@ -1238,7 +1273,11 @@ class SessionLog:
                         self._fail(exc)
                 self._busy_since = None
                 if self._failure is not None:
-                    self.dropped += sum(1 for item in batch if type(item) is not _Marker)
+                    self.dropped += sum(
+                        len(item) if type(item) is list else 1
+                        for item in batch
+                        if type(item) is not _Marker
+                    )
                 for item in batch:
                     if type(item) is _Marker:
                         stopping = stopping or item.stop
@@ -1260,6 +1299,14 @@ class SessionLog:
                 prev = pulse_hash(prev, seq, session_id, pulse_no, t_us, host_ns, energy_uj, zone)
                 pulses.append((seq, session_id, pulse_no, t_us, host_ns, energy_uj, zone, prev))
                 last_pulse_no = pulse_no
+            elif type(item) is list:  # one received chunk's pulses (record_pulse_held)
+                for session_id, pulse_no, t_us, host_ns, energy_uj, zone in item:
+                    seq += 1
+                    prev = pulse_hash(
+                        prev, seq, session_id, pulse_no, t_us, host_ns, energy_uj, zone
+                    )
+                    pulses.append((seq, session_id, pulse_no, t_us, host_ns, energy_uj, zone, prev))
+                    last_pulse_no = pulse_no
             elif type(item) is _Record:
                 seq += 1
                 prev = record_hash(prev, seq, item.session_id, item.at_ns, item.kind, item.body)

@@ -217,3 +217,35 @@ def test_a_commit_interval_at_or_beyond_the_deadline_is_refused(tmp_path: Path) 
         open_log(tmp_path / "sessions.db", stall_timeout_s=0.5, commit_interval_s=0.5)
     with pytest.raises(ValueError, match="must be at least 0"):
         open_log(tmp_path / "sessions.db", commit_interval_s=-0.01)
+
+
+def test_held_pulses_keep_the_order_of_the_calls_in_the_chain(tmp_path: Path) -> None:
+    """One hand-off per received chunk: anything recorded mid-chunk releases the held pulses
+    first, so the chain's order is the order of the calls."""
+    path = tmp_path / "sessions.db"
+    with open_log(path) as slog:
+        sid = slog.start_session(session_info(), device_pulse_count=0).session_id
+        slog.record_pulse_held(sid, 1, 50, T0 + 1, 2000, "neck")
+        slog.record_pulse_held(sid, 2, 100, T0 + 2, 2000, "neck")
+        slog.record_event(sid, "breach", "supervisor", {"code": "energy"})
+        slog.record_pulse_held(sid, 3, 150, T0 + 3, 2000, "neck")
+        slog.record_pulse(sid, 4, 200, T0 + 4, 2000, "neck")
+        slog.record_pulse_held(sid, 5, 250, T0 + 5, 2100, "neck")
+        slog.release_pulses()
+        slog.release_pulses()  # nothing held: nothing handed over
+        slog.flush()
+        assert slog.committed_pulse_no == 5
+        summary = slog.current_summary()
+    assert summary is not None and summary.pulses == 5
+    assert summary.energy_per_zone_uj == {"neck": 4 * 2000 + 2100}
+    conn = connect(path, readonly=True)
+    rows = conn.execute(
+        "SELECT seq, 'pulse', pulse_no FROM pulses WHERE session_id = ? UNION ALL "
+        "SELECT seq, kind, NULL FROM records WHERE session_id = ? AND kind = 'event' ORDER BY 1",
+        (sid, sid),
+    ).fetchall()
+    conn.close()
+    assert [(kind, no) for _, kind, no in rows] == [
+        ("pulse", 1), ("pulse", 2), ("event", None), ("pulse", 3), ("pulse", 4), ("pulse", 5),
+    ]  # fmt: skip
+    assert verify_log(path).ok
