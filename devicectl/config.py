@@ -88,6 +88,7 @@ _ALLOWED: dict[str, str] = {
     "socket://HOST:PORT",
     "baudrate": "an integer from 9600 to 921600",
     "status_period_ms": "an integer from 10 to 10000 (ms)",
+    "log_commit_interval_ms": "an integer from 0 to 1000 (ms)",
     "log_level": "one of debug, info, warning, error, critical",
     "log_json": "true or false (unquoted in TOML), or auto (JSON unless stderr is a terminal)",
     "sim_max_rate_hz": "a finite number from 1 to 100000 (Hz)",
@@ -459,6 +460,15 @@ class Settings(BaseSettings):
         default=None, description="the session log's SQLite file; default: DATA_DIR/sessions.db"
     )
     status_period_ms: int = Field(default=100, ge=10, le=10000, strict=True)
+    log_commit_interval_ms: int = Field(
+        default=10,
+        ge=0,
+        le=1000,
+        strict=True,
+        description="group commit: the session log commits (one fdatasync each) at most once "
+        "per this many ms (0: after every batch, as fast as the disk allows); see "
+        "docs/reliability.md",
+    )
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings)
     realtime: RealtimeSettings = Field(default_factory=RealtimeSettings)

@@ -185,6 +185,8 @@ class TelemetrySink(Protocol):
         skin_temp_c: float | None = None,
         head_temp_c: float | None = None,
         counters: Mapping[str, int] | None = None,
+        log_commits_per_s: int | None = None,
+        log_commit_p99_ms: float | None = None,
     ) -> None: ...
 
 
@@ -323,6 +325,7 @@ class Daemon:
             checkpoint_every=checkpoints.every_records,
             checkpoint_interval_s=checkpoints.interval_s,
             idle_checkpoint_interval_s=checkpoints.idle_interval_s,
+            commit_interval_s=settings.log_commit_interval_ms / 1000,
         )
         stack.callback(self.sessionlog.close)
         self._restore_latch(self.sessionlog.unacknowledged_breach)
@@ -337,6 +340,8 @@ class Daemon:
                 connect,
                 port=port_name,
                 on_event=self._on_event,
+                on_pulse=self._on_pulse,
+                on_chunk_end=self._on_chunk_end,
                 on_reply=self._on_reply,
                 on_link_lost=self._on_link_lost,
                 on_connected=self._on_connected,
@@ -476,21 +481,32 @@ class Daemon:
 
     # ------------------------------------------------------------------ device events (hot)
 
+    def _on_pulse(self, _seq: int, pulse_no: int, t_us: int, energy_uj: int) -> None:
+        """The link's PULSE fast path: plain ints, in wire order, STOP written before returning."""
+        core = self.core
+        flags = core.on_pulse(pulse_no, t_us, energy_uj)
+        if flags & PULSE_STOP:
+            self.link.stop_now()  # type: ignore[union-attr]
+        if flags & PULSE_FOLLOW:
+            self._carry_out(core.take_effects())
+        self._pulses_since_metrics += 1
+        self._energy_since_metrics += energy_uj
+        if flags & PULSE_RECORD:
+            self._record_pulse(pulse_no, t_us, energy_uj)
+
+    def _on_chunk_end(self) -> None:
+        """A received chunk is handed over: its pulses go to the log's writer in one piece."""
+        if self.sessionlog is not None:
+            self.sessionlog.release_pulses()
+
     def _on_event(self, seq: int, message: Message) -> None:
         kind = type(message)
-        core = self.core
-        if kind is Pulse:
+        if kind is Pulse:  # only from a link without the fast path
             pulse: Pulse = message  # type: ignore[assignment]
-            flags = core.on_pulse(pulse.pulse_no, pulse.t_us, pulse.energy_uj)
-            if flags & PULSE_STOP:
-                self.link.stop_now()  # type: ignore[union-attr]
-            if flags & PULSE_FOLLOW:
-                self._carry_out(core.take_effects())
-            self._pulses_since_metrics += 1
-            self._energy_since_metrics += pulse.energy_uj
-            if flags & PULSE_RECORD:
-                self._record_pulse(pulse)
+            self._on_pulse(seq, pulse.pulse_no, pulse.t_us, pulse.energy_uj)
+            self._on_chunk_end()
             return
+        core = self.core
         if kind is StatusEvent:
             self._on_status(message)  # type: ignore[arg-type]
         elif kind is FaultEvent:
@@ -502,18 +518,16 @@ class Daemon:
         elif kind is Boot:
             self._carry_out(core.on_boot(message.reason))  # type: ignore[attr-defined]
 
-    def _record_pulse(self, pulse: Pulse) -> None:
+    def _record_pulse(self, pulse_no: int, t_us: int, energy_uj: int) -> None:
         ledger = self.core.ledger  # PULSE_RECORD: a session is open, charged to ledger.zone_key
         assert ledger is not None
         session, zone = ledger.id, ledger.zone_key
-        if self.sessionlog is not None:
-            self.sessionlog.record_pulse(
-                session, pulse.pulse_no, pulse.t_us, time.time_ns(), pulse.energy_uj, zone
+        if self.sessionlog is not None:  # handed to the writer at the chunk's end, in order
+            self.sessionlog.record_pulse_held(
+                session, pulse_no, t_us, time.time_ns(), energy_uj, zone
             )
         if self.telemetry is not None:
-            self.telemetry.offer_pulse(
-                pulse.pulse_no, pulse.t_us, pulse.energy_uj, zone, str(session)
-            )
+            self.telemetry.offer_pulse(pulse_no, t_us, energy_uj, zone, str(session))
 
     def _on_reply(self, command: int, reply: Message) -> None:
         """Every command's reply, synchronously, in wire order: the core flips "armed" and the
@@ -1088,6 +1102,7 @@ class Daemon:
             ),
             "request_in_progress": core.busy,
             "log_ok": bool(self.sessionlog and self.sessionlog.healthy),
+            "log_commits": self.sessionlog.commit_stats() if self.sessionlog else None,
             "sim_control": str(self.sim_control) if self.sim_control else None,
             "link": link.stats if link else {},
             "realtime": scheduling(),
@@ -1181,6 +1196,7 @@ class Daemon:
     def _publish_metrics(self, rate_hz: float, avg_power_w: float) -> None:
         status = self.core.status
         counters = self.link.stats if self.link else {}
+        commits = self.sessionlog.commit_stats() if self.sessionlog else {}
         self._telemetry(
             lambda t: t.publish_metrics(
                 rate_hz=rate_hz,
@@ -1188,6 +1204,8 @@ class Daemon:
                 skin_temp_c=status.skin_temp_cdeg / 100 if status else None,
                 head_temp_c=status.head_temp_cdeg / 100 if status else None,
                 counters=counters,
+                log_commits_per_s=commits.get("commits_per_s"),
+                log_commit_p99_ms=commits.get("commit_delay_p99_ms"),
             )
         )
         summary = self._session_summary()

@@ -42,6 +42,12 @@ Events (PULSE, STATUS, FAULT, INPUT, BOOT) are handed synchronously, in wire ord
 or allocated there beyond the decoded frame. A handler that raises is a bug the laser cannot be
 supervised through: the link logs it and calls :meth:`DeviceLink.stop_now`. Lost events are counted
 from gaps in the 8-bit event SEQ (BOOT restarts it at 0; the first event of a connection sets it).
+
+The PULSE fast path (issue 16): given ``on_pulse(seq, pulse_no, t_us, energy_uj)``, PULSE events go
+there as plain ints, decoded without a ``Pulse`` or ``Frame`` object each, in the same place in wire
+order (every other event still goes to ``on_event``, every reply to ``on_reply``); and
+``on_chunk_end()`` runs once after each received chunk's frames have all been handed over (also
+when a handler raised), so a caller can hand a chunk's pulses on in one piece.
 """
 
 from __future__ import annotations
@@ -60,11 +66,11 @@ from structlog.typing import FilteringBoundLogger
 from devicectl.errors import DevicectlError, DeviceRefused, LinkError, LinkLost
 from drivers import Transport, TransportError, TransportFactory
 from protocols import (
-    NEED_DATA,
     PROTO_VERSION,
     Ack,
     Boot,
     Command,
+    Frame,
     GetStatus,
     Heartbeat,
     Hello,
@@ -74,6 +80,7 @@ from protocols import (
     MessageType,
     Nak,
     NakReason,
+    RawPulse,
     Reply,
     SetReporting,
     StatusEvent,
@@ -92,12 +99,15 @@ __all__ = [
     "EventHandler",
     "LinkLostHandler",
     "ProtocolMismatch",
+    "PulseHandler",
     "ReplyHandler",
     "SupersededByStop",
     "backoff_delay",
 ]
 
 EventHandler = Callable[[int, Message], None]
+# (event SEQ, pulse_no, t_us, energy_uj): the PULSE fast path, plain ints, in wire order.
+PulseHandler = Callable[[int, int, int, int], None]
 # (command TYPE, its reply): called synchronously, in wire order, before the caller resumes.
 ReplyHandler = Callable[[int, Message], None]
 LinkLostHandler = Callable[[str], None]
@@ -196,6 +206,8 @@ class DeviceLink:
         on_reply: ReplyHandler | None = None,
         on_link_lost: LinkLostHandler | None = None,
         on_connected: ConnectedHandler | None = None,
+        on_pulse: PulseHandler | None = None,
+        on_chunk_end: Callable[[], None] | None = None,
         status_period_ms: int = DEFAULT_STATUS_PERIOD_MS,
         reply_timeout: float = REPLY_TIMEOUT_S,
         max_sends: int = MAX_SENDS,
@@ -212,6 +224,8 @@ class DeviceLink:
         self._on_reply_hook: ReplyHandler | None = on_reply
         self._on_link_lost = on_link_lost
         self._on_connected = on_connected
+        self._on_pulse = on_pulse
+        self._on_chunk_end = on_chunk_end
         self.status_period_ms = status_period_ms
         self._reply_timeout = reply_timeout
         self._max_sends = max_sends
@@ -225,7 +239,7 @@ class DeviceLink:
         self.connected = asyncio.Event()
 
         self._transport: Transport | None = None
-        self._codec = HostCodec()
+        self._codec = HostCodec(raw_pulses=on_pulse is not None)
         self._codec_totals: dict[str, int] = {}
         self._seq = 0
         self._pending: _Pending | None = None
@@ -500,11 +514,39 @@ class DeviceLink:
     def _on_data(self, data: bytes) -> None:
         codec = self._codec
         codec.receive_data(data)
+        items = codec.take()
+        if not items:
+            return
+        try:
+            self._hand_over(items)
+        finally:
+            if self._on_chunk_end is not None:
+                try:
+                    self._on_chunk_end()
+                except Exception:  # noqa: BLE001 - a handler bug must not end supervision unseen
+                    self.handler_errors += 1
+                    self._log.exception("chunk_handler_failed", port=self.port)
+                    self.stop_now()
+
+    def _hand_over(self, items: list[Frame[Message] | RawPulse]) -> None:
         on_event = self._on_event
-        while True:
-            frame = codec.next_event()
-            if frame is NEED_DATA:
-                return
+        on_pulse = self._on_pulse
+        for item in items:
+            if type(item) is tuple:  # a PULSE, plain ints (on_pulse is set)
+                seq, pulse_no, t_us, energy_uj = item  # type: ignore[misc]
+                self.frames_events += 1
+                expected = self._next_event_seq
+                if expected >= 0 and seq != expected:
+                    self.lost_events += (seq - expected) & 0xFF
+                self._next_event_seq = (seq + 1) & 0xFF
+                try:
+                    on_pulse(seq, pulse_no, t_us, energy_uj)  # type: ignore[misc]
+                except Exception:  # noqa: BLE001 - a handler bug must not end supervision unseen
+                    self.handler_errors += 1
+                    self._log.exception("event_handler_failed", port=self.port, seq=seq)
+                    self.stop_now()
+                continue
+            frame: Frame[Message] = item  # type: ignore[assignment]
             seq = frame.seq
             message = frame.message
             if message.TYPE < _EVENT_MIN_TYPE:
@@ -687,7 +729,7 @@ class DeviceLink:
         if transport is not None:
             self._fail_pending(LinkLost(f"link to {self.port} closed"))
             self._codec_totals = self._codec_sum()
-            self._codec = HostCodec()
+            self._codec = HostCodec(raw_pulses=self._on_pulse is not None)
             transport.close()
             await transport.wait_closed()
 

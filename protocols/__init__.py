@@ -3,7 +3,15 @@
 Nothing here does I/O, reads a clock or imports asyncio: bytes in, events out.
 """
 
-from protocols.codec import NEED_DATA, BadCommand, DeviceCodec, Frame, HostCodec, NeedData
+from protocols.codec import (
+    NEED_DATA,
+    BadCommand,
+    DeviceCodec,
+    Frame,
+    HostCodec,
+    NeedData,
+    RawPulse,
+)
 from protocols.errors import (
     DevicectlError,
     LocalProtocolError,
@@ -96,6 +104,7 @@ __all__ = [
     "NeedData",
     "ProtocolError",
     "Pulse",
+    "RawPulse",
     "RemoteProtocolError",
     "Reply",
     "SetParams",

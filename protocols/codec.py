@@ -5,9 +5,13 @@ Bytes go in with ``receive_data()``; decoded frames come out of ``next_event()``
 to write. No asyncio, no sockets, no clocks.
 
 The host end (:class:`HostCodec`) accepts replies and events and drops, and counts, anything else:
-a reply or event of the wrong length, a TYPE it does not know. The device end (:class:`DeviceCodec`)
-accepts commands; a command whose payload has the wrong length, or a TYPE that is no command, comes
-out as a :class:`BadCommand` so that the device can answer NAK BAD_LENGTH or NAK UNKNOWN_TYPE.
+a reply or event of the wrong length, a TYPE it does not know. With ``raw_pulses=True`` a PULSE
+comes out as a plain tuple ``(seq, pulse_no, t_us, energy_uj)`` of ints, in its place among the
+other frames, rather than as a ``Frame`` holding a :class:`~protocols.messages.Pulse`: the receive
+path at thousands of pulses a second builds no objects per pulse beyond that tuple (issue 16).
+The device end (:class:`DeviceCodec`) accepts commands; a command whose payload has the wrong
+length, or a TYPE that is no command, comes out as a :class:`BadCommand` so that the device can
+answer NAK BAD_LENGTH or NAK UNKNOWN_TYPE.
 
     >>> host = HostCodec()
     >>> host.send(1, Hello()).hex(" ")
@@ -30,7 +34,9 @@ from protocols.messages import (
     Command,
     Ident,
     Message,
+    MessageType,
     NakReason,
+    Pulse,
     expected_length,
 )
 
@@ -41,6 +47,7 @@ __all__ = [
     "Frame",
     "HostCodec",
     "NeedData",
+    "RawPulse",
 ]
 
 
@@ -96,17 +103,38 @@ class _Codec:
         return encode_frame(seq, message.TYPE, message.payload())
 
 
-class HostCodec(_Codec):
-    """The host's end: encodes commands, decodes replies and events."""
+# A PULSE body: SEQ, TYPE, pulse_no u32, t_us u32, energy_uj u32.
+_PULSE_TYPE: Final = int(MessageType.PULSE)
+_PULSE_BODY: Final = 2 + Pulse.STRUCT.size
+_PULSE_UNPACK: Final = Pulse.STRUCT.unpack_from
 
-    __slots__ = ()
+RawPulse = tuple[int, int, int, int]  # (seq, pulse_no, t_us, energy_uj)
+
+
+class HostCodec(_Codec):
+    """The host's end: encodes commands, decodes replies and events. ``raw_pulses``: PULSE frames
+    come out as :data:`RawPulse` tuples of plain ints (see the module's docstring)."""
+
+    __slots__ = ("_raw_pulses",)
+
+    def __init__(self, *, raw_pulses: bool = False) -> None:
+        super().__init__()
+        self._raw_pulses = raw_pulses
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         events = self._events
         counters = self._reader.counters
         fixed = _FIXED_INBOUND
+        raw = self._raw_pulses
+        unpack_pulse = _PULSE_UNPACK
         for body in self._reader.feed(data):
             type_ = body[1]
+            if raw and type_ == _PULSE_TYPE:
+                if len(body) != _PULSE_BODY:
+                    counters.bad_length += 1
+                    continue
+                events.append((body[0], *unpack_pulse(body, 2)))
+                continue
             decoder = fixed.get(type_)
             if decoder is not None:  # every inbound TYPE but IDENT: one size, one struct
                 fixed_cls, size, unpack_from = decoder
@@ -131,8 +159,14 @@ class HostCodec(_Codec):
         return NEED_DATA
 
     def events(self) -> list[Frame[Message]]:
-        """Every frame waiting, oldest first."""
+        """Every frame waiting, oldest first (without ``raw_pulses``; with it, :meth:`take`)."""
         out: list[Frame[Message]] = list(self._events)  # type: ignore[arg-type]
+        self._events.clear()
+        return out
+
+    def take(self) -> list[Frame[Message] | RawPulse]:
+        """Every frame waiting, oldest first, PULSEs as :data:`RawPulse` with ``raw_pulses``."""
+        out: list[Frame[Message] | RawPulse] = list(self._events)  # type: ignore[arg-type]
         self._events.clear()
         return out
 

@@ -250,6 +250,8 @@ class MetricsPayload(Envelope):
     skin_temp_c: float | None = None
     head_temp_c: float | None = None
     counters: dict[str, int] = Field(default_factory=dict)
+    log_commits_per_s: Annotated[int, Field(ge=0)] | None = None
+    log_commit_p99_ms: Annotated[float, Field(ge=0)] | None = None
 
 
 class AlertPayload(Envelope):

@@ -36,6 +36,13 @@ STATUS: dict[str, Any] = {
     "energy_by_zone_uj": {"forehead": 1441200},
     "breach_latched": None,
     "log_ok": True,
+    "log_commits": {
+        "commit_interval_ms": 10,
+        "commits": 420,
+        "commits_per_s": 97,
+        "commit_delay_p50_ms": 7.1,
+        "commit_delay_p99_ms": 13.4,
+    },
     "sim_control": "devicectl-sim.sock",
     "link": {"frames": 5000, "dropped": 0, "retries": 1, "reconnects": 0, "naks": 0},
 }
@@ -58,6 +65,7 @@ def test_status_on_a_terminal_is_a_panel_of_sentences() -> None:
         "head 29.50 °C, skin 32.10 °C",
         "1, forehead, 240 pulses",
         "forehead 1.441 J",
+        "97 commits/s (at most one per 10 ms), commit p99 13.4 ms",
         "5,000 frames, 0 dropped, 1 retries",
     ):
         assert words in text, (words, text)

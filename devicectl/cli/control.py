@@ -234,7 +234,16 @@ def status_panel(status: dict[str, Any]) -> Panel:
         if breach
         else "none",
     )
-    grid.add_row("session log", "ok" if status.get("log_ok") else "[red]NOT WRITABLE[/]")
+    log_state = "ok" if status.get("log_ok") else "[red]NOT WRITABLE[/]"
+    commits = status.get("log_commits")
+    if commits:  # a daemon before issue 16 sends none
+        p99 = commits.get("commit_delay_p99_ms")
+        log_state += (
+            f", {commits.get('commits_per_s', 0)} commits/s (at most one per "
+            f"{commits.get('commit_interval_ms', 0):g} ms)"
+            + (f", commit p99 {p99:g} ms" if p99 is not None else "")
+        )
+    grid.add_row("session log", log_state)
     counters = status.get("link") or {}
     if counters:
         grid.add_row(

@@ -8,14 +8,18 @@
 
 No call made on the daemon's thread touches the disk or hashes anything, except :meth:`open`,
 :meth:`flush` and :meth:`close` (start-up and shut-down; use :meth:`flush_async` / :meth:`aclose`
-from a running loop). The writer commits whatever has queued up while the previous commit ran, so
-the delay from a pulse's arrival to its commit is one commit's time (well under 50 ms).
+from a running loop). The writer commits whatever has queued up, at most once per
+``commit_interval_s`` (group commit: each commit is still durable, ``synchronous=FULL``; the
+interval bounds the ``fdatasync`` calls per second, ~1/``commit_interval_s``, whatever the pulse
+rate), so the delay from a pulse's arrival to its commit is at most the interval plus one commit's
+time (well under 50 ms with the default 10 ms). :attr:`commits` and :meth:`commit_stats` count them.
 
 No log, no laser: the daemon learns that the log cannot be written from
 - ``on_unavailable(exc)``, called once, *on the writer thread* (hand it to the loop with
   ``loop.call_soon_threadsafe``), and
-- :attr:`healthy` / :attr:`failure` (attribute reads, safe to poll from the loop; a commit stuck
-  for more than ``stall_timeout_s`` also counts), or :meth:`check`, which raises the
+- :attr:`healthy` / :attr:`failure` (attribute reads, safe to poll from the loop; a record the
+  writer has held uncommitted for more than ``stall_timeout_s`` also counts — the group-commit
+  wait included, so the deadline is per pulse, not per commit), or :meth:`check`, which raises the
   :class:`~devicectl.errors.LogUnavailable` with its one-line cause.
 A failure latches for the life of the object: reopen the log, then :meth:`recover_interrupted`
 reconciles with the device's pulse counter, so pulses fired meanwhile are charged, not lost.
@@ -81,7 +85,12 @@ from devicectl.sessionlog.model import (
     spot_area_cm2,
 )
 
-__all__ = ["Recovery", "SessionLog"]
+__all__ = ["DEFAULT_COMMIT_INTERVAL_S", "Recovery", "SessionLog"]
+
+# Group commit: at most one commit (one fdatasync of the WAL-less journal) per this many seconds.
+# benchmarks/cpu.py: 10 ms takes the writer from ~1,000 commits/s to <= 100 at any pulse rate.
+DEFAULT_COMMIT_INTERVAL_S = 0.010
+_DELAYS_KEPT = 1024  # per-commit delays kept for commit_stats() (a ring, newest overwrites)
 
 _NS_PER_DAY = 86_400 * 10**9
 _EVENT_KIND_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.")
@@ -221,6 +230,7 @@ class SessionLog:
         status_interval_ns: int,
         idle_status_interval_ns: int,
         stall_timeout_s: float,
+        commit_interval_s: float,
         signing: _SigningState,
         on_checkpoint: Callable[[Checkpoint], object] | None,
         checkpoint_every: int,
@@ -237,8 +247,10 @@ class SessionLog:
         self._status_interval_ns = status_interval_ns
         self._idle_status_interval_ns = idle_status_interval_ns
         self._stall_timeout_s = stall_timeout_s
+        self._commit_interval_s = commit_interval_s
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._put = self._queue.put
+        self._held: list[tuple[int, int, int, int, int, str]] = []  # record_pulse_held's, in order
         # Caller-side state (the daemon's thread only).
         self._courses = state.courses
         self._next_session_id = state.next_session_id
@@ -261,6 +273,11 @@ class SessionLog:
         self._busy_since: float | None = None
         self.committed_pulse_no = state.last_pulse_no
         self.dropped = 0  # items discarded after a failure
+        self.commits = 0  # transactions committed (each one fdatasync, synchronous=FULL)
+        self._second = (0, 0)  # (monotonic second, commits in it), replaced whole
+        self._last_second = (0, 0)  # the previous such pair
+        self._delays_ms = [0.0] * _DELAYS_KEPT  # oldest pulse of a commit: host stamp to durable
+        self._delays_n = 0
         # Checkpoints (writer thread; set_device assigns a whole attribute from the loop).
         self._key: keys.DeviceKey | None = None
         self._next_key: keys.DeviceKey | None = None
@@ -297,6 +314,7 @@ class SessionLog:
         status_interval_s: float = 1.0,
         idle_status_interval_s: float = 60.0,
         stall_timeout_s: float = 2.0,
+        commit_interval_s: float = DEFAULT_COMMIT_INTERVAL_S,
         signing_key: keys.DeviceKey | keys.KeySource | None = None,
         device: str | None = None,
         on_checkpoint: Callable[[Checkpoint], object] | None = None,
@@ -309,6 +327,8 @@ class SessionLog:
         Raises :class:`LogUnavailable` naming the cause when the file cannot be opened or written.
         ``on_commit(pulses, last_pulse_no)`` runs on the writer thread after each commit.
         ``synchronous`` is SQLite's: FULL (default) makes every commit durable at power loss.
+        ``commit_interval_s`` is the group-commit interval: commits start at least that far apart
+        (0: as fast as the disk allows); it must be below ``stall_timeout_s``, the deadline.
 
         ``signing_key`` (a key, or where to find or create one; see
         :mod:`devicectl.sessionlog.keys`) turns checkpoints on; they are signed for ``device``
@@ -316,6 +336,11 @@ class SessionLog:
         :meth:`set_device` once it is known). Raises
         :class:`~devicectl.sessionlog.keys.SigningKeyError` when the key cannot be read or made.
         """
+        if not 0 <= commit_interval_s < stall_timeout_s:
+            raise ValueError(
+                f"commit interval {commit_interval_s:g} s must be at least 0 and below the stall "
+                f"timeout ({stall_timeout_s:g} s)"
+            )
         key: keys.DeviceKey | None = None
         pending: keys.DeviceKey | None = None
         source: keys.KeySource | None = None
@@ -369,6 +394,7 @@ class SessionLog:
             status_interval_ns=int(status_interval_s * 1e9),
             idle_status_interval_ns=int(idle_status_interval_s * 1e9),
             stall_timeout_s=stall_timeout_s,
+            commit_interval_s=commit_interval_s,
             signing=signing,
             on_checkpoint=on_checkpoint,
             checkpoint_every=checkpoint_every,
@@ -395,8 +421,8 @@ class SessionLog:
         if self._closed:
             return
         self._closed = True
-        self._put(_Marker(done=_nothing, checkpoint="shutdown"))
-        self._put(_Marker(done=lambda: None, stop=True))
+        self._put_in_order(_Marker(done=_nothing, checkpoint="shutdown"))
+        self._put_in_order(_Marker(done=lambda: None, stop=True))
         self._thread.join()
         self._log.info("session_log_closed", path=str(self.path), records=self._seq)
 
@@ -454,7 +480,7 @@ class SessionLog:
         if self._closed or not self._thread.is_alive():
             self.check()
             raise LogUnavailable(f"session log {self.path} is closed")
-        self._put(marker)
+        self._put_in_order(marker)
 
     # ── signed checkpoints ───────────────────────────────────────────────────────────────────
 
@@ -484,7 +510,7 @@ class SessionLog:
             # introduced at the first checkpoint, asked for now, signed by ``key`` (deferred,
             # like any checkpoint, until the device id is known)
             self._next_key = pending
-            self._put(_Marker(done=_nothing, checkpoint="key_rotation"))
+            self._put_in_order(_Marker(done=_nothing, checkpoint="key_rotation"))
 
     def _introduce(self, key: keys.DeviceKey, how: str, previous: str | None) -> None:
         body = {
@@ -585,7 +611,7 @@ class SessionLog:
         """Why the log cannot be written, or ``None``. Cheap; poll it from the loop."""
         if self._failure is not None:
             return self._failure
-        busy = self._busy_since
+        busy = self._busy_since  # the oldest record the writer holds uncommitted, since then
         if busy is not None and time.monotonic() - busy > self._stall_timeout_s:
             return LogUnavailable(
                 f"session log {self.path}: a commit has been stuck for more than "
@@ -854,7 +880,7 @@ class SessionLog:
             "note": note,
         }
         self._record(session_id, "session_ended", body, now)
-        self._put(_Marker(done=_nothing, checkpoint="session_end"))
+        self._put_in_order(_Marker(done=_nothing, checkpoint="session_end"))
         self._live = None
         self._mark_delivered(session_id, summary)
         self._log.info("session_ended", session_id=session_id, pulses=live.pulses)
@@ -980,7 +1006,39 @@ class SessionLog:
     ) -> None:
         """One PULSE event. Constant time, no I/O, no hashing, never raises: a queue append and
         the live totals. Committed within one group commit."""
-        self._put((session_id, pulse_no, t_us, host_time_ns, energy_uj, zone))
+        self._put_in_order((session_id, pulse_no, t_us, host_time_ns, energy_uj, zone))
+        self._count_pulse(session_id, pulse_no, energy_uj, zone)
+
+    def record_pulse_held(
+        self,
+        session_id: int,
+        pulse_no: int,
+        t_us: int,
+        host_time_ns: int,
+        energy_uj: int,
+        zone: str,
+    ) -> None:
+        """:meth:`record_pulse`, held back with the others of the same received chunk until
+        :meth:`release_pulses` hands them to the writer in one piece (one queue hand-off per chunk,
+        not per pulse). Anything else recorded meanwhile releases them first: the chain's order
+        is the order of the calls. The caller must call :meth:`release_pulses` at the chunk's end
+        (the stall deadline starts once the writer holds them)."""
+        self._held.append((session_id, pulse_no, t_us, host_time_ns, energy_uj, zone))
+        self._count_pulse(session_id, pulse_no, energy_uj, zone)
+
+    def release_pulses(self) -> None:
+        """Hand the pulses held by :meth:`record_pulse_held` to the writer. Cheap when none are."""
+        held = self._held
+        if held:
+            self._held = []
+            self._put(held)
+
+    def _put_in_order(self, item: object) -> None:
+        if self._held:
+            self.release_pulses()
+        self._put(item)
+
+    def _count_pulse(self, session_id: int, pulse_no: int, energy_uj: int, zone: str) -> None:
         self._last_pulse_no = pulse_no
         live = self._live
         if live is not None and live.session_id == session_id:
@@ -1150,7 +1208,9 @@ class SessionLog:
                 "counter_mismatch": mismatch,
             }
             self._record(stale, "recovery", body, now)
-            self._put(_Marker(done=_nothing, checkpoint="session_end"))  # witnessed at once
+            self._put_in_order(
+                _Marker(done=_nothing, checkpoint="session_end")
+            )  # witnessed at once
         self._last_pulse_no = device_pulse_count
         self._stale_session = self._stale_summary = None
         if stale is not None or unlogged or mismatch:
@@ -1171,12 +1231,14 @@ class SessionLog:
                 "session_id", session_id, f"a session id (from {MIN_SESSION_ID}) or None"
             )
         at = self._clock() if at_ns is None else at_ns
-        self._put(_Record(session_id, kind, at, _canonical_json(body)))
+        self._put_in_order(_Record(session_id, kind, at, _canonical_json(body)))
 
     # ── the writer thread ────────────────────────────────────────────────────────────────────
 
     def _run(self) -> None:
         get, get_nowait = self._queue.get, self._queue.get_nowait
+        interval = self._commit_interval_s
+        next_commit = 0.0  # monotonic: no commit starts before it (group commit)
         stopping = False
         try:
             while not stopping:
@@ -1190,6 +1252,15 @@ class SessionLog:
                         batch = [_Marker(done=_nothing, checkpoint="periodic")]
                         # next try then, if it cannot be made now (no device id yet): no spin
                         self._checkpoint_due = time.monotonic() + self._checkpoint_interval()
+                # The deadline runs from here: what was taken waits for the interval, then commits.
+                taken = time.monotonic()
+                self._busy_since = taken
+                if taken < next_commit:
+                    time.sleep(next_commit - taken)
+                    start = time.monotonic()
+                else:
+                    start = taken
+                next_commit = start + interval
                 try:
                     while len(batch) < 100_000:
                         batch.append(get_nowait())
@@ -1200,8 +1271,13 @@ class SessionLog:
                         self._commit(batch)
                     except Exception as exc:  # noqa: BLE001 - any failure means no log
                         self._fail(exc)
+                self._busy_since = None
                 if self._failure is not None:
-                    self.dropped += sum(1 for item in batch if type(item) is not _Marker)
+                    self.dropped += sum(
+                        len(item) if type(item) is list else 1
+                        for item in batch
+                        if type(item) is not _Marker
+                    )
                 for item in batch:
                     if type(item) is _Marker:
                         stopping = stopping or item.stop
@@ -1223,6 +1299,14 @@ class SessionLog:
                 prev = pulse_hash(prev, seq, session_id, pulse_no, t_us, host_ns, energy_uj, zone)
                 pulses.append((seq, session_id, pulse_no, t_us, host_ns, energy_uj, zone, prev))
                 last_pulse_no = pulse_no
+            elif type(item) is list:  # one received chunk's pulses (record_pulse_held)
+                for session_id, pulse_no, t_us, host_ns, energy_uj, zone in item:
+                    seq += 1
+                    prev = pulse_hash(
+                        prev, seq, session_id, pulse_no, t_us, host_ns, energy_uj, zone
+                    )
+                    pulses.append((seq, session_id, pulse_no, t_us, host_ns, energy_uj, zone, prev))
+                    last_pulse_no = pulse_no
             elif type(item) is _Record:
                 seq += 1
                 prev = record_hash(prev, seq, item.session_id, item.at_ns, item.kind, item.body)
@@ -1238,30 +1322,27 @@ class SessionLog:
         if not (pulses or records):
             return
         conn = self._conn
-        self._busy_since = time.monotonic()
+        conn.execute("BEGIN")
         try:
-            conn.execute("BEGIN")
-            try:
-                if pulses:
-                    conn.executemany(
-                        "INSERT INTO pulses (seq, session_id, pulse_no, t_us, host_ns, energy_uj, "
-                        "zone, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        pulses,
-                    )
-                if records:
-                    conn.executemany(
-                        "INSERT INTO records (seq, session_id, kind, at_ns, body, hash) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
-                        records,
-                    )
-                conn.execute("UPDATE chain_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        finally:
-            self._busy_since = None
+            if pulses:
+                conn.executemany(
+                    "INSERT INTO pulses (seq, session_id, pulse_no, t_us, host_ns, energy_uj, "
+                    "zone, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    pulses,
+                )
+            if records:
+                conn.executemany(
+                    "INSERT INTO records (seq, session_id, kind, at_ns, body, hash) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    records,
+                )
+            conn.execute("UPDATE chain_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self._counted(pulses[0][4] if pulses else None)
         self._seq, self._prev = seq, prev
         if last_pulse_no is not None:
             self.committed_pulse_no = last_pulse_no
@@ -1280,6 +1361,43 @@ class SessionLog:
             except Exception:  # noqa: BLE001 - committed is committed; a broken hook is not a failure
                 self._log.exception("session_log_commit_hook_failed")
         self._log.debug("session_log_committed", pulses=len(pulses), records=len(records), seq=seq)
+
+    def _counted(self, oldest_host_ns: int | None) -> None:
+        """A commit is durable: count it, and how long its oldest pulse waited (writer thread)."""
+        self.commits += 1
+        second = int(time.monotonic())
+        current = self._second
+        if current[0] == second:
+            self._second = (second, current[1] + 1)
+        else:
+            self._last_second, self._second = current, (second, 1)
+        if oldest_host_ns is not None:
+            n = self._delays_n
+            self._delays_ms[n % _DELAYS_KEPT] = (time.time_ns() - oldest_host_ns) / 1e6
+            self._delays_n = n + 1
+
+    @property
+    def commits_per_s(self) -> int:
+        """Commits (fdatasync calls) in the last whole second. Cheap; any thread."""
+        now = int(time.monotonic())
+        for second, count in (self._second, self._last_second):
+            if second == now - 1:
+                return count
+        return 0
+
+    def commit_stats(self) -> dict[str, Any]:
+        """The group commit, for ``status`` and metrics: the interval, commits in all and in the
+        last second, and over the last commits (up to 1,024) the p50/p99 of how long the oldest
+        pulse of each waited from its host time stamp until it was durable."""
+        n = min(self._delays_n, _DELAYS_KEPT)
+        delays = sorted(self._delays_ms[:n])  # a slice is one atomic copy
+        return {
+            "commit_interval_ms": round(self._commit_interval_s * 1000, 3),
+            "commits": self.commits,
+            "commits_per_s": self.commits_per_s,
+            "commit_delay_p50_ms": round(delays[n // 2], 2) if n else None,
+            "commit_delay_p99_ms": round(delays[min(n - 1, n * 99 // 100)], 2) if n else None,
+        }
 
     def _checkpoints_committed(self, made: list[tuple[Checkpoint, keys.DeviceKey | None]]) -> None:
         for checkpoint, introduced in made:

@@ -395,6 +395,8 @@ class Telemetry:
         skin_temp_c: float | None = None,
         head_temp_c: float | None = None,
         counters: Mapping[str, int] | None = None,
+        log_commits_per_s: int | None = None,
+        log_commit_p99_ms: float | None = None,
     ) -> None:
         """Send a ``metrics`` message if connected (QoS 0, expiry 10 s); dropped when offline."""
         if not self._connected or self._outbox is None or not self._running:
@@ -408,6 +410,8 @@ class Telemetry:
             skin_temp_c=skin_temp_c,
             head_temp_c=head_temp_c,
             counters=dict(counters or {}),
+            log_commits_per_s=log_commits_per_s,
+            log_commit_p99_ms=log_commit_p99_ms,
         )
         if len(self._live) == self._live.maxlen:
             self._counts["live_dropped"] += 1

@@ -47,6 +47,7 @@ def test_defaults_without_a_file(tmp_path: Path) -> None:
     settings = load_settings(None)
     assert settings.port == "sim" and settings.baudrate == 115200
     assert settings.status_period_ms == 100 and settings.policy is None
+    assert settings.log_commit_interval_ms == 10
     assert settings.data_dir == tmp_path / "data" / "devicectl"
     assert settings.control == tmp_path / "run" / "devicectl.sock"
     assert settings.mqtt.url is None and settings.mqtt.prefix == "lasers"
@@ -94,6 +95,8 @@ def test_environment_overrides_the_file_and_flags_override_both(
         ({"baudrate": 5}, "baudrate", 5, "9600 to 921600"),
         ({"baudrate": 1_000_000}, "baudrate", 1_000_000, "9600 to 921600"),
         ({"status_period_ms": 5}, "status_period_ms", 5, "10 to 10000"),
+        ({"log_commit_interval_ms": 2000}, "log_commit_interval_ms", 2000, "0 to 1000"),
+        ({"log_commit_interval_ms": -1}, "log_commit_interval_ms", -1, "0 to 1000"),
         ({"port": "COM3"}, "port", "COM3", "socket://HOST:PORT"),
         ({"port": "socket://localhost"}, "port", "socket://localhost", "port"),
         ({"log_level": "loud"}, "log_level", "loud", "debug, info"),

@@ -25,6 +25,9 @@ async def test_status_describes_device_and_session(driver: Driver) -> None:
     assert status["armed"] is False
     assert status["session"] is None
     assert status["log_ok"] is True
+    commits = status["log_commits"]  # group commit, shown in status (issue 16)
+    assert commits["commit_interval_ms"] == 10 and commits["commits"] >= 1
+    assert commits["commits_per_s"] >= 0
 
 
 @pytest.mark.parametrize(

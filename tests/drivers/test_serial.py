@@ -208,3 +208,24 @@ async def test_link_over_socket_reconnects_when_the_board_returns() -> None:
         await board.stop()
     assert lost == [f"serial port {url} vanished: closed by the peer"]
     assert board.hellos == 2
+
+
+async def test_pty_keeps_order_for_writes_larger_than_the_tty_takes_at_once() -> None:
+    """The tty path writes with os.write: what the kernel cannot take waits, in order."""
+    with raw_pty() as (master, path):
+        os.set_blocking(master, False)
+        received: list[bytes] = []
+        port = await open_serial(path, on_data=received.append, on_lost=lambda _e: None)
+        big = bytes(i % 251 for i in range(200_000))
+        port.write(big[:150_000])
+        port.write(big[150_000:])  # queued behind the first
+        assert await read_master(master, len(big)) == big
+        sent = bytes(i % 241 for i in range(20_000))
+        for start in range(0, len(sent), 4096):
+            os.write(master, sent[start : start + 4096])
+            await asyncio.sleep(0)
+        await until(lambda: sum(map(len, received)) >= len(sent))
+        assert b"".join(received) == sent
+        port.close()
+        await port.wait_closed()
+        assert not port.is_open

@@ -557,3 +557,77 @@ async def test_a_reply_of_the_wrong_kind_for_the_command_in_flight_is_ignored() 
         device.transport.write(device.codec.send(seq, Ack(Arm.TYPE)))  # the real answer
         assert await arm == Ack(Arm.TYPE)
         assert link.stats["stale_replies"] == 2
+
+
+# ── the PULSE fast path (issue 16) ───────────────────────────────────────────────────────────
+
+
+async def test_fast_path_pulses_come_as_ints_in_wire_order_with_events_and_replies() -> None:
+    device = FakeDevice()
+    order: list[object] = []
+    chunks: list[int] = []
+
+    def on_pulse(seq: int, pulse_no: int, t_us: int, energy_uj: int) -> None:
+        order.append(("pulse", seq, pulse_no, t_us, energy_uj))
+
+    def on_event(seq: int, message: Message) -> None:
+        order.append(("event", seq, type(message).__name__))
+
+    def on_reply(command: int, reply: Message) -> None:
+        order.append(("reply", MessageType(command).name, type(reply).__name__))
+
+    async with running(
+        device,
+        on_event=on_event,
+        on_pulse=on_pulse,
+        on_reply=on_reply,
+        on_chunk_end=lambda: chunks.append(len(order)),
+    ) as (link, _):
+        original = device._reply
+
+        def pulse_reply_pulse(seq: int, type_: int, reply: Message) -> None:
+            if type_ == Arm.TYPE:
+                device.send_event(Pulse(7, 70, 1000))
+            original(seq, type_, reply)
+            if type_ == Arm.TYPE:
+                device.send_event(Pulse(8, 80, 1000))
+
+        device._reply = pulse_reply_pulse  # type: ignore[method-assign]
+        order.clear()
+        device.send_event(Pulse(1, 100, 1000), seq=5)
+        device.send_event(InputEvent(1, 0))  # 6
+        device.send_event(Pulse(2, 200, 1001), seq=9)  # 7, 8 lost
+        await until(lambda: len(order) == 3)
+        await link.request(Arm(250))
+        await until(lambda: len(order) == 6)
+        stats = link.stats
+    assert order == [
+        ("pulse", 5, 1, 100, 1000),
+        ("event", 6, "InputEvent"),
+        ("pulse", 9, 2, 200, 1001),
+        ("pulse", 10, 7, 70, 1000),
+        ("reply", "ARM", "Ack"),
+        ("pulse", 11, 8, 80, 1000),
+    ]
+    assert stats["lost_events"] == 2 and stats["events"] == 5
+    assert chunks and chunks[-1] == 6  # every chunk's frames, then its end
+
+
+async def test_a_raising_pulse_handler_triggers_stop_and_the_chunk_still_ends() -> None:
+    device = FakeDevice()
+    ended: list[bool] = []
+
+    def on_pulse(_seq: int, _pulse_no: int, _t_us: int, _energy_uj: int) -> None:
+        raise RuntimeError("supervisor bug")
+
+    with capture_logs() as logs:
+        async with running(device, on_pulse=on_pulse, on_chunk_end=lambda: ended.append(True)) as (
+            link,
+            _,
+        ):
+            ended.clear()
+            device.send_event(Pulse(1, 0, 1000))
+            await until(lambda: bool(device.commands(Stop.TYPE)))
+            assert link.stats["handler_errors"] == 1
+            assert ended
+    assert any(entry["event"] == "event_handler_failed" for entry in logs)

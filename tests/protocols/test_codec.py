@@ -159,3 +159,33 @@ def test_unknown_type_on_the_host_is_dropped_and_counted() -> None:
     host.receive_data(encode_frame(3, Ack.TYPE, b"\x07"))
     assert host.events() == [Frame(3, Ack(7))]
     assert host.counters.unknown_type == 2
+
+
+# ── the PULSE fast path (issue 16) ───────────────────────────────────────────────────────────
+
+
+@given(frames=st.lists(st.tuples(seqs, inbound), max_size=20), cut=st.integers(0, 400))
+def test_raw_pulses_come_out_as_plain_ints_in_wire_order_among_the_other_frames(
+    frames: list[tuple[int, Message]], cut: int
+) -> None:
+    wire = b"".join(DeviceCodec().send(seq, message) for seq, message in frames)
+    host = HostCodec(raw_pulses=True)
+    host.receive_data(wire[:cut])
+    host.receive_data(wire[cut:])
+    expected = [
+        (seq, m.pulse_no, m.t_us, m.energy_uj) if isinstance(m, Pulse) else Frame(seq, m)
+        for seq, m in frames
+    ]
+    got = host.take()
+    assert got == expected
+    assert [type(item) is tuple for item in got] == [isinstance(m, Pulse) for _, m in frames]
+    assert host.counters.dropped == 0
+
+
+def test_a_raw_pulse_of_the_wrong_length_is_dropped_and_counted() -> None:
+    host = HostCodec(raw_pulses=True)
+    host.receive_data(encode_frame(1, Pulse.TYPE, bytes(11)))
+    host.receive_data(encode_frame(2, Pulse.TYPE, bytes(13)))
+    host.receive_data(encode_frame(3, Pulse.TYPE, bytes(range(12))))
+    assert host.take() == [(3, 0x03020100, 0x07060504, 0x0B0A0908)]
+    assert host.counters.bad_length == 2

@@ -136,3 +136,116 @@ def test_the_daemon_is_told_once_through_the_callback(tmp_path: Path) -> None:
         assert str(slog.failure).startswith(f"session log {path} cannot be written: ")
     finally:
         slog.close()
+
+
+# ── group commit (issue 16) ──────────────────────────────────────────────────────────────────
+
+
+def test_group_commit_starts_commits_at_least_the_interval_apart(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.db"
+    interval = 0.03
+    commits: list[int] = []
+    began = time.monotonic()
+    with open_log(
+        path, commit_interval_s=interval, on_commit=lambda n, last: commits.append(n)
+    ) as slog:
+        sid = slog.start_session(session_info(), device_pulse_count=0).session_id
+        for pulse_no in range(1, 301):
+            slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
+            time.sleep(0.001)
+        slog.flush()
+        elapsed = time.monotonic() - began
+        stats = slog.commit_stats()
+    # however slow the machine, commits cannot start more often than once per interval
+    assert len(commits) <= elapsed / interval + 1
+    assert sum(commits) == 300
+    assert stats["commits"] >= len(commits) and stats["commit_interval_ms"] == 30
+    report = verify_log(path)
+    assert report.ok and report.pulses == 300
+    conn = connect(path, readonly=True)
+    order = [row[0] for row in conn.execute("SELECT pulse_no FROM pulses ORDER BY seq")]
+    conn.close()
+    assert order == list(range(1, 301))  # the chain keeps the order the pulses were recorded in
+
+
+def test_commit_stats_count_commits_and_the_wait_of_each(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.db"
+    commits: list[int] = []
+    with open_log(
+        path, commit_interval_s=0.01, on_commit=lambda n, last: commits.append(n)
+    ) as slog:
+        assert slog.commit_stats()["commit_delay_p99_ms"] is None  # no pulse committed yet
+        sid = slog.start_session(session_info(), device_pulse_count=0).session_id
+        for pulse_no in range(1, 51):
+            slog.record_pulse(sid, pulse_no, pulse_no * 50, time.time_ns(), 2000, "neck")
+        slog.flush()
+        stats = slog.commit_stats()
+        assert stats["commits"] == slog.commits == len(commits)
+        assert isinstance(stats["commit_delay_p99_ms"], float)
+        assert stats["commit_delay_p99_ms"] >= stats["commit_delay_p50_ms"] >= 0  # type: ignore[operator]
+        assert 0 <= slog.commits_per_s <= slog.commits
+
+
+def test_the_deadline_still_stops_the_log_with_group_commit_on(tmp_path: Path) -> None:
+    """No log, no laser, unchanged: a pulse held back by a stuck disk past the deadline makes the
+    log unhealthy, although the writer also waits out its commit interval."""
+    path = tmp_path / "sessions.db"
+    with open_log(path, stall_timeout_s=0.1, commit_interval_s=0.05) as slog:
+        sid = slog.start_session(session_info()).session_id
+        slog.flush()
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # the write lock: the writer waits, like a stuck disk
+        try:
+            slog.record_pulse(sid, 1, 0, T0, 2000, "neck")
+            deadline = time.monotonic() + 3
+            while slog.healthy and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not slog.healthy
+            assert "stuck for more than 0.1 s" in str(slog.failure)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        slog.flush()
+        assert slog.healthy
+        assert slog.committed_pulse_no == 1
+
+
+def test_a_commit_interval_at_or_beyond_the_deadline_is_refused(tmp_path: Path) -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="must be at least 0 and below the stall timeout"):
+        open_log(tmp_path / "sessions.db", stall_timeout_s=0.5, commit_interval_s=0.5)
+    with pytest.raises(ValueError, match="must be at least 0"):
+        open_log(tmp_path / "sessions.db", commit_interval_s=-0.01)
+
+
+def test_held_pulses_keep_the_order_of_the_calls_in_the_chain(tmp_path: Path) -> None:
+    """One hand-off per received chunk: anything recorded mid-chunk releases the held pulses
+    first, so the chain's order is the order of the calls."""
+    path = tmp_path / "sessions.db"
+    with open_log(path) as slog:
+        sid = slog.start_session(session_info(), device_pulse_count=0).session_id
+        slog.record_pulse_held(sid, 1, 50, T0 + 1, 2000, "neck")
+        slog.record_pulse_held(sid, 2, 100, T0 + 2, 2000, "neck")
+        slog.record_event(sid, "breach", "supervisor", {"code": "energy"})
+        slog.record_pulse_held(sid, 3, 150, T0 + 3, 2000, "neck")
+        slog.record_pulse(sid, 4, 200, T0 + 4, 2000, "neck")
+        slog.record_pulse_held(sid, 5, 250, T0 + 5, 2100, "neck")
+        slog.release_pulses()
+        slog.release_pulses()  # nothing held: nothing handed over
+        slog.flush()
+        assert slog.committed_pulse_no == 5
+        summary = slog.current_summary()
+    assert summary is not None and summary.pulses == 5
+    assert summary.energy_per_zone_uj == {"neck": 4 * 2000 + 2100}
+    conn = connect(path, readonly=True)
+    rows = conn.execute(
+        "SELECT seq, 'pulse', pulse_no FROM pulses WHERE session_id = ? UNION ALL "
+        "SELECT seq, kind, NULL FROM records WHERE session_id = ? AND kind = 'event' ORDER BY 1",
+        (sid, sid),
+    ).fetchall()
+    conn.close()
+    assert [(kind, no) for _, kind, no in rows] == [
+        ("pulse", 1), ("pulse", 2), ("event", None), ("pulse", 3), ("pulse", 4), ("pulse", 5),
+    ]  # fmt: skip
+    assert verify_log(path).ok
