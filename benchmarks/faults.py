@@ -617,6 +617,9 @@ class Campaign:
             return
         self.start_daemon()
         try:
+            # connected first: the daemon hands its messages to its telemetry worker, which
+            # queues them in the outbox in its own time, so an empty outbox alone proves nothing
+            _wait(self._telemetry_connected, 30, "the telemetry worker to connect")
             _wait(lambda: self.outbox()[1] == 0, 30, "the outbox to drain")
         except TimeoutError as exc:
             row.notes.append(str(exc))
@@ -626,6 +629,10 @@ class Campaign:
         with contextlib.suppress(TimeoutError):
             _wait(self._books_balanced, 10, "every QoS 1 message at the subscriber")
         row.tele_expected, row.tele_delivered, row.tele_pending = self.telemetry_books()
+
+    def _telemetry_connected(self) -> bool:
+        telemetry = self.status().get("telemetry") or {}
+        return bool(telemetry.get("connected"))
 
     def _books_balanced(self) -> bool:
         expected, delivered, pending = self.telemetry_books()
