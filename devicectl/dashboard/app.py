@@ -121,6 +121,9 @@ class DashboardConfig:
     browser_queue: int = 1000
     send_timeout_s: float = 10.0
     ack_timeout_s: float = 20.0  # a page that leaves a ping unanswered this long is dropped
+    # A connection written nothing this long is closed (an unfinished request: slowloris); a
+    # page's stream is written at least every keepalive_s, so this must be longer.
+    quiet_timeout_s: float = 15.0
     coalesce_s: float = 0.05  # updates to a page are sent at most this often (an alarm included)
     history_db: str | None = None  # the recorder's database: serves /history (history.py)
 
@@ -148,9 +151,14 @@ class DashboardConfig:
             ("send_timeout_s", self.send_timeout_s),
             ("keepalive_s", self.keepalive_s),
             ("ack_timeout_s", self.ack_timeout_s),
+            ("quiet_timeout_s", self.quiet_timeout_s),
         ):
             if not (math.isfinite(seconds) and seconds > 0):
                 raise ConfigError(name, seconds, "a positive number (s)")
+        if self.quiet_timeout_s <= 2 * self.keepalive_s:
+            raise ConfigError(
+                "quiet_timeout_s", self.quiet_timeout_s, "more than twice keepalive_s (s)"
+            )
         if not (math.isfinite(self.coalesce_s) and 0 <= self.coalesce_s <= 0.5):
             raise ConfigError("coalesce_s", self.coalesce_s, "from 0 to 0.5 (s)")
 
