@@ -57,6 +57,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from structlog.typing import FilteringBoundLogger
 
+from devicectl.dashboard.connections import client_key
 from devicectl.dashboard.fleet import Fleet, Update, json_text
 from devicectl.dashboard.history import history_mount
 from devicectl.dashboard.hub import Goodbye, Resync, Subscription, UpdateHub
@@ -345,7 +346,8 @@ class _EventStream:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         dashboard = self.dashboard
         client = scope.get("client")
-        address = str(client[0]) if client else "unknown"
+        # One IPv6 host may take any address in its /64: it counts as one address.
+        address = client_key(str(client[0])) if client else "unknown"
         admitted = dashboard.pages.admit(address, time.monotonic())
         if isinstance(admitted, Refused):
             dashboard.log.warning("page_refused", reason=admitted.reason, client=address)
