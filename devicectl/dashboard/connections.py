@@ -7,7 +7,10 @@ file descriptor, for ever; a few hundred such connections exhausted the process'
 anyone. So every accepted connection passes :class:`ConnectionGuard`:
 
 - one client address (an IPv6 client: its /64, which one host can fill with addresses) holds at
-  most ``per_address`` connections; one more is closed as it is accepted;
+  most ``per_address`` connections; one more is closed as it is accepted. Loopback (127.0.0.1,
+  ::1) is exempt: it is where a reverse proxy on this machine connects from, for all its clients,
+  which uvicorn tells apart by ``X-Forwarded-For`` (it trusts that header from 127.0.0.1 only);
+  the two caps below still apply to it;
 - a connection the server has written nothing to for ``quiet_timeout_s`` is closed: a request
   still arriving, a body never finished, a response the client never reads. Every page's event
   stream is written to at least every ``keepalive_s`` (its pings), and uvicorn closes an idle
@@ -34,6 +37,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __all__ = ["ConnectionGuard", "GuardedProtocol", "client_key"]
 
+# Where a reverse proxy on this machine connects from (uvicorn trusts X-Forwarded-For from there).
+_PROXIES = frozenset({"127.0.0.1", "::1"})
+
 
 def client_key(address: str) -> str:
     """The client a connection counts against: its IPv4 address (also when mapped into IPv6),
@@ -45,6 +51,8 @@ def client_key(address: str) -> str:
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return str(ip.ipv4_mapped)
+        if ip.is_loopback:
+            return str(ip)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
 
@@ -75,7 +83,8 @@ class ConnectionGuard:
         return len(self._open)
 
     def admit(self, connection: GuardedProtocol) -> bool:
-        if self._by_client[connection.client] >= self.per_address:
+        capped = connection.client not in _PROXIES
+        if capped and self._by_client[connection.client] >= self.per_address:
             self.refused += 1
             return False
         if len(self._open) >= self.total:

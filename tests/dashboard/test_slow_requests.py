@@ -159,6 +159,9 @@ def test_a_full_server_closes_the_oldest_unanswered_connection_never_an_answered
     guard.sweep()
     assert same[0].aborted and not same[1].aborted
     assert guard.status()["closed_quiet"] == 1
+    # A reverse proxy on this machine connects from loopback for all its clients: not capped.
+    proxied = [_Connection("127.0.0.1", 11.0) for _ in range(5)]
+    assert all(guard.admit(_guarded(c)) for c in proxied)
 
 
 @pytest.mark.parametrize(
@@ -169,6 +172,7 @@ def test_a_full_server_closes_the_oldest_unanswered_connection_never_an_answered
         ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
         ("2001:db8:1:2:bbbb::99", "2001:db8:1:2::/64"),
         ("fe80::1%eth0", "fe80::/64"),
+        ("::1", "::1"),
         ("unknown", "unknown"),
     ],
 )
