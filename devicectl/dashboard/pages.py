@@ -98,8 +98,11 @@ class PageSlots:
         if len(mine) >= self.max_per_address:
             victim = self._least_alive(mine, now)
             if victim is None:
+                # Not saturation: pages from every other address are still admitted.
                 return self._refuse(
-                    f"too many open pages from {address} (at most {self.max_per_address})", now
+                    f"too many open pages from {address} (at most {self.max_per_address})",
+                    now,
+                    saturating=False,
                 )
             victims.append((victim, not_reading))
         if len(self._slots) - len(victims) >= self.max_pages:
@@ -169,7 +172,8 @@ class PageSlots:
             self.release(slot)
 
     def saturated(self, now: float) -> bool:
-        """Full, or lately full or refusing: the next page may evict or be refused."""
+        """Full, or lately full or refusing for want of room (not for one address's own cap):
+        the next page may evict or be refused."""
         recent = min(now - self._last_full, now - self._last_refused) < self.window_s
         return self.open >= self.max_pages or recent
 
@@ -180,7 +184,7 @@ class PageSlots:
             detail = f"pages full: {counts}"
         elif saturated:
             detail = f"pages full in the last minute: {counts}"
-        elif self.evicted or self.dropped:
+        elif self.evicted or self.dropped or self.refused:
             detail = counts
         else:
             detail = ""
@@ -219,9 +223,10 @@ class PageSlots:
         unproven = [s for s in slots if not s.proven(now, self.ack_timeout_s)]
         return min(unproven, key=Slot.last_sign_of_life, default=None)
 
-    def _refuse(self, reason: str, now: float) -> Refused:
+    def _refuse(self, reason: str, now: float, *, saturating: bool = True) -> Refused:
         self.refused += 1
-        self._last_refused = now
+        if saturating:
+            self._last_refused = now
         self.version += 1
         return Refused(reason)
 

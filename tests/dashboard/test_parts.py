@@ -229,6 +229,20 @@ def test_one_address_makes_room_among_its_own_streams_only() -> None:
     )
 
 
+def test_one_address_refused_beyond_its_own_cap_does_not_make_the_dashboard_unhealthy() -> None:
+    # One client opening one page more than its address may hold, once a minute, had /healthz
+    # answer 503 "pages full in the last minute" for ever, while every other address's page
+    # was admitted: a monitor (or a liveness probe restarting the service) believed it.
+    pages = slots(max_pages=10, max_per_address=2)
+    for n in range(2):
+        answer(pages, admitted(pages, "10.0.0.1", n), n)
+    assert isinstance(pages.admit("10.0.0.1", 5), Refused)
+    status = pages.status(5)
+    assert (status["saturated"], status["refused"], status["open"]) == (False, 1, 2)
+    assert "1 refused" in status["detail"]
+    assert isinstance(pages.admit("10.0.0.2", 6), Slot)
+
+
 def test_when_every_stream_reads_the_page_cap_is_shared_fairly_between_addresses() -> None:
     pages = slots(max_pages=4, max_per_address=4)
     crowd = [admitted(pages, "10.0.0.1", n) for n in range(3)]
