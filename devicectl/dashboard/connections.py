@@ -17,8 +17,11 @@ anyone. So every accepted connection passes :class:`ConnectionGuard`:
   keep-alive connection after 5 s by itself, so only a client that holds a connection without
   using it meets this;
 - the whole server holds at most ``total`` connections (below the descriptor limit); when full,
-  the oldest connection that has not yet been answered at all is closed to make room, else the
-  new one.
+  the oldest connection that has not yet been answered at all is closed to make room; when every
+  one has been answered, a connection from a client holding at least two fewer than the client
+  holding the most takes the place of that client's least recently written one (so that filling
+  the server with connections in use takes ``total`` clients, not ``total / per_address``); else
+  the new one is closed.
 
 :class:`GuardedProtocol` wraps uvicorn's HTTP/1.1 protocol (``uvicorn.Config(http=...)``) and
 watches what it writes through :class:`_WatchedTransport`.
@@ -90,6 +93,8 @@ class ConnectionGuard:
         if len(self._open) >= self.total:
             victim = next((c for c in self._open if not c.answered), None)
             if victim is None:
+                victim = self._fair_share(connection.client)
+            if victim is None:
                 self.refused += 1
                 return False
             self.evicted += 1
@@ -125,6 +130,18 @@ class ConnectionGuard:
             "closed_quiet": self.closed_quiet,
             "evicted": self.evicted,
         }
+
+    def _fair_share(self, client: str) -> GuardedProtocol | None:
+        """The least recently written connection of the client holding the most, if that is at
+        least two more than ``client`` holds (one more would only swap them back and forth)."""
+        if not self._by_client:
+            return None
+        crowded, top = self._by_client.most_common(1)[0]
+        if self._by_client[client] > top - 2:
+            return None
+        return min(
+            (c for c in self._open if c.client == crowded), key=lambda c: c.last_write, default=None
+        )
 
     def _leave(self, connection: GuardedProtocol) -> None:
         del self._open[connection]

@@ -138,7 +138,7 @@ def _guarded(connection: _Connection) -> GuardedProtocol:
     return cast(GuardedProtocol, connection)
 
 
-def test_a_full_server_closes_the_oldest_unanswered_connection_never_an_answered_one() -> None:
+def test_a_full_server_makes_room_first_among_unanswered_connections_then_fairly() -> None:
     now = [0.0]
     guard = ConnectionGuard(per_address=2, total=3, quiet_timeout_s=10.0, clock=lambda: now[0])
     page = _Connection("10.0.0.9", 0.0)
@@ -149,6 +149,21 @@ def test_a_full_server_closes_the_oldest_unanswered_connection_never_an_answered
     newcomer = _Connection("10.0.0.3", 0.0)
     assert guard.admit(_guarded(newcomer))
     assert first.aborted and not page.aborted and not second.aborted
+    # Every connection answered (in use): a client holding two fewer than the most takes the
+    # place of that client's least recently written one; one holding as many is refused.
+    guard = ConnectionGuard(per_address=10, total=4, quiet_timeout_s=10.0, clock=lambda: now[0])
+    crowd = [_Connection("10.0.0.1", float(n)) for n in range(3)]
+    tablet = _Connection("10.0.0.2", 0.0)
+    for connection in (*crowd, tablet):
+        connection.answered = True
+        assert guard.admit(_guarded(connection))
+    newcomer = _Connection("10.0.0.3", 5.0)
+    assert guard.admit(_guarded(newcomer))
+    assert crowd[0].aborted and not any(c.aborted for c in (*crowd[1:], tablet))
+    newcomer.answered = True
+    assert not guard.admit(_guarded(_Connection("10.0.0.1", 6.0)))
+    assert not guard.admit(_guarded(_Connection("10.0.0.2", 6.0)))
+    assert guard.status()["evicted"] == 1
     # A third from one address is refused, whatever room there is.
     guard = ConnectionGuard(per_address=2, total=100, quiet_timeout_s=10.0, clock=lambda: now[0])
     same = [_Connection("10.0.0.1", 0.0) for _ in range(3)]
