@@ -8,15 +8,21 @@ uvicorn server: one address opens more partial requests than it may hold and kee
 header bytes into them; the ones beyond the cap per address are closed at once, the rest once
 nothing has been written to them for ``quiet_timeout_s``; a request body that never ends is closed
 the same way; meanwhile a real Chromium page from another address is served and shows a real FAULT
-and critical alert, and is kept, because its stream is written to with every ping.
+and critical alert, and is kept, because its stream is written to with every ping. And a real
+``devicectl dashboard`` process with 320 descriptors, sent 600 partial requests from ten
+addresses, still answers ``/healthz`` and delivers a critical alert to a new stream (before the
+guard it accepted nothing more: the request timed out).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import select
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import cast
 from urllib.parse import urlsplit
@@ -26,18 +32,28 @@ from playwright.async_api import async_playwright, expect
 
 from devicectl.dashboard.connections import ConnectionGuard, GuardedProtocol, client_key
 from tests.brokers import Broker
-from tests.dashboard.conftest import FakeDevice, dashboard_config, http, running_dashboard
+from tests.dashboard.conftest import (
+    EventStream,
+    FakeDevice,
+    dashboard_config,
+    http,
+    running_dashboard,
+)
 from tests.dashboard.test_browser import launch, open_page
 from tests.dashboard.test_hostile_publisher import STATE, real_alarm
 
 ALARM_WITHIN_MS = 5000  # the issue asks for a second; generous for two shared cores
 
 
-def partial_request(url: str, source: str, head: bytes) -> socket.socket:
+def partial_request(
+    url: str, source: str, head: bytes, *, timeout: float | None = None
+) -> socket.socket:
     parts = urlsplit(url)
     assert parts.hostname is not None
     assert parts.port is not None
-    sock = socket.create_connection((parts.hostname, parts.port), source_address=(source, 0))
+    sock = socket.create_connection(
+        (parts.hostname, parts.port), timeout=timeout, source_address=(source, 0)
+    )
     sock.sendall(head)
     return sock
 
@@ -120,6 +136,60 @@ async def test_unfinished_requests_are_closed_and_never_keep_an_alarm_off_a_page
         for sock in slow:
             sock.close()
         device.close()
+
+
+# The real process, with 320 descriptors (the guard keeps 256 of them for itself and a burst of
+# accepts, so it holds 64 connections).
+_LIMITED_DASHBOARD = (
+    "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (320, 320)); "
+    "from devicectl.cli import main; main()"
+)
+
+
+@pytest.mark.system
+async def test_unfinished_requests_from_many_addresses_never_exhaust_the_descriptors(
+    mosquitto: Broker,
+) -> None:
+    # Before the guard, these made every accept fail (EMFILE): /healthz timed out.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _LIMITED_DASHBOARD, "dashboard", "--mqtt", mosquitto.url,
+        "--listen", "127.0.0.1:0",
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    device = FakeDevice(mosquitto)
+    slow: list[socket.socket] = []
+    page: EventStream | None = None
+    try:
+        assert process.stdout is not None
+        url = (await process.stdout.readline()).decode().strip()
+        head = f"GET / HTTP/1.1\r\nhost: {urlsplit(url).netloc}\r\nx-slow: ".encode()
+        for n in range(600):
+            try:
+                slow.append(partial_request(url, f"127.0.1.{1 + n // 60}", head, timeout=5.0))
+            except TimeoutError:  # the backlog is full: nothing is accepted any more
+                break
+        async with asyncio.timeout(20):
+            status, _, content = await http(url, "GET", "/healthz")
+        assert status == 200, content
+        page = EventStream(url)
+        async with asyncio.timeout(20):
+            assert await page.open() == 200
+            assert (await page.next_event())[0] == "snapshot"
+            await device.send("alerts", severity="critical", code="door_fds", message="door")
+            while True:
+                event, data = await page.next_event()
+                assert event, "the stream ended"
+                if event == "delta" and "door_fds" in json.dumps(data):
+                    break
+    finally:
+        if page is not None:
+            await page.close()
+        for sock in slow:
+            sock.close()
+        device.close()
+        process.terminate()
+        async with asyncio.timeout(10):
+            await process.wait()
 
 
 class _Connection:
