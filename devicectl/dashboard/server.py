@@ -122,6 +122,9 @@ class DashboardServer:
             timeout_graceful_shutdown=2,
             server_header=False,
             http=GuardedProtocol.for_guard(self.connections),
+            # No WebSocket route: an upgrade would hand the connection to another protocol,
+            # out of the guard's sight.
+            ws="none",
         )
         server = self._server = _EmbeddedServer(config)
         self._tasks = asyncio.TaskGroup()

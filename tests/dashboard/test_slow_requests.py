@@ -138,6 +138,32 @@ async def test_unfinished_requests_are_closed_and_never_keep_an_alarm_off_a_page
         device.close()
 
 
+@pytest.mark.system
+async def test_an_upgrade_request_is_answered_as_http_and_its_connection_counted_out(
+    mosquitto: Broker,
+) -> None:
+    async with running_dashboard(dashboard_config(mosquitto)) as server:
+        guard = server.connections
+        netloc = urlsplit(server.url).netloc
+        for _ in range(3):
+            status, _, _ = await http(
+                server.url,
+                "GET",
+                "/healthz",
+                headers={
+                    "connection": "upgrade, close",
+                    "upgrade": "websocket",
+                    "sec-websocket-version": "13",
+                    "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+                    "host": netloc,
+                },
+            )
+            assert status != 101
+        async with asyncio.timeout(5):
+            while guard.open > 0:  # noqa: ASYNC110 - the guard's own count
+                await asyncio.sleep(0.05)
+
+
 # The real process, with 320 descriptors (the guard keeps 256 of them for itself and a burst of
 # accepts, so it holds 64 connections).
 _LIMITED_DASHBOARD = (
