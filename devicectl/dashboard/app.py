@@ -9,8 +9,10 @@ Routes:
     POST /events/ack                         ``{"token": ...}``: the page read that ping
     GET  /api/snapshot                       the whole view as JSON
     GET  /healthz                            the telemetry reader's liveness, the broker link,
-                                             device and page counts; 503 unless reading, or
-                                             while the page cap is full (``pages.saturated``)
+                                             device, page and connection counts; 503 unless
+                                             reading, or while the page cap is full
+                                             (``pages.saturated``) or the server's connections
+                                             are (``connections.saturated``)
     POST /api/devices/{site}/{device}/stop   ``{"confirm": true, "site": ..., "device": ...}`` →
                                              ``cmd/stop`` to that device; 403 unless the
                                              dashboard has stop credentials
@@ -57,7 +59,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from structlog.typing import FilteringBoundLogger
 
-from devicectl.dashboard.connections import client_key
+from devicectl.dashboard.connections import ConnectionGuard, client_key
 from devicectl.dashboard.fleet import Fleet, Update, json_text
 from devicectl.dashboard.history import history_mount
 from devicectl.dashboard.hub import Goodbye, Resync, Subscription, UpdateHub
@@ -245,6 +247,8 @@ class Dashboard:
         # Set by DashboardServer once bound; until then only the configured names are allowed.
         self.allowed_hosts = frozenset(h.lower() for h in config.allowed_hosts)
         self._snapshot_cache: tuple[tuple[int, int, bool], str] = ((-1, -1, False), "")
+        # Set by DashboardServer: the HTTP connections it holds, reported by /healthz.
+        self.connections: ConnectionGuard | None = None
 
     def serve_on(self, listen: tuple[str, int]) -> None:
         """The address the page is served on: the Host/Origin allow-list follows from it."""
@@ -496,7 +500,10 @@ def create_app(dashboard: Dashboard) -> Starlette:
         reader = dashboard.subscriber.health()
         reading = reader["running"] and reader["connected"]
         pages = dashboard.pages_status()
+        guard = dashboard.connections
+        connections = guard.status() if guard is not None else None
         healthy = reading and not pages["saturated"]
+        healthy = healthy and not (connections is not None and connections["saturated"])
         return _JSON(
             {
                 "ok": healthy,
@@ -505,6 +512,7 @@ def create_app(dashboard: Dashboard) -> Starlette:
                 "devices": fleet.device_count,
                 "browsers": pages["open"],
                 "pages": pages,
+                **({"connections": connections} if connections is not None else {}),
             },
             status_code=200 if healthy else 503,
         )

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -79,7 +80,9 @@ class ConnectionGuard:
         self._by_client: Counter[str] = Counter()
         self.refused = 0  # closed on arrival: too many from that client, or all answered
         self.closed_quiet = 0  # closed after quiet_timeout_s without an answer
-        self.evicted = 0  # not yet answered, closed to make room for a newer one
+        self.evicted = 0  # closed to make room for a newer one
+        self.window_s = 60.0  # how long a full server is reported as saturated
+        self._last_full = -math.inf
 
     @property
     def open(self) -> int:
@@ -91,6 +94,7 @@ class ConnectionGuard:
             self.refused += 1
             return False
         if len(self._open) >= self.total:
+            self._last_full = self.clock()
             victim = next((c for c in self._open if not c.answered), None)
             if victim is None:
                 victim = self._fair_share(connection.client)
@@ -121,8 +125,13 @@ class ConnectionGuard:
             await asyncio.sleep(every_s)
             self.sweep()
 
-    def status(self) -> dict[str, int]:
+    def saturated(self) -> bool:
+        """Full, or full within ``window_s``: new connections close others or are refused."""
+        return self.open >= self.total or self.clock() - self._last_full < self.window_s
+
+    def status(self) -> dict[str, Any]:
         return {
+            "saturated": self.saturated(),
             "open": self.open,
             "max": self.total,
             "max_per_address": self.per_address,

@@ -88,6 +88,7 @@ class DashboardServer:
             total=connection_limit(),
             quiet_timeout_s=config.quiet_timeout_s,
         )
+        dashboard.connections = self.connections
 
     @property
     def url(self) -> str:

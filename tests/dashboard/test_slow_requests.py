@@ -196,7 +196,13 @@ async def test_unfinished_requests_from_many_addresses_never_exhaust_the_descrip
                 break
         async with asyncio.timeout(20):
             status, _, content = await http(url, "GET", "/healthz")
-        assert status == 200, content
+        # It answers, and does not say "ok" while connections are being closed to make room.
+        health = json.loads(content)
+        assert status == 503, content
+        assert health["reader"]["connected"] is True
+        assert health["pages"]["saturated"] is False
+        assert health["connections"]["saturated"] is True
+        assert health["connections"]["evicted"] > 0
         page = EventStream(url)
         async with asyncio.timeout(20):
             assert await page.open() == 200
@@ -256,14 +262,20 @@ def test_a_full_server_makes_room_first_among_unanswered_connections_then_fairly
     newcomer = _Connection("10.0.0.3", 5.0)
     assert guard.admit(_guarded(newcomer))
     assert crowd[0].aborted and not any(c.aborted for c in (*crowd[1:], tablet))
+    assert guard.status()["saturated"]  # /healthz says 503 while the server is full
     newcomer.answered = True
     assert not guard.admit(_guarded(_Connection("10.0.0.1", 6.0)))
     assert not guard.admit(_guarded(_Connection("10.0.0.2", 6.0)))
     assert guard.status()["evicted"] == 1
-    # A third from one address is refused, whatever room there is.
+    now[0] = 61.0
+    guard.leave(_guarded(newcomer))
+    assert not guard.status()["saturated"]  # a minute on, with room again
+    # A third from one address is refused, whatever room there is; that is no saturation.
+    now[0] = 0.0
     guard = ConnectionGuard(per_address=2, total=100, quiet_timeout_s=10.0, clock=lambda: now[0])
     same = [_Connection("10.0.0.1", 0.0) for _ in range(3)]
     assert [guard.admit(_guarded(c)) for c in same] == [True, True, False]
+    assert not guard.status()["saturated"]
     # Nothing written for quiet_timeout_s: closed; written lately: kept.
     now[0] = 11.0
     same[1].last_write = 5.0
