@@ -8,7 +8,10 @@ random token, which only a client that read it can know, and the page answers wi
 
 Admission never favours a stream that has not proved it reads over a new page: when the page cap
 (``max_pages``) or the cap per client address (``max_per_address``) is reached, the stream with
-the oldest sign of life among those not proven is evicted to make room. When every stream in the
+the oldest sign of life among those not proven is evicted to make room (a stream still within its
+first chance to answer only for a page from an address holding fewer streams than its own: else a
+crowd reconnecting on its ``bye`` took a new page's place back before the page could answer).
+When every stream in the
 way reads, the page cap is shared fairly between addresses: a page from an address holding at
 least two pages fewer than the address holding the most takes the place of that address's least
 recently active page. Otherwise the new page is refused (the caller answers 503, and ``/healthz``
@@ -108,7 +111,7 @@ class PageSlots:
         if len(self._slots) - len(victims) >= self.max_pages:
             self._last_full = now
             others = [s for s in self._slots if s not in [v for v, _ in victims]]
-            victim = self._least_alive(others, now)
+            victim = self._least_alive(others, now, newcomer=address)
             if victim is not None:
                 victims.append((victim, not_reading))
             else:
@@ -219,9 +222,24 @@ class PageSlots:
         crowded = [s for s in slots if held[s.address] == top]
         return min(crowded, key=Slot.last_sign_of_life)
 
-    def _least_alive(self, slots: list[Slot], now: float) -> Slot | None:
-        unproven = [s for s in slots if not s.proven(now, self.ack_timeout_s)]
-        return min(unproven, key=Slot.last_sign_of_life, default=None)
+    def _least_alive(
+        self, slots: list[Slot], now: float, newcomer: str | None = None
+    ) -> Slot | None:
+        """The unproven stream with the oldest sign of life. For a ``newcomer`` from another
+        address, a stream still within its first chance to answer (never answered, opened less
+        than ``ack_timeout_s`` ago) counts only if its address holds more streams than the
+        newcomer's: otherwise a crowd of reading streams, evicted one at a time for a new page
+        by the fair share, took the new page's place back before its first answer could arrive.
+        """
+        held = Counter(s.address for s in self._slots) if newcomer is not None else Counter()
+
+        def evictable(s: Slot) -> bool:
+            if s.proven(now, self.ack_timeout_s):
+                return False
+            fresh = s.last_ack is None and now - s.opened <= self.ack_timeout_s
+            return newcomer is None or not fresh or held[s.address] > held[newcomer]
+
+        return min(filter(evictable, slots), key=Slot.last_sign_of_life, default=None)
 
     def _refuse(self, reason: str, now: float, *, saturating: bool = True) -> Refused:
         self.refused += 1
