@@ -9,7 +9,7 @@ random token, which only a client that read it can know, and the page answers wi
 Admission never favours a stream that has not proved it reads over a new page: when the page cap
 (``max_pages``) or the cap per client address (``max_per_address``) is reached, the stream with
 the oldest sign of life among those not proven is evicted to make room (a stream still within its
-first chance to answer only for a page from an address holding fewer streams than its own: else a
+first chance to answer only for a page from an address holding no more streams than its own: else a
 crowd reconnecting on its ``bye`` took a new page's place back before the page could answer).
 When every stream in the
 way reads, the page cap is shared fairly between addresses: a page from an address holding at
@@ -227,8 +227,8 @@ class PageSlots:
     ) -> Slot | None:
         """The unproven stream with the oldest sign of life. For a ``newcomer`` from another
         address, a stream still within its first chance to answer (never answered, opened less
-        than ``ack_timeout_s`` ago) counts only if its address holds more streams than the
-        newcomer's: otherwise a crowd of reading streams, evicted one at a time for a new page
+        than ``ack_timeout_s`` ago) counts only if its address holds at least as many streams as
+        the newcomer's: otherwise a crowd of reading streams, evicted one at a time for a new page
         by the fair share, took the new page's place back before its first answer could arrive.
         """
         held = Counter(s.address for s in self._slots) if newcomer is not None else Counter()
@@ -237,7 +237,7 @@ class PageSlots:
             if s.proven(now, self.ack_timeout_s):
                 return False
             fresh = s.last_ack is None and now - s.opened <= self.ack_timeout_s
-            return newcomer is None or not fresh or held[s.address] > held[newcomer]
+            return newcomer is None or not fresh or held[s.address] >= held[newcomer]
 
         return min(filter(evictable, slots), key=Slot.last_sign_of_life, default=None)
 

@@ -266,14 +266,15 @@ def test_a_crowd_of_readers_cannot_take_a_new_page_back_before_it_can_answer() -
 def test_a_stream_that_never_answers_is_made_room_of_by_any_page_once_its_chance_has_passed() -> (
     None
 ):
-    pages = slots(max_pages=2, max_per_address=5)  # ack_timeout_s=10
+    pages = slots(max_pages=3, max_per_address=5)  # ack_timeout_s=10
     idle = admitted(pages, "10.0.0.1", 0)
     idle.end = lambda reason: None
     pages.ping(idle, 0)
-    answer(pages, admitted(pages, "10.0.0.2", 0), 0)
-    # Within its chance, a page from an address holding as many cannot take its place ...
+    for _ in range(2):
+        answer(pages, admitted(pages, "10.0.0.2", 0), 0)
+    # Within its chance, a page from an address holding more cannot take its place ...
     assert isinstance(pages.admit("10.0.0.2", 5), Refused)
-    # ... a page from an address holding fewer can (a burst of sockets that never read) ...
+    # ... a page from an address holding no more can (a burst of sockets that never read) ...
     assert isinstance(pages.admit("10.0.0.3", 6), Slot)
     assert idle not in pages
     # ... and once its chance has passed, any page can.
