@@ -9,8 +9,10 @@ Routes:
     POST /events/ack                         ``{"token": ...}``: the page read that ping
     GET  /api/snapshot                       the whole view as JSON
     GET  /healthz                            the telemetry reader's liveness, the broker link,
-                                             device and page counts; 503 unless reading, or
-                                             while the page cap is full (``pages.saturated``)
+                                             device, page and connection counts; 503 unless
+                                             reading, or while the page cap is full
+                                             (``pages.saturated``) or the server's connections
+                                             are (``connections.saturated``)
     POST /api/devices/{site}/{device}/stop   ``{"confirm": true, "site": ..., "device": ...}`` →
                                              ``cmd/stop`` to that device; 403 unless the
                                              dashboard has stop credentials
@@ -57,6 +59,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from structlog.typing import FilteringBoundLogger
 
+from devicectl.dashboard.connections import ConnectionGuard, client_key
 from devicectl.dashboard.fleet import Fleet, Update, json_text
 from devicectl.dashboard.history import history_mount
 from devicectl.dashboard.hub import Goodbye, Resync, Subscription, UpdateHub
@@ -121,6 +124,9 @@ class DashboardConfig:
     browser_queue: int = 1000
     send_timeout_s: float = 10.0
     ack_timeout_s: float = 20.0  # a page that leaves a ping unanswered this long is dropped
+    # A connection written nothing this long is closed (an unfinished request: slowloris); a
+    # page's stream is written at least every keepalive_s, so this must be longer.
+    quiet_timeout_s: float = 15.0
     coalesce_s: float = 0.05  # updates to a page are sent at most this often (an alarm included)
     history_db: str | None = None  # the recorder's database: serves /history (history.py)
 
@@ -148,9 +154,14 @@ class DashboardConfig:
             ("send_timeout_s", self.send_timeout_s),
             ("keepalive_s", self.keepalive_s),
             ("ack_timeout_s", self.ack_timeout_s),
+            ("quiet_timeout_s", self.quiet_timeout_s),
         ):
             if not (math.isfinite(seconds) and seconds > 0):
                 raise ConfigError(name, seconds, "a positive number (s)")
+        if self.quiet_timeout_s <= 2 * self.keepalive_s:
+            raise ConfigError(
+                "quiet_timeout_s", self.quiet_timeout_s, "more than twice keepalive_s (s)"
+            )
         if not (math.isfinite(self.coalesce_s) and 0 <= self.coalesce_s <= 0.5):
             raise ConfigError("coalesce_s", self.coalesce_s, "from 0 to 0.5 (s)")
 
@@ -236,6 +247,8 @@ class Dashboard:
         # Set by DashboardServer once bound; until then only the configured names are allowed.
         self.allowed_hosts = frozenset(h.lower() for h in config.allowed_hosts)
         self._snapshot_cache: tuple[tuple[int, int, bool], str] = ((-1, -1, False), "")
+        # Set by DashboardServer: the HTTP connections it holds, reported by /healthz.
+        self.connections: ConnectionGuard | None = None
 
     def serve_on(self, listen: tuple[str, int]) -> None:
         """The address the page is served on: the Host/Origin allow-list follows from it."""
@@ -337,7 +350,8 @@ class _EventStream:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         dashboard = self.dashboard
         client = scope.get("client")
-        address = str(client[0]) if client else "unknown"
+        # One IPv6 host may take any address in its /64: it counts as one address.
+        address = client_key(str(client[0])) if client else "unknown"
         admitted = dashboard.pages.admit(address, time.monotonic())
         if isinstance(admitted, Refused):
             dashboard.log.warning("page_refused", reason=admitted.reason, client=address)
@@ -486,7 +500,10 @@ def create_app(dashboard: Dashboard) -> Starlette:
         reader = dashboard.subscriber.health()
         reading = reader["running"] and reader["connected"]
         pages = dashboard.pages_status()
+        guard = dashboard.connections
+        connections = guard.status() if guard is not None else None
         healthy = reading and not pages["saturated"]
+        healthy = healthy and not (connections is not None and connections["saturated"])
         return _JSON(
             {
                 "ok": healthy,
@@ -495,6 +512,7 @@ def create_app(dashboard: Dashboard) -> Starlette:
                 "devices": fleet.device_count,
                 "browsers": pages["open"],
                 "pages": pages,
+                **({"connections": connections} if connections is not None else {}),
             },
             status_code=200 if healthy else 503,
         )

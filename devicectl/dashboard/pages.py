@@ -8,7 +8,10 @@ random token, which only a client that read it can know, and the page answers wi
 
 Admission never favours a stream that has not proved it reads over a new page: when the page cap
 (``max_pages``) or the cap per client address (``max_per_address``) is reached, the stream with
-the oldest sign of life among those not proven is evicted to make room. When every stream in the
+the oldest sign of life among those not proven is evicted to make room (a stream still within its
+first chance to answer only for a page from an address holding no more streams than its own: else a
+crowd reconnecting on its ``bye`` took a new page's place back before the page could answer).
+When every stream in the
 way reads, the page cap is shared fairly between addresses: a page from an address holding at
 least two pages fewer than the address holding the most takes the place of that address's least
 recently active page. Otherwise the new page is refused (the caller answers 503, and ``/healthz``
@@ -98,14 +101,17 @@ class PageSlots:
         if len(mine) >= self.max_per_address:
             victim = self._least_alive(mine, now)
             if victim is None:
+                # Not saturation: pages from every other address are still admitted.
                 return self._refuse(
-                    f"too many open pages from {address} (at most {self.max_per_address})", now
+                    f"too many open pages from {address} (at most {self.max_per_address})",
+                    now,
+                    saturating=False,
                 )
             victims.append((victim, not_reading))
         if len(self._slots) - len(victims) >= self.max_pages:
             self._last_full = now
             others = [s for s in self._slots if s not in [v for v, _ in victims]]
-            victim = self._least_alive(others, now)
+            victim = self._least_alive(others, now, newcomer=address)
             if victim is not None:
                 victims.append((victim, not_reading))
             else:
@@ -169,7 +175,8 @@ class PageSlots:
             self.release(slot)
 
     def saturated(self, now: float) -> bool:
-        """Full, or lately full or refusing: the next page may evict or be refused."""
+        """Full, or lately full or refusing for want of room (not for one address's own cap):
+        the next page may evict or be refused."""
         recent = min(now - self._last_full, now - self._last_refused) < self.window_s
         return self.open >= self.max_pages or recent
 
@@ -180,7 +187,7 @@ class PageSlots:
             detail = f"pages full: {counts}"
         elif saturated:
             detail = f"pages full in the last minute: {counts}"
-        elif self.evicted or self.dropped:
+        elif self.evicted or self.dropped or self.refused:
             detail = counts
         else:
             detail = ""
@@ -215,13 +222,29 @@ class PageSlots:
         crowded = [s for s in slots if held[s.address] == top]
         return min(crowded, key=Slot.last_sign_of_life)
 
-    def _least_alive(self, slots: list[Slot], now: float) -> Slot | None:
-        unproven = [s for s in slots if not s.proven(now, self.ack_timeout_s)]
-        return min(unproven, key=Slot.last_sign_of_life, default=None)
+    def _least_alive(
+        self, slots: list[Slot], now: float, newcomer: str | None = None
+    ) -> Slot | None:
+        """The unproven stream with the oldest sign of life. For a ``newcomer`` from another
+        address, a stream still within its first chance to answer (never answered, opened less
+        than ``ack_timeout_s`` ago) counts only if its address holds at least as many streams as
+        the newcomer's: otherwise a crowd of reading streams, evicted one at a time for a new page
+        by the fair share, took the new page's place back before its first answer could arrive.
+        """
+        held = Counter(s.address for s in self._slots) if newcomer is not None else Counter()
 
-    def _refuse(self, reason: str, now: float) -> Refused:
+        def evictable(s: Slot) -> bool:
+            if s.proven(now, self.ack_timeout_s):
+                return False
+            fresh = s.last_ack is None and now - s.opened <= self.ack_timeout_s
+            return newcomer is None or not fresh or held[s.address] >= held[newcomer]
+
+        return min(filter(evictable, slots), key=Slot.last_sign_of_life, default=None)
+
+    def _refuse(self, reason: str, now: float, *, saturating: bool = True) -> Refused:
         self.refused += 1
-        self._last_refused = now
+        if saturating:
+            self._last_refused = now
         self.version += 1
         return Refused(reason)
 

@@ -9,6 +9,11 @@ what a client that does not read can make the kernel hold for it is bounded, and
 does not drain fills it and meets the send timeout soon. Signals are left to the
 caller: the CLI stops on SIGINT/SIGTERM by leaving the context, which ends every browser's event
 stream first, so shutdown never waits on an open page.
+
+Every accepted connection also passes a :class:`~devicectl.dashboard.connections.ConnectionGuard`
+(uvicorn has no deadline for a request's headers): at most ``2 × max_browsers_per_address + 24``
+connections per client address (IPv6: per /64), all of them below the descriptor limit, and
+none kept once nothing has been written to it for ``quiet_timeout_s``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import socket
 from collections.abc import Generator
 from types import TracebackType
@@ -23,6 +29,7 @@ from types import TracebackType
 import uvicorn
 
 from devicectl.dashboard.app import Dashboard, create_app
+from devicectl.dashboard.connections import ConnectionGuard, GuardedProtocol
 from devicectl.errors import ConfigError
 
 __all__ = ["SEND_BUFFER", "DashboardServer", "parse_listen"]
@@ -31,6 +38,18 @@ __all__ = ["SEND_BUFFER", "DashboardServer", "parse_listen"]
 # client that never reads. A page's updates are small: a snapshot of hundreds of kilobytes still
 # goes out at the LAN's speed through a window this size.
 SEND_BUFFER = 64 * 1024
+# Descriptors kept for everything but admitted HTTP connections: the broker, the history
+# database, logs, and a burst of accepted connections not yet closed (asyncio accepts up to the
+# backlog, 128, at once, before the guard has seen any of them).
+_RESERVED_FDS = 256
+
+
+def connection_limit() -> int:
+    """How many HTTP connections the process can hold: its descriptor limit, less a reserve."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 65536
+    return max(64, min(soft, 65536) - _RESERVED_FDS)
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -61,7 +80,15 @@ class DashboardServer:
         self._server: _EmbeddedServer | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._serving: asyncio.Task[None] | None = None
+        self._guarding: asyncio.Task[None] | None = None
         self._address: tuple[str, int] | None = None
+        config = dashboard.config
+        self.connections = ConnectionGuard(
+            per_address=2 * config.max_browsers_per_address + 24,
+            total=connection_limit(),
+            quiet_timeout_s=config.quiet_timeout_s,
+        )
+        dashboard.connections = self.connections
 
     @property
     def url(self) -> str:
@@ -95,12 +122,19 @@ class DashboardServer:
             access_log=False,
             timeout_graceful_shutdown=2,
             server_header=False,
+            http=GuardedProtocol.for_guard(self.connections),
+            # No WebSocket route: an upgrade would hand the connection to another protocol,
+            # out of the guard's sight.
+            ws="none",
         )
         server = self._server = _EmbeddedServer(config)
         self._tasks = asyncio.TaskGroup()
         await self._tasks.__aenter__()
         self._serving = self._tasks.create_task(
             server.serve(sockets=[sock]), name="dashboard-http-server"
+        )
+        self._guarding = self._tasks.create_task(
+            self.connections.run(), name="dashboard-connection-guard"
         )
         try:
             while not server.started:
@@ -110,6 +144,7 @@ class DashboardServer:
         finally:
             if not server.started:
                 server.should_exit = True
+                self._guarding.cancel()
                 sock.close()
         if not server.started:
             await self._tasks.__aexit__(None, None, None)
@@ -127,6 +162,8 @@ class DashboardServer:
         # Open pages hold event streams; end them so that uvicorn's graceful shutdown is quick.
         self.dashboard.hub.close()
         self._server.should_exit = True
+        if self._guarding is not None:
+            self._guarding.cancel()
         # Shut down in order even when the body failed: its exception propagates by itself.
         await self._tasks.__aexit__(None, None, None)
         self._address = None

@@ -133,3 +133,49 @@ async def test_a_page_refused_by_a_full_house_of_readers_gets_in_once_one_leaves
             if following is not None:
                 await asyncio.gather(following, return_exceptions=True)
             await context.close()
+
+
+async def test_a_page_refused_by_readers_from_many_addresses_still_shows_a_real_alarm(
+    mosquitto: Broker, tmp_path: Path
+) -> None:
+    # One reading stream from each of as many addresses as there are slots: the fair share has
+    # nothing to take (every address holds one), so every new page is refused for as long as
+    # they stay. With 100 slots that takes 100 addresses: one IPv6 host on a LAN has them, and
+    # so has anyone who can claim free IPv4 addresses. The page must show the alarm anyway.
+    config = dashboard_config(mosquitto, max_browsers=5)
+    device = FakeDevice(mosquitto)
+    readers = [EventStream("", source=f"127.0.0.{2 + n}") for n in range(5)]
+    following: list[asyncio.Task[None]] = []
+    try:
+        async with running_dashboard(config) as server, async_playwright() as pw:
+            context = await launch(pw, tmp_path / "chromium-profile")
+            try:
+                await device.raw("availability", b"online", retain=True)
+                await device.send("state", **(STATE | {"state": "EMITTING"}))
+                for reader in readers:
+                    reader.url = server.url
+                    assert await reader.open() == 200
+                    following.append(asyncio.create_task(reader.follow()))
+                async with asyncio.timeout(15):
+                    while min(r.pings for r in readers) < 1:  # noqa: ASYNC110 - all read
+                        await asyncio.sleep(0.02)
+                page = await context.new_page()
+                errors: list[str] = []
+                page.on("pageerror", lambda error: errors.append(str(error)))
+                await page.goto(server.url)
+                await expect(page.get_by_test_id("stream")).to_have_text("page: reconnecting…")
+                assert server.dashboard.pages.refused >= 1
+                card = page.locator("[data-key='clinic-a/laser-01']")
+                await expect(card).to_have_attribute("data-state", "EMITTING")
+                took_ms = await real_alarm(page, device, "door_refused", 1)
+                print(f"refused page: the real alarm was shown {took_ms:.0f} ms after it was sent")
+                assert took_ms < ALARM_WITHIN_MS
+                assert server.dashboard.pages.open == 5  # the readers were not disturbed
+                assert errors == []
+            finally:
+                await context.close()
+    finally:
+        for reader in readers:
+            await reader.close()
+        await asyncio.gather(*following, return_exceptions=True)
+        device.close()

@@ -229,6 +229,62 @@ def test_one_address_makes_room_among_its_own_streams_only() -> None:
     )
 
 
+def test_one_address_refused_beyond_its_own_cap_does_not_make_the_dashboard_unhealthy() -> None:
+    # One client opening one page more than its address may hold, once a minute, had /healthz
+    # answer 503 "pages full in the last minute" for ever, while every other address's page
+    # was admitted: a monitor (or a liveness probe restarting the service) believed it.
+    pages = slots(max_pages=10, max_per_address=2)
+    for n in range(2):
+        answer(pages, admitted(pages, "10.0.0.1", n), n)
+    assert isinstance(pages.admit("10.0.0.1", 5), Refused)
+    status = pages.status(5)
+    assert (status["saturated"], status["refused"], status["open"]) == (False, 1, 2)
+    assert "1 refused" in status["detail"]
+    assert isinstance(pages.admit("10.0.0.2", 6), Slot)
+
+
+def test_a_crowd_of_readers_cannot_take_a_new_page_back_before_it_can_answer() -> None:
+    # Five addresses hold every slot with streams that read. A page from a sixth takes the place
+    # of one of them (the fair share); that address reconnects at once, on its "bye", and its new
+    # stream evicted the page, which had been sent its snapshot and ping but whose answer was
+    # still on its way: the crowd kept every new page out by reconnecting faster than a page
+    # answers.
+    pages = slots(max_pages=10, max_per_address=5)
+    for n in range(10):
+        slot = admitted(pages, f"10.0.0.{n // 5}", 0)
+        slot.end = lambda reason: None
+        answer(pages, slot, 0)
+    ended: list[str] = []
+    page = admitted(pages, "10.0.9.9", 1.0)
+    page.end = ended.append
+    pages.ping(page, 1.0)
+    assert isinstance(pages.admit("10.0.0.0", 1.005), Refused)
+    assert page in pages and ended == []
+    assert pages.ack(next(iter(page.tokens)), 1.02)
+
+
+def test_a_stream_that_never_answers_is_made_room_of_by_any_page_once_its_chance_has_passed() -> (
+    None
+):
+    pages = slots(max_pages=3, max_per_address=5)  # ack_timeout_s=10
+    idle = admitted(pages, "10.0.0.1", 0)
+    idle.end = lambda reason: None
+    pages.ping(idle, 0)
+    for _ in range(2):
+        answer(pages, admitted(pages, "10.0.0.2", 0), 0)
+    # Within its chance, a page from an address holding more cannot take its place ...
+    assert isinstance(pages.admit("10.0.0.2", 5), Refused)
+    # ... a page from an address holding no more can (a burst of sockets that never read) ...
+    assert isinstance(pages.admit("10.0.0.3", 6), Slot)
+    assert idle not in pages
+    # ... and once its chance has passed, any page can.
+    late = admitted(pages, "10.0.0.4", 7)
+    late.end = lambda reason: None
+    pages.ping(late, 7)
+    assert isinstance(pages.admit("10.0.0.2", 18), Slot)
+    assert late not in pages
+
+
 def test_when_every_stream_reads_the_page_cap_is_shared_fairly_between_addresses() -> None:
     pages = slots(max_pages=4, max_per_address=4)
     crowd = [admitted(pages, "10.0.0.1", n) for n in range(3)]

@@ -474,10 +474,42 @@ async function sendStop(key, card, site, device) {
 
 // ------------------------------------------------------------------------------ wiring
 
+// While the page has no live stream (refused because every slot holds a page that reads,
+// evicted, or reconnecting), it fetches the whole view every second instead: an alarm reaches
+// the screen within a second however the stream slots are held.
+const POLL_MS = 1000;
+let live = false;
+let polling = null;
+
+async function pollSnapshot() {
+  polling = null;
+  if (live) return;
+  try {
+    const response = await fetch("/api/snapshot", { cache: "no-store" });
+    if (response.ok) {
+      const snapshot = await response.json();
+      if (!live) {  // a stream's snapshot arrived meanwhile: it is newer
+        reset(snapshot);
+        scheduleRender();
+      }
+    }
+  } catch (error) {
+    // The dashboard is unreachable: the pill says reconnecting; try again.
+  }
+  if (!live && polling === null) polling = setTimeout(pollSnapshot, POLL_MS);
+}
+
+function notLive() {
+  live = false;
+  if (polling === null) polling = setTimeout(pollSnapshot, 0);
+}
+
 function connect() {
   const stream = document.getElementById("stream");
   const source = new EventSource("/events");
   source.addEventListener("snapshot", (event) => {
+    live = true;
+    if (polling !== null) { clearTimeout(polling); polling = null; }
     reset(JSON.parse(event.data));
     stream.textContent = "page: live";
     stream.className = "pill good";
@@ -495,16 +527,19 @@ function connect() {
   });
   source.addEventListener("bye", (event) => {
     // The dashboard ended this stream (evicted, or not reading): EventSource reconnects.
+    notLive();
     stream.textContent = "page: reconnecting…";
     stream.className = "pill bad";
     stream.title = JSON.parse(event.data).reason || "";
   });
   source.addEventListener("error", () => {
+    notLive();
     stream.textContent = "page: reconnecting…";
     stream.className = "pill bad";
     if (source.readyState === EventSource.CLOSED) {
       // Refused (every page slot held by pages that read): EventSource gives up; try again.
-      stream.title = "the dashboard has no room for another page right now";
+      stream.title = "the dashboard has no room for another page right now: the view is " +
+        "fetched every second meanwhile";
       setTimeout(connect, 5000);
     }
     // Otherwise EventSource reconnects by itself; the next snapshot replaces everything.
