@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,15 +37,19 @@ def _log_bytes(data: Path) -> int:
     return sum(p.stat().st_size for p in data.glob("sessions.db*"))
 
 
-def _refused(data: Path) -> list[int]:
-    """The counts of the session log's ``remote_command_refused`` records."""
+def _events(data: Path) -> list[dict[str, Any]]:
+    """The session log's ``event`` records, in order."""
     conn = sqlite3.connect(f"{(data / 'sessions.db').resolve().as_uri()}?mode=ro", uri=True)
     try:
         rows = conn.execute("SELECT body FROM records WHERE kind = 'event'").fetchall()
     finally:
         conn.close()
-    events = [json.loads(body) for (body,) in rows]
-    return [e["detail"]["count"] for e in events if e["event"] == "remote_command_refused"]
+    return [json.loads(body) for (body,) in rows]
+
+
+def _refused(data: Path) -> list[int]:
+    """The counts of the session log's ``remote_command_refused`` records."""
+    return [e["detail"]["count"] for e in _events(data) if e["event"] == "remote_command_refused"]
 
 
 def test_300_long_named_commands_barely_grow_the_logs(rig: Rig, mosquitto: Broker) -> None:
@@ -145,15 +150,9 @@ def test_a_command_flood_does_not_delay_the_stop_of_a_breach(
 
 def _mqtt_stops(data: Path) -> list[int]:
     """The counts of the session log's ``stop`` records by MQTT (1 when not given)."""
-    conn = sqlite3.connect(f"{(data / 'sessions.db').resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        rows = conn.execute("SELECT body FROM records WHERE kind = 'event'").fetchall()
-    finally:
-        conn.close()
-    events = [json.loads(body) for (body,) in rows]
     return [
         e["detail"].get("count", 1)
-        for e in events
+        for e in _events(data)
         if e["event"] == "stop" and e.get("actor") == "mqtt"
     ]
 
