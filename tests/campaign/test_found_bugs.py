@@ -30,7 +30,12 @@ async def test_pulse_events_lost_on_the_wire_are_counted_unlogged(driver: Driver
     await driver.emitting_session(rate_hz=100.0)
     driver.sim("fault drop-frames 0.2")
     start = driver.board.pulse_count
-    await driver.until(lambda: driver.board.pulse_count >= start + 100)
+    # 100 pulses through the noise, or fewer if three STATUS in a row were lost (~1 run in 10
+    # at this rate): the link is then declared lost and emission stopped, which is right, and
+    # the books must balance all the same.
+    await driver.until(
+        lambda: driver.board.pulse_count >= start + 100 or not driver.sim("status")["emitting"]
+    )
     driver.sim("clear-faults")
     driver.sim("footswitch up")
     # Two STATUS periods after the last pulse: the daemon has seen the device's final counter.
