@@ -996,9 +996,8 @@ class Daemon:
             return
         self._stops_held += count
         if self._stop_audit is None:
-            self._stop_audit = asyncio.get_running_loop().call_at(
-                asyncio.get_running_loop().time()
-                + max(0.0, self._stop_audited_at + _STOP_AUDIT_WINDOW_S - now),
+            self._stop_audit = asyncio.get_running_loop().call_later(
+                max(0.0, self._stop_audited_at + _STOP_AUDIT_WINDOW_S - now),
                 self._audit_held_stops,
             )
 

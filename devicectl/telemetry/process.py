@@ -115,8 +115,7 @@ class TelemetryProcess:
         self._stats: TelemetryStats | None = None
         self._pid: int | None = None
         self._restarts = 0
-        self._closing = False
-        self._closing_event: asyncio.Event = asyncio.Event()
+        self._closing: asyncio.Event = asyncio.Event()  # the block is being left
         self._reaped = True  # no worker process of ours to signal
         self._handed_over = False  # a worker started while leaving, for what was pending
         self._done: asyncio.Event = asyncio.Event()
@@ -222,8 +221,7 @@ class TelemetryProcess:
         tb: TracebackType | None,
     ) -> None:
         self._flush_pulses()
-        self._closing = True
-        self._closing_event.set()
+        self._closing.set()
         if self._writer is not None:
             self._write(_frame(("close", (), {})))
         budget = self._config.flush_timeout_s + self._exit_budget_s
@@ -343,7 +341,7 @@ class TelemetryProcess:
     async def _run(self) -> None:
         while True:
             code = await self._serve_worker()
-            if self._closing and not self._pending:
+            if self._closing.is_set() and not self._pending:
                 self._done.set()
                 return
             self._stats = None
@@ -351,13 +349,13 @@ class TelemetryProcess:
                 "telemetry_process_exited",
                 pid=self._pid,
                 exit=code,
-                restart_in_s=0 if self._closing else self._restart_delay(),
+                restart_in_s=0 if self._closing.is_set() else self._restart_delay(),
                 unacknowledged=len(self._pending),
             )
             if not await self._respawn():
                 self._done.set()
                 return
-            if self._closing:  # frames the last worker had not taken: this one takes them
+            if self._closing.is_set():  # frames the last worker had not taken: this one takes them
                 self._write(_frame(("close", (), {})))
             elif self._on_restart is not None:
                 self._on_restart()
@@ -370,19 +368,19 @@ class TelemetryProcess:
         meanwhile (what the last one had not taken: alerts, a session's end, must still reach
         the outbox); False when leaving with nothing to hand over."""
         while True:
-            if not self._closing:
+            if not self._closing.is_set():
                 delay = self._restart_delay()
                 self._restarts += 1
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closing_event.wait(), delay)
-            if self._closing and (not self._pending or self._handed_over):
+                    await asyncio.wait_for(self._closing.wait(), delay)
+            if self._closing.is_set() and (not self._pending or self._handed_over):
                 return False  # once at most: a worker that dies at every start takes no more
-            self._handed_over = self._closing
+            self._handed_over = self._closing.is_set()
             try:
                 await self._spawn()
             except OSError as exc:  # tried again after the next delay (none when closing)
                 self._log.error("telemetry_process_not_started", error=str(exc))
-                if self._closing:
+                if self._closing.is_set():
                     return False
                 continue
             return True

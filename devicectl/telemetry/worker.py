@@ -69,8 +69,7 @@ class _Worker:
         if first is None or first[0] != "start":
             return 2
         config, level = first[1]
-        self._forward_logs(level)
-        self._log = structlog.get_logger("devicectl.telemetry")
+        self._forward_logs(level)  # self._log, a lazy proxy, follows the new configuration
         telemetry = Telemetry(
             config,
             on_stop=self._stop,
