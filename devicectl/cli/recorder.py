@@ -230,20 +230,7 @@ def fleet_session(
     if as_json:
         typer.echo(json.dumps(detail, indent=2))
         return
-    for key in (
-        "device",
-        "session",
-        "site",
-        "patient",
-        "operator",
-        "skin_type",
-        "started",
-        "ended",
-        "pulses",
-        "energy_uj",
-        "faults",
-        "recorded_pulses",
-    ):
+    for key in queries.SESSION_FACTS:
         typer.echo(f"{key:16} {detail[key] if detail[key] is not None else '-'}")
     typer.echo("zones:")
     for zone in detail["zones"]:

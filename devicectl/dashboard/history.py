@@ -207,20 +207,7 @@ def history_mount(db_url: str) -> Mount:
         pulses = await queries.session_pulses(store, device, session)
         facts = "".join(
             f"<tr><th>{_e(key.replace('_', ' '))}</th><td>{_e(detail[key])}</td></tr>"
-            for key in (
-                "device",
-                "session",
-                "site",
-                "patient",
-                "operator",
-                "skin_type",
-                "started",
-                "ended",
-                "pulses",
-                "recorded_pulses",
-                "energy_uj",
-                "faults",
-            )
+            for key in queries.SESSION_FACTS
         )
         missing = ""
         if detail["ended"] is not None and detail["recorded_pulses"] != detail["pulses"]:

@@ -13,6 +13,7 @@ from devicectl.recorder.courses import Course, compute_course
 from devicectl.recorder.store import RecorderStore, open_store
 
 __all__ = [
+    "SESSION_FACTS",
     "SessionRow",
     "course",
     "gaps",
@@ -22,6 +23,23 @@ __all__ = [
     "session_pulses",
     "stored_counts",
 ]
+
+# The facts of :func:`session_detail` that `devicectl fleet session` and the dashboard's
+# history page show, in this order (the zones and pulses follow them).
+SESSION_FACTS = (
+    "device",
+    "session",
+    "site",
+    "patient",
+    "operator",
+    "skin_type",
+    "started",
+    "ended",
+    "pulses",
+    "recorded_pulses",
+    "energy_uj",
+    "faults",
+)
 
 _SESSION_SELECT = """
     SELECT s.device, s.session, s.site, s.patient, s.operator, s.skin_type, s.started,
