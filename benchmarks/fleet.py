@@ -50,6 +50,7 @@ from protocols.mqtt import (
     Stream,
     TopicBase,
     encode_payload,
+    pulse_batch_fields,
 )
 from tests.brokers import Broker
 from tests.postgres import PostgresCluster, find_pg_bin
@@ -84,18 +85,9 @@ class SimDevice:
             self.t_us = (self.t_us + period_us) & 0xFFFFFFFF
             batch.append((n, self.t_us, 1000 + n % 41))
         self.pulse_no += count
-        energies = [p[2] for p in batch]
         payload = PulseBatchPayload(
             **self.envelope(topic),  # type: ignore[arg-type]
-            session="1",
-            zone="cheeks",
-            first_pulse_no=first,
-            last_pulse_no=self.pulse_no,
-            count=count,
-            energy_uj_sum=sum(energies),
-            energy_uj_min=min(energies),
-            energy_uj_max=max(energies),
-            pulses=batch,
+            **pulse_batch_fields(batch, session="1", zone="cheeks"),
         )
         return topic, encode_payload(payload)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -64,6 +65,7 @@ __all__ = [
     "json_schemas",
     "mark_historical",
     "parse_topic",
+    "pulse_batch_fields",
     "schema_id",
 ]
 
@@ -240,6 +242,31 @@ class PulseBatchPayload(Envelope):
     dropped: int = Field(
         default=0, ge=0, description="Pulses not handed over because the hand-off was full."
     )
+
+
+def pulse_batch_fields(
+    pulses: Sequence[tuple[int, int, int]],
+    *,
+    session: str | None,
+    zone: str | None,
+    dropped: int = 0,
+) -> dict[str, Any]:
+    """A :class:`PulseBatchPayload`'s fields but the envelope, for consecutive ``pulses`` (at
+    least one ``(pulse_no, t_us, energy_uj)``): the first and last numbers, the count and the
+    energies' sum, minimum and maximum summarised from the list."""
+    energies = [p[2] for p in pulses]
+    return {
+        "session": session,
+        "zone": zone,
+        "first_pulse_no": pulses[0][0],
+        "last_pulse_no": pulses[-1][0],
+        "count": len(pulses),
+        "energy_uj_sum": sum(energies),
+        "energy_uj_min": min(energies),
+        "energy_uj_max": max(energies),
+        "pulses": [(p[0], p[1], p[2]) for p in pulses],
+        "dropped": dropped,
+    }
 
 
 class MetricsPayload(Envelope):

@@ -65,6 +65,7 @@ from protocols.mqtt import (
     Stream,
     encode_payload,
     mark_historical,
+    pulse_batch_fields,
     schema_id,
 )
 
@@ -516,19 +517,9 @@ class Telemetry:
     def _enqueue_batch(
         self, run: list[PulseTuple], zone: str | None, session: str | None, dropped: int
     ) -> None:
-        energies = [p[2] for p in run]
-        body = {
-            "session": _label(session),
-            "zone": _label(zone),
-            "first_pulse_no": run[0][0],
-            "last_pulse_no": run[-1][0],
-            "count": len(run),
-            "energy_uj_sum": sum(energies),
-            "energy_uj_min": min(energies),
-            "energy_uj_max": max(energies),
-            "pulses": [(p[0], p[1], p[2]) for p in run],
-            "dropped": dropped,
-        }
+        body = pulse_batch_fields(
+            [p[:3] for p in run], session=_label(session), zone=_label(zone), dropped=dropped
+        )
         self._counts["pulse_batches"] += 1
         self._enqueue(Stream.PULSES, lambda seq: encode_payload(
             PulseBatchPayload.model_validate({**self._envelope(seq), **body})

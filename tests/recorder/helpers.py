@@ -23,6 +23,7 @@ from protocols.mqtt import (
     Stream,
     TopicBase,
     encode_payload,
+    pulse_batch_fields,
 )
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
@@ -118,18 +119,9 @@ class FakeDevice:
         first = self.pulse_no + 1
         pulses = [(first + i, (first + i) * 2000, 1000 + i % 7) for i in range(count)]
         self.pulse_no += count
-        energies = [p[2] for p in pulses]
         payload = PulseBatchPayload(
             **self._envelope(topic, at),
-            session=session,
-            zone="cheeks",
-            first_pulse_no=first,
-            last_pulse_no=self.pulse_no,
-            count=count,
-            energy_uj_sum=sum(energies),
-            energy_uj_min=min(energies),
-            energy_uj_max=max(energies),
-            pulses=pulses,
+            **pulse_batch_fields(pulses, session=session, zone="cheeks"),
         )
         return topic, encode_payload(payload)
 
