@@ -25,6 +25,7 @@ an ``actor`` or ``received`` of its own is refused.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import grp
 import json
@@ -33,6 +34,7 @@ import resource
 import socket
 import stat
 import struct
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
@@ -50,6 +52,7 @@ from pydantic import (
 )
 
 from devicectl.errors import DevicectlError, LinkError
+from devicectl.realtime import step_below
 from devicectl.users import (
     ACK_REASON_CODES,
     OVERRIDE_REASON_CODES,
@@ -68,6 +71,8 @@ __all__ = [
     "ControlError",
     "ControlRequest",
     "ControlServer",
+    "ControlThread",
+    "DaemonLoop",
     "DaemonUnreachable",
     "IdentifiedRequest",
     "call_daemon",
@@ -791,6 +796,147 @@ class ControlServer:
         if signoff is not None:
             update["signoff"] = None
         return request.model_copy(update=update)
+
+
+class DaemonLoop:
+    """The daemon's event loop as the control thread sees it: each method turns a function of
+    the daemon's loop into a coroutine function the control thread's loop can await. What it
+    wraps runs on the daemon's loop, in the order it was handed over; its result or exception
+    comes back; cancelling the awaiting side cancels it there."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def handler(self, handler: Handler) -> Handler:
+        """``handler`` (a coroutine function of the daemon's loop), awaitable from the control
+        thread's loop."""
+
+        async def handle(request: Any) -> dict[str, Any]:
+            return await handler(request)
+
+        async def on_daemon_loop(request: Any) -> dict[str, Any]:
+            return await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(handle(request), self._loop)
+            )
+
+        return on_daemon_loop
+
+    def call(self, function: Callable[..., None]) -> Callable[..., Awaitable[None]]:
+        """A plain function of the daemon's loop (e.g. one that records an audit event),
+        awaitable from the control thread's loop: the awaiting side goes on once it has run."""
+
+        async def run(*args: Any) -> None:
+            function(*args)
+
+        async def on_daemon_loop(*args: Any) -> None:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(run(*args), self._loop))
+
+        return on_daemon_loop
+
+
+class ControlThread:
+    """A :class:`ControlServer` on a thread of its own, with its own event loop.
+
+    The daemon's event loop is its safety loop (the device link, every PULSE's verdict, STOP,
+    heartbeats). An accept storm, a thousand idle connections, a burst of malformed lines, or
+    requests waiting for a PIN check must not delay it: here the control socket is accepted
+    from, read, parsed, validated and answered on this thread, and only a validated request (and
+    an auth refusal's audit record) crosses to the daemon's loop, through :class:`DaemonLoop`.
+
+    The thread runs one real-time step below the loop (:func:`~devicectl.realtime.step_below`):
+    the loop preempts it, and it still runs before every ordinary process, so that it never holds
+    the interpreter's lock while an ordinary process keeps it off the CPU. The loop then waits
+    for that lock at most the interpreter's switch interval.
+
+    ``make_server(daemon_loop)`` builds the server on the control thread (so that everything of
+    asyncio in it belongs to that thread's loop). The server's sockets are bound before
+    ``async with`` returns, and an error binding them (another daemon listening, a path that is
+    not a socket) is raised there. Should the thread ever end on its own, ``on_died(cause)``
+    runs on the daemon's loop: a daemon nobody can reach must not go on emitting.
+    """
+
+    def __init__(
+        self,
+        make_server: Callable[[DaemonLoop], ControlServer],
+        *,
+        on_died: Callable[[str], None],
+        log: Any = None,
+    ) -> None:
+        self._make_server = make_server
+        self._on_died = on_died
+        self._log = log or structlog.get_logger("devicectl.control")
+        self._ready: concurrent.futures.Future[ControlServer] = concurrent.futures.Future()
+        # resolved when the thread has ended, with what ended it (None: it was asked to)
+        self._ended: concurrent.futures.Future[BaseException | None] = concurrent.futures.Future()
+        self._closing: asyncio.Event | None = None
+        self._control_loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._leaving = False
+        self.server: ControlServer | None = None
+
+    async def __aenter__(self) -> ControlThread:
+        daemon_loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(
+            target=self._run, args=(daemon_loop,), name="control", daemon=True
+        )
+        self._thread.start()
+        try:
+            self.server = await asyncio.wrap_future(self._ready)
+        except BaseException:
+            self._leaving = True
+            self._close()
+            await asyncio.wrap_future(self._ended)
+            raise
+        self._ended.add_done_callback(
+            lambda ended: daemon_loop.call_soon_threadsafe(self._check_ended, ended)
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._leaving = True
+        self._close()
+        await asyncio.wrap_future(self._ended)
+
+    def _close(self) -> None:
+        loop, closing = self._control_loop, self._closing
+        if loop is not None and closing is not None:
+            with contextlib.suppress(RuntimeError):  # its loop has ended already
+                loop.call_soon_threadsafe(closing.set)
+
+    def _run(self, daemon_loop: asyncio.AbstractEventLoop) -> None:
+        error: BaseException | None = None
+        try:
+            step_below()
+            asyncio.run(self._serve(daemon_loop))
+        except BaseException as exc:  # noqa: BLE001 - handed to the daemon, which stops
+            error = exc
+        if not self._ready.done():
+            self._ready.set_exception(
+                error or DevicectlError("the control socket's thread ended at start")
+            )
+        self._ended.set_result(error)
+
+    async def _serve(self, daemon_loop: asyncio.AbstractEventLoop) -> None:
+        self._control_loop = asyncio.get_running_loop()
+        self._closing = closing = asyncio.Event()
+        if self._leaving:  # asked to close before the loop existed
+            return
+        async with self._make_server(DaemonLoop(daemon_loop)) as server:
+            self._ready.set_result(server)
+            await closing.wait()
+
+    def _check_ended(self, ended: concurrent.futures.Future[BaseException | None]) -> None:
+        if self._leaving:
+            return
+        error = ended.result()
+        cause = f"{type(error).__name__}: {error}" if error is not None else "it returned"
+        self._log.error("control_thread_died", cause=cause)
+        self._on_died(f"the control socket's thread ended ({cause})")
 
 
 def _kind_of(exc: DevicectlError) -> str:

@@ -44,6 +44,8 @@ from devicectl.control import (
     ArmRequest,
     ControlError,
     ControlServer,
+    ControlThread,
+    DaemonLoop,
     DisarmRequest,
     FaultAckRequest,
     ParamsSetRequest,
@@ -246,6 +248,7 @@ class Daemon:
         self._roles: dict[str, str] = {}
         self._stack = contextlib.AsyncExitStack()
         self._stopped = asyncio.Event()
+        self._failure: str | None = None  # why it stopped of its own accord
         self._identified = asyncio.Event()
         self._telemetry_release = asyncio.Event()
         self._turn = asyncio.Lock()  # operator requests, one at a time, in arrival order
@@ -351,18 +354,25 @@ class Daemon:
         )
         stack.push_async_callback(self._make_safe)
 
-        authenticator = Authenticator(
-            UserStore.in_data_dir(self.data_dir), on_refused=self._auth_refused, log=self._log
-        )
-        await stack.enter_async_context(
-            ControlServer(
+        def control_server(daemon_loop: DaemonLoop) -> ControlServer:
+            """Built on the control thread: only validated requests (and the audit of a
+            refused identity) come to this loop."""
+            authenticator = Authenticator(
+                UserStore.in_data_dir(self.data_dir),
+                on_refused=daemon_loop.call(self._auth_refused),
+                log=self._log,
+            )
+            return ControlServer(
                 Path(settings.control),
-                self.handle,
+                daemon_loop.handler(self.handle),
                 group=settings.control_group,
                 authenticator=authenticator,
                 log=self._log,
                 received=lambda: self.core.stops,
             )
+
+        await stack.enter_async_context(
+            ControlThread(control_server, on_died=self._fail, log=self._log)
         )
         tasks = await stack.enter_async_context(asyncio.TaskGroup())
         own = [tasks.create_task(self._periodic(), name="daemon-periodic")]
@@ -393,6 +403,19 @@ class Daemon:
             self._log.error("shutdown_over_budget", budget_s=SHUTDOWN_BUDGET_S)
 
     def request_stop(self) -> None:
+        self._stopped.set()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the daemon stopped of its own accord (its exit is then a failure), or None."""
+        return self._failure
+
+    def _fail(self, cause: str) -> None:
+        """Something the daemon cannot run without has gone: stop (the laser made safe on the
+        way out) and exit with an error, so that the service manager restarts it."""
+        if self._failure is None:
+            self._failure = cause
+            self._log.error("daemon_failed", cause=cause)
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
@@ -1335,7 +1358,8 @@ async def run_daemon(
     device: DeviceSource | None = None,
     ready: Callable[[Daemon], None] | None = None,
 ) -> int:
-    """Run until SIGTERM or SIGINT; 0 on a clean stop."""
+    """Run until SIGTERM or SIGINT; 0 on a clean stop, 1 when the daemon stopped of its own
+    accord (:attr:`Daemon.failure`, logged as ``daemon_failed``)."""
     loop = asyncio.get_running_loop()
     notifier = SystemdNotifier()
     async with Daemon(settings, device=device, notifier=notifier) as daemon:
@@ -1348,4 +1372,4 @@ async def run_daemon(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     os.environ.pop("NOTIFY_SOCKET", None)
-    return 0
+    return 0 if daemon.failure is None else 1

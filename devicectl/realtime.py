@@ -30,7 +30,13 @@ from dataclasses import dataclass
 
 from structlog.typing import FilteringBoundLogger
 
-__all__ = ["RealtimeReport", "enter_realtime", "ordinary_scheduler", "scheduling"]
+__all__ = [
+    "RealtimeReport",
+    "enter_realtime",
+    "ordinary_scheduler",
+    "scheduling",
+    "step_below",
+]
 
 _MCL_CURRENT = 1
 _MCL_FUTURE = 2
@@ -101,6 +107,23 @@ def ordinary_scheduler() -> tuple[int, os.sched_param]:
     """The scheduling a child process of ours is given at spawn (``os.posix_spawn``'s
     ``scheduler``): ordinary time sharing, whatever this process runs under."""
     return os.SCHED_OTHER, os.sched_param(0)
+
+
+def step_below() -> int:
+    """Run the calling thread one step below the thread that started it, when that one is
+    ``SCHED_FIFO`` (a thread inherits its creator's scheduling): the safety loop then preempts
+    it, and it still runs before every ordinary process, so that it never holds the
+    interpreter's lock while preempted by one (the loop would wait for that lock behind the
+    ordinary process). Lowering one's own priority needs no privilege. Returns the thread's
+    SCHED_FIFO priority now, 0 when it runs under ordinary scheduling."""
+    if not hasattr(os, "sched_getscheduler") or os.sched_getscheduler(0) != os.SCHED_FIFO:
+        return 0
+    priority = os.sched_getparam(0).sched_priority
+    lowest = os.sched_get_priority_min(os.SCHED_FIFO)
+    if priority > lowest:
+        priority -= 1
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    return priority
 
 
 def _enter_fifo(priority: int) -> str | None:

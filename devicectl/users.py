@@ -28,7 +28,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -342,13 +342,17 @@ class UserStore:
 
 class Authenticator:
     """Turns a request's credentials into an :class:`Actor`, or refuses. Lives in the control
-    layer: the daemon only ever sees requests whose actor was verified here."""
+    layer: the daemon only ever sees requests whose actor was verified here.
+
+    ``on_refused(user, command, refusal)`` is told of every refusal before it is answered; it may
+    return an awaitable (the daemon's audit, run on the daemon's own loop), which is awaited.
+    Keep to one event loop: the lockout counts are that loop's alone."""
 
     def __init__(
         self,
         store: UserStore,
         *,
-        on_refused: Callable[[str | None, str, AuthRefused], None] | None = None,
+        on_refused: Callable[[str | None, str, AuthRefused], Awaitable[None] | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         log: Any = None,
     ) -> None:
@@ -380,7 +384,9 @@ class Authenticator:
             user = auth.user if auth is not None else None
             self._log.warning("control_auth_refused", user=user, command=command, rule=exc.rule)
             if self._on_refused is not None:
-                self._on_refused(user, command, exc)
+                recorded = self._on_refused(user, command, exc)
+                if recorded is not None:  # on another thread's loop: answer once it has run
+                    await recorded
             raise
 
     async def _actor(

@@ -83,3 +83,48 @@ def test_refused_names_the_unit_setting_that_grants_it() -> None:
     assert report["priority"] == 0
     assert "set LimitRTPRIO=40 in the unit" in report["fifo_refused"]
     assert result["events"] == ["realtime_partly_refused"]
+
+
+STEP = """
+import json, os, sys, threading
+from devicectl.realtime import step_below
+if sys.argv[1] != "0":
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(int(sys.argv[1])))
+seen = {}
+def thread():
+    seen["returned"] = step_below()
+    seen["policy"] = os.sched_getscheduler(0)
+    seen["priority"] = os.sched_getparam(0).sched_priority
+worker = threading.Thread(target=thread)
+worker.start(); worker.join()
+seen["own"] = os.sched_getparam(0).sched_priority
+print(json.dumps(seen))
+"""
+
+
+def step_below_in(priority: int) -> dict[str, int]:
+    out = subprocess.run(
+        [sys.executable, "-c", STEP, str(priority)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    result: dict[str, int] = json.loads(out.stdout)
+    return result
+
+
+def test_a_thread_of_an_ordinary_process_stays_ordinary() -> None:
+    assert step_below_in(0) == {"returned": 0, "policy": os.SCHED_OTHER, "priority": 0, "own": 0}
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 and not IN_CI, reason="granting SCHED_FIFO needs root (CI runs as root)"
+)
+def test_a_thread_steps_one_below_the_real_time_loop_that_started_it() -> None:
+    """The control thread: preempted by the safety loop, still ahead of ordinary processes."""
+    assert step_below_in(40) == {
+        "returned": 39,
+        "policy": os.SCHED_FIFO,
+        "priority": 39,
+        "own": 40,
+    }
+    lowest = os.sched_get_priority_min(os.SCHED_FIFO)
+    assert step_below_in(lowest)["priority"] == lowest  # nowhere lower to go: stays FIFO
