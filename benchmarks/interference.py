@@ -484,6 +484,8 @@ async def run_row(row: str, tree: Path, *, quick: bool, tmp: Path) -> dict[str, 
         log = (work / "daemon.log").read_text(errors="replace")
         result["heartbeat_late_lines"] = log.count("heartbeat_late")
         result["link_lost_lines"] = log.count("device_link_lost")
+        # the telemetry worker restarted (it died, or the daemon judged it hung)
+        result["worker_restarts"] = max(0, log.count("telemetry_process_started") - 1)
         result["daemon_log_kib"] = len(log) / 1024
     return result
 
@@ -513,6 +515,8 @@ def print_table(results: dict[str, dict[str, dict[str, Any]]], trees: list[str])
                 notes.append(f"{r['false_lease']} false lease_nearly_out")
             if r["link_lost_lines"]:
                 notes.append(f"link lost {r['link_lost_lines']}×")
+            if r.get("worker_restarts"):
+                notes.append(f"telemetry worker restarted {r['worker_restarts']}×")
             if r["heartbeat_late_lines"]:
                 notes.append(f"{r['heartbeat_late_lines']} heartbeat_late")
             notes.append(f"log {r['daemon_log_kib']:.0f} KiB")

@@ -133,6 +133,18 @@ class CommandRefusals:
         """Refusals waiting to be reported."""
         return self._count
 
+    def add_unread(self, count: int, payload_bytes: int, *, now: float) -> bool:
+        """Count ``count`` commands dropped unread (a flood beyond what is read): refused,
+        unnamed; True when they opened a burst."""
+        opened = self._count == 0
+        if opened:
+            self._first_at = now
+        self._count += count
+        self._unlisted += count
+        self._bytes += payload_bytes
+        self._last_at = now
+        return opened
+
     def add(self, command: str, payload_bytes: int, *, retained: bool, now: float) -> bool:
         """Count one refusal; True when it opened a burst (due at ``now + window_s``)."""
         opened = self._count == 0

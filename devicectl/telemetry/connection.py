@@ -13,7 +13,7 @@ internal. (aiomqtt does the same inside, but offers no public way to pipeline pu
     publish()          one message, awaiting its PUBACK (availability, QoS 0 metrics)
     publish_nowait()   pipelined: the PUBACK goes to ``on_puback`` (the outbox's rows)
     burst()            publishes inside leave in one corked socket write, from the caller
-    messages()         inbound PUBLISHes (``cmd/#``)
+    messages()         inbound PUBLISHes (``cmd/#``), at most INBOUND_MAX waiting (see there)
     disconnect()       a clean DISCONNECT (no Last Will); close() releases the socket anyway
 
 A lost connection fails whatever waits on it with :class:`MqttLinkError`.
@@ -38,6 +38,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from devicectl.errors import DevicectlError
+
+# Inbound messages waiting for messages()' reader, at most: paho reads a flood faster than the
+# reader takes it (15,000 messages/s grew the worker by ~700 MB). Beyond it a message is dropped
+# unread and counted (take_dropped), unless ``keep`` says otherwise, and even those stop at twice
+# the bound: the reader has a thousand of them to act on already.
+INBOUND_MAX = 1000
 
 __all__ = ["MqttConnection", "MqttLinkError", "MqttRefused", "Will"]
 
@@ -139,6 +145,10 @@ class MqttConnection:
         self._lost: asyncio.Future[None] | None = None
         self._acks: dict[int, asyncio.Future[int]] = {}
         self._messages: asyncio.Queue[paho.MQTTMessage] = asyncio.Queue()
+        # with INBOUND_MAX waiting: which messages still get in (e.g. a cmd/stop)
+        self.keep: Callable[[paho.MQTTMessage], bool] | None = None
+        self._dropped = 0
+        self._dropped_bytes = 0
         self._misc: asyncio.Task[None] | None = None
         self._watched: socket.socket | None = None  # the socket registered with the loop
         self._writing = False
@@ -400,7 +410,20 @@ class MqttConnection:
             acked.set_result(max(codes, default=0))
 
     def _on_message(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
+        waiting = self._messages.qsize()
+        if waiting >= INBOUND_MAX and (
+            waiting >= 2 * INBOUND_MAX or self.keep is None or not self.keep(message)
+        ):
+            self._dropped += 1
+            self._dropped_bytes += len(message.payload)
+            return
         self._messages.put_nowait(message)
+
+    def take_dropped(self) -> tuple[int, int]:
+        """Inbound messages dropped unread since the last call, and their payload bytes."""
+        dropped = self._dropped, self._dropped_bytes
+        self._dropped = self._dropped_bytes = 0
+        return dropped
 
     def _on_socket_open(self, _client: paho.Client, _userdata: Any, sock: Any) -> None:
         with contextlib.suppress(OSError, AttributeError):

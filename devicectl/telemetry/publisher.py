@@ -85,6 +85,11 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def _now() -> float:
+    """The running loop's clock: the refused bursts' times."""
+    return asyncio.get_running_loop().time()
+
+
 @dataclass(frozen=True, slots=True)
 class TelemetryStats:
     """A snapshot of the publisher's counters (``Telemetry.stats``)."""
@@ -805,7 +810,16 @@ class Telemetry:
         return True
 
     async def _receive(self, client: MqttConnection) -> None:
+        base = self._topics.base
+        client.keep = lambda message: (
+            classify_command(base, message.topic, retained=bool(message.retain)).action
+            is CommandAction.STOP
+        )
         async for message in client.messages():
+            unread, unread_bytes = client.take_dropped()
+            if unread:  # a flood beyond what is read: refused unread, in the same burst
+                self._counts["commands_refused"] += unread
+                self._refused(self._refusals.add_unread(unread, unread_bytes, now=_now()))
             self._handle_command(message.topic, message.payload, retained=bool(message.retain))
 
     def _handle_command(self, topic: str, raw: object, *, retained: bool) -> None:
@@ -837,10 +851,14 @@ class Telemetry:
             return
         self._counts["commands_refused"] += 1
         # aggregated: a flood costs one log line, one audit record and one alert per burst
-        loop = asyncio.get_running_loop()
-        if self._refusals.add(decision.command, len(payload), retained=retained, now=loop.time()):
-            self._refusal_report = loop.call_at(
-                loop.time() + self._refusals.window_s, self._report_refusals
+        opened = self._refusals.add(decision.command, len(payload), retained=retained, now=_now())
+        self._refused(opened)
+
+    def _refused(self, opened: bool) -> None:
+        """A refusal joined the burst; ``opened``: it opened one, to be reported in a window."""
+        if opened:
+            self._refusal_report = asyncio.get_running_loop().call_later(
+                self._refusals.window_s, self._report_refusals
             )
 
     def _report_refusals(self) -> None:

@@ -7,12 +7,14 @@ import asyncio
 import json
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from devicectl.telemetry import CommandRefusals, RefusedBurst, Telemetry
 from devicectl.telemetry.commands import MAX_NAME_CHARS, cap_name
+from devicectl.telemetry.connection import INBOUND_MAX, MqttConnection
 from tests.brokers import Broker
 from tests.telemetry.helpers import config, flood_commands, recorder, until
 
@@ -134,3 +136,41 @@ async def test_a_flood_of_long_named_commands_is_one_report(
     refusal_lines = [e for e, _ in log.events if e.startswith("mqtt_command")]
     assert refusal_lines == ["mqtt_commands_refused"]
     assert len(repr(log.events)) < 10_000
+
+
+def test_commands_dropped_unread_join_the_burst_unnamed() -> None:
+    refusals = CommandRefusals(window_s=1.0)
+    assert refusals.add_unread(500, 9_000, now=2.0)  # opens a burst
+    assert not refusals.add("arm", 18, retained=False, now=2.5)
+    burst = refusals.take()
+    assert burst is not None
+    assert (burst.count, burst.commands, burst.unlisted, burst.payload_bytes) == (
+        501,
+        ("arm",),
+        500,
+        9_018,
+    )
+
+
+def _deliver(connection: MqttConnection, topic: str, payload: bytes = b"{}") -> None:
+    """What paho does with each PUBLISH it reads: hand it to the client's on_message."""
+    message = paho.MQTTMessage(topic=topic.encode())
+    message.payload = payload
+    assert connection.client.on_message is not None
+    connection.client.on_message(connection.client, None, message)
+
+
+def test_a_flood_beyond_the_inbound_bound_is_dropped_unread_but_a_stop_gets_in() -> None:
+    """paho reads a flood faster than the commands are handled: what waits is bounded
+    (15,000 messages/s grew the worker by ~700 MB), and a stop still gets in."""
+    connection = MqttConnection("127.0.0.1", 1883, client_id="flood-test", v5=True)
+    connection.keep = lambda message: message.topic.endswith("/cmd/stop")
+    for _ in range(INBOUND_MAX + 500):
+        _deliver(connection, f"{BASE}/cmd/arm", b'{"lease_ms": 5000}')
+    assert connection.take_dropped() == (500, 500 * 18)
+    _deliver(connection, f"{BASE}/cmd/stop")
+    assert connection.take_dropped() == (0, 0), "a stop is never dropped for want of room"
+    for _ in range(3 * INBOUND_MAX):  # a flood of stops is bounded too: twice the bound
+        _deliver(connection, f"{BASE}/cmd/stop")
+    room = 2 * INBOUND_MAX - (INBOUND_MAX + 1)  # beside the arms and the stop already waiting
+    assert connection.take_dropped()[0] == 3 * INBOUND_MAX - room
