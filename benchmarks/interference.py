@@ -28,9 +28,11 @@ after that first bad one, before the STOP arrived (the most in any breach); PULS
 
 The board's stand-in (this process) runs SCHED_FIFO 60 where permitted (``--board-priority``),
 above the daemon's own 40, so that host load delays the daemon, not the "microcontroller".
-``--tty-workers-fifo PRIO`` also raises the kernel's worker threads, which carry every byte
-between a serial port or pty and its reader (the tty layer's flip buffers): measured, they are
-what is left of the delay once the daemon is real-time (docs/reliability.md).
+``--kernel-workers PRIO`` runs each tree a second time (``NAME+kw``) with the kernel's unbound
+workqueue workers, which carry every byte between a serial port or pty and its reader (the tty
+layer's flip buffers), kept at SCHED_FIFO PRIO as ``devicectl kernel-workers`` keeps them on a
+device (examples/devicectl-kernel-workers.service): measured, they are what is left of the delay
+once the daemon is real-time (docs/reliability.md).
 
 ``--tree NAME=PATH`` (repeatable) runs the daemon from another source tree (for instance
 ``git archive main`` unpacked somewhere) with the rows interleaved, so designs are compared in
@@ -49,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import concurrent.futures
 import itertools
 import json
@@ -70,6 +71,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.e2e import POLICY, _spread  # noqa: E402
 from devicectl.control import call_daemon  # noqa: E402
+from devicectl.realtime import KernelWorkers  # noqa: E402
 from devicectl.telemetry.outbox import Outbox  # noqa: E402
 from protocols import FrameReader, MessageType, Pulse  # noqa: E402
 from simulator import Board, BoardRunner  # noqa: E402
@@ -553,43 +555,6 @@ def board_realtime(priority: int) -> None:
 BOARD_THREADS: list[Any] = []  # initializers of this process's worker threads
 
 
-def kernel_workers() -> list[int]:
-    """The kernel's worker threads (kworker/*), which run the tty layer's flip-buffer work:
-    every byte between a serial port (or a pty) and its reader passes through one."""
-    pids = []
-    for task in Path("/proc").iterdir():
-        if task.name.isdigit():
-            try:
-                if (task / "comm").read_text().startswith("kworker/"):
-                    pids.append(int(task.name))
-            except OSError:
-                continue
-    return pids
-
-
-def raise_kernel_workers(priority: int) -> int:
-    """SCHED_FIFO ``priority`` for the kernel's worker threads that exist now (new ones start
-    ordinary: called again before each row); how many. Root only; undone by
-    :func:`lower_kernel_workers`."""
-    raised = 0
-    for pid in kernel_workers():
-        try:
-            os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(priority))
-            raised += 1
-        except OSError:
-            continue
-    return raised
-
-
-def lower_kernel_workers() -> None:
-    for pid in kernel_workers():
-        try:
-            if os.sched_getscheduler(pid) == os.SCHED_FIFO:
-                os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
-        except OSError:
-            continue
-
-
 def board_executor() -> concurrent.futures.ThreadPoolExecutor:
     """The default executor of the board's loop: its threads share the board's scheduling."""
 
@@ -600,6 +565,13 @@ def board_executor() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(max_workers=4, initializer=initialize)
 
 
+async def _keep_raised(workers: KernelWorkers) -> None:
+    """What `devicectl kernel-workers --every 2` does, for the length of a row."""
+    while True:
+        workers.apply()
+        await asyncio.sleep(2.0)
+
+
 async def main_async(args: argparse.Namespace, trees: dict[str, Path]) -> None:
     asyncio.get_running_loop().set_default_executor(board_executor())
     rows = args.rows.split(",") if args.rows else list(ROWS)
@@ -607,15 +579,22 @@ async def main_async(args: argparse.Namespace, trees: dict[str, Path]) -> None:
     with tempfile.TemporaryDirectory(prefix="devicectl-interference-") as directory:
         for row in rows:
             for name, tree in trees.items():
-                print(f"... {row} ({name})", file=sys.stderr, flush=True)
-                if args.tty_workers_fifo:
-                    raise_kernel_workers(args.tty_workers_fifo)
-                try:
-                    results.setdefault(row, {})[name] = await run_row(
-                        row, tree, quick=args.quick, tmp=Path(directory)
-                    )
-                except Exception as exc:  # one row failing leaves the others' figures
-                    print(f"    {row} ({name}) failed: {exc!r}", file=sys.stderr, flush=True)
+                for raised in (False, True) if args.kernel_workers else (False,):
+                    label = f"{name}+kw" if raised else name
+                    print(f"... {row} ({label})", file=sys.stderr, flush=True)
+                    workers = KernelWorkers(args.kernel_workers) if raised else None
+                    try:
+                        if workers is not None:  # as `devicectl kernel-workers` does on a device
+                            watch = asyncio.create_task(_keep_raised(workers))
+                        results.setdefault(row, {})[label] = await run_row(
+                            row, tree, quick=args.quick, tmp=Path(directory)
+                        )
+                    except Exception as exc:  # one row failing leaves the others' figures
+                        print(f"    {row} ({label}) failed: {exc!r}", file=sys.stderr, flush=True)
+                    finally:
+                        if workers is not None:
+                            watch.cancel()
+                            workers.restore()
     if args.json:
         print(json.dumps(results, indent=2, default=str))
         return
@@ -644,18 +623,16 @@ def main() -> None:
         "starts (daemon, loads) runs under ordinary scheduling",
     )
     parser.add_argument(
-        "--tty-workers-fifo",
+        "--kernel-workers",
         type=int,
         default=0,
         metavar="PRIO",
-        help="raise the kernel's worker threads (which carry every serial byte) to SCHED_FIFO "
-        "PRIO for the run, as a device image may; root only; restored at exit",
+        help="run each tree twice more, NAME+kw: with the kernel's tty workers at SCHED_FIFO "
+        "PRIO, as `devicectl kernel-workers` keeps them on a device (39); root only",
     )
     args = parser.parse_args()
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))  # the board
     board_realtime(args.board_priority)
-    if args.tty_workers_fifo:
-        atexit.register(lower_kernel_workers)
     trees: dict[str, Path] = {}
     for item in args.tree or [f"this={REPO}"]:
         name, _, path = item.partition("=")

@@ -26,13 +26,16 @@ import ctypes.util
 import os
 import resource
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from structlog.typing import FilteringBoundLogger
 
 __all__ = [
+    "KernelWorkers",
     "RealtimeReport",
     "enter_realtime",
+    "kernel_workers",
     "ordinary_scheduler",
     "scheduling",
     "step_below",
@@ -51,6 +54,8 @@ class RealtimeReport:
     memory_locked: bool
     lock_refused: str | None
     switch_interval_s: float
+    # the kernel's tty workers still under ordinary scheduling at start (see KernelWorkers)
+    kernel_workers_ordinary: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -59,6 +64,7 @@ class RealtimeReport:
             "memory_locked": self.memory_locked,
             "lock_refused": self.lock_refused,
             "switch_interval_ms": round(self.switch_interval_s * 1000, 3),
+            "kernel_workers_ordinary": self.kernel_workers_ordinary,
         }
 
 
@@ -74,13 +80,26 @@ def enter_realtime(
     fifo_refused = _enter_fifo(priority) if priority > 0 else "disabled by realtime.priority = 0"
     granted = 0 if fifo_refused else priority
     lock_refused = _lock_memory() if lock_memory else "disabled by realtime.lock_memory"
+    ordinary = _ordinary_kernel_workers() if granted else 0
     report = RealtimeReport(
-        granted, fifo_refused, lock_refused is None, lock_refused, sys.getswitchinterval()
+        granted,
+        fifo_refused,
+        lock_refused is None,
+        lock_refused,
+        sys.getswitchinterval(),
+        ordinary,
     )
     if fifo_refused is None and lock_refused is None:
         log.info("realtime", **report.as_dict())
     else:
         log.warning("realtime_partly_refused", **report.as_dict())
+    if ordinary:
+        log.warning(
+            "kernel_workers_ordinary",
+            workers=ordinary,
+            why="every byte from the device waits for them when ordinary processes load the CPUs",
+            fix="run `devicectl kernel-workers` as root: examples/devicectl-kernel-workers.service",
+        )
     return report
 
 
@@ -156,3 +175,89 @@ def _lock_memory() -> str | None:
         errno = ctypes.get_errno()
         return f"mlockall failed: {os.strerror(errno)}"
     return None
+
+
+# ---------------------------------------------------------------- the kernel's tty workers
+
+# The kernel's workers of its unbound workqueues: the tty layer's flip-buffer work
+# (flush_to_ldisc) runs there, so every byte between a serial port (or a pty) and its reader, in
+# either direction, waits for one of these threads. They run under ordinary scheduling: with the
+# CPUs loaded by ordinary processes, a real-time daemon still waits for them (measured: PULSE
+# handling 30-100 ms late, pulses fired after a breach; docs/reliability.md, "Interference").
+KERNEL_WORKER_PREFIX = "kworker/u"
+
+
+def kernel_workers(proc: Path = Path("/proc")) -> list[int]:
+    """The pids of the kernel's unbound workqueue workers that exist now."""
+    pids = []
+    for task in proc.iterdir():
+        if not task.name.isdigit():
+            continue
+        try:
+            if (task / "comm").read_text().startswith(KERNEL_WORKER_PREFIX):
+                pids.append(int(task.name))
+        except OSError:  # gone meanwhile
+            continue
+    return pids
+
+
+def _ordinary_kernel_workers() -> int:
+    ordinary = 0
+    for pid in kernel_workers():
+        try:
+            ordinary += os.sched_getscheduler(pid) != os.SCHED_FIFO
+        except ProcessLookupError:
+            continue
+    return ordinary
+
+
+@dataclass
+class KernelWorkers:
+    """Keeps the kernel's unbound workqueue workers at SCHED_FIFO ``priority``.
+
+    Workers come and go (the kernel starts one when all are busy and retires idle ones), so
+    :meth:`apply` is meant to be called again every few seconds (``devicectl kernel-workers``
+    does); a new worker is ordinary until then. Needs CAP_SYS_NICE: a root job of the device
+    image's, never the daemon, which runs without capabilities. Below the daemon's own priority
+    by default: the loop still preempts them, and every ordinary process waits for them."""
+
+    priority: int
+    raised: set[int] = field(default_factory=set)  # pids this object raised, alive or not
+
+    def apply(self) -> list[int]:
+        """Raise every worker not already at ``priority``; the pids raised now. Raises
+        PermissionError when not permitted (the first change tried)."""
+        now = []
+        wanted = os.sched_param(self.priority)
+        for pid in kernel_workers():
+            try:
+                if (
+                    os.sched_getscheduler(pid) == os.SCHED_FIFO
+                    and os.sched_getparam(pid).sched_priority == self.priority
+                ):
+                    continue
+                os.sched_setscheduler(pid, os.SCHED_FIFO, wanted)
+            except ProcessLookupError:
+                continue
+            now.append(pid)
+            self.raised.add(pid)
+        return now
+
+    def restore(self) -> int:
+        """Ordinary scheduling again for those this object raised and that are still at
+        ``priority``; how many."""
+        restored = 0
+        for pid in sorted(self.raised):
+            try:
+                if not Path(f"/proc/{pid}/comm").read_text().startswith(KERNEL_WORKER_PREFIX):
+                    continue  # that worker is gone, and its pid is another process's now
+                if (
+                    os.sched_getscheduler(pid) == os.SCHED_FIFO
+                    and os.sched_getparam(pid).sched_priority == self.priority
+                ):
+                    os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
+                    restored += 1
+            except (ProcessLookupError, FileNotFoundError):
+                continue
+        self.raised.clear()
+        return restored

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from devicectl.realtime import KernelWorkers
 from tests.conftest import IN_CI
 
 PROBE = """
@@ -57,6 +58,7 @@ def test_granted_as_root() -> None:
     report = result["report"]
     assert isinstance(report, dict)
     assert result["policy"] == os.SCHED_FIFO
+    ordinary = report.pop("kernel_workers_ordinary")
     assert report == {
         "priority": 40,
         "fifo_refused": None,
@@ -64,7 +66,25 @@ def test_granted_as_root() -> None:
         "lock_refused": None,
         "switch_interval_ms": 0.5,
     }
-    assert result["events"] == ["realtime"]
+    # the kernel's tty workers, still ordinary unless `devicectl kernel-workers` runs: said once
+    assert isinstance(ordinary, int)
+    assert result["events"] == ["realtime"] + (["kernel_workers_ordinary"] if ordinary else [])
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 and not IN_CI, reason="changing kernel threads needs root (CI runs as root)"
+)
+def test_a_daemon_started_with_the_kernel_workers_raised_does_not_warn() -> None:
+    workers = KernelWorkers(41)
+    workers.apply()
+    try:
+        result = probe(40, lock=False)
+    finally:
+        workers.restore()
+    report = result["report"]
+    assert isinstance(report, dict)
+    assert report["kernel_workers_ordinary"] == 0
+    assert "kernel_workers_ordinary" not in result["events"]
 
 
 def test_refused_names_the_unit_setting_that_grants_it() -> None:

@@ -276,6 +276,69 @@ def status_panel(status: dict[str, Any]) -> Panel:
     return Panel(grid, title=f"devicectl {status.get('version', '')}".strip(), expand=False)
 
 
+@app.command("kernel-workers")
+def kernel_workers(
+    priority: Annotated[
+        int,
+        typer.Option(
+            "--priority",
+            min=1,
+            max=99,
+            help="SCHED_FIFO priority for the workers: below the daemon's own (40 by default), "
+            "above every ordinary process.",
+        ),
+    ] = 39,
+    every: Annotated[
+        float,
+        typer.Option(
+            "--every",
+            min=0.0,
+            help="Seconds between two scans for new workers; 0: raise those there now, then exit.",
+        ),
+    ] = 2.0,
+) -> None:
+    """Keep the kernel's tty workers ahead of ordinary processes (a root job of the device's).
+
+    Every byte between the serial port and the daemon passes through the kernel's unbound
+    workqueue workers (kworker/u*), which run under ordinary scheduling; on a loaded computer a
+    real-time daemon still waits for them. This raises them to SCHED_FIFO, again for new ones
+    every --every seconds, and puts back those it raised when it is stopped. Needs root or
+    CAP_SYS_NICE, which the daemon itself never has: examples/devicectl-kernel-workers.service.
+
+    Example: devicectl kernel-workers --priority 39 --every 2
+    """
+    import signal
+    import threading
+
+    import structlog
+
+    from devicectl.logs import configure_logging
+    from devicectl.realtime import KernelWorkers
+
+    configure_logging()
+    log = structlog.get_logger("devicectl.kernel_workers")
+    workers = KernelWorkers(priority)
+    try:
+        raised = workers.apply()
+    except PermissionError:
+        _err.print(
+            "error: changing the kernel workers' scheduling needs root or CAP_SYS_NICE "
+            "(see examples/devicectl-kernel-workers.service)"
+        )
+        raise typer.Exit(ExitCode.REFUSED) from None
+    log.info("kernel_workers_raised", priority=priority, workers=len(raised), every_s=every)
+    if every == 0:
+        return
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _sig, _frame: stopping.set())
+    while not stopping.wait(every):
+        raised = workers.apply()
+        if raised:
+            log.info("kernel_workers_raised", priority=priority, workers=len(raised))
+    log.info("kernel_workers_restored", workers=workers.restore())
+
+
 # ---------------------------------------------------------------- the daemon
 
 

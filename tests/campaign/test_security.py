@@ -205,6 +205,24 @@ def test_the_example_unit_runs_unprivileged_and_hardened() -> None:
     assert unit.get("EnvironmentFile"), "no EnvironmentFile for the MQTT credentials"
 
 
+def test_the_kernel_workers_unit_holds_one_capability_and_no_network() -> None:
+    """The one job that needs a privilege (raising the kernel's tty workers) is a unit of its
+    own, so that the daemon's holds none."""
+    unit = _unit_settings(UNIT.with_name("devicectl-kernel-workers.service"))
+    assert unit["CapabilityBoundingSet"] == ["CAP_SYS_NICE"]
+    for key, value in {
+        "NoNewPrivileges": "yes",
+        "PrivateNetwork": "yes",
+        "PrivateDevices": "yes",
+        "ProtectSystem": "strict",
+        "AmbientCapabilities": "",
+    }.items():
+        assert unit.get(key) == [value], (key, unit.get(key))
+    assert "devicectl kernel-workers --priority 39" in unit["ExecStart"][0]
+    daemon = _unit_settings(UNIT)
+    assert "devicectl-kernel-workers.service" in daemon["Wants"]
+
+
 @pytest.fixture
 def tls_password_broker(tmp_path: Path, pki: Pki) -> Iterator[Broker]:
     """mosquitto with a TLS listener (the test CA) and user ``laser1``, password ``ENV_SECRET``."""
