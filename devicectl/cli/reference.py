@@ -39,9 +39,9 @@ or the same config. The control socket's own protocol is docs/control-api.md.
 
 Where these commands refine the original design, docs/design-notes.md ("Section 7: command line")
 says what holds: `port` defaults to `sim`, `sim-control --socket` defaults to the path `sim` uses,
-`stop` exits 3 when the device cannot confirm. `config show`, `dashboard` and the simulator's
-`--max-rate`, `--serial` and `--seed` are additions; the fleet recorder (`devicectl recorder`) does
-not exist yet.
+`stop` exits 3 when the device cannot confirm. `config show`, `dashboard`, the fleet recorder's
+`recorder` and `fleet`, `users`, `kernel-workers` (a root job of the device's, beside the daemon)
+and the simulator's `--max-rate`, `--serial` and `--seed` are additions.
 """
 
 
