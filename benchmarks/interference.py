@@ -501,7 +501,7 @@ def _fmt(value: Any, spec: str) -> str:
 def print_table(results: dict[str, dict[str, dict[str, Any]]], trees: list[str]) -> None:
     """One line per row and tree."""
     head = (
-        f"{'condition':<15}{'tree':<8}{'n':>4}{'STOP p50':>10}{'p99':>8}{'max µs':>9}"
+        f"{'condition':<15}{'tree':<11}{'n':>4}{'STOP p50':>10}{'p99':>8}{'max µs':>9}"
         f"{'after':>6}{'lag p50':>9}{'p99':>8}{'max ms':>9}{'hb gap':>8}  notes"
     )
     print(head)
@@ -523,7 +523,7 @@ def print_table(results: dict[str, dict[str, dict[str, Any]]], trees: list[str])
                 notes.append(f"{r['heartbeat_late_lines']} heartbeat_late")
             notes.append(f"log {r['daemon_log_kib']:.0f} KiB")
             print(
-                f"{row:<15}{tree:<8}{r['stop_breaches']:>4}"
+                f"{row:<15}{tree:<11}{r['stop_breaches']:>4}"
                 f"{_fmt(r['stop_p50_us'], '.0f'):>10}{_fmt(r['stop_p99_us'], '.0f'):>8}"
                 f"{_fmt(r['stop_max_us'], '.0f'):>9}{_fmt(r['after_breach_max'], 'd'):>6}"
                 f"{_fmt(r['lag_p50_ms'], '.2f'):>9}{_fmt(r['lag_p99_ms'], '.2f'):>8}"
@@ -604,7 +604,8 @@ async def main_async(args: argparse.Namespace, trees: dict[str, Path]) -> None:
         "pulses fired after the first bad one; lag: PULSE written → handled by the daemon; "
         "hb gap: longest gap between heartbeats at the board (ms)"
     )
-    print_table(results, list(trees))
+    labels = [f"{name}{kw}" for name in trees for kw in ("", "+kw")]
+    print_table(results, [label for label in labels if any(label in r for r in results.values())])
 
 
 def main() -> None:

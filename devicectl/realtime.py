@@ -7,8 +7,9 @@ messages does takes this process's CPU. :func:`enter_realtime` asks the kernel f
 
 * ``SCHED_FIFO`` at ``priority`` for the process's threads (inherited by the threads it starts
   afterwards: the log writer too, so that a thread holding the interpreter's lock is never
-  preempted by an ordinary process while the loop waits for it). A process of ours started later
-  (the telemetry worker) is given ``SCHED_OTHER`` back at spawn;
+  preempted by an ordinary process while the loop waits for it; the control socket's thread then
+  steps one below, :func:`step_below`). A process of ours started later (the telemetry worker) is
+  given ``SCHED_OTHER`` back at spawn;
 * ``mlockall(MCL_CURRENT | MCL_FUTURE)`` when the memory-lock limit allows all of it (a page
   fault on a swapped-out page would cost milliseconds): unlimited, or root;
 * a short interpreter switch interval (:func:`sys.setswitchinterval`), so that the loop waits at
@@ -16,7 +17,9 @@ messages does takes this process's CPU. :func:`enter_realtime` asks the kernel f
 
 Each one is best effort: what the system refuses is logged once, with the reason and the unit
 setting that grants it (``LimitRTPRIO``, ``LimitMEMLOCK``; examples/devicectl.service), and the
-daemon runs on. Measured in docs/reliability.md ("Where the safety loop should run").
+daemon runs on. The kernel's tty workers, which every serial byte waits for, are another
+process's business (:class:`KernelWorkers`, ``devicectl kernel-workers``, a root job); the daemon
+only says at start when they are still ordinary (``kernel_workers_ordinary``). Measured in docs/reliability.md ("Where the safety loop should run").
 """
 
 from __future__ import annotations
