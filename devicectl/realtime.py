@@ -19,7 +19,8 @@ Each one is best effort: what the system refuses is logged once, with the reason
 setting that grants it (``LimitRTPRIO``, ``LimitMEMLOCK``; examples/devicectl.service), and the
 daemon runs on. The kernel's tty workers, which every serial byte waits for, are another
 process's business (:class:`KernelWorkers`, ``devicectl kernel-workers``, a root job); the daemon
-only says at start when they are still ordinary (``kernel_workers_ordinary``). Measured in docs/reliability.md ("Where the safety loop should run").
+only says at start when they are still ordinary (``kernel_workers_ordinary``). Measured in
+docs/reliability.md ("Where the safety loop should run", "Interference").
 """
 
 from __future__ import annotations

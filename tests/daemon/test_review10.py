@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from typing import Any
 
 from devicectl.link import DeviceLink
@@ -81,18 +82,20 @@ async def test_an_arm_whose_pin_is_checked_when_a_stop_is_answered_does_not_arm(
     await driver.ok(**SESSION)
     await driver.ok("session_zone", zone="forehead")
     await driver.ok("params_set", energy_uj=2000, width_us=500, rate_hz=50.0, spot_um=300)
-    checking, release = asyncio.Event(), asyncio.Event()
+    # threading Events: the PIN is checked on the control socket's thread, this test runs on
+    # the daemon's loop
+    checking, release = threading.Event(), threading.Event()
     actor = Authenticator.actor
 
     async def slow_actor(self: Authenticator, command: str, *args: Any, **kwargs: Any) -> Any:
         if command == "arm":
             checking.set()
-            await release.wait()
+            await asyncio.to_thread(release.wait, 30)
         return await actor(self, command, *args, **kwargs)
 
     monkeypatch.setattr(Authenticator, "actor", slow_actor)
     arm = asyncio.create_task(driver.call("arm"))
-    await asyncio.wait_for(checking.wait(), 10)
+    assert await asyncio.to_thread(checking.wait, 10)
     assert (await driver.ok("stop"))["stopped"] is True
     release.set()
     armed = await arm
