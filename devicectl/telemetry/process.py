@@ -171,6 +171,12 @@ class TelemetryProcess:
         return self._pid
 
     @property
+    def running(self) -> bool:
+        """A worker is up and being handed frames (False while one is restarted, or after the
+        block is left)."""
+        return self._writer is not None and not self._closing.is_set()
+
+    @property
     def restarts(self) -> int:
         return self._restarts
 
@@ -199,7 +205,7 @@ class TelemetryProcess:
             return unasked
         if len(self._courses) >= COURSES_WAITING_MAX:
             return CourseLookup("local", f"{COURSES_WAITING_MAX} course requests already waiting")
-        if self._writer is None or self._closing.is_set():
+        if not self.running:
             return CourseLookup("local", WORKER_NOT_RUNNING)
         self._course_ids += 1
         ident = self._course_ids
