@@ -98,7 +98,7 @@ from devicectl.logs import redact_url
 from devicectl.policy import Concern, Policy, PulseParams, SkinType, Zone, load_policy_with_source
 from devicectl.privacy import published_patient
 from devicectl.realtime import scheduling
-from devicectl.recorder.course_client import (
+from devicectl.recorder.course_lookup import (
     NO_BROKER,
     NOT_ASKED,
     WORKER_NOT_RUNNING,

@@ -53,7 +53,7 @@ import structlog
 from structlog.typing import FilteringBoundLogger
 
 from devicectl.realtime import ordinary_scheduler
-from devicectl.recorder.course_client import (
+from devicectl.recorder.course_lookup import (
     DEFAULT_TIMEOUT_S,
     WORKER_NOT_RUNNING,
     CourseLookup,

@@ -28,7 +28,8 @@ from typing import Any
 
 import structlog
 
-from devicectl.recorder.course_client import CourseLookup, ask_course
+from devicectl.recorder.course_client import ask_course
+from devicectl.recorder.course_lookup import CourseLookup
 from devicectl.telemetry.commands import RefusedBurst
 from devicectl.telemetry.config import TelemetryConfig
 from devicectl.telemetry.outbox import OutboxBusy

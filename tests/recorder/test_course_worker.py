@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from devicectl.recorder.course_client import WORKER_NOT_RUNNING
+from devicectl.recorder.course_lookup import WORKER_NOT_RUNNING
 from devicectl.telemetry.process import WORKER_EXITED, TelemetryProcess
 from tests.brokers import Broker
 from tests.recorder.helpers import StandInRecorder, course, patient_key
