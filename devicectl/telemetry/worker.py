@@ -5,9 +5,9 @@ It runs :class:`~devicectl.telemetry.Telemetry` on what the daemon sends, acknow
 once taken, hands its log lines to the daemon (which writes them as its own), reports a live
 ``cmd/stop``, refused bursts, ignored retained stops and its counters back, and ends when asked
 (``close``: pulses batched, outbox flushed, ``offline`` published) or when the daemon's end
-closes. It also asks the fleet recorder for a patient's course when the daemon says so (MQTT 5
-request/response on a short-lived client of its own, exactly as
-:func:`devicectl.recorder.course_client.ask_course` does it) and answers with the request's id.
+closes. It also asks the fleet recorder for a patient's course when the daemon says so
+(:func:`devicectl.recorder.course_client.ask_course`: MQTT 5 request/response on a short-lived
+client beside the publishing one) and answers with the request's id.
 SIGINT and SIGTERM are ignored: the daemon decides when telemetry ends, after the laser is made
 safe, and a Ctrl-C or systemd's stop reaches the daemon too.
 """
