@@ -416,7 +416,6 @@ class TelemetryProcess:
     async def _run(self) -> None:
         while True:
             code = await self._serve_worker()
-            self._end_courses(WORKER_EXITED)
             if self._closing.is_set() and not self._pending:
                 self._done.set()
                 return
@@ -477,6 +476,7 @@ class TelemetryProcess:
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()
+        self._end_courses(WORKER_EXITED)  # its answers can no longer come: now, not once reaped
         return await self._reap()
 
     def _on_reply(self, raw: bytes) -> None:
