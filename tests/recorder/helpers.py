@@ -204,9 +204,12 @@ def course(patient: str, planned: int, **overrides: Any) -> dict[str, Any]:
 
 class StandInRecorder:
     """Subscribed to every course request; ``answer(request)`` gives the body to send back (None:
-    no answer), on the request's response topic with its correlation data, as the recorder does."""
+    no answer; bytes: sent as they are), on the request's response topic with its correlation
+    data, as the recorder does."""
 
-    def __init__(self, port: int, answer: Callable[[dict[str, Any]], dict[str, Any] | None]):
+    def __init__(
+        self, port: int, answer: Callable[[dict[str, Any]], dict[str, Any] | bytes | None]
+    ):
         self.answer = answer
         self.requests: list[dict[str, Any]] = []
         self._port = port
@@ -224,7 +227,8 @@ class StandInRecorder:
         if body is None:
             return
         properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        properties.CorrelationData = msg.properties.CorrelationData
-        client.publish(
-            msg.properties.ResponseTopic, json.dumps(body).encode(), qos=1, properties=properties
-        )
+        properties.CorrelationData = getattr(msg.properties, "CorrelationData", None)
+        response_topic = getattr(msg.properties, "ResponseTopic", None)
+        assert response_topic, "a course request without a response topic"
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+        client.publish(response_topic, payload, qos=1, properties=properties)
