@@ -94,7 +94,9 @@ async def test_an_answer_after_the_daemon_gave_up_never_reaches_the_next_request
             assert tm.restarts == 0
     assert first.source == "local"
     assert first.reason == "telemetry worker did not take the request within 0.5 s"
-    assert [r["planned"] for r in stand_in.requests] == [4, 6, 5]  # the stale one was asked too
+    # the stale request was asked too, beside the second (in either order), then the third
+    assert sorted(r["planned"] for r in stand_in.requests[:2]) == [4, 6]
+    assert [r["planned"] for r in stand_in.requests[2:]] == [5]
     assert (second.source, second.course["planned"], second.course["devices"]) == (
         "recorder",
         6,
