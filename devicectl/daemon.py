@@ -98,7 +98,13 @@ from devicectl.logs import redact_url
 from devicectl.policy import Concern, Policy, PulseParams, SkinType, Zone, load_policy_with_source
 from devicectl.privacy import published_patient
 from devicectl.realtime import scheduling
-from devicectl.recorder.course_client import ask_course, merge_warnings
+from devicectl.recorder.course_lookup import (
+    NO_BROKER,
+    NOT_ASKED,
+    WORKER_NOT_RUNNING,
+    CourseLookup,
+    merge_warnings,
+)
 from devicectl.safety import Breach, BreachCode, SafetySupervisor, check_params
 from devicectl.sessionlog import LimitsInForce, SessionLog
 from devicectl.sessionlog.checkpoint import Checkpoint
@@ -830,9 +836,14 @@ class Daemon:
         )
         # The course across the fleet, from the recorder (1 s at most, asked before the request
         # takes its turn; an unreachable recorder never blocks a treatment: the log's own then).
-        telemetry = self.telemetry if self.settings.mqtt.course_from_recorder else None
-        fleet = telemetry.config if telemetry is not None else None
-        course = await ask_course(fleet, patient, request.course_planned)
+        # The telemetry worker runs the MQTT exchange; this loop only waits for its small answer.
+        mqtt = self.settings.mqtt
+        if not mqtt.course_from_recorder:
+            course = CourseLookup("local", NOT_ASKED)
+        elif self._worker is not None:
+            course = await self._worker.ask_course(patient, request.course_planned)
+        else:  # no broker, or its worker not started yet (the device unidentified) or any more
+            course = CourseLookup("local", WORKER_NOT_RUNNING if mqtt.url else NO_BROKER)
         start = StartSession(
             user,
             patient,

@@ -8,6 +8,14 @@ bounded by a short timeout (1 s by default). Any failure — no broker configure
 no recorder, a slow database, a malformed answer — returns a :class:`CourseLookup` with
 ``source="local"`` and the reason: the session then goes on with the warnings from the device's
 own log, never blocked, and the session record says which source was used.
+
+The daemon never runs this itself: its process is the safety loop's, and MQTT, TLS and the parsing
+of an answer as large as :data:`_MAX_ANSWER_BYTES` stay off it (it imports only
+:mod:`devicectl.recorder.course_lookup`; a contract in pyproject.toml keeps it so). It hands the
+request to its telemetry worker process
+(:meth:`devicectl.telemetry.process.TelemetryProcess.ask_course`), which runs :func:`ask_course`
+on its own loop and sends back the :class:`CourseLookup` reduced to what the daemon keeps
+(:meth:`CourseLookup.to_wire`), a few hundred bytes.
 """
 
 from __future__ import annotations
@@ -15,52 +23,22 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
+
+from devicectl.recorder.course_lookup import (
+    DEFAULT_TIMEOUT_S,
+    CourseLookup,
+    merge_warnings,
+    without_asking,
+)
 
 if TYPE_CHECKING:
-    from devicectl.sessionlog.model import CourseWarning
     from devicectl.telemetry.config import TelemetryConfig
 
+# CourseLookup and merge_warnings: here too, where callers of ask_course have always found them.
 __all__ = ["DEFAULT_TIMEOUT_S", "CourseLookup", "ask_course", "merge_warnings"]
 
-DEFAULT_TIMEOUT_S = 1.0
-# Warnings the recorder's whole-fleet view decides when it answers; the device's own log still
-# decides the others (a course id of another patient, a session number that does not follow).
-_FLEET_CODES = frozenset({"interval_short", "interval_long", "maintenance"})
 _MAX_ANSWER_BYTES = 1 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class CourseLookup:
-    source: Literal["recorder", "local"]
-    reason: str | None = None  # why the recorder was not used
-    warnings: tuple[tuple[str, str], ...] = ()  # (code, message) from the recorder
-    course: dict[str, Any] = field(default_factory=dict)
-
-    def record(self) -> dict[str, Any]:
-        """What the session log keeps about where the course came from."""
-        detail: dict[str, Any] = {"source": self.source}
-        if self.source == "recorder":
-            detail |= {
-                "given": self.course.get("given"),
-                "planned": self.course.get("planned"),
-                "devices": self.course.get("devices"),
-                "warnings": [code for code, _ in self.warnings],
-            }
-        else:
-            detail["reason"] = self.reason
-        return detail
-
-
-def merge_warnings(local: tuple[CourseWarning, ...], lookup: CourseLookup) -> list[str]:
-    """The warnings to show: the recorder's for the course rules when it answered (it sees every
-    device, this one included), the device log's for everything else or when it did not."""
-    if lookup.source != "recorder":
-        return [w.message for w in local]
-    return [w.message for w in local if w.code not in _FLEET_CODES] + [
-        message for _code, message in lookup.warnings
-    ]
 
 
 async def ask_course(
@@ -71,14 +49,14 @@ async def ask_course(
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> CourseLookup:
     """The patient's course from the recorder, or ``source="local"`` and why not. Never raises
-    for a network or recorder problem; returns within about ``timeout_s``."""
-    if config is None:
-        return CourseLookup("local", "not set to ask the recorder (mqtt.course_from_recorder)")
-    if not config.has_broker:
-        return CourseLookup("local", "no broker configured")
-    if patient is None:
-        return CourseLookup("local", "no patient key is published (privacy.patient_key_secret)")
-    import aiomqtt  # here: importing the daemon does not pull the MQTT client in
+    for a network or recorder problem; returns within about ``timeout_s``. Runs an MQTT client:
+    the telemetry worker calls it, never the daemon's loop (see the module's docstring)."""
+    unasked = without_asking(config, patient)
+    if unasked is not None:
+        return unasked
+    assert config is not None
+    assert patient is not None
+    import aiomqtt  # here: importing this module does not pull the MQTT client in
 
     try:
         async with asyncio.timeout(timeout_s):

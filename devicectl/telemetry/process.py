@@ -24,6 +24,14 @@ killed and started again.
 The worker ignores SIGINT and SIGTERM: it ends when the daemon says so (after the
 laser is made safe: pending pulses batched, the outbox flushed, ``offline`` published), or when
 the daemon's end of the socket closes (a daemon killed: it flushes and exits on its own).
+
+The course request at ``session start`` (:meth:`TelemetryProcess.ask_course`) crosses the same
+socket out of band: not numbered, not acknowledged, never sent to a later worker. The daemon gives
+it an id and waits at most its bound (1 s); the worker says it took it (``course_taken``), runs
+the MQTT 5 exchange with the recorder on its own loop
+(:func:`devicectl.recorder.course_client.ask_course`) and answers with the id (``course``). An
+answer for an id no longer waited on (the daemon gave up) is dropped and counted, never given to
+another request; a worker gone or restarting ends every request waiting at once, with the reason.
 """
 
 from __future__ import annotations
@@ -45,13 +53,26 @@ import structlog
 from structlog.typing import FilteringBoundLogger
 
 from devicectl.realtime import ordinary_scheduler
+from devicectl.recorder.course_lookup import (
+    DEFAULT_TIMEOUT_S,
+    WORKER_NOT_RUNNING,
+    CourseLookup,
+    without_asking,
+)
 from devicectl.telemetry.commands import RefusedBurst
 from devicectl.telemetry.config import TelemetryConfig
 from devicectl.telemetry.publisher import TelemetryStats
 from protocols.messages import DeviceState
 from protocols.mqtt import SessionEventKind, Severity
 
-__all__ = ["CALLS", "MAX_REPLY_BYTES", "PENDING_MAX_FRAMES", "TelemetryProcess"]
+__all__ = [
+    "CALLS",
+    "COURSES_WAITING_MAX",
+    "MAX_REPLY_BYTES",
+    "PENDING_MAX_FRAMES",
+    "WORKER_EXITED",
+    "TelemetryProcess",
+]
 
 HEADER: Final = struct.Struct(">I")
 MAX_REPLY_BYTES: Final = 64 * 1024  # worker → daemon: a stats object or a refused burst
@@ -72,6 +93,10 @@ CALLS: Final = frozenset(
         "publish_metrics",
     }
 )
+# Out of band (not in CALLS, not numbered): the course request, answered by "course" with its id.
+ASK_COURSE: Final = "ask_course"
+COURSES_WAITING_MAX: Final = 8  # course requests waited on at once; beyond, local at once
+WORKER_EXITED: Final = "telemetry worker exited during the request"
 _RESTART_DELAYS_S = (1.0, 2.0, 5.0, 10.0)
 _LOG_LEVELS = frozenset({"debug", "info", "warning", "error", "critical"})
 
@@ -122,6 +147,9 @@ class TelemetryProcess:
         self._runner: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._progress_at = 0.0  # when the worker last took a frame, or frames began waiting
+        self._courses: dict[int, _CourseRequest] = {}  # by id: asked, not yet answered
+        self._course_ids = 0
+        self._late_course_answers = 0
 
     # -- the sink ---------------------------------------------------------------------------
 
@@ -143,6 +171,12 @@ class TelemetryProcess:
         return self._pid
 
     @property
+    def running(self) -> bool:
+        """A worker is up and being handed frames (False while one is restarted, or after the
+        block is left)."""
+        return self._writer is not None and not self._closing.is_set()
+
+    @property
     def restarts(self) -> int:
         return self._restarts
 
@@ -150,6 +184,46 @@ class TelemetryProcess:
     def dropped(self) -> int:
         """Frames dropped because the worker was away too long (the oldest first)."""
         return self._dropped
+
+    @property
+    def late_course_answers(self) -> int:
+        """Course answers that came after :meth:`ask_course` had given up on them (dropped)."""
+        return self._late_course_answers
+
+    async def ask_course(
+        self, patient: str | None, planned: int, *, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> CourseLookup:
+        """The patient's course from the fleet recorder, asked by the worker: the exchange
+        (MQTT 5 request/response, :func:`devicectl.recorder.course_client.ask_course`) runs on
+        its loop, never on this one, which only writes a frame and waits for a small answer.
+        Returns within ``timeout_s`` whatever the worker, the broker or the recorder do, and never
+        raises for them: ``source="local"`` and why (the worker not running, restarting, not
+        taking the request, exiting during it; the worker's own reasons: broker, recorder,
+        timeout, malformed answer)."""
+        unasked = without_asking(self._config, patient)
+        if unasked is not None:
+            return unasked
+        if len(self._courses) >= COURSES_WAITING_MAX:
+            return CourseLookup("local", f"{COURSES_WAITING_MAX} course requests already waiting")
+        if not self.running:
+            return CourseLookup("local", WORKER_NOT_RUNNING)
+        self._course_ids += 1
+        ident = self._course_ids
+        request = _CourseRequest(asyncio.get_running_loop().create_future())
+        self._courses[ident] = request
+        try:
+            self._write(_frame((ASK_COURSE, (ident, patient, planned, timeout_s), {})))
+            if self._writer is None:  # the write found the worker gone or hung
+                return CourseLookup("local", WORKER_NOT_RUNNING)
+            async with asyncio.timeout(timeout_s):
+                return await request.answer
+        except TimeoutError:
+            if not request.taken:
+                why = f"telemetry worker did not take the request within {timeout_s:g} s"
+                return CourseLookup("local", why)
+            return CourseLookup("local", f"no answer from a recorder within {timeout_s:g} s")
+        finally:
+            del self._courses[ident]
 
     def offer_pulse(
         self, pulse_no: int, t_us: int, energy_uj: int, zone: str | None, session: str | None
@@ -222,6 +296,7 @@ class TelemetryProcess:
     ) -> None:
         self._flush_pulses()
         self._closing.set()
+        self._end_courses("telemetry worker closing")
         if self._writer is not None:
             self._write(_frame(("close", (), {})))
         budget = self._config.flush_timeout_s + self._exit_budget_s
@@ -401,6 +476,7 @@ class TelemetryProcess:
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()
+        self._end_courses(WORKER_EXITED)  # its answers can no longer come: now, not once reaped
         return await self._reap()
 
     def _on_reply(self, raw: bytes) -> None:
@@ -434,6 +510,12 @@ class TelemetryProcess:
         elif kind == "ignored":
             command, payload = body
             self._on_ignored(str(command), bytes.fromhex(payload))
+        elif kind == "course_taken":
+            request = self._courses.get(int(body))
+            if request is not None:
+                request.taken = True
+        elif kind == "course":
+            self._course_answered(int(body["id"]), body["lookup"])
         elif kind == "log":
             level = body.pop("level")
             if level not in _LOG_LEVELS:
@@ -442,6 +524,26 @@ class TelemetryProcess:
         else:
             return False
         return True
+
+    def _course_answered(self, ident: int, lookup: object) -> None:
+        request = self._courses.get(ident)
+        if request is None or request.answer.done():
+            self._late_course_answers += 1
+            self._log.debug("telemetry_course_answer_late", request=ident)
+            return
+        try:
+            answer = CourseLookup.from_wire(lookup)
+        except ValueError as exc:
+            self._log.error("telemetry_course_answer_unreadable", error=str(exc)[:200])
+            answer = CourseLookup("local", "the telemetry worker's answer is malformed")
+        request.answer.set_result(answer)
+
+    def _end_courses(self, why: str) -> None:
+        """Every course request still waiting ends now, ``local`` with ``why``: the worker that
+        took it is gone (its answer can no longer come), or the block is being left."""
+        for request in self._courses.values():
+            if not request.answer.done():
+                request.answer.set_result(CourseLookup("local", why))
 
     async def _reap(self) -> int | str:
         pid = self._pid
@@ -464,6 +566,17 @@ class TelemetryProcess:
         if self._pid is not None and not self._reaped:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self._pid, 9)
+
+
+class _CourseRequest:
+    """One course request waited on: its answer, and whether the worker said it took it (a
+    timeout then means the recorder's silence, not the worker's)."""
+
+    __slots__ = ("answer", "taken")
+
+    def __init__(self, answer: asyncio.Future[CourseLookup]) -> None:
+        self.answer = answer
+        self.taken = False
 
 
 def _frame(call: tuple[str, tuple[Any, ...], dict[str, Any]]) -> bytes:

@@ -5,8 +5,11 @@ It runs :class:`~devicectl.telemetry.Telemetry` on what the daemon sends, acknow
 once taken, hands its log lines to the daemon (which writes them as its own), reports a live
 ``cmd/stop``, refused bursts, ignored retained stops and its counters back, and ends when asked
 (``close``: pulses batched, outbox flushed, ``offline`` published) or when the daemon's end
-closes. SIGINT and SIGTERM are ignored: the daemon decides when telemetry ends, after the laser
-is made safe, and a Ctrl-C or systemd's stop reaches the daemon too.
+closes. It also asks the fleet recorder for a patient's course when the daemon says so
+(:func:`devicectl.recorder.course_client.ask_course`: MQTT 5 request/response on a short-lived
+client beside the publishing one) and answers with the request's id.
+SIGINT and SIGTERM are ignored: the daemon decides when telemetry ends, after the laser is made
+safe, and a Ctrl-C or systemd's stop reaches the daemon too.
 """
 
 from __future__ import annotations
@@ -25,14 +28,26 @@ from typing import Any
 
 import structlog
 
+from devicectl.recorder.course_client import ask_course
+from devicectl.recorder.course_lookup import CourseLookup
 from devicectl.telemetry.commands import RefusedBurst
+from devicectl.telemetry.config import TelemetryConfig
 from devicectl.telemetry.outbox import OutboxBusy
-from devicectl.telemetry.process import CALLS, HEADER, MAX_CALL_BYTES
+from devicectl.telemetry.process import (
+    ASK_COURSE,
+    CALLS,
+    COURSES_WAITING_MAX,
+    HEADER,
+    MAX_CALL_BYTES,
+)
 from devicectl.telemetry.publisher import Telemetry
 
 _STATS_EVERY_S = 0.1
 _ACK_EVERY_S = 0.02
 STOP_WINDOW_S = 0.02
+# Course exchanges running at once: the daemon waits on at most COURSES_WAITING_MAX, and one it
+# gave up on still runs out its own timeout here.
+_COURSES_RUNNING_MAX = 2 * COURSES_WAITING_MAX
 
 
 class _Worker:
@@ -44,6 +59,7 @@ class _Worker:
         self._stops = 0  # live cmd/stop not yet handed to the daemon
         self._stop_window: asyncio.TimerHandle | None = None
         self._log = structlog.get_logger("devicectl.telemetry")
+        self._courses: set[asyncio.Task[None]] = set()
 
     def send(self, kind: str, body: Any) -> None:
         raw = json.dumps({kind: body}, separators=(",", ":")).encode()
@@ -61,7 +77,8 @@ class _Worker:
             )
         except (asyncio.IncompleteReadError, ConnectionError):
             return None
-        self._taken += 1
+        if call[0] != ASK_COURSE:  # out of band: the daemon does not number it
+            self._taken += 1
         return call
 
     async def run(self) -> int:
@@ -86,6 +103,8 @@ class _Worker:
                     await self._serve(telemetry)
                 finally:
                     stats.cancel()
+                    for course in self._courses:  # the daemon no longer waits on any
+                        course.cancel()
         except OutboxBusy as exc:  # the daemon starts another worker a little later
             self._log.error("telemetry_outbox_busy", error=str(exc))
             await self._drain()
@@ -101,6 +120,9 @@ class _Worker:
                 self.send("ack", self._taken)
                 return
             method, args, kwargs = call
+            if method == ASK_COURSE:
+                self._ask_course(telemetry.config, *args)
+                continue
             if method not in CALLS:
                 self._log.error("telemetry_call_unknown", method=str(method)[:40])
             elif method == "offer_pulses":
@@ -113,6 +135,33 @@ class _Worker:
                     self._log.error("telemetry_failed", method=method, error=str(exc)[:300])
             if self._ack is None:  # at most one acknowledgement every _ACK_EVERY_S
                 self._ack = asyncio.get_running_loop().call_later(_ACK_EVERY_S, self._send_ack)
+
+    def _ask_course(
+        self, config: TelemetryConfig, ident: int, patient: str, planned: int, timeout_s: float
+    ) -> None:
+        """Say the request is taken (the daemon then knows a timeout is the recorder's silence),
+        and run the exchange beside the publishing, on this loop."""
+        self.send("course_taken", ident)
+        if len(self._courses) >= _COURSES_RUNNING_MAX:
+            busy = CourseLookup("local", f"{_COURSES_RUNNING_MAX} course requests already running")
+            self.send("course", {"id": ident, "lookup": busy.to_wire()})
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._answer_course(config, ident, patient, planned, timeout_s),
+            name=f"course-request-{ident}",
+        )
+        self._courses.add(task)
+        task.add_done_callback(self._courses.discard)
+
+    async def _answer_course(
+        self, config: TelemetryConfig, ident: int, patient: str, planned: int, timeout_s: float
+    ) -> None:
+        try:
+            lookup = await ask_course(config, patient, planned, timeout_s=timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a failed request is a fallback, never our end
+            self._log.error("course_request_failed", error=str(exc)[:300])
+            lookup = CourseLookup("local", f"the course request failed: {exc}")
+        self.send("course", {"id": ident, "lookup": lookup.to_wire()})
 
     def _send_ack(self) -> None:
         self._ack = None

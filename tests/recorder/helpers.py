@@ -1,10 +1,12 @@
-"""Contract messages for the recorder's tests, built with the contract's own models."""
+"""Contract messages for the recorder's tests, built with the contract's own models, and a stand-in
+recorder that answers course requests as the test says."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -12,6 +14,8 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from devicectl.recorder.intake import Accepted, take, utc_text
 from protocols.mqtt import (
@@ -25,6 +29,7 @@ from protocols.mqtt import (
     encode_payload,
     pulse_batch_fields,
 )
+from tests.telemetry.helpers import recorder as subscriber
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 
@@ -178,3 +183,52 @@ def publisher(port: int, client_id: str = "test-publisher") -> Iterator[Publishe
         yield pub
     finally:
         pub.close()
+
+
+def course(patient: str, planned: int, **overrides: Any) -> dict[str, Any]:
+    """A recorder's answer to a course request (docs/recorder.md) that names the request it
+    answers (its ``planned``, in the count and the device), so that a mix-up shows."""
+    return {
+        "ok": True,
+        "patient": patient,
+        "planned": planned,
+        "given": 1,
+        "complete": False,
+        "next_number": 2,
+        "maintenance": False,
+        "devices": [f"laser-for-{planned}"],
+        "sessions": [],
+        "warnings": [{"code": "interval_short", "message": f"answer to planned={planned}"}],
+    } | overrides
+
+
+class StandInRecorder:
+    """Subscribed to every course request; ``answer(request)`` gives the body to send back (None:
+    no answer; bytes: sent as they are), on the request's response topic with its correlation
+    data, as the recorder does."""
+
+    def __init__(
+        self, port: int, answer: Callable[[dict[str, Any]], dict[str, Any] | bytes | None]
+    ):
+        self.answer = answer
+        self.requests: list[dict[str, Any]] = []
+        self._port = port
+
+    @contextmanager
+    def running(self) -> Iterator[StandInRecorder]:
+        with subscriber(self._port, topic="lasers/+/+/course/request", client_id="stand-in") as rec:
+            rec.client.on_message = self._on_request
+            yield self
+
+    def _on_request(self, client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
+        request = json.loads(msg.payload)
+        self.requests.append(request)
+        body = self.answer(request)
+        if body is None:
+            return
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties.CorrelationData = getattr(msg.properties, "CorrelationData", None)
+        response_topic = getattr(msg.properties, "ResponseTopic", None)
+        assert response_topic, "a course request without a response topic"
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+        client.publish(response_topic, payload, qos=1, properties=properties)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+
+import pytest
 
 from devicectl.recorder.course_client import CourseLookup, ask_course, merge_warnings
 from devicectl.sessionlog.model import CourseWarning
 from devicectl.telemetry import TelemetryConfig
 from tests.brokers import free_port
+
+_COURSE = {"given": 1, "planned": 4, "devices": ["laser-a"]}
 
 
 async def test_not_configured_is_local_at_once() -> None:
@@ -41,3 +46,52 @@ def test_the_recorders_course_rules_replace_the_local_ones_only_when_it_answered
     fallback = CourseLookup("local", "no answer")
     assert merge_warnings(local, fallback) == ["local: 2 days", "local: numbering"]
     assert answered.record()["warnings"] == ["interval_long"]
+
+
+def test_what_crosses_from_the_worker_keeps_what_the_session_log_records() -> None:
+    answered = CourseLookup(
+        "recorder",
+        None,
+        (("interval_short", "2 days since session 1 of the course"),),
+        {"ok": True, "given": 1, "planned": 4, "devices": ["laser-a"], "sessions": [{"x": 1}]},
+    )
+    back = CourseLookup.from_wire(json.loads(json.dumps(answered.to_wire())))
+    assert back.record() == answered.record()
+    assert back.warnings == answered.warnings
+    assert "sessions" not in back.course  # only what the daemon keeps crosses
+    fallback = CourseLookup("local", "broker unreachable:\n[Errno 111] Connection refused")
+    back = CourseLookup.from_wire(json.loads(json.dumps(fallback.to_wire())))
+    assert back.record() == {"source": "local", "reason": back.reason}
+    assert back.reason == "broker unreachable: [Errno 111] Connection refused"  # one line
+
+
+def test_an_answer_too_large_or_off_contract_crosses_as_a_fallback_with_its_reason() -> None:
+    huge = CourseLookup(
+        "recorder", None, (), {"given": 1, "planned": 4, "devices": ["d" * 64] * 1000}
+    )
+    assert huge.to_wire()["reason"] == "the recorder's answer is too large"
+    odd = CourseLookup("recorder", None, (), {"given": "one", "planned": 4, "devices": []})
+    assert odd.to_wire()["reason"] == "the recorder's answer is malformed"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        None,
+        [],
+        {"source": "recorder"},
+        {"source": "elsewhere", "reason": None, "warnings": [], "course": {}},
+        {"source": "local", "reason": None, "warnings": [], "course": {}},
+        {"source": "local", "reason": 7, "warnings": [], "course": {}},
+        {"source": "recorder", "reason": None, "warnings": [["a"]], "course": _COURSE},
+        {"source": "recorder", "reason": None, "warnings": [[1, 2]], "course": _COURSE},
+        {"source": "recorder", "reason": None, "warnings": [], "course": {}},
+        {"source": "recorder", "reason": None, "warnings": [], "course": _COURSE | {"x": 1}},
+        {"source": "recorder", "reason": None, "warnings": [], "course": _COURSE | {"given": []}},
+        {"source": "recorder", "reason": None, "warnings": {}, "course": _COURSE},
+        {"source": "local", "reason": "r", "warnings": [], "course": _COURSE, "extra": 1},
+    ],
+)
+def test_anything_else_from_the_worker_is_refused(body: object) -> None:
+    with pytest.raises(ValueError, match="not a course lookup"):
+        CourseLookup.from_wire(body)

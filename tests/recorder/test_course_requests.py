@@ -9,20 +9,30 @@ session record says which source was used.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import aiomqtt
 import pytest
 
+from devicectl.privacy import published_patient
 from devicectl.recorder import Recorder, RecorderConfig, queries
 from devicectl.recorder.store import open_store
 from devicectl.simlink import compose
+from devicectl.telemetry.process import WORKER_EXITED, TelemetryProcess
 from tests.brokers import Broker
 from tests.daemon.conftest import SESSION, TEST_POLICY, Driver, _settings
+from tests.recorder.helpers import FakeDevice, StandInRecorder, course, publisher
 
 pytestmark = pytest.mark.system
+
+_SITE_SECRET = "site-secret-for-tests"  # courses key on the pseudonym
 
 
 @pytest.fixture
@@ -44,7 +54,7 @@ async def _daemon(
         mqtt__site="clinic1",
         mqtt__device=name,
         mqtt__course_from_recorder=True,
-        privacy__patient_key_secret="site-secret-for-tests",  # courses key on the pseudonym
+        privacy__patient_key_secret=_SITE_SECRET,
     )
     async with compose(settings) as daemon:
         drv = Driver(daemon)
@@ -177,3 +187,87 @@ async def test_daemons_on_the_simulator_are_recorded_exactly_once_by_two_recorde
     assert sorted(s.device for s in sessions) == ["laser-1", "laser-2", "laser-3"]
     assert all(s.ended is not None and s.pulses == s.recorded_pulses >= 20 for s in sessions)
     assert all(share > 0 for share in shares), shares
+
+
+async def test_the_daemons_own_process_runs_no_mqtt_client_for_the_course(
+    tmp_path: Path, policy_file: Path, mosquitto: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A course recorded on laser-a (published as a device would), asked for by a daemon on
+    laser-b: the recorder's answer reaches the session, through the telemetry worker. The daemon
+    runs in this process; an aiomqtt client built here would be one on its safety loop."""
+    built: list[object] = []
+
+    class Recorded(aiomqtt.Client):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            built.append(kwargs.get("identifier"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(aiomqtt, "Client", Recorded)
+    key = published_patient(SESSION["patient_ref"], secret=_SITE_SECRET, publish_ref=False)
+    assert key is not None
+    db_url = f"sqlite:///{tmp_path / 'recorder.sqlite'}"
+    config = RecorderConfig(mqtt_url=mosquitto.url, db_url=db_url, client_id="rec", group="g")
+    async with Recorder(config) as recorder:
+        await asyncio.wait_for(recorder.wait_subscribed(), 10)
+        laser_a = FakeDevice("laser-a")
+        with publisher(mosquitto.port) as pub:
+            earlier = datetime.now(UTC) - timedelta(days=2)
+            await asyncio.to_thread(pub.publish_all, laser_a.treatment("1", key, earlier))
+
+        async def recorded() -> bool:
+            async with await open_store(db_url, migrate=False) as store:
+                rows = await queries.list_sessions(store, device="laser-a")
+            return bool(rows) and rows[0].ended is not None
+
+        deadline = asyncio.get_running_loop().time() + 20
+        while not await recorded():
+            assert asyncio.get_running_loop().time() < deadline, "laser-a's session not recorded"
+            await asyncio.sleep(0.1)
+        async with _daemon(tmp_path, policy_file, mosquitto, "laser-b") as b:
+            started = await b.ok(**SESSION)
+    assert built == []
+    assert started["course_source"] == "recorder"
+    assert any("days since session 1 of the course" in w for w in started["warnings"])
+    (source,) = _course_sources(tmp_path / "laser-b" / "data")
+    assert source == {
+        "source": "recorder",
+        "given": 1,
+        "planned": 4,
+        "devices": ["laser-a"],
+        "warnings": ["interval_short"],
+    }
+
+
+async def test_a_telemetry_worker_killed_during_the_request_does_not_hold_the_session(
+    tmp_path: Path, policy_file: Path, mosquitto: Broker
+) -> None:
+    """The request reaches the broker, and the worker that sent it dies: the session opens from
+    the local log, saying why, and the next worker answers the next session's request."""
+    workers: list[TelemetryProcess] = []
+    killed: list[int] = []
+
+    def answer(request: dict[str, Any]) -> dict[str, Any] | None:
+        if not killed:
+            pid = workers[0].pid
+            assert pid is not None
+            killed.append(pid)
+            os.kill(pid, signal.SIGKILL)
+            return None
+        return course(request["patient"], request["planned"])
+
+    with StandInRecorder(mosquitto.port, answer).running():
+        async with _daemon(tmp_path, policy_file, mosquitto, "laser-d") as d:
+            telemetry = d.daemon.telemetry
+            assert isinstance(telemetry, TelemetryProcess)
+            workers.append(telemetry)
+            first = await d.ok(**SESSION)
+            await d.ok("session_end", post_care=["sunscreen"])
+            await d.until(lambda: telemetry.restarts == 1 and telemetry.connected)
+            second = await d.ok(**SESSION)
+    assert killed
+    assert first["course_source"] == "local"
+    assert second["course_source"] == "recorder"
+    assert second["session"] == first["session"] + 1
+    sources = _course_sources(tmp_path / "laser-d" / "data")
+    assert sources[0] == {"source": "local", "reason": WORKER_EXITED}
+    assert sources[1]["devices"] == ["laser-for-4"]
