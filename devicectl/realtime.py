@@ -78,13 +78,16 @@ def enter_realtime(
     lock_memory: bool,
     switch_interval_s: float,
     log: FilteringBoundLogger,
+    tty: bool = True,
 ) -> RealtimeReport:
-    """Ask for each; log one line saying what was granted and, for what was not, why."""
+    """Ask for each; log one line saying what was granted and, for what was not, why.
+    ``tty``: the device is behind a tty (a serial port or a pty, not the in-process simulator or
+    a TCP socket): then say so too when the kernel's tty workers are still ordinary."""
     sys.setswitchinterval(switch_interval_s)
     fifo_refused = _enter_fifo(priority) if priority > 0 else "disabled by realtime.priority = 0"
     granted = 0 if fifo_refused else priority
     lock_refused = _lock_memory() if lock_memory else "disabled by realtime.lock_memory"
-    ordinary = _ordinary_kernel_workers() if granted else 0
+    ordinary = _ordinary_kernel_workers() if granted and tty else 0
     report = RealtimeReport(
         granted,
         fifo_refused,

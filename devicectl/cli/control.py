@@ -406,6 +406,7 @@ def run(
         lock_memory=settings.realtime.lock_memory,
         switch_interval_s=settings.realtime.switch_interval_ms / 1000,
         log=structlog.get_logger("devicectl.daemon"),
+        tty=settings.port != "sim" and not settings.port.startswith("socket://"),
     )
     try:
         code = asyncio.run(run_daemon(settings, device=device_for(settings)))
