@@ -868,6 +868,9 @@ class ControlThread:
         self._ready: concurrent.futures.Future[ControlServer] = concurrent.futures.Future()
         # resolved when the thread has ended, with what ended it (None: it was asked to)
         self._ended: concurrent.futures.Future[BaseException | None] = concurrent.futures.Future()
+        # resolved once the server is closed: its sockets, its clients (the thread may still
+        # be finishing a PIN check's argon2 run, which nothing waits for)
+        self._closed: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._closing: asyncio.Event | None = None
         self._control_loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -885,11 +888,14 @@ class ControlThread:
         except BaseException:
             self._leaving = True
             self._close()
-            await asyncio.wrap_future(self._ended)
+            await asyncio.shield(asyncio.wrap_future(self._closed))
             raise
-        self._ended.add_done_callback(
-            lambda ended: daemon_loop.call_soon_threadsafe(self._check_ended, ended)
-        )
+
+        def ended(ended: concurrent.futures.Future[BaseException | None]) -> None:
+            if not self._leaving:  # the daemon's loop may be gone once it has left
+                daemon_loop.call_soon_threadsafe(self._check_ended, ended)
+
+        self._ended.add_done_callback(ended)
         return self
 
     async def __aexit__(
@@ -898,9 +904,13 @@ class ControlThread:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        # The server closed is enough: the laser is made safe next (daemon.py), and must not
+        # wait for the thread's end, which waits for a PIN check in progress (a thread of its
+        # loop's executor) to finish. Shielded: a shut-down over its budget cancels this wait,
+        # never the thread's own futures.
         self._leaving = True
         self._close()
-        await asyncio.wrap_future(self._ended)
+        await asyncio.shield(asyncio.wrap_future(self._closed))
 
     def _close(self) -> None:
         loop, closing = self._control_loop, self._closing
@@ -919,6 +929,8 @@ class ControlThread:
             self._ready.set_exception(
                 error or DevicectlError("the control socket's thread ended at start")
             )
+        if not self._closed.done():  # it ended before its server was closed, or made
+            self._closed.set_result(None)
         self._ended.set_result(error)
 
     async def _serve(self, daemon_loop: asyncio.AbstractEventLoop) -> None:
@@ -926,9 +938,12 @@ class ControlThread:
         self._closing = closing = asyncio.Event()
         if self._leaving:  # asked to close before the loop existed
             return
-        async with self._make_server(DaemonLoop(daemon_loop)) as server:
-            self._ready.set_result(server)
-            await closing.wait()
+        try:
+            async with self._make_server(DaemonLoop(daemon_loop)) as server:
+                self._ready.set_result(server)
+                await closing.wait()
+        finally:
+            self._closed.set_result(None)
 
     def _check_ended(self, ended: concurrent.futures.Future[BaseException | None]) -> None:
         if self._leaving:

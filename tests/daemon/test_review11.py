@@ -1,0 +1,64 @@
+"""Review 11: the control socket's thread, attacked from outside."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from devicectl.simlink import compose
+from devicectl.users import UserStore
+from tests.daemon.conftest import OPERATOR, Driver, _settings
+
+
+async def test_sigterm_during_a_pin_check_makes_the_laser_safe_without_waiting_for_it(
+    tmp_path: Path, policy_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PIN check is a thread's argon2 run: shutting down must not wait for it before the
+    laser is made safe (the STOP on the way out never waits on the control socket)."""
+    entered, release = threading.Event(), threading.Event()
+    verify = UserStore.verify
+
+    def slow_verify(self: UserStore, user_id: str, pin: str) -> Any:
+        if pin == "000000":
+            entered.set()
+            release.wait(20)
+        return verify(self, user_id, pin)
+
+    monkeypatch.setattr(UserStore, "verify", slow_verify)
+    daemon = compose(_settings(tmp_path, policy_file, "sim"))
+    with capture_logs() as logs:
+        await daemon.__aenter__()
+        await _shut_down_during_a_pin_check(daemon, entered, release)
+    events = [entry["event"] for entry in logs]
+    assert "shutdown_over_budget" not in events, "the shut-down waited for the PIN check"
+
+
+async def _shut_down_during_a_pin_check(
+    daemon: Any, entered: threading.Event, release: threading.Event
+) -> None:
+    closing: asyncio.Future[None] | None = None
+    checking: asyncio.Future[dict[str, Any]] | None = None
+    try:
+        drv = Driver(daemon)
+        await drv.until(lambda: daemon.link is not None and daemon.link.connected.is_set())
+        await drv.emitting_session()
+        assert drv.board.state.name == "EMITTING"
+        checking = asyncio.create_task(
+            drv.call("arm", auth={"user": OPERATOR["user"], "pin": "000000"})
+        )
+        assert await asyncio.to_thread(entered.wait, 10)
+        closing = asyncio.create_task(daemon.__aexit__(None, None, None))
+        await asyncio.wait_for(asyncio.shield(closing), 10)
+        # the daemon is down, the laser safe, while the PIN check is still running
+        assert not release.is_set()
+        assert drv.board.state.name not in ("READY", "EMITTING")
+    finally:
+        release.set()
+        await asyncio.gather(
+            *(task for task in (closing, checking) if task is not None), return_exceptions=True
+        )
