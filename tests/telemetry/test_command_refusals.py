@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from devicectl.telemetry import CommandRefusals, RefusedBurst, Telemetry
 from devicectl.telemetry.commands import MAX_NAME_CHARS, cap_name
-from devicectl.telemetry.connection import INBOUND_MAX, MqttConnection
+from devicectl.telemetry.connection import INBOUND_MAX, INBOUND_MAX_BYTES, MqttConnection
 from tests.brokers import Broker
 from tests.telemetry.helpers import config, flood_commands, recorder, until
 
@@ -174,3 +174,19 @@ def test_a_flood_beyond_the_inbound_bound_is_dropped_unread_but_a_stop_gets_in()
         _deliver(connection, f"{BASE}/cmd/stop")
     room = 2 * INBOUND_MAX - (INBOUND_MAX + 1)  # beside the arms and the stop already waiting
     assert connection.take_dropped()[0] == 3 * INBOUND_MAX - room
+
+
+def test_what_waits_inbound_is_bounded_in_bytes_too() -> None:
+    """A thousand messages is no bound on memory when each may be as large as the broker allows
+    (256 MB by default): a flood of large commands is dropped unread well before that, and a
+    stop still gets in."""
+    connection = MqttConnection("127.0.0.1", 1883, client_id="flood-test", v5=True)
+    connection.keep = lambda message: message.topic.endswith("/cmd/stop")
+    large = b"x" * (256 * 1024)
+    for _ in range(100):  # 25 MiB of commands, a tenth of the count bound
+        _deliver(connection, f"{BASE}/cmd/arm", large)
+    dropped, dropped_bytes = connection.take_dropped()
+    assert dropped > 0 and dropped_bytes == dropped * len(large)
+    assert (100 - dropped) * len(large) <= INBOUND_MAX_BYTES + len(large)
+    _deliver(connection, f"{BASE}/cmd/stop", large)
+    assert connection.take_dropped() == (0, 0), "a stop is never dropped for want of room"
