@@ -244,6 +244,10 @@ class KernelWorkers:
 
     priority: int
     raised: set[int] = field(default_factory=set)  # pids this object raised, alive or not
+    # whether a change was allowed once: until then, a worker already at ``priority`` (another
+    # instance's doing) is set again, unchanged, so that a run without the privilege is refused
+    # at once rather than at the first new worker
+    permitted: bool = False
 
     def apply(self) -> list[int]:
         """Raise every worker not already at ``priority``; the pids raised now. Raises
@@ -256,8 +260,12 @@ class KernelWorkers:
                     os.sched_getscheduler(pid) == os.SCHED_FIFO
                     and os.sched_getparam(pid).sched_priority == self.priority
                 ):
+                    if not self.permitted:
+                        os.sched_setscheduler(pid, os.SCHED_FIFO, wanted)  # no change
+                        self.permitted = True
                     continue
                 os.sched_setscheduler(pid, os.SCHED_FIFO, wanted)
+                self.permitted = True
             except ProcessLookupError:
                 continue
             now.append(pid)

@@ -137,3 +137,22 @@ def test_a_process_named_like_a_worker_is_not_one() -> None:
         assert impostor.stdin is not None
         impostor.stdin.close()
         impostor.wait(10)
+
+
+@needs_root
+def test_refused_without_the_capability_even_when_the_workers_are_raised_already() -> None:
+    """Another instance raised them (or one that was killed, under Restart=always): with nothing
+    left to change, a run without the capability must still say it cannot do its job, not
+    report success and fail at the first new worker."""
+    raised = KernelWorkers(PRIORITY)
+    raised.apply()
+    try:
+        out = subprocess.run(
+            ["setpriv", "--bounding-set=-sys_nice", *DEVICECTL, "kernel-workers",
+             "--priority", str(PRIORITY), "--every", "0"],
+            check=False, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        raised.restore()
+    assert out.returncode == 1, out
+    assert "needs root or CAP_SYS_NICE" in out.stderr
