@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from devicectl import control
 from devicectl.simlink import compose
 from devicectl.users import UserStore
 from tests.daemon.conftest import OPERATOR, Driver, _settings
@@ -62,3 +63,42 @@ async def _shut_down_during_a_pin_check(
         await asyncio.gather(
             *(task for task in (closing, checking) if task is not None), return_exceptions=True
         )
+
+
+async def test_a_control_thread_that_stops_answering_stops_the_daemon(
+    tmp_path: Path, policy_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both sockets, the stop lane too, are served on the control thread, and the systemd
+    watchdog watches the daemon's loop only: a control thread alive but stuck (here a call on
+    it that never returns) must stop the daemon, laser made safe, as a dead one does."""
+    stuck, release = threading.Event(), threading.Event()
+    parse = control.parse_request
+
+    def parse_or_hang(line: bytes) -> Any:
+        if b"hang" in line:
+            stuck.set()
+            release.wait(30)  # blocks the control thread's loop
+        return parse(line)
+
+    monkeypatch.setattr(control, "parse_request", parse_or_hang)
+    monkeypatch.setattr(control, "CONTROL_STALL_S", 0.5)
+    daemon = compose(_settings(tmp_path, policy_file, "sim"))
+    await daemon.__aenter__()
+    hanging: asyncio.Future[dict[str, Any]] | None = None
+    try:
+        drv = Driver(daemon)
+        await drv.until(lambda: daemon.link is not None and daemon.link.connected.is_set())
+        await drv.emitting_session()
+        hanging = asyncio.ensure_future(drv.raw(b'{"command": "status", "hang": 1}\n'))
+        assert await asyncio.to_thread(stuck.wait, 10)
+        await asyncio.wait_for(daemon.wait_stopped(), 20)
+        assert daemon.failure is not None and "has not answered" in daemon.failure
+        with capture_logs() as logs:
+            await asyncio.wait_for(daemon.__aexit__(None, None, None), 20)
+        assert not release.is_set()
+        assert drv.board.state.name not in ("READY", "EMITTING")
+        assert "shutdown_over_budget" not in [entry["event"] for entry in logs]
+    finally:
+        release.set()
+        if hanging is not None:
+            await asyncio.gather(hanging, return_exceptions=True)
