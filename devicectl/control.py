@@ -764,6 +764,8 @@ class ControlServer:
             if received is not None and isinstance(request, IdentifiedRequest):
                 request = request.model_copy(update={"received": received})
             result = await self._handler(request)
+            # encoded here, on the control thread, from what the daemon's loop handed over
+            return (json.dumps({"ok": True, "result": result}, default=str) + "\n").encode()
         except ControlError as exc:
             return _reply_error(exc.kind, str(exc), **exc.facts)
         except DevicectlError as exc:
@@ -771,7 +773,6 @@ class ControlServer:
         except Exception as exc:  # noqa: BLE001 - a bug must never take the control socket down
             self._log.exception("control_request_failed", error=str(exc))
             return _reply_error("internal", f"internal error: {type(exc).__name__}: {exc}")
-        return (json.dumps({"ok": True, "result": result}, default=str) + "\n").encode()
 
     async def _identify(self, request: Any) -> Any:
         """The request with its verified ``actor`` in place of ``auth`` and any sign-off's PIN;
