@@ -40,9 +40,9 @@ from paho.mqtt.properties import Properties
 from devicectl.errors import DevicectlError
 
 # Inbound messages waiting for messages()' reader, at most: paho reads a flood faster than the
-# reader takes it (15,000 messages/s grew the worker by ~700 MB). Beyond it a message is dropped
-# unread and counted (take_dropped), unless ``keep`` says otherwise, and even those stop at twice
-# the bound: the reader has a thousand of them to act on already.
+# reader takes it (15,000 messages/s grew the worker by ~700 MB). Beyond it a message is offered
+# to ``take_now`` (a cmd/stop is obeyed there and then: it can neither wait nor be dropped), and
+# otherwise dropped unread and counted (take_dropped).
 INBOUND_MAX = 1000
 # ... and in payload bytes, the same way: a message may be as large as the broker allows (256 MB
 # by default), so a count alone bounds nothing. One message over it gets in when there is room
@@ -156,8 +156,8 @@ class MqttConnection:
         self._lost: asyncio.Future[None] | None = None
         self._acks: dict[int, asyncio.Future[int]] = {}
         self._messages: asyncio.Queue[paho.MQTTMessage] = asyncio.Queue()
-        # with INBOUND_MAX waiting: which messages still get in (e.g. a cmd/stop)
-        self.keep: Callable[[paho.MQTTMessage], bool] | None = None
+        # with INBOUND_MAX waiting: handles a message there and then, True when it did (a cmd/stop)
+        self.take_now: Callable[[paho.MQTTMessage], bool] | None = None
         self._dropped = 0
         self._dropped_bytes = 0
         self._waiting_bytes = 0  # payload bytes in _messages
@@ -424,13 +424,9 @@ class MqttConnection:
             acked.set_result(max(codes, default=0))
 
     def _on_message(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
-        waiting, waiting_bytes = self._messages.qsize(), self._waiting_bytes
-        if (waiting >= INBOUND_MAX or waiting_bytes >= INBOUND_MAX_BYTES) and (
-            waiting >= 2 * INBOUND_MAX
-            or waiting_bytes >= 2 * INBOUND_MAX_BYTES
-            or self.keep is None
-            or not self.keep(message)
-        ):
+        if self._messages.qsize() >= INBOUND_MAX or self._waiting_bytes >= INBOUND_MAX_BYTES:
+            if self.take_now is not None and self.take_now(message):
+                return
             self._dropped += 1
             self._dropped_bytes += len(message.payload)
             return
