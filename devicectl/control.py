@@ -65,6 +65,7 @@ from devicectl.users import (
 )
 
 __all__ = [
+    "CONTROL_STALL_S",
     "IDLE_TIMEOUT_S",
     "MAX_CLIENTS",
     "MAX_REQUEST_BYTES",
@@ -392,6 +393,9 @@ MAX_CLIENTS = 64  # control connections served at once, at most (see ControlServ
 IDLE_TIMEOUT_S = 60.0  # a connection with no request for this long is closed
 STOP_LANE_CLIENTS = 8  # connections on the stop socket at once
 STOP_REQUEST_TIMEOUT_S = 1.0  # a stop-socket connection must send its request within this
+# The control socket's thread must answer the daemon's loop within this, or the daemon stops
+# (ControlThread): both sockets, the stop lane too, are served there, and nothing else watches it.
+CONTROL_STALL_S = 5.0
 _FD_RESERVE = 64  # file descriptors kept for the rest of the daemon (log, outbox, port, broker)
 _BACKLOG = 128
 _ACCEPT_BACKOFF_S = (0.05, 1.0)  # first and longest pause after a failed accept()
@@ -760,6 +764,8 @@ class ControlServer:
             if received is not None and isinstance(request, IdentifiedRequest):
                 request = request.model_copy(update={"received": received})
             result = await self._handler(request)
+            # encoded here, on the control thread, from what the daemon's loop handed over
+            return (json.dumps({"ok": True, "result": result}, default=str) + "\n").encode()
         except ControlError as exc:
             return _reply_error(exc.kind, str(exc), **exc.facts)
         except DevicectlError as exc:
@@ -767,7 +773,6 @@ class ControlServer:
         except Exception as exc:  # noqa: BLE001 - a bug must never take the control socket down
             self._log.exception("control_request_failed", error=str(exc))
             return _reply_error("internal", f"internal error: {type(exc).__name__}: {exc}")
-        return (json.dumps({"ok": True, "result": result}, default=str) + "\n").encode()
 
     async def _identify(self, request: Any) -> Any:
         """The request with its verified ``actor`` in place of ``auth`` and any sign-off's PIN;
@@ -852,7 +857,10 @@ class ControlThread:
     asyncio in it belongs to that thread's loop). The server's sockets are bound before
     ``async with`` returns, and an error binding them (another daemon listening, a path that is
     not a socket) is raised there. Should the thread ever end on its own, ``on_died(cause)``
-    runs on the daemon's loop: a daemon nobody can reach must not go on emitting.
+    runs on the daemon's loop: a daemon nobody can reach must not go on emitting. The same when
+    the thread is alive but its loop does not answer the daemon's within ``stall_s``
+    (:data:`CONTROL_STALL_S`; a call that blocks it, a loop that never yields): the systemd
+    watchdog watches the daemon's loop only, and ``devicectl stop`` would fail unnoticed.
     """
 
     def __init__(
@@ -861,13 +869,20 @@ class ControlThread:
         *,
         on_died: Callable[[str], None],
         log: Any = None,
+        stall_s: float | None = None,
     ) -> None:
         self._make_server = make_server
         self._on_died = on_died
+        self._stall_s = CONTROL_STALL_S if stall_s is None else stall_s
+        self._stalled = False
+        self._watch: asyncio.Task[None] | None = None
         self._log = log or structlog.get_logger("devicectl.control")
         self._ready: concurrent.futures.Future[ControlServer] = concurrent.futures.Future()
         # resolved when the thread has ended, with what ended it (None: it was asked to)
         self._ended: concurrent.futures.Future[BaseException | None] = concurrent.futures.Future()
+        # resolved once the server is closed: its sockets, its clients (the thread may still
+        # be finishing a PIN check's argon2 run, which nothing waits for)
+        self._closed: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._closing: asyncio.Event | None = None
         self._control_loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -885,11 +900,15 @@ class ControlThread:
         except BaseException:
             self._leaving = True
             self._close()
-            await asyncio.wrap_future(self._ended)
+            await asyncio.shield(asyncio.wrap_future(self._closed))
             raise
-        self._ended.add_done_callback(
-            lambda ended: daemon_loop.call_soon_threadsafe(self._check_ended, ended)
-        )
+
+        def ended(ended: concurrent.futures.Future[BaseException | None]) -> None:
+            if not self._leaving:  # the daemon's loop may be gone once it has left
+                daemon_loop.call_soon_threadsafe(self._check_ended, ended)
+
+        self._ended.add_done_callback(ended)
+        self._watch = asyncio.create_task(self._watch_answers(), name="control-watch")
         return self
 
     async def __aexit__(
@@ -898,9 +917,17 @@ class ControlThread:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        # The server closed is enough: the laser is made safe next (daemon.py), and must not
+        # wait for the thread's end, which waits for a PIN check in progress (a thread of its
+        # loop's executor) to finish. Shielded: a shut-down over its budget cancels this wait,
+        # never the thread's own futures.
         self._leaving = True
+        if self._watch is not None:
+            self._watch.cancel()
         self._close()
-        await asyncio.wrap_future(self._ended)
+        if self._stalled:
+            return  # it would never answer: the laser is made safe without it
+        await asyncio.shield(asyncio.wrap_future(self._closed))
 
     def _close(self) -> None:
         loop, closing = self._control_loop, self._closing
@@ -919,6 +946,8 @@ class ControlThread:
             self._ready.set_exception(
                 error or DevicectlError("the control socket's thread ended at start")
             )
+        if not self._closed.done():  # it ended before its server was closed, or made
+            self._closed.set_result(None)
         self._ended.set_result(error)
 
     async def _serve(self, daemon_loop: asyncio.AbstractEventLoop) -> None:
@@ -926,9 +955,42 @@ class ControlThread:
         self._closing = closing = asyncio.Event()
         if self._leaving:  # asked to close before the loop existed
             return
-        async with self._make_server(DaemonLoop(daemon_loop)) as server:
-            self._ready.set_result(server)
-            await closing.wait()
+        try:
+            async with self._make_server(DaemonLoop(daemon_loop)) as server:
+                self._ready.set_result(server)
+                await closing.wait()
+        finally:
+            self._closed.set_result(None)
+
+    async def _watch_answers(self) -> None:
+        """On the daemon's loop: every half of ``stall_s``, the control thread's loop must run
+        a callback within ``stall_s``."""
+        control_loop = self._control_loop
+        assert control_loop is not None
+        while True:
+            await asyncio.sleep(self._stall_s / 2)
+            answered: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+            def answer(answered: concurrent.futures.Future[None] = answered) -> None:
+                if not answered.done():
+                    answered.set_result(None)
+
+            try:
+                control_loop.call_soon_threadsafe(answer)
+            except RuntimeError:  # its loop has ended: reported by _check_ended
+                return
+            try:
+                async with asyncio.timeout(self._stall_s):
+                    await asyncio.wrap_future(answered)
+            except TimeoutError:
+                if self._leaving:
+                    return
+                self._stalled = True
+                self._log.error("control_thread_stalled", stall_s=self._stall_s)
+                self._on_died(
+                    f"the control socket's thread has not answered for {self._stall_s:g} s"
+                )
+                return
 
     def _check_ended(self, ended: concurrent.futures.Future[BaseException | None]) -> None:
         if self._leaving:

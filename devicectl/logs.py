@@ -212,7 +212,10 @@ class QueuedStream:
     def __init__(self, stream: Any, *, max_bytes: int = 1 << 20) -> None:
         self._stream = stream
         self._max = max_bytes
-        self._line: list[str] = []
+        # each thread's line so far: the daemon logs from two (its loop, the control socket's),
+        # structlog writes a line in two pieces and the libraries' logging in one, each under
+        # a lock of its own, so a line may arrive between the pieces of another thread's
+        self._partial = threading.local()
         self._waiting: list[str] = []
         self._size = 0
         self._dropped = 0
@@ -221,14 +224,16 @@ class QueuedStream:
         self._thread: threading.Thread | None = None
 
     def write(self, text: str) -> int:
-        self._line.append(text)
+        line = self._line()
+        line.append(text)
         if text.endswith("\n"):
-            self._commit()
+            self._commit(line)
         return len(text)
 
     def flush(self) -> None:
-        if self._line:
-            self._commit()
+        line = self._line()
+        if line:
+            self._commit(line)
 
     def isatty(self) -> bool:
         return bool(self._stream.isatty())
@@ -237,9 +242,17 @@ class QueuedStream:
     def dropped(self) -> int:
         return self._dropped
 
-    def _commit(self) -> None:
-        line = "".join(self._line)
-        self._line.clear()
+    def _line(self) -> list[str]:
+        """The calling thread's line so far."""
+        try:
+            line: list[str] = self._partial.line
+        except AttributeError:
+            line = self._partial.line = []
+        return line
+
+    def _commit(self, pieces: list[str]) -> None:
+        line = "".join(pieces)
+        pieces.clear()
         with self._ready:
             if self._size + len(line) > self._max:
                 self._dropped += line.count("\n") or 1

@@ -192,6 +192,10 @@ def _lock_memory() -> str | None:
 # CPUs loaded by ordinary processes, a real-time daemon still waits for them (measured: PULSE
 # handling 30-100 ms late, pulses fired after a breach; docs/reliability.md, "Interference").
 KERNEL_WORKER_PREFIX = "kworker/u"
+# A task's flags (/proc/PID/stat): set for the kernel's own threads only. Any process may name
+# itself kworker/u... (prctl PR_SET_NAME, /proc/self/comm): the name alone would hand an ordinary
+# user's process SCHED_FIFO from a root job.
+_PF_KTHREAD = 0x00200000
 
 
 def kernel_workers(proc: Path = Path("/proc")) -> list[int]:
@@ -201,11 +205,21 @@ def kernel_workers(proc: Path = Path("/proc")) -> list[int]:
         if not task.name.isdigit():
             continue
         try:
-            if (task / "comm").read_text().startswith(KERNEL_WORKER_PREFIX):
+            if (task / "comm").read_text().startswith(KERNEL_WORKER_PREFIX) and _kernel_thread(
+                task
+            ):
                 pids.append(int(task.name))
         except OSError:  # gone meanwhile
             continue
     return pids
+
+
+def _kernel_thread(task: Path) -> bool:
+    """Whether ``task`` (/proc/PID) is one of the kernel's own threads, by its flags."""
+    stat_line = (task / "stat").read_text()
+    # "pid (comm) state ppid pgrp session tty_nr tpgid flags ...": comm may hold spaces and ")"
+    fields = stat_line[stat_line.rindex(")") + 1 :].split()
+    return bool(int(fields[6]) & _PF_KTHREAD)
 
 
 def _ordinary_kernel_workers() -> int:
@@ -230,6 +244,10 @@ class KernelWorkers:
 
     priority: int
     raised: set[int] = field(default_factory=set)  # pids this object raised, alive or not
+    # whether a change was allowed once: until then, a worker already at ``priority`` (another
+    # instance's doing) is set again, unchanged, so that a run without the privilege is refused
+    # at once rather than at the first new worker
+    permitted: bool = False
 
     def apply(self) -> list[int]:
         """Raise every worker not already at ``priority``; the pids raised now. Raises
@@ -242,8 +260,12 @@ class KernelWorkers:
                     os.sched_getscheduler(pid) == os.SCHED_FIFO
                     and os.sched_getparam(pid).sched_priority == self.priority
                 ):
+                    if not self.permitted:
+                        os.sched_setscheduler(pid, os.SCHED_FIFO, wanted)  # no change
+                        self.permitted = True
                     continue
                 os.sched_setscheduler(pid, os.SCHED_FIFO, wanted)
+                self.permitted = True
             except ProcessLookupError:
                 continue
             now.append(pid)
@@ -256,7 +278,10 @@ class KernelWorkers:
         restored = 0
         for pid in sorted(self.raised):
             try:
-                if not Path(f"/proc/{pid}/comm").read_text().startswith(KERNEL_WORKER_PREFIX):
+                task = Path(f"/proc/{pid}")
+                if not (task / "comm").read_text().startswith(
+                    KERNEL_WORKER_PREFIX
+                ) or not _kernel_thread(task):
                     continue  # that worker is gone, and its pid is another process's now
                 if (
                     os.sched_getscheduler(pid) == os.SCHED_FIFO

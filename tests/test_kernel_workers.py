@@ -100,3 +100,59 @@ def test_refused_without_the_capability_says_what_grants_it() -> None:
         "error: changing the kernel workers' scheduling needs root or CAP_SYS_NICE (see "
         "examples/devicectl-kernel-workers.service)"
     ]
+
+
+def test_a_process_named_like_a_worker_is_not_one() -> None:
+    """Any process may name itself kworker/u... (/proc/self/comm): it is no kernel thread, and
+    a root job raising it would give an ordinary user SCHED_FIFO."""
+    read_fd, write_fd = os.pipe()
+    impostor = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys\n"
+            "open('/proc/self/comm', 'w').write('kworker/u9:9')\n"
+            "os.write(int(sys.argv[1]), b'named')\n"
+            "sys.stdin.read()\n",
+            str(write_fd),
+        ],
+        stdin=subprocess.PIPE,
+        pass_fds=(write_fd,),
+    )
+    os.close(write_fd)
+    try:
+        assert os.read(read_fd, 16) == b"named"
+        with open(f"/proc/{impostor.pid}/comm") as comm:
+            assert comm.read().startswith(KERNEL_WORKER_PREFIX)
+        assert impostor.pid not in kernel_workers()
+        if os.geteuid() == 0:
+            workers = KernelWorkers(PRIORITY)
+            try:
+                assert impostor.pid not in workers.apply()
+                assert os.sched_getscheduler(impostor.pid) != os.SCHED_FIFO
+            finally:
+                workers.restore()
+    finally:
+        os.close(read_fd)
+        assert impostor.stdin is not None
+        impostor.stdin.close()
+        impostor.wait(10)
+
+
+@needs_root
+def test_refused_without_the_capability_even_when_the_workers_are_raised_already() -> None:
+    """Another instance raised them (or one that was killed, under Restart=always): with nothing
+    left to change, a run without the capability must still say it cannot do its job, not
+    report success and fail at the first new worker."""
+    raised = KernelWorkers(PRIORITY)
+    raised.apply()
+    try:
+        out = subprocess.run(
+            ["setpriv", "--bounding-set=-sys_nice", *DEVICECTL, "kernel-workers",
+             "--priority", str(PRIORITY), "--every", "0"],
+            check=False, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        raised.restore()
+    assert out.returncode == 1, out
+    assert "needs root or CAP_SYS_NICE" in out.stderr

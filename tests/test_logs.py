@@ -3,9 +3,11 @@ was held back, safety events never held back, long values cut."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -147,3 +149,31 @@ def test_a_queued_stream_never_blocks_on_a_reader_that_stopped_reading() -> None
     notice = [json.loads(x) for x in lines if "log_lines_dropped" in x]
     assert notice and notice[0]["count"] > 0
     assert all(x.startswith("{") and x.endswith("}") for x in lines)  # whole lines only
+
+
+def test_a_queued_stream_keeps_the_lines_of_two_threads_whole() -> None:
+    """The daemon logs from two threads now (its loop, the control socket's): structlog writes
+    a line in two pieces (the message, then its newline), the libraries' logging in one, each
+    under a lock of its own. A line of one thread arriving between the two pieces of another's
+    is still a line of its own, and neither is cut or lost."""
+    target = io.StringIO()
+    stream = QueuedStream(target)
+    first_half = threading.Event()
+    other_written = threading.Event()
+
+    def structlog_like() -> None:
+        stream.write('{"event": "from_the_loop"}')
+        first_half.set()
+        other_written.wait(10)
+        stream.write("\n")
+        stream.flush()
+
+    thread = threading.Thread(target=structlog_like)
+    thread.start()
+    assert first_half.wait(10)
+    stream.write('{"event": "from_the_control_thread"}\n')  # the other thread's whole line
+    other_written.set()
+    thread.join(10)
+    stream.close()
+    lines = target.getvalue().splitlines()
+    assert sorted(lines) == ['{"event": "from_the_control_thread"}', '{"event": "from_the_loop"}']

@@ -40,12 +40,23 @@ from paho.mqtt.properties import Properties
 from devicectl.errors import DevicectlError
 
 # Inbound messages waiting for messages()' reader, at most: paho reads a flood faster than the
-# reader takes it (15,000 messages/s grew the worker by ~700 MB). Beyond it a message is dropped
-# unread and counted (take_dropped), unless ``keep`` says otherwise, and even those stop at twice
-# the bound: the reader has a thousand of them to act on already.
+# reader takes it (15,000 messages/s grew the worker by ~700 MB). Beyond it a message is offered
+# to ``take_now`` (a cmd/stop is obeyed there and then: it can neither wait nor be dropped), and
+# otherwise dropped unread and counted (take_dropped).
 INBOUND_MAX = 1000
+# ... and in payload bytes, the same way: a message may be as large as the broker allows (256 MB
+# by default), so a count alone bounds nothing. One message over it gets in when there is room
+# (a command is a few hundred bytes; paho has read it whole already).
+INBOUND_MAX_BYTES = 1 << 20
 
-__all__ = ["MqttConnection", "MqttLinkError", "MqttRefused", "Will"]
+__all__ = [
+    "INBOUND_MAX",
+    "INBOUND_MAX_BYTES",
+    "MqttConnection",
+    "MqttLinkError",
+    "MqttRefused",
+    "Will",
+]
 
 _TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)  # Linux
 _MISC_INTERVAL_S = 1.0  # keepalive PINGREQs and their timeouts are paho's loop_misc()
@@ -145,10 +156,11 @@ class MqttConnection:
         self._lost: asyncio.Future[None] | None = None
         self._acks: dict[int, asyncio.Future[int]] = {}
         self._messages: asyncio.Queue[paho.MQTTMessage] = asyncio.Queue()
-        # with INBOUND_MAX waiting: which messages still get in (e.g. a cmd/stop)
-        self.keep: Callable[[paho.MQTTMessage], bool] | None = None
+        # with INBOUND_MAX waiting: handles a message there and then, True when it did (a cmd/stop)
+        self.take_now: Callable[[paho.MQTTMessage], bool] | None = None
         self._dropped = 0
         self._dropped_bytes = 0
+        self._waiting_bytes = 0  # payload bytes in _messages
         self._misc: asyncio.Task[None] | None = None
         self._watched: socket.socket | None = None  # the socket registered with the loop
         self._writing = False
@@ -285,7 +297,9 @@ class MqttConnection:
                 if not getting.done():
                     getting.cancel()
             if getting.done() and not getting.cancelled():
-                yield getting.result()
+                message = getting.result()
+                self._waiting_bytes -= len(message.payload)
+                yield message
                 continue
             lost.result()  # raises MqttLinkError
             return
@@ -410,13 +424,13 @@ class MqttConnection:
             acked.set_result(max(codes, default=0))
 
     def _on_message(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
-        waiting = self._messages.qsize()
-        if waiting >= INBOUND_MAX and (
-            waiting >= 2 * INBOUND_MAX or self.keep is None or not self.keep(message)
-        ):
+        if self._messages.qsize() >= INBOUND_MAX or self._waiting_bytes >= INBOUND_MAX_BYTES:
+            if self.take_now is not None and self.take_now(message):
+                return
             self._dropped += 1
             self._dropped_bytes += len(message.payload)
             return
+        self._waiting_bytes += len(message.payload)
         self._messages.put_nowait(message)
 
     def take_dropped(self) -> tuple[int, int]:

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from enum import IntEnum, IntFlag
 from typing import Any, Self
 
+import paho.mqtt.client as paho
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -811,10 +812,19 @@ class Telemetry:
 
     async def _receive(self, client: MqttConnection) -> None:
         base = self._topics.base
-        client.keep = lambda message: (
-            classify_command(base, message.topic, retained=bool(message.retain)).action
-            is CommandAction.STOP
-        )
+
+        def take_now(message: paho.MQTTMessage) -> bool:
+            """Beyond the inbound bound: a live cmd/stop is obeyed (and counted, and audited)
+            at once, never dropped with the flood around it."""
+            retained = bool(message.retain)
+            if classify_command(base, message.topic, retained=retained).action is not (
+                CommandAction.STOP
+            ):
+                return False
+            self._handle_command(message.topic, message.payload, retained=retained)
+            return True
+
+        client.take_now = take_now
         async for message in client.messages():
             unread, unread_bytes = client.take_dropped()
             if unread:  # a flood beyond what is read: refused unread, in the same burst

@@ -135,3 +135,39 @@ async def test_closing_is_not_reported_as_a_death(tmp_path: Path) -> None:
     ):
         pass
     await asyncio.sleep(0.05)  # a death report would be scheduled on this loop by now
+
+
+class _Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("dictionary changed size during iteration")
+
+
+async def test_a_result_that_cannot_be_encoded_is_answered_as_an_internal_error(
+    tmp_path: Path,
+) -> None:
+    """The result crosses from the daemon's loop and is encoded on the control thread: should
+    encoding fail (a bug; a container the daemon's loop changes meanwhile), the client is
+    answered, and its connection goes on, as for any other bug."""
+
+    async def handler(request: Any) -> dict[str, Any]:
+        if request.command == "disarm":
+            return {"bad": _Unprintable()}
+        return {"state": "standby"}
+
+    path = tmp_path / "ctl.sock"
+
+    def ask_twice() -> list[dict[str, Any]]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(30)
+            sock.connect(str(path))
+            sock.sendall(b'{"command": "disarm"}\n{"command": "status"}\n')
+            with sock.makefile("rb") as stream:
+                return [json.loads(stream.readline()) for _ in range(2)]
+
+    async with ControlThread(
+        lambda daemon_loop: ControlServer(path, daemon_loop.handler(handler)),
+        on_died=pytest.fail,
+    ):
+        failed, ok = await asyncio.to_thread(ask_twice)
+    assert failed["ok"] is False and failed["kind"] == "internal", failed
+    assert ok == {"ok": True, "result": {"state": "standby"}}
