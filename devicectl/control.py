@@ -35,6 +35,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
@@ -429,7 +430,8 @@ class ControlServer:
     error saying so and closed; a connection idle for ``idle_timeout_s`` is closed. STOP has a
     lane of its own that a full main socket cannot block: the socket :func:`stop_socket_path`
     (same owner, group and mode) accepts only ``{"command": "stop"}``, at most
-    ``STOP_LANE_CLIENTS`` at once, each given ``STOP_REQUEST_TIMEOUT_S`` to send it;
+    ``STOP_LANE_CLIENTS`` at once, each given ``STOP_REQUEST_TIMEOUT_S`` to send it (with the
+    lane full, the oldest still without its request is closed to make room for a new one);
     ``devicectl stop`` uses it. Both sockets are accepted from by a loop of our own (not
     ``asyncio.start_unix_server``), so an ``accept()`` that fails for want of a resource
     (EMFILE, ENFILE, ENOBUFS, ENOMEM) is logged once per episode (and every 10 s while it
@@ -467,6 +469,10 @@ class ControlServer:
         self._stop_clients: set[asyncio.Task[None]] = set()
         self._stop_slot = asyncio.Event()  # set whenever the stop lane has room
         self._stop_slot.set()
+        # stop-lane connections that have not sent their request yet, oldest first
+        self._stop_waiting: dict[asyncio.Task[None], None] = {}
+        self._stop_evicting: set[asyncio.Task[None]] = set()
+        self.stop_evicted = 0  # of them, closed to make room for a newer one
         self._busy_since_admit = 0  # turned away since the last connection was admitted
 
     @property
@@ -604,10 +610,24 @@ class ControlServer:
         self._start(conn, self._clients, self._serve_client, "control-client")
 
     async def _admit_stop(self, conn: socket.socket) -> None:
-        self._start(conn, self._stop_clients, self._serve_stop, "control-stop-client")
-        if len(self._stop_clients) >= STOP_LANE_CLIENTS:
-            # wait for room before accepting more: the rest wait in the kernel's backlog, and
-            # each connection here is gone within STOP_REQUEST_TIMEOUT_S
+        """Connections that only hold the lane must not keep a stop out: with the lane full, the
+        oldest one still without its request is closed to make room (a stop request is one
+        short line, sent at once). Only when every slot is answering a stop does accepting wait
+        for one, and the kernel's backlog hold the rest."""
+        if len(self._stop_clients) >= STOP_LANE_CLIENTS and self._stop_waiting:
+            oldest = next(iter(self._stop_waiting))
+            del self._stop_waiting[oldest]
+            self._stop_evicting.add(oldest)
+            oldest.cancel()
+            if not self.stop_evicted:
+                self._log.warning("control_stop_lane_crowded", slots=STOP_LANE_CLIENTS)
+            self.stop_evicted += 1
+        task = self._start(conn, self._stop_clients, self._serve_stop, "control-stop-client")
+        self._stop_waiting[task] = None
+        # let it read its request before the next connection is accepted (an accept that
+        # succeeds at once does not yield to the loop)
+        await asyncio.sleep(0)
+        if len(self._stop_clients) >= STOP_LANE_CLIENTS and not self._stop_waiting:
             self._stop_slot.clear()
             await self._stop_slot.wait()
 
@@ -617,23 +637,26 @@ class ControlServer:
         lane: set[asyncio.Task[None]],
         serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
         name: str,
-    ) -> None:
+    ) -> asyncio.Task[None]:
         async def run() -> None:
             try:
                 reader, writer = await asyncio.open_unix_connection(
                     sock=conn, limit=MAX_REQUEST_BYTES
                 )
-            except OSError:
+            except BaseException:  # refused, or closed to make room before it started
                 conn.close()
-                return
+                raise
             await serve(reader, writer)
 
         task = asyncio.create_task(run(), name=name)
         lane.add(task)
         task.add_done_callback(lambda done: self._finished(lane, done))
+        return task
 
     def _finished(self, lane: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
         lane.discard(task)
+        self._stop_waiting.pop(task, None)
+        self._stop_evicting.discard(task)
         if lane is self._stop_clients and len(lane) < STOP_LANE_CLIENTS:
             self._stop_slot.set()
 
@@ -703,6 +726,18 @@ class ControlServer:
                 writer.write(_reply_error("usage", "no stop request in time: closed"))
                 await writer.drain()
                 return
+            except asyncio.CancelledError:
+                if asyncio.current_task() not in self._stop_evicting:
+                    raise  # the server is closing
+                writer.write(
+                    _reply_error("usage", "no stop request yet, and the stop lane is full: closed")
+                )
+                return
+            finally:
+                task = asyncio.current_task()
+                if task is not None:  # its request is in (or it is done): no longer evictable
+                    self._stop_waiting.pop(task, None)
+                    self._stop_evicting.discard(task)
             if not line.strip():
                 return
             try:
@@ -848,7 +883,8 @@ class ControlThread:
     from, read, parsed, validated and answered on this thread, and only a validated request (and
     an auth refusal's audit record) crosses to the daemon's loop, through :class:`DaemonLoop`.
 
-    The thread runs one real-time step below the loop (:func:`~devicectl.realtime.step_below`):
+    The thread runs two real-time steps below the loop (:func:`~devicectl.realtime.step_below`;
+    the kernel's tty workers run one below it):
     the loop preempts it, and it still runs before every ordinary process, so that it never holds
     the interpreter's lock while an ordinary process keeps it off the CPU. The loop then waits
     for that lock at most the interpreter's switch interval.
@@ -938,7 +974,9 @@ class ControlThread:
     def _run(self, daemon_loop: asyncio.AbstractEventLoop) -> None:
         error: BaseException | None = None
         try:
-            step_below()
+            # below the kernel's tty workers too (`devicectl kernel-workers`: one below the
+            # loop), which a busy control thread or a PIN check must not hold off
+            step_below(2)
             asyncio.run(self._serve(daemon_loop))
         except BaseException as exc:  # noqa: BLE001 - handed to the daemon, which stops
             error = exc
@@ -1064,18 +1102,38 @@ def _socket_alive(path: Path) -> bool:
 # ---------------------------------------------------------------- client
 
 
-def call_daemon(path: Path, request: dict[str, Any], *, timeout: float = 10.0) -> dict[str, Any]:
-    """Send one request and return ``result``; raise ControlError or DaemonUnreachable."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+def _connect(path: Path, timeout: float) -> socket.socket:
+    """A connection to ``path``. A Unix socket whose listen queue is full refuses a connect at
+    once (EAGAIN) rather than letting it wait: tried again until ``timeout``, as the daemon
+    drains its queue (the stop lane makes room for a stop within a few connections)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
             sock.connect(str(path))
         except FileNotFoundError:
+            sock.close()
             raise DaemonUnreachable(
                 path, "no control socket there (is `devicectl run` running?)"
             ) from None
+        except BlockingIOError as exc:
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise DaemonUnreachable(
+                    path, f"its queue of connections stayed full for {timeout:g} s"
+                ) from exc
+            time.sleep(0.005)
+            continue
         except OSError as exc:
+            sock.close()
             raise DaemonUnreachable(path, exc.strerror or str(exc)) from exc
+        return sock
+
+
+def call_daemon(path: Path, request: dict[str, Any], *, timeout: float = 10.0) -> dict[str, Any]:
+    """Send one request and return ``result``; raise ControlError or DaemonUnreachable."""
+    with _connect(path, timeout) as sock:
         try:
             # answered and closed before reading (at its connection cap): read why all the same
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):

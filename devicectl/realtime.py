@@ -8,8 +8,8 @@ messages does takes this process's CPU. :func:`enter_realtime` asks the kernel f
 * ``SCHED_FIFO`` at ``priority`` for the process's threads (inherited by the threads it starts
   afterwards: the log writer too, so that a thread holding the interpreter's lock is never
   preempted by an ordinary process while the loop waits for it; the control socket's thread then
-  steps one below, :func:`step_below`). A process of ours started later (the telemetry worker) is
-  given ``SCHED_OTHER`` back at spawn;
+  steps two below, :func:`step_below`, under the kernel's tty workers). A process of ours
+  started later (the telemetry worker) is given ``SCHED_OTHER`` back at spawn;
 * ``mlockall(MCL_CURRENT | MCL_FUTURE)`` when the memory-lock limit allows all of it (a page
   fault on a swapped-out page would cost milliseconds): unlimited, or root;
 * a short interpreter switch interval (:func:`sys.setswitchinterval`), so that the loop waits at
@@ -135,19 +135,18 @@ def ordinary_scheduler() -> tuple[int, os.sched_param]:
     return os.SCHED_OTHER, os.sched_param(0)
 
 
-def step_below() -> int:
-    """Run the calling thread one step below the thread that started it, when that one is
-    ``SCHED_FIFO`` (a thread inherits its creator's scheduling): the safety loop then preempts
-    it, and it still runs before every ordinary process, so that it never holds the
-    interpreter's lock while preempted by one (the loop would wait for that lock behind the
-    ordinary process). Lowering one's own priority needs no privilege. Returns the thread's
-    SCHED_FIFO priority now, 0 when it runs under ordinary scheduling."""
+def step_below(steps: int = 1) -> int:
+    """Run the calling thread ``steps`` below the thread that started it (not below the lowest
+    priority), when that one is ``SCHED_FIFO`` (a thread inherits its creator's scheduling):
+    the safety loop then preempts it, and it still runs before every ordinary process, so that
+    it never holds the interpreter's lock while preempted by one (the loop would wait for that
+    lock behind the ordinary process). Lowering one's own priority needs no privilege. Returns
+    the thread's SCHED_FIFO priority now, 0 when it runs under ordinary scheduling."""
     if not hasattr(os, "sched_getscheduler") or os.sched_getscheduler(0) != os.SCHED_FIFO:
         return 0
-    priority = os.sched_getparam(0).sched_priority
-    lowest = os.sched_get_priority_min(os.SCHED_FIFO)
-    if priority > lowest:
-        priority -= 1
+    current = os.sched_getparam(0).sched_priority
+    priority = max(current - steps, os.sched_get_priority_min(os.SCHED_FIFO))
+    if priority != current:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
     return priority
 

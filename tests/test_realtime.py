@@ -112,7 +112,7 @@ if sys.argv[1] != "0":
     os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(int(sys.argv[1])))
 seen = {}
 def thread():
-    seen["returned"] = step_below()
+    seen["returned"] = step_below(int(sys.argv[2]))
     seen["policy"] = os.sched_getscheduler(0)
     seen["priority"] = os.sched_getparam(0).sched_priority
 worker = threading.Thread(target=thread)
@@ -122,9 +122,9 @@ print(json.dumps(seen))
 """
 
 
-def step_below_in(priority: int) -> dict[str, int]:
+def step_below_in(priority: int, steps: int = 1) -> dict[str, int]:
     out = subprocess.run(
-        [sys.executable, "-c", STEP, str(priority)],
+        [sys.executable, "-c", STEP, str(priority), str(steps)],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     result: dict[str, int] = json.loads(out.stdout)
@@ -146,5 +146,8 @@ def test_a_thread_steps_one_below_the_real_time_loop_that_started_it() -> None:
         "priority": 39,
         "own": 40,
     }
+    # the control thread: two below, under the kernel's tty workers (one below)
+    assert step_below_in(40, steps=2)["priority"] == 38
     lowest = os.sched_get_priority_min(os.SCHED_FIFO)
     assert step_below_in(lowest)["priority"] == lowest  # nowhere lower to go: stays FIFO
+    assert step_below_in(lowest + 1, steps=2)["priority"] == lowest

@@ -110,17 +110,22 @@ def _exchange(path: Path, data: bytes) -> bytes:
 async def test_a_silent_stop_socket_connection_is_closed_and_frees_its_slot(
     tmp_path: Path,
 ) -> None:
-    """More silent connections than the stop lane holds: each is closed within the lane's
-    request timeout, so a stop behind them still gets in."""
+    """More silent connections than the stop lane holds: the oldest are closed to make room
+    (told why), the rest within the lane's request timeout, so a stop behind them gets in."""
     handler = _Requests()
     async with ControlServer(tmp_path / "ctl.sock", handler) as server:
         with _idle_connections(server.stop_path, 12) as silent:
             result = await asyncio.to_thread(
                 call_daemon, server.stop_path, {"command": "stop"}, timeout=10.0
             )
+            for sock in silent:
+                sock.settimeout(10)
             first = await asyncio.to_thread(silent[0].recv, 4096)
+            last = await asyncio.to_thread(silent[-1].recv, 4096)
     assert result == {"stopped": True}
-    assert b"no stop request in time" in first
+    assert b"the stop lane is full: closed" in first
+    assert b"no stop request in time" in last
+    assert server.stop_evicted >= 4
 
 
 async def test_an_idle_connection_is_closed(tmp_path: Path) -> None:
