@@ -47,6 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -90,6 +91,13 @@ __all__ = ["DEFAULT_COMMIT_INTERVAL_S", "Recovery", "SessionLog"]
 # Group commit: at most one commit (one fdatasync of the WAL-less journal) per this many seconds.
 # benchmarks/cpu.py: 10 ms takes the writer from ~1,000 commits/s to <= 100 at any pulse rate.
 DEFAULT_COMMIT_INTERVAL_S = 0.010
+_PULSE_ROW = "(?, ?, ?, ?, ?, ?, ?, ?)"
+_PULSE_INSERT = (
+    "INSERT INTO pulses (seq, session_id, pulse_no, t_us, host_ns, energy_uj, zone, hash) "
+)
+_INSERT_PULSE = _PULSE_INSERT + "VALUES " + _PULSE_ROW
+_ROWS_PER_INSERT = 16  # pulses per multi-row INSERT (128 parameters, below every SQLite limit)
+_INSERT_PULSES = _PULSE_INSERT + "VALUES " + ", ".join([_PULSE_ROW] * _ROWS_PER_INSERT)
 _DELAYS_KEPT = 1024  # per-commit delays kept for commit_stats() (a ring, newest overwrites)
 
 _NS_PER_DAY = 86_400 * 10**9
@@ -1236,36 +1244,52 @@ class SessionLog:
     # ── the writer thread ────────────────────────────────────────────────────────────────────
 
     def _run(self) -> None:
+        """Take what has queued up, commit it, wait out the interval; block only when idle.
+
+        While records keep coming the thread sleeps once per interval and then takes everything
+        queued without blocking: the daemon's puts never find it waiting on the queue, so they
+        never have to wake it (one wake-up per commit, not one per hand-off plus the sleep). Only
+        when an interval brought nothing does it block on the queue (a checkpoint falling due
+        ends that wait); the first record after a quiet spell commits at once.
+        """
         get, get_nowait = self._queue.get, self._queue.get_nowait
         interval = self._commit_interval_s
         next_commit = 0.0  # monotonic: no commit starts before it (group commit)
         stopping = False
         try:
             while not stopping:
-                due = self._checkpoint_due
-                if due is None:
-                    batch = [get()]
-                else:
-                    try:
-                        batch = [get(timeout=max(0.0, due - time.monotonic()))]
-                    except queue.Empty:
-                        batch = [_Marker(done=_nothing, checkpoint="periodic")]
-                        # next try then, if it cannot be made now (no device id yet): no spin
-                        self._checkpoint_due = time.monotonic() + self._checkpoint_interval()
-                # The deadline runs from here: what was taken waits for the interval, then commits.
-                taken = time.monotonic()
-                self._busy_since = taken
-                if taken < next_commit:
-                    time.sleep(next_commit - taken)
-                    start = time.monotonic()
-                else:
-                    start = taken
-                next_commit = start + interval
+                now = time.monotonic()
+                if now < next_commit:
+                    # The group wait counts against the deadline of what arrives meanwhile.
+                    self._busy_since = now
+                    time.sleep(next_commit - now)
+                batch: list[object] = []
                 try:
                     while len(batch) < 100_000:
                         batch.append(get_nowait())
                 except queue.Empty:
                     pass
+                if not batch:
+                    self._busy_since = None
+                    due = self._checkpoint_due
+                    if due is None:
+                        batch.append(get())
+                    else:
+                        try:
+                            batch.append(get(timeout=max(0.0, due - time.monotonic())))
+                        except queue.Empty:
+                            batch.append(_Marker(done=_nothing, checkpoint="periodic"))
+                            # next try then, if it cannot be made now (no device id yet): no spin
+                            self._checkpoint_due = time.monotonic() + self._checkpoint_interval()
+                    try:  # whatever came with it
+                        while len(batch) < 100_000:
+                            batch.append(get_nowait())
+                    except queue.Empty:
+                        pass
+                start = time.monotonic()
+                if self._busy_since is None:
+                    self._busy_since = start
+                next_commit = start + interval
                 if self._failure is None:
                     try:
                         self._commit(batch)
@@ -1325,11 +1349,20 @@ class SessionLog:
         conn.execute("BEGIN")
         try:
             if pulses:
-                conn.executemany(
-                    "INSERT INTO pulses (seq, session_id, pulse_no, t_us, host_ns, energy_uj, "
-                    "zone, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    pulses,
-                )
+                # Whole groups of rows per statement, then the rest one by one: each step of a
+                # statement gives up the GIL and takes it back (a switch when the event loop wants
+                # it meanwhile), so 50 pulses cost 5 steps rather than 50.
+                whole = len(pulses) - len(pulses) % _ROWS_PER_INSERT
+                if whole:
+                    conn.executemany(
+                        _INSERT_PULSES,
+                        [
+                            tuple(chain.from_iterable(pulses[i : i + _ROWS_PER_INSERT]))
+                            for i in range(0, whole, _ROWS_PER_INSERT)
+                        ],
+                    )
+                if whole < len(pulses):
+                    conn.executemany(_INSERT_PULSE, pulses[whole:])
             if records:
                 conn.executemany(
                     "INSERT INTO records (seq, session_id, kind, at_ns, body, hash) "

@@ -219,6 +219,34 @@ def test_a_commit_interval_at_or_beyond_the_deadline_is_refused(tmp_path: Path) 
         open_log(tmp_path / "sessions.db", commit_interval_s=-0.01)
 
 
+def test_a_commit_of_many_pulses_stores_each_once_in_order(tmp_path: Path) -> None:
+    """Pulses go in several rows per INSERT: a commit holding more than one such group and a
+    remainder (here 1,000 pulses of one chunk, then 5) still stores every pulse once, in the
+    order recorded, each with the fields it was recorded with and a chain that verifies."""
+    path = tmp_path / "sessions.db"
+    with open_log(path) as slog:
+        sid = slog.start_session(session_info(), device_pulse_count=0).session_id
+        for pulse_no in range(1, 1001):
+            slog.record_pulse_held(
+                sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000 + pulse_no, "neck"
+            )
+        slog.release_pulses()
+        for pulse_no in range(1001, 1006):
+            slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000 + pulse_no, "chin")
+        slog.flush()
+        assert slog.committed_pulse_no == 1005
+    conn = connect(path, readonly=True)
+    rows = conn.execute(
+        "SELECT pulse_no, t_us, host_ns, energy_uj, zone FROM pulses ORDER BY seq"
+    ).fetchall()
+    conn.close()
+    assert rows == [
+        (n, n * 50, T0 + n, 2000 + n, "neck" if n <= 1000 else "chin") for n in range(1, 1006)
+    ]
+    report = verify_log(path)
+    assert report.ok and report.pulses == 1005
+
+
 def test_held_pulses_keep_the_order_of_the_calls_in_the_chain(tmp_path: Path) -> None:
     """One hand-off per received chunk: anything recorded mid-chunk releases the held pulses
     first, so the chain's order is the order of the calls."""
