@@ -467,7 +467,8 @@ class ControlServer:
         self._acceptors: list[asyncio.Task[None]] = []
         self._clients: set[asyncio.Task[None]] = set()
         self._stop_clients: set[asyncio.Task[None]] = set()
-        self._stop_slot = asyncio.Event()  # set whenever the stop lane has room
+        # set whenever the stop lane has room, or a connection in it that may be closed for room
+        self._stop_slot = asyncio.Event()
         self._stop_slot.set()
         # stop-lane connections that have not sent their request yet, oldest first
         self._stop_waiting: dict[asyncio.Task[None], None] = {}
@@ -612,8 +613,8 @@ class ControlServer:
     async def _admit_stop(self, conn: socket.socket) -> None:
         """Connections that only hold the lane must not keep a stop out: with the lane full, the
         oldest one still without its request is closed to make room (a stop request is one
-        short line, sent at once). Only when every slot is answering a stop does accepting wait
-        for one, and the kernel's backlog hold the rest."""
+        short line, sent at once). Only when every slot is answering a stop (or still setting up
+        its connection) does accepting wait for one, and the kernel's backlog hold the rest."""
         if len(self._stop_clients) >= STOP_LANE_CLIENTS and self._stop_waiting:
             oldest = next(iter(self._stop_waiting))
             del self._stop_waiting[oldest]
