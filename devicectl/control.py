@@ -467,7 +467,8 @@ class ControlServer:
         self._acceptors: list[asyncio.Task[None]] = []
         self._clients: set[asyncio.Task[None]] = set()
         self._stop_clients: set[asyncio.Task[None]] = set()
-        self._stop_slot = asyncio.Event()  # set whenever the stop lane has room
+        # set whenever the stop lane has room, or a connection in it that may be closed for room
+        self._stop_slot = asyncio.Event()
         self._stop_slot.set()
         # stop-lane connections that have not sent their request yet, oldest first
         self._stop_waiting: dict[asyncio.Task[None], None] = {}
@@ -612,8 +613,8 @@ class ControlServer:
     async def _admit_stop(self, conn: socket.socket) -> None:
         """Connections that only hold the lane must not keep a stop out: with the lane full, the
         oldest one still without its request is closed to make room (a stop request is one
-        short line, sent at once). Only when every slot is answering a stop does accepting wait
-        for one, and the kernel's backlog hold the rest."""
+        short line, sent at once). Only when every slot is answering a stop (or still setting up
+        its connection) does accepting wait for one, and the kernel's backlog hold the rest."""
         if len(self._stop_clients) >= STOP_LANE_CLIENTS and self._stop_waiting:
             oldest = next(iter(self._stop_waiting))
             del self._stop_waiting[oldest]
@@ -622,12 +623,13 @@ class ControlServer:
             if not self.stop_evicted:
                 self._log.warning("control_stop_lane_crowded", slots=STOP_LANE_CLIENTS)
             self.stop_evicted += 1
-        task = self._start(conn, self._stop_clients, self._serve_stop, "control-stop-client")
-        self._stop_waiting[task] = None
+        self._start(conn, self._stop_clients, self._serve_stop, "control-stop-client")
         # let it read its request before the next connection is accepted (an accept that
         # succeeds at once does not yield to the loop)
         await asyncio.sleep(0)
-        if len(self._stop_clients) >= STOP_LANE_CLIENTS and not self._stop_waiting:
+        # a connection becomes one to close only once it waits for its request (_serve_stop),
+        # never while its stream is still being set up, with its stop perhaps already sent
+        while len(self._stop_clients) >= STOP_LANE_CLIENTS and not self._stop_waiting:
             self._stop_slot.clear()
             await self._stop_slot.wait()
 
@@ -716,6 +718,10 @@ class ControlServer:
 
     async def _serve_stop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """The stop lane: one request, which must be ``stop``, within STOP_REQUEST_TIMEOUT_S."""
+        task = asyncio.current_task()
+        if task is not None:  # from now on it may be closed to make room (_admit_stop)
+            self._stop_waiting[task] = None
+            self._stop_slot.set()
         try:
             if await self._refused_peer(reader, writer):
                 return
@@ -727,14 +733,23 @@ class ControlServer:
                 await writer.drain()
                 return
             except asyncio.CancelledError:
-                if asyncio.current_task() not in self._stop_evicting:
+                if task is None or task not in self._stop_evicting:
                     raise  # the server is closing
-                writer.write(
-                    _reply_error("usage", "no stop request yet, and the stop lane is full: closed")
-                )
-                return
+                task.uncancel()
+                # closed to make room: unless its request came in meanwhile (received, but the
+                # task not yet woken to read it), which is then served; a buffered line is read
+                # without waiting, so a zero timeout only turns away one not (all) there
+                try:
+                    async with asyncio.timeout(0):
+                        line = await reader.readline()
+                except (TimeoutError, ValueError):
+                    writer.write(
+                        _reply_error(
+                            "usage", "no stop request yet, and the stop lane is full: closed"
+                        )
+                    )
+                    return
             finally:
-                task = asyncio.current_task()
                 if task is not None:  # its request is in (or it is done): no longer evictable
                     self._stop_waiting.pop(task, None)
                     self._stop_evicting.discard(task)

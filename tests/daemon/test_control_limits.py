@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from devicectl.control import (
+    STOP_LANE_CLIENTS,
     ControlError,
     ControlServer,
     StopRequest,
@@ -126,6 +127,86 @@ async def test_a_silent_stop_socket_connection_is_closed_and_frees_its_slot(
     assert b"the stop lane is full: closed" in first
     assert b"no stop request in time" in last
     assert server.stop_evicted >= 4
+
+
+class _HeldStops(_Requests):
+    """A handler that holds the first ``held`` stops until ``release`` is set (a daemon's loop
+    busy with them), and answers the rest at once."""
+
+    def __init__(self, held: int) -> None:
+        super().__init__()
+        self.held = held
+        self.release = asyncio.Event()
+
+    async def __call__(self, request: Any) -> dict[str, Any]:
+        holding = len(self.seen) < self.held
+        result = await super().__call__(request)
+        if holding:
+            await self.release.wait()
+        return result
+
+
+async def test_a_stop_sent_at_once_is_answered_when_a_newer_connection_finds_the_lane_full(
+    tmp_path: Path,
+) -> None:
+    """The lane makes room by closing a connection still without its request: never one whose
+    stop is already sent. Here every other slot is answering a stop, a stop is sent at once
+    after connecting, and an idle connection arrives right behind it: that stop is answered,
+    not closed unread (nor told that it sent nothing)."""
+    handler = _HeldStops(STOP_LANE_CLIENTS - 1)
+    async with ControlServer(tmp_path / "ctl.sock", handler) as server:
+        with ExitStack() as stack:
+            for _ in range(STOP_LANE_CLIENTS - 1):
+                holder = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+                holder.connect(str(server.stop_path))
+                holder.sendall(b'{"command": "stop"}\n')
+            await until(lambda: len(handler.seen) == handler.held, what="the slots answering")
+            # both queued before the server's loop runs again
+            stopper = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            stopper.settimeout(10)
+            stopper.connect(str(server.stop_path))
+            stopper.sendall(b'{"command": "stop"}\n')
+            idle = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            idle.connect(str(server.stop_path))
+            try:
+                answer = await asyncio.to_thread(stopper.recv, 4096)
+            finally:
+                handler.release.set()
+    assert answer, "the stop was closed unread"
+    assert json.loads(answer) == {"ok": True, "result": {"stopped": True}}
+    assert len(handler.seen) == STOP_LANE_CLIENTS
+
+
+async def test_a_stop_received_as_its_connection_is_closed_to_make_room_is_answered(
+    tmp_path: Path,
+) -> None:
+    """A connection waiting for its request is closed to make room only while its request has
+    not come: one whose stop came in together with the newer connection (received, but not
+    yet read when the newer one is accepted) is answered."""
+    handler = _HeldStops(STOP_LANE_CLIENTS - 1)
+    async with ControlServer(tmp_path / "ctl.sock", handler) as server:
+        with ExitStack() as stack:
+            for _ in range(STOP_LANE_CLIENTS - 1):
+                holder = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+                holder.connect(str(server.stop_path))
+                holder.sendall(b'{"command": "stop"}\n')
+            await until(lambda: len(handler.seen) == handler.held, what="the slots answering")
+            stopper = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            stopper.settimeout(10)
+            stopper.connect(str(server.stop_path))
+            for _ in range(20):  # the stopper's connection set up and waiting for its request
+                await asyncio.sleep(0)
+            # the newer connection first, then the stop, before the server's loop runs again
+            idle = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            idle.connect(str(server.stop_path))
+            stopper.sendall(b'{"command": "stop"}\n')
+            try:
+                answer = await asyncio.to_thread(stopper.recv, 4096)
+            finally:
+                handler.release.set()
+    assert json.loads(answer) == {"ok": True, "result": {"stopped": True}}
+    assert server.stop_evicted == 1  # it was the one chosen to make room
+    assert len(handler.seen) == STOP_LANE_CLIENTS
 
 
 async def test_an_idle_connection_is_closed(tmp_path: Path) -> None:
