@@ -474,12 +474,18 @@ class ControlServer:
         self._stop_waiting: dict[asyncio.Task[None], None] = {}
         self._stop_evicting: set[asyncio.Task[None]] = set()
         self.stop_evicted = 0  # of them, closed to make room for a newer one
+        self._crowded = 0  # closed so in the current episode of a full lane
         self._busy_since_admit = 0  # turned away since the last connection was admitted
 
     @property
     def clients(self) -> int:
         """Connections being served on the main socket."""
         return len(self._clients)
+
+    @property
+    def stop_lane_clients(self) -> int:
+        """Connections being served on the stop socket."""
+        return len(self._stop_clients)
 
     async def __aenter__(self) -> ControlServer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -620,9 +626,13 @@ class ControlServer:
             del self._stop_waiting[oldest]
             self._stop_evicting.add(oldest)
             oldest.cancel()
-            if not self.stop_evicted:
+            if not self._crowded:  # an episode: one line when it starts, one when it ends
                 self._log.warning("control_stop_lane_crowded", slots=STOP_LANE_CLIENTS)
+            self._crowded += 1
             self.stop_evicted += 1
+        elif self._crowded and len(self._stop_clients) < STOP_LANE_CLIENTS:
+            self._log.info("control_stop_lane_crowded_ended", closed=self._crowded)
+            self._crowded = 0
         self._start(conn, self._stop_clients, self._serve_stop, "control-stop-client")
         # let it read its request before the next connection is accepted (an accept that
         # succeeds at once does not yield to the loop)
@@ -743,9 +753,11 @@ class ControlServer:
                     async with asyncio.timeout(0):
                         line = await reader.readline()
                 except (TimeoutError, ValueError):
-                    writer.write(
+                    writer.write(  # a stop is idempotent: call_daemon sends it again
                         _reply_error(
-                            "usage", "no stop request yet, and the stop lane is full: closed"
+                            "unreachable",
+                            "no stop request yet, and the stop lane is full: closed",
+                            retry=True,
                         )
                     )
                     return
@@ -1147,7 +1159,20 @@ def _connect(path: Path, timeout: float) -> socket.socket:
 
 
 def call_daemon(path: Path, request: dict[str, Any], *, timeout: float = 10.0) -> dict[str, Any]:
-    """Send one request and return ``result``; raise ControlError or DaemonUnreachable."""
+    """Send one request and return ``result``; raise ControlError or DaemonUnreachable. A reply
+    marked ``retry`` (a full stop lane closed the connection before reading it) is tried again,
+    on a new connection, until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _call_once(path, request, timeout)
+        except ControlError as exc:
+            if not exc.facts.get("retry") or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
+
+
+def _call_once(path: Path, request: dict[str, Any], timeout: float) -> dict[str, Any]:
     with _connect(path, timeout) as sock:
         try:
             # answered and closed before reading (at its connection cap): read why all the same

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -314,3 +315,59 @@ async def test_a_socket_that_cannot_be_created_leaves_nothing_behind(tmp_path: P
         async with ControlServer(tmp_path / "ctl.sock", _Requests(), stop_path=stop_path):
             pass
     assert not (tmp_path / "ctl.sock").exists()
+
+
+class _Events:
+    """A stand-in for the daemon's logger: keeps each event's name and fields."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def _keep(self, event: str, **fields: Any) -> None:
+        self.seen.append((event, fields))
+
+    info = warning = error = exception = debug = _keep
+
+
+async def test_a_crowded_stop_lane_is_logged_once_when_it_starts_and_once_when_it_ends(
+    tmp_path: Path,
+) -> None:
+    events = _Events()
+    async with ControlServer(tmp_path / "ctl.sock", _Requests(), log=events) as server:
+        with _idle_connections(server.stop_path, 30):
+            await until(lambda: server.stop_evicted >= 20, what="connections closed for room")
+        # the silent ones left go within the lane's request timeout; then one stop, with room
+        await until(lambda: not server._stop_clients, what="the lane empty", timeout=10)
+        await asyncio.to_thread(call_daemon, server.stop_path, {"command": "stop"})
+    crowded = [fields for event, fields in events.seen if event == "control_stop_lane_crowded"]
+    ended = [fields for event, fields in events.seen if event == "control_stop_lane_crowded_ended"]
+    assert len(crowded) == 1
+    assert len(ended) == 1 and ended[0]["closed"] == server.stop_evicted
+
+
+def test_a_reply_marked_retry_is_sent_again_on_a_new_connection(tmp_path: Path) -> None:
+    """What a full stop lane answers a connection it closes before reading it: the client
+    (`devicectl stop`) tries again until its timeout, a stop being idempotent."""
+    path = tmp_path / "lane.sock"
+    replies = [
+        b'{"ok": false, "kind": "unreachable", "error": "the stop lane is full", "retry": true}\n',
+        b'{"ok": true, "result": {"stopped": true}}\n',
+    ]
+    served: list[bytes] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(4)
+
+        def serve() -> None:
+            for reply in replies:
+                conn, _ = listener.accept()
+                with conn, conn.makefile("rb") as stream:
+                    served.append(stream.readline())
+                    conn.sendall(reply)
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        result = call_daemon(path, {"command": "stop"}, timeout=10)
+        thread.join(10)
+    assert result == {"stopped": True}
+    assert served == [b'{"command": "stop"}\n'] * 2
