@@ -36,10 +36,10 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 import structlog
 from pydantic import (
@@ -865,6 +865,9 @@ class ControlServer:
         return request.model_copy(update=update)
 
 
+_T = TypeVar("_T")
+
+
 class DaemonLoop:
     """The daemon's event loop as the control thread sees it: each method turns a function of
     the daemon's loop into a coroutine function the control thread's loop can await. What it
@@ -882,9 +885,7 @@ class DaemonLoop:
             return await handler(request)
 
         async def on_daemon_loop(request: Any) -> dict[str, Any]:
-            return await asyncio.wrap_future(
-                asyncio.run_coroutine_threadsafe(handle(request), self._loop)
-            )
+            return await self._there(handle(request))
 
         return on_daemon_loop
 
@@ -896,9 +897,13 @@ class DaemonLoop:
             function(*args)
 
         async def on_daemon_loop(*args: Any) -> None:
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(run(*args), self._loop))
+            await self._there(run(*args))
 
         return on_daemon_loop
+
+    async def _there(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        """``coroutine`` run on the daemon's loop, awaited from this thread's."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self._loop))
 
 
 class ControlThread:

@@ -204,17 +204,19 @@ def kernel_workers(proc: Path = Path("/proc")) -> list[int]:
         if not task.name.isdigit():
             continue
         try:
-            if (task / "comm").read_text().startswith(KERNEL_WORKER_PREFIX) and _kernel_thread(
-                task
-            ):
+            if _is_kernel_worker(task):
                 pids.append(int(task.name))
         except OSError:  # gone meanwhile
             continue
     return pids
 
 
-def _kernel_thread(task: Path) -> bool:
-    """Whether ``task`` (/proc/PID) is one of the kernel's own threads, by its flags."""
+def _is_kernel_worker(task: Path) -> bool:
+    """Whether ``task`` (/proc/PID) is one of the kernel's unbound workqueue workers: by its
+    name, and by its flags (one of the kernel's own threads), since any process may take the
+    name. Raises OSError when it is gone."""
+    if not (task / "comm").read_text().startswith(KERNEL_WORKER_PREFIX):
+        return False
     stat_line = (task / "stat").read_text()
     # "pid (comm) state ppid pgrp session tty_nr tpgid flags ...": comm may hold spaces and ")"
     fields = stat_line[stat_line.rindex(")") + 1 :].split()
@@ -255,10 +257,7 @@ class KernelWorkers:
         wanted = os.sched_param(self.priority)
         for pid in kernel_workers():
             try:
-                if (
-                    os.sched_getscheduler(pid) == os.SCHED_FIFO
-                    and os.sched_getparam(pid).sched_priority == self.priority
-                ):
+                if self._holds(pid):
                     if not self.permitted:
                         os.sched_setscheduler(pid, os.SCHED_FIFO, wanted)  # no change
                         self.permitted = True
@@ -277,18 +276,19 @@ class KernelWorkers:
         restored = 0
         for pid in sorted(self.raised):
             try:
-                task = Path(f"/proc/{pid}")
-                if not (task / "comm").read_text().startswith(
-                    KERNEL_WORKER_PREFIX
-                ) or not _kernel_thread(task):
+                if not _is_kernel_worker(Path(f"/proc/{pid}")):
                     continue  # that worker is gone, and its pid is another process's now
-                if (
-                    os.sched_getscheduler(pid) == os.SCHED_FIFO
-                    and os.sched_getparam(pid).sched_priority == self.priority
-                ):
+                if self._holds(pid):
                     os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
                     restored += 1
-            except (ProcessLookupError, FileNotFoundError):
+            except (ProcessLookupError, FileNotFoundError):  # gone meanwhile
                 continue
         self.raised.clear()
         return restored
+
+    def _holds(self, pid: int) -> bool:
+        """Whether ``pid`` runs at SCHED_FIFO ``priority``."""
+        return (
+            os.sched_getscheduler(pid) == os.SCHED_FIFO
+            and os.sched_getparam(pid).sched_priority == self.priority
+        )

@@ -136,23 +136,11 @@ class CommandRefusals:
     def add_unread(self, count: int, payload_bytes: int, *, now: float) -> bool:
         """Count ``count`` commands dropped unread (a flood beyond what is read): refused,
         unnamed; True when they opened a burst."""
-        opened = self._count == 0
-        if opened:
-            self._first_at = now
-        self._count += count
         self._unlisted += count
-        self._bytes += payload_bytes
-        self._last_at = now
-        return opened
+        return self._join(count, payload_bytes, now)
 
     def add(self, command: str, payload_bytes: int, *, retained: bool, now: float) -> bool:
         """Count one refusal; True when it opened a burst (due at ``now + window_s``)."""
-        opened = self._count == 0
-        if opened:
-            self._first_at = now
-        self._count += 1
-        self._last_at = now
-        self._bytes += payload_bytes
         self._retained += retained
         name = cap_name(command)
         if name not in self._names:
@@ -160,6 +148,16 @@ class CommandRefusals:
                 self._names.append(name)
             else:
                 self._unlisted += 1
+        return self._join(1, payload_bytes, now)
+
+    def _join(self, count: int, payload_bytes: int, now: float) -> bool:
+        """``count`` refusals join the burst; True when they opened it."""
+        opened = self._count == 0
+        if opened:
+            self._first_at = now
+        self._count += count
+        self._last_at = now
+        self._bytes += payload_bytes
         return opened
 
     def take(self) -> RefusedBurst | None:
