@@ -147,6 +147,15 @@ class _HeldStops(_Requests):
         return result
 
 
+async def _answering_stops(stack: ExitStack, server: ControlServer, handler: _HeldStops) -> None:
+    """Every slot of the stop lane but one busy answering a stop (``handler`` holds them)."""
+    for _ in range(handler.held):
+        holder = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        holder.connect(str(server.stop_path))
+        holder.sendall(b'{"command": "stop"}\n')
+    await until(lambda: len(handler.seen) == handler.held, what="the slots answering")
+
+
 async def test_a_stop_sent_at_once_is_answered_when_a_newer_connection_finds_the_lane_full(
     tmp_path: Path,
 ) -> None:
@@ -157,11 +166,7 @@ async def test_a_stop_sent_at_once_is_answered_when_a_newer_connection_finds_the
     handler = _HeldStops(STOP_LANE_CLIENTS - 1)
     async with ControlServer(tmp_path / "ctl.sock", handler) as server:
         with ExitStack() as stack:
-            for _ in range(STOP_LANE_CLIENTS - 1):
-                holder = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-                holder.connect(str(server.stop_path))
-                holder.sendall(b'{"command": "stop"}\n')
-            await until(lambda: len(handler.seen) == handler.held, what="the slots answering")
+            await _answering_stops(stack, server, handler)
             # both queued before the server's loop runs again
             stopper = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
             stopper.settimeout(10)
@@ -187,11 +192,7 @@ async def test_a_stop_received_as_its_connection_is_closed_to_make_room_is_answe
     handler = _HeldStops(STOP_LANE_CLIENTS - 1)
     async with ControlServer(tmp_path / "ctl.sock", handler) as server:
         with ExitStack() as stack:
-            for _ in range(STOP_LANE_CLIENTS - 1):
-                holder = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-                holder.connect(str(server.stop_path))
-                holder.sendall(b'{"command": "stop"}\n')
-            await until(lambda: len(handler.seen) == handler.held, what="the slots answering")
+            await _answering_stops(stack, server, handler)
             stopper = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
             stopper.settimeout(10)
             stopper.connect(str(server.stop_path))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from devicectl.sessionlog import SessionLog, verify_log
@@ -99,25 +101,34 @@ def test_status_is_sampled_once_per_interval_in_a_session(tmp_path: Path) -> Non
     assert sum(idle) == 2
 
 
+@contextmanager
+def _write_lock_held(path: Path) -> Iterator[None]:
+    """Another connection holds the log's write lock: the writer waits, like a stuck disk."""
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
+def _until_unhealthy(slog: SessionLog) -> None:
+    deadline = time.monotonic() + 3
+    while slog.healthy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not slog.healthy
+
+
 def test_a_stalled_commit_makes_the_log_unhealthy_until_it_completes(tmp_path: Path) -> None:
     path = tmp_path / "sessions.db"
     with open_log(path, stall_timeout_s=0.05) as slog:
         sid = slog.start_session(session_info()).session_id
         slog.flush()
-        blocker = sqlite3.connect(path, isolation_level=None)
-        blocker.execute(
-            "BEGIN IMMEDIATE"
-        )  # holds the write lock: the writer waits, like a stuck disk
-        try:
+        with _write_lock_held(path):
             slog.record_pulse(sid, 1, 0, T0, 2000, "neck")
-            deadline = time.monotonic() + 3
-            while slog.healthy and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert not slog.healthy
+            _until_unhealthy(slog)
             assert "stuck for more than 0.05 s" in str(slog.failure)
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
         slog.flush()
         assert slog.healthy
 
@@ -193,18 +204,10 @@ def test_the_deadline_still_stops_the_log_with_group_commit_on(tmp_path: Path) -
     with open_log(path, stall_timeout_s=0.1, commit_interval_s=0.05) as slog:
         sid = slog.start_session(session_info()).session_id
         slog.flush()
-        blocker = sqlite3.connect(path, isolation_level=None)
-        blocker.execute("BEGIN IMMEDIATE")  # the write lock: the writer waits, like a stuck disk
-        try:
+        with _write_lock_held(path):
             slog.record_pulse(sid, 1, 0, T0, 2000, "neck")
-            deadline = time.monotonic() + 3
-            while slog.healthy and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert not slog.healthy
+            _until_unhealthy(slog)
             assert "stuck for more than 0.1 s" in str(slog.failure)
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
         slog.flush()
         assert slog.healthy
         assert slog.committed_pulse_no == 1
