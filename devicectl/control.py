@@ -1168,11 +1168,13 @@ def call_daemon(path: Path, request: dict[str, Any], *, timeout: float = 10.0) -
     marked ``retry`` (a full stop lane closed the connection before reading it) is tried again,
     on a new connection, until ``timeout``."""
     deadline = time.monotonic() + timeout
+    left = timeout  # each try within what is left of it: the whole call is bounded by it
     while True:
         try:
-            return _call_once(path, request, timeout)
+            return _call_once(path, request, left)
         except ControlError as exc:
-            if not exc.facts.get("retry") or time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if not exc.facts.get("retry") or left <= 0:
                 raise
             time.sleep(0.005)
 
