@@ -195,6 +195,7 @@ class TelemetrySink(Protocol):
         counters: Mapping[str, int] | None = None,
         log_commits_per_s: int | None = None,
         log_commit_p99_ms: float | None = None,
+        log_fsyncs_per_s: float | None = None,
     ) -> None: ...
 
 
@@ -1239,6 +1240,7 @@ class Daemon:
                 counters=counters,
                 log_commits_per_s=commits.get("commits_per_s"),
                 log_commit_p99_ms=commits.get("commit_delay_p99_ms"),
+                log_fsyncs_per_s=commits.get("fsyncs_per_s"),
             )
         )
         summary = self._session_summary()

@@ -279,6 +279,7 @@ class MetricsPayload(Envelope):
     counters: dict[str, int] = Field(default_factory=dict)
     log_commits_per_s: Annotated[int, Field(ge=0)] | None = None
     log_commit_p99_ms: Annotated[float, Field(ge=0)] | None = None
+    log_fsyncs_per_s: Annotated[float, Field(ge=0)] | None = None
 
 
 class AlertPayload(Envelope):

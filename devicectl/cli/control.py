@@ -238,9 +238,11 @@ def status_panel(status: dict[str, Any]) -> Panel:
     commits = status.get("log_commits")
     if commits:  # a daemon before issue 16 sends none
         p99 = commits.get("commit_delay_p99_ms")
+        fsyncs = commits.get("fsyncs_per_s")
         log_state += (
-            f", {commits.get('commits_per_s', 0)} commits/s (at most one per "
-            f"{commits.get('commit_interval_ms', 0):g} ms)"
+            f", {commits.get('commits_per_s', 0)} commits/s"
+            + (f", {fsyncs:g} fsyncs/s" if fsyncs is not None else "")
+            + f" (at most one per {commits.get('commit_interval_ms', 0):g} ms)"
             + (f", commit p99 {p99:g} ms" if p99 is not None else "")
         )
     grid.add_row("session log", log_state)

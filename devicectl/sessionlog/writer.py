@@ -88,9 +88,17 @@ from devicectl.sessionlog.model import (
 
 __all__ = ["DEFAULT_COMMIT_INTERVAL_S", "Recovery", "SessionLog"]
 
-# Group commit: at most one commit (one fdatasync of the WAL-less journal) per this many seconds.
-# benchmarks/cpu.py: 10 ms takes the writer from ~1,000 commits/s to <= 100 at any pulse rate.
+# Group commit: at most one fdatasync per this many seconds, on average over each WAL checkpoint
+# cycle. benchmarks/cpu.py: 10 ms takes the writer from ~1,000 commits/s to <= 100 at any rate.
 DEFAULT_COMMIT_INTERVAL_S = 0.010
+# The writer checkpoints the WAL itself (SQLite's automatic checkpoint is off on its connection),
+# after this many commits, so that the checkpoint's own syncs are counted and paid for: with
+# synchronous=FULL a checkpoint syncs the WAL and the database, and the next commit syncs the
+# restarted WAL's header, at most three more fdatasync calls. The commit period is stretched by
+# that share (10 ms -> 10.3 ms) so that commits and checkpoints together stay within one
+# fdatasync per interval. 100 commits is ~600-700 WAL pages at 500-10,000 pulses/s.
+_WAL_CHECKPOINT_EVERY = 100
+_SYNCS_PER_WAL_CHECKPOINT = 3
 _PULSE_ROW = "(?, ?, ?, ?, ?, ?, ?, ?)"
 _PULSE_INSERT = (
     "INSERT INTO pulses (seq, session_id, pulse_no, t_us, host_ns, energy_uj, zone, hash) "
@@ -104,6 +112,33 @@ _NS_PER_DAY = 86_400 * 10**9
 _EVENT_KIND_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.")
 # Clinical entries appended to a session at or after its end, each a record of its own.
 CLINICAL_KINDS = frozenset({"note", "reaction", "adverse_event"})
+
+
+class _Rate:
+    """Events per second over the last whole window of ``width_s`` seconds (monotonic clock).
+    One thread adds, any thread reads: each window's count is replaced whole, never updated."""
+
+    __slots__ = ("_current", "_last", "_width")
+
+    def __init__(self, width_s: int) -> None:
+        self._width = width_s
+        self._current = (0, 0)  # (window number, events in it)
+        self._last = (0, 0)  # the previous such pair
+
+    def add(self, n: int) -> None:
+        window = int(time.monotonic()) // self._width
+        current = self._current
+        if current[0] == window:
+            self._current = (window, current[1] + n)
+        else:
+            self._last, self._current = current, (window, n)
+
+    def per_s(self) -> float:
+        window = int(time.monotonic()) // self._width
+        for number, count in (self._current, self._last):
+            if number == window - 1:
+                return count / self._width
+        return 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,8 +317,11 @@ class SessionLog:
         self.committed_pulse_no = state.last_pulse_no
         self.dropped = 0  # items discarded after a failure
         self.commits = 0  # transactions committed (each one fdatasync, synchronous=FULL)
-        self._second = (0, 0)  # (monotonic second, commits in it), replaced whole
-        self._last_second = (0, 0)  # the previous such pair
+        self.wal_checkpoints = 0  # WAL checkpoints that copied pages into the database
+        self._checkpointed_at = 0  # self.commits at the last WAL checkpoint
+        self.syncs = 0  # fdatasync calls of the log: a commit's one, up to three per checkpoint
+        self._commit_rate = _Rate(1)  # commits in the last whole second
+        self._sync_rate = _Rate(10)  # syncs over the last whole ten seconds (a cycle is ~1 s)
         self._delays_ms = [0.0] * _DELAYS_KEPT  # oldest pulse of a commit: host stamp to durable
         self._delays_n = 0
         # Checkpoints (writer thread; set_device assigns a whole attribute from the loop).
@@ -366,6 +404,7 @@ class SessionLog:
         log = log if log is not None else structlog.get_logger("devicectl.sessionlog")
         conn = store.connect(path, synchronous=synchronous)
         try:
+            conn.execute("PRAGMA wal_autocheckpoint = 0")  # the writer's own, counted (_run)
             state = reader.log_state(conn)
             stale_summary, stale_zone = None, "unknown"
             if state.open_session is not None:
@@ -1253,7 +1292,9 @@ class SessionLog:
         ends that wait); the first record after a quiet spell commits at once.
         """
         get, get_nowait = self._queue.get, self._queue.get_nowait
-        interval = self._commit_interval_s
+        # the checkpoints' syncs paid for by a longer period: commits and checkpoints together make
+        # at most one fdatasync per interval (on average over each checkpoint cycle)
+        period = self._commit_interval_s * (1 + _SYNCS_PER_WAL_CHECKPOINT / _WAL_CHECKPOINT_EVERY)
         next_commit = 0.0  # monotonic: no commit starts before it (group commit)
         stopping = False
         try:
@@ -1289,10 +1330,13 @@ class SessionLog:
                 start = time.monotonic()
                 if self._busy_since is None:
                     self._busy_since = start
-                next_commit = start + interval
+                next_commit = start + period
                 if self._failure is None:
                     try:
                         self._commit(batch)
+                        if self.commits - self._checkpointed_at >= _WAL_CHECKPOINT_EVERY:
+                            # still busy: what queues up meanwhile waits, against its deadline
+                            self._checkpoint_wal()
                     except Exception as exc:  # noqa: BLE001 - any failure means no log
                         self._fail(exc)
                 self._busy_since = None
@@ -1395,15 +1439,22 @@ class SessionLog:
                 self._log.exception("session_log_commit_hook_failed")
         self._log.debug("session_log_committed", pulses=len(pulses), records=len(records), seq=seq)
 
+    def _checkpoint_wal(self) -> None:
+        """Copy the WAL into the database (PASSIVE: a reader's snapshot is never waited for; what
+        it still needs stays in the WAL for the next time). Writer thread."""
+        self._checkpointed_at = self.commits
+        _busy, _frames, copied = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if copied > 0:
+            self.wal_checkpoints += 1
+            self.syncs += _SYNCS_PER_WAL_CHECKPOINT
+            self._sync_rate.add(_SYNCS_PER_WAL_CHECKPOINT)
+
     def _counted(self, oldest_host_ns: int | None) -> None:
         """A commit is durable: count it, and how long its oldest pulse waited (writer thread)."""
         self.commits += 1
-        second = int(time.monotonic())
-        current = self._second
-        if current[0] == second:
-            self._second = (second, current[1] + 1)
-        else:
-            self._last_second, self._second = current, (second, 1)
+        self.syncs += 1
+        self._commit_rate.add(1)
+        self._sync_rate.add(1)
         if oldest_host_ns is not None:
             n = self._delays_n
             self._delays_ms[n % _DELAYS_KEPT] = (time.time_ns() - oldest_host_ns) / 1e6
@@ -1411,12 +1462,14 @@ class SessionLog:
 
     @property
     def commits_per_s(self) -> int:
-        """Commits (fdatasync calls) in the last whole second. Cheap; any thread."""
-        now = int(time.monotonic())
-        for second, count in (self._second, self._last_second):
-            if second == now - 1:
-                return count
-        return 0
+        """Commits in the last whole second. Cheap; any thread."""
+        return round(self._commit_rate.per_s())
+
+    @property
+    def syncs_per_s(self) -> float:
+        """``fdatasync`` calls per second over the last whole ten seconds: one per commit, three
+        counted per WAL checkpoint (at most what SQLite makes). Cheap; any thread."""
+        return self._sync_rate.per_s()
 
     def commit_stats(self) -> dict[str, Any]:
         """The group commit, for ``status`` and metrics: the interval, commits in all and in the
@@ -1428,6 +1481,8 @@ class SessionLog:
             "commit_interval_ms": round(self._commit_interval_s * 1000, 3),
             "commits": self.commits,
             "commits_per_s": self.commits_per_s,
+            "fsyncs_per_s": round(self.syncs_per_s, 1),
+            "wal_checkpoints": self.wal_checkpoints,
             "commit_delay_p50_ms": round(delays[n // 2], 2) if n else None,
             "commit_delay_p99_ms": round(delays[min(n - 1, n * 99 // 100)], 2) if n else None,
         }

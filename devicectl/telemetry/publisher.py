@@ -404,6 +404,7 @@ class Telemetry:
         counters: Mapping[str, int] | None = None,
         log_commits_per_s: int | None = None,
         log_commit_p99_ms: float | None = None,
+        log_fsyncs_per_s: float | None = None,
     ) -> None:
         """Send a ``metrics`` message if connected (QoS 0, expiry 10 s); dropped when offline."""
         if not self._connected or self._outbox is None or not self._running:
@@ -419,6 +420,7 @@ class Telemetry:
             counters=dict(counters or {}),
             log_commits_per_s=log_commits_per_s,
             log_commit_p99_ms=log_commit_p99_ms,
+            log_fsyncs_per_s=log_fsyncs_per_s,
         )
         if len(self._live) == self._live.maxlen:
             self._counts["live_dropped"] += 1

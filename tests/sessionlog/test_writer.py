@@ -179,6 +179,54 @@ def test_group_commit_starts_commits_at_least_the_interval_apart(tmp_path: Path)
     assert order == list(range(1, 301))  # the chain keeps the order the pulses were recorded in
 
 
+def test_the_writer_checkpoints_the_wal_itself_and_counts_every_sync(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.db"
+    with open_log(path, commit_interval_s=0.0) as slog:
+        sid = slog.start_session(session_info(), device_pulse_count=0).session_id
+        # A reader holding a snapshot the whole time: a PASSIVE checkpoint never waits for it.
+        held = connect(path, readonly=True)
+        held.execute("BEGIN")
+        held.execute("SELECT count(*) FROM pulses").fetchone()
+        for pulse_no in range(1, 121):
+            slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
+            slog.flush()  # one commit each
+        held.rollback()
+        held.close()
+        for pulse_no in range(121, 241):
+            slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
+            slog.flush()
+        assert slog.healthy
+        stats = slog.commit_stats()
+        assert slog.commits >= 240
+        assert stats["wal_checkpoints"] == slog.wal_checkpoints >= 1
+        # every fdatasync the log causes is counted: one per commit, three per checkpoint
+        assert slog.syncs == slog.commits + 3 * slog.wal_checkpoints
+    report = verify_log(path)
+    assert report.ok and report.pulses == 240
+
+
+def test_commits_and_wal_checkpoints_together_keep_to_one_sync_per_interval(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "sessions.db"
+    interval = 0.004
+    with open_log(path, commit_interval_s=interval) as slog:
+        sid = slog.start_session(session_info(), device_pulse_count=0).session_id
+        began, syncs0 = time.monotonic(), slog.syncs
+        pulse_no = 0
+        while slog.wal_checkpoints < 2:
+            pulse_no += 1
+            slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
+            time.sleep(0.0005)
+            assert time.monotonic() - began < 30, "the writer never checkpointed the WAL"
+        slog.flush()
+        elapsed = time.monotonic() - began
+        syncs = slog.syncs - syncs0
+    # however slow the machine: the checkpoints' syncs are paid for by a longer commit period
+    assert syncs <= elapsed / interval + 2
+    assert verify_log(path).pulses == pulse_no
+
+
 def test_commit_stats_count_commits_and_the_wait_of_each(tmp_path: Path) -> None:
     path = tmp_path / "sessions.db"
     commits: list[int] = []
