@@ -25,6 +25,16 @@ run; ``--interval MS`` (repeatable) adds rows of a tree that has ``log_commit_in
 with that group-commit interval (``branch@0`` is no grouping). ``--telemetry`` adds the same rows
 with the daemon publishing to a real mosquitto (a free port, started here).
 
+``--floor`` adds rows for **this machine's floor**: not a daemon but the least any design that
+judges every pulse on arrival and logs it durably must pay here. A process whose main thread blocks
+in ``os.read`` on the pty (one wake-up and one read per arriving chunk, nothing decoded) and whose
+second thread commits the pulses read so far into a WAL database with ``synchronous=FULL`` (the
+session log's schema, no hashing) once per commit interval (10 ms, and each ``--interval``), fed
+the same PULSE-sized frames at the same rates by a pacing thread here. A daemon's *loop* and
+*writer* columns read against the floor's: the difference is what the daemon's own code costs;
+the floor is what the machine's wake-ups and ``fdatasync`` cost (on a virtual machine, far more
+than on hardware).
+
 Run: ``.venv/bin/python benchmarks/cpu.py --tree main=/work/main --tree branch=. --telemetry``
 (~40 s per design and telemetry setting with the defaults). A shared 2-core machine is noisy:
 compare columns within one run, and note ``uptime``.
@@ -35,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import re
 import shutil
@@ -66,6 +77,7 @@ PERF_EVENTS = (
     "syscalls:sys_enter_fsync",
     "syscalls:sys_enter_epoll_wait",
     "syscalls:sys_enter_epoll_pwait",
+    "syscalls:sys_enter_read",
 )
 
 
@@ -100,8 +112,9 @@ def _children_time(pid: int) -> tuple[float, list[int]]:
 class Window:
     """CPU per thread and per child, and kernel-counted syscalls, over one phase."""
 
-    def __init__(self, pid: int, perf: bool) -> None:
+    def __init__(self, pid: int, perf: bool, wake: str = "epoll") -> None:
         self.pid = pid
+        self.wake = wake  # the main thread's syscall that counts as one wake-up
         self.threads0 = _thread_times(pid)
         self.children0, children = _children_time(pid)
         self.started = time.monotonic()
@@ -140,7 +153,9 @@ class Window:
         writer_s = per_thread.pop(writer, 0.0) if writer is not None else 0.0
         children_s = max(0.0, children1 - self.children0)
         total_s = loop_s + writer_s + sum(per_thread.values()) + children_s
-        wakes = sum(n for (tid, event), n in counts.items() if tid == self.pid and "epoll" in event)
+        wakes = sum(
+            n for (tid, event), n in counts.items() if tid == self.pid and self.wake in event
+        )
         figures: dict[str, Any] = {
             "seconds": elapsed,
             "pulses": pulses,
@@ -297,6 +312,94 @@ async def run_design(
     return results
 
 
+FLOOR_FRAME = bytes(20)  # the size of a PULSE frame on the wire; the floor decodes nothing
+FLOOR_PROCESS = """
+import os, sys, threading, time
+from pathlib import Path
+from devicectl.sessionlog import store
+tty_path, db_path = sys.argv[1], Path(sys.argv[2])
+interval, frame = float(sys.argv[3]), int(sys.argv[4])
+conn = store.connect(db_path)  # WAL, synchronous=FULL, the session log's schema
+frames = 0
+def commit():
+    done = 0
+    while True:
+        time.sleep(interval)
+        now = frames
+        if now > done:
+            conn.execute("BEGIN")
+            conn.executemany(
+                "INSERT INTO pulses (seq, session_id, pulse_no, t_us, host_ns, energy_uj, zone,"
+                " hash) VALUES (?, 1, ?, 0, 0, 500, 'forehead', zeroblob(32))",
+                [(n, n) for n in range(done + 1, now + 1)],
+            )
+            conn.execute("COMMIT")
+            done = now
+threading.Thread(target=commit, daemon=True).start()
+fd = os.open(tty_path, os.O_RDONLY | os.O_NOCTTY)
+got = 0
+while data := os.read(fd, 65536):
+    got += len(data)
+    frames = got // frame
+"""
+
+
+def _pace(master: int, rate: int, until: float) -> int:
+    """Write one floor frame per 1/rate s to the pty master until ``until`` (monotonic), sleeping
+    in whole milliseconds as the simulator's runner does (asyncio's timer granularity), so what
+    came due meanwhile leaves in one write, as from the board. Returns the frames written."""
+    period, due, written = 1.0 / rate, time.monotonic(), 0
+    while (now := time.monotonic()) < until:
+        if now < due:
+            time.sleep(math.ceil((due - now) * 1e3) / 1e3)
+            continue
+        n = int((now - due) / period) + 1
+        os.write(master, FLOOR_FRAME * n)
+        written += n
+        due += n * period
+    return written
+
+
+async def run_floor(
+    interval_ms: int, *, seconds: float, rates: tuple[int, ...], perf: bool, tmp: Path
+) -> list[dict[str, Any]]:
+    """The floor's phases: idle, then each rate (see the module's docstring)."""
+    import pty
+    import tty
+
+    name = f"floor@{interval_ms}"
+    work = Path(tempfile.mkdtemp(prefix=f"cpu-{name}-", dir=tmp))
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    env = os.environ | {"PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", FLOOR_PROCESS, os.ttyname(slave), str(work / "floor.db"),
+        str(interval_ms / 1000), str(len(FLOOR_FRAME)),
+        env=env, stderr=(work / "floor.log").open("w"),
+    )  # fmt: skip
+    results: list[dict[str, Any]] = []
+    try:
+        await asyncio.sleep(1.0)
+        if process.returncode is not None:
+            raise RuntimeError(f"{name}: {(work / 'floor.log').read_text()[-400:]}")
+        window = Window(process.pid, perf, wake="enter_read")
+        await asyncio.sleep(seconds)
+        results.append({"design": name, "phase": "idle"} | window.close(0))
+        for rate in rates:
+            window = Window(process.pid, perf, wake="enter_read")
+            until = time.monotonic() + seconds
+            written = await asyncio.to_thread(_pace, master, rate, until)
+            results.append({"design": name, "phase": f"{rate:,}/s"} | window.close(written))
+            await asyncio.sleep(0.3)
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        await process.wait()
+        os.close(master)
+        os.close(slave)
+    return results
+
+
 def _f(value: Any, spec: str, width: int) -> str:
     if value is None or value != value:  # None or nan
         return f"{'–':>{width}}"
@@ -346,6 +449,12 @@ async def main_async(args: argparse.Namespace, designs: list[tuple[str, Path, in
     print(f"load before: {os.getloadavg()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="devicectl-cpu-") as directory:
         tmp = Path(directory)
+        if args.floor:
+            for ms in [10, *args.interval]:
+                print(f"… floor@{ms}", file=sys.stderr, flush=True)
+                rows += await run_floor(
+                    ms, seconds=args.seconds, rates=args.rates, perf=perf, tmp=tmp
+                )
         for telemetry in [False, True] if args.telemetry else [False]:
             with _broker(telemetry, tmp) as port:
                 for name, tree, interval in designs:
@@ -380,6 +489,10 @@ def main() -> None:
     parser.add_argument("--breaches", type=int, default=15)
     parser.add_argument("--telemetry", action="store_true", help="also with a real mosquitto")
     parser.add_argument("--no-perf", action="store_true", help="no fsync/wake-up counts")
+    parser.add_argument(
+        "--floor", action="store_true",
+        help="also this machine's floor: a bare reader and committer (see the docstring)",
+    )  # fmt: skip
     args = parser.parse_args()
     designs: list[tuple[str, Path, int | None]] = []
     for item in args.tree or [f"this={REPO}"]:
