@@ -1331,16 +1331,18 @@ class SessionLog:
                 if self._busy_since is None:
                     self._busy_since = start
                 next_commit = start + period
+                committed = False
                 if self._failure is None:
                     try:
                         self._commit(batch)
+                        committed = True  # a WAL checkpoint failing after it latches, drops nothing
                         if self.commits - self._checkpointed_at >= _WAL_CHECKPOINT_EVERY:
                             # still busy: what queues up meanwhile waits, against its deadline
                             self._checkpoint_wal()
                     except Exception as exc:  # noqa: BLE001 - any failure means no log
                         self._fail(exc)
                 self._busy_since = None
-                if self._failure is not None:
+                if not committed:
                     self.dropped += sum(
                         len(item) if type(item) is list else 1
                         for item in batch
