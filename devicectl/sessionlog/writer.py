@@ -99,6 +99,7 @@ DEFAULT_COMMIT_INTERVAL_S = 0.010
 # fdatasync per interval. 100 commits is ~600-700 WAL pages at 500-10,000 pulses/s.
 _WAL_CHECKPOINT_EVERY = 100
 _SYNCS_PER_WAL_CHECKPOINT = 3
+_PERIOD_STRETCH = 1 + _SYNCS_PER_WAL_CHECKPOINT / _WAL_CHECKPOINT_EVERY
 _PULSE_ROW = "(?, ?, ?, ?, ?, ?, ?, ?)"
 _PULSE_INSERT = (
     "INSERT INTO pulses (seq, session_id, pulse_no, t_us, host_ns, energy_uj, zone, hash) "
@@ -374,7 +375,8 @@ class SessionLog:
         ``on_commit(pulses, last_pulse_no)`` runs on the writer thread after each commit.
         ``synchronous`` is SQLite's: FULL (default) makes every commit durable at power loss.
         ``commit_interval_s`` is the group-commit interval: commits start at least that far apart
-        (0: as fast as the disk allows); it must be below ``stall_timeout_s``, the deadline.
+        (0: as fast as the disk allows); it must be below ``stall_timeout_s``, the deadline (its
+        3 % stretch for the WAL checkpoints included).
 
         ``signing_key`` (a key, or where to find or create one; see
         :mod:`devicectl.sessionlog.keys`) turns checkpoints on; they are signed for ``device``
@@ -382,10 +384,12 @@ class SessionLog:
         :meth:`set_device` once it is known). Raises
         :class:`~devicectl.sessionlog.keys.SigningKeyError` when the key cannot be read or made.
         """
-        if not 0 <= commit_interval_s < stall_timeout_s:
+        # the group wait counts against the deadline, and the period is the interval stretched
+        if not 0 <= commit_interval_s * _PERIOD_STRETCH < stall_timeout_s:
             raise ValueError(
                 f"commit interval {commit_interval_s:g} s must be at least 0 and below the stall "
-                f"timeout ({stall_timeout_s:g} s)"
+                f"timeout ({stall_timeout_s:g} s), with the {_PERIOD_STRETCH - 1:.0%} the WAL "
+                "checkpoints add to it"
             )
         key: keys.DeviceKey | None = None
         pending: keys.DeviceKey | None = None
@@ -1294,7 +1298,7 @@ class SessionLog:
         get, get_nowait = self._queue.get, self._queue.get_nowait
         # the checkpoints' syncs paid for by a longer period: commits and checkpoints together make
         # at most one fdatasync per interval (on average over each checkpoint cycle)
-        period = self._commit_interval_s * (1 + _SYNCS_PER_WAL_CHECKPOINT / _WAL_CHECKPOINT_EVERY)
+        period = self._commit_interval_s * _PERIOD_STRETCH
         next_commit = 0.0  # monotonic: no commit starts before it (group commit)
         stopping = False
         try:
