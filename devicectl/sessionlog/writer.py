@@ -320,6 +320,7 @@ class SessionLog:
         self.commits = 0  # transactions committed (each one fdatasync, synchronous=FULL)
         self.wal_checkpoints = 0  # WAL checkpoints that copied pages into the database
         self._checkpointed_at = 0  # self.commits at the last WAL checkpoint
+        self._wal_backfilled = -1  # the pages it left copied since the WAL began (SQLite's count)
         self.syncs = 0  # fdatasync calls of the log: a commit's one, up to three per checkpoint
         self._commit_rate = _Rate(1)  # commits in the last whole second
         self._sync_rate = _Rate(10)  # syncs over the last whole ten seconds (a cycle is ~1 s)
@@ -1450,7 +1451,12 @@ class SessionLog:
         it still needs stays in the WAL for the next time). Writer thread."""
         self._checkpointed_at = self.commits
         _busy, _frames, copied = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        if copied > 0:
+        # ``copied`` counts from the WAL's start, not this checkpoint's: unchanged, a reader held
+        # back all that came since the last one (so the WAL did not restart), nothing was synced
+        last = self._wal_backfilled
+        if copied >= 0:  # -1: busy (another connection's checkpoint held the lock)
+            self._wal_backfilled = copied
+        if copied > 0 and copied != last:
             self.wal_checkpoints += 1
             self.syncs += _SYNCS_PER_WAL_CHECKPOINT
             self._sync_rate.add(_SYNCS_PER_WAL_CHECKPOINT)

@@ -205,6 +205,35 @@ def test_the_writer_checkpoints_the_wal_itself_and_counts_every_sync(tmp_path: P
     assert report.ok and report.pulses == 240
 
 
+def test_a_wal_checkpoint_a_reader_holds_back_entirely_is_not_counted(tmp_path: Path) -> None:
+    """A reader's snapshot (a long report, ``devicectl log`` during a session) keeps what came
+    after it in the WAL: the checkpoints meanwhile copy nothing and sync nothing, so they count
+    neither as WAL checkpoints nor as syncs. SQLite reports the pages copied since the WAL began,
+    not by this checkpoint."""
+    path = tmp_path / "sessions.db"
+    with open_log(path, commit_interval_s=0.0) as slog:
+        sid = slog.start_session(session_info(), device_pulse_count=0).session_id
+        slog.flush()
+        held = connect(path, readonly=True)
+        held.execute("BEGIN")
+        held.execute("SELECT count(*) FROM pulses").fetchone()
+        commits0 = slog.commits
+        for pulse_no in range(1, 301):  # three checkpoints: the first copies what came before
+            slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
+            slog.flush()
+        assert slog.commits - commits0 == 300
+        assert slog.wal_checkpoints == 1
+        assert slog.syncs == slog.commits + 3
+        held.rollback()
+        held.close()
+        for pulse_no in range(301, 401):  # the reader gone, the next one copies everything
+            slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
+            slog.flush()
+        assert slog.wal_checkpoints == 2
+        assert slog.syncs == slog.commits + 2 * 3
+    assert verify_log(path).pulses == 400
+
+
 def test_commits_and_wal_checkpoints_together_keep_to_one_sync_per_interval(
     tmp_path: Path,
 ) -> None:
