@@ -96,8 +96,12 @@ DEFAULT_COMMIT_INTERVAL_S = 0.010
 # synchronous=FULL a checkpoint syncs the WAL and the database, and the next commit syncs the
 # restarted WAL's header, at most three more fdatasync calls. The commit period is stretched by
 # that share (10 ms -> 10.3 ms) so that commits and checkpoints together stay within one
-# fdatasync per interval. 100 commits is ~600-700 WAL pages at 500-10,000 pulses/s.
+# fdatasync per interval. 100 commits is ~600-700 WAL pages at 500-10,000 pulses/s. Sooner after
+# _WAL_CHECKPOINT_ROWS (~4 MB of WAL, SQLite's own default): the checkpoint runs against the stall
+# deadline, and 100 commits of a long interval at a high rate (1 s at 9,900/s) would be ~100 MB to
+# copy. Only intervals beyond ~40 ms at the highest rates reach it first, with a few % more syncs.
 _WAL_CHECKPOINT_EVERY = 100
+_WAL_CHECKPOINT_ROWS = 40_000
 _SYNCS_PER_WAL_CHECKPOINT = 3
 _PERIOD_STRETCH = 1 + _SYNCS_PER_WAL_CHECKPOINT / _WAL_CHECKPOINT_EVERY
 _PULSE_ROW = "(?, ?, ?, ?, ?, ?, ?, ?)"
@@ -320,6 +324,7 @@ class SessionLog:
         self.commits = 0  # transactions committed (each one fdatasync, synchronous=FULL)
         self.wal_checkpoints = 0  # WAL checkpoints that copied pages into the database
         self._checkpointed_at = 0  # self.commits at the last WAL checkpoint
+        self._rows_since_checkpoint = 0  # rows committed since then
         self._wal_backfilled = -1  # the pages it left copied since the WAL began (SQLite's count)
         self.syncs = 0  # fdatasync calls of the log: a commit's one, up to three per checkpoint
         self._commit_rate = _Rate(1)  # commits in the last whole second
@@ -1341,7 +1346,10 @@ class SessionLog:
                     try:
                         self._commit(batch)
                         committed = True  # a WAL checkpoint failing after it latches, drops nothing
-                        if self.commits - self._checkpointed_at >= _WAL_CHECKPOINT_EVERY:
+                        if (
+                            self.commits - self._checkpointed_at >= _WAL_CHECKPOINT_EVERY
+                            or self._rows_since_checkpoint >= _WAL_CHECKPOINT_ROWS
+                        ):
                             # still busy: what queues up meanwhile waits, against its deadline
                             self._checkpoint_wal()
                     except Exception as exc:  # noqa: BLE001 - any failure means no log
@@ -1427,6 +1435,7 @@ class SessionLog:
                 conn.execute("ROLLBACK")
             raise
         self._counted(pulses[0][4] if pulses else None)
+        self._rows_since_checkpoint += len(pulses) + len(records)
         self._seq, self._prev = seq, prev
         if last_pulse_no is not None:
             self.committed_pulse_no = last_pulse_no
@@ -1449,7 +1458,7 @@ class SessionLog:
     def _checkpoint_wal(self) -> None:
         """Copy the WAL into the database (PASSIVE: a reader's snapshot is never waited for; what
         it still needs stays in the WAL for the next time). Writer thread."""
-        self._checkpointed_at = self.commits
+        self._checkpointed_at, self._rows_since_checkpoint = self.commits, 0
         _busy, _frames, copied = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         # ``copied`` counts from the WAL's start, not this checkpoint's: unchanged, a reader held
         # back all that came since the last one (so the WAL did not restart), nothing was synced

@@ -234,6 +234,25 @@ def test_a_wal_checkpoint_a_reader_holds_back_entirely_is_not_counted(tmp_path: 
     assert verify_log(path).pulses == 400
 
 
+def test_a_long_interval_at_a_high_rate_checkpoints_the_wal_before_it_grows_large(
+    tmp_path: Path,
+) -> None:
+    """The WAL checkpoint runs while the writer is busy, against the stall deadline: after 100
+    commits of a long interval at a high rate (1 s at 9,900 pulses/s: ~1 M rows, ~100 MB of WAL)
+    one checkpoint would copy more than a slow disk writes in the deadline. So it also comes after
+    40,000 rows (~4 MB, SQLite's own default), whatever the number of commits."""
+    path = tmp_path / "sessions.db"
+    with open_log(path, commit_interval_s=0.5) as slog:
+        sid = slog.start_session(session_info(), device_pulse_count=0).session_id
+        for pulse_no in range(1, 45_001):
+            slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
+        slog.flush()
+        assert slog.commits < 100
+        assert slog.wal_checkpoints == 1
+        assert slog.syncs == slog.commits + 3
+    assert verify_log(path).pulses == 45_000
+
+
 def test_commits_and_wal_checkpoints_together_keep_to_one_sync_per_interval(
     tmp_path: Path,
 ) -> None:
