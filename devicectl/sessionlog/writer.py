@@ -96,9 +96,14 @@ DEFAULT_COMMIT_INTERVAL_S = 0.010
 # synchronous=FULL a checkpoint syncs the WAL and the database, and the next commit syncs the
 # restarted WAL's header, at most three more fdatasync calls. The commit period is stretched by
 # that share (10 ms -> 10.3 ms) so that commits and checkpoints together stay within one
-# fdatasync per interval. 100 commits is ~600-700 WAL pages at 500-10,000 pulses/s.
+# fdatasync per interval. 100 commits is ~600-700 WAL pages at 500-10,000 pulses/s. Sooner after
+# _WAL_CHECKPOINT_ROWS (~4 MB of WAL, SQLite's own default): the checkpoint runs against the stall
+# deadline, and 100 commits of a long interval at a high rate (1 s at 9,900/s) would be ~100 MB to
+# copy. Only intervals beyond ~40 ms at the highest rates reach it first, with a few % more syncs.
 _WAL_CHECKPOINT_EVERY = 100
+_WAL_CHECKPOINT_ROWS = 40_000
 _SYNCS_PER_WAL_CHECKPOINT = 3
+_PERIOD_STRETCH = 1 + _SYNCS_PER_WAL_CHECKPOINT / _WAL_CHECKPOINT_EVERY
 _PULSE_ROW = "(?, ?, ?, ?, ?, ?, ?, ?)"
 _PULSE_INSERT = (
     "INSERT INTO pulses (seq, session_id, pulse_no, t_us, host_ns, energy_uj, zone, hash) "
@@ -319,6 +324,8 @@ class SessionLog:
         self.commits = 0  # transactions committed (each one fdatasync, synchronous=FULL)
         self.wal_checkpoints = 0  # WAL checkpoints that copied pages into the database
         self._checkpointed_at = 0  # self.commits at the last WAL checkpoint
+        self._rows_since_checkpoint = 0  # rows committed since then
+        self._wal_backfilled = -1  # the pages it left copied since the WAL began (SQLite's count)
         self.syncs = 0  # fdatasync calls of the log: a commit's one, up to three per checkpoint
         self._commit_rate = _Rate(1)  # commits in the last whole second
         self._sync_rate = _Rate(10)  # syncs over the last whole ten seconds (a cycle is ~1 s)
@@ -374,7 +381,8 @@ class SessionLog:
         ``on_commit(pulses, last_pulse_no)`` runs on the writer thread after each commit.
         ``synchronous`` is SQLite's: FULL (default) makes every commit durable at power loss.
         ``commit_interval_s`` is the group-commit interval: commits start at least that far apart
-        (0: as fast as the disk allows); it must be below ``stall_timeout_s``, the deadline.
+        (0: as fast as the disk allows); it must be below ``stall_timeout_s``, the deadline (its
+        3 % stretch for the WAL checkpoints included).
 
         ``signing_key`` (a key, or where to find or create one; see
         :mod:`devicectl.sessionlog.keys`) turns checkpoints on; they are signed for ``device``
@@ -382,10 +390,12 @@ class SessionLog:
         :meth:`set_device` once it is known). Raises
         :class:`~devicectl.sessionlog.keys.SigningKeyError` when the key cannot be read or made.
         """
-        if not 0 <= commit_interval_s < stall_timeout_s:
+        # the group wait counts against the deadline, and the period is the interval stretched
+        if not 0 <= commit_interval_s * _PERIOD_STRETCH < stall_timeout_s:
             raise ValueError(
                 f"commit interval {commit_interval_s:g} s must be at least 0 and below the stall "
-                f"timeout ({stall_timeout_s:g} s)"
+                f"timeout ({stall_timeout_s:g} s), with the {_PERIOD_STRETCH - 1:.0%} the WAL "
+                "checkpoints add to it"
             )
         key: keys.DeviceKey | None = None
         pending: keys.DeviceKey | None = None
@@ -1294,7 +1304,7 @@ class SessionLog:
         get, get_nowait = self._queue.get, self._queue.get_nowait
         # the checkpoints' syncs paid for by a longer period: commits and checkpoints together make
         # at most one fdatasync per interval (on average over each checkpoint cycle)
-        period = self._commit_interval_s * (1 + _SYNCS_PER_WAL_CHECKPOINT / _WAL_CHECKPOINT_EVERY)
+        period = self._commit_interval_s * _PERIOD_STRETCH
         next_commit = 0.0  # monotonic: no commit starts before it (group commit)
         stopping = False
         try:
@@ -1331,16 +1341,21 @@ class SessionLog:
                 if self._busy_since is None:
                     self._busy_since = start
                 next_commit = start + period
+                committed = False
                 if self._failure is None:
                     try:
                         self._commit(batch)
-                        if self.commits - self._checkpointed_at >= _WAL_CHECKPOINT_EVERY:
+                        committed = True  # a WAL checkpoint failing after it latches, drops nothing
+                        if (
+                            self.commits - self._checkpointed_at >= _WAL_CHECKPOINT_EVERY
+                            or self._rows_since_checkpoint >= _WAL_CHECKPOINT_ROWS
+                        ):
                             # still busy: what queues up meanwhile waits, against its deadline
                             self._checkpoint_wal()
                     except Exception as exc:  # noqa: BLE001 - any failure means no log
                         self._fail(exc)
                 self._busy_since = None
-                if self._failure is not None:
+                if not committed:
                     self.dropped += sum(
                         len(item) if type(item) is list else 1
                         for item in batch
@@ -1420,6 +1435,7 @@ class SessionLog:
                 conn.execute("ROLLBACK")
             raise
         self._counted(pulses[0][4] if pulses else None)
+        self._rows_since_checkpoint += len(pulses) + len(records)
         self._seq, self._prev = seq, prev
         if last_pulse_no is not None:
             self.committed_pulse_no = last_pulse_no
@@ -1442,9 +1458,14 @@ class SessionLog:
     def _checkpoint_wal(self) -> None:
         """Copy the WAL into the database (PASSIVE: a reader's snapshot is never waited for; what
         it still needs stays in the WAL for the next time). Writer thread."""
-        self._checkpointed_at = self.commits
+        self._checkpointed_at, self._rows_since_checkpoint = self.commits, 0
         _busy, _frames, copied = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        if copied > 0:
+        # ``copied`` counts from the WAL's start, not this checkpoint's: unchanged, a reader held
+        # back all that came since the last one (so the WAL did not restart), nothing was synced
+        last = self._wal_backfilled
+        if copied >= 0:  # -1: busy (another connection's checkpoint held the lock)
+            self._wal_backfilled = copied
+        if copied > 0 and copied != last:
             self.wal_checkpoints += 1
             self.syncs += _SYNCS_PER_WAL_CHECKPOINT
             self._sync_rate.add(_SYNCS_PER_WAL_CHECKPOINT)

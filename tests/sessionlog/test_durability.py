@@ -132,6 +132,61 @@ def test_a_full_disk_makes_the_writer_report_log_unavailable(tmp_path: Path) -> 
     assert report.pulses > 0
 
 
+_FULL_DISK_AT_CHECKPOINT = """
+    import json, resource, signal, sys
+    from pathlib import Path
+    from devicectl.errors import LogUnavailable
+    from devicectl.logs import configure_logging
+    from tests.sessionlog.helpers import fill_session, open_log, session_info
+
+    configure_logging(json=True)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    path = Path(sys.argv[1])
+    with open_log(path) as slog:  # a database file larger than a WAL of 100 small commits
+        sid = slog.start_session(session_info()).session_id
+        pulse_no = fill_session(slog, sid, first_pulse_no=1, pulses=30_000)
+    reported = []
+    slog = open_log(path, commit_interval_s=0.0, on_unavailable=reported.append)
+    # The database file cannot grow, the WAL can: commits go on, the first WAL checkpoint fails.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size, resource.RLIM_INFINITY))
+    out = {}
+    for _ in range(1000):
+        slog.record_pulse(sid, pulse_no, pulse_no, pulse_no, 2000, "cheeks")
+        try:
+            slog.flush()  # one commit each
+        except LogUnavailable as exc:
+            out["flush_error"] = str(exc)
+            break
+        pulse_no += 1
+    out.update(
+        last_recorded=pulse_no, committed_pulse_no=slog.committed_pulse_no, commits=slog.commits,
+        reported=[str(e) for e in reported], healthy=slog.healthy,
+    )
+    slog.close()
+    out["dropped"] = slog.dropped
+    print(json.dumps(out))
+"""
+
+
+def test_a_wal_checkpoint_that_fails_latches_without_counting_the_commit_as_dropped(
+    tmp_path: Path,
+) -> None:
+    """The writer's own WAL checkpoint runs after a commit: when it fails (here the database file
+    cannot grow), the log latches, but the commit before it is durable, not dropped."""
+    path = tmp_path / "sessions.db"
+    done = _child(_FULL_DISK_AT_CHECKPOINT, str(path))
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["healthy"] is False
+    assert out["reported"] == [out["flush_error"]]
+    assert out["commits"] >= 100  # the failure came with a WAL checkpoint, not with a commit
+    assert out["committed_pulse_no"] == out["last_recorded"]
+    assert out["dropped"] == 0
+    report = verify_log(path)
+    assert report.ok, report.first_break
+    assert report.pulses == out["last_recorded"]
+
+
 _CRASH = """
     import os, signal, sys
     from pathlib import Path

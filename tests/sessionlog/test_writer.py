@@ -205,6 +205,54 @@ def test_the_writer_checkpoints_the_wal_itself_and_counts_every_sync(tmp_path: P
     assert report.ok and report.pulses == 240
 
 
+def test_a_wal_checkpoint_a_reader_holds_back_entirely_is_not_counted(tmp_path: Path) -> None:
+    """A reader's snapshot (a long report, ``devicectl log`` during a session) keeps what came
+    after it in the WAL: the checkpoints meanwhile copy nothing and sync nothing, so they count
+    neither as WAL checkpoints nor as syncs. SQLite reports the pages copied since the WAL began,
+    not by this checkpoint."""
+    path = tmp_path / "sessions.db"
+    with open_log(path, commit_interval_s=0.0) as slog:
+        sid = slog.start_session(session_info(), device_pulse_count=0).session_id
+        slog.flush()
+        held = connect(path, readonly=True)
+        held.execute("BEGIN")
+        held.execute("SELECT count(*) FROM pulses").fetchone()
+        commits0 = slog.commits
+        for pulse_no in range(1, 301):  # three checkpoints: the first copies what came before
+            slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
+            slog.flush()
+        assert slog.commits - commits0 == 300
+        assert slog.wal_checkpoints == 1
+        assert slog.syncs == slog.commits + 3
+        held.rollback()
+        held.close()
+        for pulse_no in range(301, 401):  # the reader gone, the next one copies everything
+            slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
+            slog.flush()
+        assert slog.wal_checkpoints == 2
+        assert slog.syncs == slog.commits + 2 * 3
+    assert verify_log(path).pulses == 400
+
+
+def test_a_long_interval_at_a_high_rate_checkpoints_the_wal_before_it_grows_large(
+    tmp_path: Path,
+) -> None:
+    """The WAL checkpoint runs while the writer is busy, against the stall deadline: after 100
+    commits of a long interval at a high rate (1 s at 9,900 pulses/s: ~1 M rows, ~100 MB of WAL)
+    one checkpoint would copy more than a slow disk writes in the deadline. So it also comes after
+    40,000 rows (~4 MB, SQLite's own default), whatever the number of commits."""
+    path = tmp_path / "sessions.db"
+    with open_log(path, commit_interval_s=0.5) as slog:
+        sid = slog.start_session(session_info(), device_pulse_count=0).session_id
+        for pulse_no in range(1, 45_001):
+            slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
+        slog.flush()
+        assert slog.commits < 100
+        assert slog.wal_checkpoints == 1
+        assert slog.syncs == slog.commits + 3
+    assert verify_log(path).pulses == 45_000
+
+
 def test_commits_and_wal_checkpoints_together_keep_to_one_sync_per_interval(
     tmp_path: Path,
 ) -> None:
@@ -268,6 +316,11 @@ def test_a_commit_interval_at_or_beyond_the_deadline_is_refused(tmp_path: Path) 
         open_log(tmp_path / "sessions.db", stall_timeout_s=0.5, commit_interval_s=0.5)
     with pytest.raises(ValueError, match="must be at least 0"):
         open_log(tmp_path / "sessions.db", commit_interval_s=-0.01)
+    # The writer stretches the period by 3 % to pay for its WAL checkpoints' syncs: an interval
+    # just below the deadline would make every group wait alone outlast it (no log, no laser,
+    # with nothing wrong with the disk).
+    with pytest.raises(ValueError, match="below the stall timeout"):
+        open_log(tmp_path / "sessions.db", stall_timeout_s=0.2, commit_interval_s=0.199)
 
 
 def test_a_commit_of_many_pulses_stores_each_once_in_order(tmp_path: Path) -> None:
