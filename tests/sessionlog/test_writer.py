@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from devicectl.sessionlog import SessionLog, verify_log
 from devicectl.sessionlog.store import connect
 from tests.sessionlog.helpers import T0, Clock, fill_session, open_log, session_info
@@ -203,6 +205,37 @@ def test_the_writer_checkpoints_the_wal_itself_and_counts_every_sync(tmp_path: P
         assert slog.syncs == slog.commits + 3 * slog.wal_checkpoints
     report = verify_log(path)
     assert report.ok and report.pulses == 240
+
+
+def test_a_stuck_wal_checkpoint_runs_into_the_stall_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer's WAL checkpoint runs while it is marked busy: one that hangs (a dead disk)
+    makes the log unhealthy within the deadline, like a stuck commit, and healthy once done."""
+    path = tmp_path / "sessions.db"
+    release = threading.Event()
+    with open_log(path, commit_interval_s=0.0, stall_timeout_s=0.1) as slog:
+        checkpoint = slog._checkpoint_wal
+
+        def stuck() -> None:
+            release.wait(5)
+            checkpoint()
+
+        monkeypatch.setattr(slog, "_checkpoint_wal", stuck)
+        sid = slog.start_session(session_info(), device_pulse_count=0).session_id
+        pulse_no = 0
+        while slog.commits < 99:
+            pulse_no += 1
+            slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
+            slog.flush()
+        pulse_no += 1  # the 100th commit, then the checkpoint: it hangs
+        slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
+        _until_unhealthy(slog)
+        assert "stuck for more than 0.1 s" in str(slog.failure)
+        release.set()
+        slog.flush()
+        assert slog.healthy and slog.wal_checkpoints == 1
+    assert verify_log(path).pulses == pulse_no
 
 
 def test_a_wal_checkpoint_a_reader_holds_back_entirely_is_not_counted(tmp_path: Path) -> None:
