@@ -10,9 +10,10 @@ No call made on the daemon's thread touches the disk or hashes anything, except 
 :meth:`flush` and :meth:`close` (start-up and shut-down; use :meth:`flush_async` / :meth:`aclose`
 from a running loop). The writer commits whatever has queued up, at most once per
 ``commit_interval_s`` (group commit: each commit is still durable, ``synchronous=FULL``; the
-interval bounds the ``fdatasync`` calls per second to 1/``commit_interval_s`` whatever the pulse
-rate, the WAL checkpoints the writer runs itself every 100 commits included), so the delay from a pulse's arrival to its commit is at most the interval plus one commit's
-time (well under 50 ms with the default 10 ms). :attr:`commits` and :meth:`commit_stats` count them.
+interval bounds the ``fdatasync`` calls per second to ~1/``commit_interval_s`` whatever the pulse
+rate, the WAL checkpoints the writer runs itself included), so the delay from a pulse's arrival
+to its commit is at most the interval plus one commit's time (well under 50 ms with the default
+10 ms). :attr:`commits`, :attr:`syncs` and :meth:`commit_stats` count them.
 
 No log, no laser: the daemon learns that the log cannot be written from
 - ``on_unavailable(exc)``, called once, *on the writer thread* (hand it to the loop with
