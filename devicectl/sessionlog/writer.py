@@ -320,6 +320,8 @@ class SessionLog:
         self._prev = state.head_hash
         self._failure: LogUnavailable | None = None
         self._busy_since: float | None = None
+        self._busy_with = "a commit"  # or "a WAL checkpoint": what a stall is stuck in
+        self._checkpoint_blocked = False  # another connection holds the checkpoint (told once)
         self.committed_pulse_no = state.last_pulse_no
         self.dropped = 0  # items discarded after a failure
         self.commits = 0  # transactions committed (each one fdatasync, synchronous=FULL)
@@ -672,7 +674,7 @@ class SessionLog:
         busy = self._busy_since  # the oldest record the writer holds uncommitted, since then
         if busy is not None and time.monotonic() - busy > self._stall_timeout_s:
             return LogUnavailable(
-                f"session log {self.path}: a commit has been stuck for more than "
+                f"session log {self.path}: {self._busy_with} has been stuck for more than "
                 f"{self._stall_timeout_s:g} s (disk stalled?)"
             )
         if self._closed or not self._thread.is_alive():
@@ -1352,7 +1354,9 @@ class SessionLog:
                             or self._rows_since_checkpoint >= _WAL_CHECKPOINT_ROWS
                         ):
                             # still busy: what queues up meanwhile waits, against its deadline
+                            self._busy_with = "a WAL checkpoint"
                             self._checkpoint_wal()
+                            self._busy_with = "a commit"
                     except Exception as exc:  # noqa: BLE001 - any failure means no log
                         self._fail(exc)
                 self._busy_since = None
@@ -1460,7 +1464,12 @@ class SessionLog:
         """Copy the WAL into the database (PASSIVE: a reader's snapshot is never waited for; what
         it still needs stays in the WAL for the next time). Writer thread."""
         self._checkpointed_at, self._rows_since_checkpoint = self.commits, 0
-        _busy, _frames, copied = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        blocked, _frames, copied = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if blocked and not self._checkpoint_blocked:  # the WAL grows until the other lets go
+            self._log.warning("session_log_wal_checkpoint_blocked", path=str(self.path))
+        elif not blocked and self._checkpoint_blocked:
+            self._log.info("session_log_wal_checkpoint_resumed", path=str(self.path))
+        self._checkpoint_blocked = bool(blocked)
         # ``copied`` counts from the WAL's start, not this checkpoint's: unchanged, a reader held
         # back all that came since the last one (so the WAL did not restart), nothing was synced
         last = self._wal_backfilled

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -10,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from devicectl.sessionlog import SessionLog, verify_log
 from devicectl.sessionlog.store import connect
@@ -231,10 +234,51 @@ def test_a_stuck_wal_checkpoint_runs_into_the_stall_deadline(
         pulse_no += 1  # the 100th commit, then the checkpoint: it hangs
         slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
         _until_unhealthy(slog)
-        assert "stuck for more than 0.1 s" in str(slog.failure)
+        assert "a WAL checkpoint has been stuck for more than 0.1 s" in str(slog.failure)
         release.set()
         slog.flush()
         assert slog.healthy and slog.wal_checkpoints == 1
+    assert verify_log(path).pulses == pulse_no
+
+
+_HOLD_CHECKPOINT_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 121)  # the WAL index's checkpointer lock
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_blocked_wal_checkpoint_is_told_once_and_the_next_one_catches_up(tmp_path: Path) -> None:
+    """Another process holding the checkpoint lock: the writer's checkpoint is refused (SQLite
+    answers busy), which is logged once, not hidden; the log goes on and the next checkpoint
+    after the lock is let go copies the backlog."""
+    path = tmp_path / "sessions.db"
+    pulse_no = 0
+    with capture_logs() as logs, open_log(path, commit_interval_s=0.0) as slog:
+        sid = slog.start_session(session_info(), device_pulse_count=0).session_id
+        slog.flush()
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _HOLD_CHECKPOINT_LOCK, f"{path}-shm"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+            while slog.commits < 250:  # two checkpoints refused
+                pulse_no += 1
+                slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
+                slog.flush()
+            assert slog.healthy and slog.wal_checkpoints == 0
+        finally:
+            holder.communicate("\n", timeout=10)
+        while slog.wal_checkpoints == 0:
+            pulse_no += 1
+            slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
+            slog.flush()
+        assert slog.healthy
+    events = [entry["event"] for entry in logs if "wal_checkpoint" in entry["event"]]
+    assert events == ["session_log_wal_checkpoint_blocked", "session_log_wal_checkpoint_resumed"]
     assert verify_log(path).pulses == pulse_no
 
 
