@@ -124,10 +124,11 @@ class _Rate:
     """Events per second over the last whole window of ``width_s`` seconds (monotonic clock).
     One thread adds, any thread reads: each window's count is replaced whole, never updated."""
 
-    __slots__ = ("_current", "_last", "_width")
+    __slots__ = ("_current", "_last", "_started", "_width")
 
     def __init__(self, width_s: int) -> None:
         self._width = width_s
+        self._started = time.monotonic()
         self._current = (0, 0)  # (window number, events in it)
         self._last = (0, 0)  # the previous such pair
 
@@ -140,11 +141,17 @@ class _Rate:
             self._last, self._current = current, (window, n)
 
     def per_s(self) -> float:
-        window = int(time.monotonic()) // self._width
-        for number, count in (self._current, self._last):
-            if number == window - 1:
-                return count / self._width
-        return 0.0
+        """Over the last whole window; before one has passed, over the time since start."""
+        now = time.monotonic()
+        window = int(now) // self._width
+        pairs = (self._current, self._last)
+        if (window - 1) * self._width >= self._started:  # the previous window was whole
+            for number, count in pairs:
+                if number == window - 1:
+                    return count / self._width
+            return 0.0
+        since_start = sum(count for number, count in pairs if number >= window - 1)
+        return since_start / max(1.0, now - self._started)
 
 
 @dataclass(frozen=True, slots=True)

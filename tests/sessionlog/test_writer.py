@@ -368,6 +368,8 @@ def test_commit_stats_count_commits_and_the_wait_of_each(tmp_path: Path) -> None
         assert isinstance(stats["commit_delay_p99_ms"], float)
         assert stats["commit_delay_p99_ms"] >= stats["commit_delay_p50_ms"] >= 0  # type: ignore[operator]
         assert 0 <= slog.commits_per_s <= slog.commits
+        # from the first commits on, not only once a whole ten-second window has passed
+        assert stats["fsyncs_per_s"] > 0 and slog.syncs_per_s > 0
 
 
 def test_the_deadline_still_stops_the_log_with_group_commit_on(tmp_path: Path) -> None:
