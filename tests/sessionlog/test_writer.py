@@ -7,8 +7,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from itertools import count, takewhile
 from pathlib import Path
 
 import pytest
@@ -184,22 +185,46 @@ def test_group_commit_starts_commits_at_least_the_interval_apart(tmp_path: Path)
     assert order == list(range(1, 301))  # the chain keeps the order the pulses were recorded in
 
 
+def _record(slog: SessionLog, sid: int, pulse_no: int) -> None:
+    slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
+
+
+def _commit_each(slog: SessionLog, sid: int, pulse_nos: Iterable[int]) -> int:
+    """Each pulse in a commit of its own (recorded, then flushed); the last one's number (0:
+    none)."""
+    pulse_no = 0
+    for pulse_no in pulse_nos:
+        _record(slog, sid, pulse_no)
+        slog.flush()
+    return pulse_no
+
+
+def _commit_until(slog: SessionLog, sid: int, after: int, done: Callable[[], bool]) -> int:
+    """From pulse ``after`` + 1 on, each in a commit of its own, until ``done()``; the last."""
+    return _commit_each(slog, sid, takewhile(lambda _: not done(), count(after + 1))) or after
+
+
+@contextmanager
+def _snapshot_held(path: Path) -> Iterator[None]:
+    """A reader holding a snapshot of the log (a long report, ``devicectl log`` in a session)."""
+    held = connect(path, readonly=True)
+    held.execute("BEGIN")
+    held.execute("SELECT count(*) FROM pulses").fetchone()
+    try:
+        yield
+    finally:
+        held.rollback()
+        held.close()
+
+
 def test_the_writer_checkpoints_the_wal_itself_and_counts_every_sync(tmp_path: Path) -> None:
     path = tmp_path / "sessions.db"
     with open_log(path, commit_interval_s=0.0) as slog:
         sid = slog.start_session(session_info(), device_pulse_count=0).session_id
         # A reader holding a snapshot the whole time: a PASSIVE checkpoint never waits for it.
-        held = connect(path, readonly=True)
-        held.execute("BEGIN")
-        held.execute("SELECT count(*) FROM pulses").fetchone()
-        for pulse_no in range(1, 121):
-            slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
-            slog.flush()  # one commit each
-        held.rollback()
-        held.close()
-        for pulse_no in range(121, 241):
-            slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
-            slog.flush()
+        with _snapshot_held(path):
+            _commit_each(slog, sid, range(1, 121))
+        _commit_each(slog, sid, range(121, 241))
         assert slog.healthy
         stats = slog.commit_stats()
         assert slog.commits >= 240
@@ -226,13 +251,8 @@ def test_a_stuck_wal_checkpoint_runs_into_the_stall_deadline(
 
         monkeypatch.setattr(slog, "_checkpoint_wal", stuck)
         sid = slog.start_session(session_info(), device_pulse_count=0).session_id
-        pulse_no = 0
-        while slog.commits < 99:
-            pulse_no += 1
-            slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
-            slog.flush()
-        pulse_no += 1  # the 100th commit, then the checkpoint: it hangs
-        slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
+        pulse_no = _commit_until(slog, sid, 0, lambda: slog.commits >= 99) + 1
+        _record(slog, sid, pulse_no)  # the 100th commit, then the checkpoint: it hangs
         _until_unhealthy(slog)
         assert "a WAL checkpoint has been stuck for more than 0.1 s" in str(slog.failure)
         release.set()
@@ -265,17 +285,11 @@ def test_a_blocked_wal_checkpoint_is_told_once_and_the_next_one_catches_up(tmp_p
         )  # fmt: skip
         try:
             assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-            while slog.commits < 250:  # two checkpoints refused
-                pulse_no += 1
-                slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
-                slog.flush()
+            pulse_no = _commit_until(slog, sid, 0, lambda: slog.commits >= 250)  # 2 refused
             assert slog.healthy and slog.wal_checkpoints == 0
         finally:
             holder.communicate("\n", timeout=10)
-        while slog.wal_checkpoints == 0:
-            pulse_no += 1
-            slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
-            slog.flush()
+        pulse_no = _commit_until(slog, sid, pulse_no, lambda: slog.wal_checkpoints > 0)
         assert slog.healthy
     events = [entry["event"] for entry in logs if "wal_checkpoint" in entry["event"]]
     assert events == ["session_log_wal_checkpoint_blocked", "session_log_wal_checkpoint_resumed"]
@@ -291,21 +305,14 @@ def test_a_wal_checkpoint_a_reader_holds_back_entirely_is_not_counted(tmp_path: 
     with open_log(path, commit_interval_s=0.0) as slog:
         sid = slog.start_session(session_info(), device_pulse_count=0).session_id
         slog.flush()
-        held = connect(path, readonly=True)
-        held.execute("BEGIN")
-        held.execute("SELECT count(*) FROM pulses").fetchone()
-        commits0 = slog.commits
-        for pulse_no in range(1, 301):  # three checkpoints: the first copies what came before
-            slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
-            slog.flush()
-        assert slog.commits - commits0 == 300
-        assert slog.wal_checkpoints == 1
-        assert slog.syncs == slog.commits + 3
-        held.rollback()
-        held.close()
-        for pulse_no in range(301, 401):  # the reader gone, the next one copies everything
-            slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
-            slog.flush()
+        with _snapshot_held(path):
+            commits0 = slog.commits
+            # three checkpoints: the first copies what came before
+            _commit_each(slog, sid, range(1, 301))
+            assert slog.commits - commits0 == 300
+            assert slog.wal_checkpoints == 1
+            assert slog.syncs == slog.commits + 3
+        _commit_each(slog, sid, range(301, 401))  # the reader gone, the next copies everything
         assert slog.wal_checkpoints == 2
         assert slog.syncs == slog.commits + 2 * 3
     assert verify_log(path).pulses == 400
@@ -322,7 +329,7 @@ def test_a_long_interval_at_a_high_rate_checkpoints_the_wal_before_it_grows_larg
     with open_log(path, commit_interval_s=0.5) as slog:
         sid = slog.start_session(session_info(), device_pulse_count=0).session_id
         for pulse_no in range(1, 45_001):
-            slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
+            _record(slog, sid, pulse_no)
         slog.flush()
         assert slog.commits < 100
         assert slog.wal_checkpoints == 1
@@ -341,7 +348,7 @@ def test_commits_and_wal_checkpoints_together_keep_to_one_sync_per_interval(
         pulse_no = 0
         while slog.wal_checkpoints < 2:
             pulse_no += 1
-            slog.record_pulse(sid, pulse_no, pulse_no * 50, T0 + pulse_no, 2000, "neck")
+            _record(slog, sid, pulse_no)
             time.sleep(0.0005)
             assert time.monotonic() - began < 30, "the writer never checkpointed the WAL"
         slog.flush()
