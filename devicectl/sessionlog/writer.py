@@ -121,18 +121,20 @@ CLINICAL_KINDS = frozenset({"note", "reaction", "adverse_event"})
 
 
 class _Rate:
-    """Events per second over the last whole window of ``width_s`` seconds (monotonic clock).
-    One thread adds, any thread reads: each window's count is replaced whole, never updated."""
+    """Events per second over the last whole window of ``width_s`` seconds (monotonic clock), and
+    in all. One thread adds, any thread reads: each window's count is replaced whole."""
 
-    __slots__ = ("_current", "_last", "_started", "_width")
+    __slots__ = ("_current", "_last", "_started", "_width", "total")
 
     def __init__(self, width_s: int) -> None:
+        self.total = 0
         self._width = width_s
         self._started = time.monotonic()
         self._current = (0, 0)  # (window number, events in it)
         self._last = (0, 0)  # the previous such pair
 
     def add(self, n: int) -> None:
+        self.total += n
         window = int(time.monotonic()) // self._width
         current = self._current
         if current[0] == window:
@@ -331,14 +333,13 @@ class SessionLog:
         self._checkpoint_blocked = False  # another connection holds the checkpoint (told once)
         self.committed_pulse_no = state.last_pulse_no
         self.dropped = 0  # items discarded after a failure
-        self.commits = 0  # transactions committed (each one fdatasync, synchronous=FULL)
         self.wal_checkpoints = 0  # WAL checkpoints that copied pages into the database
         self._checkpointed_at = 0  # self.commits at the last WAL checkpoint
         self._rows_since_checkpoint = 0  # rows committed since then
         self._wal_backfilled = -1  # the pages it left copied since the WAL began (SQLite's count)
-        self.syncs = 0  # fdatasync calls of the log: a commit's one, up to three per checkpoint
-        self._commit_rate = _Rate(1)  # commits in the last whole second
-        self._sync_rate = _Rate(10)  # syncs over the last whole ten seconds (a cycle is ~1 s)
+        self._commit_rate = _Rate(1)  # commits: in all, and in the last whole second
+        # fdatasync calls: a commit's one, three per WAL checkpoint; over ten seconds (a cycle ~1 s)
+        self._sync_rate = _Rate(10)
         self._delays_ms = [0.0] * _DELAYS_KEPT  # oldest pulse of a commit: host stamp to durable
         self._delays_n = 0
         # Checkpoints (writer thread; set_device assigns a whole attribute from the loop).
@@ -1484,13 +1485,10 @@ class SessionLog:
             self._wal_backfilled = copied
         if copied > 0 and copied != last:
             self.wal_checkpoints += 1
-            self.syncs += _SYNCS_PER_WAL_CHECKPOINT
             self._sync_rate.add(_SYNCS_PER_WAL_CHECKPOINT)
 
     def _counted(self, oldest_host_ns: int | None) -> None:
         """A commit is durable: count it, and how long its oldest pulse waited (writer thread)."""
-        self.commits += 1
-        self.syncs += 1
         self._commit_rate.add(1)
         self._sync_rate.add(1)
         if oldest_host_ns is not None:
@@ -1499,9 +1497,20 @@ class SessionLog:
             self._delays_n = n + 1
 
     @property
+    def commits(self) -> int:
+        """Transactions committed since the log opened (each one fdatasync, synchronous=FULL)."""
+        return self._commit_rate.total
+
+    @property
     def commits_per_s(self) -> int:
         """Commits in the last whole second. Cheap; any thread."""
         return round(self._commit_rate.per_s())
+
+    @property
+    def syncs(self) -> int:
+        """``fdatasync`` calls of the log since it opened: one per commit, three counted per WAL
+        checkpoint (at most what SQLite makes)."""
+        return self._sync_rate.total
 
     @property
     def syncs_per_s(self) -> float:
