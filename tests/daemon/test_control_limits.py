@@ -44,16 +44,20 @@ class _Requests:
         return {"stopped": True} if isinstance(request, StopRequest) else {"state": "standby"}
 
 
+def _connected(stack: ExitStack, path: Path, timeout: float | None = None) -> socket.socket:
+    """A connection to the Unix socket at ``path`` (``timeout`` set before connecting), closed
+    with ``stack``."""
+    sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+    sock.settimeout(timeout)
+    sock.connect(str(path))
+    return sock
+
+
 @contextmanager
 def _idle_connections(path: Path, count: int) -> Iterator[list[socket.socket]]:
     """``count`` connections to ``path`` that never send anything."""
     with ExitStack() as stack:
-        socks = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-            sock.connect(str(path))
-            socks.append(sock)
-        yield socks
+        yield [_connected(stack, path) for _ in range(count)]
 
 
 async def test_stop_gets_through_with_the_cap_reached_by_idle_connections(
@@ -150,9 +154,7 @@ class _HeldStops(_Requests):
 async def _answering_stops(stack: ExitStack, server: ControlServer, handler: _HeldStops) -> None:
     """Every slot of the stop lane but one busy answering a stop (``handler`` holds them)."""
     for _ in range(handler.held):
-        holder = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-        holder.connect(str(server.stop_path))
-        holder.sendall(b'{"command": "stop"}\n')
+        _connected(stack, server.stop_path).sendall(b'{"command": "stop"}\n')
     await until(lambda: len(handler.seen) == handler.held, what="the slots answering")
 
 
@@ -168,12 +170,9 @@ async def test_a_stop_sent_at_once_is_answered_when_a_newer_connection_finds_the
         with ExitStack() as stack:
             await _answering_stops(stack, server, handler)
             # both queued before the server's loop runs again
-            stopper = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-            stopper.settimeout(10)
-            stopper.connect(str(server.stop_path))
+            stopper = _connected(stack, server.stop_path, timeout=10)
             stopper.sendall(b'{"command": "stop"}\n')
-            idle = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-            idle.connect(str(server.stop_path))
+            _connected(stack, server.stop_path)  # a newer connection, idle
             try:
                 answer = await asyncio.to_thread(stopper.recv, 4096)
             finally:
@@ -193,14 +192,11 @@ async def test_a_stop_received_as_its_connection_is_closed_to_make_room_is_answe
     async with ControlServer(tmp_path / "ctl.sock", handler) as server:
         with ExitStack() as stack:
             await _answering_stops(stack, server, handler)
-            stopper = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-            stopper.settimeout(10)
-            stopper.connect(str(server.stop_path))
+            stopper = _connected(stack, server.stop_path, timeout=10)
             for _ in range(20):  # the stopper's connection set up and waiting for its request
                 await asyncio.sleep(0)
             # the newer connection first, then the stop, before the server's loop runs again
-            idle = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-            idle.connect(str(server.stop_path))
+            _connected(stack, server.stop_path)  # a newer connection, idle
             stopper.sendall(b'{"command": "stop"}\n')
             try:
                 answer = await asyncio.to_thread(stopper.recv, 4096)
