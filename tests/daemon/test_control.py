@@ -19,6 +19,9 @@ async def test_socket_is_0660(driver: Driver) -> None:
 
 
 async def test_status_describes_device_and_session(driver: Driver) -> None:
+    # the connection's first record is committed on the writer's thread, after the link is up
+    log = driver.daemon.sessionlog
+    await driver.until(lambda: log is not None and log.commits >= 1)
     status = await driver.ok("status")
     assert status["connected"] is True
     assert status["state"] == "standby"
