@@ -56,6 +56,24 @@ async def read_master(master: int, count: int) -> bytes:
     return got
 
 
+async def write_master(master: int, data: bytes) -> None:
+    """Write all of ``data`` to the non-blocking master, waiting for room when the pty is full
+    (the kernel moves a pty's bytes to the other side on a worker thread of its own, later)."""
+    loop = asyncio.get_running_loop()
+    room = asyncio.Event()
+    loop.add_writer(master, room.set)
+    try:
+        async with asyncio.timeout(3):
+            while data:
+                try:
+                    data = data[os.write(master, data) :]
+                except BlockingIOError:
+                    room.clear()
+                    await room.wait()
+    finally:
+        loop.remove_writer(master)
+
+
 async def test_pty_carries_bytes_both_ways_and_reports_the_master_closing() -> None:
     with raw_pty() as (master, path):
         os.set_blocking(master, False)
@@ -222,7 +240,7 @@ async def test_pty_keeps_order_for_writes_larger_than_the_tty_takes_at_once() ->
         assert await read_master(master, len(big)) == big
         sent = bytes(i % 241 for i in range(20_000))
         for start in range(0, len(sent), 4096):
-            os.write(master, sent[start : start + 4096])
+            await write_master(master, sent[start : start + 4096])
             await asyncio.sleep(0)
         await until(lambda: sum(map(len, received)) >= len(sent))
         assert b"".join(received) == sent
